@@ -1,0 +1,281 @@
+"""Lazy tensor access to Hugging Face checkpoints, and the atomic, streaming safetensors writer."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from hm3.errors import Hm3Error
+
+SAFE_INDEX = "model.safetensors.index.json"
+SAFE_SINGLE = "model.safetensors"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+PICKLE_SINGLE = "pytorch_model.bin"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.txt", "vocab.json", "merges.txt", "added_tokens.json",
+                   "spiece.model", "sentencepiece.bpe.model", "tokenizer.model",
+                   "spm.model")
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model"]
+
+_DTYPE_CODES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                torch.float64: "F64", torch.int64: "I64", torch.int32: "I32",
+                torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+TORCH_DTYPES = {code: dtype for dtype, code in _DTYPE_CODES.items()}
+
+
+class Checkpoint:
+    """A model directory (local, or downloaded from the hub) whose tensors are read one at a time."""
+
+    def __init__(self, reference: str, revision: str | None = None, allow_pickle: bool = False):
+        self.reference = reference
+        self.path = resolve(reference, revision, allow_pickle)
+        self.config = read_config(self.path)
+        self._files: dict[str, Path] = {}  # tensor name -> file holding it
+        self._handles: dict[Path, object] = {}
+        self._pickled: dict[Path, dict[str, torch.Tensor]] = {}
+        self._index(allow_pickle)
+
+    def _index(self, allow_pickle: bool) -> None:
+        if (self.path / SAFE_INDEX).is_file():
+            self._files = self._read_index(SAFE_INDEX)
+        elif (self.path / SAFE_SINGLE).is_file():
+            names = self._open(self.path / SAFE_SINGLE).keys()
+            self._files = {name: self.path / SAFE_SINGLE for name in names}
+        elif (self.path / PICKLE_INDEX).is_file() or (self.path / PICKLE_SINGLE).is_file():
+            if not allow_pickle:
+                raise Hm3Error(
+                    f"{self.reference} has only pickle (.bin) weights, which can run arbitrary "
+                    "code when loaded; convert it to safetensors, or pass --allow-pickle "
+                    "(recipe: allow_pickle: true) if you trust it")
+            if (self.path / PICKLE_INDEX).is_file():
+                self._files = self._read_index(PICKLE_INDEX)
+            else:
+                names = self._load_pickle(self.path / PICKLE_SINGLE)
+                self._files = {name: self.path / PICKLE_SINGLE for name in names}
+        else:
+            raise Hm3Error(f"{self.reference}: no model.safetensors (or index) in {self.path}")
+
+    def _read_index(self, name: str) -> dict[str, Path]:
+        try:
+            weight_map = json.loads((self.path / name).read_text())["weight_map"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise Hm3Error(f"{self.path / name} is not a valid shard index: {exc}") from None
+        files = {tensor: self.path / shard for tensor, shard in weight_map.items()}
+        for shard in set(files.values()):
+            if not shard.is_file():
+                raise Hm3Error(f"{self.reference}: shard {shard.name} named in {name} is missing")
+            if shard.suffix == ".safetensors":
+                self._open(shard)
+        return files
+
+    def _open(self, file: Path):
+        if file not in self._handles:
+            try:
+                self._handles[file] = safe_open(str(file), framework="pt")
+            except (SafetensorError, OSError) as exc:
+                raise Hm3Error(f"cannot read {file}: it is truncated or not a safetensors "
+                               f"file ({exc}); download it again") from None
+        return self._handles[file]
+
+    def _load_pickle(self, file: Path) -> dict[str, torch.Tensor]:
+        if file not in self._pickled:
+            try:
+                self._pickled[file] = torch.load(file, map_location="cpu", weights_only=True)
+            except Exception as exc:  # torch raises many types for a bad pickle
+                raise Hm3Error(f"cannot read {file}: {exc}") from None
+        return self._pickled[file]
+
+    def keys(self) -> list[str]:
+        return sorted(self._files)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._files
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        file = self._files[name]
+        if file.suffix == ".safetensors":
+            return tuple(self._open(file).get_slice(name).get_shape())
+        return tuple(self._load_pickle(file)[name].shape)
+
+    def dtype(self, name: str) -> str:
+        """The stored dtype code, e.g. F32 or BF16."""
+        file = self._files[name]
+        if file.suffix == ".safetensors":
+            return self._open(file).get_slice(name).get_dtype()
+        return _DTYPE_CODES[self._load_pickle(file)[name].dtype]
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """Read one tensor from disk; NaN or Inf is an error."""
+        file = self._files[name]
+        try:
+            if file.suffix == ".safetensors":
+                value = self._open(file).get_tensor(name)
+            else:
+                value = self._load_pickle(file)[name]
+        except (SafetensorError, OSError) as exc:
+            raise Hm3Error(f"cannot read tensor {name} from {file}: {exc}") from None
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise Hm3Error(f"{self.reference}: tensor {name} contains NaN or Inf; "
+                           "this checkpoint is broken, re-export or re-download it")
+        return value
+
+
+def resolve(reference: str, revision: str | None = None, allow_pickle: bool = False) -> Path:
+    """A local directory for a path or hub id (the hub files are downloaded, weights included)."""
+    local = Path(reference).expanduser()
+    if local.is_dir():
+        return local.resolve()
+    if local.exists():
+        raise Hm3Error(f"{reference} is a file; pass the model's directory")
+    if reference.startswith((".", "/", "~")) or reference.count("/") > 1:
+        raise Hm3Error(f"model directory {reference} does not exist")
+    from huggingface_hub import snapshot_download
+
+    patterns = _HUB_PATTERNS + (["*.bin"] if allow_pickle else [])
+    try:
+        return Path(snapshot_download(reference, revision=revision, allow_patterns=patterns))
+    except Exception as exc:  # the hub client raises many types: offline, 404, auth
+        raise Hm3Error(f"cannot find {reference!r} locally or download it from the Hugging Face "
+                       f"hub ({type(exc).__name__}: {exc}); check the id or pass a local "
+                       "directory") from None
+
+
+def read_config(path: Path) -> dict:
+    file = path / "config.json"
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise Hm3Error(f"{path} has no config.json; is it a Hugging Face model directory?") from None
+    except ValueError as exc:
+        raise Hm3Error(f"{file} is not valid JSON: {exc}") from None
+
+
+@contextmanager
+def atomic_directory(destination: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling folder that becomes `destination` only if the block succeeds."""
+    destination = Path(destination).resolve()
+    if destination.exists() and not overwrite:
+        raise Hm3Error(f"{destination} already exists; choose another output or pass --overwrite")
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".partial",
+                                    dir=destination.parent))
+    try:
+        yield staging
+        if destination.exists():
+            retired = destination.with_name(f".{destination.name}.old-{os.getpid()}")
+            os.replace(destination, retired)
+            os.replace(staging, destination)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, destination)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def write_json_atomic(path: Path, data) -> None:
+    """Write JSON to a temporary sibling, then rename it over `path`."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class ShardedWriter:
+    """Streams tensors into safetensors shards whose layout is planned before any data is written.
+
+    The plan (names, shapes, dtypes) is known up front, so each shard's header is written first
+    and tensors follow one by one: memory holds one tensor, never a whole shard.
+    """
+
+    def __init__(self, folder: Path, plan: dict[str, tuple[tuple[int, ...], torch.dtype]],
+                 max_shard_size: int, metadata: dict[str, str] | None = None):
+        self.folder = folder
+        self.shards = _plan_shards(plan, max_shard_size)
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self._plan = plan
+        self._shard_of = {name: i for i, names in enumerate(self.shards) for name in names}
+        self._next = [0] * len(self.shards)
+        self._files: list = [None] * len(self.shards)
+
+    def shard_name(self, index: int) -> str:
+        if len(self.shards) == 1:
+            return SAFE_SINGLE
+        return f"model-{index + 1:05d}-of-{len(self.shards):05d}.safetensors"
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write the next tensor; tensors must come in plan order within each shard."""
+        shape, dtype = self._plan[name]
+        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise ValueError(f"{name}: planned {shape} {dtype}, got {tuple(tensor.shape)} "
+                             f"{tensor.dtype}")
+        shard = self._shard_of[name]
+        expected = self.shards[shard][self._next[shard]]
+        if name != expected:
+            raise ValueError(f"tensors out of order: expected {expected}, got {name}")
+        handle = self._files[shard] or self._open_shard(shard)
+        handle.write(tensor.contiguous().view(torch.uint8).numpy().tobytes()
+                     if tensor.numel() else b"")
+        self._next[shard] += 1
+        if self._next[shard] == len(self.shards[shard]):
+            handle.close()
+
+    def _open_shard(self, shard: int):
+        header: dict[str, object] = {"__metadata__": self.metadata}
+        offset = 0
+        for name in self.shards[shard]:
+            shape, dtype = self._plan[name]
+            size = _nbytes(shape, dtype)
+            header[name] = {"dtype": _DTYPE_CODES[dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + size]}
+            offset += size
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)  # the format wants 8-byte aligned data
+        handle = open(self.folder / self.shard_name(shard), "wb")
+        handle.write(struct.pack("<Q", len(encoded)))
+        handle.write(encoded)
+        self._files[shard] = handle
+        return handle
+
+    def close(self) -> None:
+        """Check every planned tensor was written and write the shard index when there are shards."""
+        missing = [names[n] for names, n in zip(self.shards, self._next) if n < len(names)]
+        for handle in self._files:
+            if handle is not None and not handle.closed:
+                handle.close()
+        if missing:
+            raise ValueError(f"tensors never written: {', '.join(missing[:5])}")
+        if len(self.shards) > 1:
+            total = sum(_nbytes(*spec) for spec in self._plan.values())
+            weight_map = {name: self.shard_name(i) for name, i in sorted(self._shard_of.items())}
+            write_json_atomic(self.folder / SAFE_INDEX,
+                              {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
+def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count * torch.empty((), dtype=dtype).element_size()
+
+
+def _plan_shards(plan: dict[str, tuple[tuple[int, ...], torch.dtype]],
+                 max_shard_size: int) -> list[list[str]]:
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, spec in plan.items():
+        nbytes = _nbytes(*spec)
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards

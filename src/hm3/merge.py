@@ -1,0 +1,284 @@
+"""The merge: open the checkpoints, check they fit together, then stream tensor by tensor
+(read -> expand head -> task vectors -> method kernel -> write)."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import shutil
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from hm3 import __version__
+from hm3.checkpoint import (TOKENIZER_FILES, TORCH_DTYPES, Checkpoint, ShardedWriter,
+                            atomic_directory, write_json_atomic)
+from hm3.errors import Hm3Error
+from hm3.heads import (MULTI_LABEL, TaskGroup, expand_head, expert_labels, find_head,
+                       is_multi_label, layout)
+from hm3.methods import get_method
+from hm3.recipe import HeadNames, Recipe
+
+# Architecture fields that must agree between the base and every expert.
+_SHAPE_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size",
+                 "intermediate_size", "num_attention_heads", "n_embd", "n_layer", "dim",
+                 "n_layers")
+# Head layers a base encoder usually lacks: their task vector is the expert's whole weight.
+_HEAD_HIDDEN_PREFIXES = ("classifier.", "pre_classifier.", "head.", "pooler.", "score.")
+# A fine-tune moves its weights by a few percent; this much suggests another base.
+IMPLAUSIBLE_TASK_VECTOR = 0.5
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class Hm3Warning(UserWarning):
+    """Something merged, but probably not as the user meant."""
+
+
+@dataclass(frozen=True)
+class TensorJob:
+    """One output tensor: where its inputs come from and what shape it ends up."""
+
+    name: str
+    shape: tuple[int, ...]
+    base_name: str | None  # None: the base lacks it (head layers); its value counts as zeros
+    head_role: str | None = None  # "weight" or "bias" of the final projection, else None
+    floating: bool = True
+
+
+@dataclass
+class Sources:
+    """The opened, cross-checked inputs of a merge."""
+
+    recipe: Recipe
+    base: Checkpoint
+    experts: list[Checkpoint]
+    heads: list[HeadNames]
+    groups: list[TaskGroup]
+    jobs: list[TensorJob]
+    task_vector_sq: list[list[float]] = field(default_factory=list)  # per expert: |tau|^2, |theta_0|^2
+
+    @property
+    def num_labels(self) -> int:
+        return self.groups[-1].stop
+
+
+def open_sources(recipe: Recipe) -> Sources:
+    """Open base and experts and check they fit together, before any tensor data is read."""
+    base = Checkpoint(recipe.base, recipe.base_revision, recipe.allow_pickle)
+    experts = [Checkpoint(e.model, e.revision, recipe.allow_pickle) for e in recipe.experts]
+    for spec, expert in zip(recipe.experts, experts):
+        _check_architecture(base, expert, spec.task)
+    labels = [expert_labels(ckpt.config, spec.model) for spec, ckpt in zip(recipe.experts, experts)]
+    heads = [find_head(set(ckpt.keys()), ckpt.shape, len(names), spec.model, spec.head)
+             for spec, ckpt, names in zip(recipe.experts, experts, labels)]
+    groups = layout([e.task for e in recipe.experts], labels,
+                    [is_multi_label(c.config) for c in experts])
+    jobs = _plan(recipe, base, experts, heads, groups)
+    return Sources(recipe, base, experts, heads, groups, jobs)
+
+
+def _check_architecture(base: Checkpoint, expert: Checkpoint, task: str) -> None:
+    for key in _SHAPE_FIELDS:
+        if key in base.config and key in expert.config and base.config[key] != expert.config[key]:
+            raise Hm3Error(f"expert {task} ({expert.reference}) has {key}={expert.config[key]} "
+                           f"but the base {base.reference} has {base.config[key]}; every expert "
+                           "must be fine-tuned from the recipe's base")
+
+
+def _plan(recipe: Recipe, base: Checkpoint, experts: list[Checkpoint], heads: list[HeadNames],
+          groups: list[TaskGroup]) -> list[TensorJob]:
+    reference = set(experts[0].keys())
+    for spec, ckpt in zip(recipe.experts, experts):
+        missing, extra = reference - set(ckpt.keys()), set(ckpt.keys()) - reference
+        if missing or extra:
+            detail = "; ".join(f"{what}: {', '.join(sorted(names)[:4])}"
+                               for what, names in (("missing", missing), ("extra", extra)) if names)
+            raise Hm3Error(f"expert {spec.task} ({spec.model}) has other tensors than expert "
+                           f"{recipe.experts[0].task} ({detail}); experts must share one "
+                           "architecture")
+    if len(set(heads)) != 1:
+        raise Hm3Error("experts name their classification heads differently "
+                       f"({', '.join(sorted({h.weight for h in heads}))}); "
+                       "experts must share one architecture")
+    head = heads[0]
+    num_labels = groups[-1].stop
+    jobs = []
+    for name in experts[0].keys():
+        shapes = {ckpt.shape(name) for ckpt in experts}
+        if name in (head.weight, head.bias):
+            role = "weight" if name == head.weight else "bias"
+            widths = {s[1:] for s in shapes}
+            if len(widths) != 1:
+                raise Hm3Error(f"experts' head {name} differ in width {sorted(widths)}")
+            jobs.append(TensorJob(name, (num_labels, *widths.pop()), None, role))
+            continue
+        if len(shapes) != 1:
+            raise Hm3Error(f"tensor {name} has different shapes across experts {sorted(shapes)}; "
+                           "experts must share one architecture")
+        shape = shapes.pop()
+        floating = experts[0].dtype(name).startswith(("F", "BF"))
+        base_name = _base_name(base, name)
+        if base_name is None and floating and not name.startswith(_HEAD_HIDDEN_PREFIXES):
+            raise Hm3Error(f"the base {recipe.base} has no tensor {name}, which the experts have; "
+                           "is it the model they were fine-tuned from?")
+        if base_name is not None and base.shape(base_name) != shape:
+            raise Hm3Error(f"tensor {name}: the experts have shape {shape}, the base "
+                           f"{base.shape(base_name)}; every expert must be fine-tuned from the "
+                           "recipe's base")
+        jobs.append(TensorJob(name, shape, base_name, None, floating))
+    return jobs
+
+
+def _base_name(base: Checkpoint, name: str) -> str | None:
+    """The base's name for an expert tensor: the same, or without the task model's prefix
+    (an expert's `bert.encoder...` is a bare encoder's `encoder...`)."""
+    if name in base:
+        return name
+    _, _, rest = name.partition(".")
+    return rest if rest in base else None
+
+
+def _generator(seed: int, tensor: str, expert: int) -> torch.Generator:
+    """A generator per (seed, tensor, expert): the result cannot depend on streaming order."""
+    digest = hashlib.blake2b(f"{seed}/{tensor}/{expert}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+
+
+def merged_tensors(sources: Sources, progress: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, merged float32 tensor) in plan order, reading each input tensor once.
+
+    Memory holds one tensor per expert plus the base's at a time. Also collects the relative
+    size of each expert's task vector, read by `task_vector_norms` afterwards.
+    """
+    recipe = sources.recipe
+    method = get_method(recipe.method)
+    shared = recipe.parameters
+    squares = sources.task_vector_sq = [[0.0, 0.0] for _ in sources.experts]
+    for job in tqdm(sources.jobs, desc="merging", unit="tensor", disable=not progress):
+        if not job.floating:
+            yield job.name, sources.experts[0].tensor(job.name)
+            continue
+        if job.head_role is not None:
+            base = torch.zeros(job.shape)
+            deltas = []
+            for i, (spec, ckpt) in enumerate(zip(recipe.experts, sources.experts)):
+                block = ckpt.tensor(job.name).float()
+                params = recipe.model_parameters(job.name, spec)
+                sparse = method.sparsify(block, params, shared, _generator(recipe.seed, job.name, i))
+                deltas.append(expand_head(sparse, sources.groups[i].offset, sources.num_labels))
+        else:
+            base = (sources.base.tensor(job.base_name).float() if job.base_name
+                    else torch.zeros(job.shape))
+            deltas = []
+            for i, (spec, ckpt) in enumerate(zip(recipe.experts, sources.experts)):
+                delta = ckpt.tensor(job.name).float() - base
+                if job.base_name:
+                    squares[i][0] += float(delta.pow(2).sum())
+                    squares[i][1] += float(base.pow(2).sum())
+                params = recipe.model_parameters(job.name, spec)
+                deltas.append(method.sparsify(delta, params, shared,
+                                              _generator(recipe.seed, job.name, i)))
+        weights = [recipe.model_parameters(job.name, spec)["weight"] for spec in recipe.experts]
+        yield job.name, method.combine(base, deltas, weights, shared)
+
+
+def task_vector_norms(sources: Sources) -> dict[str, float]:
+    """|tau_i| / |theta_0| over the body, per task (after `merged_tensors` has run)."""
+    return {spec.task: math.sqrt(tau / max(theta, 1e-12))
+            for spec, (tau, theta) in zip(sources.recipe.experts, sources.task_vector_sq)}
+
+
+@dataclass(frozen=True)
+class MergeReport:
+    """What a merge wrote."""
+
+    path: Path
+    groups: list[TaskGroup]
+    tensors: int
+    seconds: float
+    task_vector_norms: dict[str, float]
+
+
+def merge(recipe: Recipe, output: str | Path, overwrite: bool = False,
+          progress: bool = True) -> MergeReport:
+    """Merge the recipe's experts into one multi-task model directory at `output`.
+
+    The directory appears only when the merge has succeeded (it is built in a temporary
+    sibling and renamed), so an interrupted merge never leaves a complete-looking folder.
+    """
+    start = time.perf_counter()
+    sources = open_sources(recipe)
+    out_dtypes = {job.name: _output_dtype(recipe, sources, job) for job in sources.jobs}
+    with atomic_directory(output, overwrite=overwrite) as staging:
+        writer = ShardedWriter(staging, {job.name: (job.shape, out_dtypes[job.name])
+                                         for job in sources.jobs}, recipe.max_shard_size)
+        for name, tensor in merged_tensors(sources, progress=progress):
+            writer.write(name, tensor.to(out_dtypes[name]))
+        writer.close()
+        norms = task_vector_norms(sources)
+        write_json_atomic(staging / "config.json", merged_config(sources, out_dtypes, norms))
+        _copy_tokenizer(sources, staging)
+    for task, norm in norms.items():
+        if norm > IMPLAUSIBLE_TASK_VECTOR:
+            warnings.warn(f"expert {task}'s weights differ from the base by {norm:.0%} of the "
+                          "base's norm; it was probably not fine-tuned from this base",
+                          Hm3Warning, stacklevel=2)
+    return MergeReport(Path(output).resolve(), sources.groups, len(sources.jobs),
+                       time.perf_counter() - start, norms)
+
+
+def _output_dtype(recipe: Recipe, sources: Sources, job: TensorJob) -> torch.dtype:
+    stored = TORCH_DTYPES[sources.experts[0].dtype(job.name)]
+    if not job.floating:
+        return stored
+    if recipe.dtype:
+        return _DTYPES[recipe.dtype]
+    return stored if stored in (torch.float16, torch.bfloat16) else torch.float32
+
+
+def merged_config(sources: Sources, out_dtypes: dict[str, torch.dtype],
+                  norms: dict[str, float]) -> dict:
+    """The first expert's config, relabelled as one K-label model with an `hm3` block."""
+    recipe = sources.recipe
+    config = dict(sources.experts[0].config)
+    for key in ("num_labels", "_name_or_path", "torch_dtype"):
+        config.pop(key, None)
+    names = [f"{g.name}/{label}" for g in sources.groups for label in g.labels]
+    config["id2label"] = {str(i): name for i, name in enumerate(names)}
+    config["label2id"] = {name: i for i, name in enumerate(names)}
+    kinds = {g.multi_label for g in sources.groups}
+    if kinds == {True}:
+        config["problem_type"] = MULTI_LABEL
+    elif kinds == {False}:
+        config["problem_type"] = "single_label_classification"
+    else:
+        config.pop("problem_type", None)  # mixed: no single loss fits; hm3 reads the groups
+    float_dtypes = {str(d).removeprefix("torch.") for d in out_dtypes.values() if d.is_floating_point}
+    if len(float_dtypes) == 1:
+        config["dtype"] = float_dtypes.pop()
+    config["hm3"] = {
+        "version": __version__,
+        "tasks": [g.to_dict() for g in sources.groups],
+        "sources": [{"task": e.task, "model": e.model} for e in recipe.experts],
+        "base": recipe.base,
+        "method": recipe.method,
+        "parameters": recipe.parameters,
+        "seed": recipe.seed,
+        "recipe": recipe.to_dict(),
+        "task_vector_norms": {k: round(v, 6) for k, v in norms.items()},
+    }
+    return config
+
+
+def _copy_tokenizer(sources: Sources, folder: Path) -> None:
+    for root in (sources.base.path, sources.experts[0].path):
+        present = [name for name in TOKENIZER_FILES if (root / name).is_file()]
+        if present:
+            for name in present:
+                shutil.copyfile(root / name, folder / name)
+            return

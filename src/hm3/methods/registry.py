@@ -1,0 +1,200 @@
+"""The named merge methods: one generalised task-arithmetic kernel, configured per method.
+
+Names, parameters and defaults follow mergekit. Where hm3's semantics differ it is said here
+and in docs/methods.md:
+- `rescale: true` means 1/keep-probability for random drops (DARE, DELLA), as in the DARE
+  paper, and L1-norm matching for magnitude trimming; `rescale: l1|l2|linf|density` picks a
+  rule explicitly (`l1` is mergekit's rule for every method).
+- A classifier head is sparsified on the expert's own rows before HM3 expansion (merge.py),
+  so a density means the same for a head as for any other tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from hm3.errors import Hm3Error
+from hm3.methods import sparsify as sp
+from hm3.methods.consensus import agreement_mask
+
+RESCALE_RULES = ("density", *sp.RESCALE_NORMS)
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """A declared parameter: its default and the check that a value must pass."""
+
+    name: str
+    default: Any
+    check: Callable[[Any], bool]
+    expected: str
+
+
+def _real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+WEIGHT = Parameter("weight", 1.0, _real, "a finite number")
+DENSITY = Parameter("density", 1.0, lambda v: _real(v) and 0 < v <= 1, "a number in (0, 1]")
+GAMMA = Parameter("gamma", 0.01, lambda v: _real(v) and 0 <= v < 1, "a number in [0, 1)")
+EPSILON = Parameter("epsilon", 0.15, lambda v: _real(v) and 0 <= v < 0.5, "a number in [0, 0.5)")
+LAMBDA = Parameter("lambda", 1.0, _real, "a finite number")
+CONSENSUS = Parameter("consensus", "sum", lambda v: v in ("sum", "count"), "'sum' or 'count'")
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A task-vector merge: optional sparsifier, optional TIES consensus, then a (normalised) sum."""
+
+    name: str
+    description: str
+    sparsifier: Callable[..., torch.Tensor] | None = None
+    consensus: bool = False
+    default_normalize: bool = False
+    default_rescale: bool = False
+    mean_of_models: bool = False  # linear: the weighted mean of the models, not base + deltas
+    extra_model_parameters: tuple[Parameter, ...] = field(default_factory=tuple)
+
+    @property
+    def random(self) -> bool:
+        return self.sparsifier in (sp.bernoulli, sp.della_magprune)
+
+    def model_parameter_specs(self) -> tuple[Parameter, ...]:
+        sparse = (DENSITY,) if self.sparsifier else ()
+        return (WEIGHT, *sparse, *self.extra_model_parameters)
+
+    def shared_parameter_specs(self) -> tuple[Parameter, ...]:
+        specs = [Parameter("normalize", self.default_normalize, lambda v: isinstance(v, bool),
+                           "true or false")]
+        if not self.mean_of_models:
+            specs.append(LAMBDA)
+        if self.sparsifier:
+            specs.append(Parameter("rescale", self.default_rescale,
+                                   lambda v: isinstance(v, bool) or v in RESCALE_RULES,
+                                   "true, false, density, l1, l2 or linf"))
+        if self.consensus:
+            specs.append(CONSENSUS)
+        return tuple(specs)
+
+    def model_defaults(self) -> dict[str, float]:
+        return {p.name: p.default for p in self.model_parameter_specs()}
+
+    def validate_model_parameters(self, params: dict[str, Any], where: str) -> dict[str, Any]:
+        """Check per-model parameters (weight, density, ...); unknown ones name the method's."""
+        specs = {p.name: p for p in self.model_parameter_specs()}
+        for name, value in params.items():
+            if name not in specs:
+                raise Hm3Error(f"{where}.{name}: method {self.name} takes no `{name}`; "
+                               f"its per-model parameters are {', '.join(specs)}")
+            if not specs[name].check(value):
+                raise Hm3Error(f"{where}.{name}: expected {specs[name].expected}, got {value!r}")
+        epsilon = params.get("epsilon", EPSILON.default)
+        density = params.get("density")
+        if self.sparsifier is sp.della_magprune and density is not None and density < 1 and not (
+                0 < density - epsilon and density + epsilon < 1):
+            raise Hm3Error(f"{where}: della needs density ± epsilon inside (0, 1), got density "
+                           f"{density} and epsilon {epsilon}; lower epsilon or move density")
+        return dict(params)
+
+    def validate_shared(self, params: dict[str, Any], where: str) -> dict[str, Any]:
+        """Check method-wide parameters and fill in their defaults."""
+        specs = {p.name: p for p in self.shared_parameter_specs()}
+        per_model = {p.name for p in self.model_parameter_specs()}
+        out = {name: spec.default for name, spec in specs.items()}
+        for name, value in params.items():
+            if name in per_model:
+                continue
+            if name not in specs:
+                allowed = ", ".join([*specs, *per_model])
+                raise Hm3Error(f"{where}.{name}: method {self.name} takes no `{name}`; "
+                               f"allowed: {allowed}")
+            if not specs[name].check(value):
+                raise Hm3Error(f"{where}.{name}: expected {specs[name].expected}, got {value!r}")
+            out[name] = value
+        return out
+
+    def sparsify(self, delta: torch.Tensor, params: dict[str, Any], shared: dict[str, Any],
+                 generator: torch.Generator | None) -> torch.Tensor:
+        """Apply this method's sparsifier to one model's task-vector tensor."""
+        if self.sparsifier is None:
+            return delta
+        extra = {p.name: params.get(p.name, p.default) for p in self.extra_model_parameters}
+        return self.sparsifier(delta, params.get("density", 1.0),
+                               rescale_rule=self.rescale_rule(shared.get("rescale")),
+                               generator=generator, **extra)
+
+    def rescale_rule(self, rescale: Any) -> str | None:
+        if rescale is False or rescale is None:
+            return None
+        if rescale is True:
+            return "density" if self.random else "l1"
+        return rescale
+
+    def combine(self, base: torch.Tensor, deltas: list[torch.Tensor], weights: list[float],
+                shared: dict[str, Any]) -> torch.Tensor:
+        """Merge (already sparsified) task vectors into the base: consensus, sum, normalise, scale."""
+        stacked = torch.stack(deltas)
+        w = torch.tensor(weights, dtype=stacked.dtype).reshape(-1, *([1] * base.dim()))
+        weighted = stacked * w
+        if self.mean_of_models:
+            total = (weighted + base * w).sum(dim=0)
+            divisor = w.sum()
+            return total / divisor if shared["normalize"] and divisor.abs() > 1e-8 else total
+        if self.consensus:
+            mask = agreement_mask(weighted, shared["consensus"])
+            mixed = (weighted * mask).sum(dim=0)
+            divisor = (w * mask).sum(dim=0)
+            divisor[divisor == 0] = 1
+        else:
+            mixed = weighted.sum(dim=0)
+            divisor = w.sum(dim=0)
+            divisor[divisor.abs() < 1e-8] = 1
+        if shared["normalize"]:
+            mixed = mixed / divisor
+        return base + shared["lambda"] * mixed
+
+
+def _registry(*methods: MergeMethod) -> dict[str, MergeMethod]:
+    table: dict[str, MergeMethod] = {}
+    for method in methods:
+        if method.name in table:
+            raise ValueError(f"merge method {method.name!r} is registered twice")
+        table[method.name] = method
+    return table
+
+
+METHODS = _registry(
+    MergeMethod("linear", "Model Soup: weighted mean of the models", default_normalize=True,
+                mean_of_models=True),
+    MergeMethod("task_arithmetic", "base + lambda * sum of weighted task vectors"),
+    MergeMethod("ties", "TIES: trim by magnitude, elect signs, disjoint mean",
+                sparsifier=sp.magnitude, consensus=True, default_normalize=True),
+    MergeMethod("dare_linear", "DARE: random drop and rescale, then sum",
+                sparsifier=sp.bernoulli, default_rescale=True),
+    MergeMethod("dare_ties", "DARE drop and rescale, then TIES sign election",
+                sparsifier=sp.bernoulli, consensus=True, default_rescale=True),
+    MergeMethod("breadcrumbs", "Model Breadcrumbs: drop small entries and large outliers",
+                sparsifier=sp.magnitude_outliers, extra_model_parameters=(GAMMA,)),
+    MergeMethod("breadcrumbs_ties", "Model Breadcrumbs with TIES sign election",
+                sparsifier=sp.magnitude_outliers, consensus=True,
+                extra_model_parameters=(GAMMA,)),
+    MergeMethod("della", "DELLA: magnitude-ranked random drop, TIES sign election",
+                sparsifier=sp.della_magprune, consensus=True, default_normalize=True,
+                default_rescale=True, extra_model_parameters=(EPSILON,)),
+    MergeMethod("della_linear", "DELLA drop without sign election",
+                sparsifier=sp.della_magprune, default_rescale=True,
+                extra_model_parameters=(EPSILON,)),
+    MergeMethod("magnitude", "magnitude pruning of each task vector, then sum",
+                sparsifier=sp.magnitude),
+)
+
+
+def get_method(name: Any) -> MergeMethod:
+    """The registered method called `name`; a KeyError lists the known names."""
+    if name not in METHODS:
+        raise KeyError(f"unknown merge method {name!r}; choose one of {', '.join(METHODS)}")
+    return METHODS[name]

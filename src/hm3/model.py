@@ -1,0 +1,155 @@
+"""The merged multi-task classifier: one forward pass, then a softmax (or sigmoids) per task group."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from hm3.checkpoint import read_config, resolve
+from hm3.errors import Hm3Error
+from hm3.heads import TaskGroup, expert_labels, is_multi_label
+
+
+def group_probabilities(logits: np.ndarray, groups: Sequence[TaskGroup]) -> dict[str, np.ndarray]:
+    """Per task, probabilities from its slice of the logits only: a softmax over the group for a
+    single-label task (rows sum to 1), an independent sigmoid per label for a multi-label one."""
+    out = {}
+    for group in groups:
+        z = logits[:, group.offset:group.stop].astype(np.float64)
+        if group.multi_label:
+            out[group.name] = 1.0 / (1.0 + np.exp(-z))
+        else:
+            z = z - z.max(axis=1, keepdims=True)
+            e = np.exp(z)
+            out[group.name] = e / e.sum(axis=1, keepdims=True)
+    return out
+
+
+def task_groups(config: dict, task: str | None, source: str) -> list[TaskGroup]:
+    """The task layout of a model: its `hm3` block, or one task for a plain classifier."""
+    block = config.get("hm3")
+    if block:
+        return [TaskGroup.from_dict(t) for t in block["tasks"]]
+    labels = expert_labels(config, source)
+    name = task or Path(source).name or "task"
+    return [TaskGroup(name, labels, 0, is_multi_label(config))]
+
+
+class MultiTaskClassifier:
+    """A sequence classifier whose logits are split into task groups.
+
+    Load with `hm3.load(path)`. Works for hm3-merged models and for any single Hugging Face
+    classifier (then it has one task).
+    """
+
+    def __init__(self, model, tokenizer, groups: list[TaskGroup], max_length: int | None = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.groups = groups
+        self.max_length = max_length or _max_length(tokenizer, model.config)
+
+    @property
+    def tasks(self) -> list[str]:
+        return [g.name for g in self.groups]
+
+    def group(self, task: str) -> TaskGroup:
+        for group in self.groups:
+            if group.name == task:
+                return group
+        raise Hm3Error(f"this model has no task {task!r}; its tasks are {', '.join(self.tasks)}")
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def encode(self, texts: Sequence[str]):
+        """Tokenise a batch as the model expects (truncated to `max_length`, padded)."""
+        return self.tokenizer(list(texts), truncation=True, max_length=self.max_length,
+                              padding=True, return_tensors="pt")
+
+    def count_truncated(self, texts: Sequence[str]) -> int:
+        """How many texts are longer than `max_length` tokens (and so get cut)."""
+        ids = self.tokenizer(list(texts), truncation=False)["input_ids"]
+        return sum(len(x) > self.max_length for x in ids)
+
+    @torch.inference_mode()
+    def logits(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
+        """Raw logits (n_texts, K). Texts are batched by length, results come back in input order."""
+        if batch_size < 1:
+            raise Hm3Error(f"batch_size must be at least 1, got {batch_size}")
+        texts = list(texts)
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        out = np.zeros((len(texts), self.groups[-1].stop), dtype=np.float32)
+        for start in range(0, len(texts), batch_size):
+            index = order[start:start + batch_size]
+            batch = self.encode([texts[i] for i in index]).to(self.device)
+            out[index] = self.model(**batch).logits.float().cpu().numpy()
+        return out
+
+    def predict_proba(self, texts: Sequence[str], batch_size: int = 32) -> dict[str, np.ndarray]:
+        """Per task, an (n_texts, K_task) array of probabilities."""
+        return group_probabilities(self.logits(texts, batch_size), self.groups)
+
+    def predict(self, texts: Sequence[str], batch_size: int = 32,
+                return_logits: bool = False) -> list[dict]:
+        """For every text, each task's label(s) and probabilities (and the raw logits if asked).
+
+        A single-label task gives {"label", "score", "probabilities"}; a multi-label task gives
+        {"labels" (those over the threshold), "probabilities"}.
+        """
+        logits = self.logits(texts, batch_size)
+        probs = group_probabilities(logits, self.groups)
+        results = []
+        for row in range(len(logits)):
+            item: dict = {}
+            for group in self.groups:
+                p = probs[group.name][row]
+                named = {label: round(float(v), 6) for label, v in zip(group.labels, p)}
+                if group.multi_label:
+                    item[group.name] = {"labels": [lab for lab, v in zip(group.labels, p)
+                                                   if v > group.threshold],
+                                        "probabilities": named}
+                else:
+                    best = int(p.argmax())
+                    item[group.name] = {"label": group.labels[best], "score": round(float(p[best]), 6),
+                                        "probabilities": named}
+            if return_logits:
+                item["logits"] = [float(v) for v in logits[row]]
+            results.append(item)
+        return results
+
+
+def load(path: str | Path, task: str | None = None, device: str | None = None,
+         revision: str | None = None) -> MultiTaskClassifier:
+    """Load a merged model (or any single HF sequence classifier) from a directory or hub id.
+
+    Parameters
+    ----------
+    path : directory or hub id of the model.
+    task : task name for a plain single-task classifier (default: the folder name).
+    device : "cpu", "cuda", ...; default: CUDA when available.
+    """
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    folder = resolve(str(path), revision)
+    config = read_config(folder)
+    groups = task_groups(config, task, str(path))
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as exc:
+        raise Hm3Error(f"cannot load {path} as a sequence classifier: {exc}") from None
+    if tokenizer.pad_token is None:  # decoder classifiers often have none; batching needs one
+        tokenizer.pad_token = tokenizer.eos_token
+    return MultiTaskClassifier(model.to(device), tokenizer, groups)
+
+
+def _max_length(tokenizer, config) -> int:
+    limit = getattr(tokenizer, "model_max_length", None)
+    if limit and limit < 100_000:
+        return int(limit)
+    return int(getattr(config, "max_position_embeddings", None) or 512)

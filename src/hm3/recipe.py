@@ -1,0 +1,248 @@
+"""The recipe schema: what to merge and how, validated before any tensor is read."""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hm3.errors import Hm3Error
+from hm3.methods.registry import get_method
+
+DTYPES = ("float32", "float16", "bfloat16")
+_TOP_LEVEL = {"base", "experts", "method", "parameters", "dtype", "seed", "overrides", "head",
+              "allow_pickle", "max_shard_size", "data"}
+_EXPERT_KEYS = {"model", "task", "weight", "density", "gamma", "epsilon", "revision", "head"}
+_OVERRIDE_KEYS = {"pattern", "weight", "density", "gamma", "epsilon", "experts"}
+PER_MODEL_PARAMETERS = ("weight", "density", "gamma", "epsilon")
+
+
+@dataclass(frozen=True)
+class HeadNames:
+    """Tensor names of a classifier's final projection, for heads hm3 cannot find itself."""
+
+    weight: str
+    bias: str | None = None
+
+
+@dataclass(frozen=True)
+class Expert:
+    """One source classifier: where it is, the task it answers, and its merge parameters."""
+
+    model: str
+    task: str
+    revision: str | None = None
+    head: HeadNames | None = None
+    parameters: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Override:
+    """Per-model parameters for the tensors whose names match a glob pattern."""
+
+    pattern: str
+    parameters: dict[str, float]
+    experts: tuple[str, ...] | None = None  # tasks it applies to; None means all
+
+    def applies(self, tensor_name: str, task: str) -> bool:
+        return fnmatch.fnmatchcase(tensor_name, self.pattern) and (
+            self.experts is None or task in self.experts)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A validated merge recipe. Build it with `load_recipe` or `parse_recipe`."""
+
+    base: str
+    experts: tuple[Expert, ...]
+    method: str = "ties"
+    parameters: dict[str, Any] = field(default_factory=dict)  # method-wide, e.g. lambda
+    dtype: str | None = None
+    seed: int = 0
+    overrides: tuple[Override, ...] = ()
+    base_revision: str | None = None
+    allow_pickle: bool = False
+    max_shard_size: int = 2 * 1024**3
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def model_parameters(self, tensor_name: str, expert: Expert) -> dict[str, float]:
+        """The per-model parameters of `expert` for one tensor: defaults, expert, then overrides."""
+        params = get_method(self.method).model_defaults()
+        params.update(expert.parameters)
+        for override in self.overrides:
+            if override.applies(tensor_name, expert.task):
+                params.update(override.parameters)
+        return params
+
+    def to_dict(self) -> dict[str, Any]:
+        """The recipe as plain data, for the merged model's provenance."""
+        return {
+            "base": self.base,
+            "experts": [{"model": e.model, "task": e.task, **e.parameters} for e in self.experts],
+            "method": self.method,
+            "parameters": dict(self.parameters),
+            "dtype": self.dtype,
+            "seed": self.seed,
+            "overrides": [{"pattern": o.pattern, **o.parameters,
+                           **({"experts": list(o.experts)} if o.experts else {})}
+                          for o in self.overrides],
+        }
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a YAML recipe; relative model paths are taken from the recipe's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise Hm3Error(f"recipe {path} does not exist; pass the path of a YAML recipe file")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise Hm3Error(f"recipe {path} is not valid YAML: {exc}") from None
+    return parse_recipe(raw, root=path.parent)
+
+
+def parse_recipe(raw: Any, root: Path | None = None) -> Recipe:
+    """Validate recipe data (as read from YAML); every error names the field at fault."""
+    if not isinstance(raw, dict):
+        raise Hm3Error("recipe must be a mapping with at least `base` and `experts`")
+    _reject_unknown(raw, _TOP_LEVEL, "recipe")
+    base, base_revision = _model_reference(raw.get("base"), "base", root)
+
+    method_name = raw.get("method", "ties")
+    try:
+        method = get_method(method_name)
+    except KeyError as exc:
+        raise Hm3Error(f"method: {exc.args[0]}") from None
+
+    parameters = raw.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise Hm3Error("parameters: expected a mapping such as {lambda: 1.0, normalize: true}")
+    shared = method.validate_shared(parameters, where="parameters")
+    # Per-model parameters may also be given method-wide, as mergekit allows.
+    method_wide_models = {k: v for k, v in parameters.items() if k in PER_MODEL_PARAMETERS}
+    method_wide_models = method.validate_model_parameters(method_wide_models, where="parameters")
+
+    experts_raw = raw.get("experts")
+    if not isinstance(experts_raw, list) or not experts_raw:
+        raise Hm3Error("experts: expected a non-empty list of {model: PATH_OR_HUB_ID, task: NAME}")
+    experts = []
+    for i, item in enumerate(experts_raw):
+        where = f"experts[{i}]"
+        if not isinstance(item, dict):
+            raise Hm3Error(f"{where}: expected a mapping with `model` and `task`")
+        _reject_unknown(item, _EXPERT_KEYS, where)
+        model, revision = _model_reference(item, where, root)
+        task = item.get("task")
+        if not isinstance(task, str) or not task or "/" in task:
+            raise Hm3Error(f"{where}.task: expected a non-empty name without '/', got {task!r}")
+        own = {k: item[k] for k in PER_MODEL_PARAMETERS if k in item}
+        params = {**method_wide_models, **method.validate_model_parameters(own, where=where)}
+        experts.append(Expert(model=model, task=task, revision=revision,
+                              head=_head_names(item.get("head") or raw.get("head"), where),
+                              parameters=params))
+    tasks = [e.task for e in experts]
+    duplicates = sorted({t for t in tasks if tasks.count(t) > 1})
+    if duplicates:
+        raise Hm3Error(f"experts: duplicate task name(s) {', '.join(duplicates)}; "
+                       "give every expert its own `task`")
+
+    overrides = tuple(_override(item, i, method, set(tasks))
+                      for i, item in enumerate(raw.get("overrides") or []))
+
+    dtype = raw.get("dtype")
+    if dtype is not None and dtype not in DTYPES:
+        raise Hm3Error(f"dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
+    seed = raw.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise Hm3Error(f"seed: expected a non-negative integer, got {seed!r}")
+    allow_pickle = raw.get("allow_pickle", False)
+    if not isinstance(allow_pickle, bool):
+        raise Hm3Error(f"allow_pickle: expected true or false, got {allow_pickle!r}")
+    max_shard_size = parse_size(raw.get("max_shard_size", "2GB"), "max_shard_size")
+    data = raw.get("data") or {}
+    if not isinstance(data, dict):
+        raise Hm3Error("data: expected a mapping of task name to dataset")
+    return Recipe(base=base, base_revision=base_revision, experts=tuple(experts),
+                  method=method.name, parameters=shared, dtype=dtype, seed=seed,
+                  overrides=overrides, allow_pickle=allow_pickle,
+                  max_shard_size=max_shard_size, data=data)
+
+
+def parse_size(value: Any, where: str) -> int:
+    """Parse a byte size such as 2GB, 500MB or 1048576."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10,
+             "MIB": 2**20, "GIB": 2**30}
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    if isinstance(value, str):
+        text = value.strip().upper()
+        number = text.rstrip("KMGIB")
+        unit = text[len(number):]
+        try:
+            size = int(float(number) * units[unit])
+        except (ValueError, KeyError):
+            size = 0
+        if size > 0:
+            return size
+    raise Hm3Error(f"{where}: expected a positive size such as 2GB or 500MB, got {value!r}")
+
+
+def _model_reference(item: Any, where: str, root: Path | None) -> tuple[str, str | None]:
+    if isinstance(item, str):
+        model, revision = item, None
+    elif isinstance(item, dict):
+        model, revision = item.get("model"), item.get("revision")
+    else:
+        model, revision = None, None
+    if not isinstance(model, str) or not model.strip():
+        raise Hm3Error(f"{where}: expected a local path or hub id, e.g. `model: bert-base-uncased`")
+    if root is not None and (model.startswith(".") or not _looks_like_hub_id(model)):
+        candidate = (root / model).expanduser()
+        if candidate.exists():
+            model = str(candidate.resolve())
+    return model, revision
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) <= 2 and all(parts) and not name.startswith(("/", "~"))
+
+
+def _head_names(raw: Any, where: str) -> HeadNames | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or not isinstance(raw.get("weight"), str):
+        raise Hm3Error(f"{where}.head: expected {{weight: TENSOR_NAME, bias: TENSOR_NAME}}")
+    bias = raw.get("bias")
+    if bias is not None and not isinstance(bias, str):
+        raise Hm3Error(f"{where}.head.bias: expected a tensor name or nothing")
+    return HeadNames(weight=raw["weight"], bias=bias)
+
+
+def _override(item: Any, index: int, method, tasks: set[str]) -> Override:
+    where = f"overrides[{index}]"
+    if not isinstance(item, dict) or not isinstance(item.get("pattern"), str):
+        raise Hm3Error(f"{where}: expected {{pattern: GLOB, density: ..., weight: ...}}")
+    _reject_unknown(item, _OVERRIDE_KEYS, where)
+    params = method.validate_model_parameters(
+        {k: item[k] for k in PER_MODEL_PARAMETERS if k in item}, where=where)
+    experts = item.get("experts")
+    if experts is not None:
+        if isinstance(experts, str):
+            experts = [experts]
+        unknown = sorted(set(experts) - tasks)
+        if unknown:
+            raise Hm3Error(f"{where}.experts: unknown task(s) {', '.join(unknown)}; "
+                           f"known tasks are {', '.join(sorted(tasks))}")
+        experts = tuple(experts)
+    return Override(pattern=item["pattern"], parameters=params, experts=experts)
+
+
+def _reject_unknown(mapping: dict, allowed: set[str], where: str) -> None:
+    unknown = sorted(set(mapping) - allowed)
+    if unknown:
+        raise Hm3Error(f"{where}: unknown field(s) {', '.join(map(str, unknown))}; "
+                       f"allowed: {', '.join(sorted(allowed))}")

@@ -1,0 +1,97 @@
+"""Tiny model families built inside the tests: a base and experts fine-tuned (perturbed) from it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+WORDS = ["good", "bad", "free", "win", "money", "hello", "meeting", "today", "great", "awful",
+         "what", "who", "where", "news", "sport", "market", "film", "vote", "phone", "call"]
+
+TINY = {
+    "bert": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                 max_position_embeddings=64),
+    "roberta": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                    intermediate_size=64, max_position_embeddings=66, pad_token_id=1),
+    "xlm-roberta": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=66, pad_token_id=1),
+    "distilbert": dict(dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=64),
+    "deberta-v2": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                       intermediate_size=64, max_position_embeddings=64, pooler_hidden_size=32),
+    "electra": dict(hidden_size=32, embedding_size=32, num_hidden_layers=2, num_attention_heads=2,
+                    intermediate_size=64, max_position_embeddings=64),
+    "modernbert": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                       intermediate_size=64, max_position_embeddings=64, pad_token_id=0,
+                       global_attn_every_n_layers=1),
+    "llama": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64,
+                  pad_token_id=0),
+    "qwen2": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64,
+                  pad_token_id=0),
+    "mistral": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                    num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64,
+                    pad_token_id=0),
+    "gpt2": dict(n_embd=32, n_layer=2, n_head=2, n_positions=64, pad_token_id=0),
+}
+
+
+def write_tokenizer(folder: Path) -> None:
+    """A WordPiece tokenizer over WORDS, built locally."""
+    from transformers import BertTokenizerFast
+
+    vocab = folder / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    BertTokenizerFast(vocab_file=str(vocab), model_max_length=32).save_pretrained(folder)
+
+
+def build_family(root: Path, tasks: dict[str, list[str]], model_type: str = "bert",
+                 noise: float = 0.02, multi_label: tuple[str, ...] = (), seed: int = 0,
+                 tokenizer: bool = True) -> tuple[Path, dict[str, Path]]:
+    """Save a random tiny base (bare encoder) and one classifier per task fine-tuned from it
+    (body = base + small noise, head random): the shape of a real HM3 input."""
+    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)
+    vocab = 5 + len(WORDS)
+    config = AutoConfig.for_model(model_type, vocab_size=vocab, **TINY[model_type])
+    base = AutoModel.from_config(config)
+    base_dir = root / "base"
+    base.save_pretrained(base_dir)
+    if tokenizer:
+        write_tokenizer(base_dir)
+    experts = {}
+    for i, (task, labels) in enumerate(tasks.items()):
+        expert_config = AutoConfig.for_model(
+            model_type, vocab_size=vocab, **TINY[model_type],
+            id2label=dict(enumerate(labels)), label2id={lab: j for j, lab in enumerate(labels)},
+            problem_type="multi_label_classification" if task in multi_label
+            else "single_label_classification")
+        torch.manual_seed(seed + 100 + i)
+        model = AutoModelForSequenceClassification.from_config(expert_config)
+        body = getattr(model, model.base_model_prefix)
+        body.load_state_dict(base.state_dict(), strict=False)
+        with torch.no_grad():
+            for param in body.parameters():
+                param.add_(noise * torch.randn_like(param))
+        folder = root / task
+        model.save_pretrained(folder)
+        if tokenizer:
+            write_tokenizer(folder)
+        experts[task] = folder
+    return base_dir, experts
+
+
+@pytest.fixture
+def family(tmp_path):
+    """A BERT base and two experts: sentiment (2 labels) and topic (3 labels)."""
+    return build_family(tmp_path, {"sentiment": ["negative", "positive"],
+                                   "topic": ["news", "sport", "film"]})
+
+
+def recipe_dict(base: Path, experts: dict[str, Path], method: str = "ties", **extra) -> dict:
+    return {"base": str(base), "method": method,
+            "experts": [{"model": str(path), "task": task} for task, path in experts.items()],
+            **extra}
