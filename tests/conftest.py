@@ -42,9 +42,11 @@ def write_tokenizer(folder: Path) -> None:
     """A WordPiece tokenizer over WORDS, built locally."""
     from transformers import BertTokenizerFast
 
-    vocab = folder / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    BertTokenizerFast(vocab_file=str(vocab), model_max_length=32).save_pretrained(folder)
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    (folder / "vocab.txt").write_text("\n".join(tokens) + "\n")
+    # transformers 5 ignores `vocab_file` here (every word would be [UNK]); pass the vocabulary
+    BertTokenizerFast(vocab={token: i for i, token in enumerate(tokens)},
+                      model_max_length=32).save_pretrained(folder)
 
 
 def build_family(root: Path, tasks: dict[str, list[str]], model_type: str = "bert",

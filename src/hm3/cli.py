@@ -64,6 +64,49 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--logits", action="store_true", help="include the raw logits")
     predict.add_argument("--device", help="cpu, cuda, ... (default: CUDA when available)")
     predict.set_defaults(run=_predict)
+
+    evaluate = sub.add_parser("eval", help="score a merged model or one expert on labelled data")
+    evaluate.add_argument("model", help="merged model or single expert (directory or hub id)")
+    evaluate.add_argument("--data", action="append", default=[], metavar="TASK=FILE",
+                          help="labelled data for a task: CSV / JSONL / Parquet file or hub "
+                          "dataset id (repeatable)")
+    evaluate.add_argument("--recipe", help="take the datasets from this recipe's `data:` block")
+    evaluate.add_argument("--expect", action="append", default=[], metavar="TASK:OTHER=LABEL",
+                          help="cross-check: TASK's texts should get LABEL on OTHER's head")
+    evaluate.add_argument("--task", help="task name of a plain single-task classifier")
+    evaluate.add_argument("--text-column", default="text")
+    evaluate.add_argument("--label-column", default="label")
+    evaluate.add_argument("--limit", type=int, help="score only the first N examples per task")
+    evaluate.add_argument("--batch-size", type=int, default=32)
+    evaluate.add_argument("--max-length", type=int, help="truncate texts to this many tokens "
+                          "(default: the tokenizer's maximum)")
+    evaluate.add_argument("--json", dest="json_out", help="also write the report as JSON here")
+    evaluate.add_argument("--device", help="cpu, cuda, ... (default: CUDA when available)")
+    evaluate.set_defaults(run=_evaluate)
+
+    bench = sub.add_parser("bench", help="time the merged model against running its experts")
+    bench.add_argument("model", help="merged model directory or hub id")
+    bench.add_argument("--experts", nargs="+", required=True, metavar="PATH",
+                       help="the expert models the merged model replaces")
+    bench.add_argument("--input", help="JSONL or CSV of texts to time on (default: built-in "
+                       "sample sentences)")
+    bench.add_argument("--text-column", default="text")
+    bench.add_argument("--batch-sizes", default="1,8,32", help="comma-separated (default 1,8,32)")
+    bench.add_argument("--repeats", type=int, default=5, help="timed rounds (median is kept)")
+    bench.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    bench.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    bench.add_argument("--max-length", type=int, help="truncate texts to this many tokens")
+    bench.add_argument("--json", dest="json_out", help="also write the result as JSON here")
+    bench.add_argument("--device", help="cpu, cuda, ... (default: CUDA when available)")
+    bench.set_defaults(run=_bench)
+
+    demo = sub.add_parser("demo", help="merge the built-in offline experts, score and time them")
+    demo.add_argument("--output", default="hm3-demo",
+                      help="folder for the merged model and report.json (default: hm3-demo)")
+    demo.add_argument("--cache-dir", help="where the experts are cached (default: $HM3_CACHE "
+                      "or ~/.cache/hm3)")
+    demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    demo.set_defaults(run=_demo)
     return parser
 
 
@@ -134,6 +177,74 @@ def _predict(args) -> int:
         write_text_atomic(Path(args.output), "\n".join(lines) + "\n")
     else:
         print("\n".join(lines))
+    return 0
+
+
+def _evaluate(args) -> int:
+    from hm3.evaluate import evaluate, format_report, load_data_block
+    from hm3.model import load
+
+    data: dict = {}
+    root = None
+    if args.recipe:
+        from hm3.recipe import load_recipe
+
+        recipe = load_recipe(args.recipe)
+        data.update(recipe.data)
+        root = Path(args.recipe).parent
+    for item in args.data:
+        task, sep, spec = item.partition("=")
+        if not sep or not task or not spec:
+            raise Hm3Error(f"--data expects TASK=FILE, got {item!r}")
+        data[task] = {"path": spec, "text_column": args.text_column,
+                      "label_column": args.label_column}
+    for item in args.expect:
+        head, sep, label = item.partition("=")
+        task, colon, other = head.partition(":")
+        if not (sep and colon and task and other and label):
+            raise Hm3Error(f"--expect expects TASK:OTHER=LABEL, got {item!r}")
+        if task not in data:
+            raise Hm3Error(f"--expect {item}: no --data for task {task!r}")
+        data[task] = {**data[task], "expect": {**data[task].get("expect", {}), other: label}}
+    if not data:
+        raise Hm3Error("nothing to score: give --data TASK=FILE or --recipe with a `data:` block")
+    if args.limit is not None:
+        data = {task: {**({"path": e} if isinstance(e, str) else e), "limit": args.limit}
+                for task, e in data.items()}
+    model = load(args.model, task=args.task, device=args.device, max_length=args.max_length)
+    datasets = load_data_block(data, root=root)
+    if len(model.groups) == 1:  # a single expert: score its own task; others' data do not apply
+        datasets = [d for d in datasets if d.task == model.groups[0].name] or datasets
+    report = evaluate(model, datasets, batch_size=args.batch_size)
+    print(format_report(report))
+    if args.json_out:
+        write_text_atomic(Path(args.json_out), json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+def _bench(args) -> int:
+    from hm3.bench import SAMPLE_TEXTS, benchmark, format_bench
+    from hm3.model import load
+
+    try:
+        sizes = tuple(int(x) for x in args.batch_sizes.split(","))
+    except ValueError:
+        raise Hm3Error(f"--batch-sizes expects numbers like 1,8,32, got {args.batch_sizes!r}") from None
+    texts = read_texts(Path(args.input), args.text_column) if args.input else list(SAMPLE_TEXTS)
+    merged = load(args.model, device=args.device, max_length=args.max_length)
+    experts = [load(path, device=args.device, max_length=args.max_length) for path in args.experts]
+    result = benchmark(merged, experts, texts, batch_sizes=sizes, repeats=args.repeats,
+                       warmup=args.warmup, threads=args.threads)
+    print(format_bench(result))
+    if args.json_out:
+        write_text_atomic(Path(args.json_out), json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def _demo(args) -> int:
+    from hm3.demo import run_demo
+
+    run_demo(args.output, cache_dir=args.cache_dir, progress=not args.no_progress)
     return 0
 
 

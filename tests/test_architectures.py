@@ -1,0 +1,77 @@
+"""Every supported architecture, built tiny: the head found, plain loading, single-expert identity."""
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForSequenceClassification
+
+from hm3 import merge, parse_recipe
+from hm3.merge import open_sources
+
+from conftest import TINY, build_family, recipe_dict
+
+HEADS = {
+    "bert": ("classifier.weight", "classifier.bias"),
+    "roberta": ("classifier.out_proj.weight", "classifier.out_proj.bias"),
+    "xlm-roberta": ("classifier.out_proj.weight", "classifier.out_proj.bias"),
+    "distilbert": ("classifier.weight", "classifier.bias"),
+    "deberta-v2": ("classifier.weight", "classifier.bias"),
+    "electra": ("classifier.out_proj.weight", "classifier.out_proj.bias"),
+    "modernbert": ("classifier.weight", "classifier.bias"),
+    "llama": ("score.weight", None),
+    "qwen2": ("score.weight", None),
+    "mistral": ("score.weight", None),
+    "gpt2": ("score.weight", None),
+}
+# No id is 0 (the pad id of every tiny config), so decoders pool the last token of each row.
+INPUT_IDS = torch.tensor([[5, 9, 12, 7, 3], [6, 8, 10, 11, 14]])
+TASKS = {"sentiment": ["negative", "positive"], "topic": ["news", "sport", "film"]}
+
+
+def test_every_tiny_architecture_is_covered():
+    assert set(HEADS) == set(TINY)
+
+
+def logits(folder):
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    with torch.no_grad():
+        return model, model(input_ids=INPUT_IDS).logits
+
+
+@pytest.mark.parametrize("model_type", sorted(TINY))
+def test_architecture_merges(tmp_path, model_type):
+    base, experts = build_family(tmp_path, TASKS, model_type=model_type, tokenizer=False)
+
+    sources = open_sources(parse_recipe(recipe_dict(base, experts)))
+    weight, bias = HEADS[model_type]
+    assert (sources.heads[0].weight, sources.heads[0].bias) == (weight, bias)
+    head_jobs = {job.name: job.head_role for job in sources.jobs if job.head_role}
+    assert head_jobs == {weight: "weight", **({bias: "bias"} if bias else {})}
+    # every other tensor of the expert has a counterpart in the bare base, or is a head layer
+    assert all(job.base_name or job.name.startswith(("classifier.", "pre_classifier.", "head.",
+                                                     "pooler.", "score."))
+               for job in sources.jobs if not job.head_role)
+
+    both = tmp_path / "both"
+    merge(parse_recipe(recipe_dict(base, experts)), both, progress=False)
+    model, merged_logits = logits(both)
+    assert model.config.num_labels == 5
+    assert model.config.id2label[2] == "topic/news"
+    assert merged_logits.shape == (2, 5)
+    assert torch.isfinite(merged_logits).all()
+
+    alone = tmp_path / "alone"
+    merge(parse_recipe(recipe_dict(base, {"topic": experts["topic"]})), alone, progress=False)
+    _, single = logits(alone)
+    _, expert = logits(experts["topic"])
+    torch.testing.assert_close(single, expert, rtol=0, atol=1e-5)
+
+    # the two experts' heads sit untouched in their blocks of the merged head
+    merged_head = tensor(both, weight)
+    assert torch.equal(merged_head[:2], tensor(experts["sentiment"], weight))
+    assert torch.equal(merged_head[2:], tensor(experts["topic"], weight))
+
+
+def tensor(folder, name):
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as handle:
+        return handle.get_tensor(name)

@@ -1,0 +1,389 @@
+"""The pure kernels (sparsifiers, TIES consensus, the registry's combine) on tiny hand-computed tensors."""
+
+import pytest
+import torch
+
+from hm3.errors import Hm3Error
+from hm3.methods import METHODS, MergeMethod, get_method
+from hm3.methods import sparsify as sp
+from hm3.methods.consensus import agreement_mask, elect_sign
+from hm3.methods.registry import _registry
+
+
+def tensor(*values):
+    """tensor(1, 2) and tensor([1, 2]) are vectors; tensor([1, 2], [3, 4]) is a matrix."""
+    if len(values) == 1 and isinstance(values[0], list):
+        values = values[0]
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def close(actual, expected):
+    torch.testing.assert_close(actual, torch.as_tensor(expected, dtype=actual.dtype),
+                               rtol=1e-6, atol=1e-6)
+
+
+def generator(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+# --- magnitude (TIES trim) ---------------------------------------------------------------------
+
+def test_magnitude_keeps_the_largest_entries_by_absolute_value():
+    t = tensor([0.1, -0.5], [0.3, -0.05])
+    close(sp.magnitude(t, 0.5), [[0.0, -0.5], [0.3, 0.0]])
+    close(sp.magnitude(t, 0.75), [[0.1, -0.5], [0.3, 0.0]])
+
+
+def test_magnitude_keeps_at_least_one_entry():
+    t = tensor([0.1, -0.5], [0.3, -0.05])
+    close(sp.magnitude(t, 0.1), [[0.0, -0.5], [0.0, 0.0]])
+
+
+def test_magnitude_at_density_one_returns_the_tensor_unchanged():
+    t = tensor([0.1, -0.5], [0.3, -0.05])
+    assert torch.equal(sp.magnitude(t, 1.0), t)
+
+
+def test_magnitude_of_an_empty_tensor_is_empty():
+    assert sp.magnitude(torch.zeros(0, 3), 0.5).shape == (0, 3)
+
+
+_L2 = (0.3525 / 0.34) ** 0.5  # sqrt(sum of all squares / sum of kept squares)
+
+
+@pytest.mark.parametrize("rule, expected", [
+    (None, [[0.0, -0.5], [0.3, 0.0]]),
+    ("density", [[0.0, -1.0], [0.6, 0.0]]),               # / 0.5
+    ("l1", [[0.0, -0.59375], [0.35625, 0.0]]),            # * 0.95 / 0.8
+    ("l2", [[0.0, -0.5 * _L2], [0.3 * _L2, 0.0]]),
+    ("linf", [[0.0, -0.5], [0.3, 0.0]]),                  # the largest entry is kept: * 1
+])
+def test_rescale_rules_after_magnitude_trim(rule, expected):
+    t = tensor([0.1, -0.5], [0.3, -0.05])
+    close(sp.magnitude(t, 0.5, rescale_rule=rule), expected)
+
+
+def test_l1_rescale_preserves_the_l1_norm():
+    t = tensor([1.0, -2.0, 3.0, -4.0, 0.5, 0.25])
+    out = sp.magnitude(t, 0.5, rescale_rule="l1")
+    assert out.abs().sum().item() == pytest.approx(t.abs().sum().item())
+    assert (out != 0).sum() == 3
+
+
+def test_rescale_leaves_an_all_zero_tensor_alone():
+    zeros = torch.zeros(4)
+    assert torch.equal(sp.rescale(zeros, zeros, 0.5, "l1"), zeros)
+
+
+# --- breadcrumbs ------------------------------------------------------------------------------
+
+def test_breadcrumbs_drops_the_largest_outliers_and_the_smallest_entries():
+    # magnitudes 0.1 .. 1.0 in shuffled order, signs mixed
+    t = tensor([0.4, -1.0, 0.1, 0.7, -0.3, 0.9, -0.6, 0.2, 0.8, -0.5])
+    out = sp.magnitude_outliers(t, 0.5, gamma=0.1)
+    # keep 5, drop the top 1 (1.0) and the bottom 4 (0.1 .. 0.4)
+    close(out, [0.0, 0.0, 0.0, 0.7, 0.0, 0.9, -0.6, 0.0, 0.8, -0.5])
+
+
+def test_breadcrumbs_drops_fewer_outliers_when_density_demands_it():
+    t = tensor([0.4, -1.0, 0.1, 0.7, -0.3, 0.9, -0.6, 0.2, 0.8, -0.5])
+    out = sp.magnitude_outliers(t, 0.8, gamma=0.3)
+    # keep 8: only 2 of the 3 requested outliers can go (1.0 and 0.9)
+    close(out, [0.4, 0.0, 0.1, 0.7, -0.3, 0.0, -0.6, 0.2, 0.8, -0.5])
+
+
+def test_breadcrumbs_with_gamma_zero_is_magnitude_pruning():
+    t = tensor([0.4, -1.0, 0.1, 0.7, -0.3, 0.9, -0.6, 0.2, 0.8, -0.5])
+    close(sp.magnitude_outliers(t, 0.3, gamma=0.0), [0.0, -1.0, 0.0, 0.0, 0.0, 0.9, 0.0, 0.0, 0.8, 0.0])
+
+
+def test_breadcrumbs_at_density_one_returns_the_tensor_unchanged():
+    t = tensor([0.4, -1.0, 0.1])
+    assert torch.equal(sp.magnitude_outliers(t, 1.0, gamma=0.3), t)
+
+
+# --- DARE (bernoulli) ------------------------------------------------------------------------
+
+def test_bernoulli_survivors_are_rescaled_by_one_over_density():
+    t = torch.arange(1, 201, dtype=torch.float32).reshape(10, 20)
+    out = sp.bernoulli(t, 0.25, rescale_rule="density", generator=generator(0))
+    kept = out != 0
+    assert 0 < kept.sum() < t.numel()
+    close(out[kept], t[kept] * 4)
+
+
+def test_bernoulli_without_rescale_keeps_survivors_as_they_are():
+    t = torch.arange(1, 201, dtype=torch.float32)
+    out = sp.bernoulli(t, 0.5, rescale_rule=None, generator=generator(0))
+    kept = out != 0
+    assert 0 < kept.sum() < t.numel()
+    assert torch.equal(out[kept], t[kept])
+
+
+def test_bernoulli_is_seeded():
+    t = torch.randn(50, 50, generator=generator(1))
+    a = sp.bernoulli(t, 0.3, generator=generator(7))
+    b = sp.bernoulli(t, 0.3, generator=generator(7))
+    c = sp.bernoulli(t, 0.3, generator=generator(8))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_bernoulli_at_density_one_returns_the_tensor_unchanged():
+    t = torch.randn(5, 5, generator=generator(1))
+    assert torch.equal(sp.bernoulli(t, 1.0, generator=generator(0)), t)
+
+
+def test_bernoulli_keeps_a_density_fraction_and_its_expectation_is_the_task_vector():
+    row = tensor([1.0, -2.0, 3.0, 0.5])
+    many = row.expand(50_000, 4).clone()
+    out = sp.bernoulli(many, 0.3, rescale_rule="density", generator=generator(3))
+    assert (out != 0).float().mean().item() == pytest.approx(0.3, abs=0.01)
+    # std of each column mean: |x| * sqrt(0.7 / 0.3) / sqrt(50000) <= 0.021
+    torch.testing.assert_close(out.mean(dim=0), row, atol=0.09, rtol=0)
+
+
+def test_bernoulli_keeps_the_input_dtype():
+    t = torch.randn(8, 8, generator=generator(0)).to(torch.bfloat16)
+    assert sp.bernoulli(t, 0.5, generator=generator(0)).dtype == torch.bfloat16
+
+
+# --- DELLA -----------------------------------------------------------------------------------
+
+def test_della_keep_probability_runs_from_density_minus_to_plus_epsilon_by_rank():
+    # magnitudes rank 2, 0, 4, 1, 3 -> keep probabilities .5, .3, .7, .4, .6 (density .5, eps .2)
+    row = tensor([0.3, -0.1, 0.5, 0.2, -0.4])
+    probabilities = torch.tensor([0.5, 0.3, 0.7, 0.4, 0.6])
+    many = row.expand(40_000, 5).clone()
+    out = sp.della_magprune(many, 0.5, epsilon=0.2, rescale_rule="density",
+                            generator=generator(5))
+    kept = (out != 0).float().mean(dim=0)
+    torch.testing.assert_close(kept, probabilities, atol=0.015, rtol=0)
+    # survivors are divided by their own keep probability, so the expectation is the input
+    expected_survivor = (row / probabilities).expand_as(many)
+    mask = out != 0
+    close(out[mask], expected_survivor[mask])
+    torch.testing.assert_close(out.mean(dim=0), row, atol=0.02, rtol=0)
+
+
+def test_della_treats_a_vector_as_one_row():
+    vector = tensor(*[float(i) for i in range(1, 11)])
+    many = torch.stack([sp.della_magprune(vector, 0.5, epsilon=0.4, rescale_rule=None,
+                                          generator=generator(s)) for s in range(2000)])
+    kept = (many != 0).float().mean(dim=0)
+    # rank 0 keeps with p = 0.1, rank 9 with p = 0.9
+    assert kept[0].item() == pytest.approx(0.1, abs=0.04)
+    assert kept[-1].item() == pytest.approx(0.9, abs=0.04)
+    assert (kept.diff() > -0.06).all()
+
+
+def test_della_ranks_within_each_row_of_a_3d_tensor():
+    t = torch.tensor([[[1.0, 2.0], [3.0, 4.0]], [[40.0, 30.0], [20.0, 10.0]]])
+    runs = torch.stack([sp.della_magprune(t, 0.5, epsilon=0.45, rescale_rule=None,
+                                          generator=generator(s)) for s in range(3000)])
+    kept = (runs != 0).float().mean(dim=0)
+    # each leading index is a row of 4 ranked on its own: p = .05, .35, .65, .95 by rank
+    expected = torch.tensor([[[0.05, 0.35], [0.65, 0.95]], [[0.95, 0.65], [0.35, 0.05]]])
+    torch.testing.assert_close(kept, expected, atol=0.04, rtol=0)
+
+
+def test_della_at_density_one_returns_the_tensor_unchanged():
+    t = torch.randn(4, 4, generator=generator(0))
+    assert torch.equal(sp.della_magprune(t, 1.0, epsilon=0.1, generator=generator(0)), t)
+
+
+# --- TIES sign election and agreement --------------------------------------------------------
+
+def test_sign_election_by_sum_and_by_count_differ():
+    deltas = tensor([1.0, 1.0, -5.0], [1.0, 1.0, 1.0], [-4.0, -4.0, 1.0])
+    close(elect_sign(deltas, "sum"), [-1.0, -1.0, -1.0])     # sums -2, -2, -3
+    close(elect_sign(deltas, "count"), [1.0, 1.0, 1.0])      # votes +1, +1, +1
+
+
+def test_sign_election_tie_elects_plus_one():
+    deltas = tensor([2.0, 0.0, 1.0], [-2.0, 0.0, -1.0])
+    close(elect_sign(deltas, "sum"), [1.0, 1.0, 1.0])
+    close(elect_sign(deltas, "count"), [1.0, 1.0, 1.0])
+
+
+def test_sign_election_rejects_an_unknown_rule():
+    with pytest.raises(ValueError, match="median"):
+        elect_sign(tensor([1.0]), "median")
+
+
+def test_agreement_mask_excludes_zeros_and_dissenters():
+    deltas = tensor([1.0, -2.0, 3.0, 0.0], [3.0, 1.0, -1.0, 0.0])
+    # sums 4, -1, 2, 0 -> signs +, -, +, + (tie)
+    close(agreement_mask(deltas, "sum"), [[1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+
+
+# --- the registry's combine ------------------------------------------------------------------
+
+def shared(method, **values):
+    return get_method(method).validate_shared(values, where="parameters")
+
+
+def test_ties_is_a_disjoint_mean_of_the_agreeing_entries():
+    base = tensor(10.0, 10.0, 10.0, 10.0)
+    deltas = [tensor(1.0, -2.0, 3.0, 0.0), tensor(3.0, 1.0, -1.0, 0.0)]
+    out = get_method("ties").combine(base, deltas, [1.0, 1.0], shared("ties"))
+    # elected +, -, +, +: means of (1, 3), (-2), (3), nothing
+    close(out, [12.0, 8.0, 13.0, 10.0])
+
+
+def test_ties_weights_the_vote_and_the_mean():
+    base = tensor(10.0, 10.0, 10.0, 10.0)
+    deltas = [tensor(1.0, -2.0, 3.0, 0.0), tensor(3.0, 1.0, -1.0, 0.0)]
+    out = get_method("ties").combine(base, deltas, [1.0, 3.0], shared("ties"))
+    # weighted: (1, -2, 3, 0), (9, 3, -3, 0); sums 10, 1, 0, 0 -> all +
+    # agreeing sums 10, 3, 3, 0 over weights 4, 3, 1, (1) -> 2.5, 1, 3, 0
+    close(out, [12.5, 11.0, 13.0, 10.0])
+
+
+def test_ties_lambda_and_normalize_off():
+    base = tensor(10.0, 10.0)
+    deltas = [tensor(1.0, -2.0), tensor(3.0, 1.0)]
+    out = get_method("ties").combine(base, deltas, [1.0, 1.0],
+                                     shared("ties", normalize=False, **{"lambda": 0.5}))
+    # elected +, -: sums of agreeing 4, -2, times 0.5
+    close(out, [12.0, 9.0])
+
+
+def test_ties_passes_disjoint_blocks_untouched():
+    base = torch.zeros(4, 2)
+    first = torch.zeros(4, 2)
+    first[:2] = tensor([0.5, -1.5], [2.0, -0.25])
+    second = torch.zeros(4, 2)
+    second[2:] = tensor([-3.0, 1.0], [0.75, 4.0])
+    out = get_method("ties").combine(base, [first, second], [1.0, 1.0], shared("ties"))
+    close(out, first + second)
+
+
+def test_ties_count_consensus():
+    base = torch.zeros(1)
+    deltas = [tensor(1.0), tensor(1.0), tensor(-5.0)]
+    # count elects + (2 votes to 1), sum would elect -
+    close(get_method("ties").combine(base, deltas, [1.0] * 3, shared("ties", consensus="count")),
+          [1.0])
+    close(get_method("ties").combine(base, deltas, [1.0] * 3, shared("ties")), [-5.0])
+
+
+def test_task_arithmetic_scales_the_weighted_sum_by_lambda():
+    base = tensor(1.0, 2.0)
+    deltas = [tensor(1.0, 1.0), tensor(2.0, -1.0)]
+    method = get_method("task_arithmetic")
+    out = method.combine(base, deltas, [1.0, 0.5], shared("task_arithmetic", **{"lambda": 2.0}))
+    close(out, [5.0, 3.0])                      # 1 + 2 * 2, 2 + 2 * 0.5
+    out = method.combine(base, deltas, [1.0, 0.5],
+                         shared("task_arithmetic", normalize=True, **{"lambda": 2.0}))
+    close(out, [1.0 + 2 * 2 / 1.5, 2.0 + 2 * 0.5 / 1.5])
+
+
+def test_linear_is_the_weighted_mean_of_the_models():
+    base = tensor(1.0, 2.0)
+    deltas = [tensor(1.0, 1.0), tensor(2.0, -1.0)]     # models (2, 3) and (3, 1)
+    method = get_method("linear")
+    close(method.combine(base, deltas, [1.0, 3.0], shared("linear")), [2.75, 1.5])
+    close(method.combine(base, deltas, [1.0, 3.0], shared("linear", normalize=False)), [11.0, 6.0])
+
+
+def test_linear_takes_no_lambda():
+    with pytest.raises(Hm3Error, match="lambda"):
+        shared("linear", **{"lambda": 2.0})
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_gives_back_a_single_expert_at_density_one(name):
+    base = torch.randn(3, 4, generator=generator(0))
+    delta = torch.randn(3, 4, generator=generator(1))
+    method = get_method(name)
+    params = method.model_defaults()
+    assert params["weight"] == 1.0 and params.get("density", 1.0) == 1.0
+    sparse = method.sparsify(delta, params, shared(name), generator(2))
+    out = method.combine(base, [sparse], [1.0], shared(name))
+    close(out, base + delta)
+
+
+# --- rescale rule per method -----------------------------------------------------------------
+
+def test_rescale_true_means_one_over_density_for_random_drops():
+    method = get_method("dare_linear")
+    assert method.rescale_rule(True) == "density"
+    t = torch.arange(1, 101, dtype=torch.float32)
+    out = method.sparsify(t, {"density": 0.25}, shared("dare_linear"), generator(0))
+    kept = out != 0
+    close(out[kept], t[kept] * 4)
+
+
+def test_rescale_true_means_l1_matching_for_magnitude_trim():
+    method = get_method("ties")
+    assert method.rescale_rule(True) == "l1"
+    t = tensor(1.0, -2.0, 3.0, -4.0)
+    out = method.sparsify(t, {"density": 0.5}, shared("ties", rescale=True), None)
+    close(out, [0.0, 0.0, 3.0 * 10 / 7, -4.0 * 10 / 7])
+    # ties rescales nothing by default
+    close(method.sparsify(t, {"density": 0.5}, shared("ties"), None), [0.0, 0.0, 3.0, -4.0])
+
+
+def test_explicit_rescale_rule_overrides_the_method_default():
+    method = get_method("dare_linear")
+    t = torch.arange(1, 101, dtype=torch.float32)
+    out = method.sparsify(t, {"density": 0.25}, shared("dare_linear", rescale="l1"), generator(0))
+    assert out.abs().sum().item() == pytest.approx(t.abs().sum().item(), rel=1e-5)
+    out = method.sparsify(t, {"density": 0.25}, shared("dare_linear", rescale=False), generator(0))
+    kept = out != 0
+    assert torch.equal(out[kept], t[kept])
+
+
+def test_breadcrumbs_method_passes_gamma_to_its_kernel():
+    t = tensor([0.4, -1.0, 0.1, 0.7, -0.3, 0.9, -0.6, 0.2, 0.8, -0.5])
+    out = get_method("breadcrumbs").sparsify(t, {"density": 0.5, "gamma": 0.1},
+                                             shared("breadcrumbs"), None)
+    close(out, [0.0, 0.0, 0.0, 0.7, 0.0, 0.9, -0.6, 0.0, 0.8, -0.5])
+
+
+# --- registry and declared parameters --------------------------------------------------------
+
+def test_registry_holds_the_mergekit_method_names():
+    assert set(METHODS) >= {"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties",
+                            "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"}
+    assert get_method("dare_ties").consensus and get_method("dare_ties").random
+    assert not get_method("ties").random
+
+
+def test_unknown_method_lists_the_known_ones():
+    with pytest.raises(KeyError) as info:
+        get_method("slerp")
+    assert "slerp" in str(info.value) and "dare_ties" in str(info.value)
+
+
+def test_a_method_name_registered_twice_is_an_error():
+    with pytest.raises(ValueError, match="twice"):
+        _registry(MergeMethod("x", "one"), MergeMethod("x", "two"))
+
+
+@pytest.mark.parametrize("density", [0, 1.5, -0.1, float("nan"), True, "half"])
+def test_density_outside_zero_one_is_refused(density):
+    with pytest.raises(Hm3Error, match=r"density: expected a number in \(0, 1\]"):
+        get_method("ties").validate_model_parameters({"density": density}, where="experts[0]")
+
+
+def test_per_model_parameter_a_method_does_not_take_is_refused():
+    with pytest.raises(Hm3Error, match="takes no `density`"):
+        get_method("linear").validate_model_parameters({"density": 0.5}, where="experts[0]")
+    with pytest.raises(Hm3Error, match="takes no `gamma`"):
+        get_method("ties").validate_model_parameters({"gamma": 0.1}, where="experts[0]")
+
+
+def test_della_density_plus_minus_epsilon_must_stay_inside_zero_one():
+    method = get_method("della")
+    with pytest.raises(Hm3Error, match="epsilon"):
+        method.validate_model_parameters({"density": 0.1, "epsilon": 0.2}, where="experts[0]")
+    method.validate_model_parameters({"density": 0.5, "epsilon": 0.2}, where="experts[0]")
+
+
+def test_shared_defaults_follow_mergekit():
+    assert shared("ties") == {"normalize": True, "lambda": 1.0, "rescale": False,
+                              "consensus": "sum"}
+    assert shared("dare_ties")["normalize"] is False and shared("dare_ties")["rescale"] is True
+    assert shared("linear") == {"normalize": True}
