@@ -72,7 +72,7 @@ def open_sources(recipe: Recipe) -> Sources:
     base = Checkpoint(recipe.base, recipe.base_revision, recipe.allow_pickle)
     experts = [Checkpoint(e.model, e.revision, recipe.allow_pickle) for e in recipe.experts]
     for spec, expert in zip(recipe.experts, experts):
-        pass
+        _check_architecture(base, expert, spec.task)
     labels = [expert_labels(ckpt.config, spec.model) for spec, ckpt in zip(recipe.experts, experts)]
     heads = [find_head(set(ckpt.keys()), ckpt.shape, len(names), spec.model, spec.head)
              for spec, ckpt, names in zip(recipe.experts, experts, labels)]
