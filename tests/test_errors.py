@@ -8,11 +8,11 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoModelForSequenceClassification
+from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
 from hm3 import Hm3Error, merge, parse_recipe
 from hm3.cli import main
-from hm3.merge import Hm3Warning
+from hm3.errors import Hm3Warning
 
 from conftest import TINY, WORDS, build_family, recipe_dict
 
@@ -71,12 +71,42 @@ def test_expert_of_another_model_type(family, tmp_path):
     refused(tmp_path, recipe_dict(base, {**experts, **others}), "model_type=roberta", "bert")
 
 
-def test_shape_mismatch_the_config_does_not_admit(family, tmp_path):
+def test_expert_shapes_the_config_does_not_admit(family, tmp_path):
     base, experts = family
     odd = bert_expert(tmp_path / "odd", hidden_size=48)
-    # a config that claims the base's sizes over weights that are not
+    # a config that claims the family's sizes over weights that are not
     (odd / "config.json").write_text((experts["sentiment"] / "config.json").read_text())
-    refused(tmp_path, recipe_dict(base, {**experts, "odd": odd}), "shape")
+    refused(tmp_path, recipe_dict(base, {**experts, "odd": odd}),
+            "different shapes across experts")
+
+
+def test_base_shapes_the_config_does_not_admit(family, tmp_path):
+    base, experts = family
+    other = tmp_path / "other-base"
+    config = AutoConfig.for_model("bert", vocab_size=VOCAB, **{**TINY["bert"], "hidden_size": 48})
+    AutoModel.from_config(config).save_pretrained(other)
+    (base / "model.safetensors").write_bytes((other / "model.safetensors").read_bytes())
+    refused(tmp_path, recipe_dict(base, experts), "the base", "(48,", "(32,")
+
+
+def test_labels_that_do_not_match_the_head_rows(family, tmp_path):
+    base, experts = family
+    file = experts["topic"] / "config.json"
+    config = json.loads(file.read_text())
+    config["id2label"] = {str(i): f"t{i}" for i in range(4)}
+    config["label2id"] = {f"t{i}": i for i in range(4)}
+    file.write_text(json.dumps(config))
+    refused(tmp_path, recipe_dict(base, experts), "cannot find the classification head",
+            "4 rows", "head:")
+
+
+def test_experts_naming_their_heads_differently(family, tmp_path):
+    base, experts = family
+    raw = recipe_dict(base, experts)
+    raw["experts"][1]["head"] = {"weight": "bert.pooler.dense.weight",
+                                 "bias": "bert.pooler.dense.bias"}
+    refused(tmp_path, raw, "name their classification heads differently", "classifier.weight",
+            "bert.pooler.dense.weight")
 
 
 @pytest.mark.parametrize("what", ["missing", "extra"])

@@ -1,4 +1,4 @@
-"""The pure kernels (sparsifiers, TIES consensus, the registry's combine) on tiny hand-computed tensors."""
+"""The pure kernels (sparsifiers, TIES consensus, the registry's combine) on hand-made tensors."""
 
 import pytest
 import torch
@@ -94,7 +94,8 @@ def test_breadcrumbs_drops_fewer_outliers_when_density_demands_it():
 
 def test_breadcrumbs_with_gamma_zero_is_magnitude_pruning():
     t = tensor([0.4, -1.0, 0.1, 0.7, -0.3, 0.9, -0.6, 0.2, 0.8, -0.5])
-    close(sp.magnitude_outliers(t, 0.3, gamma=0.0), [0.0, -1.0, 0.0, 0.0, 0.0, 0.9, 0.0, 0.0, 0.8, 0.0])
+    close(sp.magnitude_outliers(t, 0.3, gamma=0.0),
+          [0.0, -1.0, 0.0, 0.0, 0.0, 0.9, 0.0, 0.0, 0.8, 0.0])
 
 
 def test_breadcrumbs_at_density_one_returns_the_tensor_unchanged():

@@ -184,6 +184,24 @@ def test_dare_is_bit_identical_for_a_seed_and_differs_for_another(family, tmp_pa
     assert not torch.equal(a[name], d[name])
 
 
+def test_dare_draws_an_independent_mask_for_every_tensor(family, tmp_path):
+    base, experts = family
+    out = merged(base, {"topic": experts["topic"]}, tmp_path, method="dare_linear",
+                 parameters={"density": 0.5})
+    got, expert = tensors(out), tensors(experts["topic"])
+    theta0 = tensors(base)
+    kept = {}
+    for part in ("query", "key", "value"):
+        name = f"bert.encoder.layer.0.attention.self.{part}.weight"
+        delta = expert[name] - theta0[name.removeprefix("bert.")]
+        mixed = got[name] - theta0[name.removeprefix("bert.")]
+        kept[part] = mixed.abs() > 1e-6
+        assert abs(kept[part].float().mean().item() - 0.5) < 0.05
+        torch.testing.assert_close(mixed[kept[part]], 2 * delta[kept[part]], rtol=1e-4, atol=1e-5)
+    assert not torch.equal(kept["query"], kept["key"])
+    assert not torch.equal(kept["key"], kept["value"])
+
+
 def test_override_changes_only_the_matching_tensors(family, tmp_path):
     base, experts = family
     pattern = "*.attention.self.query.*"
@@ -300,7 +318,7 @@ def test_plain_transformers_gives_the_same_logits_as_hm3(family, tmp_path):
 
 
 def test_merged_model_answers_each_task_like_its_expert(family, tmp_path):
-    """With the body of one expert (weight 0 for the other), that expert's group gives its logits."""
+    """With one expert's body (the other has weight 0), that expert's group gives its logits."""
     base, experts = family
     recipe = recipe_dict(base, experts, "task_arithmetic")
     recipe["experts"][0]["weight"] = 0.0

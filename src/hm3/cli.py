@@ -20,16 +20,19 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "run"):
         parser.print_help()
         return 2
-    warnings.formatwarning = lambda message, *_: f"hm3: warning: {message}\n"
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    previous_format = warnings.formatwarning
+    warnings.formatwarning = lambda message, *_: f"hm3: warning: {message}\n"
     try:
         return args.run(args) or 0
     except Hm3Error as exc:
-        print(f"hm3: error: {exc}", file=sys.stderr)
+        print(f"hm3: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("hm3: interrupted; nothing was written", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = previous_format
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from hm3 import __version__
 from hm3.checkpoint import (TOKENIZER_FILES, TORCH_DTYPES, Checkpoint, ShardedWriter,
                             atomic_directory, write_json_atomic)
-from hm3.errors import Hm3Error
+from hm3.errors import Hm3Error, Hm3Warning
 from hm3.heads import (MULTI_LABEL, TaskGroup, expand_head, expert_labels, find_head,
                        is_multi_label, layout)
 from hm3.methods import get_method
@@ -33,10 +33,6 @@ _HEAD_HIDDEN_PREFIXES = ("classifier.", "pre_classifier.", "head.", "pooler.", "
 # A fine-tune moves its weights by a few percent; this much suggests another base.
 IMPLAUSIBLE_TASK_VECTOR = 0.5
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-class Hm3Warning(UserWarning):
-    """Something merged, but probably not as the user meant."""
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,9 @@ class TrainingConfig:
     warmup_ratio: float = 0.1
     max_grad_norm: float = 1.0
     max_length: int = 64
+    # Weight the loss by inverse class frequency so that rare classes (TREC's ABBR is 1.6%) are
+    # learned from few examples: the experts are judged by macro-F1.
+    balance_classes: bool = True
     seed: int = 0
 
 
@@ -70,6 +73,7 @@ def finetune(
     )
     texts = [text for text, _ in train]
     targets = torch.tensor([label_ids[label] for _, label in train])
+    class_weights = _balanced_class_weights(targets, len(labels)) if config.balance_classes else None
 
     total_steps = config.epochs * math.ceil(len(texts) / config.batch_size)
     optimizer = torch.optim.AdamW(_parameter_groups(model, config.weight_decay), lr=config.learning_rate)
@@ -81,7 +85,8 @@ def finetune(
         for _ in range(config.epochs):
             for batch in torch.randperm(len(texts), generator=batch_order).split(config.batch_size):
                 inputs = _encode(tokenizer, [texts[i] for i in batch], config.max_length)
-                loss = model(**inputs, labels=targets[batch]).loss
+                logits = model(**inputs).logits
+                loss = torch.nn.functional.cross_entropy(logits, targets[batch], weight=class_weights)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
                 optimizer.step()
@@ -132,6 +137,12 @@ def score(
 def _encode(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int) -> dict:
     # Padding to the longest text in the batch, not to max_length, halves the cost of short texts.
     return tokenizer(list(texts), truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+
+
+def _balanced_class_weights(targets: torch.Tensor, n_classes: int) -> torch.Tensor:
+    # sklearn's "balanced" weights: every class carries the same total weight.
+    counts = torch.bincount(targets, minlength=n_classes).clamp(min=1)
+    return len(targets) / (n_classes * counts.float())
 
 
 def _parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
