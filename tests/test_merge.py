@@ -10,7 +10,7 @@ from safetensors import safe_open
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import hm3
-from hm3 import merge, parse_recipe
+from hm3 import Hm3Error, merge, parse_recipe
 from hm3.heads import TaskGroup
 from hm3.methods import METHODS
 from hm3.model import group_probabilities
@@ -406,3 +406,35 @@ def test_a_plain_classifier_loads_as_one_task(family):
     model = hm3.load(experts["topic"], device="cpu")
     assert model.tasks == ["topic"]
     assert set(model.predict(["good film"])[0]) == {"topic"}
+
+
+def test_merge_into_memory_equals_the_written_merge(family, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from hm3.merge import build_model, merge_into, open_sources, with_recipe
+
+    base, experts = family
+    recipe = parse_recipe(recipe_dict(base, experts, "dare_ties", parameters={"density": 0.4},
+                                      seed=5))
+    merge(recipe, tmp_path / "disk", progress=False)
+    written = AutoModelForSequenceClassification.from_pretrained(tmp_path / "disk").state_dict()
+
+    sources = open_sources(parse_recipe(recipe_dict(base, experts, "ties")))
+    for ckpt in (sources.base, *sources.experts):
+        ckpt.preload()
+    model = build_model(sources)
+    merge_into(model, with_recipe(sources, recipe))
+    in_memory = model.state_dict()
+    assert model.config.id2label[2] == "topic/news"
+    for name, tensor in written.items():
+        assert torch.equal(in_memory[name], tensor), name
+
+
+def test_with_recipe_refuses_other_experts(family):
+    from hm3.merge import open_sources, with_recipe
+
+    base, experts = family
+    sources = open_sources(parse_recipe(recipe_dict(base, experts)))
+    swapped = dict(reversed(list(experts.items())))
+    with pytest.raises(Hm3Error, match="same base and experts"):
+        with_recipe(sources, parse_recipe(recipe_dict(base, swapped)))

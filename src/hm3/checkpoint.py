@@ -42,6 +42,7 @@ class Checkpoint:
         self._files: dict[str, Path] = {}  # tensor name -> file holding it
         self._handles: dict[Path, object] = {}
         self._pickled: dict[Path, dict[str, torch.Tensor]] = {}
+        self._memory: dict[str, torch.Tensor] | None = None  # filled by `preload`
         self._index(allow_pickle)
 
     def _index(self, allow_pickle: bool) -> None:
@@ -113,8 +114,15 @@ class Checkpoint:
             return self._open(file).get_slice(name).get_dtype()
         return _DTYPE_CODES[self._load_pickle(file)[name].dtype]
 
+    def preload(self) -> None:
+        """Keep every tensor in memory from now on: for many merges of the same inputs (search)."""
+        if self._memory is None:
+            self._memory = {name: self.tensor(name) for name in self.keys()}
+
     def tensor(self, name: str) -> torch.Tensor:
-        """Read one tensor from disk; NaN or Inf is an error."""
+        """Read one tensor (from disk unless preloaded); NaN or Inf is an error."""
+        if self._memory is not None:
+            return self._memory[name]
         file = self._files[name]
         try:
             if file.suffix == ".safetensors":

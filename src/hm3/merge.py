@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import shutil
@@ -194,6 +195,36 @@ def merged_tensors(sources: Sources, progress: bool = False) -> Iterator[tuple[s
                                               _generator(recipe.seed, job.name, i)))
         weights = [recipe.model_parameters(job.name, spec)["weight"] for spec in recipe.experts]
         yield job.name, method.combine(base, deltas, weights, shared)
+
+
+def with_recipe(sources: Sources, recipe: Recipe) -> Sources:
+    """The same opened inputs under another recipe (method, parameters, seed, weights): for
+    search trials. The recipe must name the same base and experts in the same order."""
+    same = (recipe.base == sources.recipe.base and [(e.model, e.task) for e in recipe.experts]
+            == [(e.model, e.task) for e in sources.recipe.experts])
+    if not same:
+        raise Hm3Error("with_recipe: the new recipe must name the same base and experts, in order")
+    _check_parameters(recipe, sources.jobs)
+    return dataclasses.replace(sources, recipe=recipe, task_vector_sq=[])
+
+
+def build_model(sources: Sources):
+    """An (uninitialised) model of the merged architecture and labels, to `merge_into`."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    config = merged_config(sources, {}, {})
+    config.pop("hm3")
+    config = AutoConfig.for_model(config.pop("model_type"), **config)
+    return AutoModelForSequenceClassification.from_config(config).eval()
+
+
+@torch.no_grad()
+def merge_into(model: torch.nn.Module, sources: Sources, progress: bool = False) -> None:
+    """Merge straight into `model`'s weights, in memory: nothing is written to disk."""
+    state = model.state_dict()
+    for name, tensor in merged_tensors(sources, progress=progress):
+        if name in state:  # checkpoints may hold buffers the model does not persist
+            state[name].copy_(tensor)
 
 
 def task_vector_norms(sources: Sources) -> dict[str, float]:
