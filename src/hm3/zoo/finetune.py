@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from transformers import (
     PreTrainedTokenizerBase,
     get_linear_schedule_with_warmup,
 )
+from transformers.utils import logging as transformers_logging
 
 from hm3.zoo.splits import Example
 
@@ -54,7 +56,7 @@ def finetune(
     base : directory of the base encoder (any BERT-like checkpoint with a tokenizer).
     train : (text, label name) pairs; every label must be in `labels`.
     labels : label names in head order.
-    config : hyperparameters and seed; the same config and data give the same model.
+    config : hyperparameters and seed; on one machine, the same config and data give the same model.
 
     Returns
     -------
@@ -62,15 +64,15 @@ def finetune(
     """
     label_ids = {label: index for index, label in enumerate(labels)}
     torch.manual_seed(config.seed)  # seeds the new head's initialisation and dropout
-    tokenizer = AutoTokenizer.from_pretrained(base, local_files_only=True)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        base,
-        num_labels=len(labels),
-        id2label=dict(enumerate(labels)),
-        label2id=label_ids,
-        problem_type="single_label_classification",
-        local_files_only=True,
-    )
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    with _transformers_warnings_silenced():  # its load report would only say that the new head is new
+        model = AutoModelForSequenceClassification.from_pretrained(
+            base,
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id=label_ids,
+            problem_type="single_label_classification",
+        )
     texts = [text for text, _ in train]
     targets = torch.tensor([label_ids[label] for _, label in train])
     class_weights = _balanced_class_weights(targets, len(labels)) if config.balance_classes else None
@@ -137,6 +139,16 @@ def score(
 def _encode(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int) -> dict:
     # Padding to the longest text in the batch, not to max_length, halves the cost of short texts.
     return tokenizer(list(texts), truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+
+
+@contextmanager
+def _transformers_warnings_silenced() -> Iterator[None]:
+    previous = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(previous)
 
 
 def _balanced_class_weights(targets: torch.Tensor, n_classes: int) -> torch.Tensor:

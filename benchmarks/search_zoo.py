@@ -1,0 +1,174 @@
+"""The paper's model search on the offline zoo: `hm3 search` (DARE-TIES, Beta density) on all four
+tasks and on two pairs, `hm3 self-merge` on the weakest and the strongest expert, and the Soup
+(linear) and TIES baselines beside them.
+
+Every study runs through the command line, from a recipe written here whose `data:` block names
+the zoo's validation and test splits, so each is reproducible with the `hm3` command printed in
+the summary. Studies (with their ~90 MB best models) live under benchmarks/.work/search/; the
+small outputs (trials table, plot, best.json) are copied to benchmarks/results/search/, and the
+summary to benchmarks/results/search_zoo.json and .md.
+
+  .venv/bin/python benchmarks/search_zoo.py --trials 30 --self-trials 25 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from hm3.cli import main as hm3_main
+from hm3.evaluate import evaluate, load_data_block
+from hm3.merge import merge
+from hm3.model import load
+from hm3.recipe import load_recipe
+from hm3.zoo import build_zoo
+
+HERE = Path(__file__).resolve().parent
+WORK = HERE / ".work" / "search"
+RESULTS = HERE / "results" / "search"
+COMBINATIONS = {"all4": ("spam", "sentiment", "topic", "question"),
+                "spam+topic": ("spam", "topic"),
+                "sentiment+question": ("sentiment", "question")}
+BASELINES = {"soup": {"method": "linear"},
+             "ties-1.0": {"method": "ties", "parameters": {"density": 1.0}},
+             "ties-0.5": {"method": "ties", "parameters": {"density": 0.5}}}
+MAX_LENGTH = 64  # the zoo's experts were fine-tuned and scored at 64 tokens
+KEPT_FILES = ("trials.csv", "trials.json", "density.png", "best.json")
+
+
+def write_recipe(zoo, tasks: tuple[str, ...], folder: Path, **method) -> Path:
+    """A recipe for `tasks` whose data block names the zoo's test and validation splits."""
+    folder.mkdir(parents=True, exist_ok=True)
+    raw = {"base": str(zoo.base), **method,
+           "experts": [{"model": str(zoo.experts[t]), "task": t} for t in tasks],
+           "data": {t: {"path": str(zoo.splits[t]["test"]),
+                        "validation": str(zoo.splits[t]["validation"])} for t in tasks}}
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def run_cli(args: list[str]) -> None:
+    print("$ hm3 " + " ".join(args), flush=True)
+    code = hm3_main(args)
+    if code != 0:
+        raise SystemExit(f"hm3 {args[0]} failed with exit code {code}")
+
+
+def keep(study: Path, name: str) -> dict:
+    """Copy a study's small outputs to results/ and summarise it."""
+    target = RESULTS / name
+    target.mkdir(parents=True, exist_ok=True)
+    for file in KEPT_FILES:
+        shutil.copyfile(study / file, target / file)
+    best = json.loads((study / "best.json").read_text())
+    rows = json.loads((study / "trials.json").read_text())
+    complete = [r for r in rows if r["state"] == "COMPLETE"]
+    values = np.array([r["value"] for r in complete])
+    densities = np.array([r["density"] for r in complete])
+    worst = complete[int(values.argmin())]
+    experts = best["experts"]
+    return {
+        "trials": len(complete),
+        "seconds_per_trial": float(np.median([r["seconds"] for r in complete])),
+        "merge_seconds_per_trial": float(np.median([r["merge_seconds"] for r in complete])),
+        "experts": {split: float(np.mean([e[split] for e in experts.values()]))
+                    for split in ("validation", "test")},
+        "experts_by_task": experts,
+        "best": {"trial": best["trial"], "density": best["density"],
+                 "validation": best["validation_mean"], "test": best["test_mean"],
+                 "by_task": {"validation": best["validation"], "test": best["test"]}},
+        "worst": {"density": worst["density"], "validation": worst["value"]},
+        "new_bests": sum(r["new_best"] for r in complete),
+        "low_density_share_of_top5": float(np.mean(densities[np.argsort(values)[-5:]] < 0.3)),
+        "near_one": {"trials": int((densities > 0.8).sum()),
+                     "mean_validation": float(values[densities > 0.8].mean())
+                     if (densities > 0.8).any() else None},
+    }
+
+
+def baseline(zoo, tasks: tuple[str, ...], name: str, method: dict) -> dict:
+    """Merge once with `method` and score on validation and test (hm3 merge + hm3 eval)."""
+    folder = WORK / "baselines" / "-".join(tasks) / name
+    recipe_path = write_recipe(zoo, tasks, folder, **method)
+    recipe = load_recipe(recipe_path)
+    merge(recipe, folder / "merged", overwrite=True, progress=False)
+    model = load(folder / "merged", device="cpu", max_length=MAX_LENGTH)
+    scores = {}
+    for part in ("validation", "test"):
+        report = evaluate(model, load_data_block(recipe.data, tasks=list(tasks), part=part))
+        scores[part] = report["mean_macro_f1"]
+    shutil.rmtree(folder / "merged")
+    return scores
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=30, help="trials per multi-task study")
+    parser.add_argument("--self-trials", type=int, default=25, help="trials per self-merge")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's); on a "
+                        "shared 2-core machine 1 thread can be twice as fast as 2")
+    parser.add_argument("--only", nargs="+", help="run only these studies (names as in "
+                        "the summary: all4, spam+topic, sentiment+question, self-WEAK, "
+                        "self-STRONG, baselines)")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    zoo = build_zoo(progress=False)
+    wanted = set(args.only or [])
+
+    summary = {"machine": {"threads": torch.get_num_threads(), "platform": platform.platform(),
+                           "torch": torch.__version__},
+               "max_length": MAX_LENGTH, "studies": {}, "baselines": {}, "commands": {}}
+    for name, tasks in COMBINATIONS.items():
+        if wanted and name not in wanted:
+            continue
+        recipe = write_recipe(zoo, tasks, WORK / name)
+        command = ["search", str(recipe), "-o", str(WORK / name), "--trials", str(args.trials),
+                   "--max-length", str(MAX_LENGTH), "--no-progress"]
+        started = time.perf_counter()
+        run_cli(command)
+        summary["studies"][name] = {**keep(WORK / name, name),
+                                    "wall_seconds": time.perf_counter() - started}
+        summary["commands"][name] = "hm3 " + " ".join(command)
+
+    by_f1 = sorted(zoo.experts, key=lambda t: zoo.scores[t]["validation"]["macro_f1"])
+    for role, task in (("weak", by_f1[0]), ("strong", by_f1[-1])):
+        name = f"self-{task}"
+        if wanted and name not in wanted and f"self-{role}" not in wanted:
+            continue
+        command = ["self-merge", str(zoo.experts[task]), "--base", str(zoo.base),
+                   "--validation", str(zoo.splits[task]["validation"]),
+                   "--test", str(zoo.splits[task]["test"]), "--task", task,
+                   "-o", str(WORK / name), "--trials", str(args.self_trials),
+                   "--max-length", str(MAX_LENGTH), "--no-progress"]
+        started = time.perf_counter()
+        run_cli(command)
+        summary["studies"][name] = {**keep(WORK / name, name), "role": role,
+                                    "wall_seconds": time.perf_counter() - started}
+        summary["commands"][name] = "hm3 " + " ".join(command)
+
+    if not wanted or "baselines" in wanted:
+        for combo, tasks in COMBINATIONS.items():
+            summary["baselines"][combo] = {name: baseline(zoo, tasks, name, method)
+                                           for name, method in BASELINES.items()}
+            print(f"baselines {combo}: {json.dumps(summary['baselines'][combo])}", flush=True)
+
+    out = HERE / "results" / ("search_zoo.json" if not wanted else
+                              f"search_zoo-{'-'.join(sorted(wanted))}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"summary: {out}")
+
+
+if __name__ == "__main__":
+    main()
