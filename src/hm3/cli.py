@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _quiet_transformers()
     previous_format = warnings.formatwarning
     warnings.formatwarning = lambda message, *_: f"hm3: warning: {message}\n"
     try:
@@ -175,6 +176,14 @@ def _search_options(parser: argparse.ArgumentParser) -> None:
                         "(default: the tokenizer's maximum)")
     parser.add_argument("--device", help="cpu, cuda, ... (default: CUDA when available)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _quiet_transformers() -> None:
+    """hm3 prints its own progress; transformers' per-load bars and reports are noise here."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
 
 
 def _version() -> str:

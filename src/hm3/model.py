@@ -72,7 +72,7 @@ class MultiTaskClassifier:
 
     def count_truncated(self, texts: Sequence[str]) -> int:
         """How many texts are longer than `max_length` tokens (and so get cut)."""
-        ids = self.tokenizer(list(texts), truncation=False)["input_ids"]
+        ids = self.tokenizer(list(texts), truncation=False, verbose=False)["input_ids"]
         return sum(len(x) > self.max_length for x in ids)
 
     @torch.inference_mode()
