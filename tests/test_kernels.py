@@ -388,3 +388,11 @@ def test_shared_defaults_follow_mergekit():
                               "consensus": "sum"}
     assert shared("dare_ties")["normalize"] is False and shared("dare_ties")["rescale"] is True
     assert shared("linear") == {"normalize": True}
+
+
+def test_magnitude_breaks_ties_at_the_threshold_by_lowest_index():
+    from hm3.methods.sparsify import magnitude
+
+    delta = torch.tensor([0.5, -2.0, 0.5, 0.5, -0.5, 0.1])
+    # top 3 of |delta|: 2.0, then two of the four 0.5s: those at indices 0 and 2
+    assert torch.equal(magnitude(delta, 0.5), torch.tensor([0.5, -2.0, 0.5, 0.0, 0.0, 0.0]))
