@@ -184,12 +184,13 @@ def merged_tensors(sources: Sources, progress: bool = False) -> Iterator[tuple[s
         else:
             base = (sources.base.tensor(job.base_name).float() if job.base_name
                     else torch.zeros(job.shape))
+            base_sq = float(base.pow(2).sum()) if job.base_name else 0.0
             deltas = []
             for i, (spec, ckpt) in enumerate(zip(recipe.experts, sources.experts)):
                 delta = ckpt.tensor(job.name).float() - base
                 if job.base_name:
                     squares[i][0] += float(delta.pow(2).sum())
-                    squares[i][1] += float(base.pow(2).sum())
+                    squares[i][1] += base_sq
                 params = recipe.model_parameters(job.name, spec)
                 deltas.append(method.sparsify(delta, params, shared,
                                               _generator(recipe.seed, job.name, i)))
