@@ -38,6 +38,7 @@ from safetensors.torch import save_file
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 HM3 = ROOT / ".venv" / "bin" / "hm3"
+TIME = "/usr/bin/time"  # GNU time
 MERGEKIT_VENV = HERE / ".venv-mergekit"
 FINAL_PROJECTIONS = ("classifier.out_proj", "classifier", "score")
 SYNTHETIC_LABELS = {"alpha": 2, "beta": 3, "gamma": 5, "delta": 6}
@@ -238,28 +239,44 @@ def mergekit_config(inputs: Inputs, method: Method) -> dict:
 
 
 def measured(command: list[str], log: Path) -> Run:
-    """Run a command in a fresh process: wall time, peak RSS and CPU time (wait4), and peak
-    anonymous memory (sampled from /proc, since safetensors mmaps its inputs and RSS counts
-    every page of them that was read)."""
+    """Run a command in a fresh process: wall time; peak RSS and CPU time from GNU time; peak
+    anonymous memory sampled from /proc (safetensors mmaps its inputs, and RSS counts every page
+    of them that was read).
+
+    GNU time stands in between because Linux keeps a process's peak RSS across fork and exec: a
+    child forked straight from this (large) script would report this script's RSS as its own.
+    """
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
+    usage = log.with_suffix(".time")
     with open(log, "w") as out:
         start = time.perf_counter()
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+        process = subprocess.Popen([TIME, "-f", "%M %U %S", "-o", str(usage), *command],
+                                   stdout=out, stderr=subprocess.STDOUT, env=env)
         anon = [0]
         sampler = threading.Thread(target=_sample_anon, args=(process.pid, anon), daemon=True)
         sampler.start()
-        _, status, usage = os.wait4(process.pid, 0)
+        code = process.wait()
         seconds = time.perf_counter() - start
         sampler.join()
-    code = os.waitstatus_to_exitcode(status)
     if code:
         raise SystemExit(f"{' '.join(command)} failed ({code}):\n" + log.read_text()[-3000:])
-    return Run(seconds, usage.ru_maxrss / 1024, anon[0] / 1024,  # Linux reports KiB
-               usage.ru_utime + usage.ru_stime)
+    max_rss_kib, user, system = usage.read_text().split()[-3:]
+    return Run(seconds, int(max_rss_kib) / 1024, anon[0] / 1024, float(user) + float(system))
 
 
-def _sample_anon(pid: int, peak: list[int]) -> None:
+def _sample_anon(parent: int, peak: list[int]) -> None:
+    """Follow the peak RssAnon of `parent`'s child (the measured command) until it exits."""
+    children = Path(f"/proc/{parent}/task/{parent}/children")
+    pid = None
+    while pid is None:
+        try:
+            found = children.read_text().split()
+        except OSError:
+            return
+        pid = int(found[0]) if found else None
+        if pid is None:
+            time.sleep(0.005)
     status = Path(f"/proc/{pid}/status")
     while True:
         try:
@@ -268,8 +285,7 @@ def _sample_anon(pid: int, peak: list[int]) -> None:
             return
         if "RssAnon:" not in text:  # a zombie: it has exited
             return
-        kib = int(text.split("RssAnon:")[1].split()[0])
-        peak[0] = max(peak[0], kib)
+        peak[0] = max(peak[0], int(text.split("RssAnon:")[1].split()[0]))
         time.sleep(0.02)
 
 
@@ -396,13 +412,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--zoo-cache", type=Path, help="where the zoo is cached (default: "
                         "$HM3_CACHE or ~/.cache/hm3)")
     parser.add_argument("--mergekit-venv", type=Path, default=MERGEKIT_VENV)
+    parser.add_argument("--threads", type=int, help="torch CPU threads of both tools "
+                        "(OMP_NUM_THREADS); 1 keeps a shared machine's load from stalling "
+                        "OpenMP barriers (default: torch's own choice)")
     parser.add_argument("--json", type=Path, help="also write every measurement here")
     args = parser.parse_args(argv)
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
     if not (args.mergekit_venv / "bin" / "mergekit-yaml").is_file():
         raise SystemExit(f"no mergekit in {args.mergekit_venv}; run benchmarks/mergekit_env.sh")
 
     report = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-              "versions": versions(args.mergekit_venv), "weights": WEIGHTS, "rows": []}
+              "versions": versions(args.mergekit_venv), "weights": WEIGHTS,
+              "threads": args.threads, "load_average_before": os.getloadavg(), "rows": []}
     args.work.mkdir(parents=True, exist_ok=True)
     report["import_baseline"] = {k: asdict(v) for k, v in
                                  import_baseline(args.mergekit_venv, args.work).items()}
@@ -456,6 +478,7 @@ def main(argv: list[str] | None = None) -> int:
             for out in ("hm3-out", "mergekit-out"):
                 shutil.rmtree(work / out, ignore_errors=True)
     report["rows"] = rows
+    report["load_average_after"] = os.getloadavg()
     print()
     print(markdown(report))
     if args.json:

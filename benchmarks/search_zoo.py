@@ -37,6 +37,15 @@ RESULTS = HERE / "results" / "search"
 COMBINATIONS = {"all4": ("spam", "sentiment", "topic", "question"),
                 "spam+topic": ("spam", "topic"),
                 "sentiment+question": ("sentiment", "question")}
+# Studies: name -> (combination, extra `hm3 search` options, recipe fields). The paper's search
+# (DARE-TIES, Beta density) per combination, then two beyond it: DARE-TIES with the disjoint
+# mean (`normalize: true`, TIES's default; mergekit's dare_ties sums), and TPE over method and
+# lambda too, pruning weak trials on a quarter of the validation data.
+STUDIES = {**{name: (name, [], {}) for name in COMBINATIONS},
+           "spam+topic-normalize": ("spam+topic", [], {"method": "dare_ties",
+                                                       "parameters": {"normalize": True}}),
+           "all4-tpe-lambda": ("all4", ["--sampler", "tpe", "--methods", "dare_ties", "ties",
+                                        "--lambda", "0.2", "1.5", "--prune", "0.25"], {})}
 BASELINES = {"soup": {"method": "linear"},
              "ties-1.0": {"method": "ties", "parameters": {"density": 1.0}},
              "ties-0.5": {"method": "ties", "parameters": {"density": 0.5}}}
@@ -78,6 +87,8 @@ def keep(study: Path, name: str) -> dict:
     experts = best["experts"]
     return {
         "trials": len(complete),
+        "pruned": sum(r["state"] == "PRUNED" for r in rows),
+        "seconds_per_pruned_trial": median([r["seconds"] for r in rows if r["state"] == "PRUNED"]),
         "seconds_per_trial": float(np.median([r["seconds"] for r in complete])),
         "merge_seconds_per_trial": float(np.median([r["merge_seconds"] for r in complete])),
         "experts": {split: float(np.mean([e[split] for e in experts.values()]))
@@ -93,6 +104,10 @@ def keep(study: Path, name: str) -> dict:
                      "mean_validation": float(values[densities > 0.8].mean())
                      if (densities > 0.8).any() else None},
     }
+
+
+def median(values: list[float]) -> float | None:
+    return float(np.median(values)) if values else None
 
 
 def baseline(zoo, tasks: tuple[str, ...], name: str, method: dict) -> dict:
@@ -117,8 +132,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's); on a "
                         "shared 2-core machine 1 thread can be twice as fast as 2")
     parser.add_argument("--only", nargs="+", help="run only these studies (names as in "
-                        "the summary: all4, spam+topic, sentiment+question, self-WEAK, "
-                        "self-STRONG, baselines)")
+                        "the summary: all4, spam+topic, sentiment+question, spam+topic-normalize, "
+                        "all4-tpe-lambda, "
+                        "self-weak, self-strong, baselines)")
     args = parser.parse_args()
     torch.manual_seed(0)
     if args.threads:
@@ -129,12 +145,12 @@ def main() -> None:
     summary = {"machine": {"threads": torch.get_num_threads(), "platform": platform.platform(),
                            "torch": torch.__version__},
                "max_length": MAX_LENGTH, "studies": {}, "baselines": {}, "commands": {}}
-    for name, tasks in COMBINATIONS.items():
+    for name, (combination, extra, fields) in STUDIES.items():
         if wanted and name not in wanted:
             continue
-        recipe = write_recipe(zoo, tasks, WORK / name)
+        recipe = write_recipe(zoo, COMBINATIONS[combination], WORK / name, **fields)
         command = ["search", str(recipe), "-o", str(WORK / name), "--trials", str(args.trials),
-                   "--max-length", str(MAX_LENGTH), "--no-progress"]
+                   "--max-length", str(MAX_LENGTH), "--no-progress", *extra]
         started = time.perf_counter()
         run_cli(command)
         summary["studies"][name] = {**keep(WORK / name, name),
