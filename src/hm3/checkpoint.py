@@ -192,11 +192,17 @@ def atomic_directory(destination: str | Path, overwrite: bool = False) -> Iterat
         raise
 
 
-def write_json_atomic(path: Path, data) -> None:
-    """Write JSON to a temporary sibling, then rename it over `path`."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write text to a temporary sibling, then rename it over `path`. The temporary name carries
+    the process id, so workers writing the same file never share one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, data) -> None:
+    """Write JSON atomically (see `write_text_atomic`)."""
+    write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 class ShardedWriter:

@@ -12,6 +12,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from hm3.checkpoint import write_text_atomic
 from hm3.errors import Hm3Error
 
 
@@ -410,12 +411,6 @@ def read_texts(path: Path, column: str) -> list[str]:
         else:
             raise Hm3Error(f"{path}:{number} has no text field {column!r}; pass --text-column")
     return texts
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
-from hm3.checkpoint import TOKENIZER_FILES, write_json_atomic
+from hm3.checkpoint import TOKENIZER_FILES, write_json_atomic, write_text_atomic
 from hm3.errors import Hm3Error
 from hm3.evaluate import Dataset, evaluate, label_indices, score_task
 from hm3.heads import TaskGroup
@@ -631,7 +631,7 @@ def write_tables(study: optuna.Study, output: Path) -> dict[str, Path]:
     writer.writeheader()
     writer.writerows(rows)
     csv_path, json_path = output / TRIALS_CSV, output / TRIALS_JSON
-    _write_text_atomic(csv_path, buffer.getvalue())
+    write_text_atomic(csv_path, buffer.getvalue())
     write_json_atomic(json_path, rows)
     return {"csv": csv_path, "json": json_path}
 
@@ -668,12 +668,6 @@ def save_best(study: optuna.Study, recipe: Recipe, output: Path, experts: dict,
     }
     write_json_atomic(record_path, record)
     return record
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _default_title(recipe: Recipe, config: SearchConfig) -> str:
