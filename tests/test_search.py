@@ -256,6 +256,9 @@ def test_two_workers_share_one_study_without_duplicates(case):
     script.write_text(WORKER_SCRIPT)
     case.out.mkdir()
     storage = storage_url(case)
+    # The schema is created once up front, as Optuna advises for parallel workers: the test is
+    # about sharing trials, not about which worker wins the race to create tables.
+    optuna.storages.RDBStorage(storage)
     workers = [subprocess.Popen([sys.executable, str(script), str(case.root), str(i),
                                  *search_command(case, 10)[3:], "--storage", storage],
                                 env=environment(), stdout=subprocess.DEVNULL,

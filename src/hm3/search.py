@@ -538,6 +538,24 @@ def _identity(recipe: Recipe, validation: Sequence[Dataset], test: Sequence[Data
         "vary_merge_seed": config.vary_merge_seed, "max_length": config.max_length}))
 
 
+def _rdb_storage(url: str, engine: dict, attempts: int = 5) -> optuna.storages.RDBStorage:
+    """Open (creating if new) the study storage. Workers started together on a new database race
+    to create its schema; the loser sees a lock, "already exists" or a duplicate schema version,
+    and simply opens it again once the winner is done."""
+    for attempt in range(attempts):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, engine_kwargs=engine,
+                                                  heartbeat_interval=HEARTBEAT_SECONDS,
+                                                  grace_period=GRACE_SECONDS)
+        except Exception as exc:
+            racing = type(exc).__name__ in ("OperationalError", "IntegrityError")
+            if not racing or attempt == attempts - 1:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+
+
 def _open_study(recipe, validation, test, output: Path,
                 config: SearchConfig) -> tuple[optuna.Study, str]:
     identity = _identity(recipe, validation, test, config)
@@ -549,11 +567,7 @@ def _open_study(recipe, validation, test, output: Path,
         "", ":memory:") else {}
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar says it instead
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            storage = optuna.storages.RDBStorage(url, engine_kwargs=engine,
-                                                 heartbeat_interval=HEARTBEAT_SECONDS,
-                                                 grace_period=GRACE_SECONDS)
+        storage = _rdb_storage(url, engine)
     except Exception as exc:  # SQLAlchemy raises many types: bad URL, missing driver, no server
         raise Hm3Error(f"cannot open the study storage {url}: {type(exc).__name__}: {exc}; "
                        "--storage takes an Optuna RDB URL such as sqlite:///study.db or "

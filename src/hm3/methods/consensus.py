@@ -2,23 +2,32 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 
-def elect_sign(weighted_deltas: torch.Tensor, rule: str = "sum") -> torch.Tensor:
+def elect_sign(weighted_deltas: Sequence[torch.Tensor], rule: str = "sum") -> torch.Tensor:
     """The elected sign (+1 or -1) per entry: of the summed deltas (`sum`) or of a sign vote (`count`).
 
-    A tie (zero) elects +1, as mergekit does.
+    Takes the models' weighted deltas as a list (or stacked along dim 0). A tie (zero) elects +1,
+    as mergekit does.
     """
-    if rule == "sum":
-        score = weighted_deltas.sum(dim=0)
-    elif rule == "count":
-        score = weighted_deltas.sign().sum(dim=0)
-    else:
+    if rule not in ("sum", "count"):
         raise ValueError(f"unknown sign election rule {rule!r}; use 'sum' or 'count'")
-    return (score >= 0).to(weighted_deltas.dtype) * 2 - 1
+    score = None
+    for delta in weighted_deltas:  # in model order, one running sum: no stacked copy
+        term = delta if rule == "sum" else delta.sign()
+        score = term.clone() if score is None else score.add_(term)
+    return (score >= 0).to(score.dtype) * 2 - 1
 
 
-def agreement_mask(weighted_deltas: torch.Tensor, rule: str = "sum") -> torch.Tensor:
-    """1 where a model's delta is non-zero and has the elected sign, else 0 (shape of the input)."""
-    return (weighted_deltas.sign() == elect_sign(weighted_deltas, rule)).to(weighted_deltas.dtype)
+def agrees(weighted_delta: torch.Tensor, elected: torch.Tensor) -> torch.Tensor:
+    """1 where one model's delta is non-zero and has the elected sign, else 0."""
+    return (weighted_delta.sign() == elected).to(weighted_delta.dtype)
+
+
+def agreement_mask(weighted_deltas: Sequence[torch.Tensor], rule: str = "sum") -> torch.Tensor:
+    """`agrees` for every model, stacked along dim 0."""
+    elected = elect_sign(weighted_deltas, rule)
+    return torch.stack([agrees(delta, elected) for delta in weighted_deltas])

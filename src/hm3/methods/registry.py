@@ -19,7 +19,7 @@ import torch
 
 from hm3.errors import Hm3Error
 from hm3.methods import sparsify as sp
-from hm3.methods.consensus import agreement_mask
+from hm3.methods.consensus import agrees, elect_sign
 
 RESCALE_RULES = ("density", *sp.RESCALE_NORMS)
 
@@ -136,23 +136,34 @@ class MergeMethod:
 
     def combine(self, base: torch.Tensor, deltas: list[torch.Tensor], weights: list[float],
                 shared: dict[str, Any]) -> torch.Tensor:
-        """Merge (already sparsified) task vectors into the base: consensus, sum, normalise, scale."""
-        stacked = torch.stack(deltas)
-        w = torch.tensor(weights, dtype=stacked.dtype).reshape(-1, *([1] * base.dim()))
-        weighted = stacked * w
+        """Merge (already sparsified) task vectors into the base: consensus, sum, normalise, scale.
+
+        Accumulates model by model in a fixed order, never stacking the deltas: memory holds the
+        weighted deltas and the running sums, not N more copies.
+        """
+        w = torch.tensor(weights, dtype=base.dtype)
+        weighted = [delta * w[i] for i, delta in enumerate(deltas)]
         if self.mean_of_models:
-            total = (weighted + base * w).sum(dim=0)
+            total = torch.zeros_like(base)
+            for i, delta in enumerate(weighted):
+                total += delta + base * w[i]
             divisor = w.sum()
             return total / divisor if shared["normalize"] and divisor.abs() > 1e-8 else total
+        mixed = torch.zeros_like(base)
         if self.consensus:
-            mask = agreement_mask(weighted, shared["consensus"])
-            mixed = (weighted * mask).sum(dim=0)
-            divisor = (w * mask).sum(dim=0)
+            elected = elect_sign(weighted, shared["consensus"])
+            divisor = torch.zeros_like(base)
+            for i, delta in enumerate(weighted):
+                agree = agrees(delta, elected)
+                mixed += delta * agree
+                divisor += w[i] * agree
             divisor[divisor == 0] = 1
         else:
-            mixed = weighted.sum(dim=0)
-            divisor = w.sum(dim=0)
-            divisor[divisor.abs() < 1e-8] = 1
+            for delta in weighted:
+                mixed += delta
+            divisor = w.sum()
+            if divisor.abs() < 1e-8:
+                divisor = torch.ones((), dtype=base.dtype)
         if shared["normalize"]:
             mixed = mixed / divisor
         return base + shared["lambda"] * mixed
