@@ -165,37 +165,55 @@ def merged_tensors(sources: Sources, progress: bool = False) -> Iterator[tuple[s
     Memory holds one tensor per expert plus the base's at a time. Also collects the relative
     size of each expert's task vector, read by `task_vector_norms` afterwards.
     """
-    recipe = sources.recipe
-    method = get_method(recipe.method)
-    shared = recipe.parameters
-    squares = sources.task_vector_sq = [[0.0, 0.0] for _ in sources.experts]
+    method = get_method(sources.recipe.method)
+    sources.task_vector_sq = [[0.0, 0.0] for _ in sources.experts]
     for job in tqdm(sources.jobs, desc="merging", unit="tensor", disable=not progress):
         if not job.floating:
             yield job.name, sources.experts[0].tensor(job.name)
-            continue
-        if job.head_role is not None:
-            base = torch.zeros(job.shape)
-            deltas = []
-            for i, (spec, ckpt) in enumerate(zip(recipe.experts, sources.experts)):
-                block = ckpt.tensor(job.name).float()
-                params = recipe.model_parameters(job.name, spec)
-                sparse = method.sparsify(block, params, shared, _generator(recipe.seed, job.name, i))
-                deltas.append(expand_head(sparse, sources.groups[i].offset, sources.num_labels))
+        elif job.head_role is not None and sources.recipe.guided.heads == "whole":
+            yield job.name, whole_head(sources, job)
         else:
-            base = (sources.base.tensor(job.base_name).float() if job.base_name
-                    else torch.zeros(job.shape))
-            base_sq = float(base.pow(2).sum()) if job.base_name else 0.0
-            deltas = []
-            for i, (spec, ckpt) in enumerate(zip(recipe.experts, sources.experts)):
-                delta = ckpt.tensor(job.name).float() - base
-                if job.base_name:
-                    squares[i][0] += float(delta.pow(2).sum())
-                    squares[i][1] += base_sq
-                params = recipe.model_parameters(job.name, spec)
-                deltas.append(method.sparsify(delta, params, shared,
-                                              _generator(recipe.seed, job.name, i)))
-        weights = [recipe.model_parameters(job.name, spec)["weight"] for spec in recipe.experts]
-        yield job.name, method.combine(base, deltas, weights, shared)
+            base, deltas, weights = job_inputs(sources, job)
+            yield job.name, method.combine(base, deltas, weights, sources.recipe.parameters)
+
+
+def whole_head(sources: Sources, job: TensorJob) -> torch.Tensor:
+    """`heads: whole`: every task's head rows exactly as its expert has them."""
+    head = torch.zeros(job.shape)
+    for group, ckpt in zip(sources.groups, sources.experts):
+        head[group.offset:group.stop] = ckpt.tensor(job.name).float()
+    return head
+
+
+def job_inputs(sources: Sources, job: TensorJob
+               ) -> tuple[torch.Tensor, list[torch.Tensor], list[float]]:
+    """One floating tensor's base, the experts' sparsified task vectors and their weights (head
+    rows expanded to the merged layout). Adds to `sources.task_vector_sq` when it is set."""
+    recipe = sources.recipe
+    method = get_method(recipe.method)
+    shared = recipe.parameters
+    squares = sources.task_vector_sq
+    if job.head_role is not None:
+        base = torch.zeros(job.shape)
+    else:
+        base = (sources.base.tensor(job.base_name).float() if job.base_name
+                else torch.zeros(job.shape))
+    base_sq = float(base.pow(2).sum()) if job.base_name and squares else 0.0
+    deltas = []
+    for i, (spec, ckpt) in enumerate(zip(recipe.experts, sources.experts)):
+        params = recipe.model_parameters(job.name, spec)
+        generator = _generator(recipe.seed, job.name, i)
+        if job.head_role is not None:
+            sparse = method.sparsify(ckpt.tensor(job.name).float(), params, shared, generator)
+            deltas.append(expand_head(sparse, sources.groups[i].offset, sources.num_labels))
+            continue
+        delta = ckpt.tensor(job.name).float() - base
+        if job.base_name and squares:
+            squares[i][0] += float(delta.pow(2).sum())
+            squares[i][1] += base_sq
+        deltas.append(method.sparsify(delta, params, shared, generator))
+    weights = [recipe.model_parameters(job.name, spec)["weight"] for spec in recipe.experts]
+    return base, deltas, weights
 
 
 def with_recipe(sources: Sources, recipe: Recipe) -> Sources:
@@ -243,10 +261,11 @@ class MergeReport:
     tensors: int
     seconds: float
     task_vector_norms: dict[str, float]
+    guided: dict | None = None  # what the label-free steps did, when the recipe asked for any
 
 
 def merge(recipe: Recipe, output: str | Path, overwrite: bool = False,
-          progress: bool = True) -> MergeReport:
+          progress: bool = True, held_out: dict[str, list[str]] | None = None) -> MergeReport:
     """Merge the recipe's experts into one multi-task model directory at `output`.
 
     The directory appears only when the merge has succeeded (it is built in a temporary
@@ -255,14 +274,31 @@ def merge(recipe: Recipe, output: str | Path, overwrite: bool = False,
     start = time.perf_counter()
     sources = open_sources(recipe)
     out_dtypes = {job.name: _output_dtype(recipe, sources, job) for job in sources.jobs}
+    guided_report = None
+    if recipe.guided.needs_model:
+        from hm3.guided.pipeline import guided_model
+
+        model, sources, guided_report = guided_model(sources, progress, held_out)
+        state = model.state_dict()
+        tensors = ((job.name, state[job.name] if job.name in state else _leftover(sources, job))
+                   for job in sources.jobs)
+    else:
+        tensors = merged_tensors(sources, progress=progress)
     with atomic_directory(output, overwrite=overwrite) as staging:
         writer = ShardedWriter(staging, {job.name: (job.shape, out_dtypes[job.name])
                                          for job in sources.jobs}, recipe.max_shard_size)
-        for name, tensor in merged_tensors(sources, progress=progress):
+        for name, tensor in tensors:
             writer.write(name, tensor.to(out_dtypes[name]))
         writer.close()
         norms = task_vector_norms(sources)
-        write_json_atomic(staging / "config.json", merged_config(sources, out_dtypes, norms))
+        config = merged_config(sources, out_dtypes, norms)
+        if guided_report is not None:
+            config["hm3"]["guided"] = guided_report
+            if "lewis" in guided_report:
+                from hm3.plots import plot_densities
+
+                plot_densities(guided_report["lewis"], staging / "lewis_densities.png")
+        write_json_atomic(staging / "config.json", config)
         _copy_tokenizer(sources, staging)
     for task, norm in norms.items():
         if norm > IMPLAUSIBLE_TASK_VECTOR:
@@ -270,7 +306,18 @@ def merge(recipe: Recipe, output: str | Path, overwrite: bool = False,
                           "base's norm; it was probably not fine-tuned from this base",
                           Hm3Warning, stacklevel=2)
     return MergeReport(Path(output).resolve(), sources.groups, len(sources.jobs),
-                       time.perf_counter() - start, norms)
+                       time.perf_counter() - start, norms, guided_report)
+
+
+def _leftover(sources: Sources, job: TensorJob) -> torch.Tensor:
+    """A tensor the in-memory model does not hold (a buffer it does not persist), merged alone."""
+    if not job.floating:
+        return sources.experts[0].tensor(job.name)
+    if job.head_role is not None and sources.recipe.guided.heads == "whole":
+        return whole_head(sources, job)
+    base, deltas, weights = job_inputs(sources, job)
+    return get_method(sources.recipe.method).combine(base, deltas, weights,
+                                                     sources.recipe.parameters)
 
 
 def _output_dtype(recipe: Recipe, sources: Sources, job: TensorJob) -> torch.dtype:

@@ -61,6 +61,42 @@ def plot_search(rows: Sequence[dict], experts: dict[str, dict], path: str | Path
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     figure.tight_layout()
+    return _save(figure, path)
+
+
+def plot_densities(lewis: dict, path: str | Path) -> Path:
+    """LEWIS's per-layer densities: one line per expert across the layers, in model order, with
+    the [gamma, epsilon] band they were scaled into."""
+    figure = Figure(figsize=(10, 4.5), dpi=120)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    layers = list(next(iter(lewis["densities"].values())))
+    for colour, (task, table) in zip(itertools.cycle(_TASK_COLOURS), lewis["densities"].items()):
+        axes.plot(range(len(layers)), [table[name] for name in layers], marker="o", markersize=3,
+                  color=colour, label=task)
+    axes.axhspan(lewis["gamma"], lewis["epsilon"], color="tab:gray", alpha=0.12,
+                 label=f"[gamma, epsilon] = [{lewis['gamma']}, {lewis['epsilon']}]")
+    step = max(1, len(layers) // 24)
+    axes.set_xticks(range(0, len(layers), step),
+                    [_short(layers[i]) for i in range(0, len(layers), step)], rotation=70,
+                    fontsize=6)
+    axes.set_ylabel("density kept")
+    axes.set_ylim(0, 1.02)
+    axes.set_title("LEWIS layer-wise densities per expert", fontsize=10)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+def _short(layer: str) -> str:
+    """A layer name without the model prefix, e.g. `layer.3.attention.self.query`."""
+    parts = layer.split(".")
+    return ".".join(parts[2:]) if parts[0] in ("bert", "roberta", "model", "transformer",
+                                                "deberta", "electra", "distilbert") else layer
+
+
+def _save(figure: Figure, path: str | Path) -> Path:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     figure.savefig(tmp, format="png")

@@ -10,11 +10,12 @@ from typing import Any
 import yaml
 
 from hm3.errors import Hm3Error
+from hm3.guided.config import KEYS as GUIDED_KEYS, Guided, parse_guided
 from hm3.methods.registry import get_method
 
 DTYPES = ("float32", "float16", "bfloat16")
 _TOP_LEVEL = {"base", "experts", "method", "parameters", "dtype", "seed", "overrides", "head",
-              "allow_pickle", "max_shard_size", "data"}
+              "allow_pickle", "max_shard_size", "data", *GUIDED_KEYS}
 _EXPERT_KEYS = {"model", "task", "weight", "density", "gamma", "epsilon", "revision", "head"}
 _OVERRIDE_KEYS = {"pattern", "weight", "density", "gamma", "epsilon", "experts"}
 PER_MODEL_PARAMETERS = ("weight", "density", "gamma", "epsilon")
@@ -67,6 +68,7 @@ class Recipe:
     allow_pickle: bool = False
     max_shard_size: int = 2 * 1024**3
     data: dict[str, Any] = field(default_factory=dict)
+    guided: Guided = field(default_factory=Guided)
 
     def model_parameters(self, tensor_name: str, expert: Expert) -> dict[str, float]:
         """The per-model parameters of `expert` for one tensor: defaults, expert, then overrides."""
@@ -89,6 +91,7 @@ class Recipe:
             "overrides": [{"pattern": o.pattern, **o.parameters,
                            **({"experts": list(o.experts)} if o.experts else {})}
                           for o in self.overrides],
+            **self.guided.to_dict(),
         }
 
 
@@ -175,10 +178,16 @@ def parse_recipe(raw: Any, root: Path | None = None) -> Recipe:
         from hm3.evaluate import parse_data_block  # validated now, read only by `hm3 eval`
 
         parse_data_block(data, tasks)
+    guided = parse_guided(raw, tasks)
+    if guided.calibration and root is not None:
+        for source in guided.calibration.sources.values():
+            candidate = (root / source["path"]).expanduser()
+            if candidate.exists():
+                source["path"] = str(candidate.resolve())
     return Recipe(base=base, base_revision=base_revision, experts=tuple(experts),
                   method=method.name, parameters=shared, dtype=dtype, seed=seed,
                   overrides=overrides, allow_pickle=allow_pickle,
-                  max_shard_size=max_shard_size, data=data)
+                  max_shard_size=max_shard_size, data=data, guided=guided)
 
 
 def parse_size(value: Any, where: str) -> int:

@@ -169,6 +169,35 @@ class MergeMethod:
         return base + shared["lambda"] * mixed
 
 
+    def contributions(self, base: torch.Tensor, deltas: list[torch.Tensor], weights: list[float],
+                      shared: dict[str, Any]) -> list[torch.Tensor]:
+        """Each model's share c_i of the merge, so that `combine` == base + sum(c_i): what
+        learned coefficients scale. Holds N tensors at once (unlike `combine`)."""
+        n = len(deltas)
+        w = torch.tensor(weights, dtype=base.dtype)
+        if self.mean_of_models:
+            total = w.sum()
+            scale = w / total if shared["normalize"] and total.abs() > 1e-8 else w
+            return [(delta + base) * scale[i] - base / n for i, delta in enumerate(deltas)]
+        weighted = [delta * w[i] for i, delta in enumerate(deltas)]
+        if self.consensus:
+            elected = elect_sign(weighted, shared["consensus"])
+            agree = [agrees(delta, elected) for delta in weighted]
+            divisor = torch.zeros_like(base)
+            for i in range(n):
+                divisor += w[i] * agree[i]
+            divisor[divisor == 0] = 1
+            shares = [delta * agree[i] for i, delta in enumerate(weighted)]
+        else:
+            divisor = w.sum()
+            if divisor.abs() < 1e-8:
+                divisor = torch.ones((), dtype=base.dtype)
+            shares = weighted
+        scale = shared["lambda"]
+        return [share / divisor * scale if shared["normalize"] else share * scale
+                for share in shares]
+
+
 def _registry(*methods: MergeMethod) -> dict[str, MergeMethod]:
     table: dict[str, MergeMethod] = {}
     for method in methods:

@@ -1,0 +1,1 @@
+"""Label-free merging: heads kept whole, bias re-centring, LEWIS, RegMean, learned coefficients."""

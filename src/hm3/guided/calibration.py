@@ -1,0 +1,176 @@
+"""Unlabelled calibration texts, and running models over them with hooks on linear layers."""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from hm3.errors import Hm3Error, Hm3Warning
+from hm3.guided.config import CalibrationSpec
+
+
+@dataclass
+class Calibration:
+    """Each task's unlabelled texts, and where they came from (for the merged model's report)."""
+
+    texts: dict[str, list[str]]
+    provenance: dict[str, dict]
+
+
+def read_texts(path: str | Path, text_column: str = "text") -> list[str]:
+    """Texts of a file: a .txt file holds one per line; a table's `text_column` is read and any
+    label column ignored."""
+    from hm3.evaluate import read_table
+
+    path = Path(path)
+    if path.suffix.lower() == ".txt":
+        if not path.is_file():
+            raise Hm3Error(f"calibration file {path} does not exist")
+        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines()
+                if line.strip()]
+    rows = read_table(path)
+    if rows and text_column not in rows[0]:
+        raise Hm3Error(f"{path} has no column {text_column!r} (columns: {', '.join(rows[0])}); "
+                       "set `text_column` in the calibration entry")
+    return [str(row[text_column]).strip() for row in rows if str(row[text_column]).strip()]
+
+
+def _key(text: str) -> str:
+    return " ".join(text.split()).casefold()
+
+
+def load_calibration(spec: CalibrationSpec, tasks: Sequence[str],
+                     held_out: dict[str, Sequence[str]] | None = None) -> Calibration:
+    """Read every task's calibration texts: deduplicated, texts found in the held-out
+    (validation / test) data removed, then the first `spec.limit` kept."""
+    held = {_key(t) for texts in (held_out or {}).values() for t in texts}
+    out, provenance = {}, {}
+    for task in tasks:
+        source = spec.sources[task]
+        seen, kept, dropped = set(), [], 0
+        for text in read_texts(source["path"], source["text_column"]):
+            key = _key(text)
+            if key in seen:
+                continue
+            seen.add(key)
+            if key in held:
+                dropped += 1
+                continue
+            kept.append(text)
+            if len(kept) == spec.limit:
+                break
+        if not kept:
+            raise Hm3Error(f"calibration.texts.{task}: {source['path']} gave no usable texts")
+        if dropped:
+            warnings.warn(f"calibration texts of {task}: {dropped} also appear in its validation "
+                          "or test data and were left out", Hm3Warning, stacklevel=2)
+        out[task] = kept
+        digest = hashlib.sha256("\n".join(kept).encode()).hexdigest()[:16]
+        provenance[task] = {"path": source["path"], "texts": len(kept),
+                            "held_out_removed": dropped, "sha256_16": digest}
+    return Calibration(out, provenance)
+
+
+def tokenize(tokenizer, texts: Sequence[str], max_length: int, batch_size: int) -> list[dict]:
+    """Batches of tokenised texts, grouped by length (order does not matter to statistics)."""
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    batches = []
+    for start in range(0, len(order), batch_size):
+        chunk = [texts[i] for i in order[start:start + batch_size]]
+        batches.append(dict(tokenizer(chunk, truncation=True, max_length=max_length,
+                                      padding=True, return_tensors="pt")))
+    return batches
+
+
+def load_tokenizer(roots: Sequence[Path]):
+    """The tokenizer of the first folder that has one (experts usually ship the base's)."""
+    from transformers import AutoTokenizer
+
+    from hm3.checkpoint import TOKENIZER_FILES
+
+    for root in roots:
+        if any((root / name).is_file() for name in TOKENIZER_FILES):
+            tokenizer = AutoTokenizer.from_pretrained(root)
+            if tokenizer.pad_token is None:
+                tokenizer.pad_token = tokenizer.eos_token
+            return tokenizer
+    raise Hm3Error("no tokenizer found next to the base or the experts; guided merging needs "
+                   "one to run the calibration texts")
+
+
+def linear_layers(model: torch.nn.Module, skip: Sequence[str] = ()) -> dict[str, torch.nn.Linear]:
+    """The model's linear layers by state-dict prefix (`bert.encoder.layer.0.attention.self.query`),
+    without those named in `skip` (the classification head)."""
+    return {name: module for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and name not in skip}
+
+
+@contextmanager
+def input_hooks(layers: dict[str, torch.nn.Linear],
+                collect: Callable[[str, torch.Tensor], None]) -> Iterator[Callable[[dict], None]]:
+    """Call `collect(name, x)` with every linear layer's input rows, padding tokens left out.
+    Yields `set_batch(batch)`, to be called before each forward pass so the hooks know the mask."""
+    state: dict = {"mask": None}
+
+    def hook(name):
+        def run(_module, inputs, _output):
+            x = inputs[0].detach()
+            mask = state["mask"]
+            if mask is not None and x.dim() == 3 and x.shape[:2] == mask.shape:
+                x = x[mask]
+            collect(name, x.reshape(-1, x.shape[-1]).double())
+        return run
+
+    handles = [layer.register_forward_hook(hook(name)) for name, layer in layers.items()]
+    try:
+        yield lambda batch: state.__setitem__(
+            "mask", batch["attention_mask"].bool() if "attention_mask" in batch else None)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.inference_mode()
+def run_batches(model: torch.nn.Module, batches: Sequence[dict],
+                before: Callable[[dict], None] | None = None) -> torch.Tensor:
+    """The model's logits over all batches, concatenated (in batch order)."""
+    out = []
+    for batch in batches:
+        if before is not None:
+            before(batch)
+        out.append(model(**batch).logits.float())
+    return torch.cat(out)
+
+
+def base_as_classifier(sources) -> torch.nn.Module:
+    """The base's weights in the merged architecture; tensors the base lacks (the head) are 0."""
+    from hm3.merge import build_model
+
+    model = build_model(sources)
+    state = model.state_dict()
+    with torch.no_grad():
+        for job in sources.jobs:
+            if job.name in state:
+                state[job.name].copy_(sources.base.tensor(job.base_name) if job.base_name
+                                      else torch.zeros(job.shape))
+    return model
+
+
+def expert_classifier(checkpoint) -> torch.nn.Module:
+    """One expert as its own sequence classifier."""
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging
+
+    was_enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()  # a bar per expert load would drown the merge's own
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(checkpoint.path).eval()
+    finally:
+        if was_enabled:
+            logging.enable_progress_bar()

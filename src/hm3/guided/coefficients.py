@@ -1,0 +1,147 @@
+"""Learned merge coefficients (AdaMerging-style, label-free): one coefficient per expert per
+transformer block scales that expert's share of the recipe method's merge,
+
+    theta_block = base_block + sum_i lambda[i, block] * share_i,block,
+
+fitted on unlabelled texts so that, on each task's texts, the merged model's probabilities for
+that task's group match its expert's (KL to the expert, over that group only). All coefficients
+start at 1 (the method's own merge) and stay clamped in [low, high]; heads are left as merged.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+from tqdm.auto import tqdm
+
+from hm3.guided.config import Coefficients
+from hm3.heads import TaskGroup
+from hm3.methods import get_method
+
+_BLOCK = re.compile(r"\.(?:layer|layers|h|block|blocks)\.(\d+)\.")
+
+
+def block_of(name: str) -> str:
+    """The transformer block a tensor belongs to: `layer.3`, `embeddings`, or `other`."""
+    match = _BLOCK.search(f".{name}")
+    if match:
+        return f"layer.{int(match.group(1))}"
+    return "embeddings" if "embed" in name or name.startswith("wte") or ".wte" in name else "other"
+
+
+def group_kl(logits: torch.Tensor, target: torch.Tensor, group: TaskGroup) -> torch.Tensor:
+    """KL(expert || merged) on one task's group: a softmax over the group's logits only (per-label
+    Bernoulli KL for a multi-label task). `target` holds the expert's probabilities."""
+    z = logits[:, group.offset:group.stop]
+    if group.multi_label:
+        log_p, log_not = F.logsigmoid(z), F.logsigmoid(-z)
+        t = target.clamp(1e-7, 1 - 1e-7)
+        kl = t * (t.log() - log_p) + (1 - t) * ((1 - t).log() - log_not)
+        return kl.sum(1).mean()
+    return F.kl_div(F.log_softmax(z, dim=1), target, reduction="batchmean")
+
+
+def expert_probabilities(logits: torch.Tensor, multi_label: bool) -> torch.Tensor:
+    return torch.sigmoid(logits) if multi_label else torch.softmax(logits, dim=1)
+
+
+class CoefficientMerge:
+    """The method's merge split into per-expert shares, with one coefficient per expert per block."""
+
+    def __init__(self, model: torch.nn.Module, sources, progress: bool = False):
+        from hm3.merge import job_inputs, whole_head
+
+        method = get_method(sources.recipe.method)
+        state = model.state_dict()
+        self.fixed: dict[str, torch.Tensor] = {}
+        self.base: dict[str, torch.Tensor] = {}
+        self.shares: dict[str, list[torch.Tensor]] = {}
+        for job in tqdm(sources.jobs, desc="merge shares", unit="tensor", disable=not progress):
+            if job.name not in state:
+                continue
+            if not job.floating:
+                self.fixed[job.name] = sources.experts[0].tensor(job.name)
+            elif job.head_role is not None:
+                if sources.recipe.guided.heads == "whole":
+                    self.fixed[job.name] = whole_head(sources, job)
+                else:
+                    base, deltas, weights = job_inputs(sources, job)
+                    self.fixed[job.name] = method.combine(base, deltas, weights,
+                                                          sources.recipe.parameters)
+            else:
+                base, deltas, weights = job_inputs(sources, job)
+                self.base[job.name] = base
+                self.shares[job.name] = method.contributions(base, deltas, weights,
+                                                             sources.recipe.parameters)
+        self.blocks = sorted({block_of(name) for name in self.shares}, key=_block_order)
+        self.index = {name: self.blocks.index(block_of(name)) for name in self.shares}
+        self.experts = len(sources.experts)
+
+    def parameters(self, coefficients: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every tensor of the model for these coefficients (experts x blocks)."""
+        out = dict(self.fixed)
+        for name, shares in self.shares.items():
+            column = coefficients[:, self.index[name]]
+            merged = self.base[name]
+            for i, share in enumerate(shares):
+                merged = merged + column[i] * share
+            out[name] = merged
+        return out
+
+
+def _block_order(block: str) -> tuple[int, int]:
+    if block == "embeddings":
+        return (0, 0)
+    if block.startswith("layer."):
+        return (1, int(block.split(".")[1]))
+    return (2, 0)
+
+
+def fit_coefficients(model: torch.nn.Module, sources, batches: dict[str, list[dict]],
+                     targets: dict[str, list[torch.Tensor]], config: Coefficients,
+                     progress: bool = False) -> dict:
+    """Fit the coefficients, write the merged weights into `model`, and return the table and
+    the objective before and after (on the first batch of every task)."""
+    merge = CoefficientMerge(model, sources, progress)
+    groups = {g.name: g for g in sources.groups}
+    tasks = list(batches)
+    coefficients = torch.ones(merge.experts, len(merge.blocks), dtype=torch.float32,
+                              requires_grad=True)
+    optimizer = torch.optim.Adam([coefficients], lr=config.lr)
+
+    def loss_on(step_batches: Sequence[tuple[str, int]]) -> torch.Tensor:
+        params = merge.parameters(coefficients)
+        losses = []
+        for task, index in step_batches:
+            logits = functional_call(model, params, args=(), kwargs=batches[task][index]).logits
+            losses.append(group_kl(logits.float(), targets[task][index], groups[task]))
+        return torch.stack(losses).mean()
+
+    probe = [(task, 0) for task in tasks]
+    with torch.no_grad():
+        before = float(loss_on(probe))
+    bar = tqdm(range(config.steps), desc="coefficients", unit="step", disable=not progress)
+    for step in bar:
+        chosen = [(task, step % len(batches[task])) for task in tasks]
+        optimizer.zero_grad()
+        loss = loss_on(chosen)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            coefficients.clamp_(config.low, config.high)
+        bar.set_postfix(kl=f"{loss.item():.4f}")
+    with torch.no_grad():
+        after = float(loss_on(probe))
+        final = merge.parameters(coefficients)
+        state = model.state_dict()
+        for name, tensor in final.items():
+            state[name].copy_(tensor)
+    return {"blocks": merge.blocks,
+            "coefficients": {spec.task: [round(float(v), 4) for v in row]
+                             for spec, row in zip(sources.recipe.experts, coefficients.detach())},
+            "objective_before": round(before, 6), "objective_after": round(after, 6),
+            **{k: v for k, v in config.__dict__.items()}}

@@ -1,0 +1,197 @@
+"""The recipe's label-free blocks: `heads`, `calibration`, `recentre`, `lewis`, `regmean`,
+`coefficients`. Validated with the rest of the recipe, before any tensor is read."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from hm3.errors import Hm3Error
+
+HEAD_MODES = ("whole", "merge")
+DEFAULT_HEADS = "merge"
+KEYS = ("heads", "calibration", "recentre", "lewis", "regmean", "coefficients")
+
+
+@dataclass(frozen=True)
+class CalibrationSpec:
+    """Where each task's unlabelled texts come from (labels, if any, are ignored)."""
+
+    sources: dict[str, dict[str, Any]]  # task -> {path, text_column}
+    limit: int = 256
+    max_length: int = 128
+    batch_size: int = 32
+
+
+@dataclass(frozen=True)
+class Lewis:
+    """LEWIS layer-wise densities, min-max scaled into [gamma, epsilon]."""
+
+    gamma: float = 0.3
+    epsilon: float = 0.8
+
+
+@dataclass(frozen=True)
+class RegMean:
+    """RegMean for linear layers; `alpha` scales the Grams' off-diagonal entries."""
+
+    alpha: float = 0.9
+
+
+@dataclass(frozen=True)
+class Coefficients:
+    """AdaMerging-style coefficients, one per expert per block, fitted by matching the experts."""
+
+    steps: int = 40
+    lr: float = 0.05
+    low: float = 0.0
+    high: float = 1.5
+    batch_size: int = 16
+
+
+@dataclass(frozen=True)
+class Guided:
+    """The label-free steps a recipe asks for."""
+
+    heads: str = DEFAULT_HEADS
+    calibration: CalibrationSpec | None = None
+    recentre: bool = False
+    lewis: Lewis | None = None
+    regmean: RegMean | None = None
+    coefficients: Coefficients | None = None
+
+    @property
+    def needs_model(self) -> bool:
+        """Whether the merge must run the model on calibration texts (in memory)."""
+        return bool(self.recentre or self.lewis or self.regmean or self.coefficients)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"heads": self.heads}
+        if self.calibration:
+            out["calibration"] = {"texts": self.calibration.sources, "limit": self.calibration.limit,
+                                  "max_length": self.calibration.max_length}
+        if self.recentre:
+            out["recentre"] = True
+        for name in ("lewis", "regmean", "coefficients"):
+            block = getattr(self, name)
+            if block is not None:
+                out[name] = dict(block.__dict__)
+        return out
+
+
+def parse_guided(raw: dict, tasks: list[str]) -> Guided:
+    """Read the label-free blocks of a recipe mapping (absent ones keep their defaults)."""
+    heads = raw.get("heads", DEFAULT_HEADS)
+    if heads not in HEAD_MODES:
+        raise Hm3Error(f"heads: expected 'whole' (copy each task's head rows from its expert) or "
+                       f"'merge' (merge them like the body), got {heads!r}")
+    recentre = raw.get("recentre", False)
+    if not isinstance(recentre, bool):
+        raise Hm3Error(f"recentre: expected true or false, got {recentre!r}")
+    lewis = _block(raw, "lewis", Lewis, {"gamma": _unit, "epsilon": _unit})
+    if lewis and not lewis.gamma <= lewis.epsilon:
+        raise Hm3Error(f"lewis: gamma ({lewis.gamma}) must not exceed epsilon ({lewis.epsilon}); "
+                       "densities are scaled into [gamma, epsilon]")
+    if lewis and lewis.gamma <= 0:
+        raise Hm3Error("lewis.gamma: expected a density in (0, 1], got 0; a layer needs to keep "
+                       "some of its task vector")
+    regmean = _block(raw, "regmean", RegMean, {"alpha": _unit})
+    coefficients = _block(raw, "coefficients", Coefficients,
+                          {"steps": _positive_int, "lr": _positive, "low": _finite,
+                           "high": _finite, "batch_size": _positive_int})
+    if coefficients and not coefficients.low < coefficients.high:
+        raise Hm3Error(f"coefficients: low ({coefficients.low}) must be below high "
+                       f"({coefficients.high})")
+    if regmean and coefficients:
+        raise Hm3Error("regmean and coefficients cannot be combined: RegMean solves the linear "
+                       "layers in closed form, which leaves no task vectors to weigh; keep one")
+    calibration = _calibration(raw.get("calibration"), tasks)
+    guided = Guided(heads, calibration, recentre, lewis, regmean, coefficients)
+    if guided.needs_model and calibration is None:
+        wanted = [k for k in ("recentre", "lewis", "regmean", "coefficients") if raw.get(k)]
+        raise Hm3Error(f"{', '.join(wanted)} need unlabelled texts: add a `calibration:` block, "
+                       "e.g. `calibration: {texts: {TASK: texts.txt}}` with a file per task")
+    return guided
+
+
+def _calibration(raw: Any, tasks: list[str]) -> CalibrationSpec | None:
+    if raw is None:
+        return None
+    where = "calibration"
+    if not isinstance(raw, dict) or not isinstance(raw.get("texts"), dict):
+        raise Hm3Error(f"{where}: expected {{texts: {{TASK: FILE, ...}}, limit: 256}}; a FILE is "
+                       "a .txt file (one text per line) or a CSV / JSONL / Parquet table")
+    unknown = sorted(set(raw) - {"texts", "limit", "max_length", "batch_size"})
+    if unknown:
+        raise Hm3Error(f"{where}: unknown field(s) {', '.join(unknown)}; allowed: texts, limit, "
+                       "max_length, batch_size")
+    texts = raw["texts"]
+    missing = [t for t in tasks if t not in texts]
+    extra = sorted(set(texts) - set(tasks))
+    if missing or extra:
+        detail = "; ".join(part for part in (
+            f"missing: {', '.join(missing)}" if missing else "",
+            f"unknown: {', '.join(extra)}" if extra else "") if part)
+        raise Hm3Error(f"{where}.texts: needs one entry per task ({detail}); tasks are "
+                       f"{', '.join(tasks)}")
+    sources = {}
+    for task in tasks:
+        entry = texts[task]
+        if isinstance(entry, str):
+            entry = {"path": entry}
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+            raise Hm3Error(f"{where}.texts.{task}: expected a file path or {{path: FILE, "
+                           "text_column: text}}")
+        bad = sorted(set(entry) - {"path", "text_column"})
+        if bad:
+            raise Hm3Error(f"{where}.texts.{task}: unknown field(s) {', '.join(bad)}")
+        sources[task] = {"path": entry["path"], "text_column": entry.get("text_column", "text")}
+    limit = _positive_int(raw.get("limit", 256), f"{where}.limit")
+    max_length = _positive_int(raw.get("max_length", 128), f"{where}.max_length")
+    if max_length < 2:
+        raise Hm3Error(f"{where}.max_length: expected at least 2 tokens, got {max_length}")
+    batch_size = _positive_int(raw.get("batch_size", 32), f"{where}.batch_size")
+    return CalibrationSpec(sources, limit, max_length, batch_size)
+
+
+def _block(raw: dict, name: str, cls, checks: dict) -> Any:
+    value = raw.get(name)
+    if value is None or value is False:
+        return None
+    if value is True:
+        return cls()
+    if not isinstance(value, dict):
+        raise Hm3Error(f"{name}: expected true or a mapping of its options "
+                       f"({', '.join(checks)})")
+    unknown = sorted(set(value) - set(checks))
+    if unknown:
+        raise Hm3Error(f"{name}: unknown option(s) {', '.join(unknown)}; allowed: "
+                       f"{', '.join(checks)}")
+    return cls(**{key: checks[key](v, f"{name}.{key}") for key, v in value.items()})
+
+
+def _finite(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise Hm3Error(f"{where}: expected a finite number, got {value!r}")
+    return float(value)
+
+
+def _unit(value: Any, where: str) -> float:
+    value = _finite(value, where)
+    if not 0 <= value <= 1:
+        raise Hm3Error(f"{where}: expected a number in [0, 1], got {value!r}")
+    return value
+
+
+def _positive(value: Any, where: str) -> float:
+    value = _finite(value, where)
+    if value <= 0:
+        raise Hm3Error(f"{where}: expected a positive number, got {value!r}")
+    return value
+
+
+def _positive_int(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise Hm3Error(f"{where}: expected a positive integer, got {value!r}")
+    return value

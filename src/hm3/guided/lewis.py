@@ -1,0 +1,64 @@
+"""LEWIS guided layer-wise density (Chopra et al. 2025): layers whose importance moved most
+during fine-tuning keep more of their task vector.
+
+Importance of a linear layer on calibration texts (Wanda-style): || |W| * sqrt(mean x^2) ||_F,
+x its input rows. Per expert: |importance_expert - importance_base| for every layer, min-max
+scaled into [gamma, epsilon]. The densities reach the merge as per-tensor, per-expert overrides.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from hm3.guided.calibration import input_hooks, linear_layers, run_batches
+from hm3.recipe import Override
+
+
+def importance(model: torch.nn.Module, batches: Sequence[dict],
+               skip: Sequence[str] = ()) -> dict[str, float]:
+    """Wanda importance of each linear layer (by module name) over the batches."""
+    layers = linear_layers(model, skip)
+    squares = {name: torch.zeros(layer.in_features, dtype=torch.float64)
+               for name, layer in layers.items()}
+    counts = dict.fromkeys(layers, 0)
+
+    def collect(name: str, x: torch.Tensor) -> None:
+        squares[name] += x.pow(2).sum(0)
+        counts[name] += x.shape[0]
+
+    with input_hooks(layers, collect) as set_batch:
+        run_batches(model, batches, set_batch)
+    return {name: float((layer.weight.detach().double().abs()
+                         * (squares[name] / max(counts[name], 1)).sqrt()).norm())
+            for name, layer in layers.items()}
+
+
+def scale_densities(base: dict[str, float], expert: dict[str, float], gamma: float,
+                    epsilon: float) -> dict[str, float]:
+    """|expert - base| per layer, min-max scaled into [gamma, epsilon] (equal moves: midpoint)."""
+    moved = {name: abs(expert[name] - base[name]) for name in expert}
+    low, high = min(moved.values()), max(moved.values())
+    if high - low <= 1e-12 * max(high, 1.0):
+        return dict.fromkeys(moved, (gamma + epsilon) / 2)
+    return {name: gamma + (epsilon - gamma) * (value - low) / (high - low)
+            for name, value in moved.items()}
+
+
+def overrides(table: dict[str, dict[str, float]], tensor_names: set[str]) -> list[Override]:
+    """Per-expert overrides giving each layer's weight (and bias) its density."""
+    out = []
+    for task, densities in table.items():
+        for layer, density in densities.items():
+            for suffix in (".weight", ".bias"):
+                name = layer + suffix
+                if name in tensor_names:
+                    out.append(Override(pattern=_literal(name), parameters={"density": density},
+                                        experts=(task,)))
+    return out
+
+
+def _literal(name: str) -> str:
+    """A glob that matches exactly `name` (escapes glob characters)."""
+    return "".join(f"[{c}]" if c in "*?[]" else c for c in name)

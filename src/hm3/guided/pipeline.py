@@ -1,0 +1,109 @@
+"""The label-free merge, in memory: LEWIS densities -> method merge (or learned coefficients)
+-> RegMean -> bias re-centring. `hm3.merge.merge` writes what comes out."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import torch
+
+from hm3.guided import coefficients as coef
+from hm3.guided import lewis, recentre, regmean
+from hm3.guided.calibration import (Calibration, base_as_classifier, expert_classifier,
+                                    load_calibration, load_tokenizer, run_batches, tokenize)
+
+
+def head_modules(sources) -> list[str]:
+    """Module names of the final projection (left out of LEWIS and RegMean)."""
+    return [sources.heads[0].weight.rsplit(".", 1)[0]]
+
+
+def guided_model(sources, progress: bool = False,
+                 held_out: dict[str, list[str]] | None = None,
+                 calibration: Calibration | None = None):
+    """Run the recipe's label-free steps; returns (model, sources as finally merged, report).
+
+    `held_out`: each task's validation / test texts, kept out of the calibration texts.
+    `calibration`: texts already read (else read from the recipe's `calibration` block).
+    """
+    from hm3.merge import build_model, merge_into, with_recipe
+
+    started = time.process_time(), time.perf_counter()
+    recipe = sources.recipe
+    guided = recipe.guided
+    spec = guided.calibration
+    tasks = [e.task for e in recipe.experts]
+    if calibration is None:
+        calibration = load_calibration(spec, tasks, held_out)
+    tokenizer = load_tokenizer([sources.base.path, *(e.path for e in sources.experts)])
+    batches = {task: tokenize(tokenizer, calibration.texts[task], spec.max_length,
+                              spec.batch_size) for task in tasks}
+    skip = head_modules(sources)
+    report: dict = {"heads": guided.heads, "calibration": calibration.provenance,
+                    "max_length": spec.max_length}
+    expert_logits: dict[str, list[torch.Tensor]] = {}
+
+    def logits_of_experts(task_batches: dict[str, list[dict]]) -> dict[str, list[torch.Tensor]]:
+        out = {}
+        for spec_, ckpt in zip(recipe.experts, sources.experts):
+            model = expert_classifier(ckpt)
+            out[spec_.task] = [run_batches(model, [b]) for b in task_batches[spec_.task]]
+        return out
+
+    if guided.lewis:
+        base_model = base_as_classifier(sources)
+        table = {}
+        for spec_, ckpt in zip(recipe.experts, sources.experts):
+            scores_base = lewis.importance(base_model, batches[spec_.task], skip)
+            scores_expert = lewis.importance(expert_classifier(ckpt), batches[spec_.task], skip)
+            table[spec_.task] = lewis.scale_densities(scores_base, scores_expert,
+                                                      guided.lewis.gamma, guided.lewis.epsilon)
+        del base_model
+        extra = lewis.overrides(table, {job.name for job in sources.jobs})
+        recipe = dataclasses.replace(recipe, overrides=(*extra, *recipe.overrides))
+        sources = with_recipe(sources, recipe)
+        report["lewis"] = {"gamma": guided.lewis.gamma, "epsilon": guided.lewis.epsilon,
+                           "densities": {t: {k: round(v, 4) for k, v in d.items()}
+                                         for t, d in table.items()}}
+
+    model = build_model(sources)
+    if guided.coefficients:
+        config = guided.coefficients
+        fit_batches = {task: tokenize(tokenizer, calibration.texts[task], spec.max_length,
+                                      config.batch_size) for task in tasks}
+        groups = {g.name: g for g in sources.groups}
+        targets = {task: [coef.expert_probabilities(z, groups[task].multi_label) for z in zs]
+                   for task, zs in logits_of_experts(fit_batches).items()}
+        report["coefficients"] = coef.fit_coefficients(model, sources, fit_batches, targets,
+                                                       config, progress)
+    else:
+        merge_into(model, sources, progress=progress)
+    if guided.regmean:
+        layers = regmean.apply_regmean(model, sources, batches, guided.regmean.alpha, skip,
+                                       progress)
+        report["regmean"] = {"alpha": guided.regmean.alpha, "layers": len(layers)}
+    if guided.recentre:
+        report["recentre"] = _recentre(model, sources, batches, logits_of_experts(batches))
+    report["cpu_seconds"] = round(time.process_time() - started[0], 1)
+    report["seconds"] = round(time.perf_counter() - started[1], 1)
+    return model, sources, report
+
+
+@torch.no_grad()
+def _recentre(model, sources, batches, expert_logits) -> dict:
+    from hm3.errors import Hm3Error
+
+    bias_name = sources.heads[0].bias
+    if bias_name is None:
+        raise Hm3Error(f"recentre needs a head bias, and {sources.heads[0].weight} has none; "
+                       "drop `recentre` from the recipe")
+    bias = model.state_dict()[bias_name]
+    out = {}
+    for group in sources.groups:
+        merged = run_batches(model, batches[group.name]).numpy()
+        expert = torch.cat(expert_logits[group.name]).numpy()
+        result = recentre.recentre(merged, expert, group)
+        bias[group.offset:group.stop] += torch.tensor(result["shift"], dtype=bias.dtype)
+        out[group.name] = result
+    return out

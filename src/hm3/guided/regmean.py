@@ -1,0 +1,76 @@
+"""RegMean (Jin et al. 2023): each linear layer merged in closed form from the experts' input
+Gram matrices on unlabelled texts, W* = (sum_i G_i)^-1 sum_i G_i W_i, with G_i's off-diagonal
+entries scaled by alpha. Everything else keeps the recipe method's merge.
+
+Memory: one expert's Grams are collected at a time and spilled to a temporary safetensors
+file; the solve then reads one layer's Grams from every expert at a time.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from hm3.guided.calibration import expert_classifier, input_hooks, linear_layers, run_batches
+
+
+def gram_matrices(model: torch.nn.Module, batches: Sequence[dict],
+                  skip: Sequence[str] = ()) -> dict[str, torch.Tensor]:
+    """Per linear layer, the mean over tokens of x x^T of its inputs (float64). Each task's Grams
+    are means, so a task with longer texts does not outweigh the others."""
+    layers = linear_layers(model, skip)
+    grams = {name: torch.zeros(layer.in_features, layer.in_features, dtype=torch.float64)
+             for name, layer in layers.items()}
+    counts = dict.fromkeys(layers, 0)
+
+    def collect(name: str, x: torch.Tensor) -> None:
+        grams[name] += x.T @ x
+        counts[name] += x.shape[0]
+
+    with input_hooks(layers, collect) as set_batch:
+        run_batches(model, batches, set_batch)
+    return {name: gram / max(counts[name], 1) for name, gram in grams.items()}
+
+
+def solve(grams: Sequence[torch.Tensor], weights: Sequence[torch.Tensor],
+          alpha: float) -> torch.Tensor:
+    """RegMean's merged weight (out, in) from each expert's Gram (in, in) and weight (out, in)."""
+    total = torch.zeros_like(grams[0], dtype=torch.float64)
+    right = torch.zeros((grams[0].shape[0], weights[0].shape[0]), dtype=torch.float64)
+    for gram, weight in zip(grams, weights):
+        gram = gram.double()
+        regular = alpha * gram + (1 - alpha) * torch.diag(torch.diagonal(gram))
+        total += regular
+        right += regular @ weight.double().T
+    ridge = 1e-8 * float(torch.diagonal(total).mean().clamp_min(1e-12))
+    total += ridge * torch.eye(total.shape[0], dtype=torch.float64)
+    return torch.linalg.solve(total, right).T.float()
+
+
+@torch.no_grad()
+def apply_regmean(model: torch.nn.Module, sources, batches: dict[str, list[dict]], alpha: float,
+                  skip: Sequence[str], progress: bool = False) -> list[str]:
+    """Replace the merged model's linear weights (not the head) by RegMean's; returns the
+    layers done."""
+    layers = linear_layers(model, skip)
+    with tempfile.TemporaryDirectory(prefix="hm3-regmean-") as folder:
+        files = []
+        for spec, ckpt in tqdm(list(zip(sources.recipe.experts, sources.experts)),
+                               desc="regmean grams", unit="expert", disable=not progress):
+            grams = gram_matrices(expert_classifier(ckpt), batches[spec.task], skip)
+            files.append(Path(folder) / f"{len(files)}.safetensors")
+            save_file({name: grams[name].contiguous() for name in layers}, str(files[-1]))
+            del grams
+        handles = [safe_open(str(f), framework="pt") for f in files]
+        for name, layer in tqdm(layers.items(), desc="regmean solve", unit="layer",
+                                disable=not progress):
+            grams = [handle.get_tensor(name) for handle in handles]
+            weights = [ckpt.tensor(f"{name}.weight") for ckpt in sources.experts]
+            layer.weight.copy_(solve(grams, weights, alpha))
+    return list(layers)
