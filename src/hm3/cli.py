@@ -119,6 +119,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="also sample a weight per expert in [LOW, HIGH]")
     search.add_argument("--lambda", dest="lambda_range", nargs=2, type=float,
                         metavar=("LOW", "HIGH"), help="also sample lambda in [LOW, HIGH]")
+    search.add_argument("--lewis", dest="lewis_range", nargs=2, type=float,
+                        metavar=("LOW", "HIGH"), help="also sample LEWIS's gamma and epsilon in "
+                        "[LOW, HIGH] (the recipe needs a `calibration` block)")
     search.set_defaults(run=_search)
 
     self_merge = sub.add_parser("self-merge", help="merge one expert with itself under DARE-TIES "
@@ -335,7 +338,8 @@ def _search(args) -> int:
     space = SearchSpace(methods=tuple(args.methods), density_range=tuple(args.density_range),
                         per_expert_density=args.per_expert_density,
                         weight_range=tuple(args.weights) if args.weights else None,
-                        lambda_range=tuple(args.lambda_range) if args.lambda_range else None)
+                        lambda_range=tuple(args.lambda_range) if args.lambda_range else None,
+                        lewis_range=tuple(args.lewis_range) if args.lewis_range else None)
     return _run_search(args, space, functools.partial(run_search, recipe, validation, test,
                                                       args.output))
 

@@ -30,6 +30,9 @@ from tqdm.auto import tqdm
 from hm3.checkpoint import TOKENIZER_FILES, write_json_atomic, write_text_atomic
 from hm3.errors import Hm3Error
 from hm3.evaluate import Dataset, evaluate, label_indices, score_task
+from hm3.guided.config import Lewis
+from hm3.guided.lewis import LewisScores
+from hm3.guided.pipeline import calibration_batches, head_modules
 from hm3.heads import TaskGroup
 from hm3.merge import Sources, build_model, merge, merge_into, open_sources, with_recipe
 from hm3.methods import get_method
@@ -68,6 +71,8 @@ class SearchSpace:
     per_expert_density : one density per expert instead of one for all.
     weight_range : when set, one weight per expert is sampled in this range.
     lambda_range : when set, the task-vector scale lambda is sampled in this range.
+    lewis_range : when set, LEWIS's gamma and epsilon are sampled in this range (two draws,
+        the smaller is gamma); the recipe needs a `calibration` block.
     """
 
     methods: tuple[str, ...] = ("dare_ties",)
@@ -75,6 +80,7 @@ class SearchSpace:
     per_expert_density: bool = False
     weight_range: tuple[float, float] | None = None
     lambda_range: tuple[float, float] | None = None
+    lewis_range: tuple[float, float] | None = None
 
     def __post_init__(self):
         if not self.methods:
@@ -87,6 +93,8 @@ class SearchSpace:
         low, high = self.density_range
         if not 0 < low <= high <= 1:
             raise Hm3Error(f"density range: expected 0 < low <= high <= 1, got {low}, {high}")
+        if self.lewis_range is not None and not 0 < self.lewis_range[0] < self.lewis_range[1] <= 1:
+            raise Hm3Error(f"lewis range: expected 0 < low < high <= 1, got {self.lewis_range}")
         for name, bounds in (("weight", self.weight_range), ("lambda", self.lambda_range)):
             if bounds is not None and not (all(math.isfinite(b) for b in bounds)
                                            and bounds[0] < bounds[1]):
@@ -106,6 +114,9 @@ class SearchSpace:
                 trial.suggest_float(f"weight/{task}", *self.weight_range)
         if self.lambda_range is not None and "lambda" in shared:
             trial.suggest_float("lambda", *self.lambda_range)
+        if self.lewis_range is not None and "density" in per_model:
+            trial.suggest_float("lewis_a", *self.lewis_range)
+            trial.suggest_float("lewis_b", *self.lewis_range)
         return dict(trial.params)
 
 
@@ -129,8 +140,17 @@ def trial_recipe(recipe: Recipe, params: dict[str, Any], seed: int) -> Recipe:
             if value is not None and name in accepted:
                 own[name] = value
         experts.append(dataclasses.replace(expert, parameters=own))
+    guided = recipe.guided
+    if "lewis_a" in params:
+        low, high = sorted((params["lewis_a"], params["lewis_b"]))
+        guided = dataclasses.replace(guided, lewis=Lewis(gamma=low, epsilon=high))
     return dataclasses.replace(recipe, method=method.name, parameters=shared,
-                               experts=tuple(experts), seed=seed)
+                               experts=tuple(experts), seed=seed, guided=guided)
+
+
+def with_lewis(recipe: Recipe, scores: LewisScores | None) -> Recipe:
+    """The trial recipe with its LEWIS densities as overrides, when it has a `lewis` block."""
+    return scores.apply(recipe) if scores is not None and recipe.guided.lewis else recipe
 
 
 def trial_density(params: dict[str, Any]) -> float | None:
@@ -376,6 +396,7 @@ class Objective:
     test_scorer: SplitScorer | None
     config: SearchConfig
     study: optuna.Study
+    lewis: LewisScores | None = None
 
     def __call__(self, trial: optuna.Trial) -> float:
         started = time.perf_counter()
@@ -383,8 +404,8 @@ class Objective:
         seed = self.recipe.seed + (trial.number if self.config.vary_merge_seed else 0)
         # One user attribute per trial, written once: every write is a database commit.
         record = {"seed": seed, "worker": WORKER}
-        merge_into(self.classifier.model,
-                   with_recipe(self.sources, trial_recipe(self.recipe, params, seed)))
+        merge_into(self.classifier.model, with_recipe(
+            self.sources, with_lewis(trial_recipe(self.recipe, params, seed), self.lewis)))
         record["merge_seconds"] = round(time.perf_counter() - started, 3)
         scorer = self.scorer
         logits = {task: scorer.logits(task, subset=True) for task in scorer.tasks}
@@ -429,7 +450,16 @@ def run_search(recipe: Recipe, validation: Sequence[Dataset], test: Sequence[Dat
         _check_tasks(tasks, test, "test")
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
+    steps = [k for k in ("recentre", "regmean", "coefficients") if getattr(recipe.guided, k)]
+    if steps:
+        raise Hm3Error(f"search scores plain merges (plus heads and LEWIS); {', '.join(steps)} "
+                       "would run on every trial. Remove them from the search recipe and add "
+                       "them to the best recipe (best.json) with `hm3 merge`")
     sources = open_sources(recipe)
+    lewis_scores = None
+    if recipe.guided.lewis or config.space.lewis_range:
+        lewis_scores = LewisScores(sources, calibration_batches(sources)[2],
+                                   head_modules(sources))
     for method in config.space.methods:  # incompatible overrides fail now, not at trial 1
         with_recipe(sources, trial_recipe(recipe, {"method": method}, recipe.seed))
     for checkpoint in (sources.base, *sources.experts):
@@ -464,7 +494,8 @@ def run_search(recipe: Recipe, validation: Sequence[Dataset], test: Sequence[Dat
     started = time.perf_counter()
     try:
         if already < config.trials:
-            objective = Objective(recipe, sources, classifier, scorer, test_scorer, config, study)
+            objective = Objective(recipe, sources, classifier, scorer, test_scorer, config, study,
+                                  lewis_scores)
             study.optimize(objective, n_trials=config.trials - already, catch=(),
                            callbacks=[optuna.study.MaxTrialsCallback(config.trials, FINISHED),
                                       show_progress])
@@ -474,7 +505,8 @@ def run_search(recipe: Recipe, validation: Sequence[Dataset], test: Sequence[Dat
         files = write_tables(study, output)
         files["plot"] = plot_search(trial_rows(study), experts, output / PLOT,
                                     title=title or _default_title(recipe, config))
-    best = save_best(study, recipe, output, experts, test_scorer, classifier, sources)
+    best = save_best(study, recipe, output, experts, test_scorer, classifier, sources,
+                     lewis_scores)
     if best is not None:
         files.update(model=output / BEST_MODEL, best=output / BEST_JSON)
     return SearchResult(study.study_name, storage, _count_finished(study), len(mine), seconds,
@@ -652,7 +684,7 @@ def write_tables(study: optuna.Study, output: Path) -> dict[str, Path]:
 
 def save_best(study: optuna.Study, recipe: Recipe, output: Path, experts: dict,
               test_scorer: SplitScorer | None, classifier: MultiTaskClassifier,
-              sources: Sources) -> dict | None:
+              sources: Sources, lewis: LewisScores | None = None) -> dict | None:
     """Write the best trial's merged model (hm3's atomic writer) and best.json with its scores;
     skipped when both already hold the current best trial."""
     completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -669,7 +701,7 @@ def save_best(study: optuna.Study, recipe: Recipe, output: Path, experts: dict,
     test = attrs.get("test")
     if test is None and test_scorer is not None:
         # Only a tie with an earlier trial leaves the best untested: test it now.
-        merge_into(classifier.model, with_recipe(sources, best_recipe))
+        merge_into(classifier.model, with_recipe(sources, with_lewis(best_recipe, lewis)))
         test = {t: s["macro_f1"] for t, s in test_scorer.score_all().items()}
     merge(best_recipe, output / BEST_MODEL, overwrite=True, progress=False)
     record = {

@@ -62,3 +62,32 @@ def overrides(table: dict[str, dict[str, float]], tensor_names: set[str]) -> lis
 def _literal(name: str) -> str:
     """A glob that matches exactly `name` (escapes glob characters)."""
     return "".join(f"[{c}]" if c in "*?[]" else c for c in name)
+
+
+class LewisScores:
+    """Importance of every layer for the base and each expert, measured once; densities for any
+    [gamma, epsilon] follow without running the models again (what `hm3 search` varies)."""
+
+    def __init__(self, sources, batches: dict[str, list[dict]], skip: Sequence[str]):
+        from hm3.guided.calibration import base_as_classifier, expert_classifier
+
+        base_model = base_as_classifier(sources)
+        self.scores = {}
+        for spec, ckpt in zip(sources.recipe.experts, sources.experts):
+            self.scores[spec.task] = (importance(base_model, batches[spec.task], skip),
+                                      importance(expert_classifier(ckpt), batches[spec.task],
+                                                 skip))
+        self.tensor_names = {job.name for job in sources.jobs}
+
+    def table(self, gamma: float, epsilon: float) -> dict[str, dict[str, float]]:
+        return {task: scale_densities(base, expert, gamma, epsilon)
+                for task, (base, expert) in self.scores.items()}
+
+    def apply(self, recipe):
+        """`recipe` with its LEWIS densities (`recipe.guided.lewis`) as per-tensor overrides,
+        placed before the recipe's own overrides so that those still win."""
+        import dataclasses
+
+        config = recipe.guided.lewis
+        extra = overrides(self.table(config.gamma, config.epsilon), self.tensor_names)
+        return dataclasses.replace(recipe, overrides=(*extra, *recipe.overrides))

@@ -10,8 +10,8 @@ import torch
 
 from hm3.guided import coefficients as coef
 from hm3.guided import lewis, recentre, regmean
-from hm3.guided.calibration import (Calibration, base_as_classifier, expert_classifier,
-                                    load_calibration, load_tokenizer, run_batches, tokenize)
+from hm3.guided.calibration import (Calibration, expert_classifier, load_calibration,
+                                    load_tokenizer, run_batches, tokenize)
 
 
 def head_modules(sources) -> list[str]:
@@ -34,11 +34,7 @@ def guided_model(sources, progress: bool = False,
     guided = recipe.guided
     spec = guided.calibration
     tasks = [e.task for e in recipe.experts]
-    if calibration is None:
-        calibration = load_calibration(spec, tasks, held_out)
-    tokenizer = load_tokenizer([sources.base.path, *(e.path for e in sources.experts)])
-    batches = {task: tokenize(tokenizer, calibration.texts[task], spec.max_length,
-                              spec.batch_size) for task in tasks}
+    calibration, tokenizer, batches = calibration_batches(sources, held_out, calibration)
     skip = head_modules(sources)
     report: dict = {"heads": guided.heads, "calibration": calibration.provenance,
                     "max_length": spec.max_length}
@@ -52,17 +48,10 @@ def guided_model(sources, progress: bool = False,
         return out
 
     if guided.lewis:
-        base_model = base_as_classifier(sources)
-        table = {}
-        for spec_, ckpt in zip(recipe.experts, sources.experts):
-            scores_base = lewis.importance(base_model, batches[spec_.task], skip)
-            scores_expert = lewis.importance(expert_classifier(ckpt), batches[spec_.task], skip)
-            table[spec_.task] = lewis.scale_densities(scores_base, scores_expert,
-                                                      guided.lewis.gamma, guided.lewis.epsilon)
-        del base_model
-        extra = lewis.overrides(table, {job.name for job in sources.jobs})
-        recipe = dataclasses.replace(recipe, overrides=(*extra, *recipe.overrides))
+        scores = lewis.LewisScores(sources, batches, skip)
+        recipe = scores.apply(recipe)
         sources = with_recipe(sources, recipe)
+        table = scores.table(guided.lewis.gamma, guided.lewis.epsilon)
         report["lewis"] = {"gamma": guided.lewis.gamma, "epsilon": guided.lewis.epsilon,
                            "densities": {t: {k: round(v, 4) for k, v in d.items()}
                                          for t, d in table.items()}}
@@ -88,6 +77,25 @@ def guided_model(sources, progress: bool = False,
     report["cpu_seconds"] = round(time.process_time() - started[0], 1)
     report["seconds"] = round(time.perf_counter() - started[1], 1)
     return model, sources, report
+
+
+def calibration_batches(sources, held_out: dict[str, list[str]] | None = None,
+                        calibration: Calibration | None = None):
+    """The recipe's calibration texts (read unless given), the tokenizer, and each task's texts
+    tokenised into batches."""
+    spec = sources.recipe.guided.calibration
+    if spec is None:
+        from hm3.errors import Hm3Error
+
+        raise Hm3Error("this needs unlabelled texts: add a `calibration:` block to the recipe, "
+                       "e.g. `calibration: {texts: {TASK: texts.txt}}` with a file per task")
+    tasks = [e.task for e in sources.recipe.experts]
+    if calibration is None:
+        calibration = load_calibration(spec, tasks, held_out)
+    tokenizer = load_tokenizer([sources.base.path, *(e.path for e in sources.experts)])
+    batches = {task: tokenize(tokenizer, calibration.texts[task], spec.max_length,
+                              spec.batch_size) for task in tasks}
+    return calibration, tokenizer, batches
 
 
 @torch.no_grad()
