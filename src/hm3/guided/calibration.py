@@ -68,8 +68,8 @@ def load_calibration(spec: CalibrationSpec, tasks: Sequence[str],
         if not kept:
             raise Hm3Error(f"calibration.texts.{task}: {source['path']} gave no usable texts")
         if dropped:
-            warnings.warn(f"calibration texts of {task}: {dropped} also appear in its validation "
-                          "or test data and were left out", Hm3Warning, stacklevel=2)
+            warnings.warn(f"calibration texts of {task}: {dropped} also appear in the held-out "
+                          "(validation or test) data and were left out", Hm3Warning, stacklevel=2)
         out[task] = kept
         digest = hashlib.sha256("\n".join(kept).encode()).hexdigest()[:16]
         provenance[task] = {"path": source["path"], "texts": len(kept),

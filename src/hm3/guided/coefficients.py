@@ -56,6 +56,7 @@ class CoefficientMerge:
         from hm3.merge import job_inputs, whole_head
 
         method = get_method(sources.recipe.method)
+        sources.task_vector_sq = [[0.0, 0.0] for _ in sources.experts]  # read by the report
         state = model.state_dict()
         self.fixed: dict[str, torch.Tensor] = {}
         self.base: dict[str, torch.Tensor] = {}

@@ -110,7 +110,7 @@ def parse_guided(raw: dict, tasks: list[str]) -> Guided:
     guided = Guided(heads, calibration, recentre, lewis, regmean, coefficients)
     if guided.needs_model and calibration is None:
         wanted = [k for k in ("recentre", "lewis", "regmean", "coefficients") if raw.get(k)]
-        raise Hm3Error(f"{', '.join(wanted)} need unlabelled texts: add a `calibration:` block, "
+        raise Hm3Error(f"{', '.join(wanted)}: needs unlabelled texts: add a `calibration:` block, "
                        "e.g. `calibration: {texts: {TASK: texts.txt}}` with a file per task")
     return guided
 

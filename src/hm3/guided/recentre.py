@@ -88,7 +88,7 @@ def recentre(merged_logits: np.ndarray, expert_logits: np.ndarray, group: TaskGr
     else:
         shift = softmax_shift(z, target)
         before, after = histogram(z), histogram(z + shift)
-    return {"shift": [round(float(v), 5) for v in shift],
+    return {"shift": [float(v) for v in shift],
             "target": [round(float(v), 4) for v in target],
             "before": [round(float(v), 4) for v in before],
             "after": [round(float(v), 4) for v in after]}

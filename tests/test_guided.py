@@ -1,0 +1,460 @@
+"""Label-free merging: heads kept whole, bias re-centring, LEWIS, RegMean, learned coefficients,
+calibration texts, and the recipe checks of their blocks."""
+
+import json
+import random
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+import hm3
+from hm3 import Hm3Error, Hm3Warning, merge, parse_recipe
+from hm3.guided import lewis, recentre, regmean
+from hm3.guided.calibration import load_calibration
+from hm3.guided.config import CalibrationSpec
+from hm3.methods import METHODS
+
+from conftest import WORDS, build_family, recipe_dict
+
+TASKS = {"sentiment": ["negative", "positive"], "topic": ["news", "sport", "film"],
+         "tags": ["urgent", "spam", "personal"]}
+MULTI_LABEL = ("tags",)
+HEAD = ("classifier.weight", "classifier.bias")
+TEXTS_PER_TASK = 40
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The models are tiny: handing work between threads costs more than it saves, and on a
+    busy two-core machine it stalls a fit of a second into tens of seconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def random_texts(n: int, seed: int) -> list[str]:
+    """`n` distinct texts of 2 to 8 words from the tiny vocabulary."""
+    rng = random.Random(seed)
+    texts: dict[str, None] = {}
+    while len(texts) < n:
+        texts[" ".join(rng.choices(WORDS, k=rng.randint(2, 8)))] = None
+    return list(texts)
+
+
+@torch.no_grad()
+def expert_logits(folder: Path, texts: list[str]) -> torch.Tensor:
+    """An expert's logits, run with plain transformers (independent of hm3)."""
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return model(**tokenizer(texts, padding=True, return_tensors="pt")).logits.float()
+
+
+@torch.no_grad()
+def spread_head(folder: Path, texts: list[str], seed: int) -> None:
+    """Give an expert a head whose predictions vary over `texts`.
+
+    A random tiny encoder's pooled output barely changes from text to text (its std is ~1% of
+    its mean), so a random head predicts one class for everything. Standardising the head's
+    input makes every logit ~N(0, 1) over the texts: a spread of labels, and one that a merged
+    body shifts far enough to collapse, which is what re-centring must undo."""
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    seen = []
+    handle = model.classifier.register_forward_hook(lambda _m, inputs, _o: seen.append(inputs[0]))
+    model(**tokenizer(texts, padding=True, return_tensors="pt"))
+    handle.remove()
+    x = seen[0].double()
+    mean, std = x.mean(0), x.std(0)
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(model.classifier.out_features, x.shape[1], generator=generator,
+                         dtype=torch.float64) / x.shape[1] ** 0.5 / std
+    model.classifier.weight.copy_(weight.float())
+    model.classifier.bias.copy_((-weight @ mean).float())
+    model.save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def fam(tmp_path_factory):
+    """Base and three experts (two single-label, one multi-label) with spread heads, and a
+    calibration file of distinct texts per task."""
+    root = tmp_path_factory.mktemp("guided")
+    base, experts = build_family(root, TASKS, multi_label=MULTI_LABEL)
+    texts = {}
+    for i, (task, folder) in enumerate(experts.items()):
+        texts[task] = random_texts(TEXTS_PER_TASK, seed=i)
+        (root / f"{task}.txt").write_text("\n".join(texts[task]) + "\n")
+        spread_head(folder, texts[task], seed=i)
+    calibration = {"texts": {task: str(root / f"{task}.txt") for task in experts},
+                   "batch_size": 8}
+    return SimpleNamespace(root=root, base=base, experts=experts, texts=texts,
+                           calibration=calibration)
+
+
+def run_merge(fam, out: Path, method: str = "ties", experts: dict | None = None, **extra):
+    """Merge `fam` (or some of its experts) with the calibration block; returns the report."""
+    experts = experts or fam.experts
+    calibration = {**fam.calibration,
+                   "texts": {task: fam.calibration["texts"][task] for task in experts}}
+    recipe = recipe_dict(fam.base, experts, method, calibration=calibration, **extra)
+    return merge(parse_recipe(recipe), out, progress=False)
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a saved model."""
+    out = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            out.update({name: handle.get_tensor(name) for name in handle.keys()})
+    return out
+
+
+def linear_weights(folder: Path) -> list[str]:
+    """Weights of the body's linear layers (matrices that are neither embeddings nor the head)."""
+    return [name for name, tensor in tensors(folder).items()
+            if name.endswith(".weight") and tensor.dim() == 2 and "embeddings" not in name
+            and not name.startswith("classifier")]
+
+
+def guided_block(folder: Path) -> dict:
+    """What a merged model's config records of its label-free steps."""
+    return json.loads((folder / "config.json").read_text())["hm3"]["guided"]
+
+
+def label_rates(logits: np.ndarray, multi_label: bool) -> np.ndarray:
+    """Fraction of texts given each label: argmax counts, or logit > 0 (probability > 0.5)."""
+    logits = np.asarray(logits)
+    if multi_label:
+        return (logits > 0).mean(0)
+    return np.bincount(logits.argmax(1), minlength=logits.shape[1]) / len(logits)
+
+
+# --- re-centring -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("target", [[0.1, 0.2, 0.3, 0.4], [0.5, 0.0, 0.3, 0.2],
+                                    [0.0, 0.0, 0.0, 1.0]])
+def test_softmax_shift_reproduces_the_target_histogram(target):
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2000, 4)) + np.array([0.0, 0.0, 4.0, 0.0])  # class 2 dominates
+    assert recentre.histogram(logits)[2] > 0.9
+    shift = recentre.softmax_shift(logits, np.array(target))
+    assert shift.shape == (4,)
+    assert abs(shift.mean()) < 1e-9
+    np.testing.assert_allclose(recentre.histogram(logits + shift), target, atol=0.01)
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.8])
+def test_sigmoid_shift_gives_the_requested_positive_rates(threshold):
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(301, 5)) * np.array([1.0, 3.0, 0.2, 1.0, 1.0]) + 2.0
+    rates = np.array([0.0, 0.1, 0.37, 0.9, 1.0])
+    shift = recentre.sigmoid_shift(logits, rates, threshold)
+    cut = np.log(threshold / (1 - threshold))
+    got = (logits + shift > cut).mean(0)
+    assert np.all(np.abs(got - rates) <= 1 / len(logits) + 1e-12), got
+
+
+def test_recentred_merge_predicts_each_label_as_often_as_its_expert(fam, tmp_path):
+    out = tmp_path / "recentred"
+    extra = dict(parameters={"density": 0.5})
+    report = run_merge(fam, out, recentre=True, **extra)
+    plain = tmp_path / "plain"
+    run_merge(fam, plain, **extra)
+    record = guided_block(out)["recentre"]
+    assert report.guided["recentre"] == record
+    model = hm3.load(out, device="cpu")
+    collapsed = 0
+    for task, folder in fam.experts.items():
+        texts, multi = fam.texts[task], task in MULTI_LABEL
+        group = model.group(task)
+        want = label_rates(expert_logits(folder, texts).numpy(), multi)
+        got = label_rates(model.logits(texts)[:, group.offset:group.stop], multi)
+        np.testing.assert_allclose(got, want, atol=1 / len(texts) + 1e-6, err_msg=task)
+        entry = record[task]
+        assert set(entry) >= {"before", "after", "target", "shift"}
+        assert all(len(entry[key]) == len(TASKS[task]) for key in entry)
+        np.testing.assert_allclose(entry["target"], want, atol=1e-4, err_msg=task)
+        np.testing.assert_allclose(entry["after"], want, atol=1 / len(texts) + 1e-4, err_msg=task)
+        collapsed += np.abs(np.array(entry["before"]) - want).max() > 1 / len(texts)
+    assert collapsed, "the merge kept every histogram, so re-centring was not exercised"
+    # re-centring moves the head biases by the recorded shift, and nothing else
+    shifted, unshifted = tensors(out), tensors(plain)
+    for name in unshifted:
+        if name != "classifier.bias":
+            assert torch.equal(shifted[name], unshifted[name]), name
+    shift = np.concatenate([record[task]["shift"] for task in fam.experts])
+    np.testing.assert_allclose(shifted["classifier.bias"] - unshifted["classifier.bias"], shift,
+                               atol=1e-4)
+
+
+# --- LEWIS -----------------------------------------------------------------------------------
+
+def test_lewis_densities_follow_how_far_each_layer_moved():
+    base = {"a": 1.0, "b": 2.0, "c": 3.0, "d": 4.0, "e": 5.0}
+    expert = {"a": 1.5, "b": 0.5, "c": 3.1, "d": 6.5, "e": 5.0}  # moves .5 1.5 .1 2.5 0
+    densities = lewis.scale_densities(base, expert, gamma=0.2, epsilon=0.9)
+    assert set(densities) == set(base)
+    assert all(0.2 <= d <= 0.9 for d in densities.values())
+    assert densities["d"] == pytest.approx(0.9) and densities["e"] == pytest.approx(0.2)
+    moves = np.array([abs(expert[k] - base[k]) for k in base])
+    assert list(np.argsort(moves)) == list(np.argsort([densities[k] for k in base]))
+    # min-max scaling is linear in the move
+    assert densities["a"] == pytest.approx(0.2 + 0.7 * 0.5 / 2.5)
+
+
+def test_lewis_equal_moves_give_the_midpoint():
+    densities = lewis.scale_densities({"a": 1.0, "b": 2.0}, {"a": 1.5, "b": 1.5}, 0.3, 0.8)
+    assert densities == {"a": pytest.approx(0.55), "b": pytest.approx(0.55)}
+
+
+def test_lewis_merge_uses_its_densities_per_layer_and_expert(fam, tmp_path, monkeypatch):
+    computed = {}  # the unrounded densities handed to the merge (the report rounds them)
+    to_overrides = lewis.overrides
+
+    def spy(table, *args):
+        computed.update(table)
+        return to_overrides(table, *args)
+
+    monkeypatch.setattr(lewis, "overrides", spy)
+    out = tmp_path / "lewis"
+    run_merge(fam, out, parameters={"density": 0.5}, lewis={"gamma": 0.3, "epsilon": 0.8})
+    assert (out / "lewis_densities.png").stat().st_size > 0
+    block = guided_block(out)["lewis"]
+    assert (block["gamma"], block["epsilon"]) == (0.3, 0.8)
+    table = block["densities"]
+    assert set(table) == set(fam.experts)
+    linear = {name.removesuffix(".weight") for name in linear_weights(fam.experts["topic"])}
+    for task, densities in table.items():
+        assert set(densities) == linear, task  # every linear layer but the head
+        assert all(0.3 <= d <= 0.8 for d in densities.values()), task
+        assert min(densities.values()) == 0.3 and max(densities.values()) == 0.8, task
+        assert densities == {k: round(v, 4) for k, v in computed[task].items()}
+    # the same merge, spelled as per-expert overrides on a plain recipe, gives the same model
+    overrides = [{"pattern": f"{layer}.{part}", "density": density, "experts": [task]}
+                 for task, densities in computed.items() for layer, density in densities.items()
+                 for part in ("weight", "bias")]
+    spelled = tmp_path / "overrides"
+    merge(parse_recipe(recipe_dict(fam.base, fam.experts, "ties", parameters={"density": 0.5},
+                                   overrides=overrides)), spelled, progress=False)
+    plain = tmp_path / "plain"
+    merge(parse_recipe(recipe_dict(fam.base, fam.experts, "ties", parameters={"density": 0.5})),
+          plain, progress=False)
+    got, want, at_recipe_density = tensors(out), tensors(spelled), tensors(plain)
+    assert set(got) == set(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-6, msg=name)
+    moved = [name for name in want if not torch.equal(got[name], at_recipe_density[name])]
+    assert moved and all(name.rsplit(".", 1)[0] in linear for name in moved)
+
+
+# --- RegMean ---------------------------------------------------------------------------------
+
+def _gram(rows: int, width: int, seed: int) -> torch.Tensor:
+    x = torch.randn(rows, width, generator=torch.Generator().manual_seed(seed),
+                    dtype=torch.float64)
+    return x.T @ x / rows
+
+
+def _weights(n: int, seed: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(3, 6, generator=generator) for _ in range(n)]
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 0.9, 1.0])
+def test_regmean_with_equal_grams_is_the_plain_mean(alpha):
+    gram, weights = _gram(40, 6, 0), _weights(3, 1)
+    got = regmean.solve([gram] * 3, weights, alpha)
+    torch.testing.assert_close(got, torch.stack(weights).mean(0), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0])
+def test_regmean_of_one_expert_is_its_weight(alpha):
+    weight = _weights(1, 2)[0]
+    torch.testing.assert_close(regmean.solve([_gram(40, 6, 3)], [weight], alpha), weight,
+                               rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("alpha", [0.3, 1.0])
+def test_regmean_with_different_grams_solves_the_regression(alpha):
+    grams, weights = [_gram(40, 6, 4), 5 * _gram(9, 6, 5)], _weights(2, 6)
+    got = regmean.solve(grams, weights, alpha)
+    assert not torch.allclose(got, torch.stack(weights).mean(0), atol=1e-2)
+    regular = [alpha * g + (1 - alpha) * torch.diag(torch.diagonal(g)) for g in grams]
+    by_hand = torch.linalg.solve(sum(regular),
+                                 sum(g @ w.double().T for g, w in zip(regular, weights))).T
+    torch.testing.assert_close(got, by_hand.float(), rtol=0, atol=1e-5)
+    # the normal equations of min_W sum_i |X_i W^T - X_i W_i^T|^2 hold at the solution
+    residual = sum(g @ (got.double() - w.double()).T for g, w in zip(regular, weights))
+    assert residual.abs().max() < 1e-5
+
+
+def test_regmean_merge_of_one_expert_returns_its_linear_weights(fam, tmp_path):
+    one = {"topic": fam.experts["topic"]}
+    out = tmp_path / "regmean"
+    report = run_merge(fam, out, experts=one, parameters={"density": 0.5}, regmean=True)
+    got, want = tensors(out), tensors(fam.experts["topic"])
+    linear = linear_weights(fam.experts["topic"])
+    assert len(linear) == report.guided["regmean"]["layers"] == 13
+    for name in linear:
+        # 1e-4, not 1e-5: the pooler sees only [CLS] rows, whose Gram is nearly singular in a
+        # random tiny encoder, so the solver's ridge (1e-8 of the mean diagonal) shows
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-4, msg=name)
+    # everything else kept the recipe's merge: at density 0.5 a layer norm is trimmed
+    name = "bert.encoder.layer.0.output.LayerNorm.weight"
+    assert not torch.allclose(got[name], want[name], atol=1e-4)
+
+
+# --- learned coefficients --------------------------------------------------------------------
+
+def test_coefficients_lower_the_objective_and_leave_the_heads_whole(fam, tmp_path):
+    extra = dict(heads="whole", parameters={"density": 0.5})
+    fitted = tmp_path / "fitted"
+    run_merge(fam, fitted, coefficients={"steps": 15, "lr": 0.05}, **extra)
+    plain = tmp_path / "plain"
+    run_merge(fam, plain, **extra)
+    block = guided_block(fitted)["coefficients"]
+    assert block["objective_after"] < block["objective_before"]
+    assert set(block["coefficients"]) == set(fam.experts)
+    assert all(len(row) == len(block["blocks"]) for row in block["coefficients"].values())
+    values = [v for row in block["coefficients"].values() for v in row]
+    assert all(0.0 <= v <= 1.5 for v in values) and any(v != 1.0 for v in values)
+    got, without = tensors(fitted), tensors(plain)
+    for name in HEAD:
+        assert torch.equal(got[name], without[name]), name
+        rows = torch.cat([tensors(folder)[name] for folder in fam.experts.values()])
+        assert torch.equal(got[name], rows), name
+    assert any(not torch.allclose(got[n], without[n]) for n in without if n not in HEAD)
+
+
+def test_coefficients_stay_within_their_bounds(fam, tmp_path):
+    out = tmp_path / "bounded"
+    report = run_merge(fam, out, experts={t: fam.experts[t] for t in ("sentiment", "topic")},
+                       coefficients={"steps": 2, "lr": 1.0, "low": 0.9, "high": 1.1})
+    values = [v for row in report.guided["coefficients"]["coefficients"].values() for v in row]
+    assert all(0.9 <= v <= 1.1 for v in values)
+    assert any(v in (0.9, 1.1) for v in values)  # a step of lr 1 must have hit a bound
+
+
+@pytest.mark.parametrize("step", [{"regmean": True}, {"coefficients": {"steps": 1}}],
+                         ids=["regmean", "coefficients"])
+def test_guided_merges_record_task_vector_norms_like_a_plain_merge(fam, tmp_path, step):
+    # The coefficient path builds its own shares of the merge; it must still measure the norms.
+    two = {t: fam.experts[t] for t in ("sentiment", "topic")}
+    plain = run_merge(fam, tmp_path / "plain", experts=two)
+    guided = run_merge(fam, tmp_path / "guided", experts=two, **step)
+    assert set(plain.task_vector_norms) == set(two)
+    assert guided.task_vector_norms == pytest.approx(plain.task_vector_norms)
+    recorded = json.loads((tmp_path / "guided" / "config.json").read_text())
+    assert recorded["hm3"]["task_vector_norms"] == pytest.approx(plain.task_vector_norms,
+                                                                 abs=1e-6)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("weights", [[0.7, 1.3, 0.5], [1.0, -1.0, 0.0]])
+def test_contributions_add_up_to_the_combined_merge(name, normalize, weights):
+    method = METHODS[name]
+    shared = method.validate_shared({"normalize": normalize} if method.mean_of_models
+                                    else {"normalize": normalize, "lambda": 0.8}, "parameters")
+    generator = torch.Generator().manual_seed(0)
+    base = torch.randn(6, 5, generator=generator)
+    deltas = []
+    for _ in weights:  # sparse task vectors, with entries where no expert is left
+        delta = torch.randn(6, 5, generator=generator)
+        deltas.append(delta * (torch.rand(6, 5, generator=generator) > 0.4))
+    deltas[0][0] = 0.0
+    deltas[1][0] = 0.0
+    shares = method.contributions(base, deltas, weights, shared)
+    assert len(shares) == len(deltas)
+    torch.testing.assert_close(base + sum(shares), method.combine(base, deltas, weights, shared),
+                               rtol=0, atol=1e-5)
+
+
+# --- heads -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("guided", [{}, {"lewis": True}], ids=["streamed", "in-memory"])
+def test_whole_heads_are_the_experts_rows_even_at_low_density(fam, tmp_path, guided):
+    two = {t: fam.experts[t] for t in ("sentiment", "topic")}
+    whole = tensors(run_merge(fam, tmp_path / "whole", experts=two, heads="whole",
+                              parameters={"density": 0.2}, **guided).path)
+    merged = tensors(run_merge(fam, tmp_path / "merged", experts=two, heads="merge",
+                               parameters={"density": 0.2}, **guided).path)
+    default = tensors(run_merge(fam, tmp_path / "default", experts=two,
+                                parameters={"density": 0.2}, **guided).path)
+    for name in HEAD:
+        rows = torch.cat([tensors(two[task])[name] for task in two])
+        assert torch.equal(whole[name], rows), name
+        assert torch.equal(default[name], merged[name]), name  # merge is the default
+    assert not torch.equal(merged["classifier.weight"], whole["classifier.weight"])
+
+
+# --- bad input -------------------------------------------------------------------------------
+
+BAD = {
+    "recentre without calibration": ({"recentre": True}, "recentre.*add a `calibration:` block"),
+    "regmean with coefficients": ({"regmean": True, "coefficients": True}, "cannot be combined"),
+    "calibration missing a task": ({"lewis": True, "drop_task": "topic"}, "missing: topic"),
+    "gamma above epsilon": ({"lewis": {"gamma": 0.9, "epsilon": 0.5}}, "must not exceed"),
+    "unknown block option": ({"lewis": {"gama": 0.3}}, "unknown option.*gama.*allowed: gamma"),
+    "unknown heads mode": ({"heads": "bogus"}, "heads: expected 'whole'.*'merge'.*'bogus'"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_guided_blocks_are_refused_before_anything_is_written(fam, tmp_path, case):
+    extra, message = BAD[case]
+    extra = dict(extra)
+    drop = extra.pop("drop_task", None)
+    experts = {t: fam.experts[t] for t in ("sentiment", "topic")}
+    if "recentre" not in extra:
+        texts = {t: p for t, p in fam.calibration["texts"].items() if t in experts and t != drop}
+        extra["calibration"] = {"texts": texts}
+    out = tmp_path / "out"
+    with pytest.raises(Hm3Error, match=message):
+        merge(parse_recipe(recipe_dict(fam.base, experts, "ties", **extra)), out, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_calibration_file_fails_the_merge_and_leaves_no_output(fam, tmp_path):
+    experts = {t: fam.experts[t] for t in ("sentiment", "topic")}
+    texts = {"sentiment": fam.calibration["texts"]["sentiment"],
+             "topic": str(tmp_path / "nowhere.txt")}
+    recipe = parse_recipe(recipe_dict(fam.base, experts, "ties", recentre=True,
+                                      calibration={"texts": texts}))
+    out = tmp_path / "out"
+    with pytest.raises(Hm3Error, match="nowhere.txt does not exist"):
+        merge(recipe, out, progress=False)
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- calibration texts -----------------------------------------------------------------------
+
+def test_calibration_drops_duplicates_and_held_out_texts_and_keeps_the_limit(tmp_path):
+    lines = ["good film", "free money", "Good  FILM", "awful meeting", "free money",
+             "win call", "who votes", "hello today", "sport news", "market phone"]
+    (tmp_path / "a.txt").write_text("\n".join(lines) + "\n\n")
+    (tmp_path / "b.txt").write_text("good film\nbad film\n")
+    sources = {task: {"path": str(tmp_path / f"{task}.txt"), "text_column": "text"}
+               for task in ("a", "b")}
+    held_out = {"a": ["awful meeting", "hello today"], "b": ["bad film"]}
+    with pytest.warns(Hm3Warning, match="left out"):
+        calibration = load_calibration(CalibrationSpec(sources, limit=4), ["a", "b"], held_out)
+    # "Good  FILM" repeats "good film"; "awful meeting" is held out; the limit stops at 4
+    assert calibration.texts["a"] == ["good film", "free money", "win call", "who votes"]
+    assert calibration.provenance["a"]["held_out_removed"] == 1
+    assert calibration.provenance["a"]["texts"] == 4
+    assert calibration.texts["b"] == ["good film"]
+    assert calibration.provenance["b"]["held_out_removed"] == 1
+    with pytest.warns(Hm3Warning, match="2 also appear"):
+        everything = load_calibration(CalibrationSpec(sources, limit=100), ["a"], held_out)
+    assert "hello today" not in everything.texts["a"]
+    assert len(everything.texts["a"]) == 6
+    assert everything.provenance["a"]["held_out_removed"] == 2
