@@ -115,6 +115,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="+", help="configurations whose name contains one of these")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--config", nargs=2, action="append", default=[],
+                        metavar=("NAME", "JSON"), help="an extra configuration: recipe fields "
+                        "as JSON on top of the plain merge, e.g. '{\"regmean\": {\"alpha\": 0.5}}'")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -123,7 +126,8 @@ def main() -> None:
     previous = json.loads(RESULTS.read_text())["rows"] if RESULTS.is_file() else []
     rows = {row["name"]: row for row in previous}
     rows["experts"] = expert_row(zoo, validation, test)
-    for name, extra in CONFIGS.items():
+    configs = {**CONFIGS, **{name: json.loads(text) for name, text in args.config}}
+    for name, extra in configs.items():
         if args.only and not any(word.lower() in name.lower() for word in args.only):
             continue
         print(f"== {name}", flush=True)
@@ -131,7 +135,7 @@ def main() -> None:
         print(json.dumps({k: rows[name][k] for k in ("mean", "merge_cpu_minutes")}), flush=True)
         write_json_atomic(RESULTS, _document(rows))
     write_json_atomic(RESULTS, _document(rows))
-    print(table([rows["experts"], *(rows[n] for n in CONFIGS if n in rows)]))
+    print(table([rows["experts"], *(row for n, row in rows.items() if n != "experts")]))
 
 
 def _document(rows: dict) -> dict:
