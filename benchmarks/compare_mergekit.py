@@ -221,7 +221,8 @@ def hm3_recipe(inputs: Inputs, method: Method) -> dict:
             entry["density"] = method.density
         experts.append(entry)
     return {"base": str(inputs.base), "method": method.name, "parameters": dict(method.shared),
-            "experts": experts, "dtype": "float32", "seed": 0}
+            "experts": experts, "dtype": "float32", "seed": 0,
+            "heads": "merge"}  # heads through the method too, as mergekit does with them
 
 
 def mergekit_config(inputs: Inputs, method: Method) -> dict:

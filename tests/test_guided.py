@@ -391,7 +391,7 @@ def test_whole_heads_are_the_experts_rows_even_at_low_density(fam, tmp_path, gui
     for name in HEAD:
         rows = torch.cat([tensors(two[task])[name] for task in two])
         assert torch.equal(whole[name], rows), name
-        assert torch.equal(default[name], merged[name]), name  # merge is the default
+        assert torch.equal(default[name], whole[name]), name  # whole is the default
     assert not torch.equal(merged["classifier.weight"], whole["classifier.weight"])
 
 

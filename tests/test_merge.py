@@ -133,7 +133,7 @@ def test_disjoint_head_blocks_pass_untouched(family, tmp_path, method):
 
 def test_linear_scales_each_head_block_by_its_weight_share(family, tmp_path):
     base, experts = family
-    recipe = recipe_dict(base, experts, "linear")
+    recipe = recipe_dict(base, experts, "linear", heads="merge")
     recipe["experts"][1]["weight"] = 3.0
     out = tmp_path / "out"
     merge(parse_recipe(recipe), out, progress=False)
@@ -144,7 +144,7 @@ def test_linear_scales_each_head_block_by_its_weight_share(family, tmp_path):
 
 def test_head_is_trimmed_on_its_own_rows_before_expansion(family, tmp_path):
     base, experts = family
-    head = tensors(merged(base, experts, tmp_path, parameters={"density": 0.25}))
+    head = tensors(merged(base, experts, tmp_path, parameters={"density": 0.25}, heads="merge"))
     for task, rows in (("sentiment", slice(0, 2)), ("topic", slice(2, 5))):
         own = tensors(experts[task])["classifier.weight"]
         block = head["classifier.weight"][rows]
@@ -219,7 +219,7 @@ def test_override_changes_only_the_matching_tensors(family, tmp_path):
 
 def test_override_restricted_to_one_expert(family, tmp_path):
     base, experts = family
-    head = tensors(merged(base, experts, tmp_path, overrides=[
+    head = tensors(merged(base, experts, tmp_path, heads="merge", overrides=[
         {"pattern": "classifier.*", "density": 0.5, "experts": ["topic"]}]))
     sentiment = tensors(experts["sentiment"])["classifier.weight"]
     assert torch.equal(head["classifier.weight"][:2], sentiment)
@@ -228,7 +228,7 @@ def test_override_restricted_to_one_expert(family, tmp_path):
 
 def test_expert_weight_zero_removes_its_body_contribution(family, tmp_path):
     base, experts = family
-    recipe = recipe_dict(base, experts, "task_arithmetic")
+    recipe = recipe_dict(base, experts, "task_arithmetic", heads="merge")
     recipe["experts"][1]["weight"] = 0.0
     out = tmp_path / "out"
     merge(parse_recipe(recipe), out, progress=False)

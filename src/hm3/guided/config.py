@@ -10,7 +10,7 @@ from typing import Any
 from hm3.errors import Hm3Error
 
 HEAD_MODES = ("whole", "merge")
-DEFAULT_HEADS = "merge"
+DEFAULT_HEADS = "whole"  # measured at least as good as merging the rows (benchmarks/RESULTS.md)
 KEYS = ("heads", "calibration", "recentre", "lewis", "regmean", "coefficients")
 
 

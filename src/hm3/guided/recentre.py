@@ -17,7 +17,7 @@ import torch
 
 from hm3.heads import TaskGroup
 
-TEMPERATURES = (1.0, 0.3, 0.1, 0.03, 0.01)
+TEMPERATURES = (1.0, 0.3, 0.1, 0.03, 0.01, 0.003)
 
 
 def histogram(logits: np.ndarray) -> np.ndarray:
@@ -32,8 +32,10 @@ def softmax_shift(logits: np.ndarray, target: np.ndarray) -> np.ndarray:
     n, k = z.shape
     t = torch.as_tensor(np.asarray(target), dtype=torch.float64).clamp_min(0.5 / n)
     t = t / t.sum()
-    scale = float(z.std()) or 1.0
-    b = torch.zeros(k, dtype=torch.float64, requires_grad=True)
+    # Start from columns of equal mean and anneal relative to the spread within columns: the
+    # shift needed can be far larger than that spread (a collapsed task).
+    scale = float(z.std(0).mean()) or 1.0
+    b = (-z.mean(0)).clone().requires_grad_(True)
     for tau in TEMPERATURES:
         tau = tau * scale
         optimizer = torch.optim.LBFGS([b], lr=1, max_iter=200, tolerance_grad=1e-10,
