@@ -25,6 +25,11 @@ def test_demo_merges_scores_and_times_the_four_experts(tmp_path):
         check = report["merged"]["tasks"][task]["cross_checks"]["spam"]
         assert check["expected"] == "ham" and 0 <= check["agreement"] <= 1
     assert [row["batch_size"] for row in report["bench"]["rows"]] == [1, 8, 32]
+    calibration = report["label_free"]["calibration"]
+    assert set(calibration) == set(report["experts"])
+    assert all(0 < entry["texts"] <= 256 for entry in calibration.values())
+    for task, entry in report["label_free"]["recentre"].items():
+        assert entry["after"] == pytest.approx(entry["target"], abs=2 / 256), task
     assert any("merged model:" in line for line in lines)
 
     merged = hm3.load(report["merged_model"], device="cpu")

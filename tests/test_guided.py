@@ -14,7 +14,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import hm3
 from hm3 import Hm3Error, Hm3Warning, merge, parse_recipe
-from hm3.guided import lewis, recentre, regmean
+from hm3.guided import align, lewis, recentre, regmean
 from hm3.guided.calibration import load_calibration
 from hm3.guided.config import CalibrationSpec
 from hm3.methods import METHODS
@@ -458,3 +458,46 @@ def test_calibration_drops_duplicates_and_held_out_texts_and_keeps_the_limit(tmp
     assert "hello today" not in everything.texts["a"]
     assert len(everything.texts["a"]) == 6
     assert everything.provenance["a"]["held_out_removed"] == 2
+
+
+# --- head alignment ----------------------------------------------------------------------------
+
+def test_fit_rows_recovers_an_exact_linear_map_and_shrinks_toward_the_start():
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(200, 6, generator=generator, dtype=torch.float64)
+    truth = torch.randn(3, 6, generator=generator, dtype=torch.float64)
+    start = torch.randn(3, 6, generator=generator, dtype=torch.float64)
+    targets = features @ truth.T
+    torch.testing.assert_close(align.fit_rows(features, targets, start, 1e-10), truth,
+                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(align.fit_rows(features, targets, start, 1e8), start,
+                               rtol=0, atol=1e-5)
+    middle = align.fit_rows(features, targets, start, 1.0)
+    assert 0 < float((middle - truth).norm()) < float((start - truth).norm())
+
+
+def test_aligned_heads_match_the_experts_logits_better_and_touch_only_the_head(fam, tmp_path):
+    two = {t: fam.experts[t] for t in ("sentiment", "topic")}
+    extra = dict(experts=two, parameters={"density": 0.5})
+    report = run_merge(fam, tmp_path / "aligned", align_heads={"ridge": 0.01}, **extra)
+    plain = run_merge(fam, tmp_path / "plain", **extra)
+    for task, entry in report.guided["align_heads"]["tasks"].items():
+        assert entry["mse_after"] < entry["mse_before"], task
+        assert entry["agreement_after"] >= entry["agreement_before"], task
+    aligned, merged = tensors(report.path), tensors(plain.path)
+    changed = {name for name in merged if not torch.equal(aligned[name], merged[name])}
+    assert changed == set(HEAD)
+    model = hm3.load(report.path, device="cpu")
+    for task, folder in two.items():
+        group = model.group(task)
+        got = torch.from_numpy(model.logits(fam.texts[task])[:, group.offset:group.stop])
+        want = expert_logits(folder, fam.texts[task])
+        before = hm3.load(plain.path, device="cpu").logits(fam.texts[task])
+        before = torch.from_numpy(before[:, group.offset:group.stop])
+        assert (got - want).pow(2).mean() < (before - want).pow(2).mean(), task
+
+
+def test_align_heads_needs_a_positive_ridge(fam, tmp_path):
+    with pytest.raises(Hm3Error, match="align_heads.ridge: expected a positive number"):
+        run_merge(fam, tmp_path / "out", align_heads={"ridge": 0})
+    assert not (tmp_path / "out").exists()

@@ -9,9 +9,12 @@ from pathlib import Path
 from hm3.checkpoint import write_json_atomic
 from hm3.table import format_table
 
-# The demo's merge: the best plain method on the zoo's validation splits (benchmarks/RESULTS.md).
+# The demo's merge: the best plain method on the zoo's validation splits, then the best
+# label-free steps on top of it (benchmarks/RESULTS.md, "Label-free merging").
 DEFAULT_METHOD = "ties"
 DEFAULT_PARAMETERS = {"density": 0.2}
+LABEL_FREE = {"heads": "whole", "regmean": {"alpha": 0.9}, "recentre": True}
+CALIBRATION_TEXTS = 256  # per task, from the zoo's calibration split (labels ignored)
 # The experts were fine-tuned on 64 tokens; 128 keeps most of each BBC article's lead and
 # keeps the demo quick. Experts and merged model are scored at the same length.
 MAX_LENGTH = 128
@@ -23,9 +26,19 @@ BENCH_TEXTS = 32
 
 def demo_recipe(zoo) -> dict:
     """The demo's recipe as plain data (what `hm3 merge` would read from YAML)."""
+    calibration = {"texts": {task: str(files["calibration"]) for task, files in zoo.splits.items()},
+                   "limit": CALIBRATION_TEXTS, "max_length": MAX_LENGTH}
     return {"base": str(zoo.base), "method": DEFAULT_METHOD, "parameters": DEFAULT_PARAMETERS,
             "experts": [{"model": str(path), "task": task} for task, path in zoo.experts.items()],
-            "seed": 0}
+            "seed": 0, **LABEL_FREE, "calibration": calibration}
+
+
+def held_out_texts(zoo) -> dict[str, list[str]]:
+    """Each task's validation and test texts: kept out of the calibration texts."""
+    from hm3.zoo import read_split
+
+    return {task: [text for part in ("validation", "test") for text, _ in read_split(files[part])]
+            for task, files in zoo.splits.items()}
 
 
 def test_datasets(zoo):
@@ -59,15 +72,17 @@ def run_demo(output: str | Path = "hm3-demo", cache_dir: str | Path | None = Non
     echo(f"    cached in {next(iter(zoo.experts.values())).parent}")
 
     echo(f"2/4 merge: {len(zoo.experts)} experts with HM3 + {DEFAULT_METHOD} "
-         f"{json.dumps(DEFAULT_PARAMETERS)}")
+         f"{json.dumps(DEFAULT_PARAMETERS)}, label-free steps {json.dumps(LABEL_FREE)} on "
+         f"{CALIBRATION_TEXTS} unlabelled calibration texts per task")
     recipe = parse_recipe(demo_recipe(zoo))
     merged_dir = output / "merged"
-    merge(recipe, merged_dir, overwrite=True, progress=progress)
+    merged_report = merge(recipe, merged_dir, overwrite=True, progress=progress,
+                          held_out=held_out_texts(zoo))
 
     echo("3/4 evaluate: experts and merged model on the held-out test splits")
     datasets = test_datasets(zoo)
     merged = load(merged_dir, device="cpu", max_length=MAX_LENGTH)
-    merged_report = evaluate(merged, datasets)
+    scores = evaluate(merged, datasets)
     experts = {task: load(path, task=task, device="cpu", max_length=MAX_LENGTH)
                for task, path in zoo.experts.items()}
     expert_reports = {task: evaluate(model, [d for d in datasets if d.task == task])
@@ -77,7 +92,10 @@ def run_demo(output: str | Path = "hm3-demo", cache_dir: str | Path | None = Non
     texts = [text for d in datasets for text in d.texts][:bench_texts]
     speed = benchmark(merged, list(experts.values()), texts, repeats=3, warmup=1)
 
-    report = {"recipe": recipe.to_dict(), "merged": merged_report,
+    report = {"recipe": recipe.to_dict(), "merged": scores,
+              "label_free": {k: merged_report.guided[k] for k in ("calibration", "recentre",
+                                                                   "seconds", "cpu_seconds")
+                             if k in merged_report.guided},
               "experts": {t: r["tasks"][t] for t, r in expert_reports.items()},
               "bench": speed, "seconds": round(time.perf_counter() - started, 1),
               "merged_model": str(merged_dir.resolve())}

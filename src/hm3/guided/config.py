@@ -11,7 +11,7 @@ from hm3.errors import Hm3Error
 
 HEAD_MODES = ("whole", "merge")
 DEFAULT_HEADS = "whole"  # measured at least as good as merging the rows (benchmarks/RESULTS.md)
-KEYS = ("heads", "calibration", "recentre", "lewis", "regmean", "coefficients")
+KEYS = ("heads", "calibration", "recentre", "lewis", "regmean", "coefficients", "align_heads")
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,14 @@ class RegMean:
 
 
 @dataclass(frozen=True)
+class AlignHeads:
+    """Closed-form refit of each task's head rows toward its expert's logits (ridge to the rows
+    as merged)."""
+
+    ridge: float = 1.0
+
+
+@dataclass(frozen=True)
 class Coefficients:
     """AdaMerging-style coefficients, one per expert per block, fitted by matching the experts."""
 
@@ -60,11 +68,13 @@ class Guided:
     lewis: Lewis | None = None
     regmean: RegMean | None = None
     coefficients: Coefficients | None = None
+    align_heads: AlignHeads | None = None
 
     @property
     def needs_model(self) -> bool:
         """Whether the merge must run the model on calibration texts (in memory)."""
-        return bool(self.recentre or self.lewis or self.regmean or self.coefficients)
+        return bool(self.recentre or self.lewis or self.regmean or self.coefficients
+                    or self.align_heads)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"heads": self.heads}
@@ -73,7 +83,7 @@ class Guided:
                                   "max_length": self.calibration.max_length}
         if self.recentre:
             out["recentre"] = True
-        for name in ("lewis", "regmean", "coefficients"):
+        for name in ("lewis", "regmean", "coefficients", "align_heads"):
             block = getattr(self, name)
             if block is not None:
                 out[name] = dict(block.__dict__)
@@ -103,13 +113,15 @@ def parse_guided(raw: dict, tasks: list[str]) -> Guided:
     if coefficients and not coefficients.low < coefficients.high:
         raise Hm3Error(f"coefficients: low ({coefficients.low}) must be below high "
                        f"({coefficients.high})")
+    align_heads = _block(raw, "align_heads", AlignHeads, {"ridge": _positive})
     if regmean and coefficients:
         raise Hm3Error("regmean and coefficients cannot be combined: RegMean solves the linear "
                        "layers in closed form, which leaves no task vectors to weigh; keep one")
     calibration = _calibration(raw.get("calibration"), tasks)
-    guided = Guided(heads, calibration, recentre, lewis, regmean, coefficients)
+    guided = Guided(heads, calibration, recentre, lewis, regmean, coefficients, align_heads)
     if guided.needs_model and calibration is None:
-        wanted = [k for k in ("recentre", "lewis", "regmean", "coefficients") if raw.get(k)]
+        wanted = [k for k in ("recentre", "lewis", "regmean", "coefficients", "align_heads")
+                  if raw.get(k)]
         raise Hm3Error(f"{', '.join(wanted)}: needs unlabelled texts: add a `calibration:` block, "
                        "e.g. `calibration: {texts: {TASK: texts.txt}}` with a file per task")
     return guided

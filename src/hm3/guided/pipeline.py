@@ -9,7 +9,7 @@ import time
 import torch
 
 from hm3.guided import coefficients as coef
-from hm3.guided import lewis, recentre, regmean
+from hm3.guided import align, lewis, recentre, regmean
 from hm3.guided.calibration import (Calibration, expert_classifier, load_calibration,
                                     load_tokenizer, run_batches, tokenize)
 
@@ -38,7 +38,6 @@ def guided_model(sources, progress: bool = False,
     skip = head_modules(sources)
     report: dict = {"heads": guided.heads, "calibration": calibration.provenance,
                     "max_length": spec.max_length}
-    expert_logits: dict[str, list[torch.Tensor]] = {}
 
     def logits_of_experts(task_batches: dict[str, list[dict]]) -> dict[str, list[torch.Tensor]]:
         out = {}
@@ -72,8 +71,13 @@ def guided_model(sources, progress: bool = False,
         layers = regmean.apply_regmean(model, sources, batches, guided.regmean.alpha, skip,
                                        progress)
         report["regmean"] = {"alpha": guided.regmean.alpha, "layers": len(layers)}
+    if guided.align_heads or guided.recentre:
+        expert_logits = {task: torch.cat(z) for task, z in logits_of_experts(batches).items()}
+    if guided.align_heads:
+        report["align_heads"] = align.align_heads(model, sources, batches, expert_logits,
+                                                  guided.align_heads.ridge)
     if guided.recentre:
-        report["recentre"] = _recentre(model, sources, batches, logits_of_experts(batches))
+        report["recentre"] = _recentre(model, sources, batches, expert_logits)
     report["cpu_seconds"] = round(time.process_time() - started[0], 1)
     report["seconds"] = round(time.perf_counter() - started[1], 1)
     return model, sources, report
@@ -110,7 +114,7 @@ def _recentre(model, sources, batches, expert_logits) -> dict:
     out = {}
     for group in sources.groups:
         merged = run_batches(model, batches[group.name]).numpy()
-        expert = torch.cat(expert_logits[group.name]).numpy()
+        expert = expert_logits[group.name].numpy()
         result = recentre.recentre(merged, expert, group)
         bias[group.offset:group.stop] += torch.tensor(result["shift"], dtype=bias.dtype)
         out[group.name] = result
