@@ -211,6 +211,10 @@ def _merge(args) -> int:
     for group in report.groups:
         kind = "multi-label" if group.multi_label else "single-label"
         print(f"  {group.name:<16} {kind:<12} {', '.join(group.labels)}")
+    if report.guided:
+        from hm3.guided.pipeline import format_guided
+
+        print(format_guided(report.guided))
     return 0
 
 

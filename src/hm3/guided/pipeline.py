@@ -1,5 +1,5 @@
 """The label-free merge, in memory: LEWIS densities -> method merge (or learned coefficients)
--> RegMean -> bias re-centring. `hm3.merge.merge` writes what comes out."""
+-> RegMean -> head alignment -> bias re-centring. `hm3.merge.merge` writes what comes out."""
 
 from __future__ import annotations
 
@@ -119,3 +119,33 @@ def _recentre(model, sources, batches, expert_logits) -> dict:
         bias[group.offset:group.stop] += torch.tensor(result["shift"], dtype=bias.dtype)
         out[group.name] = result
     return out
+
+
+def format_guided(report: dict) -> str:
+    """A few lines on what the label-free steps did (for the command line)."""
+    texts = ", ".join(f"{task} {entry['texts']}" for task, entry in report["calibration"].items())
+    lines = [f"label-free steps ({report['seconds']:.0f}s): heads {report['heads']}; "
+             f"calibration texts: {texts}"]
+    if "lewis" in report:
+        lewis_ = report["lewis"]
+        lines.append(f"  lewis: layer densities in [{lewis_['gamma']}, {lewis_['epsilon']}] "
+                     "(table in config.json, plot lewis_densities.png)")
+    if "coefficients" in report:
+        fit = report["coefficients"]
+        lines.append(f"  coefficients: {len(fit['blocks'])} blocks x {len(fit['coefficients'])} "
+                     f"experts, KL to the experts {fit['objective_before']:.4f} -> "
+                     f"{fit['objective_after']:.4f}")
+    if "regmean" in report:
+        lines.append(f"  regmean: {report['regmean']['layers']} linear layers "
+                     f"(alpha {report['regmean']['alpha']})")
+    if "align_heads" in report:
+        for task, entry in report["align_heads"]["tasks"].items():
+            lines.append(f"  align_heads {task}: agreement with the expert "
+                         f"{entry['agreement_before']:.1%} -> {entry['agreement_after']:.1%}")
+    if "recentre" in report:
+        for task, entry in report["recentre"].items():
+            gap = max(abs(b - t) for b, t in zip(entry["before"], entry["target"]))
+            done = max(abs(a - t) for a, t in zip(entry["after"], entry["target"]))
+            lines.append(f"  recentre {task}: largest label-share gap to the expert "
+                         f"{gap:.1%} -> {done:.1%}")
+    return "\n".join(lines)
