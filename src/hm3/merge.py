@@ -186,34 +186,40 @@ def whole_head(sources: Sources, job: TensorJob) -> torch.Tensor:
 
 
 def job_inputs(sources: Sources, job: TensorJob
-               ) -> tuple[torch.Tensor, list[torch.Tensor], list[float]]:
+               ) -> tuple[torch.Tensor, Iterator[torch.Tensor], list[float]]:
     """One floating tensor's base, the experts' sparsified task vectors and their weights (head
-    rows expanded to the merged layout). Adds to `sources.task_vector_sq` when it is set."""
+    rows expanded to the merged layout). The task vectors come lazily, one expert at a time, so
+    a method that needs no consensus holds one of them at once. Adds to
+    `sources.task_vector_sq` when it is set."""
     recipe = sources.recipe
-    method = get_method(recipe.method)
-    shared = recipe.parameters
-    squares = sources.task_vector_sq
     if job.head_role is not None:
         base = torch.zeros(job.shape)
     else:
         base = (sources.base.tensor(job.base_name).float() if job.base_name
                 else torch.zeros(job.shape))
+    weights = [recipe.model_parameters(job.name, spec)["weight"] for spec in recipe.experts]
+    return base, _task_vectors(sources, job, base), weights
+
+
+def _task_vectors(sources: Sources, job: TensorJob, base: torch.Tensor) -> Iterator[torch.Tensor]:
+    recipe = sources.recipe
+    method = get_method(recipe.method)
+    shared = recipe.parameters
+    squares = sources.task_vector_sq
     base_sq = float(base.pow(2).sum()) if job.base_name and squares else 0.0
-    deltas = []
     for i, (spec, ckpt) in enumerate(zip(recipe.experts, sources.experts)):
         params = recipe.model_parameters(job.name, spec)
         generator = _generator(recipe.seed, job.name, i)
         if job.head_role is not None:
             sparse = method.sparsify(ckpt.tensor(job.name).float(), params, shared, generator)
-            deltas.append(expand_head(sparse, sources.groups[i].offset, sources.num_labels))
+            yield expand_head(sparse, sources.groups[i].offset, sources.num_labels)
             continue
+        # A fresh tensor: what a checkpoint returns may be its memory map or its preloaded copy.
         delta = ckpt.tensor(job.name).float() - base
         if job.base_name and squares:
-            squares[i][0] += float(delta.pow(2).sum())
+            squares[i][0] += float(torch.linalg.vector_norm(delta)) ** 2
             squares[i][1] += base_sq
-        deltas.append(method.sparsify(delta, params, shared, generator))
-    weights = [recipe.model_parameters(job.name, spec)["weight"] for spec in recipe.experts]
-    return base, deltas, weights
+        yield method.sparsify(delta, params, shared, generator)
 
 
 def with_recipe(sources: Sources, recipe: Recipe) -> Sources:

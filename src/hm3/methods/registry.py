@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -134,45 +134,46 @@ class MergeMethod:
             return "density" if self.random else "l1"
         return rescale
 
-    def combine(self, base: torch.Tensor, deltas: list[torch.Tensor], weights: list[float],
+    def combine(self, base: torch.Tensor, deltas: Iterable[torch.Tensor], weights: list[float],
                 shared: dict[str, Any]) -> torch.Tensor:
         """Merge (already sparsified) task vectors into the base: consensus, sum, normalise, scale.
 
-        Accumulates model by model in a fixed order, never stacking the deltas: memory holds the
-        weighted deltas and the running sums, not N more copies.
+        `deltas` may be a lazy iterable, consumed in model order. Without consensus each
+        weighted delta is added to one running sum as it comes, so memory holds one of them;
+        TIES consensus needs them all, but never a weighted copy of each.
         """
         w = torch.tensor(weights, dtype=base.dtype)
-        weighted = [delta * w[i] for i, delta in enumerate(deltas)]
-        if self.mean_of_models:
-            total = torch.zeros_like(base)
-            for i, delta in enumerate(weighted):
-                total += delta + base * w[i]
-            divisor = w.sum()
-            return total / divisor if shared["normalize"] and divisor.abs() > 1e-8 else total
+        total_weight = w.sum()
         mixed = torch.zeros_like(base)
         if self.consensus:
-            elected = elect_sign(weighted, shared["consensus"])
+            deltas = list(deltas)
+            elected = elect_sign((delta * w[i] for i, delta in enumerate(deltas)),
+                                 shared["consensus"])
             divisor = torch.zeros_like(base)
-            for i, delta in enumerate(weighted):
-                agree = agrees(delta, elected)
-                mixed += delta * agree
-                divisor += w[i] * agree
+            for i, delta in enumerate(deltas):
+                agree = ((delta.sign() * w[i].sign()) == elected).to(base.dtype)
+                mixed.addcmul_(delta, agree, value=float(w[i]))
+                divisor.add_(agree, alpha=float(w[i]))
             divisor[divisor == 0] = 1
         else:
-            for delta in weighted:
-                mixed += delta
-            divisor = w.sum()
+            for i, delta in enumerate(deltas):
+                mixed.add_(delta, alpha=float(w[i]))
+            divisor = total_weight
             if divisor.abs() < 1e-8:
                 divisor = torch.ones((), dtype=base.dtype)
+        if self.mean_of_models:  # sum w_i theta_i = base * sum w_i + sum w_i delta_i
+            if shared["normalize"] and total_weight.abs() > 1e-8:
+                return base + mixed.div_(total_weight)
+            return base * total_weight + mixed
         if shared["normalize"]:
-            mixed = mixed / divisor
+            mixed.div_(divisor)
         return base + shared["lambda"] * mixed
 
-
-    def contributions(self, base: torch.Tensor, deltas: list[torch.Tensor], weights: list[float],
+    def contributions(self, base: torch.Tensor, deltas: Iterable[torch.Tensor], weights: list[float],
                       shared: dict[str, Any]) -> list[torch.Tensor]:
         """Each model's share c_i of the merge, so that `combine` == base + sum(c_i): what
         learned coefficients scale. Holds N tensors at once (unlike `combine`)."""
+        deltas = list(deltas)
         n = len(deltas)
         w = torch.tensor(weights, dtype=base.dtype)
         if self.mean_of_models:
