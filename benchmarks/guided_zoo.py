@@ -7,6 +7,7 @@ and a markdown table is printed (copied into RESULTS.md by hand).
 
   .venv/bin/python benchmarks/guided_zoo.py                  # every configuration
   .venv/bin/python benchmarks/guided_zoo.py --only recentre regmean
+  .venv/bin/python benchmarks/guided_zoo.py --config NAME '{"regmean": {"alpha": 0.5}}'  # sweep
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from hm3.zoo import build_zoo, read_split
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "guided_zoo.json"
+SWEEP = HERE / "results" / "guided_zoo_sweep.json"  # earlier and exploratory runs
 MAX_LENGTH = 128  # as `hm3 demo`
 PLAIN = {"method": "ties", "parameters": {"density": 0.2}}  # the demo's plain merge
 # name -> recipe fields on top of PLAIN (`calibration` is added where a step needs it)
@@ -37,14 +39,20 @@ CONFIGS = {
     "plain ties 0.2 (heads merged)": {"heads": "merge"},
     "heads whole": {"heads": "whole"},
     "heads whole + recentre": {"heads": "whole", "recentre": True},
-    "LEWIS": {"heads": "whole", "lewis": {"gamma": 0.3, "epsilon": 0.8}},
-    "LEWIS + recentre": {"heads": "whole", "lewis": {"gamma": 0.3, "epsilon": 0.8},
-                         "recentre": True},
-    "RegMean": {"heads": "whole", "regmean": {"alpha": 0.9}},
-    "RegMean + recentre": {"heads": "whole", "regmean": {"alpha": 0.9}, "recentre": True},
-    "coefficients": {"heads": "whole", "coefficients": {"steps": 40}},
-    "coefficients + recentre": {"heads": "whole", "coefficients": {"steps": 40},
-                                "recentre": True},
+    "LEWIS": {"lewis": {"gamma": 0.3, "epsilon": 0.8}},
+    "LEWIS + recentre": {"lewis": {"gamma": 0.3, "epsilon": 0.8}, "recentre": True},
+    "RegMean": {"regmean": {"alpha": 1.0}},
+    "RegMean + recentre": {"regmean": {"alpha": 1.0}, "recentre": True},
+    "coefficients": {"coefficients": {"steps": 40}},
+    "coefficients + recentre": {"coefficients": {"steps": 40}, "recentre": True},
+    "align_heads": {"align_heads": {"ridge": 0.1}},
+    "align_heads + recentre": {"align_heads": {"ridge": 0.1}, "recentre": True},
+    "LEWIS + align_heads + recentre": {"lewis": {"gamma": 0.3, "epsilon": 0.8},
+                                       "align_heads": {"ridge": 0.1}, "recentre": True},
+    "RegMean + align_heads + recentre": {"regmean": {"alpha": 1.0},
+                                         "align_heads": {"ridge": 0.1}, "recentre": True},
+    "coefficients + align_heads + recentre": {"coefficients": {"steps": 40},
+                                              "align_heads": {"ridge": 0.1}, "recentre": True},
 }
 
 
@@ -60,7 +68,7 @@ def datasets(zoo, split: str) -> list[Dataset]:
 def run_config(zoo, name: str, extra: dict, validation, test) -> dict:
     raw = {"base": str(zoo.base), **PLAIN, **extra, "seed": 0,
            "experts": [{"model": str(p), "task": t} for t, p in zoo.experts.items()]}
-    if any(k in extra for k in ("recentre", "lewis", "regmean", "coefficients")):
+    if any(k in extra for k in ("recentre", "lewis", "regmean", "coefficients", "align_heads")):
         raw["calibration"] = {"texts": {t: {"path": str(f["calibration"])}
                                         for t, f in zoo.splits.items()}, "limit": 256,
                               "max_length": MAX_LENGTH}
@@ -123,18 +131,20 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     zoo = build_zoo(progress=True)
     validation, test = datasets(zoo, "validation"), datasets(zoo, "test")
-    previous = json.loads(RESULTS.read_text())["rows"] if RESULTS.is_file() else []
+    target = SWEEP if args.config else RESULTS  # exploratory configurations go to the sweep
+    previous = json.loads(target.read_text())["rows"] if target.is_file() else []
     rows = {row["name"]: row for row in previous}
     rows["experts"] = expert_row(zoo, validation, test)
-    configs = {**CONFIGS, **{name: json.loads(text) for name, text in args.config}}
+    configs = ({name: json.loads(text) for name, text in args.config} if args.config
+               else CONFIGS)
     for name, extra in configs.items():
         if args.only and not any(word.lower() in name.lower() for word in args.only):
             continue
         print(f"== {name}", flush=True)
         rows[name] = run_config(zoo, name, extra, validation, test)
         print(json.dumps({k: rows[name][k] for k in ("mean", "merge_cpu_minutes")}), flush=True)
-        write_json_atomic(RESULTS, _document(rows))
-    write_json_atomic(RESULTS, _document(rows))
+        write_json_atomic(target, _document(rows))
+    write_json_atomic(target, _document(rows))
     print(table([rows["experts"], *(row for n, row in rows.items() if n != "experts")]))
 
 

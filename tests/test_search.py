@@ -312,3 +312,45 @@ def test_search_cli_needs_validation_data(case, capsys):
     case.recipe_path.write_text(yaml.safe_dump(raw))
     assert main(search_command(case, 2)[3:]) == 2
     assert "no `validation`" in capsys.readouterr().err
+
+
+def with_calibration(case, **steps) -> dict:
+    """The case's recipe with unlabelled calibration texts per task and label-free `steps`."""
+    texts = {}
+    for i, task in enumerate(TASKS):
+        rng = random.Random(100 + i)
+        path = case.root / f"{task}-unlabelled.txt"
+        path.write_text("\n".join(" ".join(rng.choices(WORDS, k=5)) for _ in range(20)) + "\n")
+        texts[task] = str(path)
+    return {**case.raw, "calibration": {"texts": texts, "batch_size": 8}, **steps}
+
+
+def test_search_samples_lewis_gamma_and_epsilon_and_saves_what_it_scored(case):
+    validation, test = datasets(case)
+    recipe = parse_recipe(with_calibration(case))
+    space = SearchSpace(methods=("ties",), lewis_range=(0.2, 0.9))
+    result = run_search(recipe, validation, test, case.out, SearchConfig(trials=4, space=space),
+                        progress=False)
+    assert result.finished == 4
+    for row in json.loads((case.out / "trials.json").read_text()):
+        assert 0.2 <= row["lewis_a"] <= 0.9 and 0.2 <= row["lewis_b"] <= 0.9
+    best = json.loads((case.out / "best.json").read_text())
+    gamma, epsilon = sorted((best["params"]["lewis_a"], best["params"]["lewis_b"]))
+    assert best["recipe"]["lewis"] == {"gamma": gamma, "epsilon": epsilon}
+    config = json.loads((case.out / "best-model" / "config.json").read_text())
+    densities = [d for table in config["hm3"]["guided"]["lewis"]["densities"].values()
+                 for d in table.values()]
+    assert min(densities) == pytest.approx(gamma, abs=1e-4)
+    assert max(densities) == pytest.approx(epsilon, abs=1e-4)
+    # The saved model is the model the trial scored: LEWIS re-derived from the same texts.
+    model = hm3.load(case.out / "best-model", device="cpu")
+    assert evaluate(model, validation)["mean_macro_f1"] == pytest.approx(best["validation_mean"],
+                                                                         abs=1e-9)
+
+
+def test_search_refuses_steps_it_would_run_on_every_trial(case):
+    validation, test = datasets(case)
+    recipe = parse_recipe(with_calibration(case, recentre=True))
+    with pytest.raises(Hm3Error, match="recentre would run on every trial"):
+        run_search(recipe, validation, test, case.out, SearchConfig(trials=2), progress=False)
+    assert not (case.out / "study.db").exists()

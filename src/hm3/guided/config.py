@@ -34,9 +34,10 @@ class Lewis:
 
 @dataclass(frozen=True)
 class RegMean:
-    """RegMean for linear layers; `alpha` scales the Grams' off-diagonal entries."""
+    """RegMean for linear layers; `alpha` scales the Grams' off-diagonal entries (1 keeps them:
+    measured best on the zoo, against 0.9 and 0.5)."""
 
-    alpha: float = 0.9
+    alpha: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class AlignHeads:
     """Closed-form refit of each task's head rows toward its expert's logits (ridge to the rows
     as merged)."""
 
-    ridge: float = 1.0
+    ridge: float = 0.1  # measured better than 1.0 on the zoo
 
 
 @dataclass(frozen=True)
