@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import functools
 import json
@@ -250,6 +249,8 @@ def _predict(args) -> int:
 
     texts = list(args.texts)
     if args.input:
+        from hm3.evaluate import read_texts
+
         texts += read_texts(Path(args.input), args.text_column)
     if not texts:
         raise Hm3Error("nothing to classify: give texts as arguments or --input FILE")
@@ -314,6 +315,8 @@ def _bench(args) -> int:
         sizes = tuple(int(x) for x in args.batch_sizes.split(","))
     except ValueError:
         raise Hm3Error(f"--batch-sizes expects numbers like 1,8,32, got {args.batch_sizes!r}") from None
+    from hm3.evaluate import read_texts
+
     texts = read_texts(Path(args.input), args.text_column) if args.input else list(SAMPLE_TEXTS)
     merged = load(args.model, device=args.device, max_length=args.max_length)
     experts = [load(path, device=args.device, max_length=args.max_length) for path in args.experts]
@@ -391,34 +394,6 @@ def _demo(args) -> int:
 
     run_demo(args.output, cache_dir=args.cache_dir, progress=not args.no_progress)
     return 0
-
-
-def read_texts(path: Path, column: str) -> list[str]:
-    """Texts from a JSONL file (objects with `column`, or bare strings) or a CSV with `column`."""
-    if not path.is_file():
-        raise Hm3Error(f"input file {path} does not exist")
-    if path.suffix.lower() == ".csv":
-        with path.open(newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
-            if column not in (reader.fieldnames or []):
-                raise Hm3Error(f"{path} has no column {column!r} (columns: "
-                               f"{', '.join(reader.fieldnames or [])}); pass --text-column")
-            return [row[column] for row in reader]
-    texts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except ValueError:
-            raise Hm3Error(f"{path}:{number} is not JSON; expected JSONL or a .csv file") from None
-        if isinstance(item, dict) and isinstance(item.get(column), str):
-            texts.append(item[column])
-        elif isinstance(item, str):
-            texts.append(item)
-        else:
-            raise Hm3Error(f"{path}:{number} has no text field {column!r}; pass --text-column")
-    return texts
 
 
 if __name__ == "__main__":

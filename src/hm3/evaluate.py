@@ -255,6 +255,41 @@ def load_dataset(spec: str | Path, task: str, text_column: str = "text",
                    expect=dict(expect or {}))
 
 
+def read_texts(path: str | Path, column: str = "text") -> list[str]:
+    """The texts of a file, labels (if any) ignored: a .txt file holds one per line; a .jsonl
+    file one JSON string or object (with `column`) per line; any other table its `column`."""
+    path = Path(path)
+    if not path.is_file():
+        raise Hm3Error(f"text file {path} does not exist; give a .txt file (one text per line) "
+                       f"or a table ({', '.join(FILE_TYPES)})")
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if suffix == ".jsonl":
+        texts = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except ValueError:
+                raise Hm3Error(f"{path}:{number} is not JSON; expected one JSON string or "
+                               "object per line") from None
+            if isinstance(item, dict) and isinstance(item.get(column), str):
+                texts.append(item[column])
+            elif isinstance(item, str):
+                texts.append(item)
+            else:
+                raise Hm3Error(f"{path}:{number} has no text field {column!r}; name the column "
+                               "that holds the text (--text-column / text_column)")
+        return texts
+    rows = read_table(path)
+    if rows and column not in rows[0]:
+        raise Hm3Error(f"{path} has no column {column!r} (columns: {', '.join(map(str, rows[0]))});"
+                       " name the column that holds the text (--text-column / text_column)")
+    return [str(row[column]) for row in rows]
+
+
 def read_table(path: str | Path) -> list[dict]:
     """The rows of a .csv / .tsv / .jsonl / .json / .parquet file as dicts."""
     path = Path(path)

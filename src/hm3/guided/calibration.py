@@ -12,6 +12,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from hm3.errors import Hm3Error, Hm3Warning
+from hm3.evaluate import read_texts
 from hm3.guided.config import CalibrationSpec
 
 
@@ -21,24 +22,6 @@ class Calibration:
 
     texts: dict[str, list[str]]
     provenance: dict[str, dict]
-
-
-def read_texts(path: str | Path, text_column: str = "text") -> list[str]:
-    """Texts of a file: a .txt file holds one per line; a table's `text_column` is read and any
-    label column ignored."""
-    from hm3.evaluate import read_table
-
-    path = Path(path)
-    if path.suffix.lower() == ".txt":
-        if not path.is_file():
-            raise Hm3Error(f"calibration file {path} does not exist")
-        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines()
-                if line.strip()]
-    rows = read_table(path)
-    if rows and text_column not in rows[0]:
-        raise Hm3Error(f"{path} has no column {text_column!r} (columns: {', '.join(rows[0])}); "
-                       "set `text_column` in the calibration entry")
-    return [str(row[text_column]).strip() for row in rows if str(row[text_column]).strip()]
 
 
 def _key(text: str) -> str:
@@ -55,8 +38,9 @@ def load_calibration(spec: CalibrationSpec, tasks: Sequence[str],
         source = spec.sources[task]
         seen, kept, dropped = set(), [], 0
         for text in read_texts(source["path"], source["text_column"]):
+            text = text.strip()
             key = _key(text)
-            if key in seen:
+            if not key or key in seen:
                 continue
             seen.add(key)
             if key in held:

@@ -19,6 +19,8 @@ from tqdm.auto import tqdm
 
 from hm3.guided.calibration import expert_classifier, input_hooks, linear_layers, run_batches
 
+RIDGE = 1e-6  # relative to the Grams' mean diagonal
+
 
 def gram_matrices(model: torch.nn.Module, batches: Sequence[dict],
                   skip: Sequence[str] = ()) -> dict[str, torch.Tensor]:
@@ -40,16 +42,24 @@ def gram_matrices(model: torch.nn.Module, batches: Sequence[dict],
 
 def solve(grams: Sequence[torch.Tensor], weights: Sequence[torch.Tensor],
           alpha: float) -> torch.Tensor:
-    """RegMean's merged weight (out, in) from each expert's Gram (in, in) and weight (out, in)."""
+    """RegMean's merged weight (out, in) from each expert's Gram (in, in) and weight (out, in).
+
+    A small ridge pulls the solution toward the experts' plain mean: input directions that no
+    calibration text reaches (a Gram of lower rank than its width, as the pooler's with fewer
+    texts than dimensions) keep the mean instead of dropping to zero.
+    """
     total = torch.zeros_like(grams[0], dtype=torch.float64)
     right = torch.zeros((grams[0].shape[0], weights[0].shape[0]), dtype=torch.float64)
+    mean = torch.zeros_like(weights[0], dtype=torch.float64)
     for gram, weight in zip(grams, weights):
         gram = gram.double()
         regular = alpha * gram + (1 - alpha) * torch.diag(torch.diagonal(gram))
         total += regular
         right += regular @ weight.double().T
-    ridge = 1e-8 * float(torch.diagonal(total).mean().clamp_min(1e-12))
+        mean += weight.double() / len(weights)
+    ridge = RIDGE * float(torch.diagonal(total).mean().clamp_min(1e-12))
     total += ridge * torch.eye(total.shape[0], dtype=torch.float64)
+    right += ridge * mean.T
     return torch.linalg.solve(total, right).T.float()
 
 
