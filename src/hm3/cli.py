@@ -62,7 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     predict = sub.add_parser("predict", help="classify texts with every task of a model")
     predict.add_argument("model", help="model directory or hub id")
     predict.add_argument("texts", nargs="*", help="texts to classify")
-    predict.add_argument("--input", help="JSONL or CSV file of texts (one per line/row)")
+    predict.add_argument("--input", help="file of texts: .txt (one per line), JSONL (strings or "
+                         "objects), CSV, TSV, JSON or Parquet")
     predict.add_argument("--text-column", default="text", help="column/field holding the text")
     predict.add_argument("--output", help="write JSONL here (default: standard output)")
     predict.add_argument("--batch-size", type=int, default=32)
@@ -93,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("model", help="merged model directory or hub id")
     bench.add_argument("--experts", nargs="+", required=True, metavar="PATH",
                        help="the expert models the merged model replaces")
-    bench.add_argument("--input", help="JSONL or CSV of texts to time on (default: built-in "
+    bench.add_argument("--input", help="file of texts to time on, as for predict (default: built-in "
                        "sample sentences)")
     bench.add_argument("--text-column", default="text")
     bench.add_argument("--batch-sizes", default="1,8,32", help="comma-separated (default 1,8,32)")

@@ -13,7 +13,9 @@ from hm3.table import format_table
 # label-free steps on top of it (benchmarks/RESULTS.md, "Label-free merging").
 DEFAULT_METHOD = "ties"
 DEFAULT_PARAMETERS = {"density": 0.2}
-LABEL_FREE = {"heads": "whole", "regmean": {"alpha": 0.9}, "recentre": True}
+# Picked by validation mean macro-F1 over 14 configurations (0.899; experts 0.903).
+LABEL_FREE = {"heads": "whole", "coefficients": {"steps": 40}, "align_heads": {"ridge": 0.1},
+              "recentre": True}
 CALIBRATION_TEXTS = 256  # per task, from the zoo's calibration split (labels ignored)
 # The experts were fine-tuned on 64 tokens; 128 keeps most of each BBC article's lead and
 # keeps the demo quick. Experts and merged model are scored at the same length.
