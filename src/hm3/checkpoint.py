@@ -169,12 +169,18 @@ def read_config(path: Path) -> dict:
         raise Hm3Error(f"{file} is not valid JSON: {exc}") from None
 
 
-@contextmanager
-def atomic_directory(destination: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling folder that becomes `destination` only if the block succeeds."""
+def check_destination(destination: str | Path, overwrite: bool) -> Path:
+    """The output folder, resolved; an error if it exists and may not be replaced."""
     destination = Path(destination).resolve()
     if destination.exists() and not overwrite:
         raise Hm3Error(f"{destination} already exists; choose another output or pass --overwrite")
+    return destination
+
+
+@contextmanager
+def atomic_directory(destination: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling folder that becomes `destination` only if the block succeeds."""
+    destination = check_destination(destination, overwrite)
     destination.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".partial",
                                     dir=destination.parent))

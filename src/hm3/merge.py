@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from hm3 import __version__
 from hm3.checkpoint import (TOKENIZER_FILES, TORCH_DTYPES, Checkpoint, ShardedWriter,
-                            atomic_directory, write_json_atomic)
+                            atomic_directory, check_destination, write_json_atomic)
 from hm3.errors import Hm3Error, Hm3Warning
 from hm3.heads import (MULTI_LABEL, TaskGroup, expand_head, expert_labels, find_head,
                        is_multi_label, layout)
@@ -276,8 +276,12 @@ def merge(recipe: Recipe, output: str | Path, overwrite: bool = False,
 
     The directory appears only when the merge has succeeded (it is built in a temporary
     sibling and renamed), so an interrupted merge never leaves a complete-looking folder.
+    When the recipe asks for label-free steps (`recentre`, `lewis`, `regmean`,
+    `coefficients`, `align_heads`), the merge runs in memory first; `held_out` gives each
+    task's validation / test texts, which are then kept out of the calibration texts.
     """
     start = time.perf_counter()
+    check_destination(output, overwrite)  # now, not after minutes of label-free steps
     sources = open_sources(recipe)
     out_dtypes = {job.name: _output_dtype(recipe, sources, job) for job in sources.jobs}
     guided_report = None

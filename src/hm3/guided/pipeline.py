@@ -7,6 +7,7 @@ import time
 
 import torch
 
+from hm3.errors import Hm3Error
 from hm3.guided import coefficients as coef
 from hm3.guided import align, lewis, recentre, regmean
 from hm3.guided.calibration import (Calibration, expert_classifier, load_calibration,
@@ -33,6 +34,9 @@ def guided_model(sources, progress: bool = False,
     guided = recipe.guided
     spec = guided.calibration
     tasks = [e.task for e in recipe.experts]
+    if guided.recentre and sources.heads[0].bias is None:
+        raise Hm3Error(f"recentre shifts the head's biases, and {sources.heads[0].weight} has "
+                       "none; drop `recentre` from the recipe (align_heads works without)")
     calibration, tokenizer, batches = calibration_batches(sources, held_out, calibration)
     skip = head_modules(sources)
     report: dict = {"heads": guided.heads, "calibration": calibration.provenance,
@@ -88,8 +92,6 @@ def calibration_batches(sources, held_out: dict[str, list[str]] | None = None,
     tokenised into batches."""
     spec = sources.recipe.guided.calibration
     if spec is None:
-        from hm3.errors import Hm3Error
-
         raise Hm3Error("this needs unlabelled texts: add a `calibration:` block to the recipe, "
                        "e.g. `calibration: {texts: {TASK: texts.txt}}` with a file per task")
     tasks = [e.task for e in sources.recipe.experts]
@@ -103,13 +105,7 @@ def calibration_batches(sources, held_out: dict[str, list[str]] | None = None,
 
 @torch.no_grad()
 def _recentre(model, sources, batches, expert_logits) -> dict:
-    from hm3.errors import Hm3Error
-
-    bias_name = sources.heads[0].bias
-    if bias_name is None:
-        raise Hm3Error(f"recentre needs a head bias, and {sources.heads[0].weight} has none; "
-                       "drop `recentre` from the recipe")
-    bias = model.state_dict()[bias_name]
+    bias = model.state_dict()[sources.heads[0].bias]
     out = {}
     for group in sources.groups:
         merged = run_batches(model, batches[group.name]).numpy()
