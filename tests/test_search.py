@@ -348,9 +348,10 @@ def test_search_samples_lewis_gamma_and_epsilon_and_saves_what_it_scored(case):
                                                                          abs=1e-9)
 
 
-def test_search_refuses_steps_it_would_run_on_every_trial(case):
+@pytest.mark.parametrize("step", ["recentre", "align_heads", "regmean", "coefficients"])
+def test_search_refuses_steps_it_would_run_on_every_trial(case, step):
     validation, test = datasets(case)
-    recipe = parse_recipe(with_calibration(case, recentre=True))
-    with pytest.raises(Hm3Error, match="recentre would run on every trial"):
+    recipe = parse_recipe(with_calibration(case, **{step: True}))
+    with pytest.raises(Hm3Error, match=f"{step} would run on every trial"):
         run_search(recipe, validation, test, case.out, SearchConfig(trials=2), progress=False)
     assert not (case.out / "study.db").exists()

@@ -450,7 +450,8 @@ def run_search(recipe: Recipe, validation: Sequence[Dataset], test: Sequence[Dat
         _check_tasks(tasks, test, "test")
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
-    steps = [k for k in ("recentre", "regmean", "coefficients") if getattr(recipe.guided, k)]
+    steps = [k for k in ("recentre", "regmean", "coefficients", "align_heads")
+             if getattr(recipe.guided, k)]
     if steps:
         raise Hm3Error(f"search scores plain merges (plus heads and LEWIS); {', '.join(steps)} "
                        "would run on every trial. Remove them from the search recipe and add "
