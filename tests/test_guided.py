@@ -473,6 +473,19 @@ def test_calibration_drops_duplicates_and_held_out_texts_and_keeps_the_limit(tmp
     assert everything.provenance["a"]["held_out_removed"] == 2
 
 
+def test_calibration_reads_a_labelled_table_ignoring_its_labels(tmp_path):
+    (tmp_path / "t.csv").write_text("body,label\ngood film,pos\nawful meeting,neg\n")
+    sources = {"a": {"path": str(tmp_path / "t.csv"), "text_column": "body"}}
+    assert load_calibration(CalibrationSpec(sources), ["a"]).texts["a"] == ["good film",
+                                                                           "awful meeting"]
+    sources["a"]["split"] = "train"
+    with pytest.raises(Hm3Error, match="subset and split apply to Hugging Face datasets only"):
+        load_calibration(CalibrationSpec(sources), ["a"])
+    sources["a"] = {"path": str(tmp_path / "t.csv"), "text_column": "text"}
+    with pytest.raises(Hm3Error, match="no column 'text'.*body, label"):
+        load_calibration(CalibrationSpec(sources), ["a"])
+
+
 # --- head alignment ----------------------------------------------------------------------------
 
 def test_fit_rows_recovers_an_exact_linear_map_and_shrinks_toward_the_start():

@@ -458,17 +458,31 @@ def _columns(rows: list[dict], text_column: str, label_column: str,
     return texts, labels
 
 
-def _hub_columns(name: str, subset: str | None, split: str, text_column: str, label_column: str,
-                 limit: int | None) -> tuple[list[str], list[Any]]:
+def _hub_split(name: str, subset: str | None, split: str):
+    """One split of a Hugging Face dataset (needs the `datasets` extra and the hub)."""
     try:
         import datasets
     except ImportError:
         raise Hm3Error(f"{name} is not a local file ({', '.join(FILE_TYPES)}); reading it as a "
                        f"Hugging Face dataset needs `datasets`: {INSTALL_DATA}") from None
     try:
-        data = datasets.load_dataset(name, subset, split=split)
+        return datasets.load_dataset(name, subset, split=split)
     except Exception as exc:  # datasets raises many types for a bad id, split or network
         raise Hm3Error(f"cannot load Hugging Face dataset {name} (split {split}): {exc}") from None
+
+
+def hub_texts(name: str, subset: str | None, split: str, text_column: str) -> list[str]:
+    """The texts of one split of a Hugging Face dataset, its labels ignored."""
+    data = _hub_split(name, subset, split)
+    if text_column not in data.column_names:
+        raise Hm3Error(f"{name} has no column {text_column!r} (columns: "
+                       f"{', '.join(data.column_names)}); name the right one with text_column")
+    return [str(text) for text in data[text_column]]
+
+
+def _hub_columns(name: str, subset: str | None, split: str, text_column: str, label_column: str,
+                 limit: int | None) -> tuple[list[str], list[Any]]:
+    data = _hub_split(name, subset, split)
     if limit is not None:
         data = data.select(range(min(limit, len(data))))
     for column, option in ((text_column, "text_column"), (label_column, "label_column")):

@@ -12,7 +12,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from hm3.errors import Hm3Error, Hm3Warning
-from hm3.evaluate import read_texts
+from hm3.evaluate import FILE_TYPES, hub_texts, read_texts
 from hm3.guided.config import CalibrationSpec
 
 
@@ -22,6 +22,19 @@ class Calibration:
 
     texts: dict[str, list[str]]
     provenance: dict[str, dict]
+
+
+def source_texts(source: dict) -> list[str]:
+    """The texts of one calibration source: a local file, or a split of a Hugging Face dataset
+    (`subset`, `split`, default "train"); labels are ignored either way."""
+    path = Path(source["path"]).expanduser()
+    if path.suffix.lower() in (".txt", *FILE_TYPES) or path.exists():
+        if source.get("subset") or source.get("split"):
+            raise Hm3Error(f"calibration {source['path']}: subset and split apply to Hugging Face "
+                           "datasets only")
+        return read_texts(path, source["text_column"])
+    return hub_texts(source["path"], source.get("subset"), source.get("split") or "train",
+                     source["text_column"])
 
 
 def _key(text: str) -> str:
@@ -37,7 +50,7 @@ def load_calibration(spec: CalibrationSpec, tasks: Sequence[str],
     for task in tasks:
         source = spec.sources[task]
         seen, kept, dropped = set(), [], 0
-        for text in read_texts(source["path"], source["text_column"]):
+        for text in source_texts(source):
             text = text.strip()
             key = _key(text)
             if not key or key in seen:

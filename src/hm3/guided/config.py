@@ -154,12 +154,15 @@ def _calibration(raw: Any, tasks: list[str]) -> CalibrationSpec | None:
         if isinstance(entry, str):
             entry = {"path": entry}
         if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
-            raise Hm3Error(f"{where}.texts.{task}: expected a file path or {{path: FILE, "
-                           "text_column: text}}")
-        bad = sorted(set(entry) - {"path", "text_column"})
+            raise Hm3Error(f"{where}.texts.{task}: expected a file path, "
+                           "{path: FILE, text_column: text} or a hub dataset "
+                           "{path: ID, subset: ..., split: train}")
+        bad = sorted(set(entry) - {"path", "text_column", "subset", "split"})
         if bad:
-            raise Hm3Error(f"{where}.texts.{task}: unknown field(s) {', '.join(bad)}")
-        sources[task] = {"path": entry["path"], "text_column": entry.get("text_column", "text")}
+            raise Hm3Error(f"{where}.texts.{task}: unknown field(s) {', '.join(bad)}; allowed: "
+                           "path, text_column, subset, split")
+        sources[task] = {"path": entry["path"], "text_column": entry.get("text_column", "text"),
+                         **{k: entry[k] for k in ("subset", "split") if k in entry}}
     limit = _positive_int(raw.get("limit", 256), f"{where}.limit")
     max_length = _positive_int(raw.get("max_length", 128), f"{where}.max_length")
     if max_length < 2:
