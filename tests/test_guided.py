@@ -9,11 +9,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors import safe_open
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import hm3
 from hm3 import Hm3Error, Hm3Warning, merge, parse_recipe
+from hm3.cli import main
 from hm3.guided import align, lewis, recentre, regmean
 from hm3.guided.calibration import load_calibration
 from hm3.guided.config import CalibrationSpec
@@ -521,6 +523,22 @@ def test_aligned_heads_match_the_experts_logits_better_and_touch_only_the_head(f
         before = hm3.load(plain.path, device="cpu").logits(fam.texts[task])
         before = torch.from_numpy(before[:, group.offset:group.stop])
         assert (got - want).pow(2).mean() < (before - want).pow(2).mean(), task
+
+
+def test_cli_merge_and_inspect_summarise_the_label_free_steps(fam, tmp_path, capsys):
+    recipe = recipe_dict(fam.base, fam.experts, "ties", calibration=fam.calibration,
+                         align_heads=True, recentre=True)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["merge", str(path), "-o", str(tmp_path / "out"), "--no-progress"]) == 0
+    merged = capsys.readouterr().out
+    assert main(["inspect", str(tmp_path / "out")]) == 0
+    inspected = capsys.readouterr().out
+    for text in (merged, inspected):
+        assert "label-free steps" in text and "calibration texts: sentiment 40" in text
+        for task in fam.experts:
+            assert f"recentre {task}: largest label-share gap to the expert" in text
+            assert f"align_heads {task}: agreement with the expert" in text
 
 
 def test_align_heads_needs_a_positive_ridge(fam, tmp_path):

@@ -242,6 +242,10 @@ def _inspect(args) -> int:
               f"{', '.join(group.labels)}")
         if group.name in sources:
             print(f"  {'':<16} from {sources[group.name]}")
+    if block and block.get("guided"):
+        from hm3.guided.pipeline import format_guided
+
+        print(format_guided(block["guided"]))
     return 0
 
 
