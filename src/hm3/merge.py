@@ -162,19 +162,25 @@ def _generator(seed: int, tensor: str, expert: int) -> torch.Generator:
 def merged_tensors(sources: Sources, progress: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, merged float32 tensor) in plan order, reading each input tensor once.
 
-    Memory holds one tensor per expert plus the base's at a time. Also collects the relative
+    Memory holds the base's tensor and, at most, one tensor per expert at a time (see
+    `MergeMethod.combine`). Also collects the relative
     size of each expert's task vector, read by `task_vector_norms` afterwards.
     """
-    method = get_method(sources.recipe.method)
     sources.task_vector_sq = [[0.0, 0.0] for _ in sources.experts]
     for job in tqdm(sources.jobs, desc="merging", unit="tensor", disable=not progress):
-        if not job.floating:
-            yield job.name, sources.experts[0].tensor(job.name)
-        elif job.head_role is not None and sources.recipe.guided.heads == "whole":
-            yield job.name, whole_head(sources, job)
-        else:
-            base, deltas, weights = job_inputs(sources, job)
-            yield job.name, method.combine(base, deltas, weights, sources.recipe.parameters)
+        yield job.name, merge_job(sources, job)
+
+
+def merge_job(sources: Sources, job: TensorJob) -> torch.Tensor:
+    """One output tensor: copied (not floating), the experts' head rows (`heads: whole`), or
+    the method's merge of the experts' task vectors."""
+    if not job.floating:
+        return sources.experts[0].tensor(job.name)
+    if job.head_role is not None and sources.recipe.guided.heads == "whole":
+        return whole_head(sources, job)
+    base, deltas, weights = job_inputs(sources, job)
+    return get_method(sources.recipe.method).combine(base, deltas, weights,
+                                                     sources.recipe.parameters)
 
 
 def whole_head(sources: Sources, job: TensorJob) -> torch.Tensor:
@@ -290,7 +296,8 @@ def merge(recipe: Recipe, output: str | Path, overwrite: bool = False,
 
         model, sources, guided_report = guided_model(sources, progress, held_out)
         state = model.state_dict()
-        tensors = ((job.name, state[job.name] if job.name in state else _leftover(sources, job))
+        # A tensor the model does not hold (a buffer it does not persist) is merged alone.
+        tensors = ((job.name, state[job.name] if job.name in state else merge_job(sources, job))
                    for job in sources.jobs)
     else:
         tensors = merged_tensors(sources, progress=progress)
@@ -317,17 +324,6 @@ def merge(recipe: Recipe, output: str | Path, overwrite: bool = False,
                           Hm3Warning, stacklevel=2)
     return MergeReport(Path(output).resolve(), sources.groups, len(sources.jobs),
                        time.perf_counter() - start, norms, guided_report)
-
-
-def _leftover(sources: Sources, job: TensorJob) -> torch.Tensor:
-    """A tensor the in-memory model does not hold (a buffer it does not persist), merged alone."""
-    if not job.floating:
-        return sources.experts[0].tensor(job.name)
-    if job.head_role is not None and sources.recipe.guided.heads == "whole":
-        return whole_head(sources, job)
-    base, deltas, weights = job_inputs(sources, job)
-    return get_method(sources.recipe.method).combine(base, deltas, weights,
-                                                     sources.recipe.parameters)
 
 
 def _output_dtype(recipe: Recipe, sources: Sources, job: TensorJob) -> torch.dtype:

@@ -15,17 +15,15 @@ from __future__ import annotations
 import torch
 
 from hm3.guided.calibration import input_hooks, run_batches
+from hm3.guided.regmean import ridge_toward
 
 
 def fit_rows(features: torch.Tensor, targets: torch.Tensor, start: torch.Tensor,
              ridge: float) -> torch.Tensor:
     """The ridge solution (rows x columns) for features (n, columns), targets (n, rows) and the
     rows it shrinks toward `start` (rows, columns)."""
-    x, z, w0 = features.double(), targets.double(), start.double()
-    gram = x.T @ x
-    scale = float(torch.diagonal(gram).mean().clamp_min(1e-12))
-    system = gram + ridge * scale * torch.eye(gram.shape[0], dtype=torch.float64)
-    return torch.linalg.solve(system, x.T @ z + ridge * scale * w0.T).T
+    x = features.double()
+    return ridge_toward(x.T @ x, x.T @ targets.double(), start, ridge)
 
 
 @torch.no_grad()

@@ -53,7 +53,7 @@ class CoefficientMerge:
     """The method's merge split into per-expert shares, with one coefficient per expert per block."""
 
     def __init__(self, model: torch.nn.Module, sources, progress: bool = False):
-        from hm3.merge import job_inputs, whole_head
+        from hm3.merge import job_inputs, merge_job
 
         method = get_method(sources.recipe.method)
         sources.task_vector_sq = [[0.0, 0.0] for _ in sources.experts]  # read by the report
@@ -64,15 +64,8 @@ class CoefficientMerge:
         for job in tqdm(sources.jobs, desc="merge shares", unit="tensor", disable=not progress):
             if job.name not in state:
                 continue
-            if not job.floating:
-                self.fixed[job.name] = sources.experts[0].tensor(job.name)
-            elif job.head_role is not None:
-                if sources.recipe.guided.heads == "whole":
-                    self.fixed[job.name] = whole_head(sources, job)
-                else:
-                    base, deltas, weights = job_inputs(sources, job)
-                    self.fixed[job.name] = method.combine(base, deltas, weights,
-                                                          sources.recipe.parameters)
+            if not job.floating or job.head_role is not None:  # no coefficient: merged as is
+                self.fixed[job.name] = merge_job(sources, job)
             else:
                 base, deltas, weights = job_inputs(sources, job)
                 self.base[job.name] = base

@@ -57,10 +57,17 @@ def solve(grams: Sequence[torch.Tensor], weights: Sequence[torch.Tensor],
         total += regular
         right += regular @ weight.double().T
         mean += weight.double() / len(weights)
-    ridge = RIDGE * float(torch.diagonal(total).mean().clamp_min(1e-12))
-    total += ridge * torch.eye(total.shape[0], dtype=torch.float64)
-    right += ridge * mean.T
-    return torch.linalg.solve(total, right).T.float()
+    return ridge_toward(total, right, mean, RIDGE).float()
+
+
+def ridge_toward(gram: torch.Tensor, cross: torch.Tensor, start: torch.Tensor,
+                 ridge: float) -> torch.Tensor:
+    """The rows W (out, in) minimising the least-squares fit given by `gram` (in, in) and
+    `cross` (in, out), plus ridge * s * |W - start|^2 with s the Gram's mean diagonal:
+    W^T = (gram + ridge s I)^-1 (cross + ridge s start^T), in float64."""
+    scale = ridge * float(torch.diagonal(gram).mean().clamp_min(1e-12))
+    system = gram.double() + scale * torch.eye(gram.shape[0], dtype=torch.float64)
+    return torch.linalg.solve(system, cross.double() + scale * start.double().T).T
 
 
 @torch.no_grad()
