@@ -241,12 +241,22 @@ def test_resume_after_kill_loses_no_finished_trial(case):
 WORKER_SCRIPT = """
 import sys, time
 from pathlib import Path
-from hm3.cli import main  # imported before the barrier, so both workers start trials together
-ready = Path(sys.argv[1]) / f"ready-{sys.argv[2]}"
-ready.touch()
-deadline = time.monotonic() + 120
-while len(list(Path(sys.argv[1]).glob("ready-*"))) < 2 and time.monotonic() < deadline:
-    time.sleep(0.05)
+import hm3.search
+from hm3.cli import main
+
+# A barrier inside the first trial: each worker, once it holds a trial, waits until the other holds
+# one too. Without it a worker that loads faster can finish all the trials of a tiny study alone.
+folder, me = Path(sys.argv[1]), sys.argv[2]
+merge_into = hm3.search.merge_into
+def first_trial_waits(*args, **kwargs):
+    started = folder / f"started-{me}"
+    if not started.exists():
+        started.touch()
+        deadline = time.monotonic() + 120
+        while len(list(folder.glob("started-*"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    return merge_into(*args, **kwargs)
+hm3.search.merge_into = first_trial_waits
 sys.exit(main(sys.argv[3:]))
 """
 
