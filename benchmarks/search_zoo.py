@@ -45,7 +45,15 @@ STUDIES = {**{name: (name, [], {}) for name in COMBINATIONS},
            "spam+topic-normalize": ("spam+topic", [], {"method": "dare_ties",
                                                        "parameters": {"normalize": True}}),
            "all4-tpe-lambda": ("all4", ["--sampler", "tpe", "--methods", "dare_ties", "ties",
-                                        "--lambda", "0.2", "1.5", "--prune", "0.25"], {})}
+                                        "--lambda", "0.2", "1.5", "--prune", "0.25"], {}),
+           # The paper's search with every trial's heads kept whole and refitted label-free
+           # (align_heads + recentre on the zoo's calibration split), then the same with TIES.
+           "all4-refit": ("all4", [], {"heads": "whole", "align_heads": {"ridge": 0.1},
+                                       "recentre": True, "calibration": "zoo"}),
+           "all4-refit-ties": ("all4", ["--methods", "ties"],
+                               {"heads": "whole", "align_heads": {"ridge": 0.1},
+                                "recentre": True, "calibration": "zoo"})}
+CALIBRATION_TEXTS = 256  # per task, from the zoo's calibration split (labels ignored)
 BASELINES = {"soup": {"method": "linear"},
              "ties-1.0": {"method": "ties", "parameters": {"density": 1.0}},
              "ties-0.5": {"method": "ties", "parameters": {"density": 0.5}}}
@@ -56,6 +64,10 @@ KEPT_FILES = ("trials.csv", "trials.json", "density.png", "best.json")
 def write_recipe(zoo, tasks: tuple[str, ...], folder: Path, **method) -> Path:
     """A recipe for `tasks` whose data block names the zoo's test and validation splits."""
     folder.mkdir(parents=True, exist_ok=True)
+    if method.get("calibration") == "zoo":
+        method = {**method, "calibration": {
+            "texts": {t: str(zoo.splits[t]["calibration"]) for t in tasks},
+            "limit": CALIBRATION_TEXTS, "max_length": MAX_LENGTH}}
     raw = {"base": str(zoo.base), **method,
            "experts": [{"model": str(zoo.experts[t]), "task": t} for t in tasks],
            "data": {t: {"path": str(zoo.splits[t]["test"]),
@@ -133,8 +145,8 @@ def main() -> None:
                         "shared 2-core machine 1 thread can be twice as fast as 2")
     parser.add_argument("--only", nargs="+", help="run only these studies (names as in "
                         "the summary: all4, spam+topic, sentiment+question, spam+topic-normalize, "
-                        "all4-tpe-lambda, "
-                        "self-weak, self-strong, baselines)")
+                        "all4-tpe-lambda, all4-refit, all4-refit-ties, self-weak, self-strong, "
+                        "baselines)")
     args = parser.parse_args()
     torch.manual_seed(0)
     if args.threads:

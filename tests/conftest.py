@@ -97,3 +97,29 @@ def recipe_dict(base: Path, experts: dict[str, Path], method: str = "ties", **ex
     return {"base": str(base), "method": method,
             "experts": [{"model": str(path), "task": task} for task, path in experts.items()],
             **extra}
+
+
+@torch.no_grad()
+def spread_head(folder: Path, texts: list[str], seed: int) -> None:
+    """Give an expert a head whose predictions vary over `texts`.
+
+    A random tiny encoder's pooled output barely changes from text to text (its std is ~1% of
+    its mean), so a random head predicts one class for everything. Standardising the head's
+    input makes every logit ~N(0, 1) over the texts: a spread of labels, and one that a merged
+    body shifts far enough to collapse, which is what re-centring must undo."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    seen = []
+    handle = model.classifier.register_forward_hook(lambda _m, inputs, _o: seen.append(inputs[0]))
+    model(**tokenizer(texts, padding=True, return_tensors="pt"))
+    handle.remove()
+    x = seen[0].double()
+    mean, std = x.mean(0), x.std(0)
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(model.classifier.out_features, x.shape[1], generator=generator,
+                         dtype=torch.float64) / x.shape[1] ** 0.5 / std
+    model.classifier.weight.copy_(weight.float())
+    model.classifier.bias.copy_((-weight @ mean).float())
+    model.save_pretrained(folder)

@@ -21,7 +21,7 @@ from hm3.guided.calibration import load_calibration
 from hm3.guided.config import CalibrationSpec
 from hm3.methods import METHODS
 
-from conftest import WORDS, build_family, recipe_dict
+from conftest import WORDS, build_family, recipe_dict, spread_head
 
 TASKS = {"sentiment": ["negative", "positive"], "topic": ["news", "sport", "film"],
          "tags": ["urgent", "spam", "personal"]}
@@ -57,30 +57,6 @@ def expert_logits(folder: Path, texts: list[str]) -> torch.Tensor:
     model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     return model(**tokenizer(texts, padding=True, return_tensors="pt")).logits.float()
-
-
-@torch.no_grad()
-def spread_head(folder: Path, texts: list[str], seed: int) -> None:
-    """Give an expert a head whose predictions vary over `texts`.
-
-    A random tiny encoder's pooled output barely changes from text to text (its std is ~1% of
-    its mean), so a random head predicts one class for everything. Standardising the head's
-    input makes every logit ~N(0, 1) over the texts: a spread of labels, and one that a merged
-    body shifts far enough to collapse, which is what re-centring must undo."""
-    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    seen = []
-    handle = model.classifier.register_forward_hook(lambda _m, inputs, _o: seen.append(inputs[0]))
-    model(**tokenizer(texts, padding=True, return_tensors="pt"))
-    handle.remove()
-    x = seen[0].double()
-    mean, std = x.mean(0), x.std(0)
-    generator = torch.Generator().manual_seed(seed)
-    weight = torch.randn(model.classifier.out_features, x.shape[1], generator=generator,
-                         dtype=torch.float64) / x.shape[1] ** 0.5 / std
-    model.classifier.weight.copy_(weight.float())
-    model.classifier.bias.copy_((-weight @ mean).float())
-    model.save_pretrained(folder)
 
 
 @pytest.fixture(scope="module")

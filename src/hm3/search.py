@@ -32,7 +32,7 @@ from hm3.errors import Hm3Error
 from hm3.evaluate import Dataset, evaluate, label_indices, score_task
 from hm3.guided.config import Lewis
 from hm3.guided.lewis import LewisScores
-from hm3.guided.pipeline import calibration_batches, head_modules
+from hm3.guided.pipeline import HeadSteps, calibration_batches, check_heads, head_modules
 from hm3.heads import TaskGroup
 from hm3.merge import Sources, build_model, merge, merge_into, open_sources, with_recipe
 from hm3.methods import get_method
@@ -385,18 +385,41 @@ class SearchResult:
 
 
 @dataclass
+class TrialModel:
+    """The preloaded model a trial's recipe is merged into, in memory: LEWIS densities from
+    importances measured once, then the method's merge, then the recipe's head steps
+    (align_heads, recentre) from expert logits computed once."""
+
+    classifier: MultiTaskClassifier
+    sources: Sources
+    lewis: LewisScores | None = None
+    heads: HeadSteps | None = None
+
+    def merge(self, recipe: Recipe) -> dict[str, float] | None:
+        """Merge `recipe` into the model; with head steps, returns each task's argmax agreement
+        with its expert on the calibration texts after align_heads (None without it)."""
+        sources = with_recipe(self.sources, with_lewis(recipe, self.lewis))
+        merge_into(self.classifier.model, sources)
+        if self.heads is None:
+            return None
+        report = self.heads(self.classifier.model, sources)
+        if "align_heads" not in report:
+            return None
+        return {task: entry["agreement_after"]
+                for task, entry in report["align_heads"]["tasks"].items()}
+
+
+@dataclass
 class Objective:
     """One trial: sample, merge in memory, score the validation split (the pruning subset
     first), and score the test split only if the trial beats every finished one."""
 
     recipe: Recipe
-    sources: Sources
-    classifier: MultiTaskClassifier
+    trial_model: TrialModel
     scorer: SplitScorer
     test_scorer: SplitScorer | None
     config: SearchConfig
     study: optuna.Study
-    lewis: LewisScores | None = None
 
     def __call__(self, trial: optuna.Trial) -> float:
         started = time.perf_counter()
@@ -404,8 +427,9 @@ class Objective:
         seed = self.recipe.seed + (trial.number if self.config.vary_merge_seed else 0)
         # One user attribute per trial, written once: every write is a database commit.
         record = {"seed": seed, "worker": WORKER}
-        merge_into(self.classifier.model, with_recipe(
-            self.sources, with_lewis(trial_recipe(self.recipe, params, seed), self.lewis)))
+        agreement = self.trial_model.merge(trial_recipe(self.recipe, params, seed))
+        if agreement is not None:
+            record["agreement"] = agreement
         record["merge_seconds"] = round(time.perf_counter() - started, 3)
         scorer = self.scorer
         logits = {task: scorer.logits(task, subset=True) for task in scorer.tasks}
@@ -450,22 +474,32 @@ def run_search(recipe: Recipe, validation: Sequence[Dataset], test: Sequence[Dat
         _check_tasks(tasks, test, "test")
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
-    steps = [k for k in ("recentre", "regmean", "coefficients", "align_heads")
-             if getattr(recipe.guided, k)]
-    if steps:
-        raise Hm3Error(f"search scores plain merges (plus heads and LEWIS); {', '.join(steps)} "
-                       "would run on every trial. Remove them from the search recipe and add "
-                       "them to the best recipe (best.json) with `hm3 merge`")
+    if recipe.guided.regmean:
+        raise Hm3Error("regmean sets every linear layer in closed form, so the densities and "
+                       "weights a search samples would not matter; search without it")
+    if recipe.guided.coefficients:
+        raise Hm3Error("coefficients would be fitted again on every trial (minutes each); "
+                       "search without them, then add them to the best recipe (best.json) and "
+                       "run `hm3 merge`")
     sources = open_sources(recipe)
-    lewis_scores = None
-    if recipe.guided.lewis or config.space.lewis_range:
-        lewis_scores = LewisScores(sources, calibration_batches(sources)[2],
-                                   head_modules(sources))
+    check_heads(sources)
+    # Calibration texts never include a text the trials are scored on.
+    held_out = {task: [text for dataset in (*validation, *(test or [])) if dataset.task == task
+                       for text in dataset.texts] for task in tasks}
+    lewis_scores = heads = None
+    if recipe.guided.lewis or config.space.lewis_range or recipe.guided.align_heads or \
+            recipe.guided.recentre:
+        batches = calibration_batches(sources, held_out)[2]
+        if recipe.guided.lewis or config.space.lewis_range:
+            lewis_scores = LewisScores(sources, batches, head_modules(sources))
+        if recipe.guided.align_heads or recipe.guided.recentre:
+            heads = HeadSteps.prepare(sources, batches)
     for method in config.space.methods:  # incompatible overrides fail now, not at trial 1
         with_recipe(sources, trial_recipe(recipe, {"method": method}, recipe.seed))
     for checkpoint in (sources.base, *sources.experts):
         checkpoint.preload()
     classifier = _classifier(sources, config.max_length, device)
+    trial_model = TrialModel(classifier, sources, lewis_scores, heads)
     scorer = SplitScorer(classifier, validation, config.batch_size, config.prune_fraction,
                          config.seed)
     test_scorer = SplitScorer(classifier, test, config.batch_size) if test else None
@@ -495,8 +529,7 @@ def run_search(recipe: Recipe, validation: Sequence[Dataset], test: Sequence[Dat
     started = time.perf_counter()
     try:
         if already < config.trials:
-            objective = Objective(recipe, sources, classifier, scorer, test_scorer, config, study,
-                                  lewis_scores)
+            objective = Objective(recipe, trial_model, scorer, test_scorer, config, study)
             study.optimize(objective, n_trials=config.trials - already, catch=(),
                            callbacks=[optuna.study.MaxTrialsCallback(config.trials, FINISHED),
                                       show_progress])
@@ -506,8 +539,7 @@ def run_search(recipe: Recipe, validation: Sequence[Dataset], test: Sequence[Dat
         files = write_tables(study, output)
         files["plot"] = plot_search(trial_rows(study), experts, output / PLOT,
                                     title=title or _default_title(recipe, config))
-    best = save_best(study, recipe, output, experts, test_scorer, classifier, sources,
-                     lewis_scores)
+    best = save_best(study, recipe, output, experts, test_scorer, trial_model, held_out)
     if best is not None:
         files.update(model=output / BEST_MODEL, best=output / BEST_JSON)
     return SearchResult(study.study_name, storage, _count_finished(study), len(mine), seconds,
@@ -662,6 +694,7 @@ def trial_rows(study: optuna.Study) -> list[dict]:
                **{f"validation/{t}": v for t, v in attrs.get("validation", {}).items()},
                "new_best": "test" in attrs, "test_mean": attrs.get("test_mean"),
                **{f"test/{t}": v for t, v in attrs.get("test", {}).items()},
+               **{f"agreement/{t}": v for t, v in attrs.get("agreement", {}).items()},
                "seed": attrs.get("seed"), "worker": attrs.get("worker"),
                "merge_seconds": attrs.get("merge_seconds"), "seconds": attrs.get("seconds"),
                "started": trial.datetime_start.isoformat() if trial.datetime_start else None}
@@ -684,10 +717,11 @@ def write_tables(study: optuna.Study, output: Path) -> dict[str, Path]:
 
 
 def save_best(study: optuna.Study, recipe: Recipe, output: Path, experts: dict,
-              test_scorer: SplitScorer | None, classifier: MultiTaskClassifier,
-              sources: Sources, lewis: LewisScores | None = None) -> dict | None:
+              test_scorer: SplitScorer | None, trial_model: TrialModel,
+              held_out: dict[str, list[str]]) -> dict | None:
     """Write the best trial's merged model (hm3's atomic writer) and best.json with its scores;
-    skipped when both already hold the current best trial."""
+    skipped when both already hold the current best trial. `held_out`: the texts kept out of
+    the calibration texts during the search, kept out again when the model is written."""
     completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not completed:
         return None
@@ -702,9 +736,9 @@ def save_best(study: optuna.Study, recipe: Recipe, output: Path, experts: dict,
     test = attrs.get("test")
     if test is None and test_scorer is not None:
         # Only a tie with an earlier trial leaves the best untested: test it now.
-        merge_into(classifier.model, with_recipe(sources, with_lewis(best_recipe, lewis)))
+        trial_model.merge(best_recipe)
         test = {t: s["macro_f1"] for t, s in test_scorer.score_all().items()}
-    merge(best_recipe, output / BEST_MODEL, overwrite=True, progress=False)
+    merge(best_recipe, output / BEST_MODEL, overwrite=True, progress=False, held_out=held_out)
     record = {
         "study": study.study_name, "trial": best.number, "params": best.params,
         "seed": attrs["seed"], "density": trial_density(best.params),

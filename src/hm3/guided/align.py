@@ -41,7 +41,7 @@ def align_heads(model: torch.nn.Module, sources, batches: dict[str, list[dict]],
         with input_hooks({head_name: model.get_submodule(head_name)},
                          lambda _name, x: seen.append(x)) as set_batch:
             before = run_batches(model, batches[group.name], set_batch)[:, group.offset:group.stop]
-        x = torch.cat(seen)
+        x = torch.cat(seen).cpu()
         target = expert_logits[group.name].double()
         rows = slice(group.offset, group.stop)
         if bias is not None:

@@ -136,12 +136,15 @@ def input_hooks(layers: dict[str, torch.nn.Linear],
 @torch.inference_mode()
 def run_batches(model: torch.nn.Module, batches: Sequence[dict],
                 before: Callable[[dict], None] | None = None) -> torch.Tensor:
-    """The model's logits over all batches, concatenated (in batch order)."""
+    """The model's logits over all batches, concatenated (in batch order), on the CPU; batches
+    move to the model's device."""
+    device = next(model.parameters()).device
     out = []
     for batch in batches:
+        batch = {key: value.to(device) for key, value in batch.items()}
         if before is not None:
             before(batch)
-        out.append(model(**batch).logits.float())
+        out.append(model(**batch).logits.float().cpu())
     return torch.cat(out)
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -34,20 +35,11 @@ def guided_model(sources, progress: bool = False,
     guided = recipe.guided
     spec = guided.calibration
     tasks = [e.task for e in recipe.experts]
-    if guided.recentre and sources.heads[0].bias is None:
-        raise Hm3Error(f"recentre shifts the head's biases, and {sources.heads[0].weight} has "
-                       "none; drop `recentre` from the recipe (align_heads works without)")
+    check_heads(sources)
     calibration, tokenizer, batches = calibration_batches(sources, held_out, calibration)
     skip = head_modules(sources)
     report: dict = {"heads": guided.heads, "calibration": calibration.provenance,
                     "max_length": spec.max_length}
-
-    def logits_of_experts(task_batches: dict[str, list[dict]]) -> dict[str, list[torch.Tensor]]:
-        out = {}
-        for spec_, ckpt in zip(recipe.experts, sources.experts):
-            model = expert_classifier(ckpt)
-            out[spec_.task] = [run_batches(model, [b]) for b in task_batches[spec_.task]]
-        return out
 
     if guided.lewis:
         scores = lewis.LewisScores(sources, batches, skip)
@@ -65,7 +57,7 @@ def guided_model(sources, progress: bool = False,
                                       config.batch_size) for task in tasks}
         groups = {g.name: g for g in sources.groups}
         targets = {task: [coef.expert_probabilities(z, groups[task].multi_label) for z in zs]
-                   for task, zs in logits_of_experts(fit_batches).items()}
+                   for task, zs in experts_logits(sources, fit_batches).items()}
         report["coefficients"] = coef.fit_coefficients(model, sources, fit_batches, targets,
                                                        config, progress)
     else:
@@ -75,15 +67,53 @@ def guided_model(sources, progress: bool = False,
                                        progress)
         report["regmean"] = {"alpha": guided.regmean.alpha, "layers": len(layers)}
     if guided.align_heads or guided.recentre:
-        expert_logits = {task: torch.cat(z) for task, z in logits_of_experts(batches).items()}
-    if guided.align_heads:
-        report["align_heads"] = align.align_heads(model, sources, batches, expert_logits,
-                                                  guided.align_heads.ridge)
-    if guided.recentre:
-        report["recentre"] = _recentre(model, sources, batches, expert_logits)
+        report.update(HeadSteps.prepare(sources, batches)(model, sources))
     report["cpu_seconds"] = round(time.process_time() - started[0], 1)
     report["seconds"] = round(time.perf_counter() - started[1], 1)
     return model, sources, report
+
+
+def check_heads(sources) -> None:
+    """Fail before any work when the recipe's head steps cannot run on this head."""
+    if sources.recipe.guided.recentre and sources.heads[0].bias is None:
+        raise Hm3Error(f"recentre shifts the head's biases, and {sources.heads[0].weight} has "
+                       "none; drop `recentre` from the recipe (align_heads works without)")
+
+
+def experts_logits(sources, batches: dict[str, list[dict]]) -> dict[str, list[torch.Tensor]]:
+    """Each expert's logits on its task's batches, one tensor per batch (one expert in memory
+    at a time)."""
+    out = {}
+    for spec, checkpoint in zip(sources.recipe.experts, sources.experts):
+        model = expert_classifier(checkpoint)
+        out[spec.task] = [run_batches(model, [batch]) for batch in batches[spec.task]]
+        del model
+    return out
+
+
+@dataclass
+class HeadSteps:
+    """The recipe's head steps (align_heads, then recentre) for any merged body: the calibration
+    batches and the experts' logits on them are computed once, so a search can refit the heads
+    after every trial's merge."""
+
+    batches: dict[str, list[dict]]
+    expert_logits: dict[str, torch.Tensor]
+
+    @classmethod
+    def prepare(cls, sources, batches: dict[str, list[dict]]) -> "HeadSteps":
+        logits = {task: torch.cat(z) for task, z in experts_logits(sources, batches).items()}
+        return cls(batches, logits)
+
+    def __call__(self, model: torch.nn.Module, sources) -> dict:
+        """Refit `model`'s heads in place; returns what each step did."""
+        guided, report = sources.recipe.guided, {}
+        if guided.align_heads:
+            report["align_heads"] = align.align_heads(model, sources, self.batches,
+                                                      self.expert_logits, guided.align_heads.ridge)
+        if guided.recentre:
+            report["recentre"] = _recentre(model, sources, self.batches, self.expert_logits)
+        return report
 
 
 def calibration_batches(sources, held_out: dict[str, list[str]] | None = None,
@@ -111,7 +141,7 @@ def _recentre(model, sources, batches, expert_logits) -> dict:
         merged = run_batches(model, batches[group.name]).numpy()
         expert = expert_logits[group.name].numpy()
         result = recentre.recentre(merged, expert, group)
-        bias[group.offset:group.stop] += torch.tensor(result["shift"], dtype=bias.dtype)
+        bias[group.offset:group.stop] += torch.tensor(result["shift"]).to(bias)
         out[group.name] = result
     return out
 

@@ -1,0 +1,122 @@
+"""Search workers on PostgreSQL storage: two workers share one study on a throwaway server, a
+rerun resumes it, and a server that is down is a clear error. The server tests skip where the
+PostgreSQL binaries or the psycopg driver are missing."""
+
+import glob
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import optuna
+import pytest
+
+from hm3.cli import main
+from test_search import WORKER_SCRIPT, case, environment, search_command  # noqa: F401, F811
+
+pytestmark = pytest.mark.postgres
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def postgres_bin() -> Path | None:
+    """The folder holding initdb and pg_ctl: on PATH, else Debian's newest."""
+    on_path = shutil.which("pg_ctl")
+    folders = ([os.path.dirname(on_path)] if on_path else []) + sorted(
+        glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)
+    for folder in map(Path, folders):
+        if (folder / "initdb").is_file() and (folder / "pg_ctl").is_file():
+            return folder
+    return None
+
+
+@pytest.fixture
+def postgres_url():
+    """A PostgreSQL cluster in a temp folder on a free loopback port, trusting local logins;
+    stopped and removed afterwards. initdb refuses root, so root runs it as `postgres` (or
+    `nobody`) in a folder that user owns (pytest's tmp_path is root's alone)."""
+    pytest.importorskip("psycopg", reason="psycopg (the test extra) is not installed")
+    folder = postgres_bin()
+    if folder is None:
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not found")
+    as_user = {}
+    if os.geteuid() == 0:
+        for name in ("postgres", "nobody"):
+            try:
+                user = pwd.getpwnam(name)
+                break
+            except KeyError:
+                continue
+        else:
+            pytest.skip("running as root and no `postgres` or `nobody` user to run the server")
+        as_user = dict(user=user.pw_uid, group=user.pw_gid, extra_groups=[])
+    root = Path(tempfile.mkdtemp(prefix="hm3-pg-"))
+    if as_user:
+        os.chown(root, as_user["user"], as_user["group"])
+    data, port = root / "data", free_port()
+
+    def pg(*args):
+        subprocess.run([str(arg) for arg in args], cwd=root, check=True, capture_output=True,
+                       **as_user)
+
+    try:
+        try:
+            pg(folder / "initdb", "-D", data, "-U", "postgres", "--auth=trust", "--no-sync",
+               "--no-locale", "-E", "UTF8")
+            pg(folder / "pg_ctl", "-D", data, "-l", root / "log", "-w", "-t", "30", "-o",
+               f"-h 127.0.0.1 -p {port} -c unix_socket_directories='' -c fsync=off", "start")
+        except subprocess.CalledProcessError as exc:
+            log = (root / "log").read_text() if (root / "log").exists() else ""
+            pytest.fail(f"{exc}\n{exc.stderr.decode()}{log}")
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([str(folder / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+                       cwd=root, capture_output=True, **as_user)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def finished_trials(url: str) -> list:
+    (name,) = optuna.get_all_study_names(url)
+    return optuna.load_study(study_name=name, storage=url).get_trials(
+        states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))
+
+
+def test_two_workers_share_one_postgres_study_and_a_rerun_resumes(case, postgres_url):
+    script = case.root / "worker.py"
+    script.write_text(WORKER_SCRIPT)
+    case.out.mkdir()
+    # Schema up front, as in the SQLite test: two workers creating it at once can fail.
+    optuna.storages.RDBStorage(postgres_url)
+    command = [*search_command(case, 10)[3:], "--storage", postgres_url]
+    workers = [subprocess.Popen([sys.executable, str(script), str(case.root), str(i), *command],
+                                env=environment(), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE) for i in range(2)]
+    for worker in workers:
+        assert worker.wait(timeout=300) == 0, worker.stderr.read().decode()
+    for worker in workers:
+        open("/tmp/probe.txt", "a").write("STDERR " + worker.stderr.read().decode() + "\n")
+    trials = finished_trials(postgres_url)
+    assert 10 <= len(trials) <= 11  # a worker stops once the study holds 10
+    assert len({t.number for t in trials}) == len(trials)
+    assert len({t.params["density"] for t in trials}) == len(trials)
+    assert len({t.user_attrs["hm3"]["worker"] for t in trials}) == 2
+
+    assert main(command) == 0
+    open('/tmp/probe.txt', 'a').write(repr([(t.number, t.user_attrs['hm3']['worker'], t.params['density']) for t in trials]))
+    assert {t.number for t in finished_trials(postgres_url)} == {t.number for t in trials}
+
+
+def test_search_with_postgres_down_is_a_clear_error(case, capsys):
+    url = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"  # nothing listens there
+    assert main([*search_command(case, 2)[3:], "--storage", url]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hm3: error: cannot open the study storage postgresql://")
+    assert "Traceback" not in err and len(err.splitlines()) == 1
