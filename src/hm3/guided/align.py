@@ -27,35 +27,65 @@ def fit_rows(features: torch.Tensor, targets: torch.Tensor, start: torch.Tensor,
 
 
 @torch.no_grad()
-def align_heads(model: torch.nn.Module, sources, batches: dict[str, list[dict]],
-                expert_logits: dict[str, torch.Tensor], ridge: float) -> dict:
-    """Refit every task's head rows (weight and bias) on its texts; returns, per task, how well
-    the merged logits match the expert's before and after (mean squared error, argmax agreement)."""
-    weight_name, bias_name = sources.heads[0].weight, sources.heads[0].bias
-    head_name = weight_name.rsplit(".", 1)[0]
-    state = model.state_dict()
-    weight, bias = state[weight_name], state[bias_name] if bias_name else None
-    report = {}
+def head_inputs(model: torch.nn.Module, sources, batches: dict[str, list[dict]]
+                ) -> dict[str, torch.Tensor]:
+    """What the head's final projection reads on each task's texts (one forward pass per task),
+    float64 on the CPU, with a column of ones appended when the head has a bias: the head's
+    logits are then `inputs @ [weight | bias].T`, so refitting and re-centring need no further
+    pass."""
+    head_name = sources.heads[0].weight.rsplit(".", 1)[0]
+    out = {}
     for group in sources.groups:
         seen: list[torch.Tensor] = []
         with input_hooks({head_name: model.get_submodule(head_name)},
                          lambda _name, x: seen.append(x)) as set_batch:
-            before = run_batches(model, batches[group.name], set_batch)[:, group.offset:group.stop]
+            run_batches(model, batches[group.name], set_batch)
         x = torch.cat(seen).cpu()
-        target = expert_logits[group.name].double()
-        rows = slice(group.offset, group.stop)
-        if bias is not None:
+        if sources.heads[0].bias is not None:
             x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
-            start = torch.cat([weight[rows], bias[rows, None]], dim=1)
-        else:
-            start = weight[rows]
+        out[group.name] = x
+    return out
+
+
+def head_rows(model: torch.nn.Module, sources, group) -> torch.Tensor:
+    """A task's head rows as one (rows, columns [+ 1 for the bias]) float64 matrix."""
+    state = model.state_dict()
+    rows = slice(group.offset, group.stop)
+    weight = state[sources.heads[0].weight][rows].double().cpu()
+    if sources.heads[0].bias is None:
+        return weight
+    return torch.cat([weight, state[sources.heads[0].bias][rows, None].double().cpu()], dim=1)
+
+
+def head_logits(model: torch.nn.Module, sources, inputs: dict[str, torch.Tensor]
+                ) -> dict[str, torch.Tensor]:
+    """Each task's logits (its own rows) from its head inputs and the head as it is now."""
+    return {group.name: inputs[group.name] @ head_rows(model, sources, group).T
+            for group in sources.groups}
+
+
+@torch.no_grad()
+def align_heads(model: torch.nn.Module, sources, inputs: dict[str, torch.Tensor],
+                expert_logits: dict[str, torch.Tensor], ridge: float) -> dict:
+    """Refit every task's head rows (weight and bias) on its texts' head inputs; returns, per
+    task, how well the merged logits match the expert's before and after (mean squared error,
+    argmax agreement)."""
+    state = model.state_dict()
+    weight = state[sources.heads[0].weight]
+    bias = state[sources.heads[0].bias] if sources.heads[0].bias else None
+    report = {}
+    for group in sources.groups:
+        x, target = inputs[group.name], expert_logits[group.name].double()
+        start = head_rows(model, sources, group)
+        before = x @ start.T
         fitted = fit_rows(x, target, start, ridge)
         after = x @ fitted.T
-        weight[rows] = fitted[:, :weight.shape[1]].to(weight.dtype)
+        rows = slice(group.offset, group.stop)
+        weight[rows] = fitted[:, :weight.shape[1]].to(weight)
         if bias is not None:
-            bias[rows] = fitted[:, -1].to(bias.dtype)
+            bias[rows] = fitted[:, -1].to(bias)
         report[group.name] = {
-            "mse_before": round(float((before.double() - target).pow(2).mean()), 5),
+            "mse_before": round(float((before - target).pow(2).mean()), 5),
             "mse_after": round(float((after - target).pow(2).mean()), 5),
             "agreement_before": round(_agreement(before, target, group.multi_label), 4),
             "agreement_after": round(_agreement(after, target, group.multi_label), 4)}

@@ -108,11 +108,13 @@ class HeadSteps:
     def __call__(self, model: torch.nn.Module, sources) -> dict:
         """Refit `model`'s heads in place; returns what each step did."""
         guided, report = sources.recipe.guided, {}
+        inputs = align.head_inputs(model, sources, self.batches)  # the one forward pass
         if guided.align_heads:
-            report["align_heads"] = align.align_heads(model, sources, self.batches,
+            report["align_heads"] = align.align_heads(model, sources, inputs,
                                                       self.expert_logits, guided.align_heads.ridge)
         if guided.recentre:
-            report["recentre"] = _recentre(model, sources, self.batches, self.expert_logits)
+            report["recentre"] = _recentre(model, sources, align.head_logits(model, sources, inputs),
+                                           self.expert_logits)
         return report
 
 
@@ -134,13 +136,13 @@ def calibration_batches(sources, held_out: dict[str, list[str]] | None = None,
 
 
 @torch.no_grad()
-def _recentre(model, sources, batches, expert_logits) -> dict:
+def _recentre(model, sources, merged_logits: dict[str, torch.Tensor],
+              expert_logits: dict[str, torch.Tensor]) -> dict:
     bias = model.state_dict()[sources.heads[0].bias]
     out = {}
     for group in sources.groups:
-        merged = run_batches(model, batches[group.name]).numpy()
-        expert = expert_logits[group.name].numpy()
-        result = recentre.recentre(merged, expert, group)
+        result = recentre.recentre(merged_logits[group.name].numpy(),
+                                   expert_logits[group.name].numpy(), group)
         bias[group.offset:group.stop] += torch.tensor(result["shift"]).to(bias)
         out[group.name] = result
     return out

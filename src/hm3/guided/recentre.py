@@ -87,8 +87,9 @@ def group_targets(expert_logits: np.ndarray, group: TaskGroup) -> np.ndarray:
 
 
 def recentre(merged_logits: np.ndarray, expert_logits: np.ndarray, group: TaskGroup) -> dict:
-    """The bias shift for one group, with the histograms before and after and the target."""
-    z = merged_logits[:, group.offset:group.stop]
+    """The bias shift for one group, with the histograms before and after and the target.
+    Both logits are the group's own columns."""
+    z = merged_logits
     target = group_targets(expert_logits, group)
     if group.multi_label:
         shift = sigmoid_shift(z, target, group.threshold)
