@@ -101,8 +101,6 @@ def test_two_workers_share_one_postgres_study_and_a_rerun_resumes(case, postgres
                                 stderr=subprocess.PIPE) for i in range(2)]
     for worker in workers:
         assert worker.wait(timeout=300) == 0, worker.stderr.read().decode()
-    for worker in workers:
-        open("/tmp/probe.txt", "a").write("STDERR " + worker.stderr.read().decode() + "\n")
     trials = finished_trials(postgres_url)
     assert 10 <= len(trials) <= 11  # a worker stops once the study holds 10
     assert len({t.number for t in trials}) == len(trials)
@@ -110,7 +108,6 @@ def test_two_workers_share_one_postgres_study_and_a_rerun_resumes(case, postgres
     assert len({t.user_attrs["hm3"]["worker"] for t in trials}) == 2
 
     assert main(command) == 0
-    open('/tmp/probe.txt', 'a').write(repr([(t.number, t.user_attrs['hm3']['worker'], t.params['density']) for t in trials]))
     assert {t.number for t in finished_trials(postgres_url)} == {t.number for t in trials}
 
 

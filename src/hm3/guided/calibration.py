@@ -75,7 +75,9 @@ def load_calibration(spec: CalibrationSpec, tasks: Sequence[str],
 
 
 def tokenize(tokenizer, texts: Sequence[str], max_length: int, batch_size: int) -> list[dict]:
-    """Batches of tokenised texts, grouped by length (order does not matter to statistics)."""
+    """Batches of tokenised texts, grouped by length. The order depends on the texts alone, so
+    batches of any size hold the texts in the same sequence (logits run at one batch size can
+    be cut into another's batches)."""
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     batches = []
     for start in range(0, len(order), batch_size):

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 
@@ -40,6 +41,7 @@ def guided_model(sources, progress: bool = False,
     skip = head_modules(sources)
     report: dict = {"heads": guided.heads, "calibration": calibration.provenance,
                     "max_length": spec.max_length}
+    expert_logits = functools.cache(lambda: experts_logits(sources, batches))
 
     if guided.lewis:
         scores = lewis.LewisScores(sources, batches, skip)
@@ -56,8 +58,11 @@ def guided_model(sources, progress: bool = False,
         fit_batches = {task: tokenize(tokenizer, calibration.texts[task], spec.max_length,
                                       config.batch_size) for task in tasks}
         groups = {g.name: g for g in sources.groups}
-        targets = {task: [coef.expert_probabilities(z, groups[task].multi_label) for z in zs]
-                   for task, zs in experts_logits(sources, fit_batches).items()}
+        # The experts run once: their logits on the calibration texts, cut into the fit's batches
+        # (both keep the texts' order).
+        logits = expert_logits()
+        targets = {task: [coef.expert_probabilities(z, groups[task].multi_label)
+                          for z in logits[task].split(config.batch_size)] for task in tasks}
         report["coefficients"] = coef.fit_coefficients(model, sources, fit_batches, targets,
                                                        config, progress)
     else:
@@ -67,7 +72,7 @@ def guided_model(sources, progress: bool = False,
                                        progress)
         report["regmean"] = {"alpha": guided.regmean.alpha, "layers": len(layers)}
     if guided.align_heads or guided.recentre:
-        report.update(HeadSteps.prepare(sources, batches)(model, sources))
+        report.update(HeadSteps(batches, expert_logits())(model, sources))
     report["cpu_seconds"] = round(time.process_time() - started[0], 1)
     report["seconds"] = round(time.perf_counter() - started[1], 1)
     return model, sources, report
@@ -80,13 +85,13 @@ def check_heads(sources) -> None:
                        "none; drop `recentre` from the recipe (align_heads works without)")
 
 
-def experts_logits(sources, batches: dict[str, list[dict]]) -> dict[str, list[torch.Tensor]]:
-    """Each expert's logits on its task's batches, one tensor per batch (one expert in memory
-    at a time)."""
+def experts_logits(sources, batches: dict[str, list[dict]]) -> dict[str, torch.Tensor]:
+    """Each expert's logits on its task's batches, in text order (one expert in memory at a
+    time)."""
     out = {}
     for spec, checkpoint in zip(sources.recipe.experts, sources.experts):
         model = expert_classifier(checkpoint)
-        out[spec.task] = [run_batches(model, [batch]) for batch in batches[spec.task]]
+        out[spec.task] = run_batches(model, batches[spec.task])
         del model
     return out
 
@@ -102,8 +107,7 @@ class HeadSteps:
 
     @classmethod
     def prepare(cls, sources, batches: dict[str, list[dict]]) -> "HeadSteps":
-        logits = {task: torch.cat(z) for task, z in experts_logits(sources, batches).items()}
-        return cls(batches, logits)
+        return cls(batches, experts_logits(sources, batches))
 
     def __call__(self, model: torch.nn.Module, sources) -> dict:
         """Refit `model`'s heads in place; returns what each step did."""
