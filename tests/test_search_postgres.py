@@ -49,13 +49,9 @@ def postgres_url():
         pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not found")
     as_user = {}
     if os.geteuid() == 0:
-        for name in ("postgres", "nobody"):
-            try:
-                user = pwd.getpwnam(name)
-                break
-            except KeyError:
-                continue
-        else:
+        users = {user.pw_name: user for user in pwd.getpwall()}
+        user = users.get("postgres") or users.get("nobody")
+        if user is None:
             pytest.skip("running as root and no `postgres` or `nobody` user to run the server")
         as_user = dict(user=user.pw_uid, group=user.pw_gid, extra_groups=[])
     root = Path(tempfile.mkdtemp(prefix="hm3-pg-"))
@@ -111,9 +107,14 @@ def test_two_workers_share_one_postgres_study_and_a_rerun_resumes(case, postgres
     assert {t.number for t in finished_trials(postgres_url)} == {t.number for t in trials}
 
 
-def test_search_with_postgres_down_is_a_clear_error(case, capsys):
-    url = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"  # nothing listens there
+@pytest.mark.parametrize("url, says", [
+    ("postgresql://postgres@127.0.0.1:{port}/postgres", "connection"),  # nothing listens there
+    ("mysql://root@127.0.0.1:{port}/hm3", "pip install"),  # no MySQL driver installed
+])
+def test_storage_that_cannot_open_is_a_clear_error(case, capsys, url, says):
+    url = url.format(port=free_port())
     assert main([*search_command(case, 2)[3:], "--storage", url]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("hm3: error: cannot open the study storage postgresql://")
+    assert err.startswith(f"hm3: error: cannot open the study storage {url}")
+    assert says in err.lower()
     assert "Traceback" not in err and len(err.splitlines()) == 1

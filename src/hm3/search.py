@@ -615,7 +615,10 @@ def _rdb_storage(url: str, engine: dict, attempts: int = 5) -> optuna.storages.R
                                                   heartbeat_interval=HEARTBEAT_SECONDS,
                                                   grace_period=GRACE_SECONDS)
         except Exception as exc:
-            racing = type(exc).__name__ in ("OperationalError", "IntegrityError")
+            name, message = type(exc).__name__, str(exc).lower()
+            racing = (name == "IntegrityError"
+                      or (name == "OperationalError" and "connection" not in message)
+                      or (name == "ProgrammingError" and "already exists" in message))
             if not racing or attempt == attempts - 1:
                 raise
             time.sleep(0.5 * (attempt + 1))
@@ -633,7 +636,11 @@ def _open_study(recipe, validation, test, output: Path,
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar says it instead
     try:
         storage = _rdb_storage(url, engine)
-    except Exception as exc:  # SQLAlchemy raises many types: bad URL, missing driver, no server
+    except ImportError as exc:  # Optuna's message does not say which package to install
+        raise Hm3Error(f"cannot open the study storage {url}: no driver for it ({exc}); for "
+                       "PostgreSQL install hm3's `postgres` extra: pip install 'hm3[postgres]'"
+                       ) from None
+    except Exception as exc:  # SQLAlchemy raises many types: bad URL, no server, bad login
         raise Hm3Error(f"cannot open the study storage {url}: {type(exc).__name__}: {exc}; "
                        "--storage takes an Optuna RDB URL such as sqlite:///study.db or "
                        "postgresql://user@host/db") from None
