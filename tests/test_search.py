@@ -66,9 +66,11 @@ def storage_url(case) -> str:
     return f"sqlite:///{case.out / 'study.db'}"
 
 
-def finished_trials(case) -> list:
-    (name,) = optuna.get_all_study_names(storage_url(case))
-    study = optuna.load_study(study_name=name, storage=storage_url(case))
+def finished_trials(case_or_url) -> list:
+    """The finished trials of the one study in a case's storage (or the storage URL given)."""
+    url = case_or_url if isinstance(case_or_url, str) else storage_url(case_or_url)
+    (name,) = optuna.get_all_study_names(url)
+    study = optuna.load_study(study_name=name, storage=url)
     return study.get_trials(states=(optuna.trial.TrialState.COMPLETE,
                                     optuna.trial.TrialState.PRUNED))
 
@@ -261,11 +263,12 @@ sys.exit(main(sys.argv[3:]))
 """
 
 
-def test_two_workers_share_one_study_without_duplicates(case):
+def two_workers_share(case, storage: str) -> list:
+    """Run two search workers for a 10-trial study on `storage` and check that they shared it:
+    every trial once, both contributed. Returns the finished trials."""
     script = case.root / "worker.py"
     script.write_text(WORKER_SCRIPT)
     case.out.mkdir()
-    storage = storage_url(case)
     # The schema is created once up front, as Optuna advises for parallel workers: the test is
     # about sharing trials, not about which worker wins the race to create tables.
     optuna.storages.RDBStorage(storage)
@@ -275,12 +278,16 @@ def test_two_workers_share_one_study_without_duplicates(case):
                                 stderr=subprocess.PIPE) for i in range(2)]
     for worker in workers:
         assert worker.wait(timeout=300) == 0, worker.stderr.read().decode()
-    trials = finished_trials(case)
+    trials = finished_trials(storage)
     assert 10 <= len(trials) <= 11  # a worker stops once the study holds 10
     assert len({t.number for t in trials}) == len(trials)
     assert len({t.params["density"] for t in trials}) == len(trials)
-    contributed = {t.user_attrs["hm3"]["worker"] for t in trials}
-    assert len(contributed) == 2
+    assert len({t.user_attrs["hm3"]["worker"] for t in trials}) == 2
+    return trials
+
+
+def test_two_workers_share_one_study_without_duplicates(case):
+    two_workers_share(case, storage_url(case))
 
 
 # --- self-merging and the command line -----------------------------------------------------------

@@ -1,6 +1,6 @@
 """Search workers on PostgreSQL storage: two workers share one study on a throwaway server, a
-rerun resumes it, and a server that is down is a clear error. The server tests skip where the
-PostgreSQL binaries or the psycopg driver are missing."""
+rerun resumes it; a server that is down, or a database without its driver, is a clear error.
+The server test skips where the PostgreSQL binaries or the psycopg driver are missing."""
 
 import glob
 import os
@@ -8,15 +8,13 @@ import pwd
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-import optuna
 import pytest
 
 from hm3.cli import main
-from test_search import WORKER_SCRIPT, case, environment, search_command  # noqa: F401, F811
+from test_search import case, finished_trials, search_command, two_workers_share  # noqa: F401
 
 pytestmark = pytest.mark.postgres
 
@@ -79,31 +77,9 @@ def postgres_url():
         shutil.rmtree(root, ignore_errors=True)
 
 
-def finished_trials(url: str) -> list:
-    (name,) = optuna.get_all_study_names(url)
-    return optuna.load_study(study_name=name, storage=url).get_trials(
-        states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))
-
-
 def test_two_workers_share_one_postgres_study_and_a_rerun_resumes(case, postgres_url):
-    script = case.root / "worker.py"
-    script.write_text(WORKER_SCRIPT)
-    case.out.mkdir()
-    # Schema up front, as in the SQLite test: two workers creating it at once can fail.
-    optuna.storages.RDBStorage(postgres_url)
-    command = [*search_command(case, 10)[3:], "--storage", postgres_url]
-    workers = [subprocess.Popen([sys.executable, str(script), str(case.root), str(i), *command],
-                                env=environment(), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE) for i in range(2)]
-    for worker in workers:
-        assert worker.wait(timeout=300) == 0, worker.stderr.read().decode()
-    trials = finished_trials(postgres_url)
-    assert 10 <= len(trials) <= 11  # a worker stops once the study holds 10
-    assert len({t.number for t in trials}) == len(trials)
-    assert len({t.params["density"] for t in trials}) == len(trials)
-    assert len({t.user_attrs["hm3"]["worker"] for t in trials}) == 2
-
-    assert main(command) == 0
+    trials = two_workers_share(case, postgres_url)
+    assert main([*search_command(case, 10)[3:], "--storage", postgres_url]) == 0
     assert {t.number for t in finished_trials(postgres_url)} == {t.number for t in trials}
 
 
