@@ -47,10 +47,12 @@ STUDIES = {**{name: (name, [], {}) for name in COMBINATIONS},
            "all4-tpe-lambda": ("all4", ["--sampler", "tpe", "--methods", "dare_ties", "ties",
                                         "--lambda", "0.2", "1.5", "--prune", "0.25"], {}),
            # The paper's search with every trial's heads kept whole and refitted label-free
-           # (align_heads + recentre on the zoo's calibration split), then the same with TIES.
+           # (align_heads + recentre on the zoo's calibration split), then TPE over TIES's
+           # density and lambda with the same refit.
            "all4-refit": ("all4", [], {"heads": "whole", "align_heads": {"ridge": 0.1},
                                        "recentre": True, "calibration": "zoo"}),
-           "all4-refit-ties": ("all4", ["--methods", "ties"],
+           "all4-refit-ties": ("all4", ["--methods", "ties", "--sampler", "tpe",
+                                        "--lambda", "0.5", "1.5"],
                                {"heads": "whole", "align_heads": {"ridge": 0.1},
                                 "recentre": True, "calibration": "zoo"})}
 CALIBRATION_TEXTS = 256  # per task, from the zoo's calibration split (labels ignored)

@@ -147,13 +147,14 @@ class MergeMethod:
         mixed = torch.zeros_like(base)
         if self.consensus:
             # elect_sign and agrees, fused in place: no weighted copy or sign tensor per model
-            # survives its line, which halves the time on large tensors.
+            # outlives its line. The weighted delta is rounded before it is summed (not a fused
+            # multiply-add), so a sum near 0 elects the same sign as mergekit's.
             deltas = list(deltas)
             signs = [math.copysign(1.0, float(x)) if x else 0.0 for x in w]
             score = torch.zeros_like(base)
             for delta, weight, sign in zip(deltas, w.tolist(), signs):
                 if shared["consensus"] == "sum":
-                    score.add_(delta, alpha=weight)
+                    score.add_(delta * weight)
                 else:
                     score.add_(delta.sign(), alpha=sign)
             elected = (score >= 0).to(base.dtype).mul_(2).sub_(1)  # a tie elects +1
