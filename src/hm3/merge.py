@@ -194,9 +194,9 @@ def whole_head(sources: Sources, job: TensorJob) -> torch.Tensor:
 
 
 def weighted_mean(sources: Sources, job: TensorJob) -> torch.Tensor:
-    """`linear` straight from the models, sum w_i theta_i (divided by sum w_i when normalised):
-    the same as base + the task vectors' mix, with no task vector built (a third of the memory
-    traffic). Adds to `sources.task_vector_sq` when it is set."""
+    """`linear` straight from the models, sum w_i theta_i (divided by sum w_i when normalised),
+    mergekit's formula: the same as base + the task vectors' mix, with no task vector built and
+    no temporary per expert. Adds to `sources.task_vector_sq` when it is set."""
     recipe = sources.recipe
     squares = sources.task_vector_sq
     base = sources.base.tensor(job.base_name).float() if job.base_name and squares else None
