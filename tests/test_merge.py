@@ -142,27 +142,37 @@ def test_linear_scales_each_head_block_by_its_weight_share(family, tmp_path):
     torch.testing.assert_close(head[2:], tensors(experts["topic"])["classifier.weight"] * 3 / 4)
 
 
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic"])
 @pytest.mark.parametrize("normalize", [True, False])
-def test_linear_body_is_the_weighted_sum_of_the_models_and_norms_are_recorded(family, tmp_path,
-                                                                              normalize):
+def test_unsparsified_bodies_match_their_formulas_and_norms_are_recorded(family, tmp_path, method,
+                                                                         normalize):
     base, experts = family
-    recipe = recipe_dict(base, experts, "linear", parameters={"normalize": normalize})
+    parameters = {"normalize": normalize, **({"lambda": 0.7} if method != "linear" else {})}
+    recipe = recipe_dict(base, experts, method, parameters=parameters)
     recipe["experts"][1]["weight"] = 3.0
     out = tmp_path / "out"
     merge(parse_recipe(recipe), out, progress=False)
-    got, base_t = tensors(out), tensors(base)
+    got = tensors(out)
     sentiment, topic = tensors(experts["sentiment"]), tensors(experts["topic"])
-    scale = 1 / 4 if normalize else 1.0
-    for name, theta0 in base_t.items():
+    divisor = 4.0 if normalize else 1.0
+    checked = 0
+    for name, theta0 in tensors(base).items():
         name = f"bert.{name}"
-        if name in got and got[name].is_floating_point():
-            expected = (sentiment[name] + 3 * topic[name]) * scale
-            torch.testing.assert_close(got[name], expected, rtol=1e-6, atol=1e-6)
+        if name not in got or not got[name].is_floating_point():
+            continue
+        if method == "linear":  # the weighted mean of the models
+            expected = (sentiment[name] + 3 * topic[name]) / divisor
+        else:  # base + lambda * the weighted task vectors
+            tau = (sentiment[name] - theta0) + 3 * (topic[name] - theta0)
+            expected = theta0 + 0.7 * tau / divisor
+        torch.testing.assert_close(got[name], expected, rtol=1e-6, atol=1e-6)
+        checked += 1
+    assert checked > 20
     # The task vectors' sizes come out as with methods that build them.
     norms = config(out)["hm3"]["task_vector_norms"]
-    ta = tmp_path / "ta"
-    merge(parse_recipe(recipe_dict(base, experts, "task_arithmetic")), ta, progress=False)
-    assert norms == pytest.approx(config(ta)["hm3"]["task_vector_norms"], rel=1e-5)
+    ties = tmp_path / "ties"
+    merge(parse_recipe(recipe_dict(base, experts, "ties")), ties, progress=False)
+    assert norms == pytest.approx(config(ties)["hm3"]["task_vector_norms"], rel=1e-5)
 
 
 def test_head_is_trimmed_on_its_own_rows_before_expansion(family, tmp_path):

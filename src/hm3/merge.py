@@ -178,11 +178,11 @@ def merge_job(sources: Sources, job: TensorJob) -> torch.Tensor:
         return sources.experts[0].tensor(job.name)
     if job.head_role is not None and sources.recipe.guided.heads == "whole":
         return whole_head(sources, job)
-    if get_method(sources.recipe.method).mean_of_models and job.head_role is None:
-        return weighted_mean(sources, job)
+    method = get_method(sources.recipe.method)
+    if method.sparsifier is None and not method.consensus and job.head_role is None:
+        return weighted_sum(sources, job, method)
     base, deltas, weights = job_inputs(sources, job)
-    return get_method(sources.recipe.method).combine(base, deltas, weights,
-                                                     sources.recipe.parameters)
+    return method.combine(base, deltas, weights, sources.recipe.parameters)
 
 
 def whole_head(sources: Sources, job: TensorJob) -> torch.Tensor:
@@ -193,26 +193,31 @@ def whole_head(sources: Sources, job: TensorJob) -> torch.Tensor:
     return head
 
 
-def weighted_mean(sources: Sources, job: TensorJob) -> torch.Tensor:
-    """`linear` straight from the models, sum w_i theta_i (divided by sum w_i when normalised),
-    mergekit's formula: the same as base + the task vectors' mix, with no task vector built and
-    no temporary per expert. Adds to `sources.task_vector_sq` when it is set."""
-    recipe = sources.recipe
+def weighted_sum(sources: Sources, job: TensorJob, method) -> torch.Tensor:
+    """`linear` and `task_arithmetic` (no sparsifier, no consensus) from S = sum w_i theta_i,
+    read straight from the models with no task vector built and no temporary per expert:
+    linear is S (divided by W = sum w_i when normalised), mergekit's formula; task arithmetic is
+    base + lambda * (S - W base) (divided by W when normalised), the same as base + lambda *
+    sum w_i (theta_i - base). Adds to `sources.task_vector_sq` when it is set."""
+    recipe, shared = sources.recipe, sources.recipe.parameters
     squares = sources.task_vector_sq
-    base = sources.base.tensor(job.base_name).float() if job.base_name and squares else None
-    base_sq = float(base.pow(2).sum()) if base is not None else 0.0
+    base = (sources.base.tensor(job.base_name).float() if job.base_name
+            else torch.zeros(job.shape))
+    base_sq = float(base.pow(2).sum()) if job.base_name and squares else 0.0
     weights = [recipe.model_parameters(job.name, spec)["weight"] for spec in recipe.experts]
     out = torch.zeros(job.shape)
     for i, (weight, ckpt) in enumerate(zip(weights, sources.experts)):
         theta = ckpt.tensor(job.name).float()
-        if base is not None:
+        if job.base_name and squares:
             squares[i][0] += float(torch.dist(theta, base)) ** 2
             squares[i][1] += base_sq
         out.add_(theta, alpha=weight)
     total = sum(weights)
-    if recipe.parameters["normalize"] and abs(total) > 1e-8:
-        out.div_(total)
-    return out
+    divisor = total if shared["normalize"] and abs(total) > 1e-8 else 1.0
+    if method.mean_of_models:
+        return out.div_(divisor)
+    mixed = out.sub_(base, alpha=total).div_(divisor)
+    return mixed.mul_(shared["lambda"]).add_(base)
 
 
 def job_inputs(sources: Sources, job: TensorJob
