@@ -22,8 +22,8 @@ from hm3.cli import main
 from hm3.errors import Hm3Error
 from hm3.evaluate import evaluate, load_data_block, parse_data_block
 from hm3.recipe import parse_recipe
-from hm3.search import (BetaSampler, SearchConfig, SearchSpace, run_search, self_merge,
-                        trial_recipe)
+from hm3.search import (BetaSampler, SearchConfig, SearchSpace, format_summary, run_search,
+                        self_merge, trial_recipe)
 
 TASKS = {"sentiment": ["negative", "positive"], "topic": ["news", "sport", "film"]}
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -394,6 +394,9 @@ def test_search_refits_heads_on_every_trial_and_saves_what_it_scored(case):
     guided = config["hm3"]["guided"]
     assert set(guided) >= {"align_heads", "recentre"}
     assert guided["calibration"]["topic"]["held_out_removed"] == 1
+    assert best["guided"] == guided  # best.json and the summary say which texts were used
+    summary = format_summary(refit)
+    assert "calibration texts: sentiment 20, topic 20" in summary and "align_heads topic" in summary
     trial = next(r for r in rows["refit"] if r["number"] == best["trial"])
     assert {task: trial[f"agreement/{task}"] for task in TASKS} == {
         task: entry["agreement_after"] for task, entry in guided["align_heads"]["tasks"].items()}

@@ -32,7 +32,8 @@ from hm3.errors import Hm3Error
 from hm3.evaluate import Dataset, evaluate, label_indices, score_task
 from hm3.guided.config import Lewis
 from hm3.guided.lewis import LewisScores
-from hm3.guided.pipeline import HeadSteps, calibration_batches, check_heads, head_modules
+from hm3.guided.pipeline import (HeadSteps, calibration_batches, check_heads, format_guided,
+                                 head_modules)
 from hm3.heads import TaskGroup
 from hm3.merge import Sources, build_model, merge, merge_into, open_sources, with_recipe
 from hm3.methods import get_method
@@ -745,7 +746,8 @@ def save_best(study: optuna.Study, recipe: Recipe, output: Path, experts: dict,
         # Only a tie with an earlier trial leaves the best untested: test it now.
         trial_model.merge(best_recipe)
         test = {t: s["macro_f1"] for t, s in test_scorer.score_all().items()}
-    merge(best_recipe, output / BEST_MODEL, overwrite=True, progress=False, held_out=held_out)
+    report = merge(best_recipe, output / BEST_MODEL, overwrite=True, progress=False,
+                   held_out=held_out)
     record = {
         "study": study.study_name, "trial": best.number, "params": best.params,
         "seed": attrs["seed"], "density": trial_density(best.params),
@@ -753,6 +755,7 @@ def save_best(study: optuna.Study, recipe: Recipe, output: Path, experts: dict,
         "test_mean": float(np.mean(list(test.values()))) if test else None, "test": test,
         "experts": experts, "model": str((output / BEST_MODEL).resolve()),
         "recipe": best_recipe.to_dict(),
+        "guided": report.guided,  # the label-free steps of the written model, texts used
     }
     write_json_atomic(record_path, record)
     return record
@@ -784,4 +787,6 @@ def format_summary(result: SearchResult) -> str:
         params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                            for k, v in best["params"].items())
         lines.append(f"best: trial {best['trial']} ({params}, seed {best['seed']})")
+    if best.get("guided"):
+        lines.append(format_guided(best["guided"]))
     return "\n".join(lines)
