@@ -9,7 +9,7 @@ import struct
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -167,6 +167,20 @@ def read_config(path: Path) -> dict:
         raise Hm3Error(f"{path} has no config.json; is it a Hugging Face model directory?") from None
     except ValueError as exc:
         raise Hm3Error(f"{file} is not valid JSON: {exc}") from None
+
+
+def load_tokenizer(roots: Sequence[Path], missing: str):
+    """The tokenizer of the first folder in `roots` that has tokenizer files (experts usually
+    ship the base's), with a pad token for batching; an error saying `missing` if none has."""
+    from transformers import AutoTokenizer
+
+    for root in roots:
+        if any((Path(root) / name).is_file() for name in TOKENIZER_FILES):
+            tokenizer = AutoTokenizer.from_pretrained(root)
+            if tokenizer.pad_token is None:  # decoder classifiers often have none
+                tokenizer.pad_token = tokenizer.eos_token
+            return tokenizer
+    raise Hm3Error(missing)
 
 
 def check_destination(destination: str | Path, overwrite: bool) -> Path:

@@ -27,7 +27,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
-from hm3.checkpoint import TOKENIZER_FILES, write_json_atomic, write_text_atomic
+from hm3.checkpoint import load_tokenizer, write_json_atomic, write_text_atomic
 from hm3.errors import Hm3Error
 from hm3.evaluate import Dataset, evaluate, label_indices, score_task
 from hm3.guided.config import Lewis
@@ -487,13 +487,14 @@ def run_search(recipe: Recipe, validation: Sequence[Dataset], test: Sequence[Dat
     # Calibration texts never include a text the trials are scored on.
     held_out = {task: [text for dataset in (*validation, *(test or [])) if dataset.task == task
                        for text in dataset.texts] for task in tasks}
+    wants_lewis = bool(recipe.guided.lewis or config.space.lewis_range)
+    wants_heads = bool(recipe.guided.align_heads or recipe.guided.recentre)
     lewis_scores = heads = None
-    if recipe.guided.lewis or config.space.lewis_range or recipe.guided.align_heads or \
-            recipe.guided.recentre:
+    if wants_lewis or wants_heads:
         batches = calibration_batches(sources, held_out)[2]
-        if recipe.guided.lewis or config.space.lewis_range:
+        if wants_lewis:
             lewis_scores = LewisScores(sources, batches, head_modules(sources))
-        if recipe.guided.align_heads or recipe.guided.recentre:
+        if wants_heads:
             heads = HeadSteps.prepare(sources, batches)
     for method in config.space.methods:  # incompatible overrides fail now, not at trial 1
         with_recipe(sources, trial_recipe(recipe, {"method": method}, recipe.seed))
@@ -571,16 +572,10 @@ def _check_tasks(tasks: list[str], datasets: Sequence[Dataset], split: str) -> N
 
 
 def _classifier(sources: Sources, max_length: int | None, device: str) -> MultiTaskClassifier:
-    from transformers import AutoTokenizer
-
-    folder = next((c.path for c in (sources.base, sources.experts[0])
-                   if any((c.path / name).is_file() for name in TOKENIZER_FILES)), None)
-    if folder is None:
-        raise Hm3Error(f"neither the base {sources.base.reference} nor the first expert has "
-                       "tokenizer files; a search needs a tokenizer to score trials")
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    if tokenizer.pad_token is None:  # decoder classifiers often have none; batching needs one
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(
+        [sources.base.path, sources.experts[0].path],
+        missing=f"neither the base {sources.base.reference} nor the first expert has "
+                "tokenizer files; a search needs a tokenizer to score trials")
     model = build_model(sources).to(device)
     return MultiTaskClassifier(model, tokenizer, sources.groups, max_length)
 

@@ -87,22 +87,6 @@ def tokenize(tokenizer, texts: Sequence[str], max_length: int, batch_size: int) 
     return batches
 
 
-def load_tokenizer(roots: Sequence[Path]):
-    """The tokenizer of the first folder that has one (experts usually ship the base's)."""
-    from transformers import AutoTokenizer
-
-    from hm3.checkpoint import TOKENIZER_FILES
-
-    for root in roots:
-        if any((root / name).is_file() for name in TOKENIZER_FILES):
-            tokenizer = AutoTokenizer.from_pretrained(root)
-            if tokenizer.pad_token is None:
-                tokenizer.pad_token = tokenizer.eos_token
-            return tokenizer
-    raise Hm3Error("no tokenizer found next to the base or the experts; guided merging needs "
-                   "one to run the calibration texts")
-
-
 def linear_layers(model: torch.nn.Module, skip: Sequence[str] = ()) -> dict[str, torch.nn.Linear]:
     """The model's linear layers by state-dict prefix (`bert.encoder.layer.0.attention.self.query`),
     without those named in `skip` (the classification head)."""

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import functools
 import time
 from dataclasses import dataclass
 
@@ -12,8 +11,9 @@ import torch
 from hm3.errors import Hm3Error
 from hm3.guided import coefficients as coef
 from hm3.guided import align, lewis, recentre, regmean
+from hm3.checkpoint import load_tokenizer
 from hm3.guided.calibration import (Calibration, expert_classifier, load_calibration,
-                                    load_tokenizer, run_batches, tokenize)
+                                    run_batches, tokenize)
 
 
 def head_modules(sources) -> list[str]:
@@ -41,7 +41,9 @@ def guided_model(sources, progress: bool = False,
     skip = head_modules(sources)
     report: dict = {"heads": guided.heads, "calibration": calibration.provenance,
                     "max_length": spec.max_length}
-    expert_logits = functools.cache(lambda: experts_logits(sources, batches))
+    # The experts run once, for every step that matches them (coefficients and the head steps).
+    expert_logits = (experts_logits(sources, batches)
+                     if guided.coefficients or guided.align_heads or guided.recentre else None)
 
     if guided.lewis:
         scores = lewis.LewisScores(sources, batches, skip)
@@ -58,11 +60,11 @@ def guided_model(sources, progress: bool = False,
         fit_batches = {task: tokenize(tokenizer, calibration.texts[task], spec.max_length,
                                       config.batch_size) for task in tasks}
         groups = {g.name: g for g in sources.groups}
-        # The experts run once: their logits on the calibration texts, cut into the fit's batches
-        # (both keep the texts' order).
-        logits = expert_logits()
+        # The experts' logits on the calibration texts, cut into the fit's batches (both keep
+        # the texts' order).
         targets = {task: [coef.expert_probabilities(z, groups[task].multi_label)
-                          for z in logits[task].split(config.batch_size)] for task in tasks}
+                          for z in expert_logits[task].split(config.batch_size)]
+                   for task in tasks}
         report["coefficients"] = coef.fit_coefficients(model, sources, fit_batches, targets,
                                                        config, progress)
     else:
@@ -72,7 +74,7 @@ def guided_model(sources, progress: bool = False,
                                        progress)
         report["regmean"] = {"alpha": guided.regmean.alpha, "layers": len(layers)}
     if guided.align_heads or guided.recentre:
-        report.update(HeadSteps(batches, expert_logits())(model, sources))
+        report.update(HeadSteps(batches, expert_logits)(model, sources))
     report["cpu_seconds"] = round(time.process_time() - started[0], 1)
     report["seconds"] = round(time.perf_counter() - started[1], 1)
     return model, sources, report
@@ -133,7 +135,9 @@ def calibration_batches(sources, held_out: dict[str, list[str]] | None = None,
     tasks = [e.task for e in sources.recipe.experts]
     if calibration is None:
         calibration = load_calibration(spec, tasks, held_out)
-    tokenizer = load_tokenizer([sources.base.path, *(e.path for e in sources.experts)])
+    tokenizer = load_tokenizer([sources.base.path, *(e.path for e in sources.experts)],
+                               missing="no tokenizer found next to the base or the experts; "
+                               "guided merging needs one to run the calibration texts")
     batches = {task: tokenize(tokenizer, calibration.texts[task], spec.max_length,
                               spec.batch_size) for task in tasks}
     return calibration, tokenizer, batches
