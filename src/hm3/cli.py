@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 
 from hm3.checkpoint import write_text_atomic
-from hm3.errors import Hm3Error
+from hm3.errors import Hm3Error, Hm3Warning
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,6 +105,30 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", dest="json_out", help="also write the result as JSON here")
     bench.add_argument("--device", help="cpu, cuda, ... (default: CUDA when available)")
     bench.set_defaults(run=_bench)
+
+    check = sub.add_parser("check", help="label-free pre-deployment check: does the merged "
+                           "model keep each expert's decisions on your texts? (exit 1 if not)")
+    check.add_argument("model", help="merged model directory or hub id")
+    check.add_argument("--experts", nargs="+", metavar="[TASK=]PATH",
+                       help="the experts that were merged (default: the sources the merged "
+                       "model records); TASK= where the task is not clear from the path")
+    check.add_argument("--texts", required=True, metavar="FILE",
+                       help="unlabelled texts NOT used for calibration: .txt (one per line), "
+                       "JSONL, CSV, TSV, JSON or Parquet")
+    check.add_argument("--text-column", default="text")
+    check.add_argument("--limit", type=int, help="check only the first N texts")
+    check.add_argument("--min-agreement", action="append", default=[], metavar="[TASK=]SHARE",
+                       help="minimum share of texts given the expert's label, for every task "
+                       "or one (repeatable; default 0.9)")
+    check.add_argument("--max-drift", type=float, metavar="TVD",
+                       help="also fail a task whose label shares move further than this (total "
+                       "variation distance, 0..1)")
+    check.add_argument("--batch-size", type=int, default=32)
+    check.add_argument("--max-length", type=int, help="truncate texts to this many tokens "
+                       "(default: the tokenizer's maximum)")
+    check.add_argument("--json", dest="json_out", help="also write the report as JSON here")
+    check.add_argument("--device", help="cpu, cuda, ... (default: CUDA when available)")
+    check.set_defaults(run=_check)
 
     search = sub.add_parser("search", help="search merge parameters on validation data (the "
                             "paper's DARE-TIES model search) and keep the best merged model")
@@ -331,6 +355,84 @@ def _bench(args) -> int:
     if args.json_out:
         write_text_atomic(Path(args.json_out), json.dumps(result, indent=2) + "\n")
     return 0
+
+
+def _check(args) -> int:
+    from hm3.check import (calibration_overlap, check, format_check, parse_thresholds,
+                           verdicts)
+    from hm3.checkpoint import read_config, resolve
+    from hm3.evaluate import read_texts
+    from hm3.model import load
+
+    if args.limit is not None and args.limit < 1:
+        raise Hm3Error(f"--limit: expected a positive number of texts, got {args.limit}")
+    if args.max_drift is not None and not 0 <= args.max_drift <= 1:
+        raise Hm3Error(f"--max-drift: expected a distance in [0, 1], got {args.max_drift}")
+    texts = read_texts(Path(args.texts), args.text_column)[:args.limit]
+    folder = resolve(args.model)
+    block = read_config(folder).get("hm3") or {}
+    if not block:
+        raise Hm3Error(f"{args.model} is not an hm3-merged model (its config.json has no hm3 "
+                       "block); check the folder `hm3 merge` wrote")
+    tasks = [t["name"] for t in block["tasks"]]
+    thresholds = parse_thresholds(args.min_agreement, tasks)
+    experts = _check_experts(args.experts, block, tasks)
+    merged = load(folder, device=args.device, max_length=args.max_length)
+    loaded = {task: load(path, task=task, device=args.device, max_length=args.max_length)
+              for task, path in experts.items()}
+    report = verdicts(check(merged, loaded, texts, args.batch_size), thresholds,
+                      args.max_drift)
+    report["model"], report["experts"] = str(args.model), experts
+    overlap = calibration_overlap(folder, texts)
+    report["calibration_overlap"] = overlap
+    fidelity = (block.get("guided") or {}).get("fidelity")
+    if fidelity:
+        report["calibration_figures"] = fidelity["tasks"]
+    if overlap and any(overlap.values()):
+        used = ", ".join(f"{task} {count}" for task, count in overlap.items() if count)
+        warnings.warn(f"some check texts were calibration texts of this merge ({used} of "
+                      f"{len(texts)}): the label-free steps were fitted to them, so agreement "
+                      "on them is optimistic; check on texts the merge has not seen", Hm3Warning)
+    print(format_check(report))
+    if args.json_out:
+        write_text_atomic(Path(args.json_out), json.dumps(report, indent=2) + "\n")
+    return 0 if report["passed"] else 1
+
+
+def _check_experts(items: list[str] | None, block: dict, tasks: list[str]) -> dict[str, str]:
+    """`--experts [TASK=]PATH ...` as task -> path. A path without TASK= is matched to the
+    source the merged model records for it, else to the task named like its folder. Without
+    --experts, the recorded sources."""
+    recorded = {s["task"]: s["model"] for s in block.get("sources", [])}
+    if not items:
+        missing = [t for t in tasks if t not in recorded]
+        if missing:
+            raise Hm3Error(f"the model records no expert for {', '.join(missing)}; name them "
+                           "with --experts TASK=PATH ...")
+        return {task: recorded[task] for task in tasks}
+    by_path = {_same_path(path): task for task, path in recorded.items()}
+    out: dict[str, str] = {}
+    for item in items:
+        task, sep, path = item.partition("=")
+        if not sep:
+            path = item
+            name = Path(item.rstrip("/")).name
+            task = by_path.get(_same_path(item)) or (name if name in tasks else "")
+            if not task:
+                raise Hm3Error(f"--experts {item}: cannot tell which task it is the expert of "
+                               f"(tasks: {', '.join(tasks)}); write TASK={item}")
+        if task not in tasks:
+            raise Hm3Error(f"--experts {item}: no task {task!r}; tasks are {', '.join(tasks)}")
+        if task in out:
+            raise Hm3Error(f"--experts: two experts for task {task!r}; give one per task")
+        out[task] = path
+    return out
+
+
+def _same_path(path: str) -> str:
+    """A path in the form two spellings of one folder share (hub ids stay as they are)."""
+    local = Path(path).expanduser()
+    return str(local.resolve()) if local.exists() else path
 
 
 def _search(args) -> int:

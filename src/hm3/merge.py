@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from hm3 import __version__
+from hm3.check import CALIBRATION_TEXTS
 from hm3.checkpoint import (TOKENIZER_FILES, TORCH_DTYPES, Checkpoint, ShardedWriter,
                             atomic_directory, check_destination, write_json_atomic)
 from hm3.errors import Hm3Error, Hm3Warning
@@ -339,6 +340,11 @@ def merge(recipe: Recipe, output: str | Path, overwrite: bool = False,
         norms = task_vector_norms(sources)
         config = merged_config(sources, out_dtypes, norms)
         if guided_report is not None:
+            hashes = guided_report.pop("calibration_hashes", None)
+            if hashes:
+                write_json_atomic(staging / CALIBRATION_TEXTS,
+                                  {"hash": "sha256 of the case-folded, whitespace-collapsed "
+                                   "text, first 16 hex digits", "tasks": hashes})
             config["hm3"]["guided"] = guided_report
             if "lewis" in guided_report:
                 from hm3.plots import plot_densities

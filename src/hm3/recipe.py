@@ -180,7 +180,7 @@ def parse_recipe(raw: Any, root: Path | None = None) -> Recipe:
         parse_data_block(data, tasks)
     guided = parse_guided(raw, tasks)
     if guided.calibration and root is not None:
-        for source in guided.calibration.sources.values():
+        for source in guided.calibration.all_sources():
             candidate = (root / source["path"]).expanduser()
             if candidate.exists():
                 source["path"] = str(candidate.resolve())

@@ -12,6 +12,8 @@ solved exactly (no gradient steps). With few texts the ridge keeps the rows near
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from hm3.guided.calibration import input_hooks, run_batches
@@ -87,13 +89,15 @@ def align_heads(model: torch.nn.Module, sources, inputs: dict[str, torch.Tensor]
         report[group.name] = {
             "mse_before": round(float((before - target).pow(2).mean()), 5),
             "mse_after": round(float((after - target).pow(2).mean()), 5),
-            "agreement_before": round(_agreement(before, target, group.multi_label), 4),
-            "agreement_after": round(_agreement(after, target, group.multi_label), 4)}
+            "agreement_before": round(_agreement(before, target, group), 4),
+            "agreement_after": round(_agreement(after, target, group), 4)}
     return {"ridge": ridge, "tasks": report}
 
 
-def _agreement(logits: torch.Tensor, target: torch.Tensor, multi_label: bool) -> float:
-    """Share of texts given the expert's label (each label's on/off decision if multi-label)."""
-    if multi_label:
-        return float(((logits > 0) == (target > 0)).double().mean())
+def _agreement(logits: torch.Tensor, target: torch.Tensor, group) -> float:
+    """Share of texts given the expert's label (each label's on/off decision at the group's
+    threshold if multi-label)."""
+    if group.multi_label:
+        cut = math.log(group.threshold / (1 - group.threshold))
+        return float(((logits > cut) == (target > cut)).double().mean())
     return float((logits.argmax(1) == target.argmax(1)).double().mean())

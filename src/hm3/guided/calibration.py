@@ -11,6 +11,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from hm3.check import text_key
 from hm3.errors import Hm3Error, Hm3Warning
 from hm3.evaluate import FILE_TYPES, hub_texts, read_texts
 from hm3.guided.config import CalibrationSpec
@@ -37,40 +38,52 @@ def source_texts(source: dict) -> list[str]:
                      source["text_column"])
 
 
-def _key(text: str) -> str:
-    return " ".join(text.split()).casefold()
-
-
 def load_calibration(spec: CalibrationSpec, tasks: Sequence[str],
                      held_out: dict[str, Sequence[str]] | None = None) -> Calibration:
-    """Read every task's calibration texts: deduplicated, texts found in the held-out
-    (validation / test) data removed, then the first `spec.limit` kept."""
-    held = {_key(t) for texts in (held_out or {}).values() for t in texts}
+    """Read every task's calibration texts: its own source first, then the shared one (each
+    source is read once), deduplicated, texts found in any held-out (validation / test) data
+    removed, then the first `spec.limit` kept."""
+    held = {text_key(t) for texts in (held_out or {}).values() for t in texts}
+    cache: dict[str, list[str]] = {}
+
+    def read(source: dict) -> list[str]:
+        name = repr(sorted(source.items()))
+        if name not in cache:
+            cache[name] = source_texts(source)
+        return cache[name]
+
     out, provenance = {}, {}
     for task in tasks:
-        source = spec.sources[task]
-        seen, kept, dropped = set(), [], 0
-        for text in source_texts(source):
-            text = text.strip()
-            key = _key(text)
-            if not key or key in seen:
-                continue
-            seen.add(key)
-            if key in held:
-                dropped += 1
-                continue
-            kept.append(text)
-            if len(kept) == spec.limit:
-                break
+        seen, kept, dropped, used = set(), [], 0, []
+        for source in spec.sources_of(task):
+            count = 0
+            for text in read(source):
+                if len(kept) == spec.limit:
+                    break
+                text = text.strip()
+                key = text_key(text)
+                if not key or key in seen:
+                    continue
+                seen.add(key)
+                if key in held:
+                    dropped += 1
+                    continue
+                kept.append(text)
+                count += 1
+            used.append({"path": source["path"], "shared": source is spec.shared,
+                         "texts": count})
         if not kept:
-            raise Hm3Error(f"calibration.texts.{task}: {source['path']} gave no usable texts")
+            paths = " and ".join(s["path"] for s in spec.sources_of(task))
+            raise Hm3Error(f"calibration texts of {task}: {paths} gave no usable texts "
+                           "(empty, or every text is also in the held-out data)")
         if dropped:
             warnings.warn(f"calibration texts of {task}: {dropped} also appear in the held-out "
                           "(validation or test) data and were left out", Hm3Warning, stacklevel=2)
         out[task] = kept
         digest = hashlib.sha256("\n".join(kept).encode()).hexdigest()[:16]
-        provenance[task] = {"path": source["path"], "texts": len(kept),
-                            "held_out_removed": dropped, "sha256_16": digest}
+        provenance[task] = {"path": " + ".join(u["path"] for u in used if u["texts"]),
+                            "sources": used, "texts": len(kept), "held_out_removed": dropped,
+                            "sha256_16": digest}
     return Calibration(out, provenance)
 
 

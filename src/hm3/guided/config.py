@@ -14,14 +14,35 @@ DEFAULT_HEADS = "whole"  # measured at least as good as merging the rows (benchm
 KEYS = ("heads", "calibration", "recentre", "lewis", "regmean", "coefficients", "align_heads")
 
 
+SOURCE_FIELDS = ("path", "text_column", "subset", "split")
+
+
 @dataclass(frozen=True)
 class CalibrationSpec:
-    """Where each task's unlabelled texts come from (labels, if any, are ignored)."""
+    """Where each task's unlabelled texts come from (labels, if any, are ignored): a source of
+    its own, one shared by every task (a user's traffic), or both; a task reads its own source
+    first, then the shared one, until it has `limit` texts."""
 
-    sources: dict[str, dict[str, Any]]  # task -> {path, text_column}
+    sources: dict[str, dict[str, Any]]  # task -> {path, text_column[, subset, split]}
     limit: int = 256
     max_length: int = 128
     batch_size: int = 32
+    shared: dict[str, Any] | None = None  # {path, text_column[, subset, split]} for every task
+
+    def sources_of(self, task: str) -> list[dict[str, Any]]:
+        """The task's sources in reading order: its own, then the shared one."""
+        return [s for s in (self.sources.get(task), self.shared) if s is not None]
+
+    def all_sources(self) -> list[dict[str, Any]]:
+        return [*self.sources.values(), *([self.shared] if self.shared else [])]
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.sources:
+            out["texts"] = self.sources
+        if self.shared:
+            out["shared"] = self.shared
+        return {**out, "limit": self.limit, "max_length": self.max_length}
 
 
 @dataclass(frozen=True)
@@ -80,8 +101,7 @@ class Guided:
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"heads": self.heads}
         if self.calibration:
-            out["calibration"] = {"texts": self.calibration.sources, "limit": self.calibration.limit,
-                                  "max_length": self.calibration.max_length}
+            out["calibration"] = self.calibration.to_dict()
         if self.recentre:
             out["recentre"] = True
         for name in ("lewis", "regmean", "coefficients", "align_heads"):
@@ -124,51 +144,83 @@ def parse_guided(raw: dict, tasks: list[str]) -> Guided:
         wanted = [k for k in ("recentre", "lewis", "regmean", "coefficients", "align_heads")
                   if raw.get(k)]
         raise Hm3Error(f"{', '.join(wanted)}: needs unlabelled texts: add a `calibration:` block, "
-                       "e.g. `calibration: {texts: {TASK: texts.txt}}` with a file per task")
+                       "e.g. `calibration: {texts: traffic.txt}` (the same texts for every "
+                       "task) or `{texts: {TASK: texts.txt, ...}}` (a file per task)")
     return guided
 
 
+CALIBRATION_FORM = ("expected {texts: FILE} (the same unlabelled texts for every task), "
+                    "{texts: {TASK: FILE, ...}} (a source per task) or both, {shared: FILE, "
+                    "texts: {TASK: FILE}}; a FILE is a .txt file (one text per line), a CSV / "
+                    "JSONL / Parquet table, or a hub dataset {path: ID, split: train}")
+
+
 def _calibration(raw: Any, tasks: list[str]) -> CalibrationSpec | None:
+    """The `calibration` block. `texts` is one source (shared by every task) or a mapping of
+    task to source; `shared` adds one source for every task beside the per-task ones."""
     if raw is None:
         return None
     where = "calibration"
-    if not isinstance(raw, dict) or not isinstance(raw.get("texts"), dict):
-        raise Hm3Error(f"{where}: expected {{texts: {{TASK: FILE, ...}}, limit: 256}}; a FILE is "
-                       "a .txt file (one text per line) or a CSV / JSONL / Parquet table")
-    unknown = sorted(set(raw) - {"texts", "limit", "max_length", "batch_size"})
+    if not isinstance(raw, dict) or ("texts" not in raw and "shared" not in raw):
+        raise Hm3Error(f"{where}: {CALIBRATION_FORM}")
+    unknown = sorted(set(raw) - {"texts", "shared", "limit", "max_length", "batch_size"})
     if unknown:
-        raise Hm3Error(f"{where}: unknown field(s) {', '.join(unknown)}; allowed: texts, limit, "
-                       "max_length, batch_size")
-    texts = raw["texts"]
+        raise Hm3Error(f"{where}: unknown field(s) {', '.join(unknown)}; allowed: texts, shared, "
+                       "limit, max_length, batch_size")
+    texts, shared = raw.get("texts"), None
+    if "shared" in raw:
+        shared = _source(raw["shared"], f"{where}.shared")
+    if _is_one_source(texts, tasks):
+        if shared is not None:
+            raise Hm3Error(f"{where}: `texts` is one source for every task and `shared` another; "
+                           "give the shared texts once (`shared:`), and per-task sources as "
+                           "`texts: {TASK: FILE}`")
+        shared, texts = _source(texts, f"{where}.texts"), {}
+    elif texts is None:
+        texts = {}
+    elif not isinstance(texts, dict):
+        raise Hm3Error(f"{where}.texts: {CALIBRATION_FORM}")
+    extra = sorted(map(str, set(texts) - set(tasks)))
+    if extra:
+        raise Hm3Error(f"{where}.texts: unknown task(s) {', '.join(extra)}; tasks are "
+                       f"{', '.join(tasks)} (for texts every task reads, use `shared: FILE`)")
     missing = [t for t in tasks if t not in texts]
-    extra = sorted(set(texts) - set(tasks))
-    if missing or extra:
-        detail = "; ".join(part for part in (
-            f"missing: {', '.join(missing)}" if missing else "",
-            f"unknown: {', '.join(extra)}" if extra else "") if part)
-        raise Hm3Error(f"{where}.texts: needs one entry per task ({detail}); tasks are "
-                       f"{', '.join(tasks)}")
-    sources = {}
-    for task in tasks:
-        entry = texts[task]
-        if isinstance(entry, str):
-            entry = {"path": entry}
-        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
-            raise Hm3Error(f"{where}.texts.{task}: expected a file path, "
-                           "{path: FILE, text_column: text} or a hub dataset "
-                           "{path: ID, subset: ..., split: train}")
-        bad = sorted(set(entry) - {"path", "text_column", "subset", "split"})
-        if bad:
-            raise Hm3Error(f"{where}.texts.{task}: unknown field(s) {', '.join(bad)}; allowed: "
-                           "path, text_column, subset, split")
-        sources[task] = {"path": entry["path"], "text_column": entry.get("text_column", "text"),
-                         **{k: entry[k] for k in ("subset", "split") if k in entry}}
+    if missing and shared is None:
+        raise Hm3Error(f"{where}.texts: needs texts for every task (missing: "
+                       f"{', '.join(missing)}); give each task a source, or add `shared: FILE` "
+                       "(texts every task reads, e.g. your traffic)")
+    sources = {task: _source(texts[task], f"{where}.texts.{task}") for task in tasks
+               if task in texts}
     limit = _positive_int(raw.get("limit", 256), f"{where}.limit")
     max_length = _positive_int(raw.get("max_length", 128), f"{where}.max_length")
     if max_length < 2:
         raise Hm3Error(f"{where}.max_length: expected at least 2 tokens, got {max_length}")
     batch_size = _positive_int(raw.get("batch_size", 32), f"{where}.batch_size")
-    return CalibrationSpec(sources, limit, max_length, batch_size)
+    return CalibrationSpec(sources, limit, max_length, batch_size, shared)
+
+
+def _is_one_source(texts: Any, tasks: list[str]) -> bool:
+    """Whether `texts` names one source rather than mapping tasks to sources (a mapping with a
+    `path` that is not a task name is a source)."""
+    return isinstance(texts, str) or (isinstance(texts, dict) and "path" in texts
+                                      and "path" not in tasks)
+
+
+def _source(entry: Any, where: str) -> dict[str, Any]:
+    if isinstance(entry, str):
+        entry = {"path": entry}
+    if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or not entry["path"]:
+        raise Hm3Error(f"{where}: expected a file path, {{path: FILE, text_column: text}} or a "
+                       "hub dataset {path: ID, subset: ..., split: train}")
+    bad = sorted(map(str, set(entry) - set(SOURCE_FIELDS)))
+    if bad:
+        raise Hm3Error(f"{where}: unknown field(s) {', '.join(bad)}; allowed: "
+                       f"{', '.join(SOURCE_FIELDS)}")
+    for key in ("text_column", "subset", "split"):
+        if key in entry and not isinstance(entry[key], str):
+            raise Hm3Error(f"{where}.{key}: expected a string, got {entry[key]!r}")
+    return {"path": entry["path"], "text_column": entry.get("text_column", "text"),
+            **{k: entry[k] for k in ("subset", "split") if k in entry}}
 
 
 def _block(raw: dict, name: str, cls, checks: dict) -> Any:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from hm3.check import compare_logits, text_hash
 from hm3.errors import Hm3Error
 from hm3.guided import coefficients as coef
 from hm3.guided import align, lewis, recentre, regmean
@@ -75,9 +76,30 @@ def guided_model(sources, progress: bool = False,
         report["regmean"] = {"alpha": guided.regmean.alpha, "layers": len(layers)}
     if guided.align_heads or guided.recentre:
         report.update(HeadSteps(batches, expert_logits)(model, sources))
+    report["fidelity"] = calibration_fidelity(model, sources, batches, expert_logits)
+    # Hashes of the texts (not the texts): `hm3 check` warns when given them again.
+    report["calibration_hashes"] = {task: [text_hash(t) for t in texts]
+                                    for task, texts in calibration.texts.items()}
     report["cpu_seconds"] = round(time.process_time() - started[0], 1)
     report["seconds"] = round(time.perf_counter() - started[1], 1)
     return model, sources, report
+
+
+def calibration_fidelity(model: torch.nn.Module, sources, batches: dict[str, list[dict]],
+                         expert_logits: dict[str, torch.Tensor] | None) -> dict:
+    """The merged model against each expert on the calibration texts (`hm3.check`'s figures).
+    Optimistic: the label-free steps were fitted to these very texts."""
+    if expert_logits is None:
+        expert_logits = experts_logits(sources, batches)
+    merged = {group.name: run_batches(model, batches[group.name])[:, group.offset:group.stop]
+              for group in sources.groups}
+    tasks = compare_logits(sources.groups, {t: z.numpy() for t, z in expert_logits.items()},
+                           {t: z.numpy() for t, z in merged.items()})
+    return {"texts": "calibration", "optimistic": True,
+            "note": "measured on the texts the label-free steps were fitted to, so optimistic; "
+                    "run `hm3 check` on texts the merge has not seen",
+            "tasks": {t: {k: e[k] for k in ("n", "agreement", "drift", "mean_abs_dp")}
+                      for t, e in tasks.items()}}
 
 
 def check_heads(sources) -> None:
@@ -177,6 +199,11 @@ def format_guided(report: dict) -> str:
         for task, entry in report["align_heads"]["tasks"].items():
             lines.append(f"  align_heads {task}: agreement with the expert "
                          f"{entry['agreement_before']:.1%} -> {entry['agreement_after']:.1%}")
+    if "fidelity" in report:
+        figures = ", ".join(f"{task} {entry['agreement']:.1%}"
+                            for task, entry in report["fidelity"]["tasks"].items())
+        lines.append(f"  agreement with the experts on the calibration texts (optimistic, "
+                     f"fitted there; run `hm3 check` on other texts): {figures}")
     if "recentre" in report:
         for task, entry in report["recentre"].items():
             gap = max(abs(b - t) for b, t in zip(entry["before"], entry["target"]))

@@ -1,0 +1,246 @@
+"""A label-free check of a merged model against its experts: on unlabelled texts, how often each
+task gives its expert's label, how far its label shares drift, which labels flip, and a verdict
+per task against a threshold (for a deployment pipeline to act on)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from hm3.errors import Hm3Error
+from hm3.heads import TaskGroup
+from hm3.model import MultiTaskClassifier, group_probabilities
+from hm3.table import format_table
+
+CALIBRATION_TEXTS = "calibration_texts.json"  # beside a guided merge's config.json
+DEFAULT_MIN_AGREEMENT = 0.9
+
+
+def text_key(text: str) -> str:
+    """The form two texts must share to count as the same text (case and spacing ignored)."""
+    return " ".join(text.split()).casefold()
+
+
+def text_hash(text: str) -> str:
+    """A short hash of a text's key: what a merged model records of its calibration texts, so
+    that a check can tell whether it is given those texts again (without storing them)."""
+    return hashlib.sha256(text_key(text).encode()).hexdigest()[:16]
+
+
+# --- the figures ---------------------------------------------------------------------------------
+
+def compare_task(group: TaskGroup, expert: np.ndarray, merged: np.ndarray) -> dict:
+    """How far the merged model's decisions on one task are from its expert's, on the same texts.
+
+    `expert`, `merged`: probabilities (n, K) of the task's labels (a softmax per text, or a
+    sigmoid per label for a multi-label task). Returns a JSON-able dict:
+
+    - single-label: `agreement` (share of texts with the expert's argmax), `drift` (total
+      variation distance between the two predicted-label histograms, 0..1), `expert_shares`
+      / `merged_shares` (the histograms), `flips` ({from, to, count}: expert label -> merged
+      label, most frequent first), `mean_abs_dp` (mean |p_merged - p_expert| over texts and
+      labels);
+    - multi-label: the same per label on the thresholded on/off decisions (`label_agreement`,
+      shares = the share of texts where the label is on); `agreement` is the worst label's, so
+      a task passes only when every label does; `mean_label_agreement` and
+      `exact_agreement` (every label of a text as the expert) beside it; `drift` is the largest
+      change of a label's on-share; `flips` ({label, on_to_off, off_to_on}).
+    """
+    expert, merged = np.asarray(expert, np.float64), np.asarray(merged, np.float64)
+    if expert.shape != merged.shape or expert.ndim != 2 or expert.shape[1] != len(group.labels):
+        raise Hm3Error(f"task {group.name!r}: expert and merged probabilities must both be "
+                       f"(n, {len(group.labels)}), got {expert.shape} and {merged.shape}")
+    n = len(expert)
+    if n == 0:
+        raise Hm3Error(f"task {group.name!r}: no texts to compare on")
+    out: dict = {"n": n, "multi_label": group.multi_label,
+                 "mean_abs_dp": float(np.abs(merged - expert).mean())}
+    if group.multi_label:
+        on_e, on_m = expert > group.threshold, merged > group.threshold
+        per_label = (on_e == on_m).mean(0)
+        shares_e, shares_m = on_e.mean(0), on_m.mean(0)
+        out.update(
+            agreement=float(per_label.min()),
+            mean_label_agreement=float(per_label.mean()),
+            exact_agreement=float((on_e == on_m).all(1).mean()),
+            label_agreement={lab: float(v) for lab, v in zip(group.labels, per_label)},
+            drift=float(np.abs(shares_m - shares_e).max()),
+            expert_shares=_named(group, shares_e), merged_shares=_named(group, shares_m),
+            flips=[{"label": lab, "on_to_off": int((on_e[:, k] & ~on_m[:, k]).sum()),
+                    "off_to_on": int((~on_e[:, k] & on_m[:, k]).sum())}
+                   for k, lab in enumerate(group.labels)
+                   if (on_e[:, k] != on_m[:, k]).any()])
+        return out
+    k = len(group.labels)
+    label_e, label_m = expert.argmax(1), merged.argmax(1)
+    shares_e = np.bincount(label_e, minlength=k) / n
+    shares_m = np.bincount(label_m, minlength=k) / n
+    confusion = np.zeros((k, k), dtype=np.int64)
+    np.add.at(confusion, (label_e, label_m), 1)
+    flips = [{"from": group.labels[a], "to": group.labels[b], "count": int(confusion[a, b])}
+             for a in range(k) for b in range(k) if a != b and confusion[a, b]]
+    out.update(agreement=float((label_e == label_m).mean()),
+               drift=float(0.5 * np.abs(shares_m - shares_e).sum()),
+               expert_shares=_named(group, shares_e), merged_shares=_named(group, shares_m),
+               flips=sorted(flips, key=lambda f: -f["count"]))
+    return out
+
+
+def compare_logits(groups: Sequence[TaskGroup], expert_logits: Mapping[str, np.ndarray],
+                   merged_logits: Mapping[str, np.ndarray]) -> dict[str, dict]:
+    """`compare_task` for every task from logits of the task's own labels (n, K_task), e.g. the
+    experts' and the merged model's on the calibration texts."""
+    out = {}
+    for group in groups:
+        own = dataclasses.replace(group, offset=0)
+        expert = group_probabilities(np.asarray(expert_logits[group.name]), [own])[group.name]
+        merged = group_probabilities(np.asarray(merged_logits[group.name]), [own])[group.name]
+        out[group.name] = compare_task(group, expert, merged)
+    return out
+
+
+def _named(group: TaskGroup, values: np.ndarray) -> dict[str, float]:
+    return {label: round(float(v), 4) for label, v in zip(group.labels, values)}
+
+
+# --- the check -----------------------------------------------------------------------------------
+
+def check(merged: MultiTaskClassifier, experts: Mapping[str, MultiTaskClassifier],
+          texts: Sequence[str], batch_size: int = 32) -> dict:
+    """Compare `merged` with each task's expert on `texts` (no labels needed).
+
+    Parameters
+    ----------
+    merged : the merged model (`hm3.load(path)`).
+    experts : task -> that task's expert (`hm3.load(path, task=TASK)`); its labels must be the
+        merged task's, in the same order. Tasks without an expert are listed as unchecked.
+    texts : unlabelled texts that were NOT used to calibrate the merge (see
+        `calibration_overlap`).
+
+    Returns a JSON-able dict: {"texts": n, "tasks": {task: compare_task(...)}, "unchecked":
+    [tasks]}. Add verdicts with `verdicts`.
+    """
+    texts = list(texts)
+    if not texts:
+        raise Hm3Error("no texts to check on; give a file with one text per line (or a table)")
+    groups = {g.name: g for g in merged.groups}
+    for task, expert in experts.items():
+        if task not in groups:
+            raise Hm3Error(f"expert for {task!r}: the merged model has no such task; its tasks "
+                           f"are {', '.join(groups)}")
+        _check_expert(groups[task], expert)
+    merged_probs = merged.predict_proba(texts, batch_size=batch_size)
+    tasks = {}
+    for task, expert in experts.items():
+        expert_probs = expert.predict_proba(texts, batch_size=batch_size)
+        tasks[task] = compare_task(groups[task], expert_probs[expert.groups[0].name],
+                                   merged_probs[task])
+    tasks = {task: tasks[task] for task in groups if task in tasks}  # the model's order
+    return {"texts": len(texts), "tasks": tasks,
+            "unchecked": [task for task in groups if task not in experts]}
+
+
+def _check_expert(group: TaskGroup, expert: MultiTaskClassifier) -> None:
+    if len(expert.groups) != 1:
+        raise Hm3Error(f"expert for {group.name!r} has {len(expert.groups)} tasks; give the "
+                       "single-task classifier that was merged")
+    own = expert.groups[0]
+    if tuple(own.labels) != tuple(group.labels) or own.multi_label != group.multi_label:
+        kind = {True: "multi-label", False: "single-label"}
+        raise Hm3Error(f"expert for {group.name!r} has labels {', '.join(own.labels)} "
+                       f"({kind[own.multi_label]}); the merged task has "
+                       f"{', '.join(group.labels)} ({kind[group.multi_label]}): is it the "
+                       "right expert?")
+
+
+def parse_thresholds(values: Sequence[str], tasks: Sequence[str],
+                     default: float = DEFAULT_MIN_AGREEMENT) -> dict[str, float]:
+    """Per-task minimum agreement from `X` (every task) and `TASK=X` items (later win)."""
+    out = {task: default for task in tasks}
+    for item in values:
+        task, sep, number = item.rpartition("=")
+        try:
+            value = float(number)
+        except ValueError:
+            value = float("nan")
+        if not 0 <= value <= 1:
+            raise Hm3Error(f"--min-agreement: expected a share in [0, 1] or TASK=SHARE, got "
+                           f"{item!r}")
+        if not sep:
+            out = {t: value for t in tasks}
+        elif task not in out:
+            raise Hm3Error(f"--min-agreement {item}: no task {task!r}; tasks are "
+                           f"{', '.join(tasks)}")
+        else:
+            out[task] = value
+    return out
+
+
+def verdicts(report: dict, min_agreement: Mapping[str, float],
+             max_drift: float | None = None) -> dict:
+    """Mark each checked task passed or failed against its minimum agreement (and, if given,
+    the largest label-share drift allowed); sets `passed` for the whole report."""
+    for task, entry in report["tasks"].items():
+        reasons = []
+        entry["min_agreement"] = min_agreement[task]
+        if entry["agreement"] < min_agreement[task]:
+            reasons.append(f"agreement {entry['agreement']:.1%} < {min_agreement[task]:.1%}")
+        if max_drift is not None:
+            entry["max_drift"] = max_drift
+            if entry["drift"] > max_drift:
+                reasons.append(f"drift {entry['drift']:.3f} > {max_drift:.3f}")
+        entry["passed"] = not reasons
+        entry["reasons"] = reasons
+    report["passed"] = all(e["passed"] for e in report["tasks"].values())
+    return report
+
+
+def calibration_overlap(model_dir: str | Path, texts: Sequence[str]) -> dict[str, int] | None:
+    """Per task, how many of `texts` the merge used as calibration texts (None when the model
+    records none: not a label-free merge, or not a local folder)."""
+    record = Path(model_dir) / CALIBRATION_TEXTS
+    if not record.is_file():
+        return None
+    used = json.loads(record.read_text(encoding="utf-8"))["tasks"]
+    keys = {text_hash(t) for t in texts}
+    return {task: len(keys & set(hashes)) for task, hashes in used.items()}
+
+
+def format_check(report: dict) -> str:
+    """The check as a table (one row per task), the flips, and the verdict."""
+    rows = []
+    for task, e in report["tasks"].items():
+        calib = (report.get("calibration_figures") or {}).get(task, {}).get("agreement")
+        rows.append([task, e["n"], f"{e['agreement']:.1%}", f"{e['min_agreement']:.1%}",
+                     "pass" if e["passed"] else "FAIL", f"{e['drift']:.3f}",
+                     f"{e['mean_abs_dp']:.3f}", "-" if calib is None else f"{calib:.1%}"])
+    header = ["task", "texts", "agreement", "minimum", "verdict", "drift", "mean |dp|",
+              "on calibration (optimistic)"]
+    lines = [format_table(header, rows)]
+    for task, e in report["tasks"].items():
+        if e["multi_label"]:
+            parts = [f"{f['label']} on->off {f['on_to_off']}, off->on {f['off_to_on']}"
+                     for f in e["flips"]]
+            worst = min(e["label_agreement"], key=e["label_agreement"].get)
+            lines.append(f"{task}: worst label {worst} {e['label_agreement'][worst]:.1%}, "
+                         f"all labels as the expert on {e['exact_agreement']:.1%} of texts")
+        else:
+            parts = [f"{f['from']}->{f['to']} {f['count']}" for f in e["flips"][:6]]
+        shares = ", ".join(f"{lab} {e['expert_shares'][lab]:.0%}->{e['merged_shares'][lab]:.0%}"
+                           for lab in e["expert_shares"])
+        lines.append(f"{task}: flips {'; '.join(parts) or 'none'}; shares expert->merged "
+                     f"{shares}")
+        for reason in e.get("reasons", []):
+            lines.append(f"{task}: FAIL: {reason}")
+    if report.get("unchecked"):
+        lines.append(f"not checked (no expert given): {', '.join(report['unchecked'])}")
+    failed = [t for t, e in report["tasks"].items() if not e["passed"]]
+    lines.append(f"verdict: {'FAIL (' + ', '.join(failed) + ')' if failed else 'pass'}: "
+                 f"{len(report['tasks']) - len(failed)} of {len(report['tasks'])} tasks keep "
+                 "their expert's decisions" + (" within the thresholds" if failed else ""))
+    return "\n".join(lines)

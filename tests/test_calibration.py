@@ -1,0 +1,172 @@
+"""Calibration sources: one shared sample of traffic for every task, per-task sources, both
+mixed; held-out texts removed; the merge says which texts each task used."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hm3 import Hm3Error, Hm3Warning, merge, parse_recipe
+from hm3.check import CALIBRATION_TEXTS, text_hash
+from hm3.cli import main
+from hm3.guided import calibration as calibration_module
+from hm3.guided.calibration import load_calibration
+from hm3.guided.config import CalibrationSpec
+
+from conftest import build_family, recipe_dict
+
+TASKS = ["a", "b", "c"]
+
+
+def parse(block: dict, tasks=TASKS) -> CalibrationSpec:
+    experts = [{"model": f"/m/{t}", "task": t} for t in tasks]
+    return parse_recipe({"base": "/m/base", "experts": experts, "recentre": True,
+                         "calibration": block}).guided.calibration
+
+
+def test_one_file_is_shared_by_every_task():
+    spec = parse({"texts": "traffic.txt", "limit": 10})
+    assert spec.sources == {}
+    assert spec.shared == {"path": "traffic.txt", "text_column": "text"}
+    assert all(spec.sources_of(t) == [spec.shared] for t in TASKS)
+
+
+def test_a_hub_split_is_shared_by_every_task():
+    spec = parse({"texts": {"path": "org/traffic", "split": "train", "text_column": "prompt"}})
+    assert spec.shared == {"path": "org/traffic", "split": "train", "text_column": "prompt"}
+    assert spec.sources == {}
+
+
+def test_per_task_and_shared_sources_mix_own_first():
+    spec = parse({"shared": "traffic.txt", "texts": {"a": "a.txt"}})
+    assert spec.sources_of("a") == [{"path": "a.txt", "text_column": "text"},
+                                    {"path": "traffic.txt", "text_column": "text"}]
+    assert spec.sources_of("b") == [{"path": "traffic.txt", "text_column": "text"}]
+
+
+def test_a_task_named_path_is_still_a_task_mapping():
+    spec = parse({"texts": {"path": "p.txt", "other": "o.txt"}}, tasks=["path", "other"])
+    assert spec.shared is None
+    assert spec.sources["path"] == {"path": "p.txt", "text_column": "text"}
+
+
+@pytest.mark.parametrize("block", [{"texts": "traffic.txt", "limit": 7},
+                                   {"shared": "t.txt", "texts": {"a": "a.txt"}},
+                                   {"texts": {t: f"{t}.txt" for t in TASKS}}])
+def test_the_block_survives_the_recipe_round_trip(block):
+    experts = [{"model": f"/m/{t}", "task": t} for t in TASKS]
+    recipe = parse_recipe({"base": "/m/base", "experts": experts, "recentre": True,
+                           "calibration": block})
+    again = parse_recipe(recipe.to_dict())
+    assert again.guided.calibration == recipe.guided.calibration
+
+
+BAD = {
+    "no texts at all": ({"limit": 5}, r"calibration: expected \{texts: FILE\}"),
+    "texts a list": ({"texts": ["a.txt"]}, r"calibration.texts: expected \{texts: FILE\}"),
+    "missing task, no shared": ({"texts": {"a": "a.txt", "b": "b.txt"}},
+                                "missing: c.*add `shared: FILE`"),
+    "unknown task": ({"texts": {"a": "a.txt", "zz": "z.txt"}, "shared": "t.txt"},
+                     "unknown task.*zz.*tasks are a, b, c.*shared: FILE"),
+    "shared twice": ({"texts": "t.txt", "shared": "u.txt"}, "give the shared texts once"),
+    "bad source field": ({"shared": {"path": "t.txt", "column": "x"}},
+                         "calibration.shared: unknown field.*column.*allowed: path"),
+    "shared not a path": ({"shared": 3}, "calibration.shared: expected a file path"),
+    "unknown block field": ({"texts": "t.txt", "share": "u.txt"},
+                            "unknown field.*share.*allowed: texts, shared"),
+    "split not a string": ({"texts": {"path": "org/x", "split": 1}},
+                           "calibration.texts.split: expected a string"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_calibration_blocks_say_what_is_wrong(case):
+    block, message = BAD[case]
+    with pytest.raises(Hm3Error, match=message):
+        parse(block)
+
+
+def write(path: Path, lines: list[str]) -> str:
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_shared_texts_fill_after_a_tasks_own_held_out_removed_and_read_once(tmp_path,
+                                                                            monkeypatch):
+    shared = write(tmp_path / "traffic.txt", ["free money", "good film", "who won", "win call",
+                                              "awful day", "hello there"])
+    own = write(tmp_path / "a.txt", ["market news", "GOOD  film", "sport today"])
+    reads = []
+    real = calibration_module.source_texts
+    monkeypatch.setattr(calibration_module, "source_texts",
+                        lambda source: reads.append(source["path"]) or real(source))
+    spec = CalibrationSpec({"a": {"path": own, "text_column": "text"}}, limit=4,
+                           shared={"path": shared, "text_column": "text"})
+    held_out = {"b": ["who won"]}  # any task's held-out text is kept out of every task
+    with pytest.warns(Hm3Warning, match="left out"):
+        calibration = load_calibration(spec, ["a", "b", "c"], held_out)
+    # a: its own three, then the shared file: "good film" repeats "GOOD  film", so "free money"
+    assert calibration.texts["a"] == ["market news", "GOOD  film", "sport today", "free money"]
+    assert calibration.texts["b"] == ["free money", "good film", "win call", "awful day"]
+    assert calibration.texts["c"] == calibration.texts["b"]
+    assert reads.count(shared) == 1 and reads.count(own) == 1
+    assert calibration.provenance["a"]["sources"] == [
+        {"path": own, "shared": False, "texts": 3}, {"path": shared, "shared": True, "texts": 1}]
+    assert calibration.provenance["b"]["sources"] == [{"path": shared, "shared": True,
+                                                       "texts": 4}]
+    assert calibration.provenance["b"]["held_out_removed"] == 1
+    assert calibration.provenance["a"]["held_out_removed"] == 0  # stopped before "who won"
+
+
+def test_a_task_left_with_no_text_is_an_error(tmp_path):
+    shared = write(tmp_path / "t.txt", ["free money"])
+    spec = CalibrationSpec({}, shared={"path": shared, "text_column": "text"})
+    with pytest.raises(Hm3Error, match="every text is also in the held-out data"):
+        load_calibration(spec, ["a"], {"a": ["Free money"]})
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("calib")
+    base, experts = build_family(root, {"sentiment": ["negative", "positive"],
+                                        "topic": ["news", "sport", "film"]})
+    traffic = ["good film today", "free money win", "who won the vote", "awful meeting",
+               "market news today", "hello phone call", "great sport news", "bad film"]
+    return root, base, experts, traffic
+
+
+def test_cli_merge_with_one_shared_sample_records_what_each_task_used(tiny, tmp_path, capsys):
+    root, base, experts, traffic = tiny
+    traffic_file = write(tmp_path / "traffic.txt", traffic)
+    recipe = recipe_dict(base, experts, "ties", recentre=True, align_heads=True,
+                         calibration={"texts": "traffic.txt", "batch_size": 4})
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["merge", str(path), "-o", str(tmp_path / "out"), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "calibration texts: sentiment 8, topic 8" in printed
+    assert "on the calibration texts (optimistic" in printed
+    guided = json.loads((tmp_path / "out" / "config.json").read_text())["hm3"]["guided"]
+    for task in experts:
+        entry = guided["calibration"][task]
+        assert entry["sources"] == [{"path": str(Path(traffic_file).resolve()), "shared": True,
+                                     "texts": 8}]
+        assert guided["fidelity"]["tasks"][task]["n"] == 8
+    assert guided["fidelity"]["optimistic"] is True
+    recorded = json.loads((tmp_path / "out" / CALIBRATION_TEXTS).read_text())["tasks"]
+    assert recorded == {task: [text_hash(t) for t in traffic] for task in experts}
+    written = json.loads((tmp_path / "out" / "config.json").read_text())["hm3"]["recipe"]
+    assert written["calibration"]["shared"]["path"] == str(Path(traffic_file).resolve())
+
+
+def test_merge_drops_held_out_texts_from_the_shared_sample(tiny, tmp_path):
+    root, base, experts, traffic = tiny
+    shared = write(tmp_path / "traffic.txt", traffic)
+    recipe = parse_recipe(recipe_dict(base, experts, "ties", recentre=True,
+                                      calibration={"texts": shared}))
+    with pytest.warns(Hm3Warning, match="1 also appear"):
+        report = merge(recipe, tmp_path / "out", progress=False,
+                       held_out={"topic": ["Bad film"]})
+    assert report.guided["calibration"]["sentiment"]["texts"] == 7
+    assert report.guided["calibration"]["topic"]["held_out_removed"] == 1
