@@ -1,0 +1,340 @@
+"""`hm3 check`: the label-free pre-deployment check of a merged model against its experts, and
+multi-label groups end to end (eval, search scoring, cross-checks, head steps, check)."""
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from hm3 import Hm3Error, Hm3Warning
+from hm3.check import compare_task, parse_thresholds
+from hm3.cli import main
+from hm3.evaluate import Dataset, evaluate
+from hm3.guided import align
+from hm3.heads import TaskGroup
+from hm3.model import load
+from hm3.search import SplitScorer
+
+from conftest import WORDS, build_family, recipe_dict, spread_head
+
+TASKS = {"sentiment": ["negative", "positive"], "topic": ["news", "sport", "film"],
+         "tags": ["urgent", "spam", "personal"]}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def random_texts(n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    texts: dict[str, None] = {}
+    while len(texts) < n:
+        texts[" ".join(rng.choices(WORDS, k=rng.randint(2, 8)))] = None
+    return list(texts)
+
+
+# --- the figures, by hand ------------------------------------------------------------------------
+
+def test_single_label_figures_by_hand():
+    group = TaskGroup("s", ("a", "b", "c"), 0)
+    expert = [[.7, .2, .1], [.1, .8, .1], [.2, .2, .6], [.6, .3, .1]]   # a b c a
+    merged = [[.6, .3, .1], [.5, .4, .1], [.2, .2, .6], [.2, .7, .1]]   # a a c b
+    out = compare_task(group, np.array(expert), np.array(merged))
+    assert out["agreement"] == 0.5
+    assert out["drift"] == pytest.approx(0.0)  # same histogram, two labels swapped
+    assert sorted((f["from"], f["to"], f["count"]) for f in out["flips"]) == [("a", "b", 1),
+                                                                             ("b", "a", 1)]
+    assert out["mean_abs_dp"] == pytest.approx(1.8 / 12)
+    assert out["expert_shares"] == {"a": 0.5, "b": 0.25, "c": 0.25}
+    collapsed = compare_task(group, np.array(expert), np.array([[.8, .1, .1]] * 4))
+    assert collapsed["drift"] == pytest.approx(0.5)  # 1/2 * (|1 - .5| + .25 + .25)
+    assert collapsed["agreement"] == 0.5
+
+
+@pytest.mark.parametrize("threshold, agreement, drift", [(0.5, 1 / 3, 2 / 3), (0.85, 1.0, 0.0)])
+def test_multi_label_figures_by_hand_at_the_groups_threshold(threshold, agreement, drift):
+    group = TaskGroup("t", ("x", "y"), 0, multi_label=True, threshold=threshold)
+    expert = np.array([[.9, .1], [.8, .6], [.2, .7]])
+    merged = np.array([[.9, .4], [.3, .4], [.2, .2]])
+    out = compare_task(group, expert, merged)
+    assert out["agreement"] == pytest.approx(agreement)  # the worst label's
+    assert out["drift"] == pytest.approx(drift)
+    assert out["mean_abs_dp"] == pytest.approx(1.5 / 6)
+    if threshold == 0.5:
+        # x on/off: expert 1 1 0, merged 1 0 0; y: expert 0 1 1, merged 0 0 0
+        assert out["label_agreement"] == pytest.approx({"x": 2 / 3, "y": 1 / 3})
+        assert out["mean_label_agreement"] == pytest.approx(0.5)
+        assert out["exact_agreement"] == pytest.approx(1 / 3)
+        assert out["flips"] == [{"label": "x", "on_to_off": 1, "off_to_on": 0},
+                                {"label": "y", "on_to_off": 2, "off_to_on": 0}]
+    else:
+        assert out["flips"] == []
+
+
+def test_thresholds_for_every_task_or_one():
+    tasks = ["a", "b"]
+    assert parse_thresholds([], tasks) == {"a": 0.9, "b": 0.9}
+    assert parse_thresholds(["0.8", "b=0.95"], tasks) == {"a": 0.8, "b": 0.95}
+    for bad, message in (["1.5", r"share in \[0, 1\]"], ["c=0.5", "no task 'c'"],
+                         ["a=x", "share in"]):
+        with pytest.raises(Hm3Error, match=message):
+            parse_thresholds([bad], tasks)
+
+
+def test_align_agreement_uses_the_groups_threshold():
+    group = TaskGroup("t", ("x",), 0, multi_label=True, threshold=0.8)
+    logits = torch.tensor([[0.5], [2.0]])   # sigmoid .62 (off at .8), .88 (on)
+    target = torch.tensor([[1.0], [1.0]])   # sigmoid .73: off at .8
+    assert align._agreement(logits, target, group) == 0.5
+    assert align._agreement(logits, target, TaskGroup("t", ("x",), 0, True, 0.5)) == 1.0
+
+
+# --- a merged family with a multi-label expert ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def fam(tmp_path_factory):
+    """Three experts (one multi-label) with spread heads, merged with head alignment and
+    re-centring on per-task calibration texts; separate check texts."""
+    root = tmp_path_factory.mktemp("check")
+    # Small fine-tuning moves: the merge keeps most decisions, so a broken one stands out.
+    base, experts = build_family(root, TASKS, multi_label=("tags",), noise=0.0005)
+    calibration = {}
+    for i, (task, folder) in enumerate(experts.items()):
+        texts = random_texts(40, seed=i)
+        (root / f"{task}.txt").write_text("\n".join(texts) + "\n")
+        calibration[task] = str(root / f"{task}.txt")
+        spread_head(folder, texts, seed=i)
+    check_texts = [t for t in random_texts(200, seed=99)
+                   if not any(t in (root / f"{x}.txt").read_text() for x in experts)][:120]
+    (root / "check.txt").write_text("\n".join(check_texts) + "\n")
+    recipe = recipe_dict(base, experts, "ties", parameters={"density": 0.5},
+                         calibration={"texts": calibration, "batch_size": 8},
+                         align_heads=True, recentre=True)
+    (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["merge", str(root / "recipe.yaml"), "-o", str(root / "merged"),
+                 "--no-progress"]) == 0
+    return root, base, experts, check_texts
+
+
+@torch.no_grad()
+def plain_logits(folder: Path, texts: list[str]) -> np.ndarray:
+    """A model's logits with plain transformers (independent of hm3)."""
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return model(**tokenizer(texts, padding=True, return_tensors="pt")).logits.double().numpy()
+
+
+def reference(fam, merged_dir: Path) -> dict[str, float]:
+    """Each task's agreement computed from plain-transformers logits: argmax, or every label's
+    on/off at sigmoid > 0.5 (logit > 0), the worst label's share."""
+    root, _, experts, texts = fam
+    merged = plain_logits(merged_dir, texts)
+    out, offset = {}, 0
+    for task, labels in TASKS.items():
+        mine, theirs = merged[:, offset:offset + len(labels)], plain_logits(experts[task], texts)
+        if task == "tags":
+            out[task] = float(((mine > 0) == (theirs > 0)).mean(0).min())
+        else:
+            out[task] = float((mine.argmax(1) == theirs.argmax(1)).mean())
+        offset += len(labels)
+    return out
+
+
+def run_check(args: list[str], capsys) -> tuple[int, str, str]:
+    code = main(["check", *args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_check_reports_each_tasks_agreement_as_computed_independently(fam, tmp_path, capsys,
+                                                                    recwarn):
+    root = fam[0]
+    code, out, err = run_check([str(root / "merged"), "--texts", str(root / "check.txt"),
+                                "--min-agreement", "0", "--json", str(tmp_path / "c.json")],
+                               capsys)
+    assert code == 0, err
+    report = json.loads((tmp_path / "c.json").read_text())
+    want = reference(fam, root / "merged")
+    for task in TASKS:
+        assert report["tasks"][task]["agreement"] == pytest.approx(want[task], abs=1e-9)
+        assert report["tasks"][task]["passed"] is True
+        assert report["tasks"][task]["n"] == len(fam[3])
+    assert report["experts"] == {t: str(p) for t, p in fam[2].items()}  # the recorded sources
+    assert report["calibration_overlap"] == {t: 0 for t in TASKS}
+    assert not [w for w in recwarn if issubclass(w.category, Hm3Warning)]
+    assert "verdict: pass: 3 of 3 tasks" in out
+    assert "tags: worst label" in out
+    for task in TASKS:  # the merge's own figures on its calibration texts, as optimistic
+        row = next(line for line in out.splitlines() if line.startswith(task + " "))
+        recorded = report["calibration_figures"][task]["agreement"]
+        assert row.rstrip().endswith(f"{recorded:.1%}")
+    assert "on calibration (optimistic)" in out
+
+
+def test_per_task_thresholds_decide_the_verdict_and_the_exit_code(fam, capsys):
+    root = fam[0]
+    want = reference(fam, root / "merged")
+    args = [str(root / "merged"), "--texts", str(root / "check.txt")]
+    below = [f"{t}={max(v - 0.005, 0):.4f}" for t, v in want.items()]
+    assert run_check([*args, "--min-agreement", "1", *(x for b in below
+                                                      for x in ("--min-agreement", b))],
+                     capsys)[0] == 0  # later items win over the global 1
+    worst = min(want, key=want.get)
+    assert want[worst] < 1
+    code, out, _ = run_check([*args, "--min-agreement", "0", "--min-agreement", f"{worst}=1"],
+                             capsys)
+    assert code == 1
+    assert f"verdict: FAIL ({worst})" in out
+    assert f"{worst}: FAIL: agreement {want[worst]:.1%} < 100.0%" in out
+    assert out.count("FAIL:") == 1
+
+
+def test_a_broken_merge_fails_the_check(fam, tmp_path, capsys):
+    """The topic rows of the merged head replaced by a constant 'news' decision: topic fails,
+    the other tasks still pass, exit code 1; the JSON says the same."""
+    root = fam[0]
+    broken = tmp_path / "broken"
+    shutil.copytree(root / "merged", broken)
+    weights = load_file(broken / "model.safetensors")
+    weights["classifier.weight"][2:5] = 0
+    weights["classifier.bias"][2:5] = torch.tensor([5.0, 0.0, 0.0])
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    expert_news = (plain_logits(fam[2]["topic"], fam[3]).argmax(1) == 0).mean()
+    assert expert_news < 0.8  # the expert does not say "news" for everything
+    want = reference(fam, root / "merged")
+    assert min(want.values()) > 0.85  # the merge as written keeps the experts' decisions
+    floor = 0.8
+    code, out, _ = run_check([str(broken), "--texts", str(root / "check.txt"),
+                              "--min-agreement", f"{floor:.4f}", "--json",
+                              str(tmp_path / "b.json")], capsys)
+    assert code == 1
+    report = json.loads((tmp_path / "b.json").read_text())
+    assert report["passed"] is False, (want, expert_news, floor, report["tasks"])
+    assert report["tasks"]["topic"]["passed"] is False
+    assert report["tasks"]["topic"]["agreement"] == pytest.approx(expert_news)
+    assert report["tasks"]["topic"]["merged_shares"]["news"] == 1.0
+    assert report["tasks"]["sentiment"]["passed"] and report["tasks"]["tags"]["passed"]
+    assert "verdict: FAIL (topic)" in out
+    assert "sport->news" in out or "film->news" in out
+
+
+def test_max_drift_fails_a_task_whose_label_shares_move(fam, tmp_path, capsys):
+    root = fam[0]
+    code, out, _ = run_check([str(root / "merged"), "--texts", str(root / "check.txt"),
+                              "--min-agreement", "0", "--max-drift", "0", "--json",
+                              str(tmp_path / "d.json")], capsys)
+    report = json.loads((tmp_path / "d.json").read_text())
+    drifted = [t for t, e in report["tasks"].items() if e["drift"] > 0]
+    assert code == (1 if drifted else 0)
+    for task in drifted:
+        assert f"{task}: FAIL: drift" in out
+
+
+def test_check_warns_when_given_the_calibration_texts(fam, capsys):
+    root = fam[0]
+    with pytest.warns(Hm3Warning, match="some check texts were calibration texts of this "
+                      "merge.*topic 40 of 40.*optimistic"):
+        code, _, _ = run_check([str(root / "merged"), "--texts", str(root / "topic.txt"),
+                                "--min-agreement", "0"], capsys)
+    assert code == 0
+
+
+def test_experts_named_explicitly_or_by_folder(fam, capsys):
+    root, _, experts, _ = fam
+    args = [str(root / "merged"), "--texts", str(root / "check.txt"), "--min-agreement", "0"]
+    code, out, _ = run_check([*args, "--experts", f"topic={experts['topic']}",
+                              str(experts["sentiment"])], capsys)
+    assert code == 0
+    assert "not checked (no expert given): tags" in out
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--experts", "topic={sentiment}"], "expert for 'topic' has labels negative, positive"),
+    (["--experts", "{sentiment}", "sentiment={sentiment}"], "two experts for task"),
+    (["--experts", "nope=/x"], "no task 'nope'"),
+    (["--min-agreement", "topics=0.5"], "no task 'topics'"),
+    (["--max-drift", "2"], r"--max-drift: expected a distance in \[0, 1\]"),
+])
+def test_bad_check_arguments_exit_2_with_a_message(fam, capsys, extra, message):
+    root, _, experts, _ = fam
+    extra = [e.format(sentiment=experts["sentiment"]) for e in extra]
+    code, out, err = run_check([str(root / "merged"), "--texts", str(root / "check.txt"),
+                                *extra], capsys)
+    assert code == 2
+    assert out == ""
+    assert message.replace("\\", "") in err or __import__("re").search(message, err)
+
+
+def test_check_refuses_a_plain_classifier(fam, capsys):
+    root, _, experts, _ = fam
+    code, _, err = run_check([str(experts["topic"]), "--texts", str(root / "check.txt")], capsys)
+    assert code == 2 and "not an hm3-merged model" in err
+
+
+# --- multi-label scoring end to end --------------------------------------------------------------
+
+def f1_by_hand(truth: np.ndarray, predicted: np.ndarray) -> float:
+    """Macro-F1 over the labels of 0/1 matrices, counted by hand."""
+    scores = []
+    for k in range(truth.shape[1]):
+        tp = int((truth[:, k] & predicted[:, k]).sum())
+        fp = int((~truth[:, k] & predicted[:, k]).sum())
+        fn = int((truth[:, k] & ~predicted[:, k]).sum())
+        scores.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+    return float(np.mean(scores))
+
+
+def test_multi_label_task_is_scored_per_label_in_eval_search_and_cross_checks(fam):
+    root, _, _, texts = fam
+    rng = np.random.default_rng(0)
+    truth = rng.random((len(texts), 3)) < 0.4
+    labels = [[TASKS["tags"][k] for k in np.flatnonzero(row)] for row in truth]
+    merged_logits = plain_logits(root / "merged", texts)
+    predicted = merged_logits[:, 5:8] > 0
+    want = f1_by_hand(truth, predicted)
+    model = load(root / "merged", device="cpu")
+    data = Dataset("tags", texts, labels, expect={"topic": "sport"})
+    report = evaluate(model, [data])
+    entry = report["tasks"]["tags"]
+    assert entry["multi_label"] is True
+    assert entry["macro_f1"] == pytest.approx(want)
+    assert set(entry["per_class"]) == set(TASKS["tags"])
+    k = 1
+    tp = int((truth[:, k] & predicted[:, k]).sum())
+    assert entry["per_class"]["spam"]["precision"] == pytest.approx(tp / max(predicted[:, k].sum(), 1))
+    assert entry["per_class"]["spam"]["recall"] == pytest.approx(tp / truth[:, k].sum())
+    sport = float((merged_logits[:, 2:5].argmax(1) == 1).mean())
+    assert entry["cross_checks"]["topic"]["agreement"] == pytest.approx(sport)
+    # the search scores its trials with the same per-label macro-F1
+    scorer = SplitScorer(model, [data], batch_size=16)
+    assert scorer.score_all()["tags"]["macro_f1"] == pytest.approx(want)
+    # a cross-check ON the multi-label head: news texts should carry no tag at all
+    news = Dataset("topic", texts, ["news"] * len(texts), expect={"tags": []})
+    nothing = float((~predicted).all(1).mean())
+    assert evaluate(model, [news])["tasks"]["topic"]["cross_checks"]["tags"]["agreement"] == \
+        pytest.approx(nothing)
+
+
+def test_multi_label_head_steps_match_the_experts_on_off_rates(fam):
+    """After align_heads + recentre, each tag is on for the same share of calibration texts as
+    with its expert (recentre's target), as the merge's own record says."""
+    root, _, experts, _ = fam
+    texts = (root / "tags.txt").read_text().split("\n")[:-1]
+    merged = plain_logits(root / "merged", texts)[:, 5:8]
+    expert = plain_logits(experts["tags"], texts)
+    np.testing.assert_allclose((merged > 0).mean(0), (expert > 0).mean(0), atol=1 / 40 + 1e-9)
+    guided = json.loads((root / "merged" / "config.json").read_text())["hm3"]["guided"]
+    assert guided["recentre"]["tags"]["after"] == pytest.approx((merged > 0).mean(0), abs=1e-4)
+    want = float(((merged > 0) == (expert > 0)).mean(0).min())
+    assert guided["fidelity"]["tasks"]["tags"]["agreement"] == pytest.approx(want, abs=1e-9)
