@@ -146,6 +146,8 @@ def test_cli_merge_with_one_shared_sample_records_what_each_task_used(tiny, tmp_
     assert main(["merge", str(path), "-o", str(tmp_path / "out"), "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "calibration texts: sentiment 8, topic 8" in printed
+    assert f"shared calibration sample (read by every task): {Path(traffic_file).resolve()}" \
+        in printed
     assert "on the calibration texts (optimistic" in printed
     guided = json.loads((tmp_path / "out" / "config.json").read_text())["hm3"]["guided"]
     for task in experts:

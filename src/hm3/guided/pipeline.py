@@ -183,6 +183,10 @@ def format_guided(report: dict) -> str:
     texts = ", ".join(f"{task} {entry['texts']}" for task, entry in report["calibration"].items())
     lines = [f"label-free steps ({report['seconds']:.0f}s): heads {report['heads']}; "
              f"calibration texts: {texts}"]
+    shared = {s["path"] for entry in report["calibration"].values()
+              for s in entry.get("sources", []) if s["shared"] and s["texts"]}
+    if shared:
+        lines.append(f"  shared calibration sample (read by every task): {', '.join(shared)}")
     if "lewis" in report:
         lewis_ = report["lewis"]
         lines.append(f"  lewis: layer densities in [{lewis_['gamma']}, {lewis_['epsilon']}] "
