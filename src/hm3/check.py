@@ -8,7 +8,7 @@ import dataclasses
 import hashlib
 import json
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -110,15 +110,17 @@ def _named(group: TaskGroup, values: np.ndarray) -> dict[str, float]:
 
 # --- the check -----------------------------------------------------------------------------------
 
-def check(merged: MultiTaskClassifier, experts: Mapping[str, MultiTaskClassifier],
+def check(merged: MultiTaskClassifier,
+          experts: Mapping[str, MultiTaskClassifier | Callable[[], MultiTaskClassifier]],
           texts: Sequence[str], batch_size: int = 32) -> dict:
     """Compare `merged` with each task's expert on `texts` (no labels needed).
 
     Parameters
     ----------
     merged : the merged model (`hm3.load(path)`).
-    experts : task -> that task's expert (`hm3.load(path, task=TASK)`); its labels must be the
-        merged task's, in the same order. Tasks without an expert are listed as unchecked.
+    experts : task -> that task's expert (`hm3.load(path, task=TASK)`), or a function that
+        loads it (then one expert is in memory at a time); its labels must be the merged
+        task's, in the same order. Tasks without an expert are listed as unchecked.
     texts : unlabelled texts that were NOT used to calibrate the merge (see
         `calibration_overlap`).
 
@@ -133,10 +135,14 @@ def check(merged: MultiTaskClassifier, experts: Mapping[str, MultiTaskClassifier
         if task not in groups:
             raise Hm3Error(f"expert for {task!r}: the merged model has no such task; its tasks "
                            f"are {', '.join(groups)}")
-        _check_expert(groups[task], expert)
+        if isinstance(expert, MultiTaskClassifier):
+            check_expert_groups(groups[task], expert.groups)
     merged_probs = merged.predict_proba(texts, batch_size=batch_size)
     tasks = {}
     for task, expert in experts.items():
+        if not isinstance(expert, MultiTaskClassifier):
+            expert = expert()
+            check_expert_groups(groups[task], expert.groups)
         expert_probs = expert.predict_proba(texts, batch_size=batch_size)
         tasks[task] = compare_task(groups[task], expert_probs[expert.groups[0].name],
                                    merged_probs[task])
@@ -145,11 +151,12 @@ def check(merged: MultiTaskClassifier, experts: Mapping[str, MultiTaskClassifier
             "unchecked": [task for task in groups if task not in experts]}
 
 
-def _check_expert(group: TaskGroup, expert: MultiTaskClassifier) -> None:
-    if len(expert.groups) != 1:
-        raise Hm3Error(f"expert for {group.name!r} has {len(expert.groups)} tasks; give the "
+def check_expert_groups(group: TaskGroup, expert_groups: Sequence[TaskGroup]) -> None:
+    """Refuse an expert whose labels are not the merged task's (the wrong model, probably)."""
+    if len(expert_groups) != 1:
+        raise Hm3Error(f"expert for {group.name!r} has {len(expert_groups)} tasks; give the "
                        "single-task classifier that was merged")
-    own = expert.groups[0]
+    own = expert_groups[0]
     if tuple(own.labels) != tuple(group.labels) or own.multi_label != group.multi_label:
         kind = {True: "multi-label", False: "single-label"}
         raise Hm3Error(f"expert for {group.name!r} has labels {', '.join(own.labels)} "

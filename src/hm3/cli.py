@@ -358,11 +358,11 @@ def _bench(args) -> int:
 
 
 def _check(args) -> int:
-    from hm3.check import (calibration_overlap, check, format_check, parse_thresholds,
-                           verdicts)
+    from hm3.check import (calibration_overlap, check, check_expert_groups, format_check,
+                           parse_thresholds, verdicts)
     from hm3.checkpoint import read_config, resolve
     from hm3.evaluate import read_texts
-    from hm3.model import load
+    from hm3.model import load, task_groups
 
     if args.limit is not None and args.limit < 1:
         raise Hm3Error(f"--limit: expected a positive number of texts, got {args.limit}")
@@ -377,10 +377,15 @@ def _check(args) -> int:
     tasks = [t["name"] for t in block["tasks"]]
     thresholds = parse_thresholds(args.min_agreement, tasks)
     experts = _check_experts(args.experts, block, tasks)
+    merged_groups = {g.name: g for g in task_groups(read_config(folder), None, args.model)}
+    for task, path in experts.items():  # a wrong expert fails before any forward pass
+        check_expert_groups(merged_groups[task],
+                            task_groups(read_config(resolve(path)), task, path))
     merged = load(folder, device=args.device, max_length=args.max_length)
-    loaded = {task: load(path, task=task, device=args.device, max_length=args.max_length)
-              for task, path in experts.items()}
-    report = verdicts(check(merged, loaded, texts, args.batch_size), thresholds,
+    loaders = {task: functools.partial(load, path, task=task, device=args.device,
+                                       max_length=args.max_length)
+               for task, path in experts.items()}
+    report = verdicts(check(merged, loaders, texts, args.batch_size), thresholds,
                       args.max_drift)
     report["model"], report["experts"] = str(args.model), experts
     overlap = calibration_overlap(folder, texts)
