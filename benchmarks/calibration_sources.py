@@ -65,10 +65,15 @@ PLAIN = {"ties 0.1": {"method": "ties", "parameters": {"density": 0.1}},
 
 
 def rows_to_run() -> dict[str, tuple[dict, str | None]]:
-    """name -> (recipe fields, calibration source or None), in the order they run: the
-    question first (demo settings), then the plain merges, then the cheaper head steps."""
-    rows = {f"demo steps, {source}": (DEMO, source) for source in SOURCES}
-    rows.update({f"plain {name}": (fields, None) for name, fields in PLAIN.items()})
+    """name -> (recipe fields, calibration source or None), in the order they run (most
+    wanted first, results are saved after each): the demo's steps with the three sources the
+    question names, two plain merges, then the rest."""
+    first = ("per-task", "shared 1024", "off-task")
+    rows = {f"demo steps, {source}": (DEMO, source) for source in first}
+    rows.update({f"plain {name}": (PLAIN[name], None) for name in ("ties 0.2", "linear")})
+    rows["demo steps, shared 256"] = (DEMO, "shared 256")
+    rows.update({f"plain {name}": (fields, None) for name, fields in PLAIN.items()
+                 if f"plain {name}" not in rows})
     rows.update({f"head steps, {source}": (HEADS_ONLY, source) for source in SOURCES})
     return rows
 
