@@ -12,10 +12,11 @@ coefficients + head alignment + re-centring, 128 tokens) is run with four calibr
 
 Every merge, and a few plain merges (TIES at several densities, linear), is scored on each task's
 validation and test split (labelled macro-F1), and checked label-free with `hm3.check` against the
-experts on the validation texts: on all four tasks' validation texts pooled (traffic, as a user
-would run `hm3 check`) and on each task's own. The agreement is compared with the labelled
-macro-F1 loss (validation) over all merges and tasks: Pearson and Spearman correlation, and a
-plot (benchmarks/results/check_agreement_vs_f1.png). Nothing here is chosen on test.
+experts on each task's validation texts (labels unused). The agreement is compared with the
+labelled macro-F1 change (validation) over all merges and tasks: Pearson and Spearman
+correlation, and a plot (benchmarks/results/check_agreement_vs_f1.png). Nothing here is chosen
+on test. The label-free steps are run twice: the demo's (with learned coefficients) and the
+head steps alone (align_heads + recentre, minutes cheaper).
 
   .venv/bin/python benchmarks/calibration_sources.py               # every row (~1 h on 2 cores)
   .venv/bin/python benchmarks/calibration_sources.py --only shared  # rows whose name matches
@@ -65,16 +66,16 @@ PLAIN = {"ties 0.1": {"method": "ties", "parameters": {"density": 0.1}},
 
 
 def rows_to_run() -> dict[str, tuple[dict, str | None]]:
-    """name -> (recipe fields, calibration source or None), in the order they run (most
-    wanted first, results are saved after each): the demo's steps with the three sources the
-    question names, two plain merges, then the rest."""
+    """name -> (recipe fields, calibration source or None), in the order they run (cheapest
+    answer to the question first; results are saved after each row)."""
     first = ("per-task", "shared 1024", "off-task")
-    rows = {f"demo steps, {source}": (DEMO, source) for source in first}
+    rows = {f"head steps, {source}": (HEADS_ONLY, source) for source in first}
     rows.update({f"plain {name}": (PLAIN[name], None) for name in ("ties 0.2", "linear")})
-    rows["demo steps, shared 256"] = (DEMO, "shared 256")
+    rows.update({f"demo steps, {source}": (DEMO, source) for source in first})
     rows.update({f"plain {name}": (fields, None) for name, fields in PLAIN.items()
                  if f"plain {name}" not in rows})
-    rows.update({f"head steps, {source}": (HEADS_ONLY, source) for source in SOURCES})
+    rows.update({f"{steps}, shared 256": (fields, "shared 256")
+                 for steps, fields in (("head steps", HEADS_ONLY), ("demo steps", DEMO))})
     return rows
 
 
@@ -111,42 +112,35 @@ class Splits:
         self.tasks = list(zoo.splits)
         self.data = {split: {t: read_split(zoo.splits[t][split]) for t in self.tasks}
                      for split in ("validation", "test")}
-        self.pooled = [text for t in self.tasks for text, _ in self.data["validation"][t]]
         self.experts, self.expert_scores = {}, {"validation": {}, "test": {}}
         for task, path in zoo.experts.items():
             model = load(path, task=task, device="cpu", max_length=MAX_LENGTH)
             group = model.groups[0]
-            pooled = model.logits(self.pooled)
-            test = model.logits([t for t, _ in self.data["test"][task]])
-            self.experts[task] = {"group": group, "pooled": pooled}
-            for split, logits in (("validation", self._own(task, pooled)), ("test", test)):
+            self.experts[task] = {"group": group}
+            for split in ("validation", "test"):
+                logits = model.logits(self.texts(split, task))
                 labels = [lab for _, lab in self.data[split][task]]
                 probs = group_probabilities(logits, [group])[task]
                 self.expert_scores[split][task] = score_task(group, labels, probs)["macro_f1"]
+                self.experts[task][split] = probs
 
-    def _own(self, task: str, pooled: np.ndarray) -> np.ndarray:
-        start = sum(len(self.data["validation"][t]) for t in self.tasks[:self.tasks.index(task)])
-        return pooled[start:start + len(self.data["validation"][task])]
+    def texts(self, split: str, task: str) -> list[str]:
+        return [text for text, _ in self.data[split][task]]
 
     def score(self, classifier: MultiTaskClassifier) -> dict:
-        """Labelled macro-F1 per task (validation, test) and the label-free check figures
-        against each expert on the pooled and on the task's own validation texts."""
-        pooled = classifier.logits(self.pooled)
-        out = {"validation": {}, "test": {}, "check_pooled": {}, "check_own": {}}
+        """Labelled macro-F1 per task (validation, test), and the label-free check figures
+        against each expert on the task's validation texts (as `hm3 check` computes them)."""
+        out = {"validation": {}, "test": {}, "check": {}}
         for group in classifier.groups:
             task = group.name
-            test_logits = classifier.logits([t for t, _ in self.data["test"][task]])
-            for split, logits in (("validation", self._own(task, pooled)),
-                                  ("test", test_logits)):
+            for split in ("validation", "test"):
+                logits = classifier.logits(self.texts(split, task))
                 labels = [lab for _, lab in self.data[split][task]]
                 probs = group_probabilities(logits, [group])[task]
                 out[split][task] = score_task(group, labels, probs)["macro_f1"]
-            expert = self.experts[task]
-            mine = group_probabilities(pooled, [group])[task]
-            theirs = group_probabilities(expert["pooled"], [expert["group"]])[task]
-            out["check_pooled"][task] = _figures(compare_task(group, theirs, mine))
-            own = compare_task(group, self._own(task, theirs), self._own(task, mine))
-            out["check_own"][task] = _figures(own)
+                if split == "validation":
+                    figures = compare_task(group, self.experts[task]["validation"], probs)
+                    out["check"][task] = _figures(figures)
         return out
 
 
@@ -187,26 +181,23 @@ def run_row(zoo, splits: Splits, name: str, fields: dict, source: str | None) ->
 
 # --- report --------------------------------------------------------------------------------------
 
-def points(document: dict, which: str) -> list[tuple[str, str, float, float]]:
+def points(document: dict) -> list[tuple[str, str, float, float]]:
     """(row, task, agreement, validation macro-F1 minus the expert's) for every merge and task."""
     experts = document["experts"]["validation"]
-    return [(row["name"], task, row[which][task]["agreement"],
+    return [(row["name"], task, row["check"][task]["agreement"],
              row["validation"][task] - experts[task])
             for row in document["rows"] for task in row["validation"]]
 
 
 def correlations(document: dict) -> dict:
     out = {}
-    for which in ("check_pooled", "check_own"):
-        data = points(document, which)
-        if len(data) < 3:
-            continue
-        agreement = np.array([p[2] for p in data])
-        delta = np.array([p[3] for p in data])
-        out[which] = {"points": len(data),
-                      "pearson": float(pearsonr(agreement, delta)[0]),
-                      "spearman": float(spearmanr(agreement, delta)[0])}
-    return out
+    data = points(document)
+    if len(data) < 3:
+        return out
+    agreement = np.array([p[2] for p in data])
+    delta = np.array([p[3] for p in data])
+    return {"points": len(data), "pearson": float(pearsonr(agreement, delta)[0]),
+            "spearman": float(spearmanr(agreement, delta)[0])}
 
 
 def plot(document: dict, path: Path) -> None:
@@ -214,29 +205,26 @@ def plot(document: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    fig, ax = plt.subplots(figsize=(7, 5))
     tasks = list(document["experts"]["validation"])
-    markers = dict(zip(tasks, "osD^v"))
-    for ax, which, title in ((axes[0], "check_pooled", "check on all tasks' validation texts"),
-                             (axes[1], "check_own", "check on the task's own validation texts")):
-        for name, task, agreement, delta in points(document, which):
-            kind = ("label-free" if not name.startswith("plain") else "plain")
-            ax.scatter(agreement, delta, marker=markers[task],
-                       c="tab:blue" if kind == "label-free" else "tab:red", alpha=0.7,
-                       label=f"{task} ({kind})")
-        stats = document.get("correlations", {}).get(which)
-        if stats:
-            title += f"\nPearson {stats['pearson']:.2f}, Spearman {stats['spearman']:.2f}"
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("argmax agreement with the expert (label-free)")
-        ax.axhline(0, color="grey", lw=0.5)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("validation macro-F1, merged - expert")
-    handles, labels = axes[0].get_legend_handles_labels()
+    colours = dict(zip(tasks, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")))
+    for name, task, agreement, delta in points(document):
+        plain = name.startswith("plain")
+        ax.scatter(agreement, delta, c=colours[task], marker="x" if plain else "o", alpha=0.75,
+                   label=f"{task}, {'plain merge' if plain else 'label-free merge'}")
+    stats = document.get("correlations") or {}
+    title = "MiniLM zoo: hm3 check agreement vs labelled macro-F1 change"
+    if stats:
+        title += (f"\n{stats['points']} (merge, task) points; Pearson {stats['pearson']:.2f}, "
+                  f"Spearman {stats['spearman']:.2f}")
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("argmax agreement with the expert on the task's validation texts (no labels)")
+    ax.set_ylabel("validation macro-F1, merged - expert")
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.grid(alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
     unique = dict(zip(labels, handles))
-    axes[1].legend(unique.values(), unique.keys(), fontsize=7, loc="lower right")
-    fig.suptitle("MiniLM zoo: label-free agreement vs labelled macro-F1 change, per task "
-                 "and merge", fontsize=11)
+    ax.legend(unique.values(), unique.keys(), fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -252,7 +240,7 @@ def table(document: dict) -> str:
     for row in document["rows"]:
         body.append([row["name"], f"{row['mean']['validation']:.3f}",
                      f"{row['mean']['test']:.3f}", *(f"{row['test'][t]:.3f}" for t in tasks),
-                     *(f"{row['check_pooled'][t]['agreement']:.3f}" for t in tasks),
+                     *(f"{row['check'][t]['agreement']:.3f}" for t in tasks),
                      f"{row['seconds']['merge_cpu']:.0f}"])
     return "\n".join("| " + " | ".join(map(str, line)) + " |"
                      for line in [header, ["---"] * len(header), *body])
@@ -290,7 +278,7 @@ def main() -> None:
     write_json_atomic(RESULTS, document)
     plot(document, PLOT)
     print(table(document))
-    print(json.dumps(document["correlations"], indent=2))
+    print(json.dumps(document.get("correlations"), indent=2))
 
 
 if __name__ == "__main__":
