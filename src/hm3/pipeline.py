@@ -114,6 +114,8 @@ def merge_in_memory(model: torch.nn.Module, sources: Sources, calibrated: Calibr
     the method's merge (or learned coefficients), RegMean, then the head steps. Returns the
     sources as finally merged (with LEWIS's overrides) and what each step did."""
     guided = sources.recipe.guided
+    if guided.needs_model and calibrated is None:
+        raise ValueError("the recipe's label-free steps need `calibrate(sources)` first")
     report: dict = {}
     if guided.lewis:
         recipe = calibrated.lewis.apply(sources.recipe)
