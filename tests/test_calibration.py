@@ -8,11 +8,11 @@ import pytest
 import yaml
 
 from hm3 import Hm3Error, Hm3Warning, merge, parse_recipe
-from hm3.check import CALIBRATION_TEXTS, text_hash
+from hm3.check import CALIBRATION_TEXTS
 from hm3.cli import main
-from hm3.guided import calibration as calibration_module
-from hm3.guided.calibration import load_calibration
-from hm3.guided.config import CalibrationSpec
+from hm3.data import calibration as calibration_module
+from hm3.data.calibration import load_calibration, text_hash
+from hm3.data import CalibrationSpec
 
 from conftest import build_family, recipe_dict
 

@@ -5,13 +5,13 @@ per task against a threshold (for a deployment pipeline to act on)."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from hm3.data.calibration import text_hash
 from hm3.errors import Hm3Error
 from hm3.heads import TaskGroup
 from hm3.model import MultiTaskClassifier, group_probabilities
@@ -19,17 +19,6 @@ from hm3.table import format_table
 
 CALIBRATION_TEXTS = "calibration_texts.json"  # beside a guided merge's config.json
 DEFAULT_MIN_AGREEMENT = 0.9
-
-
-def text_key(text: str) -> str:
-    """The form two texts must share to count as the same text (case and spacing ignored)."""
-    return " ".join(text.split()).casefold()
-
-
-def text_hash(text: str) -> str:
-    """A short hash of a text's key: what a merged model records of its calibration texts, so
-    that a check can tell whether it is given those texts again (without storing them)."""
-    return hashlib.sha256(text_key(text).encode()).hexdigest()[:16]
 
 
 # --- the figures ---------------------------------------------------------------------------------
