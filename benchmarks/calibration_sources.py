@@ -18,7 +18,7 @@ correlation, and a plot (benchmarks/results/check_agreement_vs_f1.png). Nothing 
 on test. The label-free steps are run twice: the demo's (with learned coefficients) and the
 head steps alone (align_heads + recentre, minutes cheaper).
 
-  .venv/bin/python benchmarks/calibration_sources.py               # every row (~1 h on 2 cores)
+  .venv/bin/python benchmarks/calibration_sources.py               # every missing row
   .venv/bin/python benchmarks/calibration_sources.py --only shared  # rows whose name matches
   .venv/bin/python benchmarks/calibration_sources.py --report       # table + plot from the JSON
 """
@@ -51,6 +51,7 @@ from hm3.zoo.build import zoo_dir
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "calibration_sources.json"
 PLOT = HERE / "results" / "check_agreement_vs_f1.png"
+EXPERT_CACHE = Path(tempfile.gettempdir()) / "hm3-calibration-sources-experts.json"
 MAX_LENGTH = 128  # as `hm3 demo`
 LIMIT = 256       # calibration texts per task, as `hm3 demo`
 DEMO = {"method": "ties", "parameters": {"density": 0.2}, "heads": "whole",
@@ -113,6 +114,16 @@ class Splits:
         self.data = {split: {t: read_split(zoo.splits[t][split]) for t in self.tasks}
                      for split in ("validation", "test")}
         self.experts, self.expert_scores = {}, {"validation": {}, "test": {}}
+        zoo_name = Path(next(iter(zoo.experts.values()))).parent.parent.name
+        cache = EXPERT_CACHE.with_name(f"{EXPERT_CACHE.stem}-{zoo_name}.json")
+        if cache.is_file():  # the experts' figures do not change between runs
+            saved = json.loads(cache.read_text())
+            self.expert_scores = saved["scores"]
+            for task, path in zoo.experts.items():
+                group = load(path, task=task, device="cpu", max_length=MAX_LENGTH).groups[0]
+                self.experts[task] = {"group": group,
+                                      "validation": np.array(saved["validation"][task])}
+            return
         for task, path in zoo.experts.items():
             model = load(path, task=task, device="cpu", max_length=MAX_LENGTH)
             group = model.groups[0]
@@ -123,6 +134,8 @@ class Splits:
                 probs = group_probabilities(logits, [group])[task]
                 self.expert_scores[split][task] = score_task(group, labels, probs)["macro_f1"]
                 self.experts[task][split] = probs
+        write_json_atomic(cache, {"scores": self.expert_scores, "validation": {
+            t: e["validation"].tolist() for t, e in self.experts.items()}})
 
     def texts(self, split: str, task: str) -> list[str]:
         return [text for text, _ in self.data[split][task]]
@@ -250,6 +263,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="+", help="rows whose name contains one of these")
     parser.add_argument("--report", action="store_true", help="only redo table and plot")
+    parser.add_argument("--redo", action="store_true", help="rerun rows already in the results "
+                        "(default: a rerun runs only the missing rows)")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     args = parser.parse_args()
     if args.threads:
@@ -266,6 +281,8 @@ def main() -> None:
                         f"threads, Python {platform.python_version()}")
         for name, (fields, source) in rows_to_run().items():
             if args.only and not any(word.lower() in name.lower() for word in args.only):
+                continue
+            if name in rows and not args.redo:
                 continue
             print(f"== {name}", flush=True)
             rows[name] = run_row(zoo, splits, name, fields, source)
