@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from hm3 import __version__
+from hm3.card import write_card
 from hm3.checkpoint import (TOKENIZER_FILES, TORCH_DTYPES, Checkpoint, ShardedWriter,
                             atomic_directory, check_destination, write_json_atomic)
 from hm3.errors import Hm3Error, Hm3Warning
@@ -345,6 +346,7 @@ def merge(recipe: Recipe, output: str | Path, overwrite: bool = False,
 
                 plot_densities(guided_report["lewis"], staging / "lewis_densities.png")
         write_json_atomic(staging / "config.json", config)
+        write_card(staging, config)
         _copy_tokenizer(sources, staging)
     for task, norm in norms.items():
         if norm > IMPLAUSIBLE_TASK_VECTOR:
