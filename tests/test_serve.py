@@ -273,3 +273,41 @@ def test_micro_batcher_groups_concurrent_callers_and_keeps_order():
     answers = asyncio.run(scenario())
     assert answers == [[f"A{i}", f"B{i}"] for i in range(5)]
     assert [len(batch) for batch in seen] == [4, 4, 2]
+
+
+CHROMIUM = "/usr/bin/chromium"
+BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+def test_playground_page_in_a_real_browser(server):
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no browser: {CHROMIUM} is missing (Debian: apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api",
+                                   reason="playwright is not installed (the test extra has it)")
+    texts = ["good film great", "free money win call now"]
+    want = httpx.post(server.url + "/v1/classify", json={"texts": texts}, timeout=30).json()
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(server.url + "/")
+            sync_api.expect(page.locator("#model")).to_contain_text("topic [news, sport, film]")
+            page.click("#classify")
+            sync_api.expect(page.locator("#error")).to_have_text("Type a text first.")
+            page.fill("#texts", "\n".join(texts))
+            page.click("#classify")
+            tables = page.locator("table.result")
+            sync_api.expect(tables).to_have_count(2)
+            for i, table in enumerate(tables.all()):
+                rows = table.locator("tr.task-row")
+                assert rows.locator("td.task").all_inner_texts() == list(TASKS)
+                for row, task in zip(rows.all(), TASKS):
+                    answer = want["results"][i][task]
+                    label = row.locator("td.label").inner_text()
+                    if "label" in answer:
+                        assert label.startswith(answer["label"] + " (")
+                    assert row.locator(".bar").count() == len(TASKS[task])
+            assert page.locator(".flagged").first.inner_text().startswith("flagged: sentiment")
+        finally:
+            browser.close()
