@@ -112,10 +112,13 @@ def main() -> None:
                 "onnx int8": folders[CHOSEN_INT8]}
     if "offline" not in args.skip:
         result["offline"] = offline(backends, texts, work, pin, rounds=2 if args.quick else 5)
+        write_json_atomic(Path(args.output), result)
         print(json.dumps(result["offline"], indent=1), flush=True)
     if "load" not in args.skip:
-        result["load"] = {name: load_test([folder], texts, args, pin)
-                          for name, folder in backends.items()}
+        result["load"] = {}
+        for name, folder in backends.items():
+            result["load"][name] = load_test([folder], texts, args, pin)
+            write_json_atomic(Path(args.output), result)  # partial results survive a stop
     if "stack" not in args.skip:
         result["stack"] = load_test(list(zoo.experts.values()), texts, args, pin)
     result["goals"] = goals(result, len(zoo.experts))
