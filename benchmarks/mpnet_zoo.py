@@ -1,0 +1,183 @@
+"""The base-size zoo (eight MPNet experts, one of them multi-label) merged by `hm3 merge` as a user
+would run it: macro-F1 per task on validation and test, wall time and peak RSS of every merge.
+
+Stages (each writes its figures to benchmarks/results/mpnet_zoo.json as soon as it is done):
+- `label-free`: the demo's label-free steps (src/hm3/demo.py: TIES 0.2, heads whole, learned
+  coefficients, align_heads, recentre) on each task's calibration split, per-task calibration.
+- `heads-only`: the same without learned coefficients (align_heads + recentre: far cheaper).
+- `plain`: the plain streaming TIES 0.2 merge of all eight experts.
+- `streaming`: the plain merge of the first 2 and 4 experts, for peak RSS against N (N = 8 is
+  `plain`).
+Of the label-free configurations, the one with the best VALIDATION mean is reported as picked;
+test figures never choose anything. Experts' scores are those the zoo recorded when it was built
+(same splits, same 32-token limit). Merges run in a child process under /usr/bin/time -v, which
+gives their peak RSS.
+
+  .venv/bin/python benchmarks/mpnet_zoo.py                       # all stages (about an hour on 2 busy cores)
+  .venv/bin/python benchmarks/mpnet_zoo.py --only plain streaming
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from hm3.checkpoint import write_json_atomic
+from hm3.demo import DEFAULT_METHOD, DEFAULT_PARAMETERS, LABEL_FREE
+from hm3.evaluate import Dataset, evaluate
+from hm3.model import load
+from hm3.zoo import build_mpnet_zoo, read_split
+from hm3.zoo.mpnet import MPNET_RECIPES, MPNET_TRAINING
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "mpnet_zoo.json"
+MAX_LENGTH = MPNET_TRAINING.max_length  # what the experts were trained and scored on
+CALIBRATION_LIMIT = 128  # the zoo's whole calibration split per task
+LABEL_FREE_CONFIGS = {
+    "label-free": LABEL_FREE,
+    "heads-only": {k: v for k, v in LABEL_FREE.items() if k != "coefficients"},
+}
+STAGES = ("label-free", "heads-only", "plain", "streaming")
+
+
+def recipe(zoo, tasks, extra: dict) -> dict:
+    raw = {"base": str(zoo.base), "method": DEFAULT_METHOD, "parameters": DEFAULT_PARAMETERS,
+           "seed": 0, "experts": [{"model": str(zoo.experts[t]), "task": t} for t in tasks], **extra}
+    if extra:
+        raw["calibration"] = {"texts": {t: str(zoo.splits[t]["calibration"]) for t in tasks},
+                              "limit": CALIBRATION_LIMIT, "max_length": MAX_LENGTH}
+    return raw
+
+
+def timed_merge(raw: dict, output: Path) -> dict:
+    """`hm3 merge` in a child process; its wall time and peak RSS (from /usr/bin/time -v)."""
+    recipe_file = output.with_suffix(".yaml")
+    recipe_file.write_text(yaml.safe_dump(raw, sort_keys=False))
+    command = ["/usr/bin/time", "-v", sys.executable, "-m", "hm3.cli", "merge", str(recipe_file),
+               "-o", str(output), "--overwrite", "--no-progress"]
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"merge failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr).group(1))
+    cpu = sum(float(re.search(rf"{kind} time \(seconds\): ([\d.]+)", done.stderr).group(1))
+              for kind in ("User", "System"))
+    return {"wall_minutes": round(wall / 60, 2), "cpu_minutes": round(cpu / 60, 2),
+            "peak_rss_gb": round(peak_kb / 2**20, 3)}
+
+
+def datasets(zoo, split: str) -> list[Dataset]:
+    out = []
+    for task, files in zoo.splits.items():
+        rows = read_split(files[split])
+        out.append(Dataset(task, [t for t, _ in rows], [lab for _, lab in rows], source=str(files[split])))
+    return out
+
+
+def scores_of(folder: Path, zoo) -> dict:
+    model = load(folder, device="cpu", max_length=MAX_LENGTH)
+    out = {}
+    for split in ("validation", "test"):
+        report = evaluate(model, datasets(zoo, split), batch_size=32)
+        out[split] = {t: round(s["macro_f1"], 4) for t, s in report["tasks"].items()}
+    return out
+
+
+def with_means(row: dict) -> dict:
+    row["mean"] = {split: round(sum(v.values()) / len(v), 4) for split, v in row["scores"].items()}
+    return row
+
+
+def guided_summary(folder: Path) -> dict:
+    """What the merge recorded of its label-free steps (seconds, coefficients' objective)."""
+    guided = json.loads((folder / "config.json").read_text())["hm3"].get("guided", {})
+    summary = {k: guided[k] for k in ("seconds", "cpu_seconds") if k in guided}
+    if "coefficients" in guided:
+        summary["coefficients_objective"] = [guided["coefficients"].get("objective_before"),
+                                             guided["coefficients"].get("objective_after")]
+    return summary
+
+
+def goals(rows: dict) -> dict:
+    """Issue goals on test: the picked label-free merge within 1 point of the experts' mean, and
+    no task more than 3 points under its expert."""
+    experts = rows["experts"]["scores"]["test"]
+    picked = [n for n in LABEL_FREE_CONFIGS if n in rows]
+    if not picked:
+        return {}
+    best = max(picked, key=lambda n: rows[n]["mean"]["validation"])
+    test = rows[best]["scores"]["test"]
+    gaps = {t: round(test[t] - experts[t], 4) for t in experts}
+    mean_gap = round(rows[best]["mean"]["test"] - rows["experts"]["mean"]["test"], 4)
+    return {"picked_on_validation": best, "mean_gap_test": mean_gap, "task_gaps_test": gaps,
+            "within_1_point": mean_gap >= -0.01, "no_task_3_points_under": min(gaps.values()) >= -0.03}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="+", choices=STAGES, help="run only these stages")
+    parser.add_argument("--work", type=Path, help="folder for the merged models (default: a temporary one)")
+    args = parser.parse_args()
+    stages = args.only or STAGES
+    zoo = build_mpnet_zoo(progress=True)
+    tasks = list(zoo.experts)
+    previous = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    rows = {row["name"]: row for row in previous.get("rows", [])}
+    streaming = previous.get("streaming", {})
+    rows["experts"] = with_means({
+        "name": "experts",
+        "scores": {split: {t: round(zoo.scores[t][split]["macro_f1"], 4) for t in tasks}
+                   for split in ("validation", "test")},
+        "recipes": {t: {"train": MPNET_RECIPES[t].max_train, "epochs": MPNET_RECIPES[t].epochs,
+                        "learning_rate": MPNET_RECIPES[t].learning_rate,
+                        "train_seconds": zoo.scores[t]["train_seconds"]} for t in tasks}})
+
+    def save() -> None:
+        write_json_atomic(RESULTS, {
+            "date": time.strftime("%Y-%m-%d"),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared), torch "
+                       f"{torch.__version__}, {torch.get_num_threads()} threads",
+            "max_length": MAX_LENGTH, "calibration_per_task": CALIBRATION_LIMIT,
+            "plain": {"method": DEFAULT_METHOD, "parameters": DEFAULT_PARAMETERS},
+            "rows": list(rows.values()), "streaming": streaming, "goals": goals(rows)})
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="hm3-mpnet-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    for stage in stages:
+        print(f"== {stage}", flush=True)
+        if stage == "streaming":
+            for n in (2, 4):
+                out = work / f"plain-{n}"
+                streaming[str(n)] = timed_merge(recipe(zoo, tasks[:n], {}), out)
+                print(n, streaming[str(n)], flush=True)
+                save()
+            continue
+        extra = LABEL_FREE_CONFIGS.get(stage, {})
+        out = work / stage
+        cost = timed_merge(recipe(zoo, tasks, extra), out)
+        print(cost, flush=True)
+        if stage == "plain":
+            streaming["8"] = cost
+        rows[stage] = with_means({"name": stage, "recipe_extra": extra, "merge": cost,
+                                  "guided": guided_summary(out) if extra else {},
+                                  "scores": scores_of(out, zoo)})
+        print(json.dumps(rows[stage]["mean"]), flush=True)
+        save()
+    save()
+    print(json.dumps(goals(rows), indent=2))
+
+
+if __name__ == "__main__":
+    main()
