@@ -6,7 +6,6 @@ import json
 import zipfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -181,15 +180,16 @@ def test_mpnet_zoo_builds_loads_and_scores():
     recipe = json.loads((zoo.experts["spam"].parent.parent / "recipe.json").read_text())
     assert recipe["experts"]["toxicity"]["learning_rate"] == MPNET_RECIPES["toxicity"].learning_rate
     for task in MPNET_TASKS:
-        model = hm3.load(zoo.experts[task], task=task, device="cpu")
+        model = hm3.load(zoo.experts[task], task=task, device="cpu", max_length=MPNET_ZOO.training.max_length)
         group = model.group(task)
         assert group.multi_label == (task == "toxicity")
         assert group.labels == zoo.labels[task]
         assert model.model.config.model_type == "mpnet"
-        examples = read_split(zoo.splits[task]["test"])[:64]
+        examples = read_split(zoo.splits[task]["test"])
         scores = score_task(group, [label for _, label in examples],
                             model.predict_proba([text for text, _ in examples])[task])
-        # well above chance on every task, and what the build recorded on the same texts
-        assert scores["macro_f1"] > 1.5 / len(group.labels) if task != "toxicity" else scores["macro_f1"] > 0.2
-        assert abs(np.mean(scores["macro_f1"]) - zoo.scores[task]["test"]["macro_f1"]) < 0.25
+        # what the build recorded on the same texts (batches differ, so padding may flip a
+        # borderline text), and well above chance
+        assert scores["macro_f1"] == pytest.approx(zoo.scores[task]["test"]["macro_f1"], abs=0.02)
+        assert scores["macro_f1"] > (0.3 if task == "toxicity" else 1.5 / len(group.labels))
     assert build_zoo(spec=MPNET_ZOO, progress=False) == zoo
