@@ -133,6 +133,7 @@ def load(path: str | Path, task: str | None = None, device: str | None = None,
     device : "cpu", "cuda", ...; default: CUDA when available.
     max_length : truncate texts to this many tokens (default: the tokenizer's maximum).
     """
+    # Lazy: transformers takes seconds to import; `import hm3` and `hm3 merge` do without it.
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     folder = resolve(str(path), revision)
