@@ -133,10 +133,13 @@ def with_means(row: dict) -> dict:
     return row
 
 
-def guided_summary(folder: Path) -> dict:
-    """What the merge recorded of its label-free steps (seconds, coefficients' objective)."""
-    guided = json.loads((folder / "config.json").read_text())["hm3"].get("guided", {})
-    summary = {k: guided[k] for k in ("seconds", "cpu_seconds") if k in guided}
+def merge_summary(folder: Path) -> dict:
+    """What the merge recorded: each expert's relative task-vector norm and, for label-free
+    steps, their seconds and the coefficients' objective."""
+    block = json.loads((folder / "config.json").read_text())["hm3"]
+    guided = block.get("guided", {})
+    summary = {"task_vector_norms": {t: round(v, 5) for t, v in block.get("task_vector_norms", {}).items()},
+               **{k: guided[k] for k in ("seconds", "cpu_seconds") if k in guided}}
     if "coefficients" in guided:
         summary["coefficients_objective"] = [guided["coefficients"].get("objective_before"),
                                              guided["coefficients"].get("objective_after")]
@@ -202,7 +205,7 @@ def main() -> None:
         cost = timed_merge(recipe(zoo, tasks, extra), out)
         print(cost, flush=True)
         rows[stage] = with_means({"name": stage, "recipe_extra": extra, "merge": cost,
-                                  "guided": guided_summary(out) if extra else {},
+                                  "recorded": merge_summary(out),
                                   # the plain merge chooses nothing: test only
                                   "scores": scores_of(out, zoo, ("test",) if stage == "plain"
                                                       else ("validation", "test"))})

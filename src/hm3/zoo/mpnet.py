@@ -27,9 +27,9 @@ MPNET_TASKS = TASKS + GUARD_TASKS
 MPNET_LABELS = {**LABELS, **GUARD_LABELS}
 
 # Shorter texts, smaller sets and fewer steps than the MiniLM zoo: MPNet costs about eight times
-# as much per token; a training step of 16 texts of at most 32 tokens took about 5 s on 2 shared
-# CPU cores, so the eight fine-tunes (355 steps) take about half an hour. Splits are small so that
-# evaluating all eight tasks stays cheap.
+# as much per token. A training step of 16 texts of at most 32 tokens takes about 5 s on 2 idle CPU
+# cores: the eight fine-tunes (355 steps) took 49 min on 2 heavily shared cores (4.5-18 s a step;
+# benchmarks/RESULTS.md, section 6). Splits are small so that evaluating all eight stays cheap.
 MPNET_TRAINING = TrainingConfig(batch_size=16, learning_rate=3e-5, max_length=32, seed=0)
 MPNET_SPLIT_SIZES = {"n_validation": 100, "n_test": 200, "n_calibration": 128}
 # learning rate × epochs: 3e-5 for the gentlest fine-tunes (spam, tense), 3e-4 for the hardest
@@ -73,5 +73,5 @@ MPNET_ZOO = ZooSpec(
 def build_mpnet_zoo(cache_dir: str | os.PathLike | None = None, progress: bool = True,
                     tasks=None) -> Zoo:
     """Build (or reuse from the cache) the base-size zoo; see `build_zoo`. The first build
-    unpacks the base and fine-tunes eight experts: about an hour on 2 CPU cores."""
+    unpacks the base and fine-tunes eight experts: 52 min on 2 busy CPU cores."""
     return build_zoo(cache_dir, progress=progress, tasks=tasks, spec=MPNET_ZOO)
