@@ -17,6 +17,7 @@ gives their peak RSS.
 
   .venv/bin/python benchmarks/mpnet_zoo.py                       # all stages (about an hour on 2 busy cores)
   .venv/bin/python benchmarks/mpnet_zoo.py --only plain streaming
+  .venv/bin/python benchmarks/mpnet_zoo.py --only heads-only --calibration off-task   # the wrong texts
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import re
 import subprocess
 import sys
@@ -54,12 +56,27 @@ LABEL_FREE_CONFIGS = {
 STAGES = ("plain", "heads-only", "streaming", "label-free")
 
 
-def recipe(zoo, tasks, extra: dict) -> dict:
+def recipe(zoo, tasks, extra: dict, calibration: str = "per-task", work: Path | None = None) -> dict:
+    """The merge's recipe. Calibration texts for the label-free steps: each task's own split
+    (`per-task`), the next task's split (`off-task`: the wrong texts), or every task's splits
+    pooled into one file fed to every task (`shared`: one traffic sample of the same total size;
+    needs the recipe's `calibration: {texts: FILE}` form)."""
     raw = {"base": str(zoo.base), "method": DEFAULT_METHOD, "parameters": DEFAULT_PARAMETERS,
            "seed": 0, "experts": [{"model": str(zoo.experts[t]), "task": t} for t in tasks], **extra}
-    if extra:
-        raw["calibration"] = {"texts": {t: str(zoo.splits[t]["calibration"]) for t in tasks},
-                              "limit": CALIBRATION_LIMIT, "max_length": MAX_LENGTH}
+    if not extra:
+        return raw
+    files = [str(zoo.splits[t]["calibration"]) for t in tasks]
+    if calibration == "per-task":
+        texts, limit = dict(zip(tasks, files)), CALIBRATION_LIMIT
+    elif calibration == "off-task":
+        texts, limit = dict(zip(tasks, files[1:] + files[:1])), CALIBRATION_LIMIT
+    else:
+        pooled = [text for t in tasks for text, _ in read_split(zoo.splits[t]["calibration"])]
+        random.Random(0).shuffle(pooled)
+        traffic = work / "traffic.txt"
+        traffic.write_text("\n".join(" ".join(text.split()) for text in pooled) + "\n")
+        texts, limit = str(traffic), len(pooled)
+    raw["calibration"] = {"texts": texts, "limit": limit, "max_length": MAX_LENGTH}
     return raw
 
 
@@ -165,6 +182,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="+", choices=STAGES, help="run only these stages")
     parser.add_argument("--work", type=Path, help="folder for the merged models (default: a temporary one)")
+    parser.add_argument("--calibration", choices=("per-task", "off-task", "shared"), default="per-task",
+                        help="which unlabelled texts the label-free stages use (rows of other than "
+                             "per-task texts are named with it and never picked)")
     args = parser.parse_args()
     stages = args.only or STAGES
     zoo = build_mpnet_zoo(progress=True)
@@ -201,15 +221,17 @@ def main() -> None:
                 save()
             continue
         extra = LABEL_FREE_CONFIGS.get(stage, {})
-        out = work / stage
-        cost = timed_merge(recipe(zoo, tasks, extra), out)
+        name = stage if not extra or args.calibration == "per-task" else f"{stage} ({args.calibration})"
+        out = work / name.replace(" (", "-").replace(")", "")
+        cost = timed_merge(recipe(zoo, tasks, extra, args.calibration, work), out)
         print(cost, flush=True)
-        rows[stage] = with_means({"name": stage, "recipe_extra": extra, "merge": cost,
-                                  "recorded": merge_summary(out),
-                                  # the plain merge chooses nothing: test only
-                                  "scores": scores_of(out, zoo, ("test",) if stage == "plain"
-                                                      else ("validation", "test"))})
-        print(json.dumps(rows[stage]["mean"]), flush=True)
+        rows[name] = with_means({"name": name, "recipe_extra": extra, "merge": cost,
+                                 "calibration": args.calibration if extra else None,
+                                 "recorded": merge_summary(out),
+                                 # the plain merge chooses nothing: test only
+                                 "scores": scores_of(out, zoo, ("test",) if stage == "plain"
+                                                     else ("validation", "test"))})
+        print(json.dumps(rows[name]["mean"]), flush=True)
         save()
     save()
     print(json.dumps(goals(rows), indent=2))
