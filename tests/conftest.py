@@ -22,6 +22,8 @@ TINY = {
                        intermediate_size=64, max_position_embeddings=64, pooler_hidden_size=32),
     "electra": dict(hidden_size=32, embedding_size=32, num_hidden_layers=2, num_attention_heads=2,
                     intermediate_size=64, max_position_embeddings=64),
+    "mpnet": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                  max_position_embeddings=66, pad_token_id=0),
     "modernbert": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                        intermediate_size=64, max_position_embeddings=64, pad_token_id=0,
                        global_attn_every_n_layers=1),
@@ -111,15 +113,17 @@ def spread_head(folder: Path, texts: list[str], seed: int) -> None:
 
     model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
+    # the final projection: `classifier` (BERT), `classifier.out_proj` (RoBERTa, MPNet)
+    head = getattr(model.classifier, "out_proj", model.classifier)
     seen = []
-    handle = model.classifier.register_forward_hook(lambda _m, inputs, _o: seen.append(inputs[0]))
+    handle = head.register_forward_hook(lambda _m, inputs, _o: seen.append(inputs[0]))
     model(**tokenizer(texts, padding=True, return_tensors="pt"))
     handle.remove()
     x = seen[0].double()
     mean, std = x.mean(0), x.std(0)
     generator = torch.Generator().manual_seed(seed)
-    weight = torch.randn(model.classifier.out_features, x.shape[1], generator=generator,
+    weight = torch.randn(head.out_features, x.shape[1], generator=generator,
                          dtype=torch.float64) / x.shape[1] ** 0.5 / std
-    model.classifier.weight.copy_(weight.float())
-    model.classifier.bias.copy_((-weight @ mean).float())
+    head.weight.copy_(weight.float())
+    head.bias.copy_((-weight @ mean).float())
     model.save_pretrained(folder)

@@ -17,6 +17,7 @@ HEADS = {
     "distilbert": ("classifier.weight", "classifier.bias"),
     "deberta-v2": ("classifier.weight", "classifier.bias"),
     "electra": ("classifier.out_proj.weight", "classifier.out_proj.bias"),
+    "mpnet": ("classifier.out_proj.weight", "classifier.out_proj.bias"),
     "modernbert": ("classifier.weight", "classifier.bias"),
     "llama": ("score.weight", None),
     "qwen2": ("score.weight", None),

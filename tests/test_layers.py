@@ -9,13 +9,14 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src"
 # Top to bottom, as drawn in the README; a module may import from its own row or any row below.
 ROWS = [
-    ("hm3.cli", "hm3.demo"),
+    ("hm3.cli", "hm3.demo", "hm3.serve"),
+    ("hm3.export",),
     ("hm3.search",),
     ("hm3.pipeline",),
     ("hm3.guided",),
     ("hm3.zoo",),
-    ("hm3.model", "hm3.evaluate", "hm3.check", "hm3.bench"),
-    ("hm3.merge", "hm3.heads", "hm3.checkpoint"),
+    ("hm3.model", "hm3.evaluate", "hm3.check", "hm3.bench", "hm3.onnx_model"),
+    ("hm3.merge", "hm3.heads", "hm3.checkpoint", "hm3.card"),
     ("hm3.recipe", "hm3.data"),
     ("hm3.methods",),
     ("hm3.errors", "hm3.table", "hm3.plots"),

@@ -166,6 +166,40 @@ def _parser() -> argparse.ArgumentParser:
     _search_options(self_merge)
     self_merge.set_defaults(run=_self_merge)
 
+    serve = sub.add_parser("serve", help="serve a model over HTTP: POST /v1/classify, a "
+                           "playground page at /, /metrics (needs the serve extra)")
+    serve.add_argument("model", help="model directory (merged, single expert or ONNX export)")
+    serve.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000, help="default 8000")
+    serve.add_argument("--backend", choices=["torch", "onnx"],
+                       help="check the folder is of this kind (default: whatever it is)")
+    serve.add_argument("--max-batch-size", type=int, default=32, help="texts per forward pass "
+                       "(default 32)")
+    serve.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a text waits "
+                       "for others to share its batch (default 5)")
+    serve.add_argument("--max-texts", type=int, default=256, help="texts per request (default "
+                       "256; more: 413)")
+    serve.add_argument("--max-chars", type=int, default=200_000, help="characters per request, "
+                       "all texts together (default 200000; more: 413)")
+    serve.add_argument("--policy", help="YAML/JSON: per task, the labels and threshold that "
+                       "flag a text")
+    serve.add_argument("--max-length", type=int, help="truncate texts to this many tokens "
+                       "(default: the tokenizer's maximum)")
+    serve.add_argument("--device", help="cpu, cuda, ... (default: CUDA when available)")
+    serve.add_argument("--drain-seconds", type=float, default=30.0, help="on SIGTERM, how long "
+                       "in-flight requests may take to finish (default 30)")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.set_defaults(run=_serve)
+
+    export = sub.add_parser("export", help="export a model to ONNX, per-task probabilities in "
+                            "the graph (needs the onnx extra)")
+    export.add_argument("model", help="model directory or hub id")
+    export.add_argument("-o", "--output", required=True, help="output folder")
+    export.add_argument("--format", default="onnx", choices=["onnx"])
+    export.add_argument("--quantize", choices=["int8"], help="dynamic int8 weights (ONNX Runtime)")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    export.set_defaults(run=_export)
+
     demo = sub.add_parser("demo", help="merge the built-in offline experts, score and time them")
     demo.add_argument("--output", default="hm3-demo",
                       help="folder for the merged model and report.json (default: hm3-demo)")
@@ -496,6 +530,29 @@ def _run_search(args, space, run) -> int:
     print(format_summary(result))
     for what, path in result.files.items():
         print(f"  {what:<6} {path}")
+    return 0
+
+
+def _serve(args) -> int:
+    from hm3.serve.app import Limits
+    from hm3.serve.server import serve
+
+    serve(args.model, host=args.host, port=args.port, backend=args.backend,
+          max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
+          limits=Limits(max_texts=args.max_texts, max_chars=args.max_chars), policy=args.policy,
+          device=args.device, max_length=args.max_length, drain_seconds=args.drain_seconds,
+          log_level=args.log_level)
+    return 0
+
+
+def _export(args) -> int:
+    from hm3.export import export_onnx
+
+    report = export_onnx(args.model, args.output, quantize=args.quantize,
+                         overwrite=args.overwrite)
+    print(f"exported {args.model} -> {report['path']} ({report['file']}, "
+          f"{report['megabytes']:.1f} MB{', int8' if args.quantize else ''}); "
+          f"largest difference from PyTorch on sample texts: {report['max_abs_diff']:.2g}")
     return 0
 
 

@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from hm3 import __version__
+from hm3.card import write_card
 from hm3.checkpoint import (TOKENIZER_FILES, TORCH_DTYPES, Checkpoint, ShardedWriter,
                             write_json_atomic)
 from hm3.errors import Hm3Error, Hm3Warning
@@ -322,6 +323,7 @@ def write_model(sources: Sources, folder: Path,
     config = merged_config(sources, out_dtypes, norms)
     config["hm3"].update(notes or {})
     write_json_atomic(folder / "config.json", config)
+    write_card(folder, config)
     _copy_tokenizer(sources, folder)
     return norms
 

@@ -11,6 +11,7 @@ import torch
 from hm3.checkpoint import read_config, resolve
 from hm3.errors import Hm3Error
 from hm3.heads import TaskGroup, expert_labels, is_multi_label
+from hm3.onnx_model import OnnxSequenceClassifier, is_onnx_folder
 
 
 def group_probabilities(logits: np.ndarray, groups: Sequence[TaskGroup]) -> dict[str, np.ndarray]:
@@ -63,7 +64,7 @@ class MultiTaskClassifier:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return self.model.device  # a transformers model's, or the ONNX backend's (CPU)
 
     def encode(self, texts: Sequence[str]):
         """Tokenise a batch as the model expects (truncated to `max_length`, padded)."""
@@ -126,6 +127,8 @@ def load(path: str | Path, task: str | None = None, device: str | None = None,
          revision: str | None = None, max_length: int | None = None) -> MultiTaskClassifier:
     """Load a merged model (or any single HF sequence classifier) from a directory or hub id.
 
+    An `hm3 export` folder (ONNX) loads too: it then runs on ONNX Runtime (CPU).
+
     Parameters
     ----------
     path : directory or hub id of the model.
@@ -141,7 +144,8 @@ def load(path: str | Path, task: str | None = None, device: str | None = None,
     groups = task_groups(config, task, str(path))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(folder)
+        model = (OnnxSequenceClassifier(folder) if is_onnx_folder(folder)
+                 else AutoModelForSequenceClassification.from_pretrained(folder))
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as exc:
         raise Hm3Error(f"cannot load {path} as a sequence classifier: {exc}") from None

@@ -19,6 +19,7 @@ from transformers import (
 )
 from transformers.utils import logging as transformers_logging
 
+from hm3.heads import MULTI_LABEL
 from hm3.zoo.splits import Example
 
 
@@ -47,15 +48,21 @@ def finetune(
     *,
     progress: bool = True,
     description: str = "fine-tune",
+    multi_label: bool = False,
+    device: str | torch.device = "cpu",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Fine-tune the whole base encoder plus a new classification head on `train`.
 
     Parameters
     ----------
     base : directory of the base encoder (any BERT-like checkpoint with a tokenizer).
-    train : (text, label name) pairs; every label must be in `labels`.
+    train : (text, label name) pairs; every label must be in `labels`. For a multi-label task each
+        label is a tuple of names (possibly empty).
     labels : label names in head order.
     config : hyperparameters and seed; on one machine, the same config and data give the same model.
+    multi_label : train one sigmoid per label (binary cross-entropy) and save the model with
+        `problem_type: multi_label_classification`; else one softmax over the labels.
+    device : where to train; the model comes back on the CPU.
 
     Returns
     -------
@@ -70,11 +77,20 @@ def finetune(
             num_labels=len(labels),
             id2label=dict(enumerate(labels)),
             label2id=label_ids,
-            problem_type="single_label_classification",
+            problem_type=MULTI_LABEL if multi_label else "single_label_classification",
         )
+    model.to(device)
     texts = [text for text, _ in train]
-    targets = torch.tensor([label_ids[label] for _, label in train])
-    class_weights = _balanced_class_weights(targets, len(labels)) if config.balance_classes else None
+    if multi_label:
+        targets = torch.zeros(len(train), len(labels))
+        for row, (_, names) in enumerate(train):
+            targets[row, [label_ids[name] for name in names]] = 1.0
+        weights = _positive_weights(targets) if config.balance_classes else None
+    else:
+        targets = torch.tensor([label_ids[label] for _, label in train])
+        weights = _balanced_class_weights(targets, len(labels)) if config.balance_classes else None
+    targets = targets.to(device)
+    weights = None if weights is None else weights.to(device)
 
     total_steps = config.epochs * math.ceil(len(texts) / config.batch_size)
     optimizer = torch.optim.AdamW(_parameter_groups(model, config.weight_decay), lr=config.learning_rate)
@@ -85,9 +101,13 @@ def finetune(
     with tqdm(total=total_steps, desc=description, disable=not progress) as bar:
         for _ in range(config.epochs):
             for batch in torch.randperm(len(texts), generator=batch_order).split(config.batch_size):
-                inputs = _encode(tokenizer, [texts[i] for i in batch], config.max_length)
+                inputs = _encode(tokenizer, [texts[i] for i in batch], config.max_length).to(device)
                 logits = model(**inputs).logits
-                loss = torch.nn.functional.cross_entropy(logits, targets[batch], weight=class_weights)
+                if multi_label:
+                    loss = torch.nn.functional.binary_cross_entropy_with_logits(
+                        logits, targets[batch], pos_weight=weights)
+                else:
+                    loss = torch.nn.functional.cross_entropy(logits, targets[batch], weight=weights)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
                 optimizer.step()
@@ -96,7 +116,7 @@ def finetune(
                 bar.update()
                 bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
-    return model, tokenizer
+    return model.cpu(), tokenizer
 
 
 def _encode(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int) -> dict:
@@ -118,6 +138,12 @@ def _balanced_class_weights(targets: torch.Tensor, n_classes: int) -> torch.Tens
     # sklearn's "balanced" weights: every class carries the same total weight.
     counts = torch.bincount(targets, minlength=n_classes).clamp(min=1)
     return len(targets) / (n_classes * counts.float())
+
+
+def _positive_weights(targets: torch.Tensor) -> torch.Tensor:
+    # Per label, negatives / positives: a rare label's few positives weigh as much as its negatives.
+    positives = targets.sum(dim=0).clamp(min=1)
+    return (len(targets) - positives) / positives
 
 
 def _parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

@@ -10,7 +10,8 @@ from sklearn.model_selection import train_test_split
 
 SPLITS = ("train", "validation", "test", "calibration")
 
-Example = tuple[str, str]  # (text, label name)
+# (text, label name), or (text, tuple of label names) for a multi-label task
+Example = tuple[str, str | tuple[str, ...]]
 
 
 def normalise_text(text: str) -> str:
@@ -74,7 +75,7 @@ def _draw(pool: list[Example], n: int, seed: int) -> tuple[list[Example], list[E
         taken = list(pool)
         random.Random(seed).shuffle(taken)
         return taken, []
-    labels = [label for _, label in pool]
+    labels = [_stratum(label) for _, label in pool]
     counts = Counter(labels)
     # sklearn can stratify only when each side can hold at least one example of every label.
     can_stratify = min(counts.values()) >= 2 and len(counts) <= n <= len(pool) - len(counts)
@@ -82,3 +83,11 @@ def _draw(pool: list[Example], n: int, seed: int) -> tuple[list[Example], list[E
         pool, test_size=n, random_state=seed, stratify=labels if can_stratify else None
     )
     return taken, rest
+
+
+def _stratum(label: str | tuple[str, ...]) -> str:
+    # A multi-label example is stratified by its first label ("" for none): label sets are too
+    # many and too rare to stratify on whole.
+    if isinstance(label, tuple):
+        return label[0] if label else ""
+    return label

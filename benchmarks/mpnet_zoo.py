@@ -1,0 +1,241 @@
+"""The base-size zoo (eight MPNet experts, one of them multi-label) merged by `hm3 merge` as a user
+would run it: macro-F1 per task on validation and test, wall time and peak RSS of every merge.
+
+Stages, in the order they run (each writes its figures to benchmarks/results/mpnet_zoo.json as
+soon as it is done):
+- `plain`: the plain streaming TIES 0.2 merge of all eight experts (scored on test only).
+- `heads-only`: the demo's label-free steps without learned coefficients (heads whole,
+  align_heads, recentre), per-task calibration on each task's calibration split.
+- `streaming`: the plain merge of the first 2, 4 and 8 experts (not scored), for peak memory
+  against N.
+- `label-free`: the demo's label-free steps (src/hm3/demo.py: TIES 0.2, heads whole, learned
+  coefficients, align_heads, recentre), per-task calibration.
+Of the label-free configurations, the one with the best VALIDATION mean is reported as picked;
+test figures never choose anything. Experts' scores are those the zoo recorded when it was built
+(same splits, same 32-token limit). Merges run in a child process under /usr/bin/time -v, which
+gives their peak RSS.
+
+  .venv/bin/python benchmarks/mpnet_zoo.py                       # all stages (about an hour on 2 busy cores)
+  .venv/bin/python benchmarks/mpnet_zoo.py --only plain streaming
+  .venv/bin/python benchmarks/mpnet_zoo.py --only heads-only --calibration off-task   # the wrong texts
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from hm3.checkpoint import write_json_atomic
+from hm3.demo import DEFAULT_METHOD, DEFAULT_PARAMETERS, LABEL_FREE
+from hm3.evaluate import Dataset, evaluate
+from hm3.model import load
+from hm3.zoo import build_mpnet_zoo, read_split
+from hm3.zoo.mpnet import MPNET_RECIPES, MPNET_TRAINING
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "mpnet_zoo.json"
+MAX_LENGTH = MPNET_TRAINING.max_length  # what the experts were trained and scored on
+CALIBRATION_LIMIT = 128  # the zoo's whole calibration split per task
+LABEL_FREE_CONFIGS = {
+    "label-free": LABEL_FREE,
+    "heads-only": {k: v for k, v in LABEL_FREE.items() if k != "coefficients"},
+}
+# cheapest first: the learned coefficients of `label-free` take the longest
+STAGES = ("plain", "heads-only", "streaming", "label-free")
+
+
+def recipe(zoo, tasks, extra: dict, calibration: str = "per-task", work: Path | None = None) -> dict:
+    """The merge's recipe. Calibration texts for the label-free steps: each task's own split
+    (`per-task`), the next task's split (`off-task`: the wrong texts), or every task's splits
+    pooled into one file fed to every task (`shared`: one traffic sample of the same total size;
+    needs the recipe's `calibration: {texts: FILE}` form)."""
+    raw = {"base": str(zoo.base), "method": DEFAULT_METHOD, "parameters": DEFAULT_PARAMETERS,
+           "seed": 0, "experts": [{"model": str(zoo.experts[t]), "task": t} for t in tasks], **extra}
+    if not extra:
+        return raw
+    files = [str(zoo.splits[t]["calibration"]) for t in tasks]
+    if calibration == "per-task":
+        texts, limit = dict(zip(tasks, files)), CALIBRATION_LIMIT
+    elif calibration == "off-task":
+        texts, limit = dict(zip(tasks, files[1:] + files[:1])), CALIBRATION_LIMIT
+    else:
+        pooled = [text for t in tasks for text, _ in read_split(zoo.splits[t]["calibration"])]
+        random.Random(0).shuffle(pooled)
+        traffic = work / "traffic.txt"
+        traffic.write_text("\n".join(" ".join(text.split()) for text in pooled) + "\n")
+        texts, limit = str(traffic), len(pooled)
+    raw["calibration"] = {"texts": texts, "limit": limit, "max_length": MAX_LENGTH}
+    return raw
+
+
+def timed_merge(raw: dict, output: Path) -> dict:
+    """`hm3 merge` in a child process: its wall and CPU time and peak RSS (from /usr/bin/time -v),
+    and the peaks of its anonymous and file-backed resident memory, sampled every 0.1 s. The
+    checkpoints are read through memory maps, so the pages of the files read count in RSS (as
+    file-backed, which the kernel can drop) beside the memory the merge allocates (anonymous)."""
+    recipe_file = output.with_suffix(".yaml")
+    recipe_file.write_text(yaml.safe_dump(raw, sort_keys=False))
+    command = ["/usr/bin/time", "-v", sys.executable, "-m", "hm3.cli", "merge", str(recipe_file),
+               "-o", str(output), "--overwrite", "--no-progress"]
+    started = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as stderr:
+        child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+        peaks = {"RssAnon": 0, "RssFile": 0}
+        while child.poll() is None:
+            for pid in _children(child.pid):
+                for key, kb in _memory(pid).items():
+                    peaks[key] = max(peaks[key], kb)
+            time.sleep(0.1)
+        wall = time.perf_counter() - started
+        stderr.seek(0)
+        log = stderr.read()
+    if child.returncode != 0:
+        raise RuntimeError(f"merge failed ({child.returncode}):\n{log[-3000:]}")
+    peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", log).group(1))
+    cpu = sum(float(re.search(rf"{kind} time \(seconds\): ([\d.]+)", log).group(1))
+              for kind in ("User", "System"))
+    return {"wall_minutes": round(wall / 60, 2), "cpu_minutes": round(cpu / 60, 2),
+            "peak_rss_gb": round(peak_kb / 2**20, 3),
+            "peak_rss_anon_gb": round(peaks["RssAnon"] / 2**20, 3),
+            "peak_rss_file_gb": round(peaks["RssFile"] / 2**20, 3)}
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _memory(pid: int) -> dict[str, int]:
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return {}
+    return {key: int(rest.split()[0]) for key, _, rest in (line.partition(":") for line in lines)
+            if key in ("RssAnon", "RssFile")}
+
+
+def datasets(zoo, split: str) -> list[Dataset]:
+    out = []
+    for task, files in zoo.splits.items():
+        rows = read_split(files[split])
+        out.append(Dataset(task, [t for t, _ in rows], [lab for _, lab in rows], source=str(files[split])))
+    return out
+
+
+def scores_of(folder: Path, zoo, splits=("validation", "test")) -> dict:
+    model = load(folder, device="cpu", max_length=MAX_LENGTH)
+    out = {}
+    for split in splits:
+        report = evaluate(model, datasets(zoo, split), batch_size=32)
+        out[split] = {t: round(s["macro_f1"], 4) for t, s in report["tasks"].items()}
+    return out
+
+
+def with_means(row: dict) -> dict:
+    row["mean"] = {split: round(sum(v.values()) / len(v), 4) for split, v in row["scores"].items()}
+    return row
+
+
+def merge_summary(folder: Path) -> dict:
+    """What the merge recorded: each expert's relative task-vector norm and, for label-free
+    steps, their seconds and the coefficients' objective."""
+    block = json.loads((folder / "config.json").read_text())["hm3"]
+    guided = block.get("guided", {})
+    summary = {"task_vector_norms": {t: round(v, 5) for t, v in block.get("task_vector_norms", {}).items()},
+               **{k: guided[k] for k in ("seconds", "cpu_seconds") if k in guided}}
+    if "coefficients" in guided:
+        summary["coefficients_objective"] = [guided["coefficients"].get("objective_before"),
+                                             guided["coefficients"].get("objective_after")]
+    return summary
+
+
+def goals(rows: dict) -> dict:
+    """Issue goals on test: the picked label-free merge within 1 point of the experts' mean, and
+    no task more than 3 points under its expert."""
+    experts = rows["experts"]["scores"]["test"]
+    picked = [n for n in LABEL_FREE_CONFIGS if n in rows]
+    if not picked:
+        return {}
+    best = max(picked, key=lambda n: rows[n]["mean"]["validation"])
+    test = rows[best]["scores"]["test"]
+    gaps = {t: round(test[t] - experts[t], 4) for t in experts}
+    mean_gap = round(rows[best]["mean"]["test"] - rows["experts"]["mean"]["test"], 4)
+    return {"picked_on_validation": best, "mean_gap_test": mean_gap, "task_gaps_test": gaps,
+            "within_1_point": mean_gap >= -0.01, "no_task_3_points_under": min(gaps.values()) >= -0.03}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="+", choices=STAGES, help="run only these stages")
+    parser.add_argument("--work", type=Path, help="folder for the merged models (default: a temporary one)")
+    parser.add_argument("--calibration", choices=("per-task", "off-task", "shared"), default="per-task",
+                        help="which unlabelled texts the label-free stages use (rows of other than "
+                             "per-task texts are named with it and never picked)")
+    args = parser.parse_args()
+    stages = args.only or STAGES
+    zoo = build_mpnet_zoo(progress=True)
+    tasks = list(zoo.experts)
+    previous = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    rows = {row["name"]: row for row in previous.get("rows", [])}
+    streaming = previous.get("streaming", {})
+    rows["experts"] = with_means({
+        "name": "experts",
+        "scores": {split: {t: round(zoo.scores[t][split]["macro_f1"], 4) for t in tasks}
+                   for split in ("validation", "test")},
+        "recipes": {t: {"train": MPNET_RECIPES[t].max_train, "epochs": MPNET_RECIPES[t].epochs,
+                        "learning_rate": MPNET_RECIPES[t].learning_rate,
+                        "train_seconds": zoo.scores[t]["train_seconds"]} for t in tasks}})
+
+    def save() -> None:
+        write_json_atomic(RESULTS, {
+            "date": time.strftime("%Y-%m-%d"),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared), torch "
+                       f"{torch.__version__}, {torch.get_num_threads()} threads",
+            "max_length": MAX_LENGTH, "calibration_per_task": CALIBRATION_LIMIT,
+            "plain": {"method": DEFAULT_METHOD, "parameters": DEFAULT_PARAMETERS},
+            "rows": list(rows.values()), "streaming": streaming, "goals": goals(rows)})
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="hm3-mpnet-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    for stage in stages:
+        print(f"== {stage}", flush=True)
+        if stage == "streaming":
+            for n in (2, 4, 8):
+                out = work / f"plain-{n}"
+                streaming[str(n)] = timed_merge(recipe(zoo, tasks[:n], {}), out)
+                print(n, streaming[str(n)], flush=True)
+                save()
+            continue
+        extra = LABEL_FREE_CONFIGS.get(stage, {})
+        name = stage if not extra or args.calibration == "per-task" else f"{stage} ({args.calibration})"
+        out = work / name.replace(" (", "-").replace(")", "")
+        cost = timed_merge(recipe(zoo, tasks, extra, args.calibration, work), out)
+        print(cost, flush=True)
+        rows[name] = with_means({"name": name, "recipe_extra": extra, "merge": cost,
+                                 "calibration": args.calibration if extra else None,
+                                 "recorded": merge_summary(out),
+                                 # the plain merge chooses nothing: test only
+                                 "scores": scores_of(out, zoo, ("test",) if stage == "plain"
+                                                     else ("validation", "test"))})
+        print(json.dumps(rows[name]["mean"]), flush=True)
+        save()
+    save()
+    print(json.dumps(goals(rows), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""`hm3 export`: a model as ONNX whose outputs are each task's probabilities, computed in the graph.
+
+The exported graph wraps the classifier in `ProbabilityHead`: besides the raw `logits` it outputs
+`probabilities.TASK` per task (a softmax over the task's own logits, or a sigmoid per label for a
+multi-label task), so any ONNX Runtime consumer gets correct per-task scores without knowing the
+layout. Beside model.onnx: config.json (with the `hm3` task layout), the tokenizer, and
+hm3_onnx.json (inputs, outputs, tasks, quantisation). `hm3.load(folder)` runs it on ONNX Runtime.
+
+int8: ONNX Runtime's dynamic quantisation (weights int8 per output channel, activations quantised
+on the fly) of the MatMuls; the head, the FFN down-projections and the embeddings stay fp32 --
+see `FP32_NODES` and `benchmarks/serve_bench.py` for the measurement that chose this.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hm3.bench import SAMPLE_TEXTS
+from hm3.checkpoint import (atomic_directory, check_destination, read_config, resolve,
+                            write_json_atomic)
+from hm3.errors import Hm3Error
+from hm3.heads import TaskGroup
+from hm3.model import load
+from hm3.onnx_model import LAYOUT_FILE, ONNX_FILE, OnnxSequenceClassifier
+
+OPSET = 17
+# Nodes kept in fp32 by default under int8 (regular expressions searched in node names): the
+# head (final projection, pooler, hidden head layers) and each layer's FFN down-projection,
+# whose inputs (after GELU) have the widest range. Measured on the zoo's merged MiniLM
+# (benchmarks/serve_bench.py, validation split): argmax agreement with fp32 99.75% with these
+# in fp32, against HEAD_ONLY's lower figure in benchmarks/RESULTS.md.
+HEAD_ONLY = (r"classifier", r"pooler", r"pre_classifier", r"score")
+FP32_NODES = HEAD_ONLY + (r"layer\.\d+/output/dense", r"ffn/lin2")
+
+
+class ProbabilityHead(torch.nn.Module):
+    """The classifier followed by a softmax (or sigmoids) per task group: what is exported."""
+
+    def __init__(self, model: torch.nn.Module, groups: list[TaskGroup], input_names: list[str]):
+        super().__init__()
+        self.model = model
+        self.groups = groups
+        self.input_names = input_names
+        self.eval()  # the exporter restores the wrapper's mode afterwards: it must be eval too
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        logits = self.model(**dict(zip(self.input_names, inputs))).logits
+        outputs = [logits]
+        for group in self.groups:
+            z = logits[:, group.offset:group.stop]
+            outputs.append(torch.sigmoid(z) if group.multi_label else torch.softmax(z, dim=-1))
+        return tuple(outputs)
+
+
+def output_names(groups: list[TaskGroup]) -> list[str]:
+    return ["logits"] + [f"probabilities.{g.name}" for g in groups]
+
+
+def export_onnx(model: str | Path, output: str | Path, quantize: str | None = None,
+                overwrite: bool = False, exclude: tuple[str, ...] = FP32_NODES,
+                per_channel: bool = True) -> dict:
+    """Export `model` (merged model, single classifier or hub id) to an ONNX folder at `output`.
+
+    Parameters
+    ----------
+    quantize : None (fp32) or "int8" (dynamic quantisation of the MatMul weights).
+    exclude : with int8, keep nodes whose name matches any of these regular expressions in fp32.
+    per_channel : with int8, one scale per output channel (else one per tensor).
+
+    Returns a dict: path, file, megabytes, max_abs_diff (largest difference of any task
+    probability from the PyTorch model's on sample texts), quantized.
+    """
+    if quantize not in (None, "int8"):
+        raise Hm3Error(f"--quantize supports int8, got {quantize!r}")
+    check_destination(output, overwrite)
+    classifier = load(model, device="cpu")
+    if getattr(classifier.model, "backend", "torch") != "torch":
+        raise Hm3Error(f"{model} is already an ONNX export; export the PyTorch model instead")
+    groups = classifier.groups
+    if any(g.name == "logits" for g in groups):
+        raise Hm3Error("a task named 'logits' would clash with the graph's logits output; "
+                       "rename the task in the recipe")
+    sample = classifier.encode(list(SAMPLE_TEXTS[:4]))
+    input_names = [name for name in classifier.tokenizer.model_input_names if name in sample]
+    # eager attention traces to a graph that holds for every batch and length; sdpa bakes in
+    # the sample's padding
+    classifier.model.set_attn_implementation("eager")
+    wrapper = ProbabilityHead(classifier.model.float().eval(), groups, input_names)
+    outputs = output_names(groups)
+    axes = {name: {0: "batch", 1: "sequence"} for name in input_names}
+    axes.update({name: {0: "batch"} for name in outputs})
+    with atomic_directory(output, overwrite=overwrite) as staging:
+        with tempfile.TemporaryDirectory(dir=staging) as scratch:
+            fp32 = Path(scratch) / "fp32.onnx"
+            _torch_export(wrapper, tuple(sample[name] for name in input_names), fp32,
+                          input_names, outputs, axes)
+            _add_metadata(fp32, groups)
+            if quantize == "int8":
+                quantize_int8(fp32, staging / ONNX_FILE, exclude, per_channel)
+            else:
+                fp32.replace(staging / ONNX_FILE)
+        config = read_config(resolve(str(model)))
+        # a plain classifier gets the task layout it was loaded with, so the export keeps it
+        config.setdefault("hm3", {"tasks": [g.to_dict() for g in groups]})
+        write_json_atomic(staging / "config.json", config)
+        classifier.tokenizer.save_pretrained(staging)
+        write_json_atomic(staging / LAYOUT_FILE, {
+            "source": str(model), "inputs": input_names, "outputs": outputs, "opset": OPSET,
+            "quantized": quantize, "per_channel": per_channel if quantize else None,
+            "fp32_nodes": list(exclude) if quantize else None,
+            "max_length": classifier.max_length, "tasks": [g.to_dict() for g in groups]})
+        diff = _max_difference(classifier, OnnxSequenceClassifier(staging), groups)
+        size = (staging / ONNX_FILE).stat().st_size
+    return {"path": str(Path(output).resolve()), "file": ONNX_FILE, "megabytes": size / 2**20,
+            "max_abs_diff": diff, "quantized": quantize}
+
+
+def _torch_export(wrapper, inputs, path: Path, input_names, outputs, axes) -> None:
+    try:
+        torch.onnx.export(wrapper, inputs, str(path), input_names=input_names,
+                          output_names=outputs, dynamic_axes=axes, opset_version=OPSET,
+                          dynamo=False)
+    except Exception as exc:  # noqa: BLE001 - the exporter raises many kinds; say which model
+        raise Hm3Error(f"torch.onnx could not export this model: {exc}") from None
+
+
+def _add_metadata(path: Path, groups: list[TaskGroup]) -> None:
+    """The task layout inside the .onnx file too, for consumers that see only the graph."""
+    import onnx  # the onnx extra; imported here so `hm3.export` imports without it
+
+    proto = onnx.load(str(path))
+    onnx.helper.set_model_props(proto, {"hm3_tasks": json.dumps([g.to_dict() for g in groups])})
+    onnx.save(proto, str(path))
+
+
+def quantize_int8(source: Path, target: Path, exclude: tuple[str, ...] = FP32_NODES,
+                  per_channel: bool = True) -> list[str]:
+    """Dynamic int8 quantisation of the MatMul weights of `source`; nodes whose name matches a
+    regular expression of `exclude` stay fp32. Returns the names of the nodes kept in fp32."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    graph = onnx.load(str(source), load_external_data=False).graph
+    kept = [node.name for node in graph.node
+            if any(re.search(pattern, node.name) for pattern in exclude)]
+    # the quantiser first rewrites each Gemm as NAME_MatMul + NAME_Add: exclude those names too
+    quantize_dynamic(str(source), str(target), per_channel=per_channel,
+                     weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"],
+                     nodes_to_exclude=kept + [f"{name}_MatMul" for name in kept])
+    return kept
+
+
+def _max_difference(classifier, onnx_model: OnnxSequenceClassifier,
+                    groups: list[TaskGroup]) -> float:
+    batch = classifier.encode(list(SAMPLE_TEXTS))
+    with torch.inference_mode():
+        reference = ProbabilityHead(classifier.model, groups, list(batch.keys()))(
+            *batch.values())
+    got = onnx_model.run(**batch)
+    names = output_names(groups)
+    return max(float(np.abs(got[name] - want.numpy()).max())
+               for name, want in zip(names[1:], reference[1:]))

@@ -1,0 +1,117 @@
+"""Dynamic batching: texts from concurrent requests are gathered into one forward pass.
+
+A small asyncio micro-batcher rather than a library: the batching libraries on PyPI either
+belong to a serving framework (Ray Serve's `@serve.batch`, used by `hm3.serve.ray_app`) or are
+thin, little-kept wrappers; what a classifier server needs is ~60 lines: a queue of texts, one
+worker that takes up to `max_batch_size` of them (waiting at most `max_wait_ms` for more once the
+first has arrived), runs the model in ONE worker thread so the event loop keeps accepting
+requests meanwhile, and hands each text its own result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Sequence
+
+from hm3.errors import Hm3Error
+
+_STOP = object()
+
+
+class MicroBatcher:
+    """Batch texts from many callers; `await submit(texts)` returns their results in order.
+
+    Parameters
+    ----------
+    run : classifies a list of texts, returning one result per text (called in a worker thread).
+    max_batch_size : most texts in one call of `run`.
+    max_wait_ms : how long the first text of a batch waits for others to join it.
+    on_batch : called with (batch size, seconds) after every batch, e.g. to record metrics.
+    """
+
+    def __init__(self, run: Callable[[list[str]], list], max_batch_size: int = 32,
+                 max_wait_ms: float = 5.0,
+                 on_batch: Callable[[int, float], None] | None = None):
+        if max_batch_size < 1:
+            raise Hm3Error(f"max_batch_size must be at least 1, got {max_batch_size}")
+        if max_wait_ms < 0:
+            raise Hm3Error(f"max_wait_ms must be 0 or more, got {max_wait_ms}")
+        self.run = run
+        self.max_batch_size = max_batch_size
+        self.max_wait = max_wait_ms / 1000.0
+        self.on_batch = on_batch
+        self._queue: asyncio.Queue | None = None
+        self._worker: asyncio.Task | None = None
+        self._executor: ThreadPoolExecutor | None = None
+
+    async def start(self) -> None:
+        self._queue = asyncio.Queue()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hm3-model")
+        self._worker = asyncio.create_task(self._loop())
+
+    async def stop(self) -> None:
+        """Finish every text already queued, then stop the worker."""
+        if self._worker is None:
+            return
+        await self._queue.put(_STOP)
+        await self._worker
+        self._executor.shutdown(wait=True)
+        self._worker = None
+
+    async def submit(self, texts: Sequence[str]) -> list:
+        if self._worker is None or self._worker.done():
+            raise Hm3Error("the batcher is not running")
+        loop = asyncio.get_running_loop()
+        futures = []
+        for text in texts:
+            future = loop.create_future()
+            self._queue.put_nowait((text, future))
+            futures.append(future)
+        return list(await asyncio.gather(*futures))
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        stopping = False
+        while not stopping:
+            first = await self._queue.get()
+            if first is _STOP:
+                break
+            batch = [first]
+            deadline = loop.time() + self.max_wait
+            while len(batch) < self.max_batch_size:
+                if self._queue.empty():
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        break
+                    try:
+                        item = await asyncio.wait_for(self._queue.get(), remaining)
+                    except asyncio.TimeoutError:
+                        break
+                else:
+                    item = self._queue.get_nowait()
+                if item is _STOP:
+                    stopping = True  # finish this batch, then stop
+                    break
+                batch.append(item)
+            # a caller that went away (cancelled future) no longer needs its text classified
+            batch = [(text, future) for text, future in batch if not future.done()]
+            if batch:
+                await self._run_batch(loop, batch)
+
+    async def _run_batch(self, loop, batch: list) -> None:
+        start = time.perf_counter()
+        try:
+            results = await loop.run_in_executor(self._executor, self.run,
+                                                 [text for text, _ in batch])
+        except Exception as exc:  # noqa: BLE001 - the callers get the error, the worker goes on
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        if self.on_batch is not None:
+            self.on_batch(len(batch), time.perf_counter() - start)
+        for (_, future), result in zip(batch, results):
+            if not future.done():
+                future.set_result(result)

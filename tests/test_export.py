@@ -1,0 +1,113 @@
+"""`hm3 export --format onnx [--quantize int8]`: per-task probabilities inside the graph."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from conftest import build_family, recipe_dict  # noqa: E402
+
+from hm3 import load, merge, parse_recipe  # noqa: E402
+from hm3.cli import main  # noqa: E402
+from hm3.export import export_onnx  # noqa: E402
+
+TASKS = {"sentiment": ["negative", "positive"], "topic": ["news", "sport", "film"],
+         "tox": ["insult", "threat"]}
+TEXTS = ["good film", "bad news today", "free money win call phone now", "hello",
+         "what market vote sport great awful who where"]
+
+
+@pytest.fixture(scope="module")
+def merged(tmp_path_factory):
+    root = tmp_path_factory.mktemp("family")
+    base, experts = build_family(root, TASKS, multi_label=("tox",))
+    out = root / "merged"
+    merge(parse_recipe(recipe_dict(base, experts)), out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def exported(merged, tmp_path_factory):
+    out = tmp_path_factory.mktemp("onnx") / "fp32"
+    report = export_onnx(merged, out)
+    return out, report
+
+
+def softmax(z):
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def test_graph_outputs_each_tasks_probabilities(merged, exported):
+    folder, report = exported
+    assert report["max_abs_diff"] < 1e-5
+    torch_model = load(merged, device="cpu")
+    want = torch_model.logits(TEXTS, batch_size=len(TEXTS))
+    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    assert names == ["logits", "probabilities.sentiment", "probabilities.topic",
+                     "probabilities.tox"]
+    # a plain consumer: the tokenizer files beside the graph, any batch size and length
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    for batch in (TEXTS[:1], TEXTS):
+        enc = tokenizer(batch, padding=True, return_tensors="np")
+        feed = {i.name: enc[i.name].astype(np.int64) for i in session.get_inputs()}
+        logits, sentiment, topic, tox = session.run(None, feed)
+        rows = [TEXTS.index(t) for t in batch]
+        np.testing.assert_allclose(logits, want[rows], atol=1e-4)
+        np.testing.assert_allclose(sentiment, softmax(want[rows, 0:2]), atol=1e-5)
+        np.testing.assert_allclose(topic, softmax(want[rows, 2:5]), atol=1e-5)
+        np.testing.assert_allclose(tox, 1 / (1 + np.exp(-want[rows, 5:7])), atol=1e-5)
+    layout = json.loads((folder / "hm3_onnx.json").read_text())
+    assert [t["name"] for t in layout["tasks"]] == list(TASKS)
+    metadata = {p.key: p.value for p in onnx.load(str(folder / "model.onnx")).metadata_props}
+    assert [t["labels"] for t in json.loads(metadata["hm3_tasks"])] == list(TASKS.values())
+
+
+def test_load_predicts_from_the_export_like_the_torch_model(merged, exported):
+    folder, _ = exported
+    model = load(folder)
+    assert model.model.backend == "onnx" and model.tasks == list(TASKS)
+    got, want = model.predict(TEXTS), load(merged, device="cpu").predict(TEXTS)
+    for a, b in zip(got, want):
+        for task in TASKS:
+            assert a[task]["probabilities"] == pytest.approx(b[task]["probabilities"], abs=1e-4)
+            assert a[task].get("label") == b[task].get("label")
+            assert a[task].get("labels") == b[task].get("labels")
+
+
+def test_int8_quantises_the_body_and_keeps_the_head_fp32(merged, tmp_path):
+    out = tmp_path / "int8"
+    assert main(["export", str(merged), "-o", str(out), "--quantize", "int8"]) == 0
+    graph = onnx.load(str(out / "model.onnx")).graph
+    ops = [node.op_type for node in graph.node]
+    assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops
+    head = [node for node in graph.node if "classifier" in node.name]
+    assert head and all(node.op_type in ("Gemm", "MatMul", "Add") for node in head)
+    model = load(out)
+    assert json.loads((out / "hm3_onnx.json").read_text())["quantized"] == "int8"
+    probs = model.predict_proba(TEXTS)
+    assert np.allclose(probs["topic"].sum(axis=1), 1.0, atol=1e-5)
+    want = load(merged, device="cpu").predict_proba(TEXTS)
+    assert np.abs(probs["topic"] - want["topic"]).max() < 0.1
+
+
+def test_export_cli_errors_and_predict_on_the_export(merged, exported, tmp_path, capsys):
+    folder, _ = exported
+    assert main(["export", str(merged), "-o", str(folder)]) == 2
+    assert "exists" in capsys.readouterr().err
+    assert main(["export", str(folder), "-o", str(tmp_path / "again")]) == 2
+    assert "already an ONNX export" in capsys.readouterr().err
+    assert not (tmp_path / "again").exists()
+    assert main(["predict", str(folder), "good film"]) == 0
+    line = json.loads(capsys.readouterr().out)
+    assert set(line) == {"text", *TASKS}
+    assert main(["serve", str(folder), "--backend", "torch"]) == 2
+    assert "ONNX export" in capsys.readouterr().err
