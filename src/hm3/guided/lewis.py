@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from hm3.guided.calibration import input_hooks, linear_layers, run_batches
 from hm3.recipe import Override
@@ -68,12 +69,15 @@ class LewisScores:
     """Importance of every layer for the base and each expert, measured once; densities for any
     [gamma, epsilon] follow without running the models again (what `hm3 search` varies)."""
 
-    def __init__(self, sources, batches: dict[str, list[dict]], skip: Sequence[str]):
+    def __init__(self, sources, batches: dict[str, list[dict]], skip: Sequence[str],
+                 progress: bool = False):
         from hm3.guided.calibration import base_as_classifier, expert_classifier
 
+        pairs = list(zip(sources.recipe.experts, sources.experts))
+        bar = tqdm(pairs, desc="lewis importance", unit="expert", disable=not progress)
         base_model = base_as_classifier(sources)
         self.scores = {}
-        for spec, ckpt in zip(sources.recipe.experts, sources.experts):
+        for spec, ckpt in bar:
             self.scores[spec.task] = (importance(base_model, batches[spec.task], skip),
                                       importance(expert_classifier(ckpt), batches[spec.task],
                                                  skip))

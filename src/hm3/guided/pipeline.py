@@ -7,8 +7,10 @@ import time
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
 from hm3.errors import Hm3Error
+from hm3.evaluate import load_data_block
 from hm3.guided import coefficients as coef
 from hm3.guided import align, lewis, recentre, regmean
 from hm3.checkpoint import load_tokenizer
@@ -42,11 +44,11 @@ def guided_model(sources, progress: bool = False,
     report: dict = {"heads": guided.heads, "calibration": calibration.provenance,
                     "max_length": spec.max_length}
     # The experts run once, for every step that matches them (coefficients and the head steps).
-    expert_logits = (experts_logits(sources, batches)
+    expert_logits = (experts_logits(sources, batches, progress)
                      if guided.coefficients or guided.align_heads or guided.recentre else None)
 
     if guided.lewis:
-        scores = lewis.LewisScores(sources, batches, skip)
+        scores = lewis.LewisScores(sources, batches, skip, progress)
         recipe = scores.apply(recipe)
         sources = with_recipe(sources, recipe)
         table = scores.table(guided.lewis.gamma, guided.lewis.epsilon)
@@ -87,11 +89,14 @@ def check_heads(sources) -> None:
                        "none; drop `recentre` from the recipe (align_heads works without)")
 
 
-def experts_logits(sources, batches: dict[str, list[dict]]) -> dict[str, torch.Tensor]:
+def experts_logits(sources, batches: dict[str, list[dict]],
+                   progress: bool = False) -> dict[str, torch.Tensor]:
     """Each expert's logits on its task's batches, in text order (one expert in memory at a
     time)."""
     out = {}
-    for spec, checkpoint in zip(sources.recipe.experts, sources.experts):
+    pairs = list(zip(sources.recipe.experts, sources.experts))
+    for spec, checkpoint in tqdm(pairs, desc="experts on calibration texts", unit="expert",
+                                 disable=not progress):
         model = expert_classifier(checkpoint)
         out[spec.task] = run_batches(model, batches[spec.task])
         del model
@@ -133,6 +138,8 @@ def calibration_batches(sources, held_out: dict[str, list[str]] | None = None,
         raise Hm3Error("this needs unlabelled texts: add a `calibration:` block to the recipe, "
                        "e.g. `calibration: {texts: {TASK: texts.txt}}` with a file per task")
     tasks = [e.task for e in sources.recipe.experts]
+    if held_out is None:
+        held_out = recipe_held_out(sources.recipe)
     if calibration is None:
         calibration = load_calibration(spec, tasks, held_out)
     tokenizer = load_tokenizer([sources.base.path, *(e.path for e in sources.experts)],
@@ -141,6 +148,21 @@ def calibration_batches(sources, held_out: dict[str, list[str]] | None = None,
     batches = {task: tokenize(tokenizer, calibration.texts[task], spec.max_length,
                               spec.batch_size) for task in tasks}
     return calibration, tokenizer, batches
+
+
+def recipe_held_out(recipe) -> dict[str, list[str]]:
+    """The texts of the recipe's own `data:` block (test and validation splits) per task: what
+    the merged model will be scored on, so never calibration text."""
+    if not recipe.data:
+        return {}
+    tasks = [e.task for e in recipe.experts]
+    with_validation = {task: entry for task, entry in recipe.data.items()
+                       if isinstance(entry, dict) and entry.get("validation") is not None}
+    held: dict[str, list[str]] = {}
+    for data, part in ((recipe.data, "test"), (with_validation, "validation")):
+        for dataset in load_data_block(data, recipe.data_root, tasks, part) if data else []:
+            held.setdefault(dataset.task, []).extend(dataset.texts)
+    return held
 
 
 @torch.no_grad()
