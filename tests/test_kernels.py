@@ -396,3 +396,54 @@ def test_magnitude_breaks_ties_at_the_threshold_by_lowest_index():
     delta = torch.tensor([0.5, -2.0, 0.5, 0.5, -0.5, 0.1])
     # top 3 of |delta|: 2.0, then two of the four 0.5s: those at indices 0 and 2
     assert torch.equal(magnitude(delta, 0.5), torch.tensor([0.5, -2.0, 0.5, 0.0, 0.0, 0.0]))
+
+
+# --- what the end-to-end tests do not reach: dtypes, seeds, other rescale rules, ties ----------
+
+@pytest.mark.parametrize("kernel", [sp.magnitude, sp.magnitude_outliers, sp.della_magprune])
+def test_sparsifiers_keep_a_half_precision_dtype(kernel):
+    t = torch.randn(6, 8, generator=generator(0)).to(torch.bfloat16)
+    out = kernel(t, 0.5, generator=generator(0))
+    assert out.dtype == torch.bfloat16
+    assert 0 < int((out != 0).sum()) < t.numel()
+
+
+def test_della_is_seeded_by_its_generator():
+    t = torch.randn(40, 40, generator=generator(1))
+    a = sp.della_magprune(t, 0.5, generator=generator(7))
+    assert torch.equal(a, sp.della_magprune(t, 0.5, generator=generator(7)))
+    assert not torch.equal(a, sp.della_magprune(t, 0.5, generator=generator(8)))
+
+
+def test_della_by_default_divides_survivors_by_their_keep_probability():
+    row = tensor([0.3, -0.1, 0.5, 0.2, -0.4])  # ranks 2, 0, 4, 1, 3
+    out = sp.della_magprune(row.expand(200, 5).clone(), 0.5, epsilon=0.2, generator=generator(3))
+    probability = torch.tensor([0.5, 0.3, 0.7, 0.4, 0.6]).expand(200, 5)
+    kept = out != 0
+    close(out[kept], (row.expand(200, 5) / probability)[kept])
+
+
+@pytest.mark.parametrize("kernel", [sp.magnitude_outliers, sp.della_magprune])
+def test_l1_rescale_of_breadcrumbs_and_della_restores_the_l1_norm(kernel):
+    t = torch.randn(8, 16, generator=generator(4))
+    out = kernel(t, 0.5, rescale_rule="l1", generator=generator(4))
+    assert 0 < int((out != 0).sum()) < t.numel()
+    assert out.abs().sum().item() == pytest.approx(t.abs().sum().item(), rel=1e-5)
+
+
+def test_breadcrumbs_breaks_ties_by_lowest_index():
+    # all equal magnitudes: drop the largest 1 (the last index) and the smallest 5 (the first)
+    t = torch.ones(10)
+    out = sp.magnitude_outliers(t, 0.4, gamma=0.1)
+    close(out, [0, 0, 0, 0, 0, 1, 1, 1, 1, 0])
+
+
+def test_sign_election_and_agreement_keep_the_input_dtype_and_default_to_sum():
+    deltas = tensor([1.0, 1.0, -5.0], [1.0, 1.0, 1.0], [-4.0, -4.0, 1.0])
+    elected = elect_sign(deltas)
+    assert elected.dtype == torch.float32
+    close(elected, [-1.0, -1.0, -1.0])  # by sum, not by count
+    mask = agreement_mask(deltas)
+    assert mask.dtype == torch.float32
+    close(mask, [[0, 0, 1], [0, 0, 0], [1, 1, 0]])
+    close(agreement_mask(deltas, "count"), [[1, 1, 0], [1, 1, 1], [0, 0, 1]])

@@ -77,7 +77,7 @@ def test_each_trial_merges_with_seed_plus_its_number_unless_fixed(case, monkeypa
 
 
 def test_pruning_stops_trials_whose_subset_score_is_below_the_kept_share(case):
-    config = SearchConfig(trials=10, prune_fraction=0.5, prune_keep=10.0, prune_startup=1,
+    config = SearchConfig(trials=6, prune_fraction=0.5, prune_keep=10.0, prune_startup=1,
                           space=SearchSpace(density_range=(0.05, 1.0)))
     run_search(parse_recipe(case.raw), case.validation, case.test, case.out, config,
                progress=False)
