@@ -12,7 +12,9 @@ Inputs:
   zoo        the offline demo zoo (four all-MiniLM-L6-v2 fine-tunes), from `hm3.zoo.build_zoo`
 
 Run with hm3's venv after `benchmarks/mergekit_env.sh`:
-  .venv/bin/python benchmarks/compare_mergekit.py --inputs synthetic zoo --repeats 3
+  .venv/bin/python benchmarks/compare_mergekit.py --inputs synthetic zoo --repeats 3 --threads 1
+Every measurement goes to benchmarks/results/mergekit_compare.json (a run of fewer inputs or
+methods to a name that says which, e.g. mergekit_compare_linear_task_arithmetic.json).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ ROOT = HERE.parent
 HM3 = ROOT / ".venv" / "bin" / "hm3"
 TIME = "/usr/bin/time"  # GNU time
 MERGEKIT_VENV = HERE / ".venv-mergekit"
+RESULTS = HERE / "results"
 FINAL_PROJECTIONS = ("classifier.out_proj", "classifier", "score")
 SYNTHETIC_LABELS = {"alpha": 2, "beta": 3, "gamma": 5, "delta": 6}
 SYNTHETIC_SIZES = {  # name -> BertConfig overrides; bert-base is BertConfig's defaults
@@ -416,8 +419,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="torch CPU threads of both tools "
                         "(OMP_NUM_THREADS); 1 keeps a shared machine's load from stalling "
                         "OpenMP barriers (default: torch's own choice)")
-    parser.add_argument("--json", type=Path, help="also write every measurement here")
+    parser.add_argument("--json", type=Path, help="write every measurement here (default: "
+                        "benchmarks/results/mergekit_compare[_INPUTS][_METHODS].json, naming the "
+                        "inputs and methods when not all were run)")
     args = parser.parse_args(argv)
+    args.json = args.json or default_json(args.inputs, args.methods, args.synthetic_size)
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
     if not (args.mergekit_venv / "bin" / "mergekit-yaml").is_file():
@@ -482,9 +488,22 @@ def main(argv: list[str] | None = None) -> int:
     report["load_average_after"] = os.getloadavg()
     print()
     print(markdown(report))
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"measurements: {args.json}")
     return 0
+
+
+def default_json(inputs: list[str], methods: list[str], synthetic_size: str) -> Path:
+    """results/mergekit_compare.json for every input and method, else a name saying which ran."""
+    parts = []
+    if set(inputs) != {"synthetic", "zoo"}:
+        parts += sorted(set(inputs))
+    if "synthetic" in inputs and synthetic_size != "bert-base":
+        parts.append(synthetic_size)
+    if set(methods) != set(METHODS):
+        parts += [m.replace("-", "_").replace(".", "") for m in METHODS if m in methods]
+    return RESULTS / ("_".join(["mergekit_compare", *parts]) + ".json")
 
 
 HEADER = ("| inputs | method | hm3 s | mergekit s | speed ratio (mergekit/hm3) | hm3 peak MB | "

@@ -5,10 +5,12 @@ tasks and on two pairs, `hm3 self-merge` on the weakest and the strongest expert
 Every study runs through the command line, from a recipe written here whose `data:` block names
 the zoo's validation and test splits, so each is reproducible with the `hm3` command printed in
 the summary. Studies (with their ~90 MB best models) live under benchmarks/.work/search/; the
-small outputs (trials table, plot, best.json) are copied to benchmarks/results/search/, and the
-summary to benchmarks/results/search_zoo.json and .md.
+small outputs (trials table, plot, best.json) are copied to benchmarks/results/search/<study>/,
+and the summary of every study to benchmarks/results/search_zoo.json (a run of some studies,
+`--only`, replaces those studies' entries and keeps the others).
 
   .venv/bin/python benchmarks/search_zoo.py --trials 30 --self-trials 25 --threads 1
+  .venv/bin/python benchmarks/search_zoo.py --only sentiment+question-500 --threads 1
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from hm3.zoo import build_zoo
 HERE = Path(__file__).resolve().parent
 WORK = HERE / ".work" / "search"
 RESULTS = HERE / "results" / "search"
+SUMMARY = HERE / "results" / "search_zoo.json"  # every study's summary and command
 COMBINATIONS = {"all4": ("spam", "sentiment", "topic", "question"),
                 "spam+topic": ("spam", "topic"),
                 "sentiment+question": ("sentiment", "question")}
@@ -41,11 +44,15 @@ COMBINATIONS = {"all4": ("spam", "sentiment", "topic", "question"),
 # (DARE-TIES, Beta density) per combination, then two beyond it: DARE-TIES with the disjoint
 # mean (`normalize: true`, TIES's default; mergekit's dare_ties sums), and TPE over method and
 # lambda too, pruning weak trials on a quarter of the validation data.
-STUDIES = {**{name: (name, [], {}) for name in COMBINATIONS},
-           "spam+topic-normalize": ("spam+topic", [], {"method": "dare_ties",
+# The paper merges the expanded heads like the body (`heads: merge`; hm3 keeps them whole).
+PAPER = {"heads": "merge"}
+STUDIES = {**{name: (name, [], PAPER) for name in COMBINATIONS},
+           "spam+topic-normalize": ("spam+topic", [], {**PAPER, "method": "dare_ties",
                                                        "parameters": {"normalize": True}}),
            "all4-tpe-lambda": ("all4", ["--sampler", "tpe", "--methods", "dare_ties", "ties",
-                                        "--lambda", "0.2", "1.5", "--prune", "0.25"], {}),
+                                        "--lambda", "0.2", "1.5", "--prune", "0.25"], PAPER),
+           # The paper's trial count on the fastest pair (run only when named in --only).
+           "sentiment+question-500": ("sentiment+question", ["--trials", "500"], PAPER),
            # The paper's search with every trial's heads kept whole and refitted label-free
            # (align_heads + recentre on the zoo's calibration split), then TPE over TIES's
            # density and lambda with the same refit.
@@ -55,10 +62,11 @@ STUDIES = {**{name: (name, [], {}) for name in COMBINATIONS},
                                         "--lambda", "0.5", "1.5"],
                                {"heads": "whole", "align_heads": {"ridge": 0.1},
                                 "recentre": True, "calibration": "zoo"})}
+ON_REQUEST = {"sentiment+question-500"}  # long studies a full run leaves out
 CALIBRATION_TEXTS = 256  # per task, from the zoo's calibration split (labels ignored)
-BASELINES = {"soup": {"method": "linear"},
-             "ties-1.0": {"method": "ties", "parameters": {"density": 1.0}},
-             "ties-0.5": {"method": "ties", "parameters": {"density": 0.5}}}
+BASELINES = {"soup": {**PAPER, "method": "linear"},
+             "ties-1.0": {**PAPER, "method": "ties", "parameters": {"density": 1.0}},
+             "ties-0.5": {**PAPER, "method": "ties", "parameters": {"density": 0.5}}}
 MAX_LENGTH = 64  # the zoo's experts were fine-tuned and scored at 64 tokens
 KEPT_FILES = ("trials.csv", "trials.json", "density.png", "best.json")
 
@@ -148,7 +156,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", help="run only these studies (names as in "
                         "the summary: all4, spam+topic, sentiment+question, spam+topic-normalize, "
                         "all4-tpe-lambda, all4-refit, all4-refit-ties, self-weak, self-strong, "
-                        "baselines)")
+                        "baselines; sentiment+question-500 runs only when named)")
     args = parser.parse_args()
     torch.manual_seed(0)
     if args.threads:
@@ -156,19 +164,24 @@ def main() -> None:
     zoo = build_zoo(progress=False)
     wanted = set(args.only or [])
 
-    summary = {"machine": {"threads": torch.get_num_threads(), "platform": platform.platform(),
-                           "torch": torch.__version__},
-               "max_length": MAX_LENGTH, "studies": {}, "baselines": {}, "commands": {}}
+    machine = {"threads": torch.get_num_threads(), "platform": platform.platform(),
+               "torch": torch.__version__}
+    summary = {"machine": machine, "max_length": MAX_LENGTH, "studies": {}, "baselines": {},
+               "commands": {}}
+    if wanted and SUMMARY.exists():  # a partial run updates its studies in the summary
+        summary = {**json.loads(SUMMARY.read_text()), "machine": machine}
     for name, (combination, extra, fields) in STUDIES.items():
-        if wanted and name not in wanted:
+        if (wanted and name not in wanted) or (not wanted and name in ON_REQUEST):
             continue
         recipe = write_recipe(zoo, COMBINATIONS[combination], WORK / name, **fields)
-        command = ["search", str(recipe), "-o", str(WORK / name), "--trials", str(args.trials),
+        trials = [] if "--trials" in extra else ["--trials", str(args.trials)]
+        command = ["search", str(recipe), "-o", str(WORK / name), *trials,
                    "--max-length", str(MAX_LENGTH), "--no-progress", *extra]
         started = time.perf_counter()
         run_cli(command)
         summary["studies"][name] = {**keep(WORK / name, name),
-                                    "wall_seconds": time.perf_counter() - started}
+                                    "wall_seconds": time.perf_counter() - started,
+                                    "machine": machine}
         summary["commands"][name] = "hm3 " + " ".join(command)
 
     by_f1 = sorted(zoo.experts, key=lambda t: zoo.scores[t]["validation"]["macro_f1"])
@@ -184,7 +197,8 @@ def main() -> None:
         started = time.perf_counter()
         run_cli(command)
         summary["studies"][name] = {**keep(WORK / name, name), "role": role,
-                                    "wall_seconds": time.perf_counter() - started}
+                                    "wall_seconds": time.perf_counter() - started,
+                                    "machine": machine}
         summary["commands"][name] = "hm3 " + " ".join(command)
 
     if not wanted or "baselines" in wanted:
@@ -193,11 +207,9 @@ def main() -> None:
                                            for name, method in BASELINES.items()}
             print(f"baselines {combo}: {json.dumps(summary['baselines'][combo])}", flush=True)
 
-    out = HERE / "results" / ("search_zoo.json" if not wanted else
-                              f"search_zoo-{'-'.join(sorted(wanted))}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"summary: {out}")
+    SUMMARY.parent.mkdir(parents=True, exist_ok=True)
+    SUMMARY.write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"summary: {SUMMARY}")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from hm3.checkpoint import write_json_atomic
 from hm3.table import format_table
 
 # The demo's merge: the best plain method on the zoo's validation splits, then the best
-# label-free steps on top of it (benchmarks/RESULTS.md, "Label-free merging").
+# label-free steps on top of it (benchmarks/RESULTS.md, "Label-free steps").
 DEFAULT_METHOD = "ties"
 DEFAULT_PARAMETERS = {"density": 0.2}
 # Picked by validation mean macro-F1 over 14 configurations (0.899; experts 0.903).
