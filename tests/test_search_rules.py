@@ -64,10 +64,14 @@ def merge_seeds(monkeypatch) -> list[int]:
 
 
 @pytest.mark.parametrize("fixed", [False, True])
-def test_each_trial_merges_with_seed_plus_its_number_unless_fixed(case, monkeypatch, fixed):
+def test_each_trial_merges_with_seed_plus_its_number_unless_fixed(case, monkeypatch, capsys,
+                                                                  fixed):
     seeds = merge_seeds(monkeypatch)
     argv = ["search", str(case.path), "-o", str(case.out), "--trials", "3", "--no-progress"]
     assert main(argv + (["--fixed-merge-seed"] if fixed else [])) == 0
+    printed = capsys.readouterr().out
+    assert "3 finished trials; this run 3" in printed
+    assert str(case.out / "best-model") in printed and (case.out / "best-model").is_dir()
     want = [7, 7, 7] if fixed else [7, 8, 9]
     assert seeds == want
     rows = json.loads((case.out / "trials.json").read_text())
