@@ -347,9 +347,13 @@ def test_breadcrumbs_method_passes_gamma_to_its_kernel():
 
 def test_registry_holds_the_mergekit_method_names():
     assert set(METHODS) >= {"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties",
-                            "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"}
+                            "breadcrumbs", "breadcrumbs_ties", "della", "della_linear",
+                            "magnitude"}
     assert get_method("dare_ties").consensus and get_method("dare_ties").random
     assert not get_method("ties").random
+    # sign election exactly where the method's paper has it
+    assert {name for name, m in METHODS.items() if m.consensus} == {
+        "ties", "dare_ties", "breadcrumbs_ties", "della"}
 
 
 def test_unknown_method_lists_the_known_ones():
@@ -447,3 +451,59 @@ def test_sign_election_and_agreement_keep_the_input_dtype_and_default_to_sum():
     assert mask.dtype == torch.float32
     close(mask, [[0, 0, 1], [0, 0, 0], [1, 1, 0]])
     close(agreement_mask(deltas, "count"), [[1, 1, 0], [1, 1, 1], [0, 0, 1]])
+
+
+@pytest.mark.parametrize("density, epsilon, valid", [
+    (0.3, None, True), (0.15, None, False), (0.85, None, False), (0.16, None, True),
+    (0.3, 0.35, False), (0.3, 0.29, True), (0.7, 0.3, False), (0.69, 0.3, True),
+    (1.0, None, True), (1.0, 0.4, True)])
+def test_della_density_and_epsilon_bounds_are_exclusive(density, epsilon, valid):
+    params = {"density": density, **({} if epsilon is None else {"epsilon": epsilon})}
+    if valid:
+        get_method("della_linear").validate_model_parameters(params, where="experts[0]")
+    else:
+        with pytest.raises(Hm3Error, match="density ± epsilon"):
+            get_method("della_linear").validate_model_parameters(params, where="experts[0]")
+
+
+def test_an_unknown_parameter_error_lists_the_methods_own():
+    with pytest.raises(Hm3Error, match="its per-model parameters are weight, density, gamma"):
+        get_method("breadcrumbs").validate_model_parameters({"epsilon": 0.1}, where="e")
+
+
+def test_the_registry_maps_each_name_to_its_method():
+    a, b = MergeMethod("a", "one"), MergeMethod("b", "two")
+    assert _registry(a, b) == {"a": a, "b": b}
+
+
+def test_a_zero_weight_expert_neither_votes_nor_stops_the_others():
+    base = torch.zeros(3)
+    deltas = [tensor(1.0, -1.0, 2.0), tensor(-5.0, -5.0, -5.0), tensor(1.0, 3.0, -1.0)]
+    for rule in ("sum", "count"):
+        out = get_method("ties").combine(base, deltas, [1.0, 0.0, 1.0],
+                                         shared("ties", consensus=rule))
+        alone = get_method("ties").combine(base, [deltas[0], deltas[2]], [1.0, 1.0],
+                                           shared("ties", consensus=rule))
+        close(out, alone)
+
+
+def test_a_negative_weight_turns_its_vote_in_count_consensus():
+    # weights -1 and 1: weighted deltas -1 and +1 vote -1 +1 -1 = -1 per entry, so the elected
+    # sign is -; the two agreeing entries are the first expert's (as -1*1) and the third's
+    base = torch.zeros(1)
+    deltas = [tensor(1.0), tensor(1.0), tensor(-1.0)]
+    out = get_method("ties").combine(base, deltas, [-1.0, 1.0, 1.0],
+                                     shared("ties", consensus="count", normalize=False))
+    close(out, [-2.0])  # (-1 * 1) + (1 * -1); the +1 of the second expert dissents
+
+
+def test_normalising_without_consensus_divides_by_the_summed_weights():
+    base = torch.ones(2)
+    deltas = [tensor(1.0, 2.0), tensor(3.0, -1.0)]
+    out = get_method("dare_linear").combine(base, deltas, [0.2, 0.3],
+                                            shared("dare_linear", normalize=True))
+    close(out, base + (0.2 * deltas[0] + 0.3 * deltas[1]) / 0.5)
+    # weights that cancel out leave the sum undivided (the merge refuses them beforehand)
+    out = get_method("dare_linear").combine(base, deltas, [1.0, -1.0],
+                                            shared("dare_linear", normalize=True))
+    close(out, base + deltas[0] - deltas[1])
