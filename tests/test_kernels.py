@@ -507,3 +507,28 @@ def test_normalising_without_consensus_divides_by_the_summed_weights():
     out = get_method("dare_linear").combine(base, deltas, [1.0, -1.0],
                                             shared("dare_linear", normalize=True))
     close(out, base + deltas[0] - deltas[1])
+
+
+def test_breadcrumbs_with_density_rescale_divides_by_the_density():
+    t = torch.arange(1.0, 11.0)
+    out = sp.magnitude_outliers(t, 0.5, gamma=0.1, rescale_rule="density")
+    close(out, [0, 0, 0, 0, 5 / 0.5, 6 / 0.5, 7 / 0.5, 8 / 0.5, 9 / 0.5, 0])
+
+
+def test_a_method_sparsifies_with_its_declared_default_when_the_parameter_is_absent():
+    t = torch.arange(1.0, 201.0)  # gamma 0.01 drops the 2 largest, then the smallest go
+    out = get_method("breadcrumbs").sparsify(t, {"density": 0.5}, shared("breadcrumbs"), None)
+    assert torch.equal(out != 0, (t > 98) & (t <= 198))
+
+
+@pytest.mark.parametrize("name, extra", [("linear", {}), ("dare_linear", {"normalize": True}),
+                                         ("ties", {"consensus": "count"}),
+                                         ("dare_ties", {"consensus": "count", "normalize": True})])
+def test_contributions_add_up_to_combine_for_weights_under_one(name, extra):
+    base = tensor(1.0, -1.0, 0.5, 2.0)
+    deltas = [tensor(1.0, -2.0, 3.0, 0.0), tensor(3.0, 1.0, -1.0, -2.0),
+              tensor(-2.0, 1.0, -1.0, 1.0)]
+    weights = [0.2, 0.3, 0.1]  # summing to 0.6: normalising divides by 0.6, not by 1
+    method, params = get_method(name), shared(name, **extra)
+    parts = method.contributions(base, deltas, weights, params)
+    close(base + sum(parts), method.combine(base, deltas, weights, params))
