@@ -63,10 +63,10 @@ BUGS = {
         "src/hm3/guided/lewis.py", "* (squares[name] / max(counts[name], 1)).sqrt()).norm())",
         ").norm())", ["tests/test_guided_reference.py"]),
     "pruning_forced_off": (
-        "src/hm3/search.py", "        if self.config.prune_fraction:\n            trial.report(",
+        "src/hm3/search/trial.py", "        if self.config.prune_fraction:\n            trial.report(",
         "        if False:\n            trial.report(", ["tests/test_search_rules.py"]),
     "trial_seed_not_varied": (
-        "src/hm3/search.py",
+        "src/hm3/search/trial.py",
         "seed = self.recipe.seed + (trial.number if self.config.vary_merge_seed else 0)",
         "seed = self.recipe.seed", ["tests/test_search_rules.py"]),
     "fixed_merge_seed_flag_ignored": (

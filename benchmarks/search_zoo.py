@@ -27,9 +27,10 @@ import torch
 import yaml
 
 from hm3.cli import main as hm3_main
-from hm3.evaluate import evaluate, load_data_block
-from hm3.merge import merge
+from hm3.data import load_data_block
+from hm3.evaluate import evaluate
 from hm3.model import load
+from hm3.pipeline import merge
 from hm3.recipe import load_recipe
 from hm3.zoo import build_zoo
 

@@ -17,8 +17,7 @@ import hm3
 from hm3 import Hm3Error, Hm3Warning, merge, parse_recipe
 from hm3.cli import main
 from hm3.guided import align, lewis, recentre, regmean
-from hm3.guided.calibration import load_calibration
-from hm3.guided.config import CalibrationSpec
+from hm3.data import CalibrationSpec, load_calibration
 from hm3.methods import METHODS
 
 from conftest import WORDS, build_family, recipe_dict, spread_head

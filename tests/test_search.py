@@ -22,7 +22,8 @@ import hm3
 from conftest import WORDS, build_family, spread_head
 from hm3.cli import main
 from hm3.errors import Hm3Error
-from hm3.evaluate import evaluate, load_data_block, parse_data_block
+from hm3.data import load_data_block, parse_data_block
+from hm3.evaluate import evaluate
 from hm3.recipe import parse_recipe
 from hm3.search import (BetaSampler, SearchConfig, SearchSpace, format_summary, run_search,
                         self_merge, trial_recipe)
@@ -255,13 +256,13 @@ def test_resume_after_kill_loses_no_finished_trial(case):
 WORKER_SCRIPT = """
 import sys, time
 from pathlib import Path
-import hm3.search
+import hm3.pipeline
 from hm3.cli import main
 
 # A barrier inside the first trial: each worker, once it holds a trial, waits until the other holds
 # one too. Without it a worker that loads faster can finish all the trials of a tiny study alone.
 folder, me = Path(sys.argv[1]), sys.argv[2]
-merge_into = hm3.search.merge_into
+merge_into = hm3.pipeline.merge_into
 def first_trial_waits(*args, **kwargs):
     started = folder / f"started-{me}"
     if not started.exists():
@@ -270,7 +271,7 @@ def first_trial_waits(*args, **kwargs):
         while len(list(folder.glob("started-*"))) < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
     return merge_into(*args, **kwargs)
-hm3.search.merge_into = first_trial_waits
+hm3.pipeline.merge_into = first_trial_waits
 sys.exit(main(sys.argv[3:]))
 """
 

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-import hm3.search
+import hm3.search.trial
 from hm3.cli import main
 from hm3.evaluate import load_data_block
 from hm3.recipe import parse_recipe
@@ -53,13 +53,13 @@ def case(tmp_path):
 def merge_seeds(monkeypatch) -> list[int]:
     """Record the seed of every in-memory merge the search runs."""
     seeds: list[int] = []
-    merge_into = hm3.search.merge_into
+    merge_in_memory = hm3.search.trial.merge_in_memory
 
     def recording(model, sources, *args, **kwargs):
         seeds.append(sources.recipe.seed)
-        return merge_into(model, sources, *args, **kwargs)
+        return merge_in_memory(model, sources, *args, **kwargs)
 
-    monkeypatch.setattr(hm3.search, "merge_into", recording)
+    monkeypatch.setattr(hm3.search.trial, "merge_in_memory", recording)
     return seeds
 
 

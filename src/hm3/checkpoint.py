@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import re
 import shutil
 import struct
 import tempfile
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -14,7 +17,7 @@ from typing import Iterator, Sequence
 import torch
 from safetensors import SafetensorError, safe_open
 
-from hm3.errors import Hm3Error
+from hm3.errors import Hm3Error, Hm3Warning
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -148,7 +151,7 @@ def resolve(reference: str, revision: str | None = None, allow_pickle: bool = Fa
         raise Hm3Error(f"{reference} is a file; pass the model's directory")
     if reference.startswith((".", "/", "~")) or reference.count("/") > 1:
         raise Hm3Error(f"model directory {reference} does not exist")
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download  # lazy: only hub ids need the hub client
 
     patterns = _HUB_PATTERNS + (["*.bin"] if allow_pickle else [])
     try:
@@ -172,7 +175,7 @@ def read_config(path: Path) -> dict:
 def load_tokenizer(roots: Sequence[Path], missing: str):
     """The tokenizer of the first folder in `roots` that has tokenizer files (experts usually
     ship the base's), with a pad token for batching; an error saying `missing` if none has."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # lazy: slow to import, and a merge never needs it
 
     for root in roots:
         if any((Path(root) / name).is_file() for name in TOKENIZER_FILES):
@@ -194,11 +197,17 @@ def check_destination(destination: str | Path, overwrite: bool) -> Path:
 
 @contextmanager
 def atomic_directory(destination: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling folder that becomes `destination` only if the block succeeds."""
+    """Yield a temporary sibling folder that becomes `destination` only if the block succeeds.
+
+    The folder is hidden, `.NAME.pid<PID>.<random>.partial`; a process killed outright (kill -9,
+    power cut) cannot remove it, so the next `atomic_directory` for the same destination does
+    (see `remove_leftovers`).
+    """
     destination = check_destination(destination, overwrite)
     destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".partial",
-                                    dir=destination.parent))
+    remove_leftovers(destination)
+    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.pid{os.getpid()}.",
+                                    suffix=".partial", dir=destination.parent))
     try:
         # mkdtemp makes the folder private (700); the output gets the mode of any new folder
         staging.chmod(0o777 & ~_umask())
@@ -219,6 +228,41 @@ def _umask() -> int:
     mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
     os.umask(mask)
     return mask
+
+def remove_leftovers(destination: Path) -> list[Path]:
+    """Remove the staging folders that writes into `destination` left when they were killed:
+    only this destination's (`.NAME.pid<PID>.<random>.partial`, or `.NAME.<random>.partial`
+    from hm3 versions before the process id was in the name), and only when that process is
+    no longer running, so a concurrent write to the same destination keeps its own. Warns,
+    naming what was removed."""
+    pattern = re.compile(rf"\.{re.escape(destination.name)}\.(?:pid(\d+)\.)?\w+\.partial")
+    removed = []
+    for folder in sorted(destination.parent.glob(f".{glob.escape(destination.name)}.*.partial")):
+        match = pattern.fullmatch(folder.name)
+        if not match or not folder.is_dir() or folder.is_symlink():
+            continue
+        if match.group(1) and _running(int(match.group(1))):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    if removed:
+        warnings.warn(f"removed {len(removed)} unfinished folder(s) left beside {destination} by "
+                      f"an interrupted write: {', '.join(f.name for f in removed)}",
+                      Hm3Warning, stacklevel=4)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (ours counts as running)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def write_text_atomic(path: Path, text: str) -> None:

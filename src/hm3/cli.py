@@ -1,4 +1,7 @@
-"""The `hm3` command: thin subcommands over the library. Bad input: one line on stderr, exit 2."""
+"""The `hm3` command: thin subcommands over the library. Bad input: one line on stderr, exit 2.
+
+Each command imports what it needs when it runs (torch, transformers and Optuna take seconds to
+import), so that `hm3 --help` and a mistyped command answer at once."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from hm3 import __version__
 from hm3.checkpoint import write_text_atomic
 from hm3.errors import Hm3Error, Hm3Warning
 
@@ -204,19 +208,18 @@ def _search_options(parser: argparse.ArgumentParser) -> None:
 
 def _quiet_transformers() -> None:
     """hm3 prints its own progress; transformers' per-load bars and reports are noise here."""
-    from transformers.utils import logging
+    from transformers.utils import logging  # lazy, as the commands' imports
 
     logging.set_verbosity_error()
     logging.disable_progress_bar()
 
 
 def _version() -> str:
-    from hm3 import __version__
     return __version__
 
 
 def _merge(args) -> int:
-    from hm3.merge import merge
+    from hm3.pipeline import format_guided, merge
     from hm3.recipe import load_recipe
 
     recipe = load_recipe(args.recipe)
@@ -233,8 +236,6 @@ def _merge(args) -> int:
         kind = "multi-label" if group.multi_label else "single-label"
         print(f"  {group.name:<16} {kind:<12} {', '.join(group.labels)}")
     if report.guided:
-        from hm3.guided.pipeline import format_guided
-
         print(format_guided(report.guided))
     return 0
 
@@ -242,6 +243,7 @@ def _merge(args) -> int:
 def _inspect(args) -> int:
     from hm3.checkpoint import read_config, resolve
     from hm3.model import task_groups
+    from hm3.pipeline import format_guided
 
     config = read_config(resolve(args.model))
     block = config.get("hm3")
@@ -264,13 +266,12 @@ def _inspect(args) -> int:
         if group.name in sources:
             print(f"  {'':<16} from {sources[group.name]}")
     if block and block.get("guided"):
-        from hm3.guided.pipeline import format_guided
-
         print(format_guided(block["guided"]))
     return 0
 
 
 def _predict(args) -> int:
+    from hm3.data import read_texts
     from hm3.model import load
 
     output = Path(args.output) if args.output else None
@@ -278,8 +279,6 @@ def _predict(args) -> int:
         raise Hm3Error(f"--output {output}: expected a .jsonl, .csv or .tsv file name")
     texts = list(args.texts)
     if args.input:
-        from hm3.evaluate import read_texts
-
         texts += read_texts(Path(args.input), args.text_column)
     if not texts:
         raise Hm3Error("nothing to classify: give texts as arguments or --input FILE")
@@ -324,8 +323,10 @@ def _prediction_table(groups, texts: list[str], results: list[dict], delimiter: 
 
 
 def _evaluate(args) -> int:
-    from hm3.evaluate import evaluate, format_report, load_data_block
+    from hm3.data import load_data_block
+    from hm3.evaluate import evaluate, format_report
     from hm3.model import load
+    from hm3.recipe import load_recipe
 
     data: dict = {}
     root = None
@@ -378,14 +379,13 @@ def _evaluate(args) -> int:
 
 def _bench(args) -> int:
     from hm3.bench import SAMPLE_TEXTS, benchmark, format_bench
+    from hm3.data import read_texts
     from hm3.model import load
 
     try:
         sizes = tuple(int(x) for x in args.batch_sizes.split(","))
     except ValueError:
         raise Hm3Error(f"--batch-sizes expects numbers like 1,8,32, got {args.batch_sizes!r}") from None
-    from hm3.evaluate import read_texts
-
     texts = read_texts(Path(args.input), args.text_column) if args.input else list(SAMPLE_TEXTS)
     merged = load(args.model, device=args.device, max_length=args.max_length)
     experts = [load(path, device=args.device, max_length=args.max_length) for path in args.experts]
@@ -398,7 +398,7 @@ def _bench(args) -> int:
 
 
 def _search(args) -> int:
-    from hm3.evaluate import load_data_block
+    from hm3.data import load_data_block
     from hm3.recipe import load_recipe
     from hm3.search import SearchSpace, run_search
 
@@ -421,7 +421,7 @@ def _search(args) -> int:
 
 
 def _self_merge(args) -> int:
-    from hm3.evaluate import load_dataset
+    from hm3.data import load_dataset
     from hm3.search import SearchSpace, self_merge
 
     task = args.task or Path(args.expert.rstrip("/")).name

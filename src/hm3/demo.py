@@ -6,8 +6,15 @@ import json
 import time
 from pathlib import Path
 
+from hm3.bench import benchmark, format_bench
 from hm3.checkpoint import write_json_atomic
+from hm3.data import Dataset
+from hm3.evaluate import evaluate
+from hm3.model import load
+from hm3.pipeline import merge
+from hm3.recipe import parse_recipe
 from hm3.table import format_table
+from hm3.zoo import build_zoo, read_split
 
 # The demo's merge: the best plain method on the zoo's validation splits, then the best
 # label-free steps on top of it (benchmarks/RESULTS.md, "Label-free steps").
@@ -37,17 +44,12 @@ def demo_recipe(zoo) -> dict:
 
 def held_out_texts(zoo) -> dict[str, list[str]]:
     """Each task's validation and test texts: kept out of the calibration texts."""
-    from hm3.zoo import read_split
-
     return {task: [text for part in ("validation", "test") for text, _ in read_split(files[part])]
             for task, files in zoo.splits.items()}
 
 
 def test_datasets(zoo):
     """Each task's test split, with the cross-checks declared on it."""
-    from hm3.evaluate import Dataset
-    from hm3.zoo import read_split
-
     datasets = []
     for task, files in zoo.splits.items():
         examples = read_split(files["test"])
@@ -60,13 +62,6 @@ def run_demo(output: str | Path = "hm3-demo", cache_dir: str | Path | None = Non
              progress: bool = True, bench_texts: int = BENCH_TEXTS, echo=print) -> dict:
     """Build (or reuse) the zoo, merge, score experts and merged model on the test splits, time
     both; write `output`/merged and `output`/report.json, and return the report."""
-    from hm3.bench import benchmark, format_bench
-    from hm3.evaluate import evaluate
-    from hm3.merge import merge
-    from hm3.model import load
-    from hm3.recipe import parse_recipe
-    from hm3.zoo import build_zoo
-
     output = Path(output)
     started = time.perf_counter()
     echo("1/4 experts: building or reusing the offline zoo (all-MiniLM-L6-v2 fine-tunes)")

@@ -1,5 +1,6 @@
-"""The merge: open the checkpoints, check they fit together, then stream tensor by tensor
-(read -> expand head -> task vectors -> method kernel -> write)."""
+"""The merge engine: open the checkpoints, check they fit together, then stream tensor by tensor
+(read -> expand head -> task vectors -> method kernel) into a writer or into a model in memory.
+It knows nothing of calibration texts: the label-free steps and `hm3.pipeline` build on it."""
 
 from __future__ import annotations
 
@@ -7,18 +8,17 @@ import dataclasses
 import hashlib
 import math
 import shutil
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 from tqdm.auto import tqdm
 
 from hm3 import __version__
 from hm3.checkpoint import (TOKENIZER_FILES, TORCH_DTYPES, Checkpoint, ShardedWriter,
-                            atomic_directory, check_destination, write_json_atomic)
+                            write_json_atomic)
 from hm3.errors import Hm3Error, Hm3Warning
 from hm3.heads import (MULTI_LABEL, TaskGroup, expand_head, expert_labels, find_head,
                        is_multi_label, layout)
@@ -284,6 +284,7 @@ def with_recipe(sources: Sources, recipe: Recipe) -> Sources:
 
 def build_model(sources: Sources):
     """An (uninitialised) model of the merged architecture and labels, to `merge_into`."""
+    # Lazy: transformers takes seconds to import; a merge to disk never needs it.
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     config = merged_config(sources, {}, {})
@@ -307,70 +308,45 @@ def task_vector_norms(sources: Sources) -> dict[str, float]:
             for spec, (tau, theta) in zip(sources.recipe.experts, sources.task_vector_sq)}
 
 
-@dataclass(frozen=True)
-class MergeReport:
-    """What a merge wrote."""
-
-    path: Path
-    groups: list[TaskGroup]
-    tensors: int
-    seconds: float
-    task_vector_norms: dict[str, float]
-    guided: dict | None = None  # what the label-free steps did, when the recipe asked for any
+def state_tensors(model: torch.nn.Module, sources: Sources) -> Iterator[tuple[str, torch.Tensor]]:
+    """A model's weights in plan order, after `merge_into` (and any step that changed them); a
+    tensor the model does not hold (a buffer it does not persist) is merged alone."""
+    state = model.state_dict()
+    for job in sources.jobs:
+        yield job.name, state[job.name] if job.name in state else merge_job(sources, job)
 
 
-def merge(recipe: Recipe, output: str | Path, overwrite: bool = False,
-          progress: bool = True, held_out: dict[str, list[str]] | None = None) -> MergeReport:
-    """Merge the recipe's experts into one multi-task model directory at `output`.
-
-    The directory appears only when the merge has succeeded (it is built in a temporary
-    sibling and renamed), so an interrupted merge never leaves a complete-looking folder.
-    When the recipe asks for label-free steps (`recentre`, `lewis`, `regmean`,
-    `coefficients`, `align_heads`), the merge runs in memory first; `held_out` gives each
-    task's validation / test texts, which are then kept out of the calibration texts.
-    """
-    start = time.perf_counter()
-    check_destination(output, overwrite)  # now, not after minutes of label-free steps
-    sources = open_sources(recipe)
+def write_model(sources: Sources, folder: Path,
+                tensors: Iterable[tuple[str, torch.Tensor]] | None = None,
+                notes: dict | None = None, progress: bool = False) -> dict[str, float]:
+    """Write a merged model into `folder` (an empty folder, e.g. an `atomic_directory`):
+    safetensors shards streamed from `tensors` (default: `merged_tensors`, merging as it
+    writes), config.json with the `hm3` block (plus `notes`), the tokenizer files. Returns each
+    expert's relative task-vector norm."""
+    recipe = sources.recipe
     out_dtypes = {job.name: _output_dtype(recipe, sources, job) for job in sources.jobs}
-    guided_report = None
-    if recipe.guided.calibration is not None and not recipe.guided.needs_model:
-        warnings.warn("the recipe's `calibration:` texts are not used: no step reads them (add "
-                      "lewis, regmean, coefficients, align_heads or recentre, or drop the block)",
-                      Hm3Warning, stacklevel=2)
-    if recipe.guided.needs_model:
-        from hm3.guided.pipeline import guided_model
-
-        model, sources, guided_report = guided_model(sources, progress, held_out)
-        state = model.state_dict()
-        # A tensor the model does not hold (a buffer it does not persist) is merged alone.
-        tensors = ((job.name, state[job.name] if job.name in state else merge_job(sources, job))
-                   for job in sources.jobs)
-    else:
+    if tensors is None:
         tensors = merged_tensors(sources, progress=progress)
-    with atomic_directory(output, overwrite=overwrite) as staging:
-        writer = ShardedWriter(staging, {job.name: (job.shape, out_dtypes[job.name])
-                                         for job in sources.jobs}, recipe.max_shard_size)
-        for name, tensor in tensors:
-            writer.write(name, tensor.to(out_dtypes[name]))
-        writer.close()
-        norms = task_vector_norms(sources)
-        config = merged_config(sources, out_dtypes, norms)
-        if guided_report is not None:
-            config["hm3"]["guided"] = guided_report
-            if "lewis" in guided_report:
-                from hm3.plots import plot_densities
+    writer = ShardedWriter(folder, {job.name: (job.shape, out_dtypes[job.name])
+                                    for job in sources.jobs}, recipe.max_shard_size)
+    for name, tensor in tensors:
+        writer.write(name, tensor.to(out_dtypes[name]))
+    writer.close()
+    norms = task_vector_norms(sources)
+    config = merged_config(sources, out_dtypes, norms)
+    config["hm3"].update(notes or {})
+    write_json_atomic(folder / "config.json", config)
+    _copy_tokenizer(sources, folder)
+    return norms
 
-                plot_densities(guided_report["lewis"], staging / "lewis_densities.png")
-        write_json_atomic(staging / "config.json", config)
-        _copy_tokenizer(sources, staging)
+
+def warn_implausible(norms: dict[str, float]) -> None:
+    """A warning for each expert that moved too far from the base to be fine-tuned from it."""
     for task, norm in norms.items():
         if norm > IMPLAUSIBLE_TASK_VECTOR:
             warnings.warn(f"expert {task}'s weights differ from the base by {norm:.0%} of the "
                           "base's norm; it was probably not fine-tuned from this base",
-                          Hm3Warning, stacklevel=2)
-    return MergeReport(Path(output).resolve(), sources.groups, len(sources.jobs),
-                       time.perf_counter() - start, norms, guided_report)
+                          Hm3Warning, stacklevel=3)
 
 
 def _output_dtype(recipe: Recipe, sources: Sources, job: TensorJob) -> torch.dtype:

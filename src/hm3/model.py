@@ -137,6 +137,7 @@ def load(path: str | Path, task: str | None = None, device: str | None = None,
     allow_pickle : load a model whose weights exist only as pickle `.bin` files (pickle can
         run arbitrary code, so this is refused by default, as in `hm3.merge`).
     """
+    # Lazy: transformers takes seconds to import; `import hm3` and `hm3 merge` do without it.
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging
 

@@ -1,8 +1,11 @@
-"""The recipe schema: what to merge and how, validated before any tensor is read."""
+"""The recipe schema: what to merge and how (base, experts, method, parameters, overrides) and the
+label-free steps' blocks (`heads`, `recentre`, `lewis`, `regmean`, `coefficients`, `align_heads`),
+validated before any tensor is read. The `data:` and `calibration:` blocks are `hm3.data`'s."""
 
 from __future__ import annotations
 
 import fnmatch
+import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,11 +13,16 @@ from typing import Any
 
 import yaml
 
+from hm3.data.blocks import (CalibrationSpec, parse_calibration_block, parse_data_block,
+                             positive_int)
 from hm3.errors import Hm3Error, Hm3Warning
-from hm3.guided.config import KEYS as GUIDED_KEYS, Guided, parse_guided
 from hm3.methods.registry import get_method
 
 DTYPES = ("float32", "float16", "bfloat16")
+HEAD_MODES = ("whole", "merge")
+DEFAULT_HEADS = "whole"  # measured at least as good as merging the rows (benchmarks/RESULTS.md)
+GUIDED_KEYS = ("heads", "calibration", "recentre", "lewis", "regmean", "coefficients",
+               "align_heads")
 _TOP_LEVEL = {"base", "experts", "method", "parameters", "dtype", "seed", "overrides", "head",
               "allow_pickle", "max_shard_size", "data", *GUIDED_KEYS}
 _EXPERT_KEYS = {"model", "task", "weight", "density", "gamma", "epsilon", "revision", "head"}
@@ -53,6 +61,77 @@ class Override:
         return fnmatch.fnmatchcase(tensor_name, self.pattern) and (
             self.experts is None or task in self.experts)
 
+
+# --- label-free steps ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Lewis:
+    """LEWIS layer-wise densities, min-max scaled into [gamma, epsilon]."""
+
+    gamma: float = 0.3
+    epsilon: float = 0.8
+
+
+@dataclass(frozen=True)
+class RegMean:
+    """RegMean for linear layers; `alpha` scales the Grams' off-diagonal entries (1 keeps them:
+    measured best on the zoo, against 0.9 and 0.5)."""
+
+    alpha: float = 1.0
+
+
+@dataclass(frozen=True)
+class AlignHeads:
+    """Closed-form refit of each task's head rows toward its expert's logits (ridge to the rows
+    as merged)."""
+
+    ridge: float = 0.1  # measured better than 1.0 on the zoo
+
+
+@dataclass(frozen=True)
+class Coefficients:
+    """AdaMerging-style coefficients, one per expert per block, fitted by matching the experts."""
+
+    steps: int = 40
+    lr: float = 0.05
+    low: float = 0.0
+    high: float = 1.5
+    batch_size: int = 16
+
+
+@dataclass(frozen=True)
+class Guided:
+    """The label-free steps a recipe asks for."""
+
+    heads: str = DEFAULT_HEADS
+    calibration: CalibrationSpec | None = None
+    recentre: bool = False
+    lewis: Lewis | None = None
+    regmean: RegMean | None = None
+    coefficients: Coefficients | None = None
+    align_heads: AlignHeads | None = None
+
+    @property
+    def needs_model(self) -> bool:
+        """Whether the merge must run the model on calibration texts (in memory)."""
+        return bool(self.recentre or self.lewis or self.regmean or self.coefficients
+                    or self.align_heads)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"heads": self.heads}
+        if self.calibration:
+            out["calibration"] = {"texts": self.calibration.sources, "limit": self.calibration.limit,
+                                  "max_length": self.calibration.max_length}
+        if self.recentre:
+            out["recentre"] = True
+        for name in ("lewis", "regmean", "coefficients", "align_heads"):
+            block = getattr(self, name)
+            if block is not None:
+                out[name] = dict(block.__dict__)
+        return out
+
+
+# --- the recipe ----------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Recipe:
@@ -109,8 +188,6 @@ def load_data_recipe(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     raw = _read_yaml(path)
     if isinstance(raw, dict) and set(raw) == {"data"}:
-        from hm3.evaluate import parse_data_block
-
         parse_data_block(raw["data"])
         return raw["data"]
     return parse_recipe(raw, root=path.parent).data
@@ -201,9 +278,7 @@ def parse_recipe(raw: Any, root: Path | None = None) -> Recipe:
     max_shard_size = parse_size(raw.get("max_shard_size", "2GB"), "max_shard_size")
     data = raw.get("data") or {}
     if data:
-        from hm3.evaluate import parse_data_block  # validated now, read only by `hm3 eval`
-
-        parse_data_block(data, tasks)
+        parse_data_block(data, tasks)  # validated now, read by `hm3 eval` and `hm3 search`
     guided = parse_guided(raw, tasks)
     if guided.calibration and root is not None:
         for source in guided.calibration.sources.values():
@@ -292,3 +367,76 @@ def _reject_unknown(mapping: dict, allowed: set[str], where: str) -> None:
     if unknown:
         raise Hm3Error(f"{where}: unknown field(s) {', '.join(map(str, unknown))}; "
                        f"allowed: {', '.join(sorted(allowed))}")
+
+
+def parse_guided(raw: dict, tasks: list[str]) -> Guided:
+    """Read the label-free blocks of a recipe mapping (absent ones keep their defaults)."""
+    heads = raw.get("heads", DEFAULT_HEADS)
+    if heads not in HEAD_MODES:
+        raise Hm3Error(f"heads: expected 'whole' (copy each task's head rows from its expert) or "
+                       f"'merge' (merge them like the body), got {heads!r}")
+    recentre = raw.get("recentre", False)
+    if not isinstance(recentre, bool):
+        raise Hm3Error(f"recentre: expected true or false, got {recentre!r}")
+    lewis = _block(raw, "lewis", Lewis, {"gamma": _unit, "epsilon": _unit})
+    if lewis and not lewis.gamma <= lewis.epsilon:
+        raise Hm3Error(f"lewis: gamma ({lewis.gamma}) must not exceed epsilon ({lewis.epsilon}); "
+                       "densities are scaled into [gamma, epsilon]")
+    if lewis and lewis.gamma <= 0:
+        raise Hm3Error("lewis.gamma: expected a density in (0, 1], got 0; a layer needs to keep "
+                       "some of its task vector")
+    regmean = _block(raw, "regmean", RegMean, {"alpha": _unit})
+    coefficients = _block(raw, "coefficients", Coefficients,
+                          {"steps": positive_int, "lr": _positive, "low": _finite,
+                           "high": _finite, "batch_size": positive_int})
+    if coefficients and not coefficients.low < coefficients.high:
+        raise Hm3Error(f"coefficients: low ({coefficients.low}) must be below high "
+                       f"({coefficients.high})")
+    align_heads = _block(raw, "align_heads", AlignHeads, {"ridge": _positive})
+    if regmean and coefficients:
+        raise Hm3Error("regmean and coefficients cannot be combined: RegMean solves the linear "
+                       "layers in closed form, which leaves no task vectors to weigh; keep one")
+    calibration = parse_calibration_block(raw.get("calibration"), tasks)
+    guided = Guided(heads, calibration, recentre, lewis, regmean, coefficients, align_heads)
+    if guided.needs_model and calibration is None:
+        wanted = [k for k in ("recentre", "lewis", "regmean", "coefficients", "align_heads")
+                  if raw.get(k)]
+        raise Hm3Error(f"{', '.join(wanted)}: needs unlabelled texts: add a `calibration:` block, "
+                       "e.g. `calibration: {texts: {TASK: texts.txt}}` with a file per task")
+    return guided
+
+
+def _block(raw: dict, name: str, cls, checks: dict) -> Any:
+    value = raw.get(name)
+    if value is None or value is False:
+        return None
+    if value is True:
+        return cls()
+    if not isinstance(value, dict):
+        raise Hm3Error(f"{name}: expected true or a mapping of its options "
+                       f"({', '.join(checks)})")
+    unknown = sorted(set(value) - set(checks))
+    if unknown:
+        raise Hm3Error(f"{name}: unknown option(s) {', '.join(unknown)}; allowed: "
+                       f"{', '.join(checks)}")
+    return cls(**{key: checks[key](v, f"{name}.{key}") for key, v in value.items()})
+
+
+def _finite(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise Hm3Error(f"{where}: expected a finite number, got {value!r}")
+    return float(value)
+
+
+def _unit(value: Any, where: str) -> float:
+    value = _finite(value, where)
+    if not 0 <= value <= 1:
+        raise Hm3Error(f"{where}: expected a number in [0, 1], got {value!r}")
+    return value
+
+
+def _positive(value: Any, where: str) -> float:
+    value = _finite(value, where)
+    if value <= 0:
+        raise Hm3Error(f"{where}: expected a positive number, got {value!r}")
+    return value

@@ -1,77 +1,18 @@
-"""Unlabelled calibration texts, and running models over them with hooks on linear layers."""
+"""Calibration batches (each task's unlabelled texts, tokenised) and running models over them:
+logits, and statistics of every linear layer's inputs through forward hooks."""
 
 from __future__ import annotations
 
-import hashlib
-import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
-from hm3.errors import Hm3Error, Hm3Warning
-from hm3.evaluate import FILE_TYPES, hub_texts, read_texts
-from hm3.guided.config import CalibrationSpec
-
-
-@dataclass
-class Calibration:
-    """Each task's unlabelled texts, and where they came from (for the merged model's report)."""
-
-    texts: dict[str, list[str]]
-    provenance: dict[str, dict]
-
-
-def source_texts(source: dict) -> list[str]:
-    """The texts of one calibration source: a local file, or a split of a Hugging Face dataset
-    (`subset`, `split`, default "train"); labels are ignored either way."""
-    path = Path(source["path"]).expanduser()
-    if path.suffix.lower() in (".txt", *FILE_TYPES) or path.exists():
-        if source.get("subset") or source.get("split"):
-            raise Hm3Error(f"calibration {source['path']}: subset and split apply to Hugging Face "
-                           "datasets only")
-        return read_texts(path, source["text_column"])
-    return hub_texts(source["path"], source.get("subset"), source.get("split") or "train",
-                     source["text_column"])
-
-
-def _key(text: str) -> str:
-    return " ".join(text.split()).casefold()
-
-
-def load_calibration(spec: CalibrationSpec, tasks: Sequence[str],
-                     held_out: dict[str, Sequence[str]] | None = None) -> Calibration:
-    """Read every task's calibration texts: deduplicated, texts found in the held-out
-    (validation / test) data removed, then the first `spec.limit` kept."""
-    held = {_key(t) for texts in (held_out or {}).values() for t in texts}
-    out, provenance = {}, {}
-    for task in tasks:
-        source = spec.sources[task]
-        seen, kept, dropped = set(), [], 0
-        for text in source_texts(source):
-            text = text.strip()
-            key = _key(text)
-            if not key or key in seen:
-                continue
-            seen.add(key)
-            if key in held:
-                dropped += 1
-                continue
-            kept.append(text)
-            if len(kept) == spec.limit:
-                break
-        if not kept:
-            raise Hm3Error(f"calibration.texts.{task}: {source['path']} gave no usable texts")
-        if dropped:
-            warnings.warn(f"calibration texts of {task}: {dropped} also appear in the held-out "
-                          "(validation or test) data and were left out", Hm3Warning, stacklevel=2)
-        out[task] = kept
-        digest = hashlib.sha256("\n".join(kept).encode()).hexdigest()[:16]
-        provenance[task] = {"path": source["path"], "texts": len(kept),
-                            "held_out_removed": dropped, "sha256_16": digest}
-    return Calibration(out, provenance)
+from hm3.checkpoint import load_tokenizer
+from hm3.data.calibration import Calibration, load_calibration
+from hm3.errors import Hm3Error
+from hm3.merge import Sources, build_model
 
 
 def tokenize(tokenizer, texts: Sequence[str], max_length: int, batch_size: int) -> list[dict]:
@@ -119,6 +60,28 @@ def input_hooks(layers: dict[str, torch.nn.Linear],
             handle.remove()
 
 
+def layer_input_means(model: torch.nn.Module, batches: Sequence[dict],
+                      statistic: Callable[[torch.Tensor], torch.Tensor],
+                      skip: Sequence[str] = ()) -> dict[str, torch.Tensor]:
+    """Per linear layer (by module name, the `skip`ped left out), the mean over the batches'
+    tokens of `statistic(x)` summed over x's rows: x the layer's input rows (float64, padding
+    left out) and `statistic` additive over rows, such as `x.T @ x` (Gram) or `x.pow(2).sum(0)`.
+    The one hook loop behind LEWIS importances and RegMean's Grams."""
+    layers = linear_layers(model, skip)
+    # statistic of no rows: zeros of the statistic's shape (a layer no token reaches stays 0).
+    sums = {name: statistic(torch.zeros(0, layer.in_features, dtype=torch.float64))
+            for name, layer in layers.items()}
+    counts = dict.fromkeys(layers, 0)
+
+    def collect(name: str, x: torch.Tensor) -> None:
+        sums[name] += statistic(x)
+        counts[name] += x.shape[0]
+
+    with input_hooks(layers, collect) as set_batch:
+        run_batches(model, batches, set_batch)
+    return {name: total / max(counts[name], 1) for name, total in sums.items()}
+
+
 @torch.inference_mode()
 def run_batches(model: torch.nn.Module, batches: Sequence[dict],
                 before: Callable[[dict], None] | None = None) -> torch.Tensor:
@@ -134,10 +97,8 @@ def run_batches(model: torch.nn.Module, batches: Sequence[dict],
     return torch.cat(out)
 
 
-def base_as_classifier(sources) -> torch.nn.Module:
+def base_as_classifier(sources: Sources) -> torch.nn.Module:
     """The base's weights in the merged architecture; tensors the base lacks (the head) are 0."""
-    from hm3.merge import build_model
-
     model = build_model(sources)
     state = model.state_dict()
     with torch.no_grad():
@@ -150,6 +111,7 @@ def base_as_classifier(sources) -> torch.nn.Module:
 
 def expert_classifier(checkpoint) -> torch.nn.Module:
     """One expert as its own sequence classifier."""
+    # Lazy: transformers takes seconds to import and only the label-free steps need it here.
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging
 
@@ -160,3 +122,41 @@ def expert_classifier(checkpoint) -> torch.nn.Module:
     finally:
         if was_enabled:
             logging.enable_progress_bar()
+
+
+def experts_logits(sources: Sources, batches: dict[str, list[dict]],
+                   progress: bool = False) -> dict[str, torch.Tensor]:
+    """Each expert's logits on its task's batches, in text order (one expert in memory at a
+    time)."""
+    out = {}
+    pairs = list(zip(sources.recipe.experts, sources.experts))
+    for spec, checkpoint in tqdm(pairs, desc="experts on calibration texts", unit="expert",
+                                 disable=not progress):
+        model = expert_classifier(checkpoint)
+        out[spec.task] = run_batches(model, batches[spec.task])
+        del model
+    return out
+
+
+def head_modules(sources: Sources) -> list[str]:
+    """Module names of the final projection (left out of LEWIS and RegMean)."""
+    return [sources.heads[0].weight.rsplit(".", 1)[0]]
+
+
+def calibration_batches(sources: Sources, held_out: dict[str, list[str]] | None = None,
+                        calibration: Calibration | None = None):
+    """The recipe's calibration texts (read unless given), the tokenizer, and each task's texts
+    tokenised into batches."""
+    spec = sources.recipe.guided.calibration
+    if spec is None:
+        raise Hm3Error("this needs unlabelled texts: add a `calibration:` block to the recipe, "
+                       "e.g. `calibration: {texts: {TASK: texts.txt}}` with a file per task")
+    tasks = [e.task for e in sources.recipe.experts]
+    if calibration is None:
+        calibration = load_calibration(spec, tasks, held_out)
+    tokenizer = load_tokenizer([sources.base.path, *(e.path for e in sources.experts)],
+                               missing="no tokenizer found next to the base or the experts; "
+                               "guided merging needs one to run the calibration texts")
+    batches = {task: tokenize(tokenizer, calibration.texts[task], spec.max_length,
+                              spec.batch_size) for task in tasks}
+    return calibration, tokenizer, batches

@@ -18,9 +18,10 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from hm3.guided.config import Coefficients
 from hm3.heads import TaskGroup
+from hm3.merge import Sources, job_inputs, merge_job
 from hm3.methods import get_method
+from hm3.recipe import Coefficients
 
 _BLOCK = re.compile(r"\.(?:layer|layers|h|block|blocks)\.(\d+)\.")
 
@@ -52,9 +53,7 @@ def expert_probabilities(logits: torch.Tensor, multi_label: bool) -> torch.Tenso
 class CoefficientMerge:
     """The method's merge split into per-expert shares, with one coefficient per expert per block."""
 
-    def __init__(self, model: torch.nn.Module, sources, progress: bool = False):
-        from hm3.merge import job_inputs, merge_job
-
+    def __init__(self, model: torch.nn.Module, sources: Sources, progress: bool = False):
         method = get_method(sources.recipe.method)
         sources.task_vector_sq = [[0.0, 0.0] for _ in sources.experts]  # read by the report
         state = model.state_dict()
@@ -95,7 +94,7 @@ def _block_order(block: str) -> tuple[int, int]:
     return (2, 0)
 
 
-def fit_coefficients(model: torch.nn.Module, sources, batches: dict[str, list[dict]],
+def fit_coefficients(model: torch.nn.Module, sources: Sources, batches: dict[str, list[dict]],
                      targets: dict[str, list[torch.Tensor]], config: Coefficients,
                      progress: bool = False) -> dict:
     """Fit the coefficients, write the merged weights into `model`, and return the table and

@@ -8,31 +8,24 @@ scaled into [gamma, epsilon]. The densities reach the merge as per-tensor, per-e
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from hm3.guided.calibration import input_hooks, linear_layers, run_batches
-from hm3.recipe import Override
+from hm3.guided.calibration import (base_as_classifier, expert_classifier, layer_input_means,
+                                    linear_layers)
+from hm3.merge import Sources
+from hm3.recipe import Override, Recipe
 
 
 def importance(model: torch.nn.Module, batches: Sequence[dict],
                skip: Sequence[str] = ()) -> dict[str, float]:
     """Wanda importance of each linear layer (by module name) over the batches."""
+    mean_squares = layer_input_means(model, batches, lambda x: x.pow(2).sum(0), skip)
     layers = linear_layers(model, skip)
-    squares = {name: torch.zeros(layer.in_features, dtype=torch.float64)
-               for name, layer in layers.items()}
-    counts = dict.fromkeys(layers, 0)
-
-    def collect(name: str, x: torch.Tensor) -> None:
-        squares[name] += x.pow(2).sum(0)
-        counts[name] += x.shape[0]
-
-    with input_hooks(layers, collect) as set_batch:
-        run_batches(model, batches, set_batch)
-    return {name: float((layer.weight.detach().double().abs()
-                         * (squares[name] / max(counts[name], 1)).sqrt()).norm())
+    return {name: float((layer.weight.detach().double().abs() * mean_squares[name].sqrt()).norm())
             for name, layer in layers.items()}
 
 
@@ -69,10 +62,8 @@ class LewisScores:
     """Importance of every layer for the base and each expert, measured once; densities for any
     [gamma, epsilon] follow without running the models again (what `hm3 search` varies)."""
 
-    def __init__(self, sources, batches: dict[str, list[dict]], skip: Sequence[str],
+    def __init__(self, sources: Sources, batches: dict[str, list[dict]], skip: Sequence[str],
                  progress: bool = False):
-        from hm3.guided.calibration import base_as_classifier, expert_classifier
-
         pairs = list(zip(sources.recipe.experts, sources.experts))
         bar = tqdm(pairs, desc="lewis importance", unit="expert", disable=not progress)
         base_model = base_as_classifier(sources)
@@ -87,11 +78,9 @@ class LewisScores:
         return {task: scale_densities(base, expert, gamma, epsilon)
                 for task, (base, expert) in self.scores.items()}
 
-    def apply(self, recipe):
+    def apply(self, recipe: Recipe) -> Recipe:
         """`recipe` with its LEWIS densities (`recipe.guided.lewis`) as per-tensor overrides,
         placed before the recipe's own overrides so that those still win."""
-        import dataclasses
-
         config = recipe.guided.lewis
         extra = overrides(self.table(config.gamma, config.epsilon), self.tensor_names)
         return dataclasses.replace(recipe, overrides=(*extra, *recipe.overrides))

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from hm3.heads import TaskGroup
+from hm3.merge import Sources
 
 TEMPERATURES = (1.0, 0.3, 0.1, 0.03, 0.01, 0.003)
 
@@ -102,3 +103,18 @@ def recentre(merged_logits: np.ndarray, expert_logits: np.ndarray, group: TaskGr
             "target": [round(float(v), 4) for v in target],
             "before": [round(float(v), 4) for v in before],
             "after": [round(float(v), 4) for v in after]}
+
+
+@torch.no_grad()
+def recentre_heads(model: torch.nn.Module, sources: Sources, merged_logits: dict[str, torch.Tensor],
+                   expert_logits: dict[str, torch.Tensor]) -> dict:
+    """Shift every task's head biases in `model` (see `recentre`), from the merged model's and
+    the experts' logits on each task's texts; returns what each task got."""
+    bias = model.state_dict()[sources.heads[0].bias]
+    out = {}
+    for group in sources.groups:
+        result = recentre(merged_logits[group.name].numpy(), expert_logits[group.name].numpy(),
+                          group)
+        bias[group.offset:group.stop] += torch.tensor(result["shift"]).to(bias)
+        out[group.name] = result
+    return out

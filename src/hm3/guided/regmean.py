@@ -17,7 +17,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from hm3.guided.calibration import expert_classifier, input_hooks, linear_layers, run_batches
+from hm3.guided.calibration import expert_classifier, layer_input_means, linear_layers
+from hm3.merge import Sources
 
 RIDGE = 1e-6  # relative to the Grams' mean diagonal
 
@@ -26,18 +27,7 @@ def gram_matrices(model: torch.nn.Module, batches: Sequence[dict],
                   skip: Sequence[str] = ()) -> dict[str, torch.Tensor]:
     """Per linear layer, the mean over tokens of x x^T of its inputs (float64). Each task's Grams
     are means, so a task with longer texts does not outweigh the others."""
-    layers = linear_layers(model, skip)
-    grams = {name: torch.zeros(layer.in_features, layer.in_features, dtype=torch.float64)
-             for name, layer in layers.items()}
-    counts = dict.fromkeys(layers, 0)
-
-    def collect(name: str, x: torch.Tensor) -> None:
-        grams[name] += x.T @ x
-        counts[name] += x.shape[0]
-
-    with input_hooks(layers, collect) as set_batch:
-        run_batches(model, batches, set_batch)
-    return {name: gram / max(counts[name], 1) for name, gram in grams.items()}
+    return layer_input_means(model, batches, lambda x: x.T @ x, skip)
 
 
 def solve(grams: Sequence[torch.Tensor], weights: Sequence[torch.Tensor],
@@ -71,8 +61,8 @@ def ridge_toward(gram: torch.Tensor, cross: torch.Tensor, start: torch.Tensor,
 
 
 @torch.no_grad()
-def apply_regmean(model: torch.nn.Module, sources, batches: dict[str, list[dict]], alpha: float,
-                  skip: Sequence[str], progress: bool = False) -> list[str]:
+def apply_regmean(model: torch.nn.Module, sources: Sources, batches: dict[str, list[dict]],
+                  alpha: float, skip: Sequence[str], progress: bool = False) -> list[str]:
     """Replace the merged model's linear weights (not the head) by RegMean's; returns the
     layers done."""
     layers = linear_layers(model, skip)

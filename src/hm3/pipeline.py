@@ -1,0 +1,240 @@
+"""A recipe, end to end: plan -> LEWIS -> merge -> RegMean or coefficients -> head steps -> write.
+
+`merge` (the public `hm3.merge`) writes a model folder; the search's trials run `merge_in_memory`
+on a preloaded model; both run the same steps in the same order.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from hm3.checkpoint import atomic_directory, check_destination
+from hm3.data.calibration import Calibration
+from hm3.data.blocks import load_data_block
+from hm3.errors import Hm3Error, Hm3Warning
+from hm3.guided import align, recentre, regmean
+from hm3.guided import coefficients as coef
+from hm3.guided.calibration import (calibration_batches, experts_logits, head_modules,
+                                    tokenize)
+from hm3.guided.lewis import LewisScores
+from hm3.heads import TaskGroup
+from hm3.merge import (Sources, build_model, merge_into, open_sources, state_tensors,
+                       warn_implausible, with_recipe, write_model)
+from hm3.recipe import Recipe
+
+
+@dataclass(frozen=True)
+class MergeReport:
+    """What a merge wrote."""
+
+    path: Path
+    groups: list[TaskGroup]
+    tensors: int
+    seconds: float
+    task_vector_norms: dict[str, float]
+    guided: dict | None = None  # what the label-free steps did, when the recipe asked for any
+
+
+def merge(recipe: Recipe, output: str | Path, overwrite: bool = False,
+          progress: bool = True, held_out: dict[str, list[str]] | None = None) -> MergeReport:
+    """Merge the recipe's experts into one multi-task model directory at `output`.
+
+    The directory appears only when the merge has succeeded (it is built in a temporary
+    sibling and renamed), so an interrupted merge never leaves a complete-looking folder.
+    When the recipe asks for label-free steps (`recentre`, `lewis`, `regmean`,
+    `coefficients`, `align_heads`), the merge runs in memory first; `held_out` gives each
+    task's validation / test texts, which are then kept out of the calibration texts.
+    """
+    start = time.perf_counter()
+    check_destination(output, overwrite)  # now, not after minutes of label-free steps
+    sources = open_sources(recipe)
+    report = tensors = None
+    if recipe.guided.calibration is not None and not recipe.guided.needs_model:
+        warnings.warn("the recipe's `calibration:` texts are not used: no step reads them (add "
+                      "lewis, regmean, coefficients, align_heads or recentre, or drop the block)",
+                      Hm3Warning, stacklevel=2)
+    if recipe.guided.needs_model:
+        if held_out is None:  # what the model will be scored on is never calibration text
+            held_out = recipe_held_out(recipe)
+        model, sources, report = guided_model(sources, progress, held_out)
+        tensors = state_tensors(model, sources)
+    with atomic_directory(output, overwrite=overwrite) as staging:
+        norms = write_model(sources, staging, tensors, {"guided": report} if report else None,
+                            progress=progress)
+        if report is not None and "lewis" in report:
+            from hm3.plots import plot_densities  # lazy: matplotlib is slow to import
+
+            plot_densities(report["lewis"], staging / "lewis_densities.png")
+    warn_implausible(norms)
+    return MergeReport(Path(output).resolve(), sources.groups, len(sources.jobs),
+                       time.perf_counter() - start, norms, report)
+
+
+def recipe_held_out(recipe: Recipe) -> dict[str, list[str]]:
+    """The texts of the recipe's own `data:` block (test and validation splits) per task."""
+    if not recipe.data:
+        return {}
+    tasks = [e.task for e in recipe.experts]
+    with_validation = {task: entry for task, entry in recipe.data.items()
+                       if isinstance(entry, dict) and entry.get("validation") is not None}
+    held: dict[str, list[str]] = {}
+    for data, part in ((recipe.data, "test"), (with_validation, "validation")):
+        for dataset in load_data_block(data, recipe.data_root, tasks, part) if data else []:
+            held.setdefault(dataset.task, []).extend(dataset.texts)
+    return held
+
+
+@dataclass
+class Calibrated:
+    """What the label-free steps read, computed once for a set of sources: the calibration
+    texts tokenised, and (when a step needs them) the experts' logits on them and the LEWIS
+    importances. A search reuses it for every trial."""
+
+    calibration: Calibration
+    tokenizer: object
+    batches: dict[str, list[dict]]
+    expert_logits: dict[str, torch.Tensor] | None = None
+    lewis: LewisScores | None = None
+
+
+def calibrate(sources: Sources, held_out: dict[str, list[str]] | None = None,
+              calibration: Calibration | None = None, lewis_scores: bool | None = None,
+              expert_logits: bool | None = None, progress: bool = False) -> Calibrated:
+    """Read and tokenise the calibration texts, run the experts on them and measure LEWIS
+    importances, each only if asked (default: if the recipe's steps need it).
+
+    `held_out`: each task's validation / test texts, kept out of the calibration texts.
+    `calibration`: texts already read (else read from the recipe's `calibration` block).
+    """
+    guided = sources.recipe.guided
+    if lewis_scores is None:
+        lewis_scores = bool(guided.lewis)
+    if expert_logits is None:
+        expert_logits = bool(guided.coefficients or guided.align_heads or guided.recentre)
+    calibration, tokenizer, batches = calibration_batches(sources, held_out, calibration)
+    # The experts run once, for every step that matches them (coefficients and the head steps).
+    logits = experts_logits(sources, batches, progress) if expert_logits else None
+    scores = (LewisScores(sources, batches, head_modules(sources), progress) if lewis_scores
+              else None)
+    return Calibrated(calibration, tokenizer, batches, logits, scores)
+
+
+def check_heads(sources: Sources) -> None:
+    """Fail before any work when the recipe's head steps cannot run on this head."""
+    if sources.recipe.guided.recentre and sources.heads[0].bias is None:
+        raise Hm3Error(f"recentre shifts the head's biases, and {sources.heads[0].weight} has "
+                       "none; drop `recentre` from the recipe (align_heads works without)")
+
+
+def merge_in_memory(model: torch.nn.Module, sources: Sources, calibrated: Calibrated | None,
+                    progress: bool = False) -> tuple[Sources, dict]:
+    """Merge `sources.recipe` into `model`'s weights with its label-free steps: LEWIS densities,
+    the method's merge (or learned coefficients), RegMean, then the head steps. Returns the
+    sources as finally merged (with LEWIS's overrides) and what each step did."""
+    guided = sources.recipe.guided
+    if guided.needs_model and calibrated is None:
+        raise ValueError("the recipe's label-free steps need `calibrate(sources)` first")
+    report: dict = {}
+    if guided.lewis:
+        recipe = calibrated.lewis.apply(sources.recipe)
+        sources = with_recipe(sources, recipe)
+        table = calibrated.lewis.table(guided.lewis.gamma, guided.lewis.epsilon)
+        report["lewis"] = {"gamma": guided.lewis.gamma, "epsilon": guided.lewis.epsilon,
+                           "densities": {t: {k: round(v, 4) for k, v in d.items()}
+                                         for t, d in table.items()}}
+    if guided.coefficients:
+        report["coefficients"] = _fit_coefficients(model, sources, calibrated, progress)
+    else:
+        merge_into(model, sources, progress=progress)
+    if guided.regmean:
+        layers = regmean.apply_regmean(model, sources, calibrated.batches, guided.regmean.alpha,
+                                       head_modules(sources), progress)
+        report["regmean"] = {"alpha": guided.regmean.alpha, "layers": len(layers)}
+    if guided.align_heads or guided.recentre:
+        report.update(head_steps(model, sources, calibrated.batches, calibrated.expert_logits))
+    return sources, report
+
+
+def guided_model(sources: Sources, progress: bool = False,
+                 held_out: dict[str, list[str]] | None = None,
+                 calibration: Calibration | None = None):
+    """Run the recipe's label-free steps on a fresh model; returns (model, sources as finally
+    merged, report). `held_out` and `calibration` as for `calibrate`."""
+    started = time.process_time(), time.perf_counter()
+    check_heads(sources)
+    calibrated = calibrate(sources, held_out, calibration, progress=progress)
+    report: dict = {"heads": sources.recipe.guided.heads,
+                    "calibration": calibrated.calibration.provenance,
+                    "max_length": sources.recipe.guided.calibration.max_length}
+    model = build_model(sources)
+    sources, steps = merge_in_memory(model, sources, calibrated, progress)
+    report.update(steps)
+    report["cpu_seconds"] = round(time.process_time() - started[0], 1)
+    report["seconds"] = round(time.perf_counter() - started[1], 1)
+    return model, sources, report
+
+
+def _fit_coefficients(model: torch.nn.Module, sources: Sources, calibrated: Calibrated,
+                      progress: bool) -> dict:
+    config = sources.recipe.guided.coefficients
+    spec = sources.recipe.guided.calibration
+    tasks = [e.task for e in sources.recipe.experts]
+    fit_batches = {task: tokenize(calibrated.tokenizer, calibrated.calibration.texts[task],
+                                  spec.max_length, config.batch_size) for task in tasks}
+    groups = {g.name: g for g in sources.groups}
+    # The experts' logits on the calibration texts, cut into the fit's batches (both keep the
+    # texts' order).
+    targets = {task: [coef.expert_probabilities(z, groups[task].multi_label)
+                      for z in calibrated.expert_logits[task].split(config.batch_size)]
+               for task in tasks}
+    return coef.fit_coefficients(model, sources, fit_batches, targets, config, progress)
+
+
+def head_steps(model: torch.nn.Module, sources: Sources, batches: dict[str, list[dict]],
+               expert_logits: dict[str, torch.Tensor]) -> dict:
+    """The recipe's head steps on `model` (align_heads, then recentre), from one forward pass
+    over the calibration batches; returns what each step did."""
+    guided, report = sources.recipe.guided, {}
+    inputs = align.head_inputs(model, sources, batches)  # the one forward pass
+    if guided.align_heads:
+        report["align_heads"] = align.align_heads(model, sources, inputs, expert_logits,
+                                                  guided.align_heads.ridge)
+    if guided.recentre:
+        report["recentre"] = recentre.recentre_heads(
+            model, sources, align.head_logits(model, sources, inputs), expert_logits)
+    return report
+
+
+def format_guided(report: dict) -> str:
+    """A few lines on what the label-free steps did (for the command line)."""
+    texts = ", ".join(f"{task} {entry['texts']}" for task, entry in report["calibration"].items())
+    lines = [f"label-free steps ({report['seconds']:.0f}s): heads {report['heads']}; "
+             f"calibration texts: {texts}"]
+    if "lewis" in report:
+        lewis_ = report["lewis"]
+        lines.append(f"  lewis: layer densities in [{lewis_['gamma']}, {lewis_['epsilon']}] "
+                     "(table in config.json, plot lewis_densities.png)")
+    if "coefficients" in report:
+        fit = report["coefficients"]
+        lines.append(f"  coefficients: {len(fit['blocks'])} blocks x {len(fit['coefficients'])} "
+                     f"experts, KL to the experts {fit['objective_before']:.4f} -> "
+                     f"{fit['objective_after']:.4f}")
+    if "regmean" in report:
+        lines.append(f"  regmean: {report['regmean']['layers']} linear layers "
+                     f"(alpha {report['regmean']['alpha']})")
+    if "align_heads" in report:
+        for task, entry in report["align_heads"]["tasks"].items():
+            lines.append(f"  align_heads {task}: agreement with the expert "
+                         f"{entry['agreement_before']:.1%} -> {entry['agreement_after']:.1%}")
+    if "recentre" in report:
+        for task, entry in report["recentre"].items():
+            gap = max(abs(b - t) for b, t in zip(entry["before"], entry["target"]))
+            done = max(abs(a - t) for a, t in zip(entry["after"], entry["target"]))
+            lines.append(f"  recentre {task}: largest label-share gap to the expert "
+                         f"{gap:.1%} -> {done:.1%}")
+    return "\n".join(lines)
