@@ -60,8 +60,8 @@ BUGS = {
         "grams = [torch.eye(handle.get_tensor(name).shape[0], dtype=torch.float64) "
         "for handle in handles]", ["tests/test_guided_reference.py"]),
     "lewis_without_activations": (
-        "src/hm3/guided/lewis.py", "* (squares[name] / max(counts[name], 1)).sqrt()).norm())",
-        ").norm())", ["tests/test_guided_reference.py"]),
+        "src/hm3/guided/lewis.py", ".abs() * mean_squares[name].sqrt()).norm())",
+        ".abs()).norm())", ["tests/test_guided_reference.py"]),
     "pruning_forced_off": (
         "src/hm3/search/trial.py", "        if self.config.prune_fraction:\n            trial.report(",
         "        if False:\n            trial.report(", ["tests/test_search_rules.py"]),
