@@ -13,7 +13,7 @@ import yaml
 
 import hm3.search.trial
 from hm3.cli import main
-from hm3.evaluate import load_data_block
+from hm3.data.blocks import load_data_block
 from hm3.recipe import parse_recipe
 from hm3.search import SearchConfig, SearchSpace, run_search, trial_recipe
 
