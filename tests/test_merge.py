@@ -416,10 +416,10 @@ def test_multi_label_expert_keeps_independent_sigmoids(tmp_path):
     on = set()
     for row, result in enumerate(results):
         toxicity = result["toxicity"]
-        assert set(toxicity) == {"labels", "probabilities"}
+        assert set(toxicity) == {"label", "probabilities"}
         p = 1 / (1 + np.exp(-logits[row, :4].astype(np.float64)))
         np.testing.assert_allclose(list(toxicity["probabilities"].values()), p, atol=1e-6)
-        assert toxicity["labels"] == [lab for lab, v in zip(labels, p) if v > 0.5]
+        assert toxicity["label"] == [lab for lab, v in zip(labels, p) if v > 0.5]
         on.update(v > 0.5 for v in p)
         assert sum(result["topic"]["probabilities"].values()) == pytest.approx(1, abs=1e-5)
     assert on == {True, False}  # both sides of the threshold occur, so the check means something

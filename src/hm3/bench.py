@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import statistics
 import time
+import warnings
 from contextlib import contextmanager
 from typing import Sequence
 
 import torch
+from tqdm.auto import tqdm
 
-from hm3.errors import Hm3Error
+from hm3.errors import Hm3Error, Hm3Warning
 from hm3.table import format_table
 
 
@@ -31,7 +33,7 @@ SAMPLE_TEXTS = (
 
 def benchmark(merged, experts: Sequence, texts: Sequence[str],
               batch_sizes: Sequence[int] = (1, 8, 32), repeats: int = 5, warmup: int = 1,
-              threads: int | None = None) -> dict:
+              threads: int | None = None, progress: bool = False) -> dict:
     """Time the merged model against running every expert on the same texts.
 
     One measured run per model is: for every batch of `texts`, tokenise it (with that model's own
@@ -44,6 +46,7 @@ def benchmark(merged, experts: Sequence, texts: Sequence[str],
     ----------
     merged, experts : `MultiTaskClassifier`s (anything with `.model`, `.encode(texts)`, `.device`).
     threads : torch CPU threads for the run (default: leave as set); restored afterwards.
+    progress : show a progress bar over the rounds.
 
     Returns a JSON-able dict with one row per batch size: batches, merged_ms and experts_ms (median
     per batch; experts_ms is the median of the per-round totals), expert_ms (each expert's median),
@@ -61,15 +64,25 @@ def benchmark(merged, experts: Sequence, texts: Sequence[str],
     if repeats < 1 or warmup < 0:
         raise Hm3Error(f"expected repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
 
+    short = [size for size in batch_sizes if size > len(texts)]
+    if short:
+        warnings.warn(f"only {len(texts)} text{'s' if len(texts) != 1 else ''} to time on: "
+                      f"batches of {', '.join(map(str, short))} repeat them to fill one batch; "
+                      f"give at least {max(short)} texts for batches of distinct texts",
+                      Hm3Warning, stacklevel=2)
     ideal = 100.0 * (1.0 - 1.0 / len(experts))
     rows = []
-    with _torch_threads(threads):
+    bar = tqdm(total=len(batch_sizes) * (warmup + repeats), desc="bench", unit="round",
+               disable=not progress)
+    with _torch_threads(threads), bar:
         for size in batch_sizes:
             batches = _batches(texts, size)
             merged_runs, expert_runs = [], [[] for _ in experts]
             for round_ in range(warmup + repeats):
                 merged_seconds = _run_seconds(merged, batches)
                 expert_seconds = [_run_seconds(expert, batches) for expert in experts]
+                bar.set_postfix_str(f"batch {size}", refresh=False)
+                bar.update()
                 if round_ >= warmup:
                     merged_runs.append(merged_seconds)
                     for runs, seconds in zip(expert_runs, expert_seconds):

@@ -190,7 +190,8 @@ def check_destination(destination: str | Path, overwrite: bool) -> Path:
     """The output folder, resolved; an error if it exists and may not be replaced."""
     destination = Path(destination).resolve()
     if destination.exists() and not overwrite:
-        raise Hm3Error(f"{destination} already exists; choose another output or pass --overwrite")
+        raise Hm3Error(f"{destination} already exists; choose another output, or replace it "
+                       "(--overwrite on the command line, overwrite=True in Python)")
     return destination
 
 
@@ -208,6 +209,8 @@ def atomic_directory(destination: str | Path, overwrite: bool = False) -> Iterat
     staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.pid{os.getpid()}.",
                                     suffix=".partial", dir=destination.parent))
     try:
+        # mkdtemp makes the folder private (700); the output gets the mode of any new folder
+        staging.chmod(0o777 & ~_umask())
         yield staging
         if destination.exists():
             retired = destination.with_name(f".{destination.name}.old-{os.getpid()}")
@@ -220,6 +223,11 @@ def atomic_directory(destination: str | Path, overwrite: bool = False) -> Iterat
         shutil.rmtree(staging, ignore_errors=True)
         raise
 
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
 
 def remove_leftovers(destination: Path) -> list[Path]:
     """Remove the staging folders that writes into `destination` left when they were killed:

@@ -6,8 +6,10 @@ import), so that `hm3 --help` and a mistyped command answer at once."""
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import functools
+import io
 import json
 import os
 import sys
@@ -21,7 +23,13 @@ from hm3.errors import Hm3Error, Hm3Warning
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # `predict MODEL --batch-size 4 "text"`: argparse ends the texts at the first option
+        if getattr(args, "run", None) is _predict and not any(e.startswith("-") for e in extra):
+            args.texts += extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not hasattr(args, "run"):
         parser.print_help()
         return 2
@@ -37,6 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("hm3: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader went away (`hm3 inspect --json | head`): not an error of ours. Point stdout
+        # at /dev/null so that the interpreter's last flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     finally:
         warnings.formatwarning = previous_format
 
@@ -69,10 +82,14 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--input", help="file of texts: .txt (one per line), JSONL (strings or "
                          "objects), CSV, TSV, JSON or Parquet")
     predict.add_argument("--text-column", default="text", help="column/field holding the text")
-    predict.add_argument("--output", help="write JSONL here (default: standard output)")
+    predict.add_argument("--output", help="write the predictions here: .jsonl (one JSON object "
+                         "per text), .csv or .tsv (a column per task and per probability); "
+                         "default: JSONL on standard output")
     predict.add_argument("--batch-size", type=int, default=32)
     predict.add_argument("--logits", action="store_true", help="include the raw logits")
     predict.add_argument("--device", help="cpu, cuda, ... (default: CUDA when available)")
+    predict.add_argument("--allow-pickle", action="store_true",
+                         help="allow a pickle .bin checkpoint (it can run arbitrary code)")
     predict.set_defaults(run=_predict)
 
     evaluate = sub.add_parser("eval", help="score a merged model or one expert on labelled data")
@@ -92,6 +109,8 @@ def _parser() -> argparse.ArgumentParser:
                           "(default: the tokenizer's maximum)")
     evaluate.add_argument("--json", dest="json_out", help="also write the report as JSON here")
     evaluate.add_argument("--device", help="cpu, cuda, ... (default: CUDA when available)")
+    evaluate.add_argument("--allow-pickle", action="store_true",
+                          help="allow a pickle .bin checkpoint (it can run arbitrary code)")
     evaluate.set_defaults(run=_evaluate)
 
     bench = sub.add_parser("bench", help="time the merged model against running its experts")
@@ -108,6 +127,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-length", type=int, help="truncate texts to this many tokens")
     bench.add_argument("--json", dest="json_out", help="also write the result as JSON here")
     bench.add_argument("--device", help="cpu, cuda, ... (default: CUDA when available)")
+    bench.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     bench.set_defaults(run=_bench)
 
     check = sub.add_parser("check", help="label-free pre-deployment check: does the merged "
@@ -266,7 +286,8 @@ def _merge(args) -> int:
     if args.seed is not None:
         recipe = dataclasses.replace(recipe, seed=args.seed)
     report = merge(recipe, args.output, overwrite=args.overwrite, progress=not args.no_progress)
-    print(f"merged {len(report.groups)} experts ({report.tensors} tensors, "
+    count = len(report.groups)
+    print(f"merged {count} expert{'s' if count != 1 else ''} ({report.tensors} tensors, "
           f"{report.groups[-1].stop} labels) with {recipe.method} in {report.seconds:.1f}s "
           f"-> {report.path}")
     for group in report.groups:
@@ -311,20 +332,52 @@ def _predict(args) -> int:
     from hm3.data import read_texts
     from hm3.model import load
 
+    output = Path(args.output) if args.output else None
+    if output is not None and output.suffix.lower() not in PREDICTION_FORMATS:
+        raise Hm3Error(f"--output {output}: expected a .jsonl, .csv or .tsv file name")
     texts = list(args.texts)
     if args.input:
         texts += read_texts(Path(args.input), args.text_column)
     if not texts:
         raise Hm3Error("nothing to classify: give texts as arguments or --input FILE")
-    model = load(args.model, device=args.device)
+    model = load(args.model, device=args.device, allow_pickle=args.allow_pickle)
     results = model.predict(texts, batch_size=args.batch_size, return_logits=args.logits)
+    if output is not None and output.suffix.lower() in (".csv", ".tsv"):
+        write_text_atomic(output, _prediction_table(model.groups, texts, results,
+                                                    "\t" if output.suffix.lower() == ".tsv"
+                                                    else ","))
+        return 0
     lines = [json.dumps({"text": text, **result}, ensure_ascii=False)
              for text, result in zip(texts, results)]
-    if args.output:
-        write_text_atomic(Path(args.output), "\n".join(lines) + "\n")
+    if output is not None:
+        write_text_atomic(output, "\n".join(lines) + "\n")
     else:
         print("\n".join(lines))
     return 0
+
+
+PREDICTION_FORMATS = (".jsonl", ".ndjson", ".csv", ".tsv")
+
+
+def _prediction_table(groups, texts: list[str], results: list[dict], delimiter: str) -> str:
+    """Predictions as CSV/TSV: the text, each task's label (a multi-label task's labels joined by
+    `|`), then one column per `task/label` probability (and the logits when asked)."""
+    header = ["text", *(g.name for g in groups),
+              *(f"{g.name}/{label}" for g in groups for label in g.labels)]
+    with_logits = bool(results) and "logits" in results[0]
+    if with_logits:
+        header += [f"logit/{g.name}/{label}" for g in groups for label in g.labels]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, delimiter=delimiter, lineterminator="\n")
+    writer.writerow(header)
+    for text, result in zip(texts, results):
+        labels = [result[g.name]["label"] for g in groups]
+        row = [text, *("|".join(x) if isinstance(x, list) else x for x in labels),
+               *(result[g.name]["probabilities"][label] for g in groups for label in g.labels)]
+        if with_logits:
+            row += result["logits"]
+        writer.writerow(row)
+    return buffer.getvalue()
 
 
 def _evaluate(args) -> int:
@@ -336,8 +389,9 @@ def _evaluate(args) -> int:
     data: dict = {}
     root = None
     if args.recipe:
-        recipe = load_recipe(args.recipe)
-        data.update(recipe.data)
+        from hm3.recipe import load_data_recipe
+
+        data.update(load_data_recipe(args.recipe))
         root = Path(args.recipe).parent
     for item in args.data:
         task, sep, spec = item.partition("=")
@@ -358,10 +412,22 @@ def _evaluate(args) -> int:
     if args.limit is not None:
         data = {task: {**({"path": e} if isinstance(e, str) else e), "limit": args.limit}
                 for task, e in data.items()}
-    model = load(args.model, task=args.task, device=args.device, max_length=args.max_length)
+    model = load(args.model, task=args.task, device=args.device, max_length=args.max_length,
+                 allow_pickle=args.allow_pickle)
+    for item in args.expect:  # named on the command line: a typo must not pass as "no such head"
+        other = item.partition("=")[0].partition(":")[2]
+        if other not in model.tasks:
+            raise Hm3Error(f"--expect {item}: the model has no task {other!r}; its tasks are "
+                           f"{', '.join(model.tasks)}")
     datasets = load_data_block(data, root=root)
     if len(model.groups) == 1:  # a single expert: score its own task; others' data do not apply
-        datasets = [d for d in datasets if d.task == model.groups[0].name] or datasets
+        own = [d for d in datasets if d.task == model.groups[0].name]
+        if own and len(own) < len(datasets):
+            skipped = sorted(d.task for d in datasets if d.task != model.groups[0].name)
+            warnings.warn(f"{args.model} has one task ({model.groups[0].name}); the data for "
+                          f"{', '.join(skipped)} was not scored (use --task to name the model's "
+                          "task)", Hm3Warning, stacklevel=2)
+        datasets = own or datasets
     report = evaluate(model, datasets, batch_size=args.batch_size)
     print(format_report(report))
     if args.json_out:
@@ -382,7 +448,7 @@ def _bench(args) -> int:
     merged = load(args.model, device=args.device, max_length=args.max_length)
     experts = [load(path, device=args.device, max_length=args.max_length) for path in args.experts]
     result = benchmark(merged, experts, texts, batch_sizes=sizes, repeats=args.repeats,
-                       warmup=args.warmup, threads=args.threads)
+                       warmup=args.warmup, threads=args.threads, progress=not args.no_progress)
     print(format_bench(result))
     if args.json_out:
         write_text_atomic(Path(args.json_out), json.dumps(result, indent=2) + "\n")

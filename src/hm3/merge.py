@@ -86,11 +86,25 @@ def _check_parameters(recipe: Recipe, jobs: list[TensorJob]) -> None:
     them alone; only here, with the tensor names, are method-wide values, the expert's own and
     the matching overrides combined (della's density ± epsilon must then still lie in (0, 1))."""
     method = get_method(recipe.method)
+    names = [job.name for job in jobs if job.floating]
+    for i, override in enumerate(recipe.overrides):
+        if not any(override.applies(name, task) for name in names
+                   for task in override.experts or [e.task for e in recipe.experts]):
+            raise Hm3Error(f"overrides[{i}].pattern {override.pattern!r} matches no tensor of "
+                           f"the experts (their names look like {names[len(names) // 2]}); fix "
+                           "the pattern or remove the override")
+    sums_weights = recipe.parameters.get("normalize") and not method.consensus
     for job in jobs:
         if job.floating:
             for i, spec in enumerate(recipe.experts):
                 method.validate_model_parameters(recipe.model_parameters(job.name, spec),
                                                  where=f"experts[{i}] ({spec.task}) at {job.name}")
+            if sums_weights:
+                weights = [recipe.model_parameters(job.name, e)["weight"] for e in recipe.experts]
+                if abs(sum(weights)) < 1e-8:
+                    raise Hm3Error(f"{recipe.method} divides by the sum of the experts' weights, "
+                                   f"which is 0 at {job.name} ({weights}); give weights that do "
+                                   "not cancel out, or set `parameters: {normalize: false}`")
 
 
 def _check_architecture(base: Checkpoint, expert: Checkpoint, task: str) -> None:

@@ -98,8 +98,9 @@ class MultiTaskClassifier:
                 return_logits: bool = False) -> list[dict]:
         """For every text, each task's label(s) and probabilities (and the raw logits if asked).
 
-        A single-label task gives {"label", "score", "probabilities"}; a multi-label task gives
-        {"labels" (those over the threshold), "probabilities"}.
+        Every task gives {"label", "probabilities"}: for a single-label task "label" is the most
+        probable label and "score" its probability; for a multi-label task "label" is the list
+        of labels whose probability is over the task's threshold (possibly empty).
         """
         logits = self.logits(texts, batch_size)
         probs = group_probabilities(logits, self.groups)
@@ -110,8 +111,8 @@ class MultiTaskClassifier:
                 p = probs[group.name][row]
                 named = {label: round(float(v), 6) for label, v in zip(group.labels, p)}
                 if group.multi_label:
-                    item[group.name] = {"labels": [lab for lab, v in zip(group.labels, p)
-                                                   if v > group.threshold],
+                    item[group.name] = {"label": [lab for lab, v in zip(group.labels, p)
+                                                  if v > group.threshold],
                                         "probabilities": named}
                 else:
                     best = int(p.argmax())
@@ -124,7 +125,8 @@ class MultiTaskClassifier:
 
 
 def load(path: str | Path, task: str | None = None, device: str | None = None,
-         revision: str | None = None, max_length: int | None = None) -> MultiTaskClassifier:
+         revision: str | None = None, max_length: int | None = None,
+         allow_pickle: bool = False) -> MultiTaskClassifier:
     """Load a merged model (or any single HF sequence classifier) from a directory or hub id.
 
     An `hm3 export` folder (ONNX) loads too: it then runs on ONNX Runtime (CPU).
@@ -135,20 +137,33 @@ def load(path: str | Path, task: str | None = None, device: str | None = None,
     task : task name for a plain single-task classifier (default: the folder name).
     device : "cpu", "cuda", ...; default: CUDA when available.
     max_length : truncate texts to this many tokens (default: the tokenizer's maximum).
+    allow_pickle : load a model whose weights exist only as pickle `.bin` files (pickle can
+        run arbitrary code, so this is refused by default, as in `hm3.merge`).
     """
     # Lazy: transformers takes seconds to import; `import hm3` and `hm3 merge` do without it.
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging
 
-    folder = resolve(str(path), revision)
+    folder = resolve(str(path), revision, allow_pickle)
+    if not allow_pickle and not any(folder.glob("*.safetensors")) and any(folder.glob("*.bin")):
+        raise Hm3Error(f"{path} has only pickle (.bin) weights, which can run arbitrary code when "
+                       "loaded; convert it to safetensors, or pass --allow-pickle "
+                       "(allow_pickle=True in Python) if you trust it")
     config = read_config(folder)
     groups = task_groups(config, task, str(path))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    bars = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()  # a library call prints nothing of its own
     try:
         model = (OnnxSequenceClassifier(folder) if is_onnx_folder(folder)
-                 else AutoModelForSequenceClassification.from_pretrained(folder))
+                 else AutoModelForSequenceClassification.from_pretrained(
+                     folder, use_safetensors=None if allow_pickle else True))
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as exc:
         raise Hm3Error(f"cannot load {path} as a sequence classifier: {exc}") from None
+    finally:
+        if bars:
+            logging.enable_progress_bar()
     if tokenizer.pad_token is None:  # decoder classifiers often have none; batching needs one
         tokenizer.pad_token = tokenizer.eos_token
     if max_length is not None and max_length < 2:

@@ -7,6 +7,7 @@ on a preloaded model; both run the same steps in the same order.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,8 +15,9 @@ import torch
 
 from hm3.checkpoint import atomic_directory, check_destination, write_json_atomic
 from hm3.check import CALIBRATION_TEXTS, compare_logits
+from hm3.data.blocks import load_data_block
 from hm3.data.calibration import Calibration, text_hash
-from hm3.errors import Hm3Error
+from hm3.errors import Hm3Error, Hm3Warning
 from hm3.guided import align, recentre, regmean
 from hm3.guided import coefficients as coef
 from hm3.guided.calibration import (calibration_batches, experts_logits, head_modules,
@@ -54,7 +56,13 @@ def merge(recipe: Recipe, output: str | Path, overwrite: bool = False,
     sources = open_sources(recipe)
     report = tensors = None
     hashes = None
+    if recipe.guided.calibration is not None and not recipe.guided.needs_model:
+        warnings.warn("the recipe's `calibration:` texts are not used: no step reads them (add "
+                      "lewis, regmean, coefficients, align_heads or recentre, or drop the block)",
+                      Hm3Warning, stacklevel=2)
     if recipe.guided.needs_model:
+        if held_out is None:  # what the model will be scored on is never calibration text
+            held_out = recipe_held_out(recipe)
         model, sources, report = guided_model(sources, progress, held_out)
         tensors = state_tensors(model, sources)
         hashes = report.pop("calibration_hashes")
@@ -74,6 +82,20 @@ def merge(recipe: Recipe, output: str | Path, overwrite: bool = False,
                        time.perf_counter() - start, norms, report)
 
 
+def recipe_held_out(recipe: Recipe) -> dict[str, list[str]]:
+    """The texts of the recipe's own `data:` block (test and validation splits) per task."""
+    if not recipe.data:
+        return {}
+    tasks = [e.task for e in recipe.experts]
+    with_validation = {task: entry for task, entry in recipe.data.items()
+                       if isinstance(entry, dict) and entry.get("validation") is not None}
+    held: dict[str, list[str]] = {}
+    for data, part in ((recipe.data, "test"), (with_validation, "validation")):
+        for dataset in load_data_block(data, recipe.data_root, tasks, part) if data else []:
+            held.setdefault(dataset.task, []).extend(dataset.texts)
+    return held
+
+
 @dataclass
 class Calibrated:
     """What the label-free steps read, computed once for a set of sources: the calibration
@@ -89,7 +111,7 @@ class Calibrated:
 
 def calibrate(sources: Sources, held_out: dict[str, list[str]] | None = None,
               calibration: Calibration | None = None, lewis_scores: bool | None = None,
-              expert_logits: bool | None = None) -> Calibrated:
+              expert_logits: bool | None = None, progress: bool = False) -> Calibrated:
     """Read and tokenise the calibration texts, run the experts on them and measure LEWIS
     importances, each only if asked (default: if the recipe's steps need it).
 
@@ -103,8 +125,9 @@ def calibrate(sources: Sources, held_out: dict[str, list[str]] | None = None,
         expert_logits = bool(guided.coefficients or guided.align_heads or guided.recentre)
     calibration, tokenizer, batches = calibration_batches(sources, held_out, calibration)
     # The experts run once, for every step that matches them (coefficients and the head steps).
-    logits = experts_logits(sources, batches) if expert_logits else None
-    scores = LewisScores(sources, batches, head_modules(sources)) if lewis_scores else None
+    logits = experts_logits(sources, batches, progress) if expert_logits else None
+    scores = (LewisScores(sources, batches, head_modules(sources), progress) if lewis_scores
+              else None)
     return Calibrated(calibration, tokenizer, batches, logits, scores)
 
 
@@ -151,7 +174,7 @@ def guided_model(sources: Sources, progress: bool = False,
     merged, report). `held_out` and `calibration` as for `calibrate`."""
     started = time.process_time(), time.perf_counter()
     check_heads(sources)
-    calibrated = calibrate(sources, held_out, calibration)
+    calibrated = calibrate(sources, held_out, calibration, progress=progress)
     report: dict = {"heads": sources.recipe.guided.heads,
                     "calibration": calibrated.calibration.provenance,
                     "max_length": sources.recipe.guided.calibration.max_length}

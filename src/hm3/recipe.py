@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ import yaml
 
 from hm3.data.blocks import (CalibrationSpec, parse_calibration_block, parse_data_block,
                              positive_int)
-from hm3.errors import Hm3Error
+from hm3.errors import Hm3Error, Hm3Warning
 from hm3.methods.registry import get_method
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -147,6 +148,7 @@ class Recipe:
     max_shard_size: int = 2 * 1024**3
     data: dict[str, Any] = field(default_factory=dict)
     guided: Guided = field(default_factory=Guided)
+    data_root: str | None = None  # the recipe's folder: relative `data:` paths start there
 
     def model_parameters(self, tensor_name: str, expert: Expert) -> dict[str, float]:
         """The per-model parameters of `expert` for one tensor: defaults, expert, then overrides."""
@@ -176,13 +178,27 @@ class Recipe:
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a YAML recipe; relative model paths are taken from the recipe's folder."""
     path = Path(path)
+    return parse_recipe(_read_yaml(path), root=path.parent)
+
+
+def load_data_recipe(path: str | Path) -> dict[str, Any]:
+    """The `data:` block of a recipe file, validated; for `hm3 eval --recipe`, the file may hold
+    that block alone (no base or experts)."""
+    path = Path(path)
+    raw = _read_yaml(path)
+    if isinstance(raw, dict) and set(raw) == {"data"}:
+        parse_data_block(raw["data"])
+        return raw["data"]
+    return parse_recipe(raw, root=path.parent).data
+
+
+def _read_yaml(path: Path) -> Any:
     if not path.is_file():
         raise Hm3Error(f"recipe {path} does not exist; pass the path of a YAML recipe file")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise Hm3Error(f"recipe {path} is not valid YAML: {_yaml_problem(exc)}") from None
-    return parse_recipe(raw, root=path.parent)
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:
@@ -237,6 +253,14 @@ def parse_recipe(raw: Any, root: Path | None = None) -> Recipe:
     if duplicates:
         raise Hm3Error(f"experts: duplicate task name(s) {', '.join(duplicates)}; "
                        "give every expert its own `task`")
+    first_task: dict[tuple[str, str | None], str] = {}
+    for expert in experts:
+        earlier = first_task.setdefault((expert.model, expert.revision), expert.task)
+        if earlier != expert.task:
+            warnings.warn(f"experts: {expert.model} is listed twice, as tasks {earlier} and "
+                          f"{expert.task}; the merged model will answer both with the same "
+                          "head rows (list each expert once unless that is what you want)",
+                          Hm3Warning, stacklevel=2)
 
     overrides = tuple(_override(item, i, method, set(tasks))
                       for i, item in enumerate(raw.get("overrides") or []))
@@ -263,7 +287,8 @@ def parse_recipe(raw: Any, root: Path | None = None) -> Recipe:
     return Recipe(base=base, base_revision=base_revision, experts=tuple(experts),
                   method=method.name, parameters=shared, dtype=dtype, seed=seed,
                   overrides=overrides, allow_pickle=allow_pickle,
-                  max_shard_size=max_shard_size, data=data, guided=guided)
+                  max_shard_size=max_shard_size, data=data, guided=guided,
+                  data_root=str(root) if root is not None else None)
 
 
 def parse_size(value: Any, where: str) -> int:

@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from typing import Callable, Iterator, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from hm3.checkpoint import load_tokenizer
 from hm3.data.calibration import Calibration, load_calibration
@@ -123,11 +124,14 @@ def expert_classifier(checkpoint) -> torch.nn.Module:
             logging.enable_progress_bar()
 
 
-def experts_logits(sources: Sources, batches: dict[str, list[dict]]) -> dict[str, torch.Tensor]:
+def experts_logits(sources: Sources, batches: dict[str, list[dict]],
+                   progress: bool = False) -> dict[str, torch.Tensor]:
     """Each expert's logits on its task's batches, in text order (one expert in memory at a
     time)."""
     out = {}
-    for spec, checkpoint in zip(sources.recipe.experts, sources.experts):
+    pairs = list(zip(sources.recipe.experts, sources.experts))
+    for spec, checkpoint in tqdm(pairs, desc="experts on calibration texts", unit="expert",
+                                 disable=not progress):
         model = expert_classifier(checkpoint)
         out[spec.task] = run_batches(model, batches[spec.task])
         del model

@@ -12,6 +12,7 @@ import dataclasses
 from typing import Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from hm3.guided.calibration import (base_as_classifier, expert_classifier, layer_input_means,
                                     linear_layers)
@@ -61,10 +62,13 @@ class LewisScores:
     """Importance of every layer for the base and each expert, measured once; densities for any
     [gamma, epsilon] follow without running the models again (what `hm3 search` varies)."""
 
-    def __init__(self, sources: Sources, batches: dict[str, list[dict]], skip: Sequence[str]):
+    def __init__(self, sources: Sources, batches: dict[str, list[dict]], skip: Sequence[str],
+                 progress: bool = False):
+        pairs = list(zip(sources.recipe.experts, sources.experts))
+        bar = tqdm(pairs, desc="lewis importance", unit="expert", disable=not progress)
         base_model = base_as_classifier(sources)
         self.scores = {}
-        for spec, ckpt in zip(sources.recipe.experts, sources.experts):
+        for spec, ckpt in bar:
             self.scores[spec.task] = (importance(base_model, batches[spec.task], skip),
                                       importance(expert_classifier(ckpt), batches[spec.task],
                                                  skip))

@@ -88,11 +88,16 @@ class SearchSpace:
         return dict(trial.params)
 
 
+DELLA_MARGIN = 1e-3  # how far inside DELLA's valid densities a clamped one lies
+
+
 def trial_recipe(recipe: Recipe, params: dict[str, Any], seed: int) -> Recipe:
     """The recipe a trial merges: `recipe` with the sampled method, densities, weights and lambda.
 
     The recipe's method-wide parameters apply to trials of the same method; other methods start
     from their own defaults. Per-expert parameters the trial's method does not take are dropped.
+    A density below 1 that DELLA cannot take (density ± epsilon must lie inside (0, 1)) is
+    clamped to the nearest one it can: a sampled value never aborts the study.
     """
     method = get_method(params["method"])
     shared = dict(recipe.parameters) if method.name == recipe.method else {}
@@ -107,6 +112,10 @@ def trial_recipe(recipe: Recipe, params: dict[str, Any], seed: int) -> Recipe:
             value = params.get(f"{name}/{expert.task}", params.get(name))
             if value is not None and name in accepted:
                 own[name] = value
+        if "epsilon" in accepted and own.get("density", 1.0) < 1:
+            epsilon = own.get("epsilon", method.model_defaults()["epsilon"])
+            own["density"] = min(max(own["density"], epsilon + DELLA_MARGIN),
+                                 1 - epsilon - DELLA_MARGIN)
         experts.append(dataclasses.replace(expert, parameters=own))
     guided = recipe.guided
     if "lewis_a" in params:
