@@ -1,8 +1,7 @@
 """Dynamic batching: texts from concurrent requests are gathered into one forward pass.
 
 A small asyncio micro-batcher rather than a library: the batching libraries on PyPI either
-belong to a serving framework (Ray Serve's `@serve.batch`, used by `hm3.serve.ray_app`) or are
-thin, little-kept wrappers; what a classifier server needs is ~60 lines: a queue of texts, one
+belong to a serving framework (Ray Serve's `@serve.batch`) or are thin, little-kept wrappers; what a classifier server needs is ~60 lines: a queue of texts, one
 worker that takes up to `max_batch_size` of them (waiting at most `max_wait_ms` for more once the
 first has arrived), runs the model in ONE worker thread so the event loop keeps accepting
 requests meanwhile, and hands each text its own result.
