@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import pytest
@@ -127,3 +128,22 @@ def spread_head(folder: Path, texts: list[str], seed: int) -> None:
     head.weight.copy_(weight.float())
     head.bias.copy_((-weight @ mean).float())
     model.save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The models are tiny: handing work between threads costs more than it saves, and on a
+    busy two-core machine it stalls a fit of a second into tens of seconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def random_texts(n: int, seed: int) -> list[str]:
+    """`n` distinct texts of 2 to 8 words from the tiny vocabulary."""
+    rng = random.Random(seed)
+    texts: dict[str, None] = {}
+    while len(texts) < n:
+        texts[" ".join(rng.choices(WORDS, k=rng.randint(2, 8)))] = None
+    return list(texts)

@@ -2,7 +2,6 @@
 multi-label groups end to end (eval, search scoring, cross-checks, head steps, check)."""
 
 import json
-import random
 import shutil
 from pathlib import Path
 
@@ -22,26 +21,13 @@ from hm3.heads import TaskGroup
 from hm3.model import load
 from hm3.search import SplitScorer
 
-from conftest import WORDS, build_family, recipe_dict, spread_head
+from conftest import build_family, random_texts, recipe_dict, spread_head
 
 TASKS = {"sentiment": ["negative", "positive"], "topic": ["news", "sport", "film"],
          "tags": ["urgent", "spam", "personal"]}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def random_texts(n: int, seed: int) -> list[str]:
-    rng = random.Random(seed)
-    texts: dict[str, None] = {}
-    while len(texts) < n:
-        texts[" ".join(rng.choices(WORDS, k=rng.randint(2, 8)))] = None
-    return list(texts)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread
 
 
 # --- the figures, by hand ------------------------------------------------------------------------

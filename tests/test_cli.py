@@ -22,19 +22,11 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from hm3 import Hm3Warning, merge, parse_recipe
 from hm3.cli import main
 
-from conftest import WORDS, build_family, recipe_dict, spread_head
+from conftest import build_family, random_texts, recipe_dict, spread_head
 
 TASKS = {"sentiment": ["negative", "positive"], "topic": ["news", "sport", "film"],
          "tags": ["urgent", "spam", "personal"]}
 SRC = str(Path(__file__).resolve().parents[1] / "src")
-
-
-def random_texts(n: int, seed: int) -> list[str]:
-    rng = random.Random(seed)
-    texts: dict[str, None] = {}
-    while len(texts) < n:
-        texts[" ".join(rng.choices(WORDS, k=rng.randint(2, 7)))] = None
-    return list(texts)
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 calibration texts, and the recipe checks of their blocks."""
 
 import json
-import random
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,7 +19,7 @@ from hm3.guided import align, lewis, recentre, regmean
 from hm3.data import CalibrationSpec, load_calibration
 from hm3.methods import METHODS
 
-from conftest import WORDS, build_family, recipe_dict, spread_head
+from conftest import build_family, random_texts, recipe_dict, spread_head
 
 TASKS = {"sentiment": ["negative", "positive"], "topic": ["news", "sport", "film"],
          "tags": ["urgent", "spam", "personal"]}
@@ -31,23 +30,7 @@ TEXTS_PER_TASK = 40
 
 # --- helpers ---------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The models are tiny: handing work between threads costs more than it saves, and on a
-    busy two-core machine it stalls a fit of a second into tens of seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def random_texts(n: int, seed: int) -> list[str]:
-    """`n` distinct texts of 2 to 8 words from the tiny vocabulary."""
-    rng = random.Random(seed)
-    texts: dict[str, None] = {}
-    while len(texts) < n:
-        texts[" ".join(rng.choices(WORDS, k=rng.randint(2, 8)))] = None
-    return list(texts)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread
 
 
 @torch.no_grad()

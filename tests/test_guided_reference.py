@@ -21,12 +21,7 @@ TASKS = {"sentiment": ["negative", "positive"], "topic": ["news", "sport", "film
 HEAD = "classifier"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread
 
 
 @pytest.fixture(scope="module")

@@ -20,12 +20,7 @@ MULTI_LABEL = ("tags",)
 OUT_PROJ = ("classifier.out_proj.weight", "classifier.out_proj.bias")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread
 
 
 @pytest.fixture(scope="module")

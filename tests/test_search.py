@@ -392,7 +392,7 @@ def test_search_refits_heads_on_every_trial_and_saves_what_it_scored(case):
     with pytest.warns(Warning, match="1 also appear in the held-out"):
         refit = run_search(recipe, validation, test, case.out / "refit",
                            SearchConfig(trials=3, space=space), progress=False)
-    plain = run_search(parse_recipe(case.raw), validation, test, case.out / "plain",
+    run_search(parse_recipe(case.raw), validation, test, case.out / "plain",
                        SearchConfig(trials=3, space=space), progress=False)
     # Same sampler seed, so the same densities: only the head steps differ.
     rows = {name: json.loads((case.out / name / "trials.json").read_text())

@@ -384,13 +384,11 @@ def _evaluate(args) -> int:
     from hm3.data import load_data_block
     from hm3.evaluate import evaluate, format_report
     from hm3.model import load
-    from hm3.recipe import load_recipe
+    from hm3.recipe import load_data_recipe
 
     data: dict = {}
     root = None
     if args.recipe:
-        from hm3.recipe import load_data_recipe
-
         data.update(load_data_recipe(args.recipe))
         root = Path(args.recipe).parent
     for item in args.data:
