@@ -56,10 +56,7 @@ class Checkpoint:
             self._files = {name: self.path / SAFE_SINGLE for name in names}
         elif (self.path / PICKLE_INDEX).is_file() or (self.path / PICKLE_SINGLE).is_file():
             if not allow_pickle:
-                raise Hm3Error(
-                    f"{self.reference} has only pickle (.bin) weights, which can run arbitrary "
-                    "code when loaded; convert it to safetensors, or pass --allow-pickle "
-                    "(recipe: allow_pickle: true) if you trust it")
+                raise pickle_refused(self.reference, "recipe: allow_pickle: true")
             if (self.path / PICKLE_INDEX).is_file():
                 self._files = self._read_index(PICKLE_INDEX)
             else:
@@ -140,6 +137,13 @@ class Checkpoint:
             raise Hm3Error(f"{self.reference}: tensor {name} contains NaN or Inf; "
                            "this checkpoint is broken, re-export or re-download it")
         return value
+
+
+def pickle_refused(reference: str, option: str) -> Hm3Error:
+    """The one refusal of pickle-only weights; `option` names how the caller allows them."""
+    return Hm3Error(f"{reference} has only pickle (.bin) weights, which can run arbitrary code "
+                    "when loaded; convert it to safetensors, or pass --allow-pickle "
+                    f"({option}) if you trust it")
 
 
 def resolve(reference: str, revision: str | None = None, allow_pickle: bool = False) -> Path:

@@ -8,7 +8,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from hm3.checkpoint import read_config, resolve
+from hm3.checkpoint import pickle_refused, read_config, resolve
 from hm3.errors import Hm3Error
 from hm3.heads import TaskGroup, expert_labels, is_multi_label
 from hm3.onnx_model import OnnxSequenceClassifier, is_onnx_folder
@@ -146,9 +146,7 @@ def load(path: str | Path, task: str | None = None, device: str | None = None,
 
     folder = resolve(str(path), revision, allow_pickle)
     if not allow_pickle and not any(folder.glob("*.safetensors")) and any(folder.glob("*.bin")):
-        raise Hm3Error(f"{path} has only pickle (.bin) weights, which can run arbitrary code when "
-                       "loaded; convert it to safetensors, or pass --allow-pickle "
-                       "(allow_pickle=True in Python) if you trust it")
+        raise pickle_refused(str(path), "allow_pickle=True in Python")
     config = read_config(folder)
     groups = task_groups(config, task, str(path))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
