@@ -6,6 +6,12 @@ runs only the relevant tests (mutmut then narrows them further to the tests that
 mutated function). The score per group goes to benchmarks/results/mutation_score.json.
 
     python benchmarks/mutation.py methods heads          # the groups to run (default: all)
+    python benchmarks/mutation.py heads --keep /tmp/mut  # keep the copy (/tmp/mut/heads) for
+                                                         # `mutmut show NAME` run inside it
+    python benchmarks/mutation.py heads --survivors      # re-run only the recorded survivors
+                                                         # against the current tests
+    python benchmarks/mutation.py heads --collect /tmp/mut  # record a kept run (even one stopped
+                                                         # part way: the mutants not run are counted)
     python benchmarks/mutation.py --list                 # the groups and their test files
 
 Slow (minutes to hours per group on 2 cores): not part of the test suite or of CI.
@@ -23,6 +29,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from mutmut.stats import status_by_exit_code
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "mutation_score.json"
@@ -44,6 +52,8 @@ GROUPS = {
                ["tests/test_guided.py", "tests/test_guided_reference.py"]),
     "metrics": (["src/hm3/evaluate.py"], ["tests/test_evaluate.py"]),
 }
+# A mutant counts as killed when a test fails or hangs past mutmut's timeout (as mutmut scores).
+CAUGHT = {"killed", "timeout", "segfault", "caught by type check"}
 
 
 def config_section(group: str) -> str:
@@ -65,35 +75,75 @@ def scratch_copy(group: str, folder: Path) -> None:
     (folder / "pyproject.toml").write_text(text + "\n" + config_section(group))
 
 
-def run_group(group: str, children: int) -> dict:
+def statuses(folder: Path) -> dict[str, str]:
+    """Each mutant's status ("killed", "survived", "no tests", "not checked", ...), read from the
+    .meta files mutmut keeps beside the mutated sources (also mid-run)."""
+    out = {}
+    for meta in (folder / "mutants").rglob("*.py.meta"):
+        for name, code in json.loads(meta.read_text())["exit_code_by_key"].items():
+            out[name] = status_by_exit_code[code]
+    return out
+
+
+def summary(group: str, status: dict[str, str], seconds: float | None) -> dict:
+    counts: dict[str, int] = {}
+    for value in status.values():
+        counts[value] = counts.get(value, 0) + 1
+    run = {name: s for name, s in status.items() if s not in ("not checked", "skipped")}
+    killed = sum(s in CAUGHT for s in run.values())
+    return {"files": GROUPS[group][0], "tests": GROUPS[group][1], "mutants": len(status),
+            "run": len(run), "killed": killed, "score": killed / len(run) if run else None,
+            "complete": len(run) == len(status), "counts": counts,
+            "seconds": None if seconds is None else round(seconds),
+            "surviving": sorted(name for name, s in run.items() if s not in CAUGHT)}
+
+
+def run_mutmut(group: str, folder: Path, children: int, names: list[str]) -> float:
     mutmut = Path(sys.executable).with_name("mutmut")
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    started = time.perf_counter()
+    subprocess.run([str(mutmut), "run", "--max-children", str(children), *names], cwd=folder,
+                   env=env, check=False)
+    return time.perf_counter() - started
+
+
+def run_group(group: str, children: int, keep: Path | None, survivors_of: dict | None) -> dict:
+    """Mutate `group` and run its tests; with `survivors_of` (the group's recorded entry) only
+    its surviving mutants run, against the current tests, and the entry is updated."""
+    names = survivors_of["surviving"] if survivors_of else []
     with tempfile.TemporaryDirectory(prefix=f"hm3-mutation-{group}-") as scratch:
         folder = Path(scratch)
+        if keep:
+            folder = keep / group
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
         scratch_copy(group, folder)
-        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-        started = time.perf_counter()
-        subprocess.run([str(mutmut), "run", "--max-children", str(children)], cwd=folder,
-                       env=env, check=False)
-        seconds = time.perf_counter() - started
-        subprocess.run([str(mutmut), "export-cicd-stats"], cwd=folder, env=env, check=True)
-        stats = json.loads((folder / "mutants" / "mutmut-cicd-stats.json").read_text())
-        listing = subprocess.run([str(mutmut), "results"], cwd=folder, env=env,
-                                 capture_output=True, text=True).stdout
-        # `mutmut show NAME` in a kept copy gives a survivor's diff; one call per survivor is
-        # slow, so only the names are recorded here.
-        survivors = sorted(line.split(":")[0].strip() for line in listing.splitlines()
-                           if line.strip().endswith(("survived", "no tests")))
-    killed, total = stats["killed"], stats["total"]
-    scored = total - stats.get("skipped", 0) - stats.get("not_checked", 0)
-    return {"files": GROUPS[group][0], "tests": GROUPS[group][1], "stats": stats,
-            "score": killed / scored if scored else None, "seconds": round(seconds),
-            "surviving": survivors}
+        seconds = run_mutmut(group, folder, children, names)
+        status = statuses(folder)
+    if not survivors_of:
+        return summary(group, status, seconds)
+    rerun = {name: status.get(name, "not checked") for name in names}
+    still = sorted(name for name, s in rerun.items() if s not in CAUGHT)
+    entry = dict(survivors_of)
+    entry.setdefault("first_run", {k: survivors_of.get(k) for k in ("run", "killed", "score")})
+    entry["killed"] = survivors_of["killed"] + len(names) - len(still)
+    entry["score"] = entry["killed"] / entry["run"]
+    entry["surviving"] = still
+    entry["tests"] = GROUPS[group][1]
+    entry.setdefault("reruns", []).append({"mutants": len(names), "killed": len(names) - len(still),
+                                           "seconds": round(seconds)})
+    return entry
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("groups", nargs="*", help=f"any of {', '.join(GROUPS)} (default: all)")
     parser.add_argument("--children", type=int, default=1, help="mutants run at once")
+    parser.add_argument("--keep", type=Path, help="keep each group's scratch copy in KEEP/GROUP")
+    parser.add_argument("--survivors", action="store_true",
+                        help="re-run only the surviving mutants recorded for each group")
+    parser.add_argument("--collect", type=Path, metavar="KEEP",
+                        help="record the runs kept in KEEP/GROUP without running anything")
     parser.add_argument("--list", action="store_true", help="show the groups and exit")
     args = parser.parse_args()
     if args.list:
@@ -106,13 +156,20 @@ def main() -> int:
                      f"{', '.join(GROUPS)}")
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     for group in args.groups or list(GROUPS):
-        results[group] = run_group(group, args.children)
+        if args.collect:
+            results[group] = summary(group, statuses(args.collect / group), None)
+        elif args.survivors:
+            if group not in results or not results[group].get("complete"):
+                parser.error(f"{group}: no complete run recorded to take the survivors from")
+            results[group] = run_group(group, args.children, args.keep, results[group])
+        else:
+            results[group] = run_group(group, args.children, args.keep, None)
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(json.dumps(results, indent=2) + "\n")
         entry = results[group]
-        print(f"{group}: {entry['stats']['killed']} of {entry['stats']['total']} mutants killed "
-              f"(score {entry['score']:.1%}) in {entry['seconds']}s; "
-              f"{len(entry['surviving'])} survived")
+        print(f"{group}: {entry['killed']} of {entry['run']} mutants run killed "
+              f"(score {entry['score']:.1%}; {entry['mutants']} mutants in all); "
+              f"{len(entry['surviving'])} not killed")
     return 0
 
 

@@ -1,0 +1,138 @@
+"""The multi-task classifier's own logic on a stand-in network whose logits are known by hand:
+batching and order, labels and scores per task, thresholds, truncation, the task layout read
+from a config."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from conftest import write_tokenizer
+from hm3.errors import Hm3Error
+from hm3.heads import TaskGroup
+from hm3.model import MultiTaskClassifier, _max_length, task_groups
+
+SPAM = TaskGroup("spam", ("ham", "spam"), 0)
+TAGS = TaskGroup("tags", ("rude", "calm"), 2, multi_label=True)
+
+
+class CountingNetwork(torch.nn.Module):
+    """Logits from the token count n of each text (padding left out): [n, 4, n - 5, 0]. So a text
+    of 3 tokens is spam and not rude; 5 tokens: ham, rude exactly at sigmoid 0.5; 8: ham, rude."""
+
+    config = SimpleNamespace(max_position_embeddings=64)
+    device = torch.device("cpu")
+
+    def forward(self, input_ids, attention_mask, **_):
+        n = attention_mask.sum(1).float()
+        logits = torch.stack([n, torch.full_like(n, 4.0), n - 5, torch.zeros_like(n)], dim=1)
+        return SimpleNamespace(logits=logits)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tokenizer")
+    write_tokenizer(folder)  # WordPiece over the test words: one token per word, [CLS] and [SEP]
+    return AutoTokenizer.from_pretrained(folder)
+
+
+# Token counts with [CLS] and [SEP]: 8, 3, 5, 4.
+TEXTS = ["good bad awful win money hello", "good", "good bad awful", "free win"]
+
+
+def classifier(tokenizer, groups=(SPAM, TAGS), max_length=None):
+    return MultiTaskClassifier(CountingNetwork(), tokenizer, list(groups), max_length)
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 3, 32])
+def test_logits_come_back_in_input_order_at_any_batch_size(tokenizer, batch_size):
+    logits = classifier(tokenizer).logits(TEXTS, batch_size=batch_size)
+    assert logits.dtype == np.float32
+    assert logits.tolist() == [[8, 4, 3, 0], [3, 4, -2, 0], [5, 4, 0, 0], [4, 4, -1, 0]]
+
+
+def test_logits_refuse_a_batch_size_below_one(tokenizer):
+    with pytest.raises(Hm3Error, match=r"^batch_size must be at least 1, got 0$"):
+        classifier(tokenizer).logits(TEXTS, batch_size=0)
+
+
+def test_predict_gives_each_tasks_label_score_and_probabilities(tokenizer):
+    results = classifier(tokenizer).predict(TEXTS, batch_size=2, return_logits=True)
+    e = math.e
+    # spam: softmax of [n, 4]; tags: sigmoid of [n - 5, 0], on when strictly over 0.5.
+    assert results[0]["spam"] == {"label": "ham", "score": round(1 / (1 + e ** -4), 6),
+                                  "probabilities": {"ham": round(1 / (1 + e ** -4), 6),
+                                                    "spam": round(1 / (1 + e ** 4), 6)}}
+    assert results[1]["spam"]["label"] == "spam"
+    assert results[1]["spam"]["score"] == round(1 / (1 + e ** -1), 6)
+    assert results[0]["tags"] == {"label": ["rude"],
+                                  "probabilities": {"rude": round(1 / (1 + e ** -3), 6),
+                                                    "calm": 0.5}}
+    assert results[2]["tags"]["label"] == []  # 0.5 is not over the threshold 0.5
+    assert results[3]["tags"]["probabilities"]["rude"] == round(1 / (1 + e), 6)
+    assert results[3]["logits"] == [4.0, 4.0, -1.0, 0.0]
+    assert "logits" not in classifier(tokenizer).predict(TEXTS[:1])[0]
+
+
+def test_a_multi_label_task_uses_its_own_threshold(tokenizer):
+    low = TaskGroup("tags", ("rude", "calm"), 2, multi_label=True, threshold=0.3)
+    results = classifier(tokenizer, (SPAM, low)).predict(TEXTS)
+    # sigmoid(-1) = 0.27 < 0.3 < sigmoid(0) = 0.5: calm is on everywhere, rude from 5 tokens on.
+    assert [r["tags"]["label"] for r in results] == [["rude", "calm"], ["calm"], ["rude", "calm"],
+                                                     ["calm"]]
+
+
+def test_predict_proba_is_a_softmax_or_sigmoids_per_group(tokenizer):
+    probs = classifier(tokenizer).predict_proba(TEXTS, batch_size=3)
+    np.testing.assert_allclose(probs["spam"][1], [1 / (1 + math.e), 1 / (1 + math.e ** -1)])
+    np.testing.assert_allclose(probs["tags"][1], [1 / (1 + math.e ** 2), 0.5])
+
+
+def test_tasks_and_groups_by_name(tokenizer):
+    model = classifier(tokenizer)
+    assert model.tasks == ["spam", "tags"]
+    assert model.group("tags") is TAGS
+    with pytest.raises(Hm3Error, match=r"^this model has no task 'topic'; its tasks are spam, "
+                                       r"tags$"):
+        model.group("topic")
+
+
+def test_texts_longer_than_max_length_are_counted_and_cut(tokenizer):
+    model = classifier(tokenizer, max_length=4)
+    assert model.max_length == 4
+    assert model.count_truncated(TEXTS) == 2  # 8 and 5 tokens; 4 fits exactly
+    assert model.encode(TEXTS)["input_ids"].shape == (4, 4)
+    assert model.logits(TEXTS)[:, 0].tolist() == [4, 3, 4, 4]
+
+
+def test_max_length_comes_from_the_tokenizer_else_the_model():
+    config = SimpleNamespace(max_position_embeddings=66)
+    assert _max_length(SimpleNamespace(model_max_length=32), config) == 32
+    assert _max_length(SimpleNamespace(model_max_length=99_999), config) == 99_999
+    # transformers' "no limit" is a huge number: the position embeddings decide then
+    assert _max_length(SimpleNamespace(model_max_length=100_000), config) == 66
+    assert _max_length(SimpleNamespace(model_max_length=int(1e30)), config) == 66
+    assert _max_length(SimpleNamespace(), SimpleNamespace()) == 512
+    assert _max_length(SimpleNamespace(model_max_length=None),
+                       SimpleNamespace(max_position_embeddings=None)) == 512
+
+
+def test_a_classifier_without_max_length_takes_the_tokenizers(tokenizer):
+    assert classifier(tokenizer).max_length == 32
+
+
+def test_task_groups_read_the_hm3_block_or_make_one_task():
+    block = {"hm3": {"tasks": [SPAM.to_dict(), TAGS.to_dict()]}, "num_labels": 4}
+    assert task_groups(block, "ignored", "m") == [SPAM, TAGS]
+    plain = {"id2label": {"0": "neg", "1": "pos"}}
+    assert task_groups(plain, "mood", "some/dir") == [TaskGroup("mood", ("neg", "pos"), 0)]
+    assert task_groups(plain, None, "some/dir") == [TaskGroup("dir", ("neg", "pos"), 0)]
+    assert task_groups(plain, None, "") == [TaskGroup("task", ("neg", "pos"), 0)]
+    multi = {"num_labels": 3, "problem_type": "multi_label_classification"}
+    assert task_groups(multi, "t", "m") == [
+        TaskGroup("t", ("LABEL_0", "LABEL_1", "LABEL_2"), 0, multi_label=True)]
