@@ -1,0 +1,197 @@
+"""The label-free steps' small pieces against values computed by hand: transformer blocks of the
+coefficients, the per-group KL, re-centring's report, LEWIS overrides, the calibration batches and
+the input statistics behind LEWIS and RegMean (padding left out, means over tokens)."""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from conftest import write_tokenizer
+from hm3.guided import align, calibration, coefficients, lewis, recentre, regmean
+from hm3.heads import TaskGroup
+from hm3.recipe import Override
+
+
+@pytest.mark.parametrize("name, block", [
+    ("bert.encoder.layer.3.attention.self.query.weight", "layer.3"),
+    ("layer.07.output.dense.bias", "layer.7"),
+    ("model.layers.12.mlp.up_proj.weight", "layer.12"),
+    ("transformer.h.0.attn.c_attn.weight", "layer.0"),
+    ("encoder.block.2.layer.0.weight", "layer.2"),
+    ("blocks.5.norm.weight", "layer.5"),
+    ("bert.embeddings.word_embeddings.weight", "embeddings"),
+    ("wte.weight", "embeddings"),
+    ("transformer.wte.weight", "embeddings"),
+    ("bert.pooler.dense.weight", "other"),
+    ("classifier.weight", "other"),
+    ("bert.encoder.layernorm.weight", "other"),
+])
+def test_each_tensor_belongs_to_its_transformer_block(name, block):
+    assert coefficients.block_of(name) == block
+
+
+def test_blocks_are_ordered_embeddings_then_layers_by_number_then_the_rest():
+    blocks = ["other", "layer.10", "layer.2", "embeddings", "layer.0"]
+    assert sorted(blocks, key=coefficients._block_order) == [
+        "embeddings", "layer.0", "layer.2", "layer.10", "other"]
+
+
+def test_group_kl_is_the_kl_from_the_expert_on_the_groups_columns_only():
+    group = TaskGroup("t", ("a", "b"), 1)
+    # column 0 belongs to another task and must not matter
+    logits = torch.tensor([[50.0, 0.0, math.log(3)], [-50.0, 0.0, 0.0]])
+    target = torch.tensor([[0.5, 0.5], [0.9, 0.1]])
+    # merged p: [1/4, 3/4] and [1/2, 1/2]; KL(t || p) per row, then the mean over rows
+    first = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+    second = 0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5)
+    got = coefficients.group_kl(logits, target, group)
+    assert float(got) == pytest.approx((first + second) / 2, rel=1e-5)
+
+
+def test_group_kl_of_a_multi_label_group_sums_bernoulli_kls_over_labels():
+    group = TaskGroup("t", ("a", "b"), 0, multi_label=True)
+    logits = torch.tensor([[0.0, math.log(4)], [0.0, 0.0]])
+    target = torch.tensor([[0.8, 0.8], [0.0, 0.5]])  # 0 is clamped to 1e-7
+    bernoulli = lambda t, p: t * math.log(t / p) + (1 - t) * math.log((1 - t) / (1 - p))  # noqa
+    rows = [bernoulli(0.8, 0.5) + bernoulli(0.8, 0.8), bernoulli(1e-7, 0.5) + 0.0]
+    got = coefficients.group_kl(logits, target, group)
+    assert float(got) == pytest.approx(sum(rows) / 2, rel=1e-4)
+
+
+def test_expert_probabilities_are_sigmoids_or_a_softmax():
+    logits = torch.tensor([[0.0, math.log(3)]])
+    torch.testing.assert_close(coefficients.expert_probabilities(logits, True),
+                               torch.tensor([[0.5, 0.75]]))
+    torch.testing.assert_close(coefficients.expert_probabilities(logits, False),
+                               torch.tensor([[0.25, 0.75]]))
+
+
+def test_recentre_reports_target_before_and_after_for_a_single_label_group():
+    group = TaskGroup("t", ("a", "b"), 0)
+    merged = np.array([[2.0, 0.0], [1.5, 0.0], [1.0, 0.0], [0.5, 0.0]])  # all say a
+    expert = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [1.0, 0.0]])  # half a, half b
+    result = recentre.recentre(merged, expert, group)
+    assert result["target"] == [0.5, 0.5] and result["before"] == [1.0, 0.0]
+    assert result["after"] == [0.5, 0.5]
+    shift = np.array(result["shift"])
+    assert shift.sum() == pytest.approx(0, abs=1e-9)
+    assert recentre.histogram(merged + shift).tolist() == [0.5, 0.5]
+
+
+def test_recentre_of_a_multi_label_group_matches_the_experts_rates_at_its_threshold():
+    group = TaskGroup("t", ("a", "b"), 0, multi_label=True, threshold=0.8)
+    cut = math.log(4)
+    merged = np.array([[-1.0, 5.0], [0.0, 6.0], [1.0, 7.0], [2.0, 8.0]])
+    expert = np.array([[cut + 1, cut - 1], [cut + 1, cut - 1], [cut - 1, cut - 1],
+                       [cut - 1, cut + 1]])  # a on for 2 of 4, b for 1 of 4
+    result = recentre.recentre(merged, expert, group)
+    assert result["target"] == [0.5, 0.25]
+    assert result["before"] == [0.25, 1.0]  # only 2.0 > log 4 = 1.386 in column a
+    assert result["after"] == [0.5, 0.25]
+    # the cut falls halfway between the m-th and (m+1)-th largest logits
+    assert result["shift"] == pytest.approx([cut - 0.5, cut - 7.5])
+
+
+def test_sigmoid_shift_puts_the_cut_just_outside_when_no_or_every_text_is_on():
+    logits = np.array([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]])
+    shifts = recentre.sigmoid_shift(logits, np.array([0.0, 1.0]), 0.5)
+    assert shifts == pytest.approx([-(3.0 + 1e-3), -(1.0 - 1e-3)])
+
+
+def test_histogram_counts_argmax_classes_including_empty_ones():
+    assert recentre.histogram(np.array([[0.0, 1.0, 0.0], [2.0, 1.0, 0.0]])).tolist() == [
+        0.5, 0.5, 0.0]
+
+
+def test_lewis_overrides_name_each_layers_tensors_literally_for_their_expert():
+    table = {"spam": {"enc.l[0]*": 0.3, "enc.l1": 0.6}, "topic": {"enc.l1": 0.9}}
+    names = {"enc.l[0]*.weight", "enc.l[0]*.bias", "enc.l1.weight", "enc.l[0]x.weight"}
+    got = lewis.overrides(table, names)
+    assert [(o.parameters, o.experts) for o in got] == [
+        ({"density": 0.3}, ("spam",)), ({"density": 0.3}, ("spam",)),
+        ({"density": 0.6}, ("spam",)), ({"density": 0.9}, ("topic",))]
+    assert all(isinstance(o, Override) for o in got)
+    matched = [sorted(n for n in names if fnmatch.fnmatchcase(n, o.pattern)) for o in got]
+    assert matched == [["enc.l[0]*.weight"], ["enc.l[0]*.bias"], ["enc.l1.weight"],
+                       ["enc.l1.weight"]]
+
+
+def test_align_agreement_is_argmax_or_each_labels_side_of_the_threshold():
+    single = TaskGroup("t", ("a", "b"), 0)
+    logits = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 2.0], [3.0, 0.0]])
+    target = torch.tensor([[2.0, 0.0], [2.0, 0.0], [0.0, 5.0], [0.0, 1.0]])
+    assert align._agreement(logits, target, single) == 0.5
+    multi = TaskGroup("t", ("a", "b"), 0, multi_label=True, threshold=0.8)  # logit cut log 4
+    assert align._agreement(logits, target, multi) == 5 / 8
+
+
+def test_ridge_toward_solves_the_regularised_normal_equations():
+    gram = torch.tensor([[2.0, 0.0], [0.0, 4.0]], dtype=torch.float64)
+    cross = torch.tensor([[2.0], [8.0]], dtype=torch.float64)  # least squares alone: w = [1, 2]
+    start = torch.tensor([[3.0, 6.0]], dtype=torch.float64)
+    # s = mean diagonal = 3; ridge 1/3 adds 1 * I: w = [(2 + 3) / 3, (8 + 6) / 5]
+    got = regmean.ridge_toward(gram, cross, start, 1 / 3)
+    torch.testing.assert_close(got, torch.tensor([[5 / 3, 14 / 5]], dtype=torch.float64))
+    torch.testing.assert_close(regmean.ridge_toward(gram, cross, start, 0.0),
+                               torch.tensor([[1.0, 2.0]], dtype=torch.float64))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tokenizer")
+    write_tokenizer(folder)
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def test_calibration_batches_group_texts_by_length_in_a_fixed_order(tokenizer):
+    texts = ["good bad awful", "good", "win money hello today", "bad"]
+    batches = calibration.tokenize(tokenizer, texts, max_length=5, batch_size=3)
+    assert [b["attention_mask"].sum(1).tolist() for b in batches] == [[3, 3, 5], [5]]
+    # by length: bad, good, good bad awful | win money hello today (cut to 5 tokens)
+    words = [[tokenizer.decode(row, skip_special_tokens=True) for row in b["input_ids"]]
+             for b in batches]
+    assert words == [["bad", "good", "good bad awful"], ["win money hello"]]
+
+
+class Stats(torch.nn.Module):
+    """Two linear layers reading the token rows directly, so their inputs are known."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = torch.nn.Linear(2, 2)
+        self.second = torch.nn.Linear(2, 1)
+
+    def forward(self, x, attention_mask):
+        return SimpleNamespace(logits=self.second(self.first(x) * 0 + x)[:, 0])
+
+
+def test_layer_input_means_average_over_real_tokens_only():
+    x = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [99.0, 99.0]],
+                      [[5.0, 6.0], [99.0, 99.0], [99.0, 99.0]]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    batches = [{"x": x, "attention_mask": mask}, {"x": torch.tensor([[[7.0, 8.0]]]),
+                                                  "attention_mask": torch.tensor([[1]])}]
+    means = calibration.layer_input_means(Stats(), batches, lambda rows: rows.pow(2).sum(0),
+                                          skip=("second",))
+    assert list(means) == ["first"]
+    # the real tokens: (1,2) (3,4) (5,6) (7,8): mean squares (1+9+25+49)/4, (4+16+36+64)/4
+    torch.testing.assert_close(means["first"], torch.tensor([21.0, 30.0], dtype=torch.float64))
+    grams = calibration.layer_input_means(Stats(), batches, lambda rows: rows.T @ rows)
+    cross = (1 * 2 + 3 * 4 + 5 * 6 + 7 * 8) / 4
+    expected = torch.tensor([[21.0, cross], [cross, 30.0]], dtype=torch.float64)
+    torch.testing.assert_close(grams["first"], expected)
+    torch.testing.assert_close(grams["second"], expected)  # it reads x as well
+
+
+def test_a_layer_no_token_reaches_has_zero_statistics():
+    model = Stats()
+    padding_only = [{"x": torch.ones(1, 2, 2), "attention_mask": torch.zeros(1, 2)}]
+    means = calibration.layer_input_means(model, padding_only, lambda rows: rows.T @ rows)
+    assert means["first"].tolist() == [[0.0, 0.0], [0.0, 0.0]]
