@@ -1,0 +1,80 @@
+"""The merge engine's small rules on their own (no model files): output dtypes, base tensor
+names, per-tensor random streams, task-vector norms and the implausible-expert warning."""
+
+from __future__ import annotations
+
+import warnings
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from hm3.errors import Hm3Warning
+from hm3.merge import (IMPLAUSIBLE_TASK_VECTOR, TensorJob, _base_name, _generator,
+                       _output_dtype, task_vector_norms, warn_implausible)
+
+
+def _sources(stored: str):
+    return SimpleNamespace(experts=[SimpleNamespace(dtype=lambda _name: stored)])
+
+
+@pytest.mark.parametrize("stored, recipe_dtype, floating, expected", [
+    ("F32", None, True, torch.float32),
+    ("F16", None, True, torch.float16),      # half precision stays as stored
+    ("BF16", None, True, torch.bfloat16),
+    ("F64", None, True, torch.float32),      # anything else is written as float32
+    ("F32", "float16", True, torch.float16),  # the recipe's dtype wins for floating tensors
+    ("BF16", "float32", True, torch.float32),
+    ("F16", "bfloat16", True, torch.bfloat16),
+    ("I64", "float16", False, torch.int64),  # integer buffers keep their type
+    ("BOOL", None, False, torch.bool),
+])
+def test_output_dtype(stored, recipe_dtype, floating, expected):
+    job = TensorJob("t", (2,), "t", None, floating)
+    got = _output_dtype(SimpleNamespace(dtype=recipe_dtype), _sources(stored), job)
+    assert got == expected
+
+
+def test_base_name_is_the_same_name_or_without_the_task_models_prefix():
+    base = {"encoder.layer.0.weight", "embeddings.word_embeddings.weight",
+            "bert.pooler.dense.weight"}
+    assert _base_name(base, "encoder.layer.0.weight") == "encoder.layer.0.weight"
+    assert _base_name(base, "bert.encoder.layer.0.weight") == "encoder.layer.0.weight"
+    assert _base_name(base, "bert.pooler.dense.weight") == "bert.pooler.dense.weight"
+    assert _base_name(base, "classifier.weight") is None
+    assert _base_name(base, "roberta.bert.encoder.layer.0.weight") is None  # one prefix only
+
+
+def _draws(seed, tensor, expert):
+    return torch.rand(8, generator=_generator(seed, tensor, expert)).tolist()
+
+
+def test_every_seed_tensor_and_expert_has_its_own_reproducible_stream():
+    first = _draws(0, "a.weight", 0)
+    assert _draws(0, "a.weight", 0) == first
+    others = [_draws(1, "a.weight", 0), _draws(0, "b.weight", 0), _draws(0, "a.weight", 1),
+              _draws(10, "a.weight", 0), _draws(0, "a.weight0", 0)]
+    assert all(other != first for other in others)
+    assert len({tuple(d) for d in others}) == len(others)
+
+
+def test_task_vector_norms_are_relative_to_the_base():
+    sources = SimpleNamespace(recipe=SimpleNamespace(experts=[SimpleNamespace(task="a"),
+                                                              SimpleNamespace(task="b")]),
+                              task_vector_sq=[[4.0, 16.0], [1e-14, 0.0]])
+    norms = task_vector_norms(sources)
+    assert norms == {"a": pytest.approx(0.5), "b": pytest.approx(0.1)}  # sqrt(1e-14 / 1e-12)
+
+
+def test_implausible_experts_are_warned_about_above_half_the_bases_norm():
+    assert IMPLAUSIBLE_TASK_VECTOR == 0.5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_implausible({"close": 0.5, "near": 0.01})
+    with pytest.warns(Hm3Warning) as caught:
+        warn_implausible({"fine": 0.1, "far": 0.73, "farther": 2.0})
+    assert [str(w.message) for w in caught] == [
+        "expert far's weights differ from the base by 73% of the base's norm; it was probably "
+        "not fine-tuned from this base",
+        "expert farther's weights differ from the base by 200% of the base's norm; it was "
+        "probably not fine-tuned from this base"]
