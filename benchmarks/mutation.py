@@ -55,7 +55,7 @@ GROUPS = {
     "guided": (["src/hm3/guided/*"],
                ["tests/test_guided_units.py", "tests/test_guided.py",
                 "tests/test_guided_reference.py"]),
-    "metrics": (["src/hm3/evaluate.py"], ["tests/test_evaluate.py"]),
+    "metrics": (["src/hm3/evaluate.py"], ["tests/test_metrics.py", "tests/test_evaluate.py"]),
 }
 # A mutant counts as killed when a test fails or hangs past mutmut's timeout (as mutmut scores).
 CAUGHT = {"killed", "timeout", "segfault", "caught by type check"}
