@@ -94,8 +94,9 @@ def test_find_head_takes_the_most_specific_name_with_one_row_per_label():
 
 def test_find_head_refuses_a_vector_or_wrong_rows_and_says_how_to_name_it():
     expected = ("m: cannot find the classification head (looked for classifier.out_proj.weight, "
-                "classifier.weight, score.weight with 5 rows); name it in the recipe")
-    with pytest.raises(Hm3Error, match=r"^" + re.escape(expected)):
+                "classifier.weight, score.weight with 5 rows); name it in the recipe, e.g. "
+                "`head: {weight: my_head.weight, bias: my_head.bias}`")
+    with pytest.raises(Hm3Error, match=r"^" + re.escape(expected) + "$"):
         _find(SHAPES, 5)
     SHAPES["score.weight"], old = (3,), SHAPES["score.weight"]
     try:
