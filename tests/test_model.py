@@ -5,6 +5,8 @@ from a config."""
 from __future__ import annotations
 
 import math
+import re
+import shutil
 from types import SimpleNamespace
 
 import numpy as np
@@ -12,7 +14,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from conftest import write_tokenizer
+import hm3
+from conftest import build_family, write_tokenizer
 from hm3.errors import Hm3Error
 from hm3.heads import TaskGroup
 from hm3.model import MultiTaskClassifier, _max_length, task_groups
@@ -136,3 +139,126 @@ def test_task_groups_read_the_hm3_block_or_make_one_task():
     multi = {"num_labels": 3, "problem_type": "multi_label_classification"}
     assert task_groups(multi, "t", "m") == [
         TaskGroup("t", ("LABEL_0", "LABEL_1", "LABEL_2"), 0, multi_label=True)]
+
+
+class Calls(CountingNetwork):
+    """CountingNetwork that counts its forward passes."""
+
+    calls = 0
+
+    def forward(self, input_ids, attention_mask, **kwargs):
+        self.calls += 1
+        return super().forward(input_ids, attention_mask, **kwargs)
+
+
+def test_predict_and_predict_proba_run_at_the_batch_size_asked(tokenizer):
+    network = Calls()
+    model = MultiTaskClassifier(network, tokenizer, [SPAM, TAGS])
+    model.predict(TEXTS, batch_size=1)
+    assert network.calls == 4
+    model.predict_proba(TEXTS, batch_size=3)
+    assert network.calls == 6
+
+
+def test_a_bad_label_table_names_the_model_it_came_from():
+    with pytest.raises(Hm3Error, match=r"^my/model: config.json id2label has non-integer ids$"):
+        task_groups({"id2label": {"a": "x"}}, None, "my/model")
+
+
+# --- hm3.load on a real tiny classifier ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def expert(tmp_path_factory):
+    """One tiny BERT classifier saved as safetensors, the same as pickle only, and as both."""
+    from transformers import AutoModelForSequenceClassification
+
+    root = tmp_path_factory.mktemp("load")
+    _, experts = build_family(root, {"mood": ["sad", "glad"]})
+    folder = experts["mood"]
+    model = AutoModelForSequenceClassification.from_pretrained(folder)
+    pickled, both = root / "pickled", root / "both"
+    for target in (pickled, both):
+        shutil.copytree(folder, target)
+        torch.save(model.state_dict(), target / "pytorch_model.bin")
+    for file in pickled.glob("*.safetensors"):
+        file.unlink()
+    return SimpleNamespace(folder=folder, pickled=pickled, both=both)
+
+
+def test_load_defaults_to_cuda_when_there_is_one_and_names_the_task(expert):
+    model = hm3.load(expert.folder)
+    assert model.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert model.tasks == ["mood"] and model.max_length == 32
+    assert hm3.load(expert.folder, task="feeling", device="cpu").tasks == ["feeling"]
+
+
+def test_load_takes_max_length_of_two_tokens_or_more(expert):
+    assert hm3.load(expert.folder, device="cpu", max_length=2).max_length == 2
+    with pytest.raises(Hm3Error, match=r"^max_length must be at least 2 tokens, got 1$"):
+        hm3.load(expert.folder, device="cpu", max_length=1)
+
+
+def test_load_refuses_pickle_only_weights_unless_allowed(expert):
+    with pytest.raises(Hm3Error) as error:
+        hm3.load(expert.pickled, device="cpu")
+    assert str(error.value).startswith(f"{expert.pickled} has only pickle (.bin) weights")
+    assert str(error.value).endswith("(allow_pickle=True in Python) if you trust it")
+    want = hm3.load(expert.folder, device="cpu").logits(TEXTS)
+    allowed = hm3.load(expert.pickled, device="cpu", allow_pickle=True)
+    np.testing.assert_allclose(allowed.logits(TEXTS), want, rtol=0, atol=1e-6)
+    # safetensors beside the pickle: nothing to refuse
+    np.testing.assert_allclose(hm3.load(expert.both, device="cpu").logits(TEXTS), want,
+                               rtol=0, atol=1e-6)
+
+
+def test_load_of_a_hub_id_asks_for_the_revision_and_pickle_only_when_allowed(expert, monkeypatch):
+    import huggingface_hub
+
+    asked = []
+
+    def snapshot_download(reference, revision=None, allow_patterns=()):
+        asked.append((reference, revision, "*.bin" in allow_patterns))
+        return str(expert.pickled)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    model = hm3.load("org/mood", revision="v2", device="cpu", allow_pickle=True)
+    assert asked == [("org/mood", "v2", True)] and model.tasks == ["mood"]
+    with pytest.raises(Hm3Error, match="only pickle"):
+        hm3.load("org/mood", device="cpu")
+    assert asked[1] == ("org/mood", None, False)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_load_leaves_the_progress_bar_setting_as_it_was(expert, enabled):
+    from transformers.utils import logging
+
+    was = logging.is_progress_bar_enabled()
+    try:
+        (logging.enable_progress_bar if enabled else logging.disable_progress_bar)()
+        hm3.load(expert.folder, device="cpu")
+        assert logging.is_progress_bar_enabled() is enabled
+    finally:
+        (logging.enable_progress_bar if was else logging.disable_progress_bar)()
+
+
+def test_a_folder_that_is_no_classifier_fails_with_what_went_wrong(expert, tmp_path):
+    folder = tmp_path / "no-weights"
+    shutil.copytree(expert.folder, folder)
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(Hm3Error, match=rf"^cannot load {re.escape(str(folder))} as a sequence "
+                                       "classifier: "):
+        hm3.load(folder, device="cpu")
+
+
+def test_a_tokenizer_without_padding_pads_with_its_end_token(expert, tmp_path):
+    from transformers import BertTokenizerFast
+
+    folder = tmp_path / "no-pad"
+    shutil.copytree(expert.folder, folder)
+    vocab = AutoTokenizer.from_pretrained(expert.folder).get_vocab()
+    BertTokenizerFast(vocab=vocab, pad_token=None, eos_token="[SEP]",
+                      model_max_length=32).save_pretrained(folder)
+    assert AutoTokenizer.from_pretrained(folder).pad_token is None
+    model = hm3.load(folder, device="cpu")
+    assert model.tokenizer.pad_token == "[SEP]"
+    assert model.logits(TEXTS).shape == (4, 2)  # texts of different lengths batch together
