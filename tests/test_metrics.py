@@ -147,3 +147,12 @@ def test_report_of_two_tasks_gives_the_mean_and_no_truncation_line_when_none_was
 
 def test_a_model_without_datasets_has_no_mean():
     assert evaluate(Fixed(TABLE), []) == {"max_length": 8, "mean_macro_f1": None, "tasks": {}}
+
+
+def test_report_lists_every_cross_check_and_each_expected_label():
+    spam = Dataset("spam", ["a", "b", "c"], ["ham", "spam", "spam"],
+                   expect={"toxic": ["insult", "threat"], "topic": "news"})
+    report = evaluate(Fixed(TABLE), [spam])
+    # toxic {insult, threat} only for a: 1 of 3; the model has no topic head
+    assert format_report(report, per_class=False).splitlines()[1] == (
+        "spam  3    0.6667    0.6667          0  toxic=[insult,threat] 33.3%, topic: no such head")
