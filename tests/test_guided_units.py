@@ -13,7 +13,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from conftest import write_tokenizer
+from conftest import build_family, recipe_dict, write_tokenizer
+from hm3.errors import Hm3Error
 from hm3.guided import align, calibration, coefficients, lewis, recentre, regmean
 from hm3.heads import TaskGroup
 from hm3.recipe import Override
@@ -195,3 +196,45 @@ def test_a_layer_no_token_reaches_has_zero_statistics():
     padding_only = [{"x": torch.ones(1, 2, 2), "attention_mask": torch.zeros(1, 2)}]
     means = calibration.layer_input_means(model, padding_only, lambda rows: rows.T @ rows)
     assert means["first"].tolist() == [[0.0, 0.0], [0.0, 0.0]]
+
+
+# --- models on a tiny family --------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    from hm3 import parse_recipe
+    from hm3.merge import open_sources
+
+    root = tmp_path_factory.mktemp("units")
+    base, experts = build_family(root, {"mood": ["sad", "glad"], "topic": ["a", "b", "c"]})
+    return open_sources(parse_recipe(recipe_dict(base, experts)))
+
+
+def test_the_base_as_a_classifier_has_the_bases_body_and_a_zero_head(sources):
+    model = calibration.base_as_classifier(sources)
+    state = model.state_dict()
+    assert state["classifier.weight"].shape == (5, 32)
+    assert not state["classifier.weight"].any() and not state["classifier.bias"].any()
+    name = "bert.encoder.layer.0.attention.self.query.weight"
+    assert torch.equal(state[name], sources.base.tensor("encoder.layer.0.attention.self.query"
+                                                        ".weight"))
+    assert calibration.head_modules(sources) == ["classifier"]
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_loading_an_expert_leaves_the_progress_bar_setting_as_it_was(sources, enabled):
+    from transformers.utils import logging
+
+    was = logging.is_progress_bar_enabled()
+    try:
+        (logging.enable_progress_bar if enabled else logging.disable_progress_bar)()
+        model = calibration.expert_classifier(sources.experts[1])
+        assert logging.is_progress_bar_enabled() is enabled
+        assert model.config.num_labels == 3 and not model.training
+    finally:
+        (logging.enable_progress_bar if was else logging.disable_progress_bar)()
+
+
+def test_calibration_batches_need_a_calibration_block(sources):
+    with pytest.raises(Hm3Error, match=r"^this needs unlabelled texts: add a `calibration:` block"):
+        calibration.calibration_batches(sources)
