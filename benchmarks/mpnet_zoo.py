@@ -63,6 +63,11 @@ LABEL_FREE_CONFIGS = {
     "task arithmetic 0.3 + head steps": ("task_arithmetic", {"lambda": 0.3}, HEAD_STEPS),
     "linear + head steps": ("linear", {}, HEAD_STEPS),
     "base body + head steps": ("task_arithmetic", {"lambda": 0.0}, HEAD_STEPS),
+    "ties 0.2 + head steps, ridge auto": (DEFAULT_METHOD, DEFAULT_PARAMETERS,
+                                          {**HEAD_STEPS, "align_heads": {"ridge": "auto"}}),
+    "regmean + head steps, ridge auto": (DEFAULT_METHOD, DEFAULT_PARAMETERS,
+                                         {**HEAD_STEPS, "regmean": {},
+                                          "align_heads": {"ridge": "auto"}}),
     "iso_c 1.0 + head steps": ("iso_c", {"lambda": 1.0}, HEAD_STEPS),
     "iso_c 1.5 + head steps": ("iso_c", {"lambda": 1.5}, HEAD_STEPS),
 }

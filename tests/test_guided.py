@@ -528,6 +528,59 @@ def test_cli_merge_and_inspect_summarise_the_label_free_steps(fam, tmp_path, cap
 
 
 def test_align_heads_needs_a_positive_ridge(fam, tmp_path):
-    with pytest.raises(Hm3Error, match="align_heads.ridge: expected a positive number"):
-        run_merge(fam, tmp_path / "out", align_heads={"ridge": 0})
+    for bad in (0, "automatic"):
+        with pytest.raises(Hm3Error, match="align_heads.ridge: expected a positive number"):
+            run_merge(fam, tmp_path / "out", align_heads={"ridge": bad})
     assert not (tmp_path / "out").exists()
+
+
+def numpy_cv_error(x: np.ndarray, z: np.ndarray, start: np.ndarray, ridge: float,
+                   folds: int) -> float:
+    """k-fold error of the ridge refit, written out once more: fold j holds texts j, j+k, ...;
+    rows fitted on the rest minimise |X W^T - Z|^2 + ridge * s * |W - W0|^2 with s the mean
+    diagonal of the rest's X^T X."""
+    total = 0.0
+    for j in range(folds):
+        held = np.zeros(len(x), dtype=bool)
+        held[j::folds] = True
+        a, b = x[~held], z[~held]
+        s = np.trace(a.T @ a) / a.shape[1]
+        rows = np.linalg.solve(a.T @ a + ridge * s * np.eye(a.shape[1]),
+                               a.T @ b + ridge * s * start.T).T
+        total += ((x[held] @ rows.T - z[held]) ** 2).sum()
+    return total / z.size
+
+
+@pytest.mark.parametrize("texts, features, strong", [(40, 120, True), (2000, 12, False)],
+                         ids=["fewer-texts-than-features", "many-texts"])
+def test_ridge_auto_cross_validates_on_the_calibration_texts(texts, features, strong):
+    """With fewer texts than features and noisy targets a strong ridge predicts unseen texts
+    best; with many texts the weakest does. The errors are those of an independent k-fold
+    computation."""
+    rng = np.random.default_rng(texts)
+    x = rng.normal(size=(texts, features))
+    start = np.zeros((3, features))
+    z = x @ (0.3 * rng.normal(size=(3, features))).T + 0.5 * rng.normal(size=(texts, 3))
+    chosen, errors = align.choose_ridge(torch.from_numpy(x), torch.from_numpy(z),
+                                        torch.from_numpy(start))
+    assert list(errors) == list(align.RIDGES)
+    for ridge in (0.01, 1.0):
+        assert errors[ridge] == pytest.approx(numpy_cv_error(x, z, start, ridge, align.FOLDS),
+                                              rel=1e-9)
+    assert errors[chosen] == min(errors.values())
+    assert (chosen >= 0.3) if strong else (chosen == min(align.RIDGES))
+
+
+def test_ridge_auto_records_each_tasks_choice(fam, tmp_path, capsys):
+    two = {t: fam.experts[t] for t in ("sentiment", "topic")}
+    report = run_merge(fam, tmp_path / "auto", experts=two, align_heads={"ridge": "auto"})
+    block = report.guided["align_heads"]
+    assert block["ridge"] == "auto"
+    for task, entry in block["tasks"].items():
+        assert entry["ridge"] in align.RIDGES
+        errors = {float(r): e for r, e in entry["cv_mse"].items()}
+        assert errors[entry["ridge"]] == min(errors.values()), task
+    fixed = run_merge(fam, tmp_path / "fixed", experts=two,
+                      align_heads={"ridge": block["tasks"]["topic"]["ridge"]})
+    torch.testing.assert_close(tensors(report.path)["classifier.weight"][2:],
+                               tensors(fixed.path)["classifier.weight"][2:], rtol=0, atol=1e-6)

@@ -288,8 +288,10 @@ def format_guided(report: dict) -> str:
                      f"(alpha {report['regmean']['alpha']})")
     if "align_heads" in report:
         for task, entry in report["align_heads"]["tasks"].items():
+            chosen = f" (ridge {entry['ridge']} by cross-validation)" if "ridge" in entry else ""
             lines.append(f"  align_heads {task}: agreement with the expert "
-                         f"{entry['agreement_before']:.1%} -> {entry['agreement_after']:.1%}")
+                         f"{entry['agreement_before']:.1%} -> {entry['agreement_after']:.1%}"
+                         f"{chosen}")
     if "fidelity" in report:
         figures = ", ".join(f"{task} {entry['agreement']:.1%}"
                             for task, entry in report["fidelity"]["tasks"].items())
