@@ -10,6 +10,9 @@ soon as it is done):
   against N.
 - `label-free`: the demo's label-free steps (src/hm3/demo.py: TIES 0.2, heads whole, learned
   coefficients, align_heads, recentre), per-task calibration.
+- `sweep`: other body merges (TIES 0.1, RegMean, task arithmetic, linear, the base's own body,
+  Iso-C)
+  under the same head steps, per-task calibration; rows already in the results are skipped.
 Of the label-free configurations, the one with the best VALIDATION mean is reported as picked;
 test figures never choose anything. Experts' scores are those the zoo recorded when it was built
 (same splits, same 32-token limit). Merges run in a child process under /usr/bin/time -v, which
@@ -48,20 +51,39 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "mpnet_zoo.json"
 MAX_LENGTH = MPNET_TRAINING.max_length  # what the experts were trained and scored on
 CALIBRATION_LIMIT = 128  # the zoo's whole calibration split per task
+HEAD_STEPS = {k: v for k, v in LABEL_FREE.items() if k != "coefficients"}
+# name -> (method, parameters, label-free steps); every one uses per-task calibration unless
+# --calibration says otherwise
 LABEL_FREE_CONFIGS = {
-    "label-free": LABEL_FREE,
-    "heads-only": {k: v for k, v in LABEL_FREE.items() if k != "coefficients"},
+    "label-free": (DEFAULT_METHOD, DEFAULT_PARAMETERS, LABEL_FREE),
+    "heads-only": (DEFAULT_METHOD, DEFAULT_PARAMETERS, HEAD_STEPS),
+    # the sweep: other body merges under the same head steps
+    "ties 0.1 + head steps": ("ties", {"density": 0.1}, HEAD_STEPS),
+    "regmean + head steps": (DEFAULT_METHOD, DEFAULT_PARAMETERS, {**HEAD_STEPS, "regmean": {}}),
+    "task arithmetic 0.3 + head steps": ("task_arithmetic", {"lambda": 0.3}, HEAD_STEPS),
+    "linear + head steps": ("linear", {}, HEAD_STEPS),
+    "base body + head steps": ("task_arithmetic", {"lambda": 0.0}, HEAD_STEPS),
+    "ties 0.2 + head steps, ridge auto": (DEFAULT_METHOD, DEFAULT_PARAMETERS,
+                                          {**HEAD_STEPS, "align_heads": {"ridge": "auto"}}),
+    "regmean + head steps, ridge auto": (DEFAULT_METHOD, DEFAULT_PARAMETERS,
+                                         {**HEAD_STEPS, "regmean": {},
+                                          "align_heads": {"ridge": "auto"}}),
+    "iso_c 1.0 + head steps": ("iso_c", {"lambda": 1.0}, HEAD_STEPS),
+    "iso_c 1.5 + head steps": ("iso_c", {"lambda": 1.5}, HEAD_STEPS),
 }
+SWEEP = [name for name in LABEL_FREE_CONFIGS if name not in ("label-free", "heads-only")]
 # cheapest first: the learned coefficients of `label-free` take the longest
-STAGES = ("plain", "heads-only", "streaming", "label-free")
+STAGES = ("plain", "heads-only", "streaming", "label-free", "sweep")
 
 
-def recipe(zoo, tasks, extra: dict, calibration: str = "per-task", work: Path | None = None) -> dict:
+def recipe(zoo, tasks, extra: dict, calibration: str = "per-task", work: Path | None = None,
+           method: str = DEFAULT_METHOD, parameters: dict | None = None) -> dict:
     """The merge's recipe. Calibration texts for the label-free steps: each task's own split
     (`per-task`), the next task's split (`off-task`: the wrong texts), or every task's splits
     pooled into one file fed to every task (`shared`: one traffic sample of the same total size;
     needs the recipe's `calibration: {texts: FILE}` form)."""
-    raw = {"base": str(zoo.base), "method": DEFAULT_METHOD, "parameters": DEFAULT_PARAMETERS,
+    raw = {"base": str(zoo.base), "method": method,
+           "parameters": DEFAULT_PARAMETERS if parameters is None else parameters,
            "seed": 0, "experts": [{"model": str(zoo.experts[t]), "task": t} for t in tasks], **extra}
     if not extra:
         return raw
@@ -167,7 +189,7 @@ def goals(rows: dict) -> dict:
     """Issue goals on test: the picked label-free merge within 1 point of the experts' mean, and
     no task more than 3 points under its expert."""
     experts = rows["experts"]["scores"]["test"]
-    picked = [n for n in LABEL_FREE_CONFIGS if n in rows]
+    picked = [n for n in LABEL_FREE_CONFIGS if n in rows]  # per-task calibration only
     if not picked:
         return {}
     best = max(picked, key=lambda n: rows[n]["mean"]["validation"])
@@ -185,6 +207,9 @@ def main() -> None:
     parser.add_argument("--calibration", choices=("per-task", "off-task", "shared"), default="per-task",
                         help="which unlabelled texts the label-free stages use (rows of other than "
                              "per-task texts are named with it and never picked)")
+    parser.add_argument("--configs", nargs="+", choices=SWEEP,
+                        help="the sweep's configurations to run (default: those not in the results yet)")
+    parser.add_argument("--redo", action="store_true", help="rerun sweep rows already in the results")
     args = parser.parse_args()
     stages = args.only or STAGES
     zoo = build_mpnet_zoo(progress=True)
@@ -220,19 +245,25 @@ def main() -> None:
                 print(n, streaming[str(n)], flush=True)
                 save()
             continue
-        extra = LABEL_FREE_CONFIGS.get(stage, {})
-        name = stage if not extra or args.calibration == "per-task" else f"{stage} ({args.calibration})"
-        out = work / name.replace(" (", "-").replace(")", "")
-        cost = timed_merge(recipe(zoo, tasks, extra, args.calibration, work), out)
-        print(cost, flush=True)
-        rows[name] = with_means({"name": name, "recipe_extra": extra, "merge": cost,
-                                 "calibration": args.calibration if extra else None,
-                                 "recorded": merge_summary(out),
-                                 # the plain merge chooses nothing: test only
-                                 "scores": scores_of(out, zoo, ("test",) if stage == "plain"
-                                                     else ("validation", "test"))})
-        print(json.dumps(rows[name]["mean"]), flush=True)
-        save()
+        for config in (args.configs or SWEEP) if stage == "sweep" else [stage]:
+            method, parameters, extra = LABEL_FREE_CONFIGS.get(
+                config, (DEFAULT_METHOD, DEFAULT_PARAMETERS, {}))
+            name = config if not extra or args.calibration == "per-task" else f"{config} ({args.calibration})"
+            if stage == "sweep" and name in rows and not args.redo:
+                continue
+            print(f"-- {name}", flush=True)
+            out = work / re.sub(r"[^a-z0-9.]+", "-", name)
+            cost = timed_merge(recipe(zoo, tasks, extra, args.calibration, work, method, parameters), out)
+            print(cost, flush=True)
+            rows[name] = with_means({"name": name, "method": method, "parameters": parameters,
+                                     "recipe_extra": extra, "merge": cost,
+                                     "calibration": args.calibration if extra else None,
+                                     "recorded": merge_summary(out),
+                                     # the plain merge chooses nothing: test only
+                                     "scores": scores_of(out, zoo, ("test",) if stage == "plain"
+                                                         else ("validation", "test"))})
+            print(json.dumps(rows[name]["mean"]), flush=True)
+            save()
     save()
     print(json.dumps(goals(rows), indent=2))
 
