@@ -3,6 +3,8 @@ predictions at the threshold, shape and length errors, and what the printed repo
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -156,3 +158,42 @@ def test_report_lists_every_cross_check_and_each_expected_label():
     # toxic {insult, threat} only for a: 1 of 3; the model has no topic head
     assert format_report(report, per_class=False).splitlines()[1] == (
         "spam  3    0.6667    0.6667          0  toxic=[insult,threat] 33.3%, topic: no such head")
+
+
+def test_errors_name_the_row_and_where_it_came_from():
+    with pytest.raises(Hm3Error, match=r"^row 1: label 'eggs' is not a label of task 'spam'"):
+        score_task(SPAM, ["eggs"], np.array([[0.9, 0.1]]))
+    with pytest.raises(Hm3Error, match=r"^expect\.spam row 1: label 'eggs' is not a label"):
+        agreement(SPAM, "eggs", np.array([[0.9, 0.1]]))
+    with pytest.raises(Hm3Error, match=r"^d\.csv row 2: label 'eggs' is not a label"):
+        evaluate(Fixed(TABLE), [Dataset("spam", ["a", "b"], ["ham", "eggs"], source="d.csv")])
+    with pytest.raises(Hm3Error, match=r"^mood: the model has no task 'mood'"):
+        evaluate(Fixed(TABLE), [Dataset("mood", ["a"], ["sad"])])
+    with pytest.raises(Hm3Error, match=r"^m\.csv: the model has no task 'mood'"):
+        evaluate(Fixed(TABLE), [Dataset("mood", ["a"], ["sad"], source="m.csv")])
+
+
+def test_labels_never_true_nor_predicted_score_zero_without_a_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scores = score_task(TOXIC, [["insult"], ["insult"]], np.array([[0.9, 0.1, 0.1]] * 2))
+    assert scores["macro_f1"] == pytest.approx(1 / 3)
+    assert scores["per_class"]["obscene"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0,
+                                              "support": 0}
+
+
+class Recording(Fixed):
+    def predict_proba(self, texts, batch_size=32):
+        self.batch_sizes = [*getattr(self, "batch_sizes", []), batch_size]
+        return super().predict_proba(texts, batch_size)
+
+
+def test_evaluate_runs_at_the_batch_size_asked_and_checks_every_head_it_has():
+    model = Recording(TABLE)
+    data = Dataset("spam", ["a", "b"], ["ham", "spam"],
+                   expect={"mood": "sad", "toxic": ["insult", "threat"]})
+    entry = evaluate(model, [data], batch_size=4)["tasks"]["spam"]
+    assert model.batch_sizes == [4]
+    assert entry["skipped_cross_checks"] == ["mood"]
+    assert entry["cross_checks"] == {"toxic": {"expected": ["insult", "threat"],
+                                               "agreement": 0.5, "n": 2}}
