@@ -51,7 +51,8 @@ GROUPS = {
                "tests/test_recipe_mistakes.py::"
                "test_weights_that_sum_to_zero_under_normalisation_are_an_error"]),
     "model": (["src/hm3/model.py"],
-              ["tests/test_model.py", "tests/test_merge.py", "tests/test_evaluate.py"]),
+              ["tests/test_model.py", "tests/test_merge.py", "tests/test_evaluate.py",
+               "tests/test_export.py::test_load_predicts_from_the_export_like_the_torch_model"]),
     "guided": (["src/hm3/guided/*"],
                ["tests/test_guided_units.py", "tests/test_guided.py",
                 "tests/test_guided_reference.py"]),

@@ -158,6 +158,11 @@ def test_predict_and_predict_proba_run_at_the_batch_size_asked(tokenizer):
     assert network.calls == 4
     model.predict_proba(TEXTS, batch_size=3)
     assert network.calls == 6
+    many = [TEXTS[i % 4] for i in range(33)]  # the default batch size is 32
+    model.predict(many)
+    model.predict_proba(many)
+    model.logits(many)
+    assert network.calls == 12
 
 
 def test_a_bad_label_table_names_the_model_it_came_from():
