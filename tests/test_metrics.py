@@ -197,3 +197,9 @@ def test_evaluate_runs_at_the_batch_size_asked_and_checks_every_head_it_has():
     assert entry["skipped_cross_checks"] == ["mood"]
     assert entry["cross_checks"] == {"toxic": {"expected": ["insult", "threat"],
                                                "agreement": 0.5, "n": 2}}
+
+
+def test_multi_label_truth_errors_point_at_their_row_and_predictions_are_integers():
+    with pytest.raises(Hm3Error, match=r"^t\.csv row 2: labels '\[bad' are not a JSON list$"):
+        label_indices(TOXIC, ["insult", "[bad"], "t.csv")
+    assert predictions(TOXIC, np.array([[0.9, 0.1, 0.6]])).dtype == np.int64
