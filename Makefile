@@ -39,10 +39,13 @@ test-slow: setup setup-mpnet
 # each group against its own test files: hours on 2 cores, so not part of `test` or CI.
 # `make mutation GROUPS="methods heads"` runs some; the score lands in
 # benchmarks/results/mutation_score.json.
+# MUTATION_ARGS="--keep DIR" keeps each copy for `mutmut show NAME`; "--survivors" re-runs only
+# the recorded survivors against the current tests.
 GROUPS ?=
+MUTATION_ARGS ?=
 mutation: setup
 	$(BIN)/pip install --quiet -e '.[mutation]'
-	nice -n 10 $(BIN)/python benchmarks/mutation.py $(GROUPS)
+	nice -n 10 $(BIN)/python benchmarks/mutation.py $(GROUPS) $(MUTATION_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache
