@@ -136,6 +136,7 @@ def run_group(group: str, children: int, keep: Path | None, survivors_of: dict |
     entry["score"] = entry["killed"] / entry["run"]
     entry["surviving"] = still
     entry["tests"] = GROUPS[group][1]
+    entry["counts"] = {"killed": entry["killed"], "not killed": len(still)}
     entry.setdefault("reruns", []).append({"mutants": len(names), "killed": len(names) - len(still),
                                            "seconds": round(seconds)})
     return entry

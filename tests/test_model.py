@@ -267,3 +267,8 @@ def test_a_tokenizer_without_padding_pads_with_its_end_token(expert, tmp_path):
     model = hm3.load(folder, device="cpu")
     assert model.tokenizer.pad_token == "[SEP]"
     assert model.logits(TEXTS).shape == (4, 2)  # texts of different lengths batch together
+
+
+def test_a_tokenizer_without_a_limit_leaves_max_length_to_the_network():
+    unlimited = SimpleNamespace(model_max_length=int(1e30))
+    assert MultiTaskClassifier(CountingNetwork(), unlimited, [SPAM]).max_length == 64
