@@ -10,9 +10,9 @@ soon as it is done):
   against N.
 - `label-free`: the demo's label-free steps (src/hm3/demo.py: TIES 0.2, heads whole, learned
   coefficients, align_heads, recentre), per-task calibration.
-- `sweep`: other body merges (TIES 0.1, RegMean, task arithmetic, linear, the base's own body,
-  Iso-C)
-  under the same head steps, per-task calibration; rows already in the results are skipped.
+- `sweep`: other body merges (TIES 0.1, RegMean, task arithmetic, linear, Iso-C) under the
+  same head steps, and the head-alignment ridge chosen by cross-validation (`ridge: auto`);
+  per-task calibration; rows already in the results are skipped.
 Of the label-free configurations, the one with the best VALIDATION mean is reported as picked;
 test figures never choose anything. Experts' scores are those the zoo recorded when it was built
 (same splits, same 32-token limit). Merges run in a child process under /usr/bin/time -v, which
@@ -62,13 +62,11 @@ LABEL_FREE_CONFIGS = {
     "regmean + head steps": (DEFAULT_METHOD, DEFAULT_PARAMETERS, {**HEAD_STEPS, "regmean": {}}),
     "task arithmetic 0.3 + head steps": ("task_arithmetic", {"lambda": 0.3}, HEAD_STEPS),
     "linear + head steps": ("linear", {}, HEAD_STEPS),
-    "base body + head steps": ("task_arithmetic", {"lambda": 0.0}, HEAD_STEPS),
     "ties 0.2 + head steps, ridge auto": (DEFAULT_METHOD, DEFAULT_PARAMETERS,
                                           {**HEAD_STEPS, "align_heads": {"ridge": "auto"}}),
     "regmean + head steps, ridge auto": (DEFAULT_METHOD, DEFAULT_PARAMETERS,
                                          {**HEAD_STEPS, "regmean": {},
                                           "align_heads": {"ridge": "auto"}}),
-    "iso_c 1.0 + head steps": ("iso_c", {"lambda": 1.0}, HEAD_STEPS),
     "iso_c 1.5 + head steps": ("iso_c", {"lambda": 1.5}, HEAD_STEPS),
 }
 SWEEP = [name for name in LABEL_FREE_CONFIGS if name not in ("label-free", "heads-only")]
@@ -200,6 +198,19 @@ def goals(rows: dict) -> dict:
             "within_1_point": mean_gap >= -0.01, "no_task_3_points_under": min(gaps.values()) >= -0.03}
 
 
+def table(rows: dict) -> str:
+    """The rows as a markdown table: means, test macro-F1 per task, merge wall time and peak RSS."""
+    tasks = list(rows["experts"]["scores"]["test"])
+    header = ["merge", "val mean", "test mean", *tasks, "wall min", "peak RSS GiB"]
+    lines = [header, ["---"] * len(header)]
+    for row in rows.values():
+        scores, mean, cost = row["scores"], row["mean"], row.get("merge", {})
+        lines.append([row["name"], f"{mean['validation']:.3f}" if "validation" in mean else "-",
+                      f"{mean['test']:.3f}", *(f"{scores['test'][t]:.3f}" for t in tasks),
+                      str(cost.get("wall_minutes", "-")), str(cost.get("peak_rss_gb", "-"))])
+    return "\n".join("| " + " | ".join(line) + " |" for line in lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="+", choices=STAGES, help="run only these stages")
@@ -210,7 +221,11 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", choices=SWEEP,
                         help="the sweep's configurations to run (default: those not in the results yet)")
     parser.add_argument("--redo", action="store_true", help="rerun sweep rows already in the results")
+    parser.add_argument("--report", action="store_true", help="print the results as a table and stop")
     args = parser.parse_args()
+    if args.report:
+        print(table({row["name"]: row for row in json.loads(RESULTS.read_text())["rows"]}))
+        return
     stages = args.only or STAGES
     zoo = build_mpnet_zoo(progress=True)
     tasks = list(zoo.experts)
@@ -225,7 +240,14 @@ def main() -> None:
                         "learning_rate": MPNET_RECIPES[t].learning_rate,
                         "train_seconds": zoo.scores[t]["train_seconds"]} for t in tasks}})
 
+    ran: set[str] = set()
+
     def save() -> None:
+        # another run of this script may have saved rows meanwhile: keep them, ours win
+        if RESULTS.is_file():
+            for row in json.loads(RESULTS.read_text()).get("rows", []):
+                if row["name"] not in ran:
+                    rows[row["name"]] = row
         write_json_atomic(RESULTS, {
             "date": time.strftime("%Y-%m-%d"),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared), torch "
@@ -262,6 +284,7 @@ def main() -> None:
                                      # the plain merge chooses nothing: test only
                                      "scores": scores_of(out, zoo, ("test",) if stage == "plain"
                                                          else ("validation", "test"))})
+            ran.add(name)
             print(json.dumps(rows[name]["mean"]), flush=True)
             save()
     save()
