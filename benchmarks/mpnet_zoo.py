@@ -10,9 +10,9 @@ soon as it is done):
   against N.
 - `label-free`: the demo's label-free steps (src/hm3/demo.py: TIES 0.2, heads whole, learned
   coefficients, align_heads, recentre), per-task calibration.
-- `sweep`: other body merges (TIES 0.1, RegMean, task arithmetic, linear, the base's own body,
-  Iso-C)
-  under the same head steps, per-task calibration; rows already in the results are skipped.
+- `sweep`: other body merges (TIES 0.1, RegMean, task arithmetic, linear, Iso-C) under the
+  same head steps, and the head-alignment ridge chosen by cross-validation (`ridge: auto`);
+  per-task calibration; rows already in the results are skipped.
 Of the label-free configurations, the one with the best VALIDATION mean is reported as picked;
 test figures never choose anything. Experts' scores are those the zoo recorded when it was built
 (same splits, same 32-token limit). Merges run in a child process under /usr/bin/time -v, which
@@ -62,29 +62,34 @@ LABEL_FREE_CONFIGS = {
     "regmean + head steps": (DEFAULT_METHOD, DEFAULT_PARAMETERS, {**HEAD_STEPS, "regmean": {}}),
     "task arithmetic 0.3 + head steps": ("task_arithmetic", {"lambda": 0.3}, HEAD_STEPS),
     "linear + head steps": ("linear", {}, HEAD_STEPS),
-    "base body + head steps": ("task_arithmetic", {"lambda": 0.0}, HEAD_STEPS),
     "ties 0.2 + head steps, ridge auto": (DEFAULT_METHOD, DEFAULT_PARAMETERS,
                                           {**HEAD_STEPS, "align_heads": {"ridge": "auto"}}),
     "regmean + head steps, ridge auto": (DEFAULT_METHOD, DEFAULT_PARAMETERS,
                                          {**HEAD_STEPS, "regmean": {},
                                           "align_heads": {"ridge": "auto"}}),
-    "iso_c 1.0 + head steps": ("iso_c", {"lambda": 1.0}, HEAD_STEPS),
     "iso_c 1.5 + head steps": ("iso_c", {"lambda": 1.5}, HEAD_STEPS),
+    "ties 0.2 + head steps, equal-norm weights": (DEFAULT_METHOD, DEFAULT_PARAMETERS, HEAD_STEPS),
 }
+# configurations whose experts are weighted by median |tau| / |tau_i| (each expert's task vector
+# counts with the same norm; the norms are what `hm3 merge` records, no labels)
+EQUAL_NORM = {"ties 0.2 + head steps, equal-norm weights"}
 SWEEP = [name for name in LABEL_FREE_CONFIGS if name not in ("label-free", "heads-only")]
 # cheapest first: the learned coefficients of `label-free` take the longest
 STAGES = ("plain", "heads-only", "streaming", "label-free", "sweep")
 
 
 def recipe(zoo, tasks, extra: dict, calibration: str = "per-task", work: Path | None = None,
-           method: str = DEFAULT_METHOD, parameters: dict | None = None) -> dict:
+           method: str = DEFAULT_METHOD, parameters: dict | None = None,
+           weights: dict | None = None) -> dict:
     """The merge's recipe. Calibration texts for the label-free steps: each task's own split
     (`per-task`), the next task's split (`off-task`: the wrong texts), or every task's splits
     pooled into one file fed to every task (`shared`: one traffic sample of the same total size;
     needs the recipe's `calibration: {texts: FILE}` form)."""
     raw = {"base": str(zoo.base), "method": method,
            "parameters": DEFAULT_PARAMETERS if parameters is None else parameters,
-           "seed": 0, "experts": [{"model": str(zoo.experts[t]), "task": t} for t in tasks], **extra}
+           "seed": 0, "experts": [{"model": str(zoo.experts[t]), "task": t,
+                                   **({"weight": weights[t]} if weights else {})} for t in tasks],
+           **extra}
     if not extra:
         return raw
     files = [str(zoo.splits[t]["calibration"]) for t in tasks]
@@ -100,6 +105,16 @@ def recipe(zoo, tasks, extra: dict, calibration: str = "per-task", work: Path | 
         texts, limit = str(traffic), len(pooled)
     raw["calibration"] = {"texts": texts, "limit": limit, "max_length": MAX_LENGTH}
     return raw
+
+
+def equal_norm_weights(rows: dict) -> dict[str, float]:
+    """Per expert, median |tau| / |tau_i|, from the norms an earlier merge recorded (the same
+    in every merge: they are the checkpoints')."""
+    norms = next(row["recorded"]["task_vector_norms"] for row in rows.values()
+                 if row.get("recorded", {}).get("task_vector_norms"))
+    ordered = sorted(norms.values())
+    middle = (ordered[(len(ordered) - 1) // 2] + ordered[len(ordered) // 2]) / 2
+    return {task: round(middle / norm, 4) for task, norm in norms.items()}
 
 
 def timed_merge(raw: dict, output: Path) -> dict:
@@ -200,6 +215,19 @@ def goals(rows: dict) -> dict:
             "within_1_point": mean_gap >= -0.01, "no_task_3_points_under": min(gaps.values()) >= -0.03}
 
 
+def table(rows: dict) -> str:
+    """The rows as a markdown table: means, test macro-F1 per task, merge wall time and peak RSS."""
+    tasks = list(rows["experts"]["scores"]["test"])
+    header = ["merge", "val mean", "test mean", *tasks, "wall min", "peak RSS GiB"]
+    lines = [header, ["---"] * len(header)]
+    for row in rows.values():
+        scores, mean, cost = row["scores"], row["mean"], row.get("merge", {})
+        lines.append([row["name"], f"{mean['validation']:.3f}" if "validation" in mean else "-",
+                      f"{mean['test']:.3f}", *(f"{scores['test'][t]:.3f}" for t in tasks),
+                      str(cost.get("wall_minutes", "-")), str(cost.get("peak_rss_gb", "-"))])
+    return "\n".join("| " + " | ".join(line) + " |" for line in lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="+", choices=STAGES, help="run only these stages")
@@ -210,7 +238,11 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", choices=SWEEP,
                         help="the sweep's configurations to run (default: those not in the results yet)")
     parser.add_argument("--redo", action="store_true", help="rerun sweep rows already in the results")
+    parser.add_argument("--report", action="store_true", help="print the results as a table and stop")
     args = parser.parse_args()
+    if args.report:
+        print(table({row["name"]: row for row in json.loads(RESULTS.read_text())["rows"]}))
+        return
     stages = args.only or STAGES
     zoo = build_mpnet_zoo(progress=True)
     tasks = list(zoo.experts)
@@ -225,7 +257,14 @@ def main() -> None:
                         "learning_rate": MPNET_RECIPES[t].learning_rate,
                         "train_seconds": zoo.scores[t]["train_seconds"]} for t in tasks}})
 
+    ran: set[str] = set()
+
     def save() -> None:
+        # another run of this script may have saved rows meanwhile: keep them, ours win
+        if RESULTS.is_file():
+            for row in json.loads(RESULTS.read_text()).get("rows", []):
+                if row["name"] not in ran:
+                    rows[row["name"]] = row
         write_json_atomic(RESULTS, {
             "date": time.strftime("%Y-%m-%d"),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared), torch "
@@ -253,15 +292,19 @@ def main() -> None:
                 continue
             print(f"-- {name}", flush=True)
             out = work / re.sub(r"[^a-z0-9.]+", "-", name)
-            cost = timed_merge(recipe(zoo, tasks, extra, args.calibration, work, method, parameters), out)
+            weights = equal_norm_weights(rows) if config in EQUAL_NORM else None
+            cost = timed_merge(recipe(zoo, tasks, extra, args.calibration, work, method, parameters,
+                                      weights), out)
             print(cost, flush=True)
             rows[name] = with_means({"name": name, "method": method, "parameters": parameters,
+                                     **({"weights": weights} if weights else {}),
                                      "recipe_extra": extra, "merge": cost,
                                      "calibration": args.calibration if extra else None,
                                      "recorded": merge_summary(out),
                                      # the plain merge chooses nothing: test only
                                      "scores": scores_of(out, zoo, ("test",) if stage == "plain"
                                                          else ("validation", "test"))})
+            ran.add(name)
             print(json.dumps(rows[name]["mean"]), flush=True)
             save()
     save()
