@@ -14,6 +14,7 @@ Two ways to run it (needs the `ray` extra: `pip install 'hm3[ray]'`):
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import threading
 import time
@@ -132,6 +133,10 @@ def serve_on_ray(model: str, host: str = "127.0.0.1", port: int = 8000, replicas
     and return (the application keeps running there: `serve status`, `serve shutdown`)."""
     application = build(model, replicas, replica_cpus, **options)
     if address is None:
+        # Ray Serve gives its HTTP proxy 5 s to report ready and kills it after three misses; on
+        # a small, busy machine starting Python workers takes longer (the environment wins)
+        for name in ("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S"):
+            os.environ.setdefault(name, "60")
         ray.init(include_dashboard=False, configure_logging=False)
     else:
         ray.init(address=address)
