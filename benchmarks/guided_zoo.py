@@ -53,6 +53,19 @@ CONFIGS = {
                                          "align_heads": {"ridge": 0.1}, "recentre": True},
     "coefficients + align_heads + recentre": {"coefficients": {"steps": 40},
                                               "align_heads": {"ridge": 0.1}, "recentre": True},
+    # the head-alignment ridge chosen per task by cross-validation on the calibration texts
+    "align_heads auto + recentre": {"align_heads": {"ridge": "auto"}, "recentre": True},
+    "coefficients + align_heads auto + recentre": {"coefficients": {"steps": 40},
+                                                   "align_heads": {"ridge": "auto"},
+                                                   "recentre": True},
+    "RegMean + align_heads auto + recentre": {"regmean": {"alpha": 1.0},
+                                              "align_heads": {"ridge": "auto"}, "recentre": True},
+    # Iso-C in place of TIES 0.2 for the body: plain (heads whole), then with the head steps
+    **{f"iso_c {lam}{steps}": {"method": "iso_c", "parameters": {"lambda": lam}, "heads": "whole",
+                               **extra}
+       for lam in (1.0, 1.5)
+       for steps, extra in (("", {}), (" + align_heads + recentre",
+                                       {"align_heads": {"ridge": 0.1}, "recentre": True}))},
 }
 
 
@@ -83,7 +96,8 @@ def run_config(zoo, name: str, extra: dict, validation, test) -> dict:
         model = build_model(sources)
         merge_into(model, sources, progress=False)
     merge_cpu, merge_wall = time.process_time() - cpu, time.perf_counter() - wall
-    tokenizer = load_tokenizer([sources.base.path, sources.experts[0].path])
+    tokenizer = load_tokenizer([sources.base.path, sources.experts[0].path],
+                               missing="the zoo ships the base's tokenizer; rebuild the zoo")
     classifier = MultiTaskClassifier(model, tokenizer, sources.groups, MAX_LENGTH)
     scores = {split: {t: s["macro_f1"] for t, s in evaluate(classifier, data)["tasks"].items()}
               for split, data in (("validation", validation), ("test", test))}

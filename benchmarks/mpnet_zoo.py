@@ -10,6 +10,9 @@ soon as it is done):
   against N.
 - `label-free`: the demo's label-free steps (src/hm3/demo.py: TIES 0.2, heads whole, learned
   coefficients, align_heads, recentre), per-task calibration.
+- `sweep`: other body merges (TIES 0.1, RegMean, task arithmetic, linear, Iso-C) under the
+  same head steps, and the head-alignment ridge chosen by cross-validation (`ridge: auto`);
+  per-task calibration; rows already in the results are skipped.
 Of the label-free configurations, the one with the best VALIDATION mean is reported as picked;
 test figures never choose anything. Experts' scores are those the zoo recorded when it was built
 (same splits, same 32-token limit). Merges run in a child process under /usr/bin/time -v, which
@@ -48,20 +51,37 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "mpnet_zoo.json"
 MAX_LENGTH = MPNET_TRAINING.max_length  # what the experts were trained and scored on
 CALIBRATION_LIMIT = 128  # the zoo's whole calibration split per task
+HEAD_STEPS = {k: v for k, v in LABEL_FREE.items() if k != "coefficients"}
+# name -> (method, parameters, label-free steps); every one uses per-task calibration unless
+# --calibration says otherwise
 LABEL_FREE_CONFIGS = {
-    "label-free": LABEL_FREE,
-    "heads-only": {k: v for k, v in LABEL_FREE.items() if k != "coefficients"},
+    "label-free": (DEFAULT_METHOD, DEFAULT_PARAMETERS, LABEL_FREE),
+    "heads-only": (DEFAULT_METHOD, DEFAULT_PARAMETERS, HEAD_STEPS),
+    # the sweep: other body merges under the same head steps
+    "ties 0.1 + head steps": ("ties", {"density": 0.1}, HEAD_STEPS),
+    "regmean + head steps": (DEFAULT_METHOD, DEFAULT_PARAMETERS, {**HEAD_STEPS, "regmean": {}}),
+    "task arithmetic 0.3 + head steps": ("task_arithmetic", {"lambda": 0.3}, HEAD_STEPS),
+    "linear + head steps": ("linear", {}, HEAD_STEPS),
+    "ties 0.2 + head steps, ridge auto": (DEFAULT_METHOD, DEFAULT_PARAMETERS,
+                                          {**HEAD_STEPS, "align_heads": {"ridge": "auto"}}),
+    "regmean + head steps, ridge auto": (DEFAULT_METHOD, DEFAULT_PARAMETERS,
+                                         {**HEAD_STEPS, "regmean": {},
+                                          "align_heads": {"ridge": "auto"}}),
+    "iso_c 1.5 + head steps": ("iso_c", {"lambda": 1.5}, HEAD_STEPS),
 }
+SWEEP = [name for name in LABEL_FREE_CONFIGS if name not in ("label-free", "heads-only")]
 # cheapest first: the learned coefficients of `label-free` take the longest
-STAGES = ("plain", "heads-only", "streaming", "label-free")
+STAGES = ("plain", "heads-only", "streaming", "label-free", "sweep")
 
 
-def recipe(zoo, tasks, extra: dict, calibration: str = "per-task", work: Path | None = None) -> dict:
+def recipe(zoo, tasks, extra: dict, calibration: str = "per-task", work: Path | None = None,
+           method: str = DEFAULT_METHOD, parameters: dict | None = None) -> dict:
     """The merge's recipe. Calibration texts for the label-free steps: each task's own split
     (`per-task`), the next task's split (`off-task`: the wrong texts), or every task's splits
     pooled into one file fed to every task (`shared`: one traffic sample of the same total size;
     needs the recipe's `calibration: {texts: FILE}` form)."""
-    raw = {"base": str(zoo.base), "method": DEFAULT_METHOD, "parameters": DEFAULT_PARAMETERS,
+    raw = {"base": str(zoo.base), "method": method,
+           "parameters": DEFAULT_PARAMETERS if parameters is None else parameters,
            "seed": 0, "experts": [{"model": str(zoo.experts[t]), "task": t} for t in tasks], **extra}
     if not extra:
         return raw
@@ -167,7 +187,7 @@ def goals(rows: dict) -> dict:
     """Issue goals on test: the picked label-free merge within 1 point of the experts' mean, and
     no task more than 3 points under its expert."""
     experts = rows["experts"]["scores"]["test"]
-    picked = [n for n in LABEL_FREE_CONFIGS if n in rows]
+    picked = [n for n in LABEL_FREE_CONFIGS if n in rows]  # per-task calibration only
     if not picked:
         return {}
     best = max(picked, key=lambda n: rows[n]["mean"]["validation"])
@@ -178,6 +198,19 @@ def goals(rows: dict) -> dict:
             "within_1_point": mean_gap >= -0.01, "no_task_3_points_under": min(gaps.values()) >= -0.03}
 
 
+def table(rows: dict) -> str:
+    """The rows as a markdown table: means, test macro-F1 per task, merge wall time and peak RSS."""
+    tasks = list(rows["experts"]["scores"]["test"])
+    header = ["merge", "val mean", "test mean", *tasks, "wall min", "peak RSS GiB"]
+    lines = [header, ["---"] * len(header)]
+    for row in rows.values():
+        scores, mean, cost = row["scores"], row["mean"], row.get("merge", {})
+        lines.append([row["name"], f"{mean['validation']:.3f}" if "validation" in mean else "-",
+                      f"{mean['test']:.3f}", *(f"{scores['test'][t]:.3f}" for t in tasks),
+                      str(cost.get("wall_minutes", "-")), str(cost.get("peak_rss_gb", "-"))])
+    return "\n".join("| " + " | ".join(line) + " |" for line in lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="+", choices=STAGES, help="run only these stages")
@@ -185,7 +218,14 @@ def main() -> None:
     parser.add_argument("--calibration", choices=("per-task", "off-task", "shared"), default="per-task",
                         help="which unlabelled texts the label-free stages use (rows of other than "
                              "per-task texts are named with it and never picked)")
+    parser.add_argument("--configs", nargs="+", choices=SWEEP,
+                        help="the sweep's configurations to run (default: those not in the results yet)")
+    parser.add_argument("--redo", action="store_true", help="rerun sweep rows already in the results")
+    parser.add_argument("--report", action="store_true", help="print the results as a table and stop")
     args = parser.parse_args()
+    if args.report:
+        print(table({row["name"]: row for row in json.loads(RESULTS.read_text())["rows"]}))
+        return
     stages = args.only or STAGES
     zoo = build_mpnet_zoo(progress=True)
     tasks = list(zoo.experts)
@@ -200,7 +240,14 @@ def main() -> None:
                         "learning_rate": MPNET_RECIPES[t].learning_rate,
                         "train_seconds": zoo.scores[t]["train_seconds"]} for t in tasks}})
 
+    ran: set[str] = set()
+
     def save() -> None:
+        # another run of this script may have saved rows meanwhile: keep them, ours win
+        if RESULTS.is_file():
+            for row in json.loads(RESULTS.read_text()).get("rows", []):
+                if row["name"] not in ran:
+                    rows[row["name"]] = row
         write_json_atomic(RESULTS, {
             "date": time.strftime("%Y-%m-%d"),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared), torch "
@@ -220,19 +267,26 @@ def main() -> None:
                 print(n, streaming[str(n)], flush=True)
                 save()
             continue
-        extra = LABEL_FREE_CONFIGS.get(stage, {})
-        name = stage if not extra or args.calibration == "per-task" else f"{stage} ({args.calibration})"
-        out = work / name.replace(" (", "-").replace(")", "")
-        cost = timed_merge(recipe(zoo, tasks, extra, args.calibration, work), out)
-        print(cost, flush=True)
-        rows[name] = with_means({"name": name, "recipe_extra": extra, "merge": cost,
-                                 "calibration": args.calibration if extra else None,
-                                 "recorded": merge_summary(out),
-                                 # the plain merge chooses nothing: test only
-                                 "scores": scores_of(out, zoo, ("test",) if stage == "plain"
-                                                     else ("validation", "test"))})
-        print(json.dumps(rows[name]["mean"]), flush=True)
-        save()
+        for config in (args.configs or SWEEP) if stage == "sweep" else [stage]:
+            method, parameters, extra = LABEL_FREE_CONFIGS.get(
+                config, (DEFAULT_METHOD, DEFAULT_PARAMETERS, {}))
+            name = config if not extra or args.calibration == "per-task" else f"{config} ({args.calibration})"
+            if stage == "sweep" and name in rows and not args.redo:
+                continue
+            print(f"-- {name}", flush=True)
+            out = work / re.sub(r"[^a-z0-9.]+", "-", name)
+            cost = timed_merge(recipe(zoo, tasks, extra, args.calibration, work, method, parameters), out)
+            print(cost, flush=True)
+            rows[name] = with_means({"name": name, "method": method, "parameters": parameters,
+                                     "recipe_extra": extra, "merge": cost,
+                                     "calibration": args.calibration if extra else None,
+                                     "recorded": merge_summary(out),
+                                     # the plain merge chooses nothing: test only
+                                     "scores": scores_of(out, zoo, ("test",) if stage == "plain"
+                                                         else ("validation", "test"))})
+            ran.add(name)
+            print(json.dumps(rows[name]["mean"]), flush=True)
+            save()
     save()
     print(json.dumps(goals(rows), indent=2))
 

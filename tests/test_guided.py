@@ -330,7 +330,7 @@ def test_guided_merges_record_task_vector_norms_like_a_plain_merge(fam, tmp_path
 
 
 @pytest.mark.parametrize("normalize", [True, False])
-@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("name", sorted(n for n, m in METHODS.items() if not m.isotropic))
 @pytest.mark.parametrize("weights", [[0.7, 1.3, 0.5], [1.0, -1.0, 0.0]])
 def test_contributions_add_up_to_the_combined_merge(name, normalize, weights):
     method = METHODS[name]
@@ -377,6 +377,8 @@ BAD = {
     "gamma above epsilon": ({"lewis": {"gamma": 0.9, "epsilon": 0.5}}, "must not exceed"),
     "unknown block option": ({"lewis": {"gama": 0.3}}, "unknown option.*gama.*allowed: gamma"),
     "unknown heads mode": ({"heads": "bogus"}, "heads: expected 'whole'.*'merge'.*'bogus'"),
+    "coefficients with iso_c": ({"coefficients": True, "method": "iso_c"},
+                                "coefficients scale each expert's share.*iso_c has none"),
 }
 
 
@@ -385,14 +387,40 @@ def test_bad_guided_blocks_are_refused_before_anything_is_written(fam, tmp_path,
     extra, message = BAD[case]
     extra = dict(extra)
     drop = extra.pop("drop_task", None)
+    method = extra.pop("method", "ties")
     experts = {t: fam.experts[t] for t in ("sentiment", "topic")}
     if "recentre" not in extra:
         texts = {t: p for t, p in fam.calibration["texts"].items() if t in experts and t != drop}
         extra["calibration"] = {"texts": texts}
     out = tmp_path / "out"
     with pytest.raises(Hm3Error, match=message):
-        merge(parse_recipe(recipe_dict(fam.base, experts, "ties", **extra)), out, progress=False)
+        merge(parse_recipe(recipe_dict(fam.base, experts, method, **extra)), out, progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_label_free_steps_run_on_the_device_asked_for(fam, tmp_path):
+    """`device` moves the experts and the merged model, not the result: on the CPU named
+    explicitly the weights are those of the default; a device this machine lacks, or no device
+    at all, is refused before anything is written; on a CUDA GPU the weights match the CPU's."""
+    experts = {t: fam.experts[t] for t in ("sentiment", "topic")}
+    steps = {"heads": "whole", "regmean": True, "align_heads": {"ridge": 0.1}, "recentre": True}
+    calibration = {"texts": {t: fam.calibration["texts"][t] for t in experts}}
+    recipe = parse_recipe(recipe_dict(fam.base, experts, "ties", calibration=calibration, **steps))
+    merge(recipe, tmp_path / "default", progress=False)
+    merge(recipe, tmp_path / "cpu", progress=False, device="cpu")
+    default, cpu = tensors(tmp_path / "default"), tensors(tmp_path / "cpu")
+    assert all(torch.equal(default[name], cpu[name]) for name in default)
+    with pytest.raises(Hm3Error, match="'gpu0' is not a device"):
+        merge(recipe, tmp_path / "bad", progress=False, device="gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(Hm3Error, match="no CUDA GPU"):
+            merge(recipe, tmp_path / "cuda", progress=False, device="cuda")
+        assert not (tmp_path / "cuda").exists() and not (tmp_path / "bad").exists()
+        return
+    merge(recipe, tmp_path / "cuda", progress=False, device="cuda")
+    on_gpu = tensors(tmp_path / "cuda")
+    for name in default:
+        torch.testing.assert_close(on_gpu[name], default[name], rtol=1e-3, atol=1e-4)
 
 
 def test_missing_calibration_file_fails_the_merge_and_leaves_no_output(fam, tmp_path):
@@ -500,6 +528,59 @@ def test_cli_merge_and_inspect_summarise_the_label_free_steps(fam, tmp_path, cap
 
 
 def test_align_heads_needs_a_positive_ridge(fam, tmp_path):
-    with pytest.raises(Hm3Error, match="align_heads.ridge: expected a positive number"):
-        run_merge(fam, tmp_path / "out", align_heads={"ridge": 0})
+    for bad in (0, "automatic"):
+        with pytest.raises(Hm3Error, match="align_heads.ridge: expected a positive number"):
+            run_merge(fam, tmp_path / "out", align_heads={"ridge": bad})
     assert not (tmp_path / "out").exists()
+
+
+def numpy_cv_error(x: np.ndarray, z: np.ndarray, start: np.ndarray, ridge: float,
+                   folds: int) -> float:
+    """k-fold error of the ridge refit, written out once more: fold j holds texts j, j+k, ...;
+    rows fitted on the rest minimise |X W^T - Z|^2 + ridge * s * |W - W0|^2 with s the mean
+    diagonal of the rest's X^T X."""
+    total = 0.0
+    for j in range(folds):
+        held = np.zeros(len(x), dtype=bool)
+        held[j::folds] = True
+        a, b = x[~held], z[~held]
+        s = np.trace(a.T @ a) / a.shape[1]
+        rows = np.linalg.solve(a.T @ a + ridge * s * np.eye(a.shape[1]),
+                               a.T @ b + ridge * s * start.T).T
+        total += ((x[held] @ rows.T - z[held]) ** 2).sum()
+    return total / z.size
+
+
+@pytest.mark.parametrize("texts, features, strong", [(40, 120, True), (2000, 12, False)],
+                         ids=["fewer-texts-than-features", "many-texts"])
+def test_ridge_auto_cross_validates_on_the_calibration_texts(texts, features, strong):
+    """With fewer texts than features and noisy targets a strong ridge predicts unseen texts
+    best; with many texts the weakest does. The errors are those of an independent k-fold
+    computation."""
+    rng = np.random.default_rng(texts)
+    x = rng.normal(size=(texts, features))
+    start = np.zeros((3, features))
+    z = x @ (0.3 * rng.normal(size=(3, features))).T + 0.5 * rng.normal(size=(texts, 3))
+    chosen, errors = align.choose_ridge(torch.from_numpy(x), torch.from_numpy(z),
+                                        torch.from_numpy(start))
+    assert list(errors) == list(align.RIDGES)
+    for ridge in (0.01, 1.0):
+        assert errors[ridge] == pytest.approx(numpy_cv_error(x, z, start, ridge, align.FOLDS),
+                                              rel=1e-9)
+    assert errors[chosen] == min(errors.values())
+    assert (chosen >= 0.3) if strong else (chosen == min(align.RIDGES))
+
+
+def test_ridge_auto_records_each_tasks_choice(fam, tmp_path, capsys):
+    two = {t: fam.experts[t] for t in ("sentiment", "topic")}
+    report = run_merge(fam, tmp_path / "auto", experts=two, align_heads={"ridge": "auto"})
+    block = report.guided["align_heads"]
+    assert block["ridge"] == "auto"
+    for task, entry in block["tasks"].items():
+        assert entry["ridge"] in align.RIDGES
+        errors = {float(r): e for r, e in entry["cv_mse"].items()}
+        assert errors[entry["ridge"]] == min(errors.values()), task
+    fixed = run_merge(fam, tmp_path / "fixed", experts=two,
+                      align_heads={"ridge": block["tasks"]["topic"]["ridge"]})
+    torch.testing.assert_close(tensors(report.path)["classifier.weight"][2:],
+                               tensors(fixed.path)["classifier.weight"][2:], rtol=0, atol=1e-6)

@@ -108,7 +108,8 @@ def test_tokenizer_is_copied(family, tmp_path):
 
 # --- properties of the merge -----------------------------------------------------------------
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+# iso_c flattens even one expert's spectrum (by design): not an identity on one expert
+@pytest.mark.parametrize("method", sorted(n for n, m in METHODS.items() if not m.isotropic))
 def test_single_expert_at_density_one_comes_back_unchanged(family, tmp_path, method):
     base, experts = family
     one = {"topic": experts["topic"]}
@@ -121,7 +122,7 @@ def test_single_expert_at_density_one_comes_back_unchanged(family, tmp_path, met
 
 
 @pytest.mark.parametrize("method", ["ties", "dare_ties", "breadcrumbs_ties", "della",
-                                    "task_arithmetic"])
+                                    "task_arithmetic", "iso_c"])
 def test_disjoint_head_blocks_pass_untouched(family, tmp_path, method):
     base, experts = family
     head = tensors(merged(base, experts, tmp_path, method=method))

@@ -98,9 +98,20 @@ def ref_sparsify(method: str, delta: np.ndarray, density: float) -> np.ndarray:
     return delta
 
 
+def ref_isotropic(matrix: np.ndarray) -> np.ndarray:
+    """Iso-C: the same singular vectors, every singular value replaced by their mean."""
+    u, s, vh = np.linalg.svd(matrix, full_matrices=False)
+    return s.mean() * u @ vh
+
+
 def ref_combine(method: str, base: np.ndarray, deltas: list[np.ndarray], weights: list[float],
-                consensus: str = "sum") -> np.ndarray:
+                consensus: str = "sum", role: str = "other") -> np.ndarray:
     w = np.array(weights, dtype=np.float64)
+    if method == "iso_c":  # Iso-C: flat spectrum per weight matrix, mean elsewhere, heads kept
+        summed = sum(wi * d for wi, d in zip(w, deltas))
+        if role == "head":
+            return base + summed
+        return base + LAMBDA * (ref_isotropic(summed) if role == "matrix" else summed / w.sum())
     if method == "linear":  # Model Soup: the weighted mean of the models
         return sum(wi * (base + d) for wi, d in zip(w, deltas)) / w.sum()
     weighted = [wi * d for wi, d in zip(w, deltas)]
@@ -149,13 +160,15 @@ def reference_merge(method: str, base_dir, experts: dict, consensus: str = "sum"
                 full[offsets[i]:offsets[i + 1]] = ref_sparsify(method, row, DENSITY)
                 expanded.append(full)
             out[name] = ref_combine(method, np.zeros_like(expanded[0]), expanded,
-                                    [WEIGHTS[t] for t in tasks], consensus)
+                                    [WEIGHTS[t] for t in tasks], consensus, role="head")
             continue
         stripped = name.partition(".")[2]
         # head layers the base lacks (RoBERTa's classifier.dense) start from zeros
         theta0 = base.get(name, base.get(stripped, np.zeros_like(first)))
         deltas = [ref_sparsify(method, m[name] - theta0, DENSITY) for m in models]
-        out[name] = ref_combine(method, theta0, deltas, [WEIGHTS[t] for t in tasks], consensus)
+        role = "matrix" if first.ndim == 2 and "embed" not in name else "other"
+        out[name] = ref_combine(method, theta0, deltas, [WEIGHTS[t] for t in tasks], consensus,
+                                role)
     return out
 
 
@@ -187,7 +200,7 @@ def assert_matches(got: dict, want: dict) -> None:
 def test_the_reference_covers_every_registered_method():
     assert set(METHODS) == {"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties",
                             "breadcrumbs", "breadcrumbs_ties", "della", "della_linear",
-                            "magnitude"}
+                            "magnitude", "iso_c"}
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))

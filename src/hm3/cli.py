@@ -69,6 +69,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="allow pickle .bin checkpoints (they can run arbitrary code)")
     merge.add_argument("--seed", type=int, help="override the recipe's seed")
     merge.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    merge.add_argument("--device", help="where the label-free steps run: cpu (default), cuda, "
+                                        "cuda:1, ... (the merge itself streams on the CPU)")
     merge.set_defaults(run=_merge)
 
     inspect = sub.add_parser("inspect", help="show a merged model's tasks, labels and provenance")
@@ -297,7 +299,8 @@ def _merge(args) -> int:
         recipe = dataclasses.replace(recipe, allow_pickle=True)
     if args.seed is not None:
         recipe = dataclasses.replace(recipe, seed=args.seed)
-    report = merge(recipe, args.output, overwrite=args.overwrite, progress=not args.no_progress)
+    report = merge(recipe, args.output, overwrite=args.overwrite, progress=not args.no_progress,
+                   device=args.device)
     count = len(report.groups)
     print(f"merged {count} expert{'s' if count != 1 else ''} ({report.tensors} tensors, "
           f"{report.groups[-1].stop} labels) with {recipe.method} in {report.seconds:.1f}s "

@@ -93,7 +93,8 @@ def _check_parameters(recipe: Recipe, jobs: list[TensorJob]) -> None:
             raise Hm3Error(f"overrides[{i}].pattern {override.pattern!r} matches no tensor of "
                            f"the experts (their names look like {names[len(names) // 2]}); fix "
                            "the pattern or remove the override")
-    sums_weights = recipe.parameters.get("normalize") and not method.consensus
+    # iso_c takes the weighted mean of every tensor that is not a weight matrix
+    sums_weights = (recipe.parameters.get("normalize") and not method.consensus) or method.isotropic
     for job in jobs:
         if job.floating:
             for i, spec in enumerate(recipe.experts):
@@ -102,9 +103,10 @@ def _check_parameters(recipe: Recipe, jobs: list[TensorJob]) -> None:
             if sums_weights:
                 weights = [recipe.model_parameters(job.name, e)["weight"] for e in recipe.experts]
                 if abs(sum(weights)) < 1e-8:
+                    way_out = "" if method.isotropic else ", or set `parameters: {normalize: false}`"
                     raise Hm3Error(f"{recipe.method} divides by the sum of the experts' weights, "
                                    f"which is 0 at {job.name} ({weights}); give weights that do "
-                                   "not cancel out, or set `parameters: {normalize: false}`")
+                                   f"not cancel out{way_out}")
 
 
 def _check_architecture(base: Checkpoint, expert: Checkpoint, task: str) -> None:
@@ -194,10 +196,20 @@ def merge_job(sources: Sources, job: TensorJob) -> torch.Tensor:
     if job.head_role is not None and sources.recipe.guided.heads == "whole":
         return whole_head(sources, job)
     method = get_method(sources.recipe.method)
-    if method.sparsifier is None and not method.consensus and job.head_role is None:
+    if (method.sparsifier is None and not method.consensus and not method.isotropic
+            and job.head_role is None):
         return weighted_sum(sources, job, method)
     base, deltas, weights = job_inputs(sources, job)
-    return method.combine(base, deltas, weights, sources.recipe.parameters)
+    return method.combine(base, deltas, weights, sources.recipe.parameters, role=tensor_role(job))
+
+
+def tensor_role(job: TensorJob) -> str:
+    """What a spectral method (iso_c) sees in a tensor: `head`, the final projection's
+    task-disjoint rows; `matrix`, a layer's weight matrix, merged as a whole (2-D, not an
+    embedding table, whose rows of tokens no expert saw stay untouched); else `other`."""
+    if job.head_role is not None:
+        return "head"
+    return "matrix" if len(job.shape) == 2 and "embed" not in job.name else "other"
 
 
 def whole_head(sources: Sources, job: TensorJob) -> torch.Tensor:
@@ -314,7 +326,7 @@ def state_tensors(model: torch.nn.Module, sources: Sources) -> Iterator[tuple[st
     tensor the model does not hold (a buffer it does not persist) is merged alone."""
     state = model.state_dict()
     for job in sources.jobs:
-        yield job.name, state[job.name] if job.name in state else merge_job(sources, job)
+        yield job.name, state[job.name].cpu() if job.name in state else merge_job(sources, job)
 
 
 def write_model(sources: Sources, folder: Path,

@@ -26,6 +26,7 @@ from hm3.guided.lewis import LewisScores
 from hm3.heads import TaskGroup
 from hm3.merge import (Sources, build_model, merge_into, open_sources, state_tensors,
                        warn_implausible, with_recipe, write_model)
+from hm3.methods import get_method
 from hm3.recipe import Recipe
 
 
@@ -42,17 +43,20 @@ class MergeReport:
 
 
 def merge(recipe: Recipe, output: str | Path, overwrite: bool = False,
-          progress: bool = True, held_out: dict[str, list[str]] | None = None) -> MergeReport:
+          progress: bool = True, held_out: dict[str, list[str]] | None = None,
+          device: str | None = None) -> MergeReport:
     """Merge the recipe's experts into one multi-task model directory at `output`.
 
     The directory appears only when the merge has succeeded (it is built in a temporary
     sibling and renamed), so an interrupted merge never leaves a complete-looking folder.
     When the recipe asks for label-free steps (`recentre`, `lewis`, `regmean`,
-    `coefficients`, `align_heads`), the merge runs in memory first; `held_out` gives each
-    task's validation / test texts, which are then kept out of the calibration texts.
+    `coefficients`, `align_heads`), the merge runs in memory first, on `device` (default: the
+    CPU); `held_out` gives each task's validation / test texts, which are then kept out of the
+    calibration texts.
     """
     start = time.perf_counter()
     check_destination(output, overwrite)  # now, not after minutes of label-free steps
+    device = step_device(device)
     sources = open_sources(recipe)
     report = tensors = None
     hashes = None
@@ -63,7 +67,7 @@ def merge(recipe: Recipe, output: str | Path, overwrite: bool = False,
     if recipe.guided.needs_model:
         if held_out is None:  # what the model will be scored on is never calibration text
             held_out = recipe_held_out(recipe)
-        model, sources, report = guided_model(sources, progress, held_out)
+        model, sources, report = guided_model(sources, progress, held_out, device=device)
         tensors = state_tensors(model, sources)
         hashes = report.pop("calibration_hashes")
     with atomic_directory(output, overwrite=overwrite) as staging:
@@ -107,17 +111,35 @@ class Calibrated:
     batches: dict[str, list[dict]]
     expert_logits: dict[str, torch.Tensor] | None = None
     lewis: LewisScores | None = None
+    device: str = "cpu"  # where the models run (statistics and logits come back on the CPU)
+
+
+def step_device(device: str | None) -> str:
+    """Where the label-free steps run: `device` (checked), else the CPU."""
+    if device is None:
+        return "cpu"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise Hm3Error(f"device: {device!r} is not a device; use cpu, cuda or cuda:N") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise Hm3Error(f"device: {device} asked for, but this machine has no CUDA GPU that torch "
+                       "can use; leave --device out to run on the CPU")
+    return str(parsed)
 
 
 def calibrate(sources: Sources, held_out: dict[str, list[str]] | None = None,
               calibration: Calibration | None = None, lewis_scores: bool | None = None,
-              expert_logits: bool | None = None, progress: bool = False) -> Calibrated:
+              expert_logits: bool | None = None, progress: bool = False,
+              device: str | None = None) -> Calibrated:
     """Read and tokenise the calibration texts, run the experts on them and measure LEWIS
     importances, each only if asked (default: if the recipe's steps need it).
 
     `held_out`: each task's validation / test texts, kept out of the calibration texts.
     `calibration`: texts already read (else read from the recipe's `calibration` block).
+    `device`: where the experts run (default: the CPU).
     """
+    device = step_device(device)
     guided = sources.recipe.guided
     if lewis_scores is None:
         lewis_scores = bool(guided.lewis)
@@ -125,17 +147,22 @@ def calibrate(sources: Sources, held_out: dict[str, list[str]] | None = None,
         expert_logits = bool(guided.coefficients or guided.align_heads or guided.recentre)
     calibration, tokenizer, batches = calibration_batches(sources, held_out, calibration)
     # The experts run once, for every step that matches them (coefficients and the head steps).
-    logits = experts_logits(sources, batches, progress) if expert_logits else None
-    scores = (LewisScores(sources, batches, head_modules(sources), progress) if lewis_scores
-              else None)
-    return Calibrated(calibration, tokenizer, batches, logits, scores)
+    logits = experts_logits(sources, batches, progress, device) if expert_logits else None
+    scores = (LewisScores(sources, batches, head_modules(sources), progress, device)
+              if lewis_scores else None)
+    return Calibrated(calibration, tokenizer, batches, logits, scores, device)
 
 
-def check_heads(sources: Sources) -> None:
-    """Fail before any work when the recipe's head steps cannot run on this head."""
+def check_steps(sources: Sources) -> None:
+    """Fail before any work when the recipe's label-free steps cannot run on this head or with
+    this method."""
     if sources.recipe.guided.recentre and sources.heads[0].bias is None:
         raise Hm3Error(f"recentre shifts the head's biases, and {sources.heads[0].weight} has "
                        "none; drop `recentre` from the recipe (align_heads works without)")
+    if sources.recipe.guided.coefficients and get_method(sources.recipe.method).isotropic:
+        raise Hm3Error(f"coefficients scale each expert's share of the merge, and "
+                       f"{sources.recipe.method} has none (it flattens the summed task vector's "
+                       "spectrum); use another method or drop `coefficients`")
 
 
 def merge_in_memory(model: torch.nn.Module, sources: Sources, calibrated: Calibrated | None,
@@ -169,16 +196,16 @@ def merge_in_memory(model: torch.nn.Module, sources: Sources, calibrated: Calibr
 
 def guided_model(sources: Sources, progress: bool = False,
                  held_out: dict[str, list[str]] | None = None,
-                 calibration: Calibration | None = None):
+                 calibration: Calibration | None = None, device: str | None = None):
     """Run the recipe's label-free steps on a fresh model; returns (model, sources as finally
-    merged, report). `held_out` and `calibration` as for `calibrate`."""
+    merged, report). `held_out`, `calibration` and `device` as for `calibrate`."""
     started = time.process_time(), time.perf_counter()
-    check_heads(sources)
-    calibrated = calibrate(sources, held_out, calibration, progress=progress)
+    check_steps(sources)
+    calibrated = calibrate(sources, held_out, calibration, progress=progress, device=device)
     report: dict = {"heads": sources.recipe.guided.heads,
                     "calibration": calibrated.calibration.provenance,
                     "max_length": sources.recipe.guided.calibration.max_length}
-    model = build_model(sources)
+    model = build_model(sources).to(calibrated.device)
     sources, steps = merge_in_memory(model, sources, calibrated, progress)
     report.update(steps)
     report["fidelity"] = calibration_fidelity(model, sources, calibrated)
@@ -195,7 +222,7 @@ def calibration_fidelity(model: torch.nn.Module, sources: Sources,
     Optimistic: the label-free steps were fitted to these very texts."""
     expert_logits = calibrated.expert_logits
     if expert_logits is None:
-        expert_logits = experts_logits(sources, calibrated.batches)
+        expert_logits = experts_logits(sources, calibrated.batches, device=calibrated.device)
     merged = {group.name: run_batches(model, calibrated.batches[group.name])
               [:, group.offset:group.stop] for group in sources.groups}
     tasks = compare_logits(sources.groups, {t: z.numpy() for t, z in expert_logits.items()},
@@ -261,8 +288,10 @@ def format_guided(report: dict) -> str:
                      f"(alpha {report['regmean']['alpha']})")
     if "align_heads" in report:
         for task, entry in report["align_heads"]["tasks"].items():
+            chosen = f" (ridge {entry['ridge']} by cross-validation)" if "ridge" in entry else ""
             lines.append(f"  align_heads {task}: agreement with the expert "
-                         f"{entry['agreement_before']:.1%} -> {entry['agreement_after']:.1%}")
+                         f"{entry['agreement_before']:.1%} -> {entry['agreement_after']:.1%}"
+                         f"{chosen}")
     if "fidelity" in report:
         figures = ", ".join(f"{task} {entry['agreement']:.1%}"
                             for task, entry in report["fidelity"]["tasks"].items())

@@ -83,9 +83,9 @@ class RegMean:
 @dataclass(frozen=True)
 class AlignHeads:
     """Closed-form refit of each task's head rows toward its expert's logits (ridge to the rows
-    as merged)."""
+    as merged). `ridge: auto` picks it per task by cross-validation on the calibration texts."""
 
-    ridge: float = 0.1  # measured better than 1.0 on the zoo
+    ridge: float | str = 0.1  # measured better than 1.0 on the zoo
 
 
 @dataclass(frozen=True)
@@ -391,7 +391,7 @@ def parse_guided(raw: dict, tasks: list[str]) -> Guided:
     if coefficients and not coefficients.low < coefficients.high:
         raise Hm3Error(f"coefficients: low ({coefficients.low}) must be below high "
                        f"({coefficients.high})")
-    align_heads = _block(raw, "align_heads", AlignHeads, {"ridge": _positive})
+    align_heads = _block(raw, "align_heads", AlignHeads, {"ridge": _ridge})
     if regmean and coefficients:
         raise Hm3Error("regmean and coefficients cannot be combined: RegMean solves the linear "
                        "layers in closed form, which leaves no task vectors to weigh; keep one")
@@ -433,6 +433,14 @@ def _unit(value: Any, where: str) -> float:
     if not 0 <= value <= 1:
         raise Hm3Error(f"{where}: expected a number in [0, 1], got {value!r}")
     return value
+
+
+def _ridge(value: Any, where: str) -> float | str:
+    if value == "auto":
+        return value
+    if isinstance(value, str):
+        raise Hm3Error(f"{where}: expected a positive number or 'auto', got {value!r}")
+    return _positive(value, where)
 
 
 def _positive(value: Any, where: str) -> float:

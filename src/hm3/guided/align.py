@@ -8,6 +8,9 @@ and W0 the head rows as merged, the rows become the ridge regression toward W0
     W = argmin |X W^T - Z|^2 + ridge * s * |W - W0|^2,   s = trace(X^T X) / columns,
 
 solved exactly (no gradient steps). With few texts the ridge keeps the rows near the expert's.
+`ridge: auto` picks it per task from RIDGES by k-fold cross-validation on the task's own
+calibration texts: the ridge whose rows, fitted without a fold, best predict the expert's logits
+on that fold (no labels; texts with more features than texts need a stronger pull).
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ import torch
 
 from hm3.guided.calibration import input_hooks, run_batches
 from hm3.guided.regmean import ridge_toward
+
+RIDGES = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)  # what `ridge: auto` chooses from
+FOLDS = 5
 
 
 def fit_rows(features: torch.Tensor, targets: torch.Tensor, start: torch.Tensor,
@@ -27,6 +33,28 @@ def fit_rows(features: torch.Tensor, targets: torch.Tensor, start: torch.Tensor,
 
 
 @torch.no_grad()
+def choose_ridge(features: torch.Tensor, targets: torch.Tensor, start: torch.Tensor,
+                 ridges=RIDGES, folds: int = FOLDS) -> tuple[float, dict[float, float]]:
+    """The ridge (of `ridges`) with the lowest k-fold cross-validated mean squared error of the
+    refitted logits against `targets`, and each ridge's error. Fold j holds every k-th text from
+    the j-th, so each fold spans the texts' order (calibration batches come sorted by length).
+    Among equal errors the stronger ridge wins (closer to the rows as merged)."""
+    x, z = features.double(), targets.double()
+    n = len(x)
+    folds = max(2, min(folds, n))
+    errors = {}
+    for ridge in ridges:
+        total = 0.0
+        for j in range(folds):
+            held = torch.zeros(n, dtype=torch.bool)
+            held[j::folds] = True
+            rows = fit_rows(x[~held], z[~held], start, ridge)
+            total += float((x[held] @ rows.T - z[held]).pow(2).sum())
+        errors[ridge] = total / z.numel()
+    best = min(errors.values())
+    return max(r for r, e in errors.items() if e <= best * (1 + 1e-9)), errors
+
+
 def head_inputs(model: torch.nn.Module, sources, batches: dict[str, list[dict]]
                 ) -> dict[str, torch.Tensor]:
     """What the head's final projection reads on each task's texts (one forward pass per task),
@@ -66,7 +94,7 @@ def head_logits(model: torch.nn.Module, sources, inputs: dict[str, torch.Tensor]
 
 @torch.no_grad()
 def align_heads(model: torch.nn.Module, sources, inputs: dict[str, torch.Tensor],
-                expert_logits: dict[str, torch.Tensor], ridge: float) -> dict:
+                expert_logits: dict[str, torch.Tensor], ridge: float | str) -> dict:
     """Refit every task's head rows (weight and bias) on its texts' head inputs; returns, per
     task, how well the merged logits match the expert's before and after (mean squared error,
     argmax agreement)."""
@@ -78,7 +106,9 @@ def align_heads(model: torch.nn.Module, sources, inputs: dict[str, torch.Tensor]
         x, target = inputs[group.name], expert_logits[group.name].double()
         start = head_rows(model, sources, group)
         before = x @ start.T
-        fitted = fit_rows(x, target, start, ridge)
+        chosen, errors = (choose_ridge(x, target, start) if ridge == "auto"
+                          else (ridge, None))
+        fitted = fit_rows(x, target, start, chosen)
         after = x @ fitted.T
         rows = slice(group.offset, group.stop)
         weight[rows] = fitted[:, :weight.shape[1]].to(weight)
@@ -89,6 +119,9 @@ def align_heads(model: torch.nn.Module, sources, inputs: dict[str, torch.Tensor]
             "mse_after": round(float((after - target).pow(2).mean()), 5),
             "agreement_before": round(_agreement(before, target, group), 4),
             "agreement_after": round(_agreement(after, target, group), 4)}
+        if errors is not None:
+            report[group.name]["ridge"] = chosen
+            report[group.name]["cv_mse"] = {str(r): round(e, 5) for r, e in errors.items()}
     return {"ridge": ridge, "tasks": report}
 
 

@@ -68,8 +68,10 @@ def layer_input_means(model: torch.nn.Module, batches: Sequence[dict],
     left out) and `statistic` additive over rows, such as `x.T @ x` (Gram) or `x.pow(2).sum(0)`.
     The one hook loop behind LEWIS importances and RegMean's Grams."""
     layers = linear_layers(model, skip)
+    device = next(model.parameters()).device
     # statistic of no rows: zeros of the statistic's shape (a layer no token reaches stays 0).
-    sums = {name: statistic(torch.zeros(0, layer.in_features, dtype=torch.float64))
+    # The sums stay on the model's device; the means come back on the CPU.
+    sums = {name: statistic(torch.zeros(0, layer.in_features, dtype=torch.float64, device=device))
             for name, layer in layers.items()}
     counts = dict.fromkeys(layers, 0)
 
@@ -79,7 +81,7 @@ def layer_input_means(model: torch.nn.Module, batches: Sequence[dict],
 
     with input_hooks(layers, collect) as set_batch:
         run_batches(model, batches, set_batch)
-    return {name: total / max(counts[name], 1) for name, total in sums.items()}
+    return {name: (total / max(counts[name], 1)).cpu() for name, total in sums.items()}
 
 
 @torch.inference_mode()
@@ -97,9 +99,9 @@ def run_batches(model: torch.nn.Module, batches: Sequence[dict],
     return torch.cat(out)
 
 
-def base_as_classifier(sources: Sources) -> torch.nn.Module:
+def base_as_classifier(sources: Sources, device: str = "cpu") -> torch.nn.Module:
     """The base's weights in the merged architecture; tensors the base lacks (the head) are 0."""
-    model = build_model(sources)
+    model = build_model(sources).to(device)
     state = model.state_dict()
     with torch.no_grad():
         for job in sources.jobs:
@@ -109,8 +111,8 @@ def base_as_classifier(sources: Sources) -> torch.nn.Module:
     return model
 
 
-def expert_classifier(checkpoint) -> torch.nn.Module:
-    """One expert as its own sequence classifier."""
+def expert_classifier(checkpoint, device: str = "cpu") -> torch.nn.Module:
+    """One expert as its own sequence classifier, on `device`."""
     # Lazy: transformers takes seconds to import and only the label-free steps need it here.
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging
@@ -118,21 +120,21 @@ def expert_classifier(checkpoint) -> torch.nn.Module:
     was_enabled = logging.is_progress_bar_enabled()
     logging.disable_progress_bar()  # a bar per expert load would drown the merge's own
     try:
-        return AutoModelForSequenceClassification.from_pretrained(checkpoint.path).eval()
+        return AutoModelForSequenceClassification.from_pretrained(checkpoint.path).to(device).eval()
     finally:
         if was_enabled:
             logging.enable_progress_bar()
 
 
-def experts_logits(sources: Sources, batches: dict[str, list[dict]],
-                   progress: bool = False) -> dict[str, torch.Tensor]:
-    """Each expert's logits on its task's batches, in text order (one expert in memory at a
-    time)."""
+def experts_logits(sources: Sources, batches: dict[str, list[dict]], progress: bool = False,
+                   device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Each expert's logits on its task's batches, in text order, on the CPU (one expert in
+    memory at a time, run on `device`)."""
     out = {}
     pairs = list(zip(sources.recipe.experts, sources.experts))
     for spec, checkpoint in tqdm(pairs, desc="experts on calibration texts", unit="expert",
                                  disable=not progress):
-        model = expert_classifier(checkpoint)
+        model = expert_classifier(checkpoint, device)
         out[spec.task] = run_batches(model, batches[spec.task])
         del model
     return out

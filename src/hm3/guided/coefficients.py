@@ -57,6 +57,7 @@ class CoefficientMerge:
         method = get_method(sources.recipe.method)
         sources.task_vector_sq = [[0.0, 0.0] for _ in sources.experts]  # read by the report
         state = model.state_dict()
+        device = next(model.parameters()).device  # the shares live where the model runs
         self.fixed: dict[str, torch.Tensor] = {}
         self.base: dict[str, torch.Tensor] = {}
         self.shares: dict[str, list[torch.Tensor]] = {}
@@ -64,12 +65,12 @@ class CoefficientMerge:
             if job.name not in state:
                 continue
             if not job.floating or job.head_role is not None:  # no coefficient: merged as is
-                self.fixed[job.name] = merge_job(sources, job)
+                self.fixed[job.name] = merge_job(sources, job).to(device)
             else:
                 base, deltas, weights = job_inputs(sources, job)
-                self.base[job.name] = base
-                self.shares[job.name] = method.contributions(base, deltas, weights,
-                                                             sources.recipe.parameters)
+                self.base[job.name] = base.to(device)
+                self.shares[job.name] = [share.to(device) for share in method.contributions(
+                    base, deltas, weights, sources.recipe.parameters)]
         self.blocks = sorted({block_of(name) for name in self.shares}, key=_block_order)
         self.index = {name: self.blocks.index(block_of(name)) for name in self.shares}
         self.experts = len(sources.experts)
@@ -102,16 +103,18 @@ def fit_coefficients(model: torch.nn.Module, sources: Sources, batches: dict[str
     merge = CoefficientMerge(model, sources, progress)
     groups = {g.name: g for g in sources.groups}
     tasks = list(batches)
+    device = next(model.parameters()).device
     coefficients = torch.ones(merge.experts, len(merge.blocks), dtype=torch.float32,
-                              requires_grad=True)
+                              device=device, requires_grad=True)
     optimizer = torch.optim.Adam([coefficients], lr=config.lr)
 
     def loss_on(step_batches: Sequence[tuple[str, int]]) -> torch.Tensor:
         params = merge.parameters(coefficients)
         losses = []
         for task, index in step_batches:
-            logits = functional_call(model, params, args=(), kwargs=batches[task][index]).logits
-            losses.append(group_kl(logits.float(), targets[task][index], groups[task]))
+            batch = {key: value.to(device) for key, value in batches[task][index].items()}
+            logits = functional_call(model, params, args=(), kwargs=batch).logits
+            losses.append(group_kl(logits.float(), targets[task][index].to(device), groups[task]))
         return torch.stack(losses).mean()
 
     probe = [(task, 0) for task in tasks]
@@ -135,6 +138,6 @@ def fit_coefficients(model: torch.nn.Module, sources: Sources, batches: dict[str
             state[name].copy_(tensor)
     return {"blocks": merge.blocks,
             "coefficients": {spec.task: [round(float(v), 4) for v in row]
-                             for spec, row in zip(sources.recipe.experts, coefficients.detach())},
+                             for spec, row in zip(sources.recipe.experts, coefficients.detach().cpu())},
             "objective_before": round(before, 6), "objective_after": round(after, 6),
             **{k: v for k, v in config.__dict__.items()}}

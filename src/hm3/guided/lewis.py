@@ -25,7 +25,7 @@ def importance(model: torch.nn.Module, batches: Sequence[dict],
     """Wanda importance of each linear layer (by module name) over the batches."""
     mean_squares = layer_input_means(model, batches, lambda x: x.pow(2).sum(0), skip)
     layers = linear_layers(model, skip)
-    return {name: float((layer.weight.detach().double().abs() * mean_squares[name].sqrt()).norm())
+    return {name: float((layer.weight.detach().double().cpu().abs() * mean_squares[name].sqrt()).norm())
             for name, layer in layers.items()}
 
 
@@ -63,14 +63,14 @@ class LewisScores:
     [gamma, epsilon] follow without running the models again (what `hm3 search` varies)."""
 
     def __init__(self, sources: Sources, batches: dict[str, list[dict]], skip: Sequence[str],
-                 progress: bool = False):
+                 progress: bool = False, device: str = "cpu"):
         pairs = list(zip(sources.recipe.experts, sources.experts))
         bar = tqdm(pairs, desc="lewis importance", unit="expert", disable=not progress)
-        base_model = base_as_classifier(sources)
+        base_model = base_as_classifier(sources, device)
         self.scores = {}
         for spec, ckpt in bar:
             self.scores[spec.task] = (importance(base_model, batches[spec.task], skip),
-                                      importance(expert_classifier(ckpt), batches[spec.task],
+                                      importance(expert_classifier(ckpt, device), batches[spec.task],
                                                  skip))
         self.tensor_names = {job.name for job in sources.jobs}
 

@@ -64,13 +64,14 @@ def ridge_toward(gram: torch.Tensor, cross: torch.Tensor, start: torch.Tensor,
 def apply_regmean(model: torch.nn.Module, sources: Sources, batches: dict[str, list[dict]],
                   alpha: float, skip: Sequence[str], progress: bool = False) -> list[str]:
     """Replace the merged model's linear weights (not the head) by RegMean's; returns the
-    layers done."""
+    layers done. The experts run on the model's device; the solve runs on the CPU."""
+    device = next(model.parameters()).device
     layers = linear_layers(model, skip)
     with tempfile.TemporaryDirectory(prefix="hm3-regmean-") as folder:
         files = []
         for spec, ckpt in tqdm(list(zip(sources.recipe.experts, sources.experts)),
                                desc="regmean grams", unit="expert", disable=not progress):
-            grams = gram_matrices(expert_classifier(ckpt), batches[spec.task], skip)
+            grams = gram_matrices(expert_classifier(ckpt, device), batches[spec.task], skip)
             files.append(Path(folder) / f"{len(files)}.safetensors")
             save_file({name: grams[name].contiguous() for name in layers}, str(files[-1]))
             del grams

@@ -20,6 +20,7 @@ import torch
 from hm3.errors import Hm3Error
 from hm3.methods import sparsify as sp
 from hm3.methods.consensus import agrees, elect_sign
+from hm3.methods.spectrum import isotropic
 
 RESCALE_RULES = ("density", *sp.RESCALE_NORMS)
 
@@ -57,6 +58,9 @@ class MergeMethod:
     default_normalize: bool = False
     default_rescale: bool = False
     mean_of_models: bool = False  # linear: the weighted mean of the models, not base + deltas
+    # iso_c: a weight matrix's summed task vector with its singular values flattened to their
+    # mean; head rows are kept; other tensors take the weighted mean of the task vectors
+    isotropic: bool = False
     extra_model_parameters: tuple[Parameter, ...] = field(default_factory=tuple)
 
     @property
@@ -68,8 +72,9 @@ class MergeMethod:
         return (WEIGHT, *sparse, *self.extra_model_parameters)
 
     def shared_parameter_specs(self) -> tuple[Parameter, ...]:
-        specs = [Parameter("normalize", self.default_normalize, lambda v: isinstance(v, bool),
-                           "true or false")]
+        specs = [] if self.isotropic else [  # Iso-C sets its own scale
+            Parameter("normalize", self.default_normalize, lambda v: isinstance(v, bool),
+                      "true or false")]
         if not self.mean_of_models:
             specs.append(LAMBDA)
         if self.sparsifier:
@@ -135,16 +140,28 @@ class MergeMethod:
         return rescale
 
     def combine(self, base: torch.Tensor, deltas: Iterable[torch.Tensor], weights: list[float],
-                shared: dict[str, Any]) -> torch.Tensor:
+                shared: dict[str, Any], role: str = "other") -> torch.Tensor:
         """Merge (already sparsified) task vectors into the base: consensus, sum, normalise, scale.
 
         `deltas` may be a lazy iterable, consumed in model order. Without consensus each
         weighted delta is added to one running sum as it comes, so memory holds one of them;
-        TIES consensus needs them all, but never a weighted copy of each.
+        TIES consensus needs them all, but never a weighted copy of each. `role` (read by
+        `isotropic` methods only): `matrix`, a layer's weight matrix (merged as one, spectrum
+        flattened); `head`, task-disjoint head rows (each kept as weighted, no lambda); `other`.
         """
         w = torch.tensor(weights, dtype=base.dtype)
         total_weight = w.sum()
         mixed = torch.zeros_like(base)
+        if self.isotropic:
+            for i, delta in enumerate(deltas):
+                mixed.add_(delta, alpha=float(w[i]))
+            if role == "head":
+                return base + mixed
+            if role == "matrix":
+                mixed = isotropic(mixed)
+            elif total_weight.abs() > 1e-8:
+                mixed.div_(total_weight)
+            return base + shared["lambda"] * mixed
         if self.consensus:
             # elect_sign and agrees, fused in place: no weighted copy or sign tensor per model
             # outlives its line. The weighted delta is rounded before it is summed (not a fused
@@ -185,6 +202,9 @@ class MergeMethod:
                       shared: dict[str, Any]) -> list[torch.Tensor]:
         """Each model's share c_i of the merge, so that `combine` == base + sum(c_i): what
         learned coefficients scale. Holds N tensors at once (unlike `combine`)."""
+        if self.isotropic:
+            raise ValueError(f"{self.name} flattens the summed task vector's spectrum: its merge "
+                             "is not a sum of per-expert shares")
         deltas = list(deltas)
         n = len(deltas)
         w = torch.tensor(weights, dtype=base.dtype)
@@ -243,6 +263,8 @@ METHODS = _registry(
                 extra_model_parameters=(EPSILON,)),
     MergeMethod("magnitude", "magnitude pruning of each task vector, then sum",
                 sparsifier=sp.magnitude),
+    MergeMethod("iso_c", "Iso-C: summed task vectors with a flat spectrum per weight matrix",
+                isotropic=True),
 )
 
 

@@ -23,7 +23,7 @@ from hm3.data.tables import Dataset
 from hm3.errors import Hm3Error
 from hm3.merge import Sources, build_model, open_sources, with_recipe
 from hm3.model import MultiTaskClassifier
-from hm3.pipeline import calibrate, check_heads
+from hm3.pipeline import calibrate, check_steps
 from hm3.plots import plot_search
 from hm3.recipe import Recipe, parse_recipe
 from hm3.search.report import (BEST_JSON, BEST_MODEL, PLOT, SearchResult, default_title,
@@ -66,14 +66,15 @@ def run_search(recipe: Recipe, validation: Sequence[Dataset], test: Sequence[Dat
                        "search without them, then add them to the best recipe (best.json) and "
                        "run `hm3 merge`")
     sources = open_sources(recipe)
-    check_heads(sources)
+    check_steps(sources)
     # Calibration texts never include a text the trials are scored on.
     held_out = {task: [text for dataset in (*validation, *(test or [])) if dataset.task == task
                        for text in dataset.texts] for task in tasks}
     wants_lewis = bool(recipe.guided.lewis or config.space.lewis_range)
     wants_heads = bool(recipe.guided.align_heads or recipe.guided.recentre)
     calibrated = (calibrate(sources, held_out, lewis_scores=wants_lewis,
-                            expert_logits=wants_heads) if wants_lewis or wants_heads else None)
+                            expert_logits=wants_heads, device=device)
+                  if wants_lewis or wants_heads else None)
     for method in config.space.methods:  # incompatible overrides fail now, not at trial 1
         with_recipe(sources, trial_recipe(recipe, {"method": method}, recipe.seed))
     for checkpoint in (sources.base, *sources.experts):
