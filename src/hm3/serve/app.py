@@ -54,10 +54,11 @@ class Metrics:
         self.requests = Counter("hm3_requests", "classify requests by HTTP status", ["status"],
                                 registry=self.registry)
         self.texts = Counter("hm3_texts", "texts classified", registry=self.registry)
-        self.batch_size = Histogram("hm3_batch_size", "texts per forward pass",
+        self.batch_size = Histogram("hm3_batch_size", "texts per collected batch (run as "
+                                    "length-sorted sub-batches unless --no-length-split)",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
                                     registry=self.registry)
-        self.batch_seconds = Histogram("hm3_batch_seconds", "seconds per forward pass "
+        self.batch_seconds = Histogram("hm3_batch_seconds", "seconds per collected batch "
                                        "(tokenisation included)", registry=self.registry)
         self.latency = Histogram("hm3_request_seconds", "classify request latency",
                                  buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30),
