@@ -68,21 +68,28 @@ LABEL_FREE_CONFIGS = {
                                          {**HEAD_STEPS, "regmean": {},
                                           "align_heads": {"ridge": "auto"}}),
     "iso_c 1.5 + head steps": ("iso_c", {"lambda": 1.5}, HEAD_STEPS),
+    "ties 0.2 + head steps, equal-norm weights": (DEFAULT_METHOD, DEFAULT_PARAMETERS, HEAD_STEPS),
 }
+# configurations whose experts are weighted by median |tau| / |tau_i| (each expert's task vector
+# counts with the same norm; the norms are what `hm3 merge` records, no labels)
+EQUAL_NORM = {"ties 0.2 + head steps, equal-norm weights"}
 SWEEP = [name for name in LABEL_FREE_CONFIGS if name not in ("label-free", "heads-only")]
 # cheapest first: the learned coefficients of `label-free` take the longest
 STAGES = ("plain", "heads-only", "streaming", "label-free", "sweep")
 
 
 def recipe(zoo, tasks, extra: dict, calibration: str = "per-task", work: Path | None = None,
-           method: str = DEFAULT_METHOD, parameters: dict | None = None) -> dict:
+           method: str = DEFAULT_METHOD, parameters: dict | None = None,
+           weights: dict | None = None) -> dict:
     """The merge's recipe. Calibration texts for the label-free steps: each task's own split
     (`per-task`), the next task's split (`off-task`: the wrong texts), or every task's splits
     pooled into one file fed to every task (`shared`: one traffic sample of the same total size;
     needs the recipe's `calibration: {texts: FILE}` form)."""
     raw = {"base": str(zoo.base), "method": method,
            "parameters": DEFAULT_PARAMETERS if parameters is None else parameters,
-           "seed": 0, "experts": [{"model": str(zoo.experts[t]), "task": t} for t in tasks], **extra}
+           "seed": 0, "experts": [{"model": str(zoo.experts[t]), "task": t,
+                                   **({"weight": weights[t]} if weights else {})} for t in tasks],
+           **extra}
     if not extra:
         return raw
     files = [str(zoo.splits[t]["calibration"]) for t in tasks]
@@ -98,6 +105,16 @@ def recipe(zoo, tasks, extra: dict, calibration: str = "per-task", work: Path | 
         texts, limit = str(traffic), len(pooled)
     raw["calibration"] = {"texts": texts, "limit": limit, "max_length": MAX_LENGTH}
     return raw
+
+
+def equal_norm_weights(rows: dict) -> dict[str, float]:
+    """Per expert, median |tau| / |tau_i|, from the norms an earlier merge recorded (the same
+    in every merge: they are the checkpoints')."""
+    norms = next(row["recorded"]["task_vector_norms"] for row in rows.values()
+                 if row.get("recorded", {}).get("task_vector_norms"))
+    ordered = sorted(norms.values())
+    middle = (ordered[(len(ordered) - 1) // 2] + ordered[len(ordered) // 2]) / 2
+    return {task: round(middle / norm, 4) for task, norm in norms.items()}
 
 
 def timed_merge(raw: dict, output: Path) -> dict:
@@ -275,9 +292,12 @@ def main() -> None:
                 continue
             print(f"-- {name}", flush=True)
             out = work / re.sub(r"[^a-z0-9.]+", "-", name)
-            cost = timed_merge(recipe(zoo, tasks, extra, args.calibration, work, method, parameters), out)
+            weights = equal_norm_weights(rows) if config in EQUAL_NORM else None
+            cost = timed_merge(recipe(zoo, tasks, extra, args.calibration, work, method, parameters,
+                                      weights), out)
             print(cost, flush=True)
             rows[name] = with_means({"name": name, "method": method, "parameters": parameters,
+                                     **({"weights": weights} if weights else {}),
                                      "recipe_extra": extra, "merge": cost,
                                      "calibration": args.calibration if extra else None,
                                      "recorded": merge_summary(out),

@@ -5,13 +5,17 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from safetensors.torch import load_file
 
-from hm3 import Hm3Error, Hm3Warning, merge, parse_recipe
+from hm3 import Hm3Error, Hm3Warning, merge, parse_recipe, pipeline
 from hm3.check import CALIBRATION_TEXTS
 from hm3.cli import main
 from hm3.data import calibration as calibration_module
 from hm3.data.calibration import load_calibration, text_hash
+from hm3.guided import align
+from hm3.guided import calibration as guided_calibration
 from hm3.data import CalibrationSpec
 
 from conftest import build_family, recipe_dict
@@ -172,3 +176,38 @@ def test_merge_drops_held_out_texts_from_the_shared_sample(tiny, tmp_path):
                        held_out={"topic": ["Bad film"]})
     assert report.guided["calibration"]["sentiment"]["texts"] == 7
     assert report.guided["calibration"]["topic"]["held_out_removed"] == 1
+
+
+def test_a_shared_sample_runs_the_merged_model_once_for_every_task(tiny, tmp_path, monkeypatch):
+    """Tasks reading one shared sample share its batches: the merged model's passes (head
+    inputs, calibration fidelity) run once over them, not once per task, and the weights are
+    those of running every task on its own."""
+    root, base, experts, traffic = tiny
+    shared = write(tmp_path / "traffic.txt", traffic)
+    recipe = parse_recipe(recipe_dict(base, experts, "ties", recentre=True, align_heads=True,
+                                      calibration={"texts": shared, "batch_size": 4}))
+    passes = []
+
+    def counted(module):
+        real = module.run_batches
+
+        def run(model, batches, before=None):
+            passes.append(len(batches))
+            return real(model, batches, before)
+        monkeypatch.setattr(module, "run_batches", run)
+
+    counted(align)
+    counted(pipeline)
+    merge(recipe, tmp_path / "once", progress=False)
+    assert passes == [2, 2]  # head inputs, then fidelity: 8 texts in 2 batches, once each
+
+    def every_task(batches, run):
+        return {task: run(task_batches) for task, task_batches in batches.items()}
+
+    for module in (align, pipeline, guided_calibration):
+        monkeypatch.setattr(module, "once_per_batches", every_task)
+    passes.clear()
+    merge(recipe, tmp_path / "each", progress=False)
+    assert passes == [2, 2, 2, 2]
+    once, each = (load_file(str(tmp_path / name / "model.safetensors")) for name in ("once", "each"))
+    assert all(torch.equal(once[name], each[name]) for name in once)

@@ -21,7 +21,7 @@ from hm3.errors import Hm3Error, Hm3Warning
 from hm3.guided import align, recentre, regmean
 from hm3.guided import coefficients as coef
 from hm3.guided.calibration import (calibration_batches, experts_logits, head_modules,
-                                    run_batches, tokenize)
+                                    once_per_batches, run_batches, tokenize)
 from hm3.guided.lewis import LewisScores
 from hm3.heads import TaskGroup
 from hm3.merge import (Sources, build_model, merge_into, open_sources, state_tensors,
@@ -223,8 +223,9 @@ def calibration_fidelity(model: torch.nn.Module, sources: Sources,
     expert_logits = calibrated.expert_logits
     if expert_logits is None:
         expert_logits = experts_logits(sources, calibrated.batches, device=calibrated.device)
-    merged = {group.name: run_batches(model, calibrated.batches[group.name])
-              [:, group.offset:group.stop] for group in sources.groups}
+    logits = once_per_batches(calibrated.batches, lambda batches: run_batches(model, batches))
+    merged = {group.name: logits[group.name][:, group.offset:group.stop]
+              for group in sources.groups}
     tasks = compare_logits(sources.groups, {t: z.numpy() for t, z in expert_logits.items()},
                            {t: z.numpy() for t, z in merged.items()})
     return {"texts": "calibration", "optimistic": True,

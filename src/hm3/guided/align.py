@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from hm3.guided.calibration import input_hooks, run_batches
+from hm3.guided.calibration import input_hooks, once_per_batches, run_batches
 from hm3.guided.regmean import ridge_toward
 
 RIDGES = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)  # what `ridge: auto` chooses from
@@ -57,22 +57,23 @@ def choose_ridge(features: torch.Tensor, targets: torch.Tensor, start: torch.Ten
 
 def head_inputs(model: torch.nn.Module, sources, batches: dict[str, list[dict]]
                 ) -> dict[str, torch.Tensor]:
-    """What the head's final projection reads on each task's texts (one forward pass per task),
-    float64 on the CPU, with a column of ones appended when the head has a bias: the head's
-    logits are then `inputs @ [weight | bias].T`, so refitting and re-centring need no further
-    pass."""
+    """What the head's final projection reads on each task's texts (one forward pass per task,
+    one for all tasks that share their texts), float64 on the CPU, with a column of ones
+    appended when the head has a bias: the head's logits are then `inputs @ [weight | bias].T`,
+    so refitting and re-centring need no further pass."""
     head_name = sources.heads[0].weight.rsplit(".", 1)[0]
-    out = {}
-    for group in sources.groups:
+
+    def inputs(task_batches: list[dict]) -> torch.Tensor:
         seen: list[torch.Tensor] = []
         with input_hooks({head_name: model.get_submodule(head_name)},
                          lambda _name, x: seen.append(x)) as set_batch:
-            run_batches(model, batches[group.name], set_batch)
+            run_batches(model, task_batches, set_batch)
         x = torch.cat(seen).cpu()
         if sources.heads[0].bias is not None:
             x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
-        out[group.name] = x
-    return out
+        return x
+
+    return once_per_batches({g.name: batches[g.name] for g in sources.groups}, inputs)
 
 
 def head_rows(model: torch.nn.Module, sources, group) -> torch.Tensor:

@@ -160,6 +160,23 @@ def calibration_batches(sources: Sources, held_out: dict[str, list[str]] | None 
     tokenizer = load_tokenizer([sources.base.path, *(e.path for e in sources.experts)],
                                missing="no tokenizer found next to the base or the experts; "
                                "guided merging needs one to run the calibration texts")
-    batches = {task: tokenize(tokenizer, calibration.texts[task], spec.max_length,
-                              spec.batch_size) for task in tasks}
+    # Tasks that read the very same texts (one shared sample) share one list of batches, so a
+    # model that serves every task runs over them once (`once_per_batches`).
+    batches: dict[str, list[dict]] = {}
+    for task in tasks:
+        same = next((other for other in batches
+                     if calibration.texts[other] == calibration.texts[task]), None)
+        batches[task] = (batches[same] if same is not None else
+                         tokenize(tokenizer, calibration.texts[task], spec.max_length,
+                                  spec.batch_size))
     return calibration, tokenizer, batches
+
+
+def once_per_batches(batches: dict[str, list[dict]], run: Callable[[list[dict]], object]
+                     ) -> dict[str, object]:
+    """`run(batches[task])` for every task, computed once for tasks that share their batches."""
+    done: dict[int, object] = {}
+    for task_batches in batches.values():
+        if id(task_batches) not in done:
+            done[id(task_batches)] = run(task_batches)
+    return {task: done[id(task_batches)] for task, task_batches in batches.items()}

@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from hm3.guided.calibration import (base_as_classifier, expert_classifier, layer_input_means,
-                                    linear_layers)
+                                    linear_layers, once_per_batches)
 from hm3.merge import Sources
 from hm3.recipe import Override, Recipe
 
@@ -67,9 +67,11 @@ class LewisScores:
         pairs = list(zip(sources.recipe.experts, sources.experts))
         bar = tqdm(pairs, desc="lewis importance", unit="expert", disable=not progress)
         base_model = base_as_classifier(sources, device)
+        # the base once per distinct texts (tasks that share one sample share its importances)
+        base = once_per_batches(batches, lambda b: importance(base_model, b, skip))
         self.scores = {}
         for spec, ckpt in bar:
-            self.scores[spec.task] = (importance(base_model, batches[spec.task], skip),
+            self.scores[spec.task] = (base[spec.task],
                                       importance(expert_classifier(ckpt, device), batches[spec.task],
                                                  skip))
         self.tensor_names = {job.name for job in sources.jobs}
