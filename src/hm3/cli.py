@@ -211,6 +211,18 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--drain-seconds", type=float, default=30.0, help="on SIGTERM, how long "
                        "in-flight requests may take to finish (default 30)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--no-length-split", dest="length_split", action="store_false",
+                       help="run each batch padded to its longest text, not in length-sorted "
+                       "sub-batches")
+    serve.add_argument("--ray", action="store_true", help="serve on Ray Serve (needs the ray "
+                       "extra): replicas of the same app, Ray's request batching")
+    serve.add_argument("--replicas", type=int, default=1, help="with --ray: model replicas "
+                       "(default 1)")
+    serve.add_argument("--replica-cpus", type=float, default=1.0, help="with --ray: CPUs each "
+                       "replica reserves (default 1)")
+    serve.add_argument("--ray-address", help="with --ray: deploy on this running Ray cluster "
+                       "(`auto`, ray://HOST:PORT) and return; default: start a local one-node "
+                       "instance and serve until Ctrl-C")
     serve.set_defaults(run=_serve)
 
     export = sub.add_parser("export", help="export a model to ONNX, per-task probabilities in "
@@ -601,6 +613,10 @@ def _run_search(args, space, run) -> int:
 
 
 def _serve(args) -> int:
+    if args.ray:
+        return _serve_on_ray(args)
+    if args.replicas != 1 or args.ray_address:
+        raise Hm3Error("--replicas and --ray-address are for Ray Serve: add --ray")
     from hm3.serve.app import Limits
     from hm3.serve.server import serve
 
@@ -608,7 +624,22 @@ def _serve(args) -> int:
           max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
           limits=Limits(max_texts=args.max_texts, max_chars=args.max_chars), policy=args.policy,
           device=args.device, max_length=args.max_length, drain_seconds=args.drain_seconds,
-          log_level=args.log_level)
+          log_level=args.log_level, length_split=args.length_split)
+    return 0
+
+
+def _serve_on_ray(args) -> int:
+    try:
+        from hm3.serve.ray_app import serve_on_ray
+    except ImportError as exc:
+        raise Hm3Error(f"--ray needs Ray Serve ({exc}); install it with "
+                       "pip install 'hm3[ray]'") from None
+    serve_on_ray(args.model, host=args.host, port=args.port, replicas=args.replicas,
+                 replica_cpus=args.replica_cpus, address=args.ray_address, backend=args.backend,
+                 device=args.device, max_length=args.max_length, policy=args.policy,
+                 max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
+                 max_texts=args.max_texts, max_chars=args.max_chars,
+                 length_split=args.length_split)
     return 0
 
 

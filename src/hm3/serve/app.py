@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -19,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from pydantic import BaseModel, Field
 
 from hm3.serve.batching import MicroBatcher
+from hm3.serve.buckets import predict_by_length
 from hm3.serve.page import playground_html
 from hm3.serve.policy import TaskRule
 
@@ -52,10 +54,11 @@ class Metrics:
         self.requests = Counter("hm3_requests", "classify requests by HTTP status", ["status"],
                                 registry=self.registry)
         self.texts = Counter("hm3_texts", "texts classified", registry=self.registry)
-        self.batch_size = Histogram("hm3_batch_size", "texts per forward pass",
+        self.batch_size = Histogram("hm3_batch_size", "texts per collected batch (run as "
+                                    "length-sorted sub-batches unless --no-length-split)",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
                                     registry=self.registry)
-        self.batch_seconds = Histogram("hm3_batch_seconds", "seconds per forward pass "
+        self.batch_seconds = Histogram("hm3_batch_seconds", "seconds per collected batch "
                                        "(tokenisation included)", registry=self.registry)
         self.latency = Histogram("hm3_request_seconds", "classify request latency",
                                  buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30),
@@ -69,7 +72,8 @@ class Metrics:
 
 def create_app(classifier, name: str = "model", backend: str = "torch",
                max_batch_size: int = 32, max_wait_ms: float = 5.0, limits: Limits = Limits(),
-               policy: dict[str, TaskRule] | None = None) -> FastAPI:
+               policy: dict[str, TaskRule] | None = None, length_split: bool = True,
+               batcher: Callable = MicroBatcher) -> FastAPI:
     """The ASGI app serving `classifier` (an `hm3.model.MultiTaskClassifier`).
 
     Parameters
@@ -78,12 +82,22 @@ def create_app(classifier, name: str = "model", backend: str = "torch",
     max_batch_size, max_wait_ms : dynamic batching (see `MicroBatcher`).
     limits : per-request limits (413 beyond them).
     policy : per-task rules; when given, every answer says which tasks fired (`flagged`).
+    length_split : run each collected batch in length-sorted sub-batches
+        (`hm3.serve.buckets`) rather than padded to its longest text.
+    batcher : what gathers texts into batches: called as (run, max_batch_size, max_wait_ms,
+        on_batch), it has `start`, `stop` and `submit(texts)` (`MicroBatcher`; the Ray Serve
+        deployment passes one over `@serve.batch`).
     """
     policy = policy or {}
     metrics = Metrics()
     groups = {g.name: g for g in classifier.groups}
-    batcher = MicroBatcher(lambda texts: classifier.predict(texts, batch_size=max_batch_size),
-                           max_batch_size, max_wait_ms, metrics.record_batch)
+    if length_split:
+        def run(texts):
+            return predict_by_length(classifier, texts)
+    else:
+        def run(texts):
+            return classifier.predict(texts, batch_size=max_batch_size)
+    batcher = batcher(run, max_batch_size, max_wait_ms, metrics.record_batch)
 
     @asynccontextmanager
     async def lifespan(_app):

@@ -36,7 +36,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, backend: str | 
           max_batch_size: int = 32, max_wait_ms: float = 5.0, limits: Limits = Limits(),
           policy: str | Path | None = None, device: str | None = None,
           max_length: int | None = None, drain_seconds: float = 30.0,
-          log_level: str = "info") -> None:
+          log_level: str = "info", length_split: bool = True) -> None:
     """Serve `model` until SIGTERM / SIGINT (see `hm3.serve.app.create_app` for the API)."""
     if limits.max_texts < 1 or limits.max_chars < 1:
         raise Hm3Error(f"request limits must be positive, got {limits.max_texts} texts and "
@@ -46,7 +46,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, backend: str | 
     name = Path(model.rstrip("/")).name or model
     app = create_app(classifier, name=name, backend=getattr(classifier.model, "backend", "torch"),
                      max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, limits=limits,
-                     policy=rules)
+                     policy=rules, length_split=length_split)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=drain_seconds)
     uvicorn.Server(config).run()

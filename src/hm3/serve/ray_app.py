@@ -1,0 +1,162 @@
+"""The same server on Ray Serve: N replicas of `hm3.serve.app` with Ray's own request batching.
+
+Every replica loads the model once and serves the very app `hm3 serve` runs (`create_app`: the
+same routes, schema, limits, errors, policy and metrics) as its FastAPI ingress; the only part
+swapped is the batcher: `RayBatcher` hands every text to a `@serve.batch` method, so Ray Serve
+gathers texts from concurrent requests (`max_batch_size`, `batch_wait_timeout_s`) and the
+replica runs each batch in one worker thread. Ray's proxy spreads requests over the replicas.
+
+Two ways to run it (needs the `ray` extra: `pip install 'hm3[ray]'`):
+  hm3 serve MODEL --ray --replicas 2            # a local one-node Ray instance, until Ctrl-C
+  serve run hm3.serve.ray_app:app_builder model=/abs/MODEL replicas=2   # Ray's CLI / config files
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Sequence
+
+import ray
+from ray import serve
+
+from hm3.errors import Hm3Error
+from hm3.serve.app import Limits, create_app
+from hm3.serve.policy import load_policy
+from hm3.serve.server import load_backend
+
+APP_NAME = "hm3"
+
+
+class RayBatcher:
+    """`MicroBatcher`'s interface (start / stop / submit) over Ray Serve's `@serve.batch`.
+
+    Parameters are MicroBatcher's: `run` classifies a list of texts (in one worker thread, so
+    the replica's event loop keeps taking requests), `on_batch(size, seconds)` records metrics.
+    """
+
+    def __init__(self, run: Callable[[list[str]], list], max_batch_size: int = 32,
+                 max_wait_ms: float = 5.0, on_batch: Callable[[int, float], None] | None = None):
+        if max_batch_size < 1:
+            raise Hm3Error(f"max_batch_size must be at least 1, got {max_batch_size}")
+        if max_wait_ms < 0:
+            raise Hm3Error(f"max_wait_ms must be 0 or more, got {max_wait_ms}")
+        self.run = run
+        self.on_batch = on_batch
+        self._classify.set_max_batch_size(max_batch_size)
+        self._classify.set_batch_wait_timeout_s(max_wait_ms / 1000.0)
+        self._executor: ThreadPoolExecutor | None = None
+
+    async def start(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hm3-model")
+
+    async def stop(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+
+    async def submit(self, texts: Sequence[str]) -> list:
+        return list(await asyncio.gather(*(self._classify(text) for text in texts)))
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def _classify(self, texts: list[str]) -> list:
+        start = time.perf_counter()
+        results = await asyncio.get_running_loop().run_in_executor(self._executor, self.run,
+                                                                   list(texts))
+        if self.on_batch is not None:
+            self.on_batch(len(texts), time.perf_counter() - start)
+        return results
+
+
+@serve.deployment(name=APP_NAME, max_ongoing_requests=256)
+@serve.ingress()
+class Hm3Deployment:
+    """One replica: the model loaded once, `create_app` as its ingress (built in the replica)."""
+
+    def __init__(self, model: str, backend: str | None = None, device: str | None = None,
+                 max_length: int | None = None, policy: str | None = None,
+                 max_batch_size: int = 32, max_wait_ms: float = 5.0,
+                 max_texts: int = 256, max_chars: int = 200_000, length_split: bool = True):
+        self.classifier = load_backend(model, backend, device, max_length)
+        self.rules = load_policy(policy, self.classifier.groups) if policy else None
+        self.name = Path(model.rstrip("/")).name or model
+        self.settings = dict(max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
+                             limits=Limits(max_texts=max_texts, max_chars=max_chars),
+                             length_split=length_split)
+
+    def __serve_build_asgi_app__(self):
+        return create_app(self.classifier, name=self.name,
+                          backend=getattr(self.classifier.model, "backend", "torch"),
+                          policy=self.rules, batcher=RayBatcher, **self.settings)
+
+
+def build(model: str, replicas: int = 1, replica_cpus: float = 1.0, **options):
+    """The Ray Serve application: `replicas` copies of `Hm3Deployment(model, **options)`, each
+    reserving `replica_cpus` CPUs (its torch threads follow Ray's OMP_NUM_THREADS)."""
+    if replicas < 1:
+        raise Hm3Error(f"replicas must be at least 1, got {replicas}")
+    if replica_cpus <= 0:
+        raise Hm3Error(f"replica_cpus must be positive, got {replica_cpus}")
+    local = Path(model)
+    if local.exists():  # a replica's working directory is not ours: pass absolute paths
+        model = str(local.resolve())
+    if options.get("policy"):
+        options["policy"] = str(Path(options["policy"]).resolve())
+    return Hm3Deployment.options(num_replicas=replicas,
+                                 ray_actor_options={"num_cpus": replica_cpus}).bind(model, **options)
+
+
+def app_builder(args: dict):
+    """For Ray's own CLI and config files: `serve run hm3.serve.ray_app:app_builder model=PATH
+    replicas=2 max_batch_size=32 ...` (values arrive as strings)."""
+    args = dict(args)
+    if "model" not in args:
+        raise Hm3Error("app_builder needs model=PATH (a model folder every Ray node can read)")
+    typed = {"replicas": int, "replica_cpus": float, "max_batch_size": int, "max_wait_ms": float,
+             "max_texts": int, "max_chars": int, "max_length": int,
+             "length_split": lambda v: str(v).lower() not in ("0", "false", "no")}
+    unknown = set(args) - set(typed) - {"model", "backend", "device", "policy"}
+    if unknown:
+        raise Hm3Error(f"app_builder: unknown argument(s) {', '.join(sorted(unknown))}; known: "
+                       f"model, backend, device, policy, {', '.join(typed)}")
+    return build(**{k: typed[k](v) if k in typed else v for k, v in args.items()})
+
+
+def serve_on_ray(model: str, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1,
+                 replica_cpus: float = 1.0, address: str | None = None, **options) -> None:
+    """Deploy on Ray Serve. With no `address`, start a local one-node Ray instance, serve until
+    SIGINT / SIGTERM, then shut it down; with one (`auto`, `ray://...`), deploy on that cluster
+    and return (the application keeps running there: `serve status`, `serve shutdown`)."""
+    application = build(model, replicas, replica_cpus, **options)
+    if address is None:
+        # Ray Serve gives its HTTP proxy 5 s to report ready and kills it after three misses; on
+        # a small, busy machine starting Python workers takes longer (the environment wins)
+        for name in ("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S"):
+            os.environ.setdefault(name, "60")
+        ray.init(include_dashboard=False, configure_logging=False)
+    else:
+        ray.init(address=address)
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        try:
+            serve.run(application, name=APP_NAME, route_prefix="/")
+        except RuntimeError as exc:  # a replica failed to start: say why, briefly
+            lines = [line for line in str(exc).splitlines() if "Hm3Error" in line]
+            raise Hm3Error(lines[-1].split("Hm3Error:", 1)[-1].strip() if lines
+                           else f"the Ray Serve deployment failed: {exc}") from None
+        print(f"hm3 on Ray Serve: {replicas} replica(s) at http://{host}:{port}/", flush=True)
+        if address is not None:
+            return
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        while not stop.wait(0.5):
+            pass
+        serve.shutdown()  # replicas finish in-flight requests first
+    finally:
+        if address is None:
+            ray.shutdown()

@@ -1,0 +1,144 @@
+"""`hm3 serve --ray`: the same app on Ray Serve, tested as a server on a local one-node Ray
+instance (a real process, a real HTTP client, concurrent requests).
+
+Starting Ray and its replicas takes one to a few minutes on 2 CPU cores, so the server test is
+behind the slow marker (`make test-slow`, which installs the ray extra); it skips where Ray
+Serve is not installed. The argument checks below are fast and stay in the default suite.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import WORDS, build_family, recipe_dict
+
+from hm3 import load, merge, parse_recipe
+from hm3.cli import main
+
+httpx = pytest.importorskip("httpx")
+
+TASKS = {"sentiment": ["negative", "positive"], "topic": ["news", "sport", "film"],
+         "tox": ["insult", "threat"]}
+
+
+def test_replicas_without_ray_is_refused(tmp_path, capsys):
+    assert main(["serve", str(tmp_path), "--replicas", "2"]) == 2
+    assert "add --ray" in capsys.readouterr().err
+
+
+def test_app_builder_checks_its_arguments():
+    pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install 'hm3[ray]')")
+    from hm3.errors import Hm3Error
+    from hm3.serve.ray_app import app_builder, build
+
+    with pytest.raises(Hm3Error, match="needs model=PATH"):
+        app_builder({"replicas": "2"})
+    with pytest.raises(Hm3Error, match="unknown argument.*replica_count"):
+        app_builder({"model": "m", "replica_count": "2"})
+    with pytest.raises(Hm3Error, match="replicas must be at least 1"):
+        build("m", replicas=0)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def texts_for(seed: int, n: int) -> list[str]:
+    return [" ".join(WORDS[(seed * 7 + i * 3 + k) % len(WORDS)] for k in range(1 + (seed + i) % 9))
+            for i in range(n)]
+
+
+@pytest.mark.slow
+def test_ray_serve_answers_as_the_torch_model_under_concurrent_load(tmp_path):
+    pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install 'hm3[ray]')")
+    base, experts = build_family(tmp_path, TASKS, multi_label=("tox",))
+    model = tmp_path / "merged"
+    merge(parse_recipe(recipe_dict(base, experts)), model, progress=False)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("tox: {flag: [insult, threat], threshold: 0.5}\n")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = (tmp_path / "serve.log").open("w")  # Ray logs a lot: a file, not a pipe that fills
+    process = subprocess.Popen(
+        [sys.executable, "-m", "hm3.cli", "serve", str(model), "--ray", "--replicas", "2",
+         "--replica-cpus", "0.5", "--port", str(port), "--max-batch-size", "16",
+         "--max-wait-ms", "20", "--max-texts", "8", "--policy", str(policy), "--device", "cpu"],
+        stdout=log, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            assert process.poll() is None, f"hm3 serve --ray exited: {tail(tmp_path)}"
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "Ray Serve did not answer /health in 600 s"
+            time.sleep(1)
+
+        torch_model = load(model, device="cpu")
+        requests = [texts_for(seed, 1 + seed % 4) for seed in range(40)]
+        expected = [torch_model.predict(texts) for texts in requests]
+
+        async def run():
+            async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+                good = [client.post("/v1/classify", json={"texts": texts}) for texts in requests]
+                bad = [client.post("/v1/classify", json={"texts": ["good"] * 9}),
+                       client.post("/v1/classify", json={"texts": ["good"], "tasks": ["spam"]})]
+                return await asyncio.gather(*good, *bad)
+
+        *responses, too_many, unknown = asyncio.run(run())
+        assert [r.status_code for r in responses] == [200] * len(requests)
+        for response, want, texts in zip(responses, expected, requests):
+            body = response.json()
+            assert len(body["results"]) == len(texts)
+            for result, one, fired in zip(body["results"], want, body["flagged"]):
+                assert list(result) == list(TASKS)
+                for task in TASKS:
+                    assert result[task]["label"] == one[task]["label"]
+                    assert result[task]["probabilities"] == pytest.approx(
+                        one[task]["probabilities"], abs=1e-4)
+                tox = max(one["tox"]["probabilities"].values()) >= 0.5
+                assert fired == (["tox"] if tox else [])
+        # the same app's errors, through Ray's proxy
+        assert too_many.status_code == 413 and "limit is 8" in too_many.json()["error"]
+        assert unknown.status_code == 422 and "sentiment, topic, tox" in unknown.json()["error"]
+        layout = httpx.get(url + "/v1/tasks", timeout=30).json()
+        assert [t["name"] for t in layout["tasks"]] == list(TASKS)
+        # Ray's @serve.batch gathered texts of concurrent requests on some replica
+        seen = [httpx.get(url + "/metrics", timeout=30).text for _ in range(8)]
+        batches = [(metric(m, "hm3_batch_size_count"), metric(m, "hm3_batch_size_sum"))
+                   for m in seen]
+        assert any(texts > count > 0 for count, texts in batches), batches
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            code = process.wait(120)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise
+        log.close()
+    # served until SIGTERM, then shut Serve and the local Ray instance down
+    assert code == 0, tail(tmp_path)
+
+
+def tail(folder) -> str:
+    return (folder / "serve.log").read_text()[-4000:]
+
+
+def metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0
