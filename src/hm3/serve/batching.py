@@ -19,6 +19,14 @@ from hm3.errors import Hm3Error
 _STOP = object()
 
 
+def check_batching(max_batch_size: int, max_wait_ms: float) -> None:
+    """Refuse batching settings that cannot work (any batcher's)."""
+    if max_batch_size < 1:
+        raise Hm3Error(f"max_batch_size must be at least 1, got {max_batch_size}")
+    if max_wait_ms < 0:
+        raise Hm3Error(f"max_wait_ms must be 0 or more, got {max_wait_ms}")
+
+
 class MicroBatcher:
     """Batch texts from many callers; `await submit(texts)` returns their results in order.
 
@@ -33,10 +41,7 @@ class MicroBatcher:
     def __init__(self, run: Callable[[list[str]], list], max_batch_size: int = 32,
                  max_wait_ms: float = 5.0,
                  on_batch: Callable[[int, float], None] | None = None):
-        if max_batch_size < 1:
-            raise Hm3Error(f"max_batch_size must be at least 1, got {max_batch_size}")
-        if max_wait_ms < 0:
-            raise Hm3Error(f"max_wait_ms must be 0 or more, got {max_wait_ms}")
+        check_batching(max_batch_size, max_wait_ms)
         self.run = run
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000.0

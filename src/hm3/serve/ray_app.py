@@ -27,6 +27,7 @@ from ray import serve
 
 from hm3.errors import Hm3Error
 from hm3.serve.app import Limits, create_app
+from hm3.serve.batching import check_batching
 from hm3.serve.policy import load_policy
 from hm3.serve.server import load_backend
 
@@ -42,10 +43,7 @@ class RayBatcher:
 
     def __init__(self, run: Callable[[list[str]], list], max_batch_size: int = 32,
                  max_wait_ms: float = 5.0, on_batch: Callable[[int, float], None] | None = None):
-        if max_batch_size < 1:
-            raise Hm3Error(f"max_batch_size must be at least 1, got {max_batch_size}")
-        if max_wait_ms < 0:
-            raise Hm3Error(f"max_wait_ms must be 0 or more, got {max_wait_ms}")
+        check_batching(max_batch_size, max_wait_ms)
         self.run = run
         self.on_batch = on_batch
         self._classify.set_max_batch_size(max_batch_size)
