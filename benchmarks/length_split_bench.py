@@ -23,7 +23,6 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import torch
 
@@ -34,7 +33,8 @@ from hm3.zoo import build_zoo, read_split
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from serve_bench import free_port, machine, one_run, stop_servers  # noqa: E402
+from serve_bench import (free_port, machine, one_run, stop_servers,  # noqa: E402
+                         wait_until_healthy)
 
 RESULTS = HERE / "results" / "serve_length_split.json"
 MODES = {"A padded batch": False, "B length-sorted sub-batches": True}
@@ -107,18 +107,8 @@ def start(model_path: str, split: bool) -> tuple[subprocess.Popen, str]:
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while True:
-        if process.poll() is not None:
-            raise SystemExit(f"server exited: {process.stderr.read()}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return process, url
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            raise SystemExit(f"{url} did not start")
-        time.sleep(0.5)
+    wait_until_healthy(process, url)
+    return process, url
 
 
 def load_ab(model_path: str, texts: list[str], runs: int, requests: int) -> dict:

@@ -231,19 +231,25 @@ def start_servers(folders: list[Path], pin: bool) -> list[tuple[subprocess.Popen
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         servers.append((process, f"http://127.0.0.1:{port}"))
     for process, url in servers:
-        deadline = time.monotonic() + 300
-        while True:
-            if process.poll() is not None:
-                raise SystemExit(f"server exited: {process.stderr.read()}")
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit(f"{url} did not start")
-            time.sleep(0.5)
+        wait_until_healthy(process, url)
     return servers
+
+
+def wait_until_healthy(process: subprocess.Popen, url: str, timeout_s: float = 300) -> None:
+    """Return once the server at `url` answers /health with 200; stop the benchmark if its
+    process exits or it does not come up within `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if process.poll() is not None:
+            raise SystemExit(f"server exited: {process.stderr.read()}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{url} did not start")
+        time.sleep(0.5)
 
 
 def stop_servers(servers) -> None:
