@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from hm3 import merge, parse_recipe
+
 WORDS = ["good", "bad", "free", "win", "money", "hello", "meeting", "today", "great", "awful",
          "what", "who", "where", "news", "sport", "market", "film", "vote", "phone", "call"]
 
@@ -147,3 +149,19 @@ def random_texts(n: int, seed: int) -> list[str]:
     while len(texts) < n:
         texts[" ".join(rng.choices(WORDS, k=rng.randint(2, 8)))] = None
     return list(texts)
+
+
+# The serving and export tests' model: two single-label tasks and a multi-label one.
+SERVED_TASKS = {"sentiment": ["negative", "positive"], "topic": ["news", "sport", "film"],
+                "tox": ["insult", "threat"]}
+
+
+@pytest.fixture(scope="session")
+def served_model(tmp_path_factory) -> Path:
+    """A tiny merged model of SERVED_TASKS, built once for every test that serves or exports it
+    (they only read it)."""
+    root = tmp_path_factory.mktemp("served")
+    base, experts = build_family(root, SERVED_TASKS, multi_label=("tox",))
+    out = root / "merged"
+    merge(parse_recipe(recipe_dict(base, experts)), out, progress=False)
+    return out

@@ -10,25 +10,19 @@ import pytest
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from conftest import build_family, recipe_dict  # noqa: E402
+from conftest import SERVED_TASKS as TASKS  # noqa: E402
 
-from hm3 import load, merge, parse_recipe  # noqa: E402
+from hm3 import load  # noqa: E402
 from hm3.cli import main  # noqa: E402
 from hm3.export import export_onnx  # noqa: E402
 
-TASKS = {"sentiment": ["negative", "positive"], "topic": ["news", "sport", "film"],
-         "tox": ["insult", "threat"]}
 TEXTS = ["good film", "bad news today", "free money win call phone now", "hello",
          "what market vote sport great awful who where"]
 
 
 @pytest.fixture(scope="module")
-def merged(tmp_path_factory):
-    root = tmp_path_factory.mktemp("family")
-    base, experts = build_family(root, TASKS, multi_label=("tox",))
-    out = root / "merged"
-    merge(parse_recipe(recipe_dict(base, experts)), out, progress=False)
-    return out
+def merged(served_model):
+    return served_model
 
 
 @pytest.fixture(scope="module")

@@ -19,27 +19,18 @@ import pytest
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
-from conftest import WORDS, build_family, recipe_dict  # noqa: E402
+from conftest import SERVED_TASKS as TASKS, WORDS  # noqa: E402
 
-from hm3 import load, merge, parse_recipe  # noqa: E402
+from hm3 import load  # noqa: E402
 from hm3.cli import main  # noqa: E402
 from hm3.errors import Hm3Error  # noqa: E402
 from hm3.heads import TaskGroup  # noqa: E402
 from hm3.serve.batching import MicroBatcher  # noqa: E402
 from hm3.serve.policy import parse_policy  # noqa: E402
 
-TASKS = {"sentiment": ["negative", "positive"], "topic": ["news", "sport", "film"],
-         "tox": ["insult", "threat"]}
-
-
 @pytest.fixture(scope="module")
-def merged(tmp_path_factory) -> Path:
-    """A tiny merged model with two single-label tasks and a multi-label one."""
-    root = tmp_path_factory.mktemp("family")
-    base, experts = build_family(root, TASKS, multi_label=("tox",))
-    out = root / "merged"
-    merge(parse_recipe(recipe_dict(base, experts)), out, progress=False)
-    return out
+def merged(served_model) -> Path:
+    return served_model
 
 
 def free_port() -> int:

@@ -7,15 +7,11 @@ import random
 
 import pytest
 
-from conftest import WORDS, build_family, recipe_dict
+from conftest import SERVED_TASKS as TASKS, WORDS
 
-from hm3 import load, merge, parse_recipe
+from hm3 import load
 from hm3.errors import Hm3Error
 from hm3.serve.buckets import length_buckets, predict_by_length
-
-TASKS = {"sentiment": ["negative", "positive"], "topic": ["news", "sport", "film"],
-         "tox": ["insult", "threat"]}
-
 
 def test_split_minimises_padding_plus_a_cost_per_pass():
     lengths = [5, 100, 6, 98]
@@ -41,12 +37,8 @@ def test_every_index_once_and_groups_sorted_by_length():
 
 
 @pytest.fixture(scope="module")
-def merged(tmp_path_factory):
-    root = tmp_path_factory.mktemp("family")
-    base, experts = build_family(root, TASKS, multi_label=("tox",))
-    out = root / "merged"
-    merge(parse_recipe(recipe_dict(base, experts)), out, progress=False)
-    return load(out, device="cpu")
+def merged(served_model):
+    return load(served_model, device="cpu")
 
 
 def test_sub_batches_answer_as_one_padded_batch_in_request_order(merged):

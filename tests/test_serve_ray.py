@@ -18,15 +18,12 @@ import time
 
 import pytest
 
-from conftest import WORDS, build_family, recipe_dict
+from conftest import SERVED_TASKS as TASKS, WORDS
 
-from hm3 import load, merge, parse_recipe
+from hm3 import load
 from hm3.cli import main
 
 httpx = pytest.importorskip("httpx")
-
-TASKS = {"sentiment": ["negative", "positive"], "topic": ["news", "sport", "film"],
-         "tox": ["insult", "threat"]}
 
 
 def test_replicas_without_ray_is_refused(tmp_path, capsys):
@@ -59,11 +56,9 @@ def texts_for(seed: int, n: int) -> list[str]:
 
 
 @pytest.mark.slow
-def test_ray_serve_answers_as_the_torch_model_under_concurrent_load(tmp_path):
+def test_ray_serve_answers_as_the_torch_model_under_concurrent_load(served_model, tmp_path):
     pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install 'hm3[ray]')")
-    base, experts = build_family(tmp_path, TASKS, multi_label=("tox",))
-    model = tmp_path / "merged"
-    merge(parse_recipe(recipe_dict(base, experts)), model, progress=False)
+    model = served_model
     policy = tmp_path / "policy.yaml"
     policy.write_text("tox: {flag: [insult, threat], threshold: 0.5}\n")
     port = free_port()
