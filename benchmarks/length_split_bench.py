@@ -18,7 +18,6 @@ import asyncio
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,8 +32,7 @@ from hm3.zoo import build_zoo, read_split
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from serve_bench import (free_port, machine, one_run, stop_servers,  # noqa: E402
-                         wait_until_healthy)
+from serve_bench import machine, one_run, start_servers, stop_servers  # noqa: E402
 
 RESULTS = HERE / "results" / "serve_length_split.json"
 MODES = {"A padded batch": False, "B length-sorted sub-batches": True}
@@ -97,22 +95,11 @@ def offline(model_path: str, texts: list[str], rounds: int, n_batches: int) -> d
             "texts": 32 * len(batches)}
 
 
-def start(model_path: str, split: bool) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    command = ["taskset", "-c", "0", sys.executable, "-m", "hm3.cli", "serve", model_path,
-               "--port", str(port), "--max-batch-size", "32", "--max-wait-ms", "5",
-               "--max-length", "128", "--log-level", "error", "--device", "cpu",
-               *([] if split else ["--no-length-split"])]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    wait_until_healthy(process, url)
-    return process, url
-
-
 def load_ab(model_path: str, texts: list[str], runs: int, requests: int) -> dict:
-    servers = {name: start(model_path, split) for name, split in MODES.items()}
+    # --max-wait-ms 5, the server's default when this was measured (RESULTS.md §6.3)
+    servers = {name: start_servers([Path(model_path)], pin=True, max_wait_ms=5.0,
+                                   flags=() if split else ("--no-length-split",))[0]
+               for name, split in MODES.items()}
     os.sched_setaffinity(0, {1})
     try:
         for _, url in servers.values():

@@ -61,6 +61,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small counts, for a smoke run")
     parser.add_argument("--re-export", action="store_true", help="export again into --work")
     parser.add_argument("--no-pin", action="store_true", help="do not pin server and client")
+    parser.add_argument("--max-wait-ms", type=float, default=0.0,
+                        help="the servers' --max-wait-ms (default 0, hm3 serve's)")
     parser.add_argument("--skip", nargs="*", default=[],
                         choices=["accuracy", "offline", "load", "stack"])
     parser.add_argument("--output", default=str(RESULTS))
@@ -112,7 +114,8 @@ def main() -> None:
     backends = {"torch": folders["torch"], "onnx fp32": folders["onnx fp32"],
                 "onnx int8": folders[CHOSEN_INT8]}
     if "offline" not in args.skip:
-        result["offline"] = offline(backends, texts, work, pin, rounds=2 if args.quick else 5)
+        result["offline"] = offline(backends, texts, work, pin, rounds=2 if args.quick else 5,
+                                    requests=args.requests)
         write_json_atomic(Path(args.output), result)
         print(json.dumps(result["offline"], indent=1), flush=True)
     if "load" not in args.skip:
@@ -162,13 +165,15 @@ def accuracy(folders: dict[str, Path], tests: dict[str, list]) -> dict:
 
 
 def offline(backends: dict[str, Path], texts: list[str], work: Path, pin: bool,
-            rounds: int) -> dict:
-    """Direct calls, no server: batch 32 throughput and one-text latency, on the server's core."""
+            rounds: int, requests: int) -> dict:
+    """Direct calls, no server: batch 32 throughput and one-text latency, on the server's core;
+    also one direct forward for each text a c=1 load run of `requests` requests sends (p50/p99,
+    the like-for-like reference for the server's latency at c=1)."""
     script = work / "offline_child.py"
     script.write_text(OFFLINE_CHILD)
     (work / "texts.json").write_text(json.dumps(texts))
     command = [sys.executable, str(script), json.dumps({k: str(v) for k, v in backends.items()}),
-               str(work / "texts.json"), str(rounds)]
+               str(work / "texts.json"), str(rounds), str(requests)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HM3_ONNX_THREADS": "1"}
     out = subprocess.run((["taskset", "-c", "0"] if pin else []) + command, env=env,
                          capture_output=True, text=True, check=True)
@@ -177,15 +182,19 @@ def offline(backends: dict[str, Path], texts: list[str], work: Path, pin: bool,
 
 OFFLINE_CHILD = '''
 import json, statistics, sys, time
+import numpy as np
 import torch
 torch.set_num_threads(1)
 from hm3.model import load
 from hm3.serve.buckets import predict_by_length
 backends, texts, rounds = json.loads(sys.argv[1]), json.load(open(sys.argv[2])), int(sys.argv[3])
+# the texts a c=1 load run sends, one per request (request i % 10 == 9 is malformed instead)
+sent = [texts[i % len(texts)] for i in range(int(sys.argv[4])) if i % 10 != 9]
 models = {name: load(path, device="cpu", max_length=128) for name, path in backends.items()}
 batches = [texts[i:i + 32] for i in range(0, len(texts) - 31, 32)]
 ones = texts[:32]
-runs = {name: {"batch32": [], "split32": [], "one": []} for name in models}
+runs = {name: {"batch32": [], "split32": [], "one": [], "sent_p50": [], "sent_p99": []}
+        for name in models}
 for round_ in range(rounds + 1):          # round 0 warms up
     for name, model in models.items():     # A B C A B C: drift hits every backend alike
         start = time.perf_counter()
@@ -200,7 +209,13 @@ for round_ in range(rounds + 1):          # round 0 warms up
         for text in ones:
             t = time.perf_counter(); model.logits([text], batch_size=1)
             times.append(time.perf_counter() - t)
+        each = []                          # one direct forward per text the c=1 run sends
+        for text in sent:
+            t = time.perf_counter(); model.logits([text], batch_size=1)
+            each.append(time.perf_counter() - t)
         if round_:
+            runs[name]["sent_p50"].append(float(np.percentile(each, 50)) * 1000)
+            runs[name]["sent_p99"].append(float(np.percentile(each, 99)) * 1000)
             runs[name]["batch32"].append(len(batches) * 32 / batch_s)
             runs[name]["split32"].append(len(batches) * 32 / split_s)
             runs[name]["one"].append(statistics.median(times) * 1000)
@@ -208,7 +223,10 @@ print(json.dumps({name: {"batch32_texts_per_s": statistics.median(r["batch32"]),
                          "batch32_runs": r["batch32"],
                          "split32_texts_per_s": statistics.median(r["split32"]),
                          "split32_runs": r["split32"],
-                         "one_text_ms": statistics.median(r["one"]), "one_text_runs": r["one"]}
+                         "one_text_ms": statistics.median(r["one"]), "one_text_runs": r["one"],
+                         "direct_p50_ms": statistics.median(r["sent_p50"]),
+                         "direct_p99_ms": statistics.median(r["sent_p99"]),
+                         "direct_texts": len(sent)}
                   for name, r in runs.items()}))
 '''
 
@@ -219,14 +237,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_servers(folders: list[Path], pin: bool) -> list[tuple[subprocess.Popen, str]]:
+def start_servers(folders: list[Path], pin: bool, max_wait_ms: float = 0.0,
+                  flags: tuple[str, ...] = ()) -> list[tuple[subprocess.Popen, str]]:
+    """`hm3 serve` for each folder (one thread; on core 0 when `pin`), once each is healthy."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HM3_ONNX_THREADS": "1"}
     servers = []
     for folder in folders:
         port = free_port()
         command = [sys.executable, "-m", "hm3.cli", "serve", str(folder), "--port", str(port),
-                   "--max-batch-size", "32", "--max-wait-ms", "5", "--max-length", "128",
-                   "--log-level", "error", "--device", "cpu"]
+                   "--max-batch-size", "32", "--max-wait-ms", f"{max_wait_ms:g}",
+                   "--max-length", "128", "--log-level", "error", "--device", "cpu", *flags]
         process = subprocess.Popen((["taskset", "-c", "0"] if pin else []) + command, env=env,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         servers.append((process, f"http://127.0.0.1:{port}"))
@@ -297,7 +317,7 @@ async def one_run(urls: list[str], texts: list[str], concurrency: int, requests:
 
 
 def load_test(folders: list[Path], texts: list[str], args, pin: bool) -> dict:
-    servers = start_servers(folders, pin)
+    servers = start_servers(folders, pin, args.max_wait_ms)
     if pin:
         os.sched_setaffinity(0, {1})
     try:
@@ -366,6 +386,9 @@ def goals(result: dict, n_experts: int) -> dict:
                     row["concurrency"]["32"]["texts_per_s"] / offline_[name]["split32_texts_per_s"])
             out[f"{name}: server p99 c=1 / one direct forward"] = (
                 row["concurrency"]["1"]["p99_ms"] / offline_[name]["one_text_ms"])
+            if "direct_p99_ms" in offline_[name]:  # the same texts, one direct forward each
+                out[f"{name}: server p99 c=1 / direct p99 over the same texts"] = (
+                    row["concurrency"]["1"]["p99_ms"] / offline_[name]["direct_p99_ms"])
         out["failures"] = sum(r["failures"] for row in load_.values()
                               for r in row["concurrency"].values())
     if load_ and result.get("stack"):

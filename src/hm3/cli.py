@@ -197,8 +197,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="check the folder is of this kind (default: whatever it is)")
     serve.add_argument("--max-batch-size", type=int, default=32, help="texts per forward pass "
                        "(default 32)")
-    serve.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a text waits "
-                       "for others to share its batch (default 5)")
+    serve.add_argument("--max-wait-ms", type=float, default=0.0, help="how long the first text "
+                       "of a batch waits for others once the model is free (default 0: the "
+                       "batch is every text that queued while the model ran)")
     serve.add_argument("--max-texts", type=int, default=256, help="texts per request (default "
                        "256; more: 413)")
     serve.add_argument("--max-chars", type=int, default=200_000, help="characters per request, "

@@ -71,7 +71,7 @@ class Metrics:
 
 
 def create_app(classifier, name: str = "model", backend: str = "torch",
-               max_batch_size: int = 32, max_wait_ms: float = 5.0, limits: Limits = Limits(),
+               max_batch_size: int = 32, max_wait_ms: float = 0.0, limits: Limits = Limits(),
                policy: dict[str, TaskRule] | None = None, length_split: bool = True,
                batcher: Callable = MicroBatcher) -> FastAPI:
     """The ASGI app serving `classifier` (an `hm3.model.MultiTaskClassifier`).

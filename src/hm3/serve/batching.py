@@ -4,7 +4,9 @@ A small asyncio micro-batcher rather than a library: the batching libraries on P
 belong to a serving framework (Ray Serve's `@serve.batch`) or are thin, little-kept wrappers; what a classifier server needs is ~60 lines: a queue of texts, one
 worker that takes up to `max_batch_size` of them (waiting at most `max_wait_ms` for more once the
 first has arrived), runs the model in ONE worker thread so the event loop keeps accepting
-requests meanwhile, and hands each text its own result.
+requests meanwhile, and hands each text its own result. While the model runs, new texts queue;
+with the default wait of 0 the next batch is what queued, taken as soon as the model is free:
+batches grow with the load and a lone request never waits (benchmarks/batch_wait_bench.py).
 """
 
 from __future__ import annotations
@@ -34,12 +36,13 @@ class MicroBatcher:
     ----------
     run : classifies a list of texts, returning one result per text (called in a worker thread).
     max_batch_size : most texts in one call of `run`.
-    max_wait_ms : how long the first text of a batch waits for others to join it.
+    max_wait_ms : how long the first text of a batch waits for others to join it (0: no wait;
+        the batch is whatever queued while the previous batch ran).
     on_batch : called with (batch size, seconds) after every batch, e.g. to record metrics.
     """
 
     def __init__(self, run: Callable[[list[str]], list], max_batch_size: int = 32,
-                 max_wait_ms: float = 5.0,
+                 max_wait_ms: float = 0.0,
                  on_batch: Callable[[int, float], None] | None = None):
         check_batching(max_batch_size, max_wait_ms)
         self.run = run

@@ -42,7 +42,7 @@ class RayBatcher:
     """
 
     def __init__(self, run: Callable[[list[str]], list], max_batch_size: int = 32,
-                 max_wait_ms: float = 5.0, on_batch: Callable[[int, float], None] | None = None):
+                 max_wait_ms: float = 0.0, on_batch: Callable[[int, float], None] | None = None):
         check_batching(max_batch_size, max_wait_ms)
         self.run = run
         self.on_batch = on_batch
@@ -77,7 +77,7 @@ class Hm3Deployment:
 
     def __init__(self, model: str, backend: str | None = None, device: str | None = None,
                  max_length: int | None = None, policy: str | None = None,
-                 max_batch_size: int = 32, max_wait_ms: float = 5.0,
+                 max_batch_size: int = 32, max_wait_ms: float = 0.0,
                  max_texts: int = 256, max_chars: int = 200_000, length_split: bool = True):
         self.classifier = load_backend(model, backend, device, max_length)
         self.rules = load_policy(policy, self.classifier.groups) if policy else None

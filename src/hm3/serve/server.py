@@ -33,7 +33,7 @@ def load_backend(model: str, backend: str | None = None, device: str | None = No
 
 
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, backend: str | None = None,
-          max_batch_size: int = 32, max_wait_ms: float = 5.0, limits: Limits = Limits(),
+          max_batch_size: int = 32, max_wait_ms: float = 0.0, limits: Limits = Limits(),
           policy: str | Path | None = None, device: str | None = None,
           max_length: int | None = None, drain_seconds: float = 30.0,
           log_level: str = "info", length_split: bool = True) -> None:

@@ -1,0 +1,89 @@
+"""How long the micro-batcher waits for company: `hm3 serve --max-wait-ms` A against B.
+
+Two `hm3 serve` processes on the demo's merged model, identical but for `--max-wait-ms` (A: 5,
+the old default; B: 0, run as soon as the model is free, with every text that queued meanwhile),
+pinned to core 0 with one thread each, an async httpx client on core 1; at concurrency 1, 8, 32
+and 64, load runs alternate A B A B (one text per request, every tenth malformed and answered
+422). Medians of texts/s, p50 and p99 per server and concurrency, and B / A.
+
+  .venv/bin/python benchmarks/batch_wait_bench.py --model /tmp/demo-before/merged
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from hm3.checkpoint import write_json_atomic
+from hm3.zoo import build_zoo, read_split
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from serve_bench import (CONCURRENCY, machine, one_run, start_servers,  # noqa: E402
+                         stop_servers)
+
+RESULTS = HERE / "results" / "serve_batch_wait.json"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="/tmp/demo-before/merged")
+    parser.add_argument("--a", type=float, default=5.0, help="server A's --max-wait-ms")
+    parser.add_argument("--b", type=float, default=0.0, help="server B's --max-wait-ms")
+    parser.add_argument("--runs", type=int, default=3, help="load runs per server and concurrency")
+    parser.add_argument("--requests", type=int, default=192, help="requests per load run")
+    parser.add_argument("--output", default=str(RESULTS))
+    args = parser.parse_args()
+    zoo = build_zoo(progress=False)
+    texts = [text for splits in zoo.splits.values() for text, _ in read_split(splits["test"])]
+    texts = [texts[i] for i in np.random.default_rng(0).permutation(len(texts))][:256]
+    result = {"machine": machine(), "model": args.model,
+              "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+    waits = {f"A wait {args.a:g} ms": args.a, f"B wait {args.b:g} ms": args.b}
+    servers = {name: start_servers([Path(args.model)], pin=True, max_wait_ms=wait)[0]
+               for name, wait in waits.items()}
+    os.sched_setaffinity(0, {1})
+    try:
+        for _, url in servers.values():
+            asyncio.run(one_run([url], texts, 4, 16))  # warm-up
+        rows = {}
+        for concurrency in CONCURRENCY:
+            found = {name: [] for name in servers}
+            for _ in range(args.runs):
+                for name, (_, url) in servers.items():  # A B A B
+                    found[name].append(asyncio.run(one_run([url], texts, concurrency,
+                                                           args.requests)))
+                    print(f"c={concurrency} {name}: {found[name][-1]['texts_per_s']:.1f} texts/s "
+                          f"p99 {found[name][-1]['p99_ms']:.0f} ms", flush=True)
+            medians = {name: {key: statistics.median(r[key] for r in rs)
+                              for key in ("texts_per_s", "p50_ms", "p99_ms")}
+                       | {"failures": sum(r["failures"] for r in rs)}
+                       for name, rs in found.items()}
+            a, b = medians.values()
+            rows[str(concurrency)] = {"medians": medians, "runs": found,
+                                      "texts_per_s_b_over_a": b["texts_per_s"] / a["texts_per_s"],
+                                      "p99_b_over_a": b["p99_ms"] / a["p99_ms"]}
+            result["load"] = rows
+            write_json_atomic(Path(args.output), result)  # partial results survive a stop
+    finally:
+        os.sched_setaffinity(0, set(range(os.cpu_count())))
+        stop_servers(list(servers.values()))
+    result["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    result["load_average_after"] = os.getloadavg()
+    write_json_atomic(Path(args.output), result)
+    for c, row in rows.items():
+        cells = " | ".join(f"{m['texts_per_s']:.1f} ({m['p50_ms']:.0f}/{m['p99_ms']:.0f})"
+                           for m in row["medians"].values())
+        print(f"| {c} | {cells} | {row['texts_per_s_b_over_a']:.2f}× | {row['p99_b_over_a']:.2f}× |")
+
+
+if __name__ == "__main__":
+    main()
