@@ -31,6 +31,7 @@ import os
 import platform
 import random
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -40,7 +41,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from hm3.checkpoint import write_json_atomic
+from hm3.checkpoint import Checkpoint, write_json_atomic
 from hm3.demo import DEFAULT_METHOD, DEFAULT_PARAMETERS, LABEL_FREE
 from hm3.evaluate import Dataset, evaluate
 from hm3.model import load
@@ -117,11 +118,17 @@ def equal_norm_weights(rows: dict) -> dict[str, float]:
     return {task: round(middle / norm, 4) for task, norm in norms.items()}
 
 
+def largest_tensor_gb(zoo) -> float:
+    """The base's largest tensor in GiB as float32 (what the merge holds per expert)."""
+    base = Checkpoint(str(zoo.base))
+    return max(torch.Size(base.shape(name)).numel() for name in base.keys()) * 4 / 2**30
+
+
 def timed_merge(raw: dict, output: Path) -> dict:
     """`hm3 merge` in a child process: its wall and CPU time and peak RSS (from /usr/bin/time -v),
-    and the peaks of its anonymous and file-backed resident memory, sampled every 0.1 s. The
-    checkpoints are read through memory maps, so the pages of the files read count in RSS (as
-    file-backed, which the kernel can drop) beside the memory the merge allocates (anonymous)."""
+    and the peaks of its anonymous and file-backed resident memory, sampled every 0.1 s (tensors
+    are read with file reads, so file-backed memory is the libraries' code; until 2026-11-29
+    they were read through memory maps, whose pages counted in RSS as file-backed)."""
     recipe_file = output.with_suffix(".yaml")
     recipe_file.write_text(yaml.safe_dump(raw, sort_keys=False))
     command = ["/usr/bin/time", "-v", sys.executable, "-m", "hm3.cli", "merge", str(recipe_file),
@@ -278,11 +285,17 @@ def main() -> None:
     for stage in stages:
         print(f"== {stage}", flush=True)
         if stage == "streaming":
-            for n in (2, 4, 8):
-                out = work / f"plain-{n}"
-                streaming[str(n)] = timed_merge(recipe(zoo, tasks[:n], {}), out)
-                print(n, streaming[str(n)], flush=True)
-                save()
+            # three rounds of N = 2, 4, 8 (peaks vary by ~0.1 GiB run to run), medians
+            runs = {n: [] for n in (2, 4, 8)}
+            for _ in range(3):
+                for n in runs:
+                    runs[n].append(timed_merge(recipe(zoo, tasks[:n], {}), work / f"plain-{n}"))
+                    print(n, runs[n][-1], flush=True)
+            for n, found in runs.items():
+                streaming[str(n)] = {key: statistics.median(r[key] for r in found)
+                                     for key in found[0]} | {"runs": found}
+            streaming["largest_tensor_gb"] = round(largest_tensor_gb(zoo), 4)
+            save()
             continue
         for config in (args.configs or SWEEP) if stage == "sweep" else [stage]:
             method, parameters, extra = LABEL_FREE_CONFIGS.get(

@@ -12,7 +12,8 @@ What it measures (results in benchmarks/results/serve.json, a table printed for 
    one request in ten is malformed and must get 422, every other must get 200 (failures counted);
    and the anchor: the N experts each served by the same code, the client calling all N per text.
 The server (and the offline measurement) are pinned to core 0 with one thread, the client to
-core 1, so the two do not compete for a core (`--no-pin` to let both use both).
+core 1, so the two do not compete for a core (`--no-pin` to let both use both; `--threads 2`
+for two threads per backend, unpinned).
 
   .venv/bin/python benchmarks/serve_bench.py --model /tmp/demo-before/merged
   .venv/bin/python benchmarks/serve_bench.py --model M --quick     # smoke run, small counts
@@ -61,6 +62,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small counts, for a smoke run")
     parser.add_argument("--re-export", action="store_true", help="export again into --work")
     parser.add_argument("--no-pin", action="store_true", help="do not pin server and client")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch / ONNX Runtime threads offline and in each server (default 1; "
+                             "more than 1 implies --no-pin)")
     parser.add_argument("--max-wait-ms", type=float, default=0.0,
                         help="the servers' --max-wait-ms (default 0, hm3 serve's)")
     parser.add_argument("--skip", nargs="*", default=[],
@@ -69,7 +73,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.runs, args.requests = 1, 32
-    pin = not args.no_pin and hasattr(os, "sched_setaffinity") and os.cpu_count() >= 2
+    pin = (not args.no_pin and args.threads == 1 and hasattr(os, "sched_setaffinity")
+           and os.cpu_count() >= 2)
+    os.environ["OMP_NUM_THREADS"] = os.environ["HM3_ONNX_THREADS"] = str(args.threads)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     zoo = build_zoo(progress=False)
@@ -94,7 +100,8 @@ def main() -> None:
         (folder / "export.json").write_text(json.dumps(exports[name]))
         print(f"exported {name}: {report['megabytes']:.1f} MB, max |dp| on samples "
               f"{report['max_abs_diff']:.3g}", flush=True)
-    result = {"machine": machine(), "model": args.model, "pinned": pin, "exports": exports,
+    result = {"machine": machine(), "model": args.model, "pinned": pin, "threads": args.threads,
+              "max_wait_ms": args.max_wait_ms, "exports": exports,
               "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
     if "accuracy" not in args.skip:
         # what to keep in fp32 is chosen on validation texts, then confirmed on test
@@ -174,7 +181,7 @@ def offline(backends: dict[str, Path], texts: list[str], work: Path, pin: bool,
     (work / "texts.json").write_text(json.dumps(texts))
     command = [sys.executable, str(script), json.dumps({k: str(v) for k, v in backends.items()}),
                str(work / "texts.json"), str(rounds), str(requests)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HM3_ONNX_THREADS": "1"}
+    env = {"OMP_NUM_THREADS": "1", "HM3_ONNX_THREADS": "1", **os.environ}
     out = subprocess.run((["taskset", "-c", "0"] if pin else []) + command, env=env,
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -184,7 +191,8 @@ OFFLINE_CHILD = '''
 import json, statistics, sys, time
 import numpy as np
 import torch
-torch.set_num_threads(1)
+import os
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 from hm3.model import load
 from hm3.serve.buckets import predict_by_length
 backends, texts, rounds = json.loads(sys.argv[1]), json.load(open(sys.argv[2])), int(sys.argv[3])
@@ -239,8 +247,9 @@ def free_port() -> int:
 
 def start_servers(folders: list[Path], pin: bool, max_wait_ms: float = 0.0,
                   flags: tuple[str, ...] = ()) -> list[tuple[subprocess.Popen, str]]:
-    """`hm3 serve` for each folder (one thread; on core 0 when `pin`), once each is healthy."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HM3_ONNX_THREADS": "1"}
+    """`hm3 serve` for each folder (threads from $OMP_NUM_THREADS, default 1; on core 0 when
+    `pin`), once each is healthy."""
+    env = {"OMP_NUM_THREADS": "1", "HM3_ONNX_THREADS": "1", **os.environ}
     servers = []
     for folder in folders:
         port = free_port()

@@ -472,3 +472,51 @@ def test_with_recipe_refuses_other_experts(family):
     swapped = dict(reversed(list(experts.items())))
     with pytest.raises(Hm3Error, match="same base and experts"):
         with_recipe(sources, parse_recipe(recipe_dict(base, swapped)))
+
+
+def test_task_vector_norms_are_computed_by_hand_over_the_body(family, tmp_path):
+    base, experts = family
+    out = merged(base, experts, tmp_path)
+    theta0 = {f"bert.{name}": t for name, t in tensors(base).items() if t.is_floating_point()}
+    for task, folder in experts.items():
+        theta = tensors(folder)
+        tau_sq = sum(float((theta[name] - t).pow(2).sum()) for name, t in theta0.items())
+        base_sq = sum(float(t.pow(2).sum()) for t in theta0.values())
+        assert config(out)["hm3"]["task_vector_norms"][task] == pytest.approx(
+            math.sqrt(tau_sq / base_sq), rel=1e-4), task
+
+
+def test_normalised_weights_under_one_still_divide_by_their_sum(family, tmp_path):
+    """linear with weights 0.3 + 0.3: the weighted mean is (0.3 a + 0.3 b) / 0.6, the plain mean."""
+    base, experts = family
+    recipe = recipe_dict(base, experts, "linear")
+    for spec in recipe["experts"]:
+        spec["weight"] = 0.3
+    out = tmp_path / "out"
+    merge(parse_recipe(recipe), out, progress=False)
+    got = tensors(out)
+    sentiment, topic = tensors(experts["sentiment"]), tensors(experts["topic"])
+    name = "bert.encoder.layer.0.attention.self.query.weight"
+    torch.testing.assert_close(got[name], (sentiment[name] + topic[name]) / 2)
+
+
+def test_bfloat16_experts_are_merged_not_copied(family, tmp_path):
+    """A bf16 checkpoint's tensors (dtype code BF16) are floating: merged, not taken from the
+    first expert as integer tensors are."""
+    from safetensors.torch import save_file
+
+    base, experts = family
+    for folder in (base, *experts.values()):
+        stored = tensors(folder)
+        save_file({k: v.bfloat16() if v.is_floating_point() else v for k, v in stored.items()},
+                  folder / "model.safetensors", metadata={"format": "pt"})
+    out = merged(base, experts, tmp_path, method="linear")
+    got = tensors(out)
+    sentiment, topic = tensors(experts["sentiment"]), tensors(experts["topic"])
+    name = "bert.encoder.layer.0.attention.self.query.weight"
+    assert not torch.equal(sentiment[name], topic[name])
+    torch.testing.assert_close(got[name].float(), (sentiment[name].float() + topic[name].float()) / 2,
+                               rtol=1e-2, atol=1e-2)
+    ids = [n for n, t in got.items() if not t.is_floating_point()]
+    for name in ids:  # integer buffers, e.g. position ids, come from the first expert unchanged
+        assert torch.equal(got[name], sentiment[name]), name

@@ -78,3 +78,38 @@ def test_implausible_experts_are_warned_about_above_half_the_bases_norm():
         "not fine-tuned from this base",
         "expert farther's weights differ from the base by 200% of the base's norm; it was "
         "probably not fine-tuned from this base"]
+
+
+def test_tensors_are_read_from_the_file_as_safetensors_stores_them(tmp_path):
+    from safetensors.torch import save_file
+
+    from hm3.checkpoint import Checkpoint
+
+    stored = {"w": torch.randn(7, 5), "half": torch.randn(3, 4).half(),
+              "brain": torch.randn(6).bfloat16(), "ids": torch.arange(9, dtype=torch.int64),
+              "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 3)}
+    save_file(stored, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text("{}")
+    ckpt = Checkpoint(str(tmp_path))
+    for name, want in stored.items():
+        got = ckpt.tensor(name)
+        assert got.dtype == want.dtype and got.shape == want.shape, name
+        assert torch.equal(got, want), name
+    got = ckpt.tensor("w")
+    got.add_(1)  # memory of its own: writing to it changes neither the file nor the next read
+    assert torch.equal(ckpt.tensor("w"), stored["w"])
+
+
+def test_a_file_cut_inside_a_tensor_is_a_clear_error(tmp_path):
+    from safetensors.torch import save_file
+
+    from hm3.checkpoint import Checkpoint
+    from hm3.errors import Hm3Error
+
+    save_file({"a": torch.ones(4), "b": torch.ones(1000)}, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text("{}")
+    ckpt = Checkpoint(str(tmp_path))  # opened whole, then cut: as a file being replaced would be
+    file = tmp_path / "model.safetensors"
+    file.write_bytes(file.read_bytes()[:-100])
+    with pytest.raises(Hm3Error, match="cannot read tensor b .*ends inside tensor b"):
+        ckpt.tensor("b")

@@ -44,6 +44,7 @@ class Checkpoint:
         self.config = read_config(self.path)
         self._files: dict[str, Path] = {}  # tensor name -> file holding it
         self._handles: dict[Path, object] = {}
+        self._layouts: dict[Path, tuple[int, dict]] = {}  # file -> (data start, header)
         self._pickled: dict[Path, dict[str, torch.Tensor]] = {}
         self._memory: dict[str, torch.Tensor] | None = None  # filled by `preload`
         self._index(allow_pickle)
@@ -126,7 +127,10 @@ class Checkpoint:
         file = self._files[name]
         try:
             if file.suffix == ".safetensors":
-                value = self._open(file).get_tensor(name)
+                handle = self._open(file)  # validates the file once
+                value = read_tensor(file, name, self._layouts)
+                if value is None:  # a dtype torch.frombuffer is not given here (e.g. float8)
+                    value = handle.get_tensor(name)
             else:
                 value = self._load_pickle(file)[name]
         except (SafetensorError, OSError) as exc:
@@ -137,6 +141,37 @@ class Checkpoint:
             raise Hm3Error(f"{self.reference}: tensor {name} contains NaN or Inf; "
                            "this checkpoint is broken, re-export or re-download it")
         return value
+
+
+def read_tensor(file: Path, name: str, layouts: dict[Path, tuple[int, dict]]
+                ) -> torch.Tensor | None:
+    """One tensor of a safetensors file, read with plain file reads into memory of its own.
+
+    Not through a memory map: a mapped file's pages count in the process's resident memory for
+    as long as the mapping lives, so a merge reading eight base-size experts that way grows by a
+    whole checkpoint per expert (RESULTS.md §7), where reading holds only the tensor itself.
+    None for a dtype outside `TORCH_DTYPES` (the caller reads those through safetensors).
+    `layouts` caches each file's parsed header (safetensors format: an 8-byte little-endian
+    header size, a JSON header of dtype / shape / data_offsets, then the data)."""
+    if file not in layouts:
+        with open(file, "rb") as handle:
+            (size,) = struct.unpack("<Q", handle.read(8))
+            layouts[file] = (8 + size, json.loads(handle.read(size)))
+    start, header = layouts[file]
+    entry = header[name]
+    begin, end = entry["data_offsets"]
+    if entry["dtype"] not in TORCH_DTYPES:
+        return None
+    dtype, shape = TORCH_DTYPES[entry["dtype"]], entry["shape"]
+    tensor = torch.empty(shape, dtype=dtype)
+    data = tensor.view(-1).view(torch.uint8).numpy()  # the tensor's own bytes, filled in place
+    if len(data) != end - begin:
+        raise OSError(f"tensor {name}: {end - begin} bytes stored for shape {shape}")
+    with open(file, "rb", buffering=0) as handle:
+        handle.seek(start + begin)
+        if handle.readinto(data) != len(data):
+            raise OSError(f"the file ends inside tensor {name}")
+    return tensor
 
 
 def pickle_refused(reference: str, option: str) -> Hm3Error:
