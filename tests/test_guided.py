@@ -306,6 +306,34 @@ def test_coefficients_lower_the_objective_and_leave_the_heads_whole(fam, tmp_pat
     assert any(not torch.allclose(got[n], without[n]) for n in without if n not in HEAD)
 
 
+def test_coefficients_fit_every_block_when_the_checkpoints_hold_a_tensor_the_model_does_not(
+        fam, tmp_path):
+    """Older BERT checkpoints store `embeddings.position_ids`, a buffer today's model does not
+    keep: it is passed over, and every block after it is still fitted, with the same result."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    copies = {}
+    for name, folder in [("base", fam.base), *fam.experts.items()]:
+        copies[name] = tmp_path / "old" / name
+        shutil.copytree(folder, copies[name])
+        stored = tensors(copies[name])
+        prefix = "bert." if any(k.startswith("bert.") for k in stored) else ""
+        stored[f"{prefix}embeddings.position_ids"] = torch.arange(64).unsqueeze(0)
+        save_file(stored, copies[name] / "model.safetensors", metadata={"format": "pt"})
+    old = SimpleNamespace(**{**vars(fam), "base": copies["base"],
+                             "experts": {t: copies[t] for t in fam.experts}})
+    settings = dict(coefficients={"steps": 2, "lr": 0.05}, parameters={"density": 0.5})
+    run_merge(old, tmp_path / "with", **settings)
+    run_merge(fam, tmp_path / "without", **settings)
+    with_buffer = guided_block(tmp_path / "with")["coefficients"]
+    without = guided_block(tmp_path / "without")["coefficients"]
+    assert len(without["blocks"]) > 3
+    assert with_buffer["blocks"] == without["blocks"]
+    assert with_buffer["coefficients"] == without["coefficients"]
+
+
 def test_coefficients_stay_within_their_bounds(fam, tmp_path):
     out = tmp_path / "bounded"
     report = run_merge(fam, out, experts={t: fam.experts[t] for t in ("sentiment", "topic")},
