@@ -238,3 +238,33 @@ def test_loading_an_expert_leaves_the_progress_bar_setting_as_it_was(sources, en
 def test_calibration_batches_need_a_calibration_block(sources):
     with pytest.raises(Hm3Error, match=r"^this needs unlabelled texts: add a `calibration:` block"):
         calibration.calibration_batches(sources)
+
+
+def test_coefficient_parameters_are_the_base_plus_each_experts_share_times_its_coefficient():
+    """theta_b = theta_0 + sum_i lambda_{i,b} share_{i,b}, per block b; fixed tensors as given."""
+    merge = object.__new__(coefficients.CoefficientMerge)
+    base = {"a": torch.tensor([1.0, 2.0]), "b": torch.tensor([[0.5]])}
+    merge.base = base
+    merge.shares = {"a": [torch.tensor([1.0, 0.0]), torch.tensor([0.0, 3.0])],
+                    "b": [torch.tensor([[2.0]]), torch.tensor([[-1.0]])]}
+    merge.index = {"a": 0, "b": 1}
+    merge.fixed = {"head": torch.tensor([7.0])}
+    lam = torch.tensor([[0.5, 2.0], [1.5, 0.25]])  # experts x blocks
+    got = merge.parameters(lam)
+    torch.testing.assert_close(got["a"], torch.tensor([1.0 + 0.5 * 1.0, 2.0 + 1.5 * 3.0]))
+    torch.testing.assert_close(got["b"], torch.tensor([[0.5 + 2.0 * 2.0 - 0.25 * 1.0]]))
+    assert torch.equal(got["head"], torch.tensor([7.0]))
+
+
+def test_calibration_texts_are_cut_at_the_calibration_blocks_max_length(sources, tmp_path):
+    from hm3 import parse_recipe
+    from hm3.merge import with_recipe
+
+    long_text = " ".join(["good bad awful win money hello today"] * 4)  # 28 words
+    (tmp_path / "t.txt").write_text(f"{long_text}\nhello\n")
+    raw = recipe_dict(sources.base.path, {"mood": sources.experts[0].path,
+                                          "topic": sources.experts[1].path},
+                      calibration={"texts": str(tmp_path / "t.txt"), "max_length": 6})
+    _, _, batches = calibration.calibration_batches(with_recipe(sources, parse_recipe(raw)))
+    widths = [b["input_ids"].shape[1] for task in batches for b in batches[task]]
+    assert max(widths) == 6  # [CLS] + 4 words + [SEP]
