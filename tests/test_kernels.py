@@ -532,3 +532,16 @@ def test_contributions_add_up_to_combine_for_weights_under_one(name, extra):
     method, params = get_method(name), shared(name, **extra)
     parts = method.contributions(base, deltas, weights, params)
     close(base + sum(parts), method.combine(base, deltas, weights, params))
+
+
+def test_iso_c_divides_tensors_that_are_not_matrices_by_the_weights_sum_even_under_one():
+    """iso_c on a bias (role `other`): base + lambda * (sum w_i delta_i) / sum w_i."""
+    base = tensor(1.0, 1.0)
+    deltas = [tensor(2.0, 0.0), tensor(0.0, 4.0)]
+    out = get_method("iso_c").combine(base, deltas, [0.3, 0.3], shared("iso_c", **{"lambda": 1.5}))
+    close(out, [1.0 + 1.5 * (0.6 / 0.6), 1.0 + 1.5 * (1.2 / 0.6)])
+
+
+def test_iso_c_takes_no_normalize_setting():
+    with pytest.raises(Hm3Error, match="normalize"):
+        shared("iso_c", normalize=True)
