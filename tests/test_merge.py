@@ -474,10 +474,20 @@ def test_with_recipe_refuses_other_experts(family):
         with_recipe(sources, parse_recipe(recipe_dict(base, swapped)))
 
 
-def test_task_vector_norms_are_computed_by_hand_over_the_body(family, tmp_path):
-    base, experts = family
-    out = merged(base, experts, tmp_path)
-    theta0 = {f"bert.{name}": t for name, t in tensors(base).items() if t.is_floating_point()}
+@pytest.mark.parametrize("method", ["ties", "linear"])  # built task vectors / the running sum
+@pytest.mark.parametrize("model_type", ["bert", "roberta"])
+def test_task_vector_norms_are_computed_by_hand_over_the_body(tmp_path, model_type, method):
+    """|tau_i| / |theta_0| over the tensors the base has (RoBERTa's classifier.dense, which the
+    base lacks, is not part of it)."""
+    base, experts = build_family(tmp_path / "models", {"sentiment": list(SENTIMENT),
+                                                       "topic": list(TOPIC)},
+                                 model_type=model_type, tokenizer=False)
+    out = merged(base, experts, tmp_path, method=method)
+    theta0 = {f"{model_type}.{name}": t for name, t in tensors(base).items()
+              if t.is_floating_point()}
+    # what the classifiers hold of the base (a RoBERTa classifier has no pooler)
+    theta0 = {name: t for name, t in theta0.items() if name in tensors(experts["topic"])}
+    assert "classifier.dense.weight" not in theta0
     for task, folder in experts.items():
         theta = tensors(folder)
         tau_sq = sum(float((theta[name] - t).pow(2).sum()) for name, t in theta0.items())
@@ -508,8 +518,10 @@ def test_bfloat16_experts_are_merged_not_copied(family, tmp_path):
     base, experts = family
     for folder in (base, *experts.values()):
         stored = tensors(folder)
-        save_file({k: v.bfloat16() if v.is_floating_point() else v for k, v in stored.items()},
-                  folder / "model.safetensors", metadata={"format": "pt"})
+        stored = {k: v.bfloat16() if v.is_floating_point() else v for k, v in stored.items()}
+        prefix = "" if folder == base else "bert."
+        stored[f"{prefix}embeddings.position_ids"] = torch.arange(16).unsqueeze(0)  # as older
+        save_file(stored, folder / "model.safetensors", metadata={"format": "pt"})  # BERTs keep
     out = merged(base, experts, tmp_path, method="linear")
     got = tensors(out)
     sentiment, topic = tensors(experts["sentiment"]), tensors(experts["topic"])
@@ -517,6 +529,35 @@ def test_bfloat16_experts_are_merged_not_copied(family, tmp_path):
     assert not torch.equal(sentiment[name], topic[name])
     torch.testing.assert_close(got[name].float(), (sentiment[name].float() + topic[name].float()) / 2,
                                rtol=1e-2, atol=1e-2)
-    ids = [n for n, t in got.items() if not t.is_floating_point()]
-    for name in ids:  # integer buffers, e.g. position ids, come from the first expert unchanged
-        assert torch.equal(got[name], sentiment[name]), name
+    # an integer tensor is copied from the first expert, dtype and values unchanged
+    assert got["bert.embeddings.position_ids"].dtype == torch.int64
+    assert torch.equal(got["bert.embeddings.position_ids"], torch.arange(16).unsqueeze(0))
+
+
+def test_dare_draws_each_experts_mask_from_its_own_stream(family, tmp_path):
+    """Two copies of one expert, dare_linear at density 0.5 (not normalised by default): the
+    merged change is (m1 + m2) * delta / 0.5 with m_i each copy's keep-mask, so about half the
+    entries must show exactly one copy's 2 delta (m1 != m2); one shared stream would give only
+    0 or 4 delta."""
+    import shutil
+
+    base, experts = family
+    twin = tmp_path / "twin"
+    shutil.copytree(experts["topic"], twin)
+    out = merged(base, {"topic": experts["topic"], "again": twin}, tmp_path, method="dare_linear",
+                 parameters={"density": 0.5}, seed=1)
+    name = "encoder.layer.0.intermediate.dense.weight"
+    delta = tensors(experts["topic"])[f"bert.{name}"] - tensors(base)[name]
+    ratio = (tensors(out)[f"bert.{name}"] - tensors(base)[name]) / delta
+    ratio = ratio[delta.abs() > 1e-4]
+    once = ((ratio - 2).abs() < 1e-3).float().mean()
+    assert 0.3 < float(once) < 0.7  # about half the entries kept by exactly one copy
+
+
+def test_dare_on_merged_heads_is_reproducible_for_a_seed(family, tmp_path):
+    """`heads: merge` sparsifies the head rows too: from the seed's stream, like the body."""
+    base, experts = family
+    extra = dict(parameters={"density": 0.5}, heads="merge", seed=3)
+    first = merged(base, experts, tmp_path, "a", method="dare_ties", **extra)
+    again = merged(base, experts, tmp_path, "b", method="dare_ties", **extra)
+    assert (first / "model.safetensors").read_bytes() == (again / "model.safetensors").read_bytes()
