@@ -12,10 +12,7 @@ and 64, load runs alternate A B A B (one text per request, every tenth malformed
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -27,8 +24,8 @@ from hm3.zoo import build_zoo, read_split
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from serve_bench import (CONCURRENCY, machine, one_run, start_servers,  # noqa: E402
-                         stop_servers)
+from serve_bench import (CONCURRENCY, alternate_load, machine,  # noqa: E402
+                         start_servers)
 
 RESULTS = HERE / "results" / "serve_batch_wait.json"
 
@@ -50,32 +47,12 @@ def main() -> None:
     waits = {f"A wait {args.a:g} ms": args.a, f"B wait {args.b:g} ms": args.b}
     servers = {name: start_servers([Path(args.model)], pin=True, max_wait_ms=wait)[0]
                for name, wait in waits.items()}
-    os.sched_setaffinity(0, {1})
-    try:
-        for _, url in servers.values():
-            asyncio.run(one_run([url], texts, 4, 16))  # warm-up
-        rows = {}
-        for concurrency in CONCURRENCY:
-            found = {name: [] for name in servers}
-            for _ in range(args.runs):
-                for name, (_, url) in servers.items():  # A B A B
-                    found[name].append(asyncio.run(one_run([url], texts, concurrency,
-                                                           args.requests)))
-                    print(f"c={concurrency} {name}: {found[name][-1]['texts_per_s']:.1f} texts/s "
-                          f"p99 {found[name][-1]['p99_ms']:.0f} ms", flush=True)
-            medians = {name: {key: statistics.median(r[key] for r in rs)
-                              for key in ("texts_per_s", "p50_ms", "p99_ms")}
-                       | {"failures": sum(r["failures"] for r in rs)}
-                       for name, rs in found.items()}
-            a, b = medians.values()
-            rows[str(concurrency)] = {"medians": medians, "runs": found,
-                                      "texts_per_s_b_over_a": b["texts_per_s"] / a["texts_per_s"],
-                                      "p99_b_over_a": b["p99_ms"] / a["p99_ms"]}
-            result["load"] = rows
-            write_json_atomic(Path(args.output), result)  # partial results survive a stop
-    finally:
-        os.sched_setaffinity(0, set(range(os.cpu_count())))
-        stop_servers(list(servers.values()))
+
+    def save(rows):  # partial results survive a stop
+        write_json_atomic(Path(args.output), {**result, "load": rows})
+
+    rows = result["load"] = alternate_load(servers, texts, CONCURRENCY, args.runs, args.requests,
+                                           on_save=save)
     result["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     result["load_average_after"] = os.getloadavg()
     write_json_atomic(Path(args.output), result)

@@ -14,7 +14,6 @@ A = one forward pass per collected batch (`classifier.predict(batch, batch_size=
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import statistics
@@ -32,7 +31,7 @@ from hm3.zoo import build_zoo, read_split
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from serve_bench import machine, one_run, start_servers, stop_servers  # noqa: E402
+from serve_bench import alternate_load, machine, start_servers  # noqa: E402
 
 RESULTS = HERE / "results" / "serve_length_split.json"
 MODES = {"A padded batch": False, "B length-sorted sub-batches": True}
@@ -100,30 +99,7 @@ def load_ab(model_path: str, texts: list[str], runs: int, requests: int) -> dict
     servers = {name: start_servers([Path(model_path)], pin=True, max_wait_ms=5.0,
                                    flags=() if split else ("--no-length-split",))[0]
                for name, split in MODES.items()}
-    os.sched_setaffinity(0, {1})
-    try:
-        for _, url in servers.values():
-            asyncio.run(one_run([url], texts, 4, 16))  # warm-up
-        rows = {}
-        for concurrency in (8, 32):
-            found = {name: [] for name in MODES}
-            for _ in range(runs):
-                for name, (_, url) in servers.items():  # A B A B
-                    found[name].append(asyncio.run(one_run([url], texts, concurrency, requests)))
-                    print(f"c={concurrency} {name}: {found[name][-1]['texts_per_s']:.1f} texts/s",
-                          flush=True)
-            medians = {name: {"texts_per_s": statistics.median(r["texts_per_s"] for r in rs),
-                              "p50_ms": statistics.median(r["p50_ms"] for r in rs),
-                              "p99_ms": statistics.median(r["p99_ms"] for r in rs),
-                              "failures": sum(r["failures"] for r in rs)}
-                       for name, rs in found.items()}
-            a, b = (m["texts_per_s"] for m in medians.values())
-            rows[str(concurrency)] = {"medians": medians, "ratio_b_over_a": b / a, "runs": found}
-    finally:
-        os.sched_setaffinity(0, set(range(os.cpu_count())))
-        stop_servers(list(servers.values()))
-    return rows
-
+    return alternate_load(servers, texts, (8, 32), runs, requests)
 
 if __name__ == "__main__":
     main()

@@ -358,6 +358,40 @@ def load_test(folders: list[Path], texts: list[str], args, pin: bool) -> dict:
             "mean_batch_size": [_mean_batch(m) for m in metrics]}
 
 
+def alternate_load(servers: dict[str, tuple[subprocess.Popen, str]], texts: list[str],
+                   concurrencies, runs: int, requests: int, on_save=None) -> dict:
+    """Load runs that alternate between the named servers (A B A B ...) at each concurrency,
+    from this process pinned to core 1; the servers are stopped at the end. Per concurrency:
+    each server's median texts/s, p50 and p99 and its failures, B / A ratios of the first two
+    servers, and every run. `on_save(rows)` after each concurrency (partial results)."""
+    os.sched_setaffinity(0, {1})
+    rows = {}
+    try:
+        for _, url in servers.values():
+            asyncio.run(one_run([url], texts, 4, 16))  # warm-up
+        for concurrency in concurrencies:
+            found = {name: [] for name in servers}
+            for _ in range(runs):
+                for name, (_, url) in servers.items():
+                    found[name].append(asyncio.run(one_run([url], texts, concurrency, requests)))
+                    print(f"c={concurrency} {name}: {found[name][-1]['texts_per_s']:.1f} texts/s "
+                          f"p99 {found[name][-1]['p99_ms']:.0f} ms", flush=True)
+            medians = {name: {key: statistics.median(r[key] for r in rs)
+                              for key in ("texts_per_s", "p50_ms", "p99_ms")}
+                       | {"failures": sum(r["failures"] for r in rs)}
+                       for name, rs in found.items()}
+            a, b = list(medians.values())[:2]
+            rows[str(concurrency)] = {"medians": medians, "runs": found,
+                                      "texts_per_s_b_over_a": b["texts_per_s"] / a["texts_per_s"],
+                                      "p99_b_over_a": b["p99_ms"] / a["p99_ms"]}
+            if on_save is not None:
+                on_save(rows)
+    finally:
+        os.sched_setaffinity(0, set(range(os.cpu_count())))
+        stop_servers(list(servers.values()))
+    return rows
+
+
 def _mean_batch(metrics: str) -> float | None:
     values = {}
     for line in metrics.splitlines():
