@@ -244,8 +244,8 @@ def mergekit_config(inputs: Inputs, method: Method) -> dict:
 
 def measured(command: list[str], log: Path) -> Run:
     """Run a command in a fresh process: wall time; peak RSS and CPU time from GNU time; peak
-    anonymous memory sampled from /proc (safetensors mmaps its inputs, and RSS counts every page
-    of them that was read).
+    anonymous memory sampled from /proc (mergekit reads its inputs through safetensors' memory
+    maps, and so did hm3 until 2026-11-29: RSS counts every page of them that was read).
 
     GNU time stands in between because Linux keeps a process's peak RSS across fork and exec: a
     child forked straight from this (large) script would report this script's RSS as its own.

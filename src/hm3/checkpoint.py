@@ -129,7 +129,7 @@ class Checkpoint:
             if file.suffix == ".safetensors":
                 handle = self._open(file)  # validates the file once
                 value = read_tensor(file, name, self._layouts)
-                if value is None:  # a dtype torch.frombuffer is not given here (e.g. float8)
+                if value is None:  # a dtype outside TORCH_DTYPES (e.g. float8)
                     value = handle.get_tensor(name)
             else:
                 value = self._load_pickle(file)[name]

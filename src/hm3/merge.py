@@ -276,7 +276,7 @@ def _task_vectors(sources: Sources, job: TensorJob, base: torch.Tensor) -> Itera
             sparse = method.sparsify(ckpt.tensor(job.name).float(), params, shared, generator)
             yield expand_head(sparse, sources.groups[i].offset, sources.num_labels)
             continue
-        # A fresh tensor: what a checkpoint returns may be its memory map or its preloaded copy.
+        # A fresh tensor: a preloaded checkpoint returns its own stored copy, which must not change.
         delta = ckpt.tensor(job.name).float() - base
         if job.base_name and squares:
             squares[i][0] += float(torch.linalg.vector_norm(delta)) ** 2
