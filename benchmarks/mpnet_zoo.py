@@ -85,7 +85,11 @@ def recipe(zoo, tasks, extra: dict, calibration: str = "per-task", work: Path | 
     """The merge's recipe. Calibration texts for the label-free steps: each task's own split
     (`per-task`), the next task's split (`off-task`: the wrong texts), or every task's splits
     pooled into one file fed to every task (`shared`: one traffic sample of the same total size;
-    needs the recipe's `calibration: {texts: FILE}` form)."""
+    needs the recipe's `calibration: {texts: FILE}` form). Larger samples from the same
+    distributions, the experts' own training texts used without their labels (the zoo holds no
+    other unseen texts): each task's calibration split plus its training texts (`per-task+train`,
+    448-768 per task), all of those pooled and fed to every task (`shared+train`), and, as the
+    control for having seen them, 128 training texts per task (`train-128`)."""
     raw = {"base": str(zoo.base), "method": method,
            "parameters": DEFAULT_PARAMETERS if parameters is None else parameters,
            "seed": 0, "experts": [{"model": str(zoo.experts[t]), "task": t,
@@ -98,8 +102,19 @@ def recipe(zoo, tasks, extra: dict, calibration: str = "per-task", work: Path | 
         texts, limit = dict(zip(tasks, files)), CALIBRATION_LIMIT
     elif calibration == "off-task":
         texts, limit = dict(zip(tasks, files[1:] + files[:1])), CALIBRATION_LIMIT
+    elif calibration in ("per-task+train", "train-128"):
+        texts = {}
+        for t in tasks:
+            train = [text for text, _ in read_split(zoo.splits[t]["train"])]
+            own = [text for text, _ in read_split(zoo.splits[t]["calibration"])]
+            chosen = train[:CALIBRATION_LIMIT] if calibration == "train-128" else own + train
+            texts[t] = str(work / f"calibration-{calibration}-{t}.txt")
+            Path(texts[t]).write_text("\n".join(" ".join(x.split()) for x in chosen) + "\n")
+        limit = max(len(Path(f).read_text().splitlines()) for f in texts.values())
     else:
-        pooled = [text for t in tasks for text, _ in read_split(zoo.splits[t]["calibration"])]
+        splits = ("calibration", "train") if calibration == "shared+train" else ("calibration",)
+        pooled = [text for t in tasks for split in splits
+                  for text, _ in read_split(zoo.splits[t][split])]
         random.Random(0).shuffle(pooled)
         traffic = work / "traffic.txt"
         traffic.write_text("\n".join(" ".join(text.split()) for text in pooled) + "\n")
@@ -239,7 +254,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="+", choices=STAGES, help="run only these stages")
     parser.add_argument("--work", type=Path, help="folder for the merged models (default: a temporary one)")
-    parser.add_argument("--calibration", choices=("per-task", "off-task", "shared"), default="per-task",
+    parser.add_argument("--calibration", default="per-task",
+                        choices=("per-task", "off-task", "shared", "per-task+train", "train-128",
+                                 "shared+train"),
                         help="which unlabelled texts the label-free stages use (rows of other than "
                              "per-task texts are named with it and never picked)")
     parser.add_argument("--configs", nargs="+", choices=SWEEP,
