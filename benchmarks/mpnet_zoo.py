@@ -103,24 +103,28 @@ def recipe(zoo, tasks, extra: dict, calibration: str = "per-task", work: Path | 
     elif calibration == "off-task":
         texts, limit = dict(zip(tasks, files[1:] + files[:1])), CALIBRATION_LIMIT
     elif calibration in ("per-task+train", "train-128"):
-        texts = {}
+        texts, sizes = {}, []
         for t in tasks:
             train = [text for text, _ in read_split(zoo.splits[t]["train"])]
             own = [text for text, _ in read_split(zoo.splits[t]["calibration"])]
             chosen = train[:CALIBRATION_LIMIT] if calibration == "train-128" else own + train
-            texts[t] = str(work / f"calibration-{calibration}-{t}.txt")
-            Path(texts[t]).write_text("\n".join(" ".join(x.split()) for x in chosen) + "\n")
-        limit = max(len(Path(f).read_text().splitlines()) for f in texts.values())
+            texts[t] = str(write_texts(work / f"calibration-{calibration}-{t}.txt", chosen))
+            sizes.append(len(chosen))
+        limit = max(sizes)
     else:
         splits = ("calibration", "train") if calibration == "shared+train" else ("calibration",)
         pooled = [text for t in tasks for split in splits
                   for text, _ in read_split(zoo.splits[t][split])]
         random.Random(0).shuffle(pooled)
-        traffic = work / "traffic.txt"
-        traffic.write_text("\n".join(" ".join(text.split()) for text in pooled) + "\n")
-        texts, limit = str(traffic), len(pooled)
+        texts, limit = str(write_texts(work / "traffic.txt", pooled)), len(pooled)
     raw["calibration"] = {"texts": texts, "limit": limit, "max_length": MAX_LENGTH}
     return raw
+
+
+def write_texts(path: Path, texts: list[str]) -> Path:
+    """One text per line (inner whitespace and newlines made single spaces): a calibration file."""
+    path.write_text("\n".join(" ".join(text.split()) for text in texts) + "\n")
+    return path
 
 
 def equal_norm_weights(rows: dict) -> dict[str, float]:
