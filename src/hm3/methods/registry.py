@@ -152,16 +152,6 @@ class MergeMethod:
         w = torch.tensor(weights, dtype=base.dtype)
         total_weight = w.sum()
         mixed = torch.zeros_like(base)
-        if self.isotropic:
-            for i, delta in enumerate(deltas):
-                mixed.add_(delta, alpha=float(w[i]))
-            if role == "head":
-                return base + mixed
-            if role == "matrix":
-                mixed = isotropic(mixed)
-            elif total_weight.abs() > 1e-8:
-                mixed.div_(total_weight)
-            return base + shared["lambda"] * mixed
         if self.consensus:
             # elect_sign and agrees, fused in place: no weighted copy or sign tensor per model
             # outlives its line. The weighted delta is rounded before it is summed (not a fused
@@ -190,6 +180,11 @@ class MergeMethod:
             divisor = total_weight
             if divisor.abs() < 1e-8:
                 divisor = torch.ones((), dtype=base.dtype)
+        if self.isotropic:  # the weighted sum, then per role (no consensus, no normalize setting)
+            if role == "head":
+                return base + mixed
+            mixed = isotropic(mixed) if role == "matrix" else mixed.div_(divisor)
+            return base + shared["lambda"] * mixed
         if self.mean_of_models:  # sum w_i theta_i = base * sum w_i + sum w_i delta_i
             if shared["normalize"] and total_weight.abs() > 1e-8:
                 return base + mixed.div_(total_weight)
