@@ -69,6 +69,10 @@ LABEL_FREE_CONFIGS = {
                                          {**HEAD_STEPS, "regmean": {},
                                           "align_heads": {"ridge": "auto"}}),
     "iso_c 1.5 + head steps": ("iso_c", {"lambda": 1.5}, HEAD_STEPS),
+    "ties 0.05 + head steps": ("ties", {"density": 0.05}, HEAD_STEPS),
+    # LEWIS layer-wise densities around the best single density (0.1)
+    "lewis 0.05-0.2 + head steps": ("ties", {"density": 0.1},
+                                    {**HEAD_STEPS, "lewis": {"gamma": 0.05, "epsilon": 0.2}}),
     "ties 0.2 + head steps, equal-norm weights": (DEFAULT_METHOD, DEFAULT_PARAMETERS, HEAD_STEPS),
 }
 # configurations whose experts are weighted by median |tau| / |tau_i| (each expert's task vector

@@ -269,6 +269,34 @@ def test_ties_count_consensus():
     close(get_method("ties").combine(base, deltas, [1.0] * 3, shared("ties")), [-5.0])
 
 
+@pytest.mark.parametrize("options", [{}, {"consensus": "count"},
+                                     {"normalize": False, "lambda": 0.7}])
+def test_ties_in_chunks_is_bitwise_the_whole_tensor_merge(monkeypatch, options):
+    """The consensus runs CHUNK entries at a time; chunks that split rows, a short last chunk
+    and weights of either sign (and zero) must give exactly the one-chunk result."""
+    torch.manual_seed(0)
+    base = torch.randn(7, 5)
+    deltas = [torch.randn(7, 5) * (torch.rand(7, 5) < 0.4) for _ in range(4)]
+    weights = [1.0, -0.5, 0.0, 2.0]
+    ties = get_method("ties")
+    whole = ties.combine(base, deltas, weights, shared("ties", **options))
+    monkeypatch.setattr("hm3.methods.registry.CHUNK", 3)
+    chunked = ties.combine(base, deltas, weights, shared("ties", **options))
+    assert torch.equal(chunked, whole)
+    # and by hand, one entry: the disjoint weighted mean of the agreeing deltas
+    i = (4, 2)
+    w = torch.tensor(weights)
+    values = torch.stack([d[i] for d in deltas]) * w
+    sign = 1.0 if (values.sum() if options.get("consensus") != "count"
+                   else (torch.stack([d[i] for d in deltas]).sign() * w.sign()).sum()) >= 0 else -1.0
+    agree = (values.sign() == sign) & (w != 0)
+    total = values[agree].sum()
+    if options.get("normalize", True):
+        total = total / (float(w[agree].sum()) or 1.0)
+    expected = base[i] + options.get("lambda", 1.0) * total
+    torch.testing.assert_close(chunked[i], expected, rtol=1e-6, atol=1e-6)
+
+
 def test_task_arithmetic_scales_the_weighted_sum_by_lambda():
     base = tensor(1.0, 2.0)
     deltas = [tensor(1.0, 1.0), tensor(2.0, -1.0)]

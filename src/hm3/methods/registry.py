@@ -23,6 +23,7 @@ from hm3.methods.consensus import agrees, elect_sign
 from hm3.methods.spectrum import isotropic
 
 RESCALE_RULES = ("density", *sp.RESCALE_NORMS)
+CHUNK = 1 << 22  # entries TIES's consensus works on at once (16 MiB of float32 per temporary)
 
 
 @dataclass(frozen=True)
@@ -145,41 +146,22 @@ class MergeMethod:
 
         `deltas` may be a lazy iterable, consumed in model order. Without consensus each
         weighted delta is added to one running sum as it comes, so memory holds one of them;
-        TIES consensus needs them all, but never a weighted copy of each. `role` (read by
+        TIES consensus needs them all, but never a weighted copy of each, and works on CHUNK
+        entries at a time (`_disjoint_sum`). `role` (read by
         `isotropic` methods only): `matrix`, a layer's weight matrix (merged as one, spectrum
         flattened); `head`, task-disjoint head rows (each kept as weighted, no lambda); `other`.
         """
         w = torch.tensor(weights, dtype=base.dtype)
+        if self.consensus:
+            mixed = _disjoint_sum(base, list(deltas), w.tolist(), shared)
+            return mixed.mul_(shared["lambda"]).add_(base)
         total_weight = w.sum()
         mixed = torch.zeros_like(base)
-        if self.consensus:
-            # elect_sign and agrees, fused in place: no weighted copy or sign tensor per model
-            # outlives its line. The weighted delta is rounded before it is summed (not a fused
-            # multiply-add), so a sum near 0 elects the same sign as mergekit's.
-            deltas = list(deltas)
-            signs = [math.copysign(1.0, float(x)) if x else 0.0 for x in w]
-            score = torch.zeros_like(base)
-            for delta, weight, sign in zip(deltas, w.tolist(), signs):
-                if shared["consensus"] == "sum":
-                    score.add_(delta * weight)
-                else:
-                    score.add_(delta.sign(), alpha=sign)
-            elected = (score >= 0).to(base.dtype).mul_(2).sub_(1)  # a tie elects +1
-            del score
-            divisor = torch.zeros_like(base)
-            for delta, weight, sign in zip(deltas, w.tolist(), signs):
-                if not sign:
-                    continue  # weight 0: sign(w * delta) is never the elected sign
-                agree = delta.sign().mul_(sign).eq_(elected)  # 1 where w * delta has it
-                mixed.addcmul_(delta, agree, value=weight)
-                divisor.add_(agree, alpha=weight)
-            divisor[divisor == 0] = 1
-        else:
-            for i, delta in enumerate(deltas):
-                mixed.add_(delta, alpha=float(w[i]))
-            divisor = total_weight
-            if divisor.abs() < 1e-8:
-                divisor = torch.ones((), dtype=base.dtype)
+        for i, delta in enumerate(deltas):
+            mixed.add_(delta, alpha=float(w[i]))
+        divisor = total_weight
+        if divisor.abs() < 1e-8:
+            divisor = torch.ones((), dtype=base.dtype)
         if self.isotropic:  # the weighted sum, then per role (no consensus, no normalize setting)
             if role == "head":
                 return base + mixed
@@ -224,6 +206,39 @@ class MergeMethod:
         scale = shared["lambda"]
         return [share / divisor * scale if shared["normalize"] else share * scale
                 for share in shares]
+
+
+def _disjoint_sum(base: torch.Tensor, deltas: list[torch.Tensor], weights: list[float],
+                  shared: dict[str, Any]) -> torch.Tensor:
+    """TIES's consensus step: per entry, the weighted sum of the deltas whose sign (of w * delta)
+    is the elected one (divided by their weights' sum if `normalize`). It runs CHUNK entries at
+    a time, so the sign score, elected signs, divisor and temporaries stay small whatever the
+    tensor: memory holds the deltas and the result. The weighted delta is rounded before it is
+    summed (not a fused multiply-add), so a sum near 0 elects the same sign as mergekit's."""
+    signs = [math.copysign(1.0, x) if x else 0.0 for x in weights]
+    mixed = torch.zeros_like(base)
+    out = mixed.view(-1)
+    flat = [delta.reshape(-1) for delta in deltas]
+    for start in range(0, out.numel(), CHUNK):
+        part = slice(start, start + CHUNK)
+        score = torch.zeros_like(out[part])
+        for delta, weight, sign in zip(flat, weights, signs):
+            if shared["consensus"] == "sum":
+                score.add_(delta[part] * weight)
+            else:
+                score.add_(delta[part].sign(), alpha=sign)
+        elected = (score >= 0).to(base.dtype).mul_(2).sub_(1)  # a tie elects +1
+        del score
+        divisor = torch.zeros_like(elected)
+        for delta, weight, sign in zip(flat, weights, signs):
+            if not sign:
+                continue  # weight 0: sign(w * delta) is never the elected sign
+            agree = delta[part].sign().mul_(sign).eq_(elected)  # 1 where w * delta has it
+            out[part].addcmul_(delta[part], agree, value=weight)
+            divisor.add_(agree, alpha=weight)
+        if shared["normalize"]:
+            out[part].div_(divisor.masked_fill_(divisor == 0, 1))
+    return mixed
 
 
 def _registry(*methods: MergeMethod) -> dict[str, MergeMethod]:
