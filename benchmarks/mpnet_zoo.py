@@ -70,6 +70,10 @@ LABEL_FREE_CONFIGS = {
                                           "align_heads": {"ridge": "auto"}}),
     "iso_c 1.5 + head steps": ("iso_c", {"lambda": 1.5}, HEAD_STEPS),
     "ties 0.05 + head steps": ("ties", {"density": 0.05}, HEAD_STEPS),
+    # signs elected by vote count, not summed magnitude: the hard-trained expert's large task
+    # vector no longer outvotes the others
+    "ties 0.1, signs by count + head steps": ("ties", {"density": 0.1, "consensus": "count"},
+                                              HEAD_STEPS),
     # LEWIS layer-wise densities around the best single density (0.1)
     "lewis 0.05-0.2 + head steps": ("ties", {"density": 0.1},
                                     {**HEAD_STEPS, "lewis": {"gamma": 0.05, "epsilon": 0.2}}),

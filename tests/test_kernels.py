@@ -7,6 +7,7 @@ from hm3.errors import Hm3Error
 from hm3.methods import METHODS, MergeMethod, get_method
 from hm3.methods import sparsify as sp
 from hm3.methods.consensus import agreement_mask, elect_sign
+from hm3.methods.packed import Packed
 from hm3.methods.registry import _registry
 
 
@@ -276,7 +277,8 @@ def test_ties_in_chunks_is_bitwise_the_whole_tensor_merge(monkeypatch, options):
     and weights of either sign (and zero) must give exactly the one-chunk result."""
     torch.manual_seed(0)
     base = torch.randn(7, 5)
-    deltas = [torch.randn(7, 5) * (torch.rand(7, 5) < 0.4) for _ in range(4)]
+    deltas = [torch.randn(7, 5) * (torch.rand(7, 5) < 0.4) for _ in range(3)]
+    deltas.append(torch.randn(7, 5))  # one kept dense, three packed
     weights = [1.0, -0.5, 0.0, 2.0]
     ties = get_method("ties")
     whole = ties.combine(base, deltas, weights, shared("ties", **options))
@@ -295,6 +297,26 @@ def test_ties_in_chunks_is_bitwise_the_whole_tensor_merge(monkeypatch, options):
         total = total / (float(w[agree].sum()) or 1.0)
     expected = base[i] + options.get("lambda", 1.0) * total
     torch.testing.assert_close(chunked[i], expected, rtol=1e-6, atol=1e-6)
+
+
+def test_packed_gives_back_any_slice_exactly_and_holds_only_the_non_zero_entries():
+    torch.manual_seed(1)
+    dense = torch.randn(50, 8) * (torch.rand(50, 8) < 0.2)
+    dense[3, 4] = -0.0  # a trimmed negative entry: not stored, given back as zero
+    packed = Packed(dense)
+    assert packed.dense is None and packed.positions.dtype == torch.int32
+    assert len(packed.values) == int(torch.count_nonzero(dense)) < 0.3 * dense.numel()
+    flat = dense.reshape(-1)
+    for start, stop in [(0, 400), (0, 1), (7, 8), (13, 190), (399, 400), (380, 4000)]:
+        assert torch.equal(packed.part(start, stop), flat[start:stop])
+
+
+def test_packed_keeps_a_mostly_non_zero_tensor_as_it_is():
+    dense = torch.arange(1.0, 13.0).reshape(3, 4)
+    dense[0, 0] = 0.0
+    packed = Packed(dense)
+    assert packed.positions is None
+    assert torch.equal(packed.part(2, 9), dense.reshape(-1)[2:9])
 
 
 def test_task_arithmetic_scales_the_weighted_sum_by_lambda():

@@ -20,6 +20,7 @@ import torch
 from hm3.errors import Hm3Error
 from hm3.methods import sparsify as sp
 from hm3.methods.consensus import agrees, elect_sign
+from hm3.methods.packed import Packed
 from hm3.methods.spectrum import isotropic
 
 RESCALE_RULES = ("density", *sp.RESCALE_NORMS)
@@ -146,14 +147,14 @@ class MergeMethod:
 
         `deltas` may be a lazy iterable, consumed in model order. Without consensus each
         weighted delta is added to one running sum as it comes, so memory holds one of them;
-        TIES consensus needs them all, but never a weighted copy of each, and works on CHUNK
-        entries at a time (`_disjoint_sum`). `role` (read by
+        TIES consensus needs them all: it keeps each one's non-zero entries, never a weighted
+        copy, and works on CHUNK entries at a time (`_disjoint_sum`). `role` (read by
         `isotropic` methods only): `matrix`, a layer's weight matrix (merged as one, spectrum
         flattened); `head`, task-disjoint head rows (each kept as weighted, no lambda); `other`.
         """
         w = torch.tensor(weights, dtype=base.dtype)
         if self.consensus:
-            mixed = _disjoint_sum(base, list(deltas), w.tolist(), shared)
+            mixed = _disjoint_sum(base, deltas, w.tolist(), shared)
             return mixed.mul_(shared["lambda"]).add_(base)
         total_weight = w.sum()
         mixed = torch.zeros_like(base)
@@ -208,36 +209,38 @@ class MergeMethod:
                 for share in shares]
 
 
-def _disjoint_sum(base: torch.Tensor, deltas: list[torch.Tensor], weights: list[float],
+def _disjoint_sum(base: torch.Tensor, deltas: Iterable[torch.Tensor], weights: list[float],
                   shared: dict[str, Any]) -> torch.Tensor:
     """TIES's consensus step: per entry, the weighted sum of the deltas whose sign (of w * delta)
-    is the elected one (divided by their weights' sum if `normalize`). It runs CHUNK entries at
-    a time, so the sign score, elected signs, divisor and temporaries stay small whatever the
-    tensor: memory holds the deltas and the result. The weighted delta is rounded before it is
+    is the elected one (divided by their weights' sum if `normalize`). Each delta is packed to
+    its non-zero entries as it comes (`Packed`: a trimmed delta takes a fraction of its tensor),
+    and the sums run CHUNK entries at a time, so the sign score, elected signs, divisor and
+    temporaries stay small whatever the tensor. The weighted delta is rounded before it is
     summed (not a fused multiply-add), so a sum near 0 elects the same sign as mergekit's."""
     signs = [math.copysign(1.0, x) if x else 0.0 for x in weights]
+    packed = [Packed(delta) for delta in deltas]  # each dense delta freed once packed
     mixed = torch.zeros_like(base)
     out = mixed.view(-1)
-    flat = [delta.reshape(-1) for delta in deltas]
     for start in range(0, out.numel(), CHUNK):
-        part = slice(start, start + CHUNK)
-        score = torch.zeros_like(out[part])
-        for delta, weight, sign in zip(flat, weights, signs):
+        stop = min(start + CHUNK, out.numel())
+        score = torch.zeros_like(out[start:stop])
+        for delta, weight, sign in zip(packed, weights, signs):
             if shared["consensus"] == "sum":
-                score.add_(delta[part] * weight)
+                score.add_(delta.part(start, stop) * weight)
             else:
-                score.add_(delta[part].sign(), alpha=sign)
+                score.add_(delta.part(start, stop).sign(), alpha=sign)
         elected = (score >= 0).to(base.dtype).mul_(2).sub_(1)  # a tie elects +1
         del score
         divisor = torch.zeros_like(elected)
-        for delta, weight, sign in zip(flat, weights, signs):
+        for delta, weight, sign in zip(packed, weights, signs):
             if not sign:
                 continue  # weight 0: sign(w * delta) is never the elected sign
-            agree = delta[part].sign().mul_(sign).eq_(elected)  # 1 where w * delta has it
-            out[part].addcmul_(delta[part], agree, value=weight)
+            part = delta.part(start, stop)
+            agree = part.sign().mul_(sign).eq_(elected)  # 1 where w * delta has it
+            out[start:stop].addcmul_(part, agree, value=weight)
             divisor.add_(agree, alpha=weight)
         if shared["normalize"]:
-            out[part].div_(divisor.masked_fill_(divisor == 0, 1))
+            out[start:stop].div_(divisor.masked_fill_(divisor == 0, 1))
     return mixed
 
 
