@@ -10,8 +10,9 @@ soon as it is done):
   against N.
 - `label-free`: the demo's label-free steps (src/hm3/demo.py: TIES 0.2, heads whole, learned
   coefficients, align_heads, recentre), per-task calibration.
-- `sweep`: other body merges (TIES 0.1, RegMean, task arithmetic, linear, Iso-C) under the
-  same head steps, and the head-alignment ridge chosen by cross-validation (`ridge: auto`);
+- `sweep`: other body merges (TIES 0.1 and 0.05, TIES 0.1 with signs elected by count, LEWIS
+  layer-wise densities, RegMean, task arithmetic, linear, Iso-C) under the same head steps, and
+  the head-alignment ridge chosen by cross-validation (`ridge: auto`);
   per-task calibration; rows already in the results are skipped.
 Of the label-free configurations, the one with the best VALIDATION mean is reported as picked;
 test figures never choose anything. Experts' scores are those the zoo recorded when it was built

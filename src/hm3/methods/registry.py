@@ -24,7 +24,7 @@ from hm3.methods.packed import Packed
 from hm3.methods.spectrum import isotropic
 
 RESCALE_RULES = ("density", *sp.RESCALE_NORMS)
-CHUNK = 1 << 22  # entries TIES's consensus works on at once (16 MiB of float32 per temporary)
+CHUNK = 1 << 20  # entries TIES's consensus works on at once (4 MiB of float32 per temporary)
 
 
 @dataclass(frozen=True)
@@ -223,19 +223,19 @@ def _disjoint_sum(base: torch.Tensor, deltas: Iterable[torch.Tensor], weights: l
     out = mixed.view(-1)
     for start in range(0, out.numel(), CHUNK):
         stop = min(start + CHUNK, out.numel())
+        parts = [delta.part(start, stop) for delta in packed]
         score = torch.zeros_like(out[start:stop])
-        for delta, weight, sign in zip(packed, weights, signs):
+        for part, weight, sign in zip(parts, weights, signs):
             if shared["consensus"] == "sum":
-                score.add_(delta.part(start, stop) * weight)
+                score.add_(part * weight)
             else:
-                score.add_(delta.part(start, stop).sign(), alpha=sign)
+                score.add_(part.sign(), alpha=sign)
         elected = (score >= 0).to(base.dtype).mul_(2).sub_(1)  # a tie elects +1
         del score
         divisor = torch.zeros_like(elected)
-        for delta, weight, sign in zip(packed, weights, signs):
+        for part, weight, sign in zip(parts, weights, signs):
             if not sign:
                 continue  # weight 0: sign(w * delta) is never the elected sign
-            part = delta.part(start, stop)
             agree = part.sign().mul_(sign).eq_(elected)  # 1 where w * delta has it
             out[start:stop].addcmul_(part, agree, value=weight)
             divisor.add_(agree, alpha=weight)
