@@ -6,7 +6,7 @@ process (`benchmarks/mpnet_zoo.py`'s `timed_merge`: peak RSS from /usr/bin/time)
 Writes benchmarks/results/streaming_memory_ab.json.
 
   git worktree add /tmp/hm3-before COMMIT
-  .venv/bin/python benchmarks/streaming_memory_ab.py --before /tmp/hm3-before/src   # ~15 min
+  .venv/bin/python benchmarks/streaming_memory_ab.py --before /tmp/hm3-before/src   # ~6 min
 """
 
 from __future__ import annotations
