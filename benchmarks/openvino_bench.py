@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from hm3.checkpoint import write_json_atomic
-from hm3.evaluate import Dataset, evaluate
+from hm3.evaluate import evaluate
 from hm3.export import export_onnx
 from hm3.model import load
 from hm3.onnx_model import ONNX_FILE
@@ -34,6 +34,7 @@ from hm3.zoo import build_zoo, read_split
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from guided_zoo import datasets  # noqa: E402
 from serve_bench import machine  # noqa: E402
 
 RESULTS = HERE / "results" / "openvino.json"
@@ -99,16 +100,14 @@ def main() -> None:
                     model.model(**model.encode(texts[i:i + 32]))
             speed[name].append(len(texts) / (time.perf_counter() - started))
     torch_rate = statistics.median(speed["torch"])
+    scored = {split: datasets(zoo, split) for split in ("validation", "test")}  # read once
     rows = {}
     for name, model in models.items():
         rows[name] = {"texts_per_s": round(statistics.median(speed[name]), 2),
                       "runs": [round(r, 2) for r in speed[name]],
                       "x_torch": round(statistics.median(speed[name]) / torch_rate, 3),
                       "max_abs_logit_diff": float(np.abs(model.logits(texts[:64]) - reference).max())}
-        for split in ("validation", "test"):
-            data = [Dataset(task, [t for t, _ in read_split(files[split])],
-                            [label for _, label in read_split(files[split])])
-                    for task, files in zoo.splits.items()]
+        for split, data in scored.items():
             report = evaluate(model, data, batch_size=32)
             rows[name][split] = {t: round(s["macro_f1"], 4) for t, s in report["tasks"].items()}
             rows[name][split]["mean"] = round(report["mean_macro_f1"], 4)

@@ -15,7 +15,7 @@ class Packed:
         flat = tensor.reshape(-1)
         self.numel, self.dtype = flat.numel(), flat.dtype
         position = torch.int32 if self.numel < 2**31 else torch.int64
-        entry_bytes = flat.element_size() + torch.empty((), dtype=position).element_size()
+        entry_bytes = flat.element_size() + position.itemsize
         if int(torch.count_nonzero(flat)) * entry_bytes >= self.numel * flat.element_size():
             self.dense, self.positions, self.values = flat, None, None
             return
