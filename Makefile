@@ -16,7 +16,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test,data,serve,onnx]'
+	$(BIN)/pip install --quiet -e '.[test,data,serve,onnx,openvino]'
 	$(BIN)/pip install --quiet --no-deps $(OFFLINE_SOURCES)
 	touch $@
 

@@ -6,23 +6,18 @@ import glob
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
 
 import pytest
 
+from conftest import free_port
 from hm3.cli import main
 from test_search import case, finished_trials, search_command, two_workers_share  # noqa: F401
 
 pytestmark = pytest.mark.postgres
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def postgres_bin() -> Path | None:

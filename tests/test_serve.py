@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -19,7 +15,7 @@ import pytest
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
-from conftest import SERVED_TASKS as TASKS, WORDS  # noqa: E402
+from conftest import SERVED_TASKS as TASKS, WORDS, Server  # noqa: E402
 
 from hm3 import load  # noqa: E402
 from hm3.cli import main  # noqa: E402
@@ -31,46 +27,6 @@ from hm3.serve.policy import parse_policy  # noqa: E402
 @pytest.fixture(scope="module")
 def merged(served_model) -> Path:
     return served_model
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Server:
-    """`hm3 serve MODEL ...` in a subprocess, ready once /health answers."""
-
-    def __init__(self, model: Path, *options: str):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "hm3.cli", "serve", str(model), "--port", str(self.port),
-             "--log-level", "warning", *options],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"hm3 serve exited {self.process.returncode}: "
-                                     f"{self.process.stderr.read()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.2)
-        self.stop()
-        raise AssertionError("hm3 serve did not answer /health within 120 s")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
 
 
 @pytest.fixture(scope="module")

@@ -11,14 +11,13 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 
-from conftest import SERVED_TASKS as TASKS, WORDS
+from conftest import SERVED_TASKS as TASKS, WORDS, free_port
 
 from hm3 import load
 from hm3.cli import main
@@ -43,11 +42,6 @@ def test_app_builder_checks_its_arguments():
     with pytest.raises(Hm3Error, match="replicas must be at least 1"):
         build("m", replicas=0)
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def texts_for(seed: int, n: int) -> list[str]:

@@ -190,10 +190,11 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="serve a model over HTTP: POST /v1/classify, a "
                            "playground page at /, /metrics (needs the serve extra)")
-    serve.add_argument("model", help="model directory (merged, single expert or ONNX export)")
+    serve.add_argument("model", help="model directory (merged, single expert, ONNX or OpenVINO "
+                       "export)")
     serve.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1")
     serve.add_argument("--port", type=int, default=8000, help="default 8000")
-    serve.add_argument("--backend", choices=["torch", "onnx"],
+    serve.add_argument("--backend", choices=["torch", "onnx", "openvino"],
                        help="check the folder is of this kind (default: whatever it is)")
     serve.add_argument("--max-batch-size", type=int, default=32, help="texts per forward pass "
                        "(default 32)")
@@ -226,12 +227,19 @@ def _parser() -> argparse.ArgumentParser:
                        "instance and serve until Ctrl-C")
     serve.set_defaults(run=_serve)
 
-    export = sub.add_parser("export", help="export a model to ONNX, per-task probabilities in "
-                            "the graph (needs the onnx extra)")
+    export = sub.add_parser("export", help="export a model to ONNX or OpenVINO, per-task "
+                            "probabilities in the graph (needs the onnx / openvino extra)")
     export.add_argument("model", help="model directory or hub id")
     export.add_argument("-o", "--output", required=True, help="output folder")
-    export.add_argument("--format", default="onnx", choices=["onnx"])
-    export.add_argument("--quantize", choices=["int8"], help="dynamic int8 weights (ONNX Runtime)")
+    export.add_argument("--format", default="onnx", choices=["onnx", "openvino"],
+                        help="onnx (ONNX Runtime, default) or openvino (the OpenVINO runtime)")
+    export.add_argument("--quantize", choices=["int8"], help="int8: with onnx, dynamic int8 "
+                        "weights; with openvino, weights and activations (needs --calibration)")
+    export.add_argument("--calibration", help="with --format openvino --quantize int8: unlabelled "
+                        "texts like your traffic (.txt one per line, .jsonl, or a table's "
+                        "--text-column); a few hundred are enough")
+    export.add_argument("--text-column", default="text", help="the column of --calibration's "
+                        "table (default: text)")
     export.add_argument("--overwrite", action="store_true", help="replace an existing output")
     export.set_defaults(run=_export)
 
@@ -645,10 +653,19 @@ def _serve_on_ray(args) -> int:
 
 
 def _export(args) -> int:
-    from hm3.export import export_onnx
+    from hm3.data import read_texts
+    from hm3.export import export_onnx, export_openvino
 
-    report = export_onnx(args.model, args.output, quantize=args.quantize,
-                         overwrite=args.overwrite)
+    if args.format == "onnx":
+        if args.calibration:
+            raise Hm3Error("--calibration is for --format openvino --quantize int8 (ONNX "
+                           "Runtime's int8 quantises activations on the fly, without texts)")
+        report = export_onnx(args.model, args.output, quantize=args.quantize,
+                             overwrite=args.overwrite)
+    else:
+        texts = read_texts(args.calibration, args.text_column) if args.calibration else None
+        report = export_openvino(args.model, args.output, quantize=args.quantize,
+                                 calibration=texts, overwrite=args.overwrite)
     print(f"exported {args.model} -> {report['path']} ({report['file']}, "
           f"{report['megabytes']:.1f} MB{', int8' if args.quantize else ''}); "
           f"largest difference from PyTorch on sample texts: {report['max_abs_diff']:.2g}")

@@ -1,21 +1,27 @@
-"""`hm3 export`: a model as ONNX whose outputs are each task's probabilities, computed in the graph.
+"""`hm3 export`: a model as ONNX (or OpenVINO) whose outputs are each task's probabilities, computed
+in the graph.
 
 The exported graph wraps the classifier in `ProbabilityHead`: besides the raw `logits` it outputs
 `probabilities.TASK` per task (a softmax over the task's own logits, or a sigmoid per label for a
 multi-label task), so any ONNX Runtime consumer gets correct per-task scores without knowing the
 layout. Beside model.onnx: config.json (with the `hm3` task layout), the tokenizer, and
 hm3_onnx.json (inputs, outputs, tasks, quantisation). `hm3.load(folder)` runs it on ONNX Runtime.
+`--format openvino` converts the same graph for the OpenVINO runtime (openvino_model.xml/.bin in
+place of model.onnx); `hm3.load` runs that folder on OpenVINO.
 
-int8: ONNX Runtime's dynamic quantisation (weights int8 per output channel, activations quantised
-on the fly) of the MatMuls; the head, the FFN down-projections and the embeddings stay fp32 --
-see `FP32_NODES` and `benchmarks/serve_bench.py` for the measurement that chose this.
+int8, ONNX: ONNX Runtime's dynamic quantisation (weights int8 per output channel, activations
+quantised on the fly) of the MatMuls; the head, the FFN down-projections and the embeddings stay
+fp32 -- see `FP32_NODES` and `benchmarks/serve_bench.py` for the measurement that chose this.
+int8, OpenVINO: NNCF's static quantisation (activation ranges from calibration texts), the same
+nodes kept fp32 (`benchmarks/openvino_bench.py`).
 """
-
 from __future__ import annotations
 
 import json
+import logging
 import re
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +33,8 @@ from hm3.checkpoint import (atomic_directory, check_destination, read_config, re
 from hm3.errors import Hm3Error
 from hm3.heads import TaskGroup
 from hm3.model import load
-from hm3.onnx_model import LAYOUT_FILE, ONNX_FILE, OnnxSequenceClassifier
+from hm3.onnx_model import (LAYOUT_FILE, ONNX_FILE, OPENVINO_FILE, ExportedClassifier,
+                             open_export)
 
 OPSET = 17
 # Nodes kept in fp32 by default under int8 (regular expressions searched in node names): the
@@ -37,6 +44,8 @@ OPSET = 17
 # in fp32, against HEAD_ONLY's lower figure in benchmarks/RESULTS.md.
 HEAD_ONLY = (r"classifier", r"pooler", r"pre_classifier", r"score")
 FP32_NODES = HEAD_ONLY + (r"layer\.\d+/output/dense", r"ffn/lin2")
+MIN_CALIBRATION_TEXTS = 16  # fewer cannot measure an activation's range; a few hundred is right
+CALIBRATION_BATCH = 16
 
 
 class ProbabilityHead(torch.nn.Module):
@@ -78,10 +87,65 @@ def export_onnx(model: str | Path, output: str | Path, quantize: str | None = No
     """
     if quantize not in (None, "int8"):
         raise Hm3Error(f"--quantize supports int8, got {quantize!r}")
+
+    def convert(fp32: Path, staging: Path, classifier) -> None:
+        if quantize == "int8":
+            quantize_int8(fp32, staging / ONNX_FILE, exclude, per_channel)
+        else:
+            fp32.replace(staging / ONNX_FILE)
+
+    return _export(model, output, overwrite, ONNX_FILE, convert, {
+        "format": "onnx", "quantized": quantize, "per_channel": per_channel if quantize else None,
+        "fp32_nodes": list(exclude) if quantize else None})
+
+
+def export_openvino(model: str | Path, output: str | Path, quantize: str | None = None,
+                    calibration: Sequence[str] | None = None, overwrite: bool = False,
+                    exclude: tuple[str, ...] = FP32_NODES) -> dict:
+    """Export `model` to an OpenVINO folder (openvino_model.xml/.bin) at `output`.
+
+    The graph is the ONNX export's (per-task probabilities inside), converted by OpenVINO and
+    stored with fp32 weights. int8 is NNCF's post-training quantisation: weights AND activations
+    int8, the activations' ranges measured on `calibration` (unlabelled texts like the traffic
+    the model will see; a few hundred are enough); nodes matching `exclude` stay fp32.
+
+    Returns the same dict as `export_onnx`.
+    """
+    if quantize not in (None, "int8"):
+        raise Hm3Error(f"--quantize supports int8, got {quantize!r}")
+    texts = [text for text in (calibration or []) if text.strip()]
+    if quantize == "int8" and len(texts) < MIN_CALIBRATION_TEXTS:
+        raise Hm3Error(f"an OpenVINO int8 export measures activation ranges on unlabelled texts: "
+                       f"give at least {MIN_CALIBRATION_TEXTS} (got {len(texts)}), e.g. "
+                       "`--calibration traffic.txt` with a few hundred texts like your traffic")
+    if quantize is None and texts:
+        raise Hm3Error("calibration texts are for --quantize int8 only")
+    try:
+        import openvino as ov
+    except ImportError:
+        raise Hm3Error("the OpenVINO export needs the openvino extra: "
+                       "pip install 'hm3[openvino]'") from None
+
+    def convert(fp32: Path, staging: Path, classifier) -> None:
+        graph = ov.convert_model(str(fp32))
+        if quantize == "int8":
+            graph = _nncf_int8(graph, classifier, texts, exclude)
+        ov.save_model(graph, str(staging / OPENVINO_FILE), compress_to_fp16=False)
+
+    return _export(model, output, overwrite, OPENVINO_FILE, convert, {
+        "format": "openvino", "quantized": quantize,
+        "calibration_texts": len(texts) if quantize else None,
+        "fp32_nodes": list(exclude) if quantize else None})
+
+
+def _export(model, output, overwrite: bool, file: str, convert, layout: dict) -> dict:
+    """The ONNX graph of `model`, `convert`ed into `file` of a new folder with the config, the
+    tokenizer and the layout; checked against the PyTorch model on sample texts."""
     check_destination(output, overwrite)
     classifier = load(model, device="cpu")
     if getattr(classifier.model, "backend", "torch") != "torch":
-        raise Hm3Error(f"{model} is already an ONNX export; export the PyTorch model instead")
+        raise Hm3Error(f"{model} is already an {classifier.model.kind} export; export the "
+                       "PyTorch model instead")
     groups = classifier.groups
     if any(g.name == "logits" for g in groups):
         raise Hm3Error("a task named 'logits' would clash with the graph's logits output; "
@@ -101,24 +165,37 @@ def export_onnx(model: str | Path, output: str | Path, quantize: str | None = No
             _torch_export(wrapper, tuple(sample[name] for name in input_names), fp32,
                           input_names, outputs, axes)
             _add_metadata(fp32, groups)
-            if quantize == "int8":
-                quantize_int8(fp32, staging / ONNX_FILE, exclude, per_channel)
-            else:
-                fp32.replace(staging / ONNX_FILE)
+            convert(fp32, staging, classifier)
         config = read_config(resolve(str(model)))
         # a plain classifier gets the task layout it was loaded with, so the export keeps it
         config.setdefault("hm3", {"tasks": [g.to_dict() for g in groups]})
         write_json_atomic(staging / "config.json", config)
         classifier.tokenizer.save_pretrained(staging)
         write_json_atomic(staging / LAYOUT_FILE, {
-            "source": str(model), "inputs": input_names, "outputs": outputs, "opset": OPSET,
-            "quantized": quantize, "per_channel": per_channel if quantize else None,
-            "fp32_nodes": list(exclude) if quantize else None,
-            "max_length": classifier.max_length, "tasks": [g.to_dict() for g in groups]})
-        diff = _max_difference(classifier, OnnxSequenceClassifier(staging), groups)
-        size = (staging / ONNX_FILE).stat().st_size
-    return {"path": str(Path(output).resolve()), "file": ONNX_FILE, "megabytes": size / 2**20,
-            "max_abs_diff": diff, "quantized": quantize}
+            "source": str(model), "file": file, "inputs": input_names, "outputs": outputs,
+            "opset": OPSET, **layout, "max_length": classifier.max_length,
+            "tasks": [g.to_dict() for g in groups]})
+        diff = _max_difference(classifier, open_export(staging), groups)
+        size = sum(path.stat().st_size for path in staging.glob(Path(file).stem + ".*"))
+    return {"path": str(Path(output).resolve()), "file": file, "megabytes": size / 2**20,
+            "max_abs_diff": diff, "quantized": layout["quantized"]}
+
+
+def _nncf_int8(graph, classifier, texts: list[str], exclude: tuple[str, ...]):
+    """NNCF's post-training int8 quantisation of an OpenVINO graph, ranges from `texts`."""
+    import nncf  # the openvino extra
+
+    nncf.set_log_level(logging.ERROR)  # its per-node INFO lines would drown the command's output
+    names = [port.get_any_name() for port in graph.inputs]
+    batches = []
+    for start in range(0, len(texts), CALIBRATION_BATCH):
+        encoded = classifier.encode(texts[start:start + CALIBRATION_BATCH])
+        batches.append({name: encoded[name].numpy() for name in names})
+    return nncf.quantize(graph, nncf.Dataset(batches), model_type=nncf.ModelType.TRANSFORMER,
+                         subset_size=len(texts),
+                         ignored_scope=nncf.IgnoredScope(
+                             patterns=[f".*(?:{pattern}).*" for pattern in exclude],
+                             validate=False))
 
 
 def _torch_export(wrapper, inputs, path: Path, input_names, outputs, axes) -> None:
@@ -156,13 +233,13 @@ def quantize_int8(source: Path, target: Path, exclude: tuple[str, ...] = FP32_NO
     return kept
 
 
-def _max_difference(classifier, onnx_model: OnnxSequenceClassifier,
+def _max_difference(classifier, exported: ExportedClassifier,
                     groups: list[TaskGroup]) -> float:
     batch = classifier.encode(list(SAMPLE_TEXTS))
     with torch.inference_mode():
         reference = ProbabilityHead(classifier.model, groups, list(batch.keys()))(
             *batch.values())
-    got = onnx_model.run(**batch)
+    got = exported.run(**batch)
     names = output_names(groups)
     return max(float(np.abs(got[name] - want.numpy()).max())
                for name, want in zip(names[1:], reference[1:]))

@@ -11,7 +11,7 @@ import torch
 from hm3.checkpoint import pickle_refused, read_config, resolve
 from hm3.errors import Hm3Error
 from hm3.heads import TaskGroup, expert_labels, is_multi_label
-from hm3.onnx_model import OnnxSequenceClassifier, is_onnx_folder
+from hm3.onnx_model import open_export
 
 
 def group_probabilities(logits: np.ndarray, groups: Sequence[TaskGroup]) -> dict[str, np.ndarray]:
@@ -129,7 +129,7 @@ def load(path: str | Path, task: str | None = None, device: str | None = None,
          allow_pickle: bool = False) -> MultiTaskClassifier:
     """Load a merged model (or any single HF sequence classifier) from a directory or hub id.
 
-    An `hm3 export` folder (ONNX) loads too: it then runs on ONNX Runtime (CPU).
+    An `hm3 export` folder loads too: it then runs on ONNX Runtime or OpenVINO (CPU).
 
     Parameters
     ----------
@@ -145,7 +145,9 @@ def load(path: str | Path, task: str | None = None, device: str | None = None,
     from transformers.utils import logging
 
     folder = resolve(str(path), revision, allow_pickle)
-    if not allow_pickle and not any(folder.glob("*.safetensors")) and any(folder.glob("*.bin")):
+    exported = open_export(folder)  # an `hm3 export` folder; openvino_model.bin is no pickle
+    if (exported is None and not allow_pickle and not any(folder.glob("*.safetensors"))
+            and any(folder.glob("*.bin"))):
         raise pickle_refused(str(path), "allow_pickle=True in Python")
     config = read_config(folder)
     groups = task_groups(config, task, str(path))
@@ -153,9 +155,8 @@ def load(path: str | Path, task: str | None = None, device: str | None = None,
     bars = logging.is_progress_bar_enabled()
     logging.disable_progress_bar()  # a library call prints nothing of its own
     try:
-        model = (OnnxSequenceClassifier(folder) if is_onnx_folder(folder)
-                 else AutoModelForSequenceClassification.from_pretrained(
-                     folder, use_safetensors=None if allow_pickle else True))
+        model = exported or AutoModelForSequenceClassification.from_pretrained(
+            folder, use_safetensors=None if allow_pickle else True)
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as exc:
         raise Hm3Error(f"cannot load {path} as a sequence classifier: {exc}") from None

@@ -1,16 +1,17 @@
-"""The ONNX Runtime backend: an exported model folder (`hm3 export`) run by onnxruntime.
+"""Exported model folders (`hm3 export`) run by ONNX Runtime or by OpenVINO.
 
-`OnnxSequenceClassifier` answers the call a transformers classifier answers
-(`model(**tokenizer(texts, return_tensors="pt")).logits`), so `hm3.model.MultiTaskClassifier`,
-and with it predict / eval / bench / serve, uses an export unchanged. The graph's own per-task
-probability outputs are for other ONNX Runtime consumers; hm3 reads its logits and applies the
-same group softmax / sigmoid as for a PyTorch model.
+`OnnxSequenceClassifier` and `OpenVinoSequenceClassifier` answer the call a transformers
+classifier answers (`model(**tokenizer(texts, return_tensors="pt")).logits`), so
+`hm3.model.MultiTaskClassifier`, and with it predict / eval / bench / serve, uses an export
+unchanged. The graph's own per-task probability outputs are for other consumers of the file; hm3
+reads its logits and applies the same group softmax / sigmoid as for a PyTorch model.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,14 +21,67 @@ import torch
 from hm3.errors import Hm3Error
 
 ONNX_FILE = "model.onnx"
+OPENVINO_FILE = "openvino_model.xml"  # and its weights, openvino_model.bin
 LAYOUT_FILE = "hm3_onnx.json"  # inputs, outputs, tasks and how the graph was made
+THREADS_ENV = "HM3_ONNX_THREADS"  # intra-op threads of either runtime (default: its own choice)
 
 
 def is_onnx_folder(folder: Path) -> bool:
     return (Path(folder) / ONNX_FILE).is_file() and (Path(folder) / LAYOUT_FILE).is_file()
 
 
-class OnnxSequenceClassifier:
+def is_openvino_folder(folder: Path) -> bool:
+    return (Path(folder) / OPENVINO_FILE).is_file() and (Path(folder) / LAYOUT_FILE).is_file()
+
+
+def open_export(folder: Path) -> "ExportedClassifier | None":
+    """The runtime for an `hm3 export` folder, or None when `folder` is not one."""
+    if is_openvino_folder(folder):
+        return OpenVinoSequenceClassifier(folder)
+    if is_onnx_folder(folder):
+        return OnnxSequenceClassifier(folder)
+    return None
+
+
+class ExportedClassifier:
+    """What both runtimes share: the layout, the config, the CPU device and the call."""
+
+    backend = "?"
+    kind = "?"  # for messages: "an ONNX export"
+
+    def __init__(self, folder: str | Path):
+        folder = Path(folder)
+        self.layout = json.loads((folder / LAYOUT_FILE).read_text())
+        self.config = SimpleNamespace(**json.loads((folder / "config.json").read_text()))
+        self.device = torch.device("cpu")
+        self.input_names: list[str] = []
+
+    def eval(self) -> "ExportedClassifier":
+        return self
+
+    def to(self, _device) -> "ExportedClassifier":
+        return self  # the runtime runs on its CPU device, whatever the device asked for
+
+    def outputs(self, feed: dict[str, np.ndarray], names: list[str] | None) -> dict[str, np.ndarray]:
+        """The graph's outputs by name (all of them when `names` is None)."""
+        raise NotImplementedError
+
+    def run(self, **batch) -> dict[str, np.ndarray]:
+        """Every output of the graph (logits and each task's probabilities), by name."""
+        missing = [name for name in self.input_names if name not in batch]
+        if missing:
+            raise Hm3Error(f"the exported model needs inputs {', '.join(missing)}")
+        return self.outputs(self._feed(batch), None)
+
+    def __call__(self, **batch) -> SimpleNamespace:
+        logits = self.outputs(self._feed(batch), ["logits"])["logits"]
+        return SimpleNamespace(logits=torch.from_numpy(np.array(logits)))
+
+    def _feed(self, batch) -> dict[str, np.ndarray]:
+        return {name: _numpy(batch[name]) for name in self.input_names}
+
+
+class OnnxSequenceClassifier(ExportedClassifier):
     """An ONNX Runtime session with the call interface of a transformers sequence classifier.
 
     Parameters
@@ -37,46 +91,81 @@ class OnnxSequenceClassifier:
     """
 
     backend = "onnx"
+    kind = "ONNX"
 
     def __init__(self, folder: str | Path, threads: int | None = None):
         # Imported here, not at the top: only ONNX folders pay onnxruntime's import time.
         import onnxruntime as ort
 
-        folder = Path(folder)
-        self.layout = json.loads((folder / LAYOUT_FILE).read_text())
-        self.config = SimpleNamespace(**json.loads((folder / "config.json").read_text()))
+        super().__init__(folder)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        threads = threads or int(os.environ.get("HM3_ONNX_THREADS", "0") or 0)
+        threads = threads or _threads()
         if threads:
             options.intra_op_num_threads = threads
+        path = Path(folder) / ONNX_FILE
         try:
-            self.session = ort.InferenceSession(str(folder / ONNX_FILE), options,
+            self.session = ort.InferenceSession(str(path), options,
                                                 providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own untyped errors
-            raise Hm3Error(f"cannot load {folder / ONNX_FILE} with ONNX Runtime: {exc}") from None
+            raise Hm3Error(f"cannot load {path} with ONNX Runtime: {exc}") from None
         self.input_names = [i.name for i in self.session.get_inputs()]
-        self.device = torch.device("cpu")
 
-    def eval(self) -> "OnnxSequenceClassifier":
-        return self
-
-    def to(self, _device) -> "OnnxSequenceClassifier":
-        return self  # the session runs on ONNX Runtime's CPU provider, whatever the device
-
-    def run(self, **batch) -> dict[str, np.ndarray]:
-        """Every output of the graph (logits and each task's probabilities), by name."""
-        missing = [name for name in self.input_names if name not in batch]
-        if missing:
-            raise Hm3Error(f"the ONNX model needs inputs {', '.join(missing)}")
-        feed = {name: _numpy(batch[name]) for name in self.input_names}
-        names = [o.name for o in self.session.get_outputs()]
+    def outputs(self, feed, names):
+        names = names or [o.name for o in self.session.get_outputs()]
         return dict(zip(names, self.session.run(names, feed)))
 
-    def __call__(self, **batch) -> SimpleNamespace:
-        feed = {name: _numpy(batch[name]) for name in self.input_names}
-        (logits,) = self.session.run(["logits"], feed)
-        return SimpleNamespace(logits=torch.from_numpy(logits))
+
+class OpenVinoSequenceClassifier(ExportedClassifier):
+    """An OpenVINO compiled model with the call interface of a transformers sequence classifier.
+
+    Compiled for latency (one stream) at f32 inference precision: on CPUs with bf16 units
+    OpenVINO would otherwise compute in bf16 and the scores would drift from the model's.
+    An int8 export (`hm3 export --format openvino --quantize int8`) runs its int8 layers as such.
+
+    Parameters
+    ----------
+    folder : an `hm3 export --format openvino` folder (openvino_model.xml/.bin, hm3_onnx.json,
+        config.json, tokenizer files).
+    threads : inference threads (default: $HM3_ONNX_THREADS, else OpenVINO's own choice).
+    precision : "f32" (default) or "bf16" (faster on CPUs with bf16 units; scores move).
+    """
+
+    backend = "openvino"
+    kind = "OpenVINO"
+
+    def __init__(self, folder: str | Path, threads: int | None = None, precision: str = "f32"):
+        try:
+            import openvino as ov
+        except ImportError:
+            raise Hm3Error(f"{folder} is an OpenVINO export; install the openvino extra "
+                           "(pip install 'hm3[openvino]') to run it") from None
+
+        super().__init__(folder)
+        settings = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1,
+                    "INFERENCE_PRECISION_HINT": precision}
+        threads = threads or _threads()
+        if threads:
+            settings["INFERENCE_NUM_THREADS"] = threads
+        path = Path(folder) / OPENVINO_FILE
+        try:
+            self.compiled = ov.Core().compile_model(str(path), "CPU", settings)
+        except Exception as exc:  # noqa: BLE001 - OpenVINO raises its own untyped errors
+            raise Hm3Error(f"cannot load {path} with OpenVINO: {exc}") from None
+        self.input_names = [i.get_any_name() for i in self.compiled.inputs]
+        self._requests = threading.local()  # an infer request serves one thread at a time
+
+    def outputs(self, feed, names):
+        request = getattr(self._requests, "request", None)
+        if request is None:
+            request = self._requests.request = self.compiled.create_infer_request()
+        result = request.infer(feed)
+        got = {output.get_any_name(): result[output] for output in self.compiled.outputs}
+        return {name: got[name] for name in names} if names else got
+
+
+def _threads() -> int:
+    return int(os.environ.get(THREADS_ENV, "0") or 0)
 
 
 def _numpy(value) -> np.ndarray:

@@ -15,20 +15,22 @@ from hm3.model import load
 from hm3.serve.app import Limits, create_app
 from hm3.serve.policy import load_policy
 
-BACKENDS = ("torch", "onnx")
+BACKENDS = ("torch", "onnx", "openvino")
 
 
 def load_backend(model: str, backend: str | None = None, device: str | None = None,
                  max_length: int | None = None):
     """`hm3.load(model)`, checking that the folder is of the backend asked for."""
+    if backend is not None and backend not in BACKENDS:
+        raise Hm3Error(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     classifier = load(model, device=device, max_length=max_length)
     found = getattr(classifier.model, "backend", "torch")
     if backend is not None and backend != found:
-        if backend == "onnx":
+        if found == "torch":
             raise Hm3Error(f"{model} is a PyTorch model; export it first with `hm3 export {model} "
-                           "-o MODEL-onnx --format onnx`, then serve that folder")
-        raise Hm3Error(f"{model} is an ONNX export; serve it with --backend onnx, or serve the "
-                       "PyTorch model it was exported from")
+                           f"-o MODEL-{backend} --format {backend}`, then serve that folder")
+        raise Hm3Error(f"{model} is an {classifier.model.kind} export; serve it with --backend {found}, or serve "
+                       "the PyTorch model it was exported from")
     return classifier
 
 

@@ -1,0 +1,120 @@
+"""`hm3 export --format openvino [--quantize int8 --calibration FILE]`, loaded and served."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnx")
+ov = pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install "
+                         "'hm3[openvino]')")
+
+from conftest import SERVED_TASKS as TASKS, WORDS, Server  # noqa: E402
+
+from hm3 import load  # noqa: E402
+from hm3.cli import main  # noqa: E402
+from hm3.errors import Hm3Error  # noqa: E402
+from hm3.export import export_openvino  # noqa: E402
+
+TEXTS = ["good film", "bad news today", "free money win call phone now", "hello",
+         "what market vote sport great awful who where"]
+
+
+def calibration_texts(n: int) -> list[str]:
+    return [" ".join(WORDS[(i * 5 + k * 3) % len(WORDS)] for k in range(1 + i % 7))
+            for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def exported(served_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("openvino") / "f32"
+    return out, export_openvino(served_model, out)
+
+
+def test_openvino_export_answers_as_the_torch_model(served_model, exported):
+    folder, report = exported
+    assert report["file"] == "openvino_model.xml" and report["max_abs_diff"] < 1e-5
+    assert (folder / "openvino_model.bin").is_file() and not (folder / "model.onnx").exists()
+    layout = json.loads((folder / "hm3_onnx.json").read_text())
+    assert layout["format"] == "openvino" and layout["quantized"] is None
+    # the graph keeps the per-task probability outputs for plain OpenVINO consumers
+    graph = ov.Core().read_model(str(folder / "openvino_model.xml"))
+    assert [o.get_any_name() for o in graph.outputs] == [
+        "logits", *(f"probabilities.{task}" for task in TASKS)]
+    model = load(folder)
+    assert model.model.backend == "openvino" and model.tasks == list(TASKS)
+    torch_model = load(served_model, device="cpu")
+    np.testing.assert_allclose(model.logits(TEXTS, batch_size=2),
+                               torch_model.logits(TEXTS, batch_size=2), atol=1e-4)
+    for got, want in zip(model.predict(TEXTS), torch_model.predict(TEXTS)):
+        for task in TASKS:
+            assert got[task]["label"] == want[task]["label"]
+
+
+def test_openvino_int8_needs_calibration_texts_and_keeps_the_head_fp32(served_model, tmp_path,
+                                                                      capsys):
+    out = tmp_path / "int8"
+    assert main(["export", str(served_model), "-o", str(out), "--format", "openvino",
+                 "--quantize", "int8"]) == 2
+    assert "give at least 16 (got 0)" in capsys.readouterr().err and not out.exists()
+    texts = tmp_path / "traffic.txt"
+    texts.write_text("\n".join(calibration_texts(10)) + "\n")
+    assert main(["export", str(served_model), "-o", str(out), "--format", "openvino",
+                 "--quantize", "int8", "--calibration", str(texts)]) == 2
+    assert "(got 10)" in capsys.readouterr().err and not out.exists()
+    assert main(["export", str(served_model), "-o", str(out), "--calibration", str(texts)]) == 2
+    assert "--calibration is for --format openvino" in capsys.readouterr().err
+    texts.write_text("\n".join(calibration_texts(64)) + "\n")
+    assert main(["export", str(served_model), "-o", str(out), "--format", "openvino",
+                 "--quantize", "int8", "--calibration", str(texts)]) == 0
+    layout = json.loads((out / "hm3_onnx.json").read_text())
+    assert layout["quantized"] == "int8" and layout["calibration_texts"] == 64
+    graph = ov.Core().read_model(str(out / "openvino_model.xml"))
+    quantized = [op.get_friendly_name() for op in graph.get_ops()
+                 if op.get_type_name() == "FakeQuantize"]
+    assert any("encoder/layer.0/attention" in name for name in quantized)
+    assert not any("classifier" in name for name in quantized)
+    model = load(out)
+    probs = model.predict_proba(TEXTS)
+    assert np.allclose(probs["topic"].sum(axis=1), 1.0, atol=1e-5)
+    want = load(served_model, device="cpu").predict_proba(TEXTS)
+    assert max(np.abs(probs[task] - want[task]).max() for task in TASKS) < 0.1
+
+
+def test_export_refuses_an_export_and_serve_checks_the_backend(exported, tmp_path, capsys):
+    folder, _ = exported
+    with pytest.raises(Hm3Error, match="already an OpenVINO export"):
+        export_openvino(folder, tmp_path / "again")
+    assert not (tmp_path / "again").exists()
+    assert main(["serve", str(folder), "--backend", "onnx"]) == 2
+    assert "is an OpenVINO export; serve it with --backend openvino" in capsys.readouterr().err
+
+
+def test_openvino_export_served_under_concurrent_load(served_model, exported):
+    import httpx
+
+    folder, _ = exported
+    srv = Server(folder, "--backend", "openvino", "--max-batch-size", "8")
+    try:
+        assert httpx.get(srv.url + "/health").json()["backend"] == "openvino"
+        texts = calibration_texts(24)
+        expected = load(served_model, device="cpu").predict(texts)
+
+        async def run():
+            async with httpx.AsyncClient(base_url=srv.url, timeout=60) as client:
+                return await asyncio.gather(*(client.post("/v1/classify", json={"texts": [t]})
+                                              for t in texts))
+
+        answers = asyncio.run(run())
+        assert [a.status_code for a in answers] == [200] * len(texts)
+        for answer, want in zip(answers, expected):
+            (got,) = answer.json()["results"]
+            for task in TASKS:
+                assert got[task]["label"] == want[task]["label"]
+                assert got[task]["probabilities"] == pytest.approx(want[task]["probabilities"],
+                                                                   abs=1e-4)
+    finally:
+        srv.stop()
