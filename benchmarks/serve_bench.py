@@ -4,7 +4,8 @@ What it measures (results in benchmarks/results/serve.json, a table printed for 
 1. int8 accuracy: macro-F1 on every zoo task's test split of the ONNX fp32 export (equal to the
    PyTorch model's to ~1e-7 in probability) and int8 variants (what is quantised), and argmax
    agreement with fp32.
-2. offline throughput (texts/s, tokenisation included) of torch / onnx fp32 / onnx int8 at batch
+2. offline throughput (texts/s, tokenisation included) of torch / onnx fp32 / onnx int8 (and,
+   where the openvino extra is installed, `--format openvino` f32 / int8) at batch
    32, padded to the longest text and in length-sorted sub-batches as the server runs them (the
    server's ceiling), and the latency of one text (batch 1); A B C A B C rounds, median.
 3. `hm3 serve` under load from an async httpx client over loopback at concurrency 1/8/32/64
@@ -23,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
@@ -39,7 +42,7 @@ import numpy as np
 from sklearn.metrics import f1_score
 
 from hm3.checkpoint import write_json_atomic
-from hm3.export import HEAD_ONLY, export_onnx
+from hm3.export import HEAD_ONLY, export_onnx, export_openvino
 from hm3.model import load
 from hm3.zoo import build_zoo, read_split
 
@@ -53,6 +56,16 @@ INT8 = {"int8 per-channel, head + FFN-down fp32": {},  # hm3 export's default (F
         "int8 per-channel, head fp32": {"exclude": HEAD_ONLY},
         "int8 per-channel, all": {"exclude": ()}}
 CHOSEN_INT8 = "int8 per-channel, head + FFN-down fp32"
+# hm3 export --format openvino, f32 and int8 (NNCF, head + FFN-down fp32, ranges from 256 of the
+# zoo's calibration texts: what the merge calibrates on, never validation or test)
+OPENVINO = {"openvino f32": None, "openvino int8": "int8"}
+CALIBRATION_TEXTS = 256
+
+
+def calibration_texts(zoo) -> list[str]:
+    """256 of the zoo's calibration texts, the tasks mixed, as one traffic sample."""
+    pool = [text for splits in zoo.splits.values() for text, _ in read_split(splits["calibration"])]
+    return [pool[i] for i in np.random.default_rng(1).permutation(len(pool))][:CALIBRATION_TEXTS]
 
 
 def main() -> None:
@@ -70,7 +83,7 @@ def main() -> None:
     parser.add_argument("--max-wait-ms", type=float, default=0.0,
                         help="the servers' --max-wait-ms (default 0, hm3 serve's)")
     parser.add_argument("--skip", nargs="*", default=[],
-                        choices=["accuracy", "offline", "load", "stack"])
+                        choices=["accuracy", "offline", "load", "stack", "openvino"])
     parser.add_argument("--output", default=str(RESULTS))
     args = parser.parse_args()
     if args.quick:
@@ -87,6 +100,9 @@ def main() -> None:
     folders = {"torch": Path(args.model), "onnx fp32": work / "onnx-fp32"}
     folders.update({name: work / name.replace(" ", "-").replace(",", "").replace("+", "")
                     for name in INT8})
+    openvino = importlib.util.find_spec("openvino") is not None and "openvino" not in args.skip
+    if openvino:
+        folders.update({name: work / name.replace(" ", "-") for name in OPENVINO})
     exports = {}
     for name, folder in folders.items():
         if name == "torch":
@@ -94,10 +110,14 @@ def main() -> None:
         if (folder / "hm3_onnx.json").is_file() and not args.re_export:
             exports[name] = json.loads((folder / "export.json").read_text())
             continue
-        options = INT8.get(name, {})
         start = time.perf_counter()
-        report = export_onnx(args.model, folder, quantize="int8" if name in INT8 else None,
-                             overwrite=True, **options)
+        if name in OPENVINO:
+            report = export_openvino(args.model, folder, quantize=OPENVINO[name],
+                                     calibration=calibration_texts(zoo) if OPENVINO[name] else None,
+                                     overwrite=True, max_length=128)  # as it is served
+        else:
+            report = export_onnx(args.model, folder, quantize="int8" if name in INT8 else None,
+                                 overwrite=True, **INT8.get(name, {}))
         exports[name] = {**report, "seconds": round(time.perf_counter() - start, 1)}
         (folder / "export.json").write_text(json.dumps(exports[name]))
         print(f"exported {name}: {report['megabytes']:.1f} MB, max |dp| on samples "
@@ -122,6 +142,7 @@ def main() -> None:
     texts = [texts[i] for i in np.random.default_rng(0).permutation(len(texts))][:256]
     backends = {"torch": folders["torch"], "onnx fp32": folders["onnx fp32"],
                 "onnx int8": folders[CHOSEN_INT8]}
+    backends.update({name: folders[name] for name in OPENVINO if name in folders})
     if "offline" not in args.skip:
         result["offline"] = offline(backends, texts, work, pin, rounds=2 if args.quick else 5,
                                     requests=args.requests)
@@ -142,8 +163,24 @@ def main() -> None:
 
 
 def machine() -> dict:
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "python": platform.python_version(), "load_average_before": os.getloadavg()}
+    """The machine and the runtimes' versions: speed ratios between backends move with the CPU
+    (its vector units) and the libraries, so results say which they came from."""
+    cpu, flags = platform.processor() or platform.machine(), []
+    info = Path("/proc/cpuinfo")
+    if info.is_file():
+        lines = info.read_text().splitlines()
+        cpu = next((l.split(":", 1)[1].strip() for l in lines if l.startswith("model name")), cpu)
+        present = next((l.split(":", 1)[1].split() for l in lines if l.startswith("flags")), [])
+        flags = sorted(f for f in present if f.startswith(("avx512", "amx", "avx2", "avx_vnni")))
+    versions = {}
+    for package in ("torch", "onnxruntime", "openvino", "nncf", "transformers"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return {"cpu": cpu, "cpu_flags": flags, "cores": os.cpu_count(),
+            "python": platform.python_version(), "versions": versions,
+            "load_average_before": os.getloadavg()}
 
 
 def accuracy(folders: dict[str, Path], tests: dict[str, list]) -> dict:
@@ -407,17 +444,18 @@ def goals(result: dict, n_experts: int) -> dict:
     offline_ = result.get("offline")
     if offline_:
         base = offline_["torch"]["batch32_texts_per_s"]
-        out["onnx_fp32_offline_x_torch"] = offline_["onnx fp32"]["batch32_texts_per_s"] / base
-        out["onnx_int8_offline_x_torch"] = offline_["onnx int8"]["batch32_texts_per_s"] / base
+        exported = [name for name in offline_ if name != "torch"]
+        for name in exported:
+            out[f"{name} offline x torch"] = offline_[name]["batch32_texts_per_s"] / base
         if "split32_texts_per_s" in offline_["torch"]:  # as the server runs a batch
             split = offline_["torch"]["split32_texts_per_s"]
-            for name in ("onnx fp32", "onnx int8"):
+            for name in exported:
                 out[f"{name} offline sub-batches x torch"] = (
                     offline_[name]["split32_texts_per_s"] / split)
     acc = result.get("accuracy")
     if acc:
         fp32 = acc["scores"]["onnx fp32"]
-        for name in INT8:
+        for name in [*INT8, *(n for n in OPENVINO if n in acc["scores"])]:
             out[f"{name}: worst task macro-F1 minus fp32 (points)"] = min(
                 100 * (acc["scores"][name][t]["macro_f1"] - fp32[t]["macro_f1"]) for t in fp32)
     load_ = result.get("load")

@@ -69,9 +69,11 @@ def test_openvino_int8_needs_calibration_texts_and_keeps_the_head_fp32(served_mo
     assert "--calibration is for --format openvino" in capsys.readouterr().err
     texts.write_text("\n".join(calibration_texts(64)) + "\n")
     assert main(["export", str(served_model), "-o", str(out), "--format", "openvino",
-                 "--quantize", "int8", "--calibration", str(texts)]) == 0
+                 "--quantize", "int8", "--calibration", str(texts), "--max-length", "12"]) == 0
     layout = json.loads((out / "hm3_onnx.json").read_text())
     assert layout["quantized"] == "int8" and layout["calibration_texts"] == 64
+    assert layout["max_length"] == 12 and load(out).max_length == 12  # served as calibrated
+    assert load(out, max_length=20).max_length == 20
     graph = ov.Core().read_model(str(out / "openvino_model.xml"))
     quantized = [op.get_friendly_name() for op in graph.get_ops()
                  if op.get_type_name() == "FakeQuantize"]

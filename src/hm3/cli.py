@@ -240,6 +240,9 @@ def _parser() -> argparse.ArgumentParser:
                         "--text-column); a few hundred are enough")
     export.add_argument("--text-column", default="text", help="the column of --calibration's "
                         "table (default: text)")
+    export.add_argument("--max-length", type=int, help="cut texts to this many tokens, at "
+                        "calibration and when the export runs (default: the tokenizer's "
+                        "maximum); calibrate at the length you serve at")
     export.add_argument("--overwrite", action="store_true", help="replace an existing output")
     export.set_defaults(run=_export)
 
@@ -661,11 +664,12 @@ def _export(args) -> int:
             raise Hm3Error("--calibration is for --format openvino --quantize int8 (ONNX "
                            "Runtime's int8 quantises activations on the fly, without texts)")
         report = export_onnx(args.model, args.output, quantize=args.quantize,
-                             overwrite=args.overwrite)
+                             overwrite=args.overwrite, max_length=args.max_length)
     else:
         texts = read_texts(args.calibration, args.text_column) if args.calibration else None
         report = export_openvino(args.model, args.output, quantize=args.quantize,
-                                 calibration=texts, overwrite=args.overwrite)
+                                 calibration=texts, overwrite=args.overwrite,
+                                 max_length=args.max_length)
     print(f"exported {args.model} -> {report['path']} ({report['file']}, "
           f"{report['megabytes']:.1f} MB{', int8' if args.quantize else ''}); "
           f"largest difference from PyTorch on sample texts: {report['max_abs_diff']:.2g}")

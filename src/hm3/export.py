@@ -73,7 +73,7 @@ def output_names(groups: list[TaskGroup]) -> list[str]:
 
 def export_onnx(model: str | Path, output: str | Path, quantize: str | None = None,
                 overwrite: bool = False, exclude: tuple[str, ...] = FP32_NODES,
-                per_channel: bool = True) -> dict:
+                per_channel: bool = True, max_length: int | None = None) -> dict:
     """Export `model` (merged model, single classifier or hub id) to an ONNX folder at `output`.
 
     Parameters
@@ -81,6 +81,8 @@ def export_onnx(model: str | Path, output: str | Path, quantize: str | None = No
     quantize : None (fp32) or "int8" (dynamic quantisation of the MatMul weights).
     exclude : with int8, keep nodes whose name matches any of these regular expressions in fp32.
     per_channel : with int8, one scale per output channel (else one per tensor).
+    max_length : the token length `hm3.load` cuts texts to when it runs the export (recorded);
+        default: the tokenizer's maximum.
 
     Returns a dict: path, file, megabytes, max_abs_diff (largest difference of any task
     probability from the PyTorch model's on sample texts), quantized.
@@ -94,20 +96,24 @@ def export_onnx(model: str | Path, output: str | Path, quantize: str | None = No
         else:
             fp32.replace(staging / ONNX_FILE)
 
-    return _export(model, output, overwrite, ONNX_FILE, convert, {
+    return _export(model, output, overwrite, ONNX_FILE, convert, max_length, {
         "format": "onnx", "quantized": quantize, "per_channel": per_channel if quantize else None,
         "fp32_nodes": list(exclude) if quantize else None})
 
 
 def export_openvino(model: str | Path, output: str | Path, quantize: str | None = None,
                     calibration: Sequence[str] | None = None, overwrite: bool = False,
-                    exclude: tuple[str, ...] = FP32_NODES) -> dict:
+                    exclude: tuple[str, ...] = FP32_NODES, max_length: int | None = None) -> dict:
     """Export `model` to an OpenVINO folder (openvino_model.xml/.bin) at `output`.
 
     The graph is the ONNX export's (per-task probabilities inside), converted by OpenVINO and
     stored with fp32 weights. int8 is NNCF's post-training quantisation: weights AND activations
     int8, the activations' ranges measured on `calibration` (unlabelled texts like the traffic
     the model will see; a few hundred are enough); nodes matching `exclude` stay fp32.
+    `max_length`: the token length texts are cut to, at calibration and (the export records it)
+    when `hm3.load` runs the folder; default: the tokenizer's maximum. Calibrate at the length
+    you serve at: ranges measured on 512-token texts cost a task 1.1 points served at 128
+    (benchmarks/RESULTS.md §6.7).
 
     Returns the same dict as `export_onnx`.
     """
@@ -132,17 +138,18 @@ def export_openvino(model: str | Path, output: str | Path, quantize: str | None 
             graph = _nncf_int8(graph, classifier, texts, exclude)
         ov.save_model(graph, str(staging / OPENVINO_FILE), compress_to_fp16=False)
 
-    return _export(model, output, overwrite, OPENVINO_FILE, convert, {
+    return _export(model, output, overwrite, OPENVINO_FILE, convert, max_length, {
         "format": "openvino", "quantized": quantize,
         "calibration_texts": len(texts) if quantize else None,
         "fp32_nodes": list(exclude) if quantize else None})
 
 
-def _export(model, output, overwrite: bool, file: str, convert, layout: dict) -> dict:
+def _export(model, output, overwrite: bool, file: str, convert, max_length: int | None,
+            layout: dict) -> dict:
     """The ONNX graph of `model`, `convert`ed into `file` of a new folder with the config, the
     tokenizer and the layout; checked against the PyTorch model on sample texts."""
     check_destination(output, overwrite)
-    classifier = load(model, device="cpu")
+    classifier = load(model, device="cpu", max_length=max_length)
     if getattr(classifier.model, "backend", "torch") != "torch":
         raise Hm3Error(f"{model} is already an {classifier.model.kind} export; export the "
                        "PyTorch model instead")
@@ -182,7 +189,8 @@ def _export(model, output, overwrite: bool, file: str, convert, layout: dict) ->
 
 
 def _nncf_int8(graph, classifier, texts: list[str], exclude: tuple[str, ...]):
-    """NNCF's post-training int8 quantisation of an OpenVINO graph, ranges from `texts`."""
+    """NNCF's post-training int8 quantisation of an OpenVINO graph, ranges from `texts` cut to
+    the classifier's max_length."""
     import nncf  # the openvino extra
 
     nncf.set_log_level(logging.ERROR)  # its per-node INFO lines would drown the command's output

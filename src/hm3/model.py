@@ -136,7 +136,8 @@ def load(path: str | Path, task: str | None = None, device: str | None = None,
     path : directory or hub id of the model.
     task : task name for a plain single-task classifier (default: the folder name).
     device : "cpu", "cuda", ...; default: CUDA when available.
-    max_length : truncate texts to this many tokens (default: the tokenizer's maximum).
+    max_length : truncate texts to this many tokens (default: the tokenizer's maximum; for an
+        export, the length it was exported for).
     allow_pickle : load a model whose weights exist only as pickle `.bin` files (pickle can
         run arbitrary code, so this is refused by default, as in `hm3.merge`).
     """
@@ -167,6 +168,8 @@ def load(path: str | Path, task: str | None = None, device: str | None = None,
         tokenizer.pad_token = tokenizer.eos_token
     if max_length is not None and max_length < 2:
         raise Hm3Error(f"max_length must be at least 2 tokens, got {max_length}")
+    if exported is not None and max_length is None:  # int8 ranges were measured at this length
+        max_length = exported.layout.get("max_length")
     return MultiTaskClassifier(model.to(device), tokenizer, groups, max_length)
 
 
