@@ -1,4 +1,5 @@
-"""`hm3 export --format openvino [--quantize int8 --calibration FILE]`, loaded and served."""
+"""`hm3 export --format openvino [--quantize int8 --calibration FILE]`, loaded and served; every
+supported architecture through both export formats."""
 
 from __future__ import annotations
 
@@ -12,12 +13,13 @@ pytest.importorskip("onnx")
 ov = pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install "
                          "'hm3[openvino]')")
 
-from conftest import SERVED_TASKS as TASKS, WORDS, Server  # noqa: E402
+from conftest import (SERVED_TASKS as TASKS, TINY, WORDS, Server, build_family,  # noqa: E402
+                      recipe_dict)
 
-from hm3 import load  # noqa: E402
+from hm3 import load, merge, parse_recipe  # noqa: E402
 from hm3.cli import main  # noqa: E402
 from hm3.errors import Hm3Error  # noqa: E402
-from hm3.export import export_openvino  # noqa: E402
+from hm3.export import export_onnx, export_openvino  # noqa: E402
 
 TEXTS = ["good film", "bad news today", "free money win call phone now", "hello",
          "what market vote sport great awful who where"]
@@ -120,3 +122,17 @@ def test_openvino_export_served_under_concurrent_load(served_model, exported):
                                                                    abs=1e-4)
     finally:
         srv.stop()
+
+
+@pytest.mark.parametrize("model_type", sorted(TINY))
+def test_every_architecture_exports_to_both_runtimes(tmp_path, model_type):
+    tasks = {"sentiment": ["negative", "positive"], "topic": ["news", "sport", "film"]}
+    base, experts = build_family(tmp_path, tasks, model_type=model_type)
+    merge(parse_recipe(recipe_dict(base, experts)), tmp_path / "merged", progress=False)
+    want = load(tmp_path / "merged", device="cpu").logits(TEXTS)
+    export_onnx(tmp_path / "merged", tmp_path / "onnx")
+    export_openvino(tmp_path / "merged", tmp_path / "openvino")
+    for runtime in ("onnx", "openvino"):
+        model = load(tmp_path / runtime)
+        assert model.model.backend == runtime
+        np.testing.assert_allclose(model.logits(TEXTS), want, atol=1e-5)
