@@ -62,7 +62,8 @@ class ExportedClassifier:
     def to(self, _device) -> "ExportedClassifier":
         return self  # the runtime runs on its CPU device, whatever the device asked for
 
-    def outputs(self, feed: dict[str, np.ndarray], names: list[str] | None) -> dict[str, np.ndarray]:
+    def outputs(self, feed: dict[str, np.ndarray],
+                names: list[str] | None) -> dict[str, np.ndarray]:
         """The graph's outputs by name (all of them when `names` is None)."""
         raise NotImplementedError
 
