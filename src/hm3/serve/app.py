@@ -70,6 +70,24 @@ class Metrics:
         self.texts.inc(size)
 
 
+class BodyLimit:
+    """Refuses a request to `path` whose declared body is over `limit` bytes, before it is read.
+
+    A plain ASGI middleware: Starlette's `@app.middleware("http")` runs every request through a
+    task group and memory streams, a cost each one-text request pays."""
+
+    def __init__(self, app, path: str, limit: int, reject: Callable[[int], Response]):
+        self.app, self.path, self.limit, self.reject = app, path, limit, reject
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"] == self.path:
+            length = dict(scope["headers"]).get(b"content-length", b"")
+            if length.isdigit() and int(length) > self.limit:
+                await self.reject(int(length))(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def create_app(classifier, name: str = "model", backend: str = "torch",
                max_batch_size: int = 32, max_wait_ms: float = 0.0, limits: Limits = Limits(),
                policy: dict[str, TaskRule] | None = None, length_split: bool = True,
@@ -113,14 +131,12 @@ def create_app(classifier, name: str = "model", backend: str = "torch",
         metrics.requests.labels(str(status)).inc()
         return JSONResponse({"error": message, **extra}, status_code=status)
 
-    @app.middleware("http")
-    async def body_limit(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if request.url.path == "/v1/classify" and length and length.isdigit() \
-                and int(length) > limits.max_body_bytes:
-            return error(413, f"request body of {int(length)} bytes is over the limit of "
-                         f"{limits.max_body_bytes}; send fewer or shorter texts per request")
-        return await call_next(request)
+    def too_large(length: int) -> JSONResponse:
+        return error(413, f"request body of {length} bytes is over the limit of "
+                     f"{limits.max_body_bytes}; send fewer or shorter texts per request")
+
+    app.add_middleware(BodyLimit, path="/v1/classify", limit=limits.max_body_bytes,
+                       reject=too_large)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, exc: RequestValidationError):

@@ -48,8 +48,8 @@ def predict_by_length(classifier, texts: Sequence[str],
     """`classifier.predict(texts)` (an `hm3.model.MultiTaskClassifier`), run in length-sorted
     sub-batches (`length_buckets` over the truncated token lengths); results in `texts`' order."""
     texts = list(texts)
-    if not texts:
-        return []
+    if len(texts) < 2:  # nothing to sort: skip the tokenisation that measures lengths
+        return classifier.predict(texts, batch_size=1) if texts else []
     ids = classifier.tokenizer(texts, truncation=True, max_length=classifier.max_length,
                                verbose=False)["input_ids"]
     results: list = [None] * len(texts)
