@@ -30,11 +30,11 @@ import httpx
 import numpy as np
 
 from hm3.checkpoint import write_json_atomic
-from hm3.zoo import build_zoo, read_split
+from hm3.zoo import build_zoo
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from serve_bench import free_port, machine, stop_servers  # noqa: E402
+from serve_bench import free_port, machine, mixed_texts, stop_servers  # noqa: E402
 
 RESULTS = HERE / "results" / "serve_infinity.json"
 VENV = HERE / ".venv-infinity"
@@ -91,8 +91,7 @@ def main() -> None:
     if not (VENV / "bin" / "infinity_emb").exists():
         raise SystemExit(f"no infinity-emb in {VENV}: run benchmarks/infinity_env.sh first")
     zoo = build_zoo(progress=False)
-    texts = [text for splits in zoo.splits.values() for text, _ in read_split(splits["test"])]
-    texts = [texts[i] for i in np.random.default_rng(0).permutation(len(texts))][:256]
+    texts = mixed_texts(zoo)
     model = str(Path(args.model).resolve())
     served_name = "/".join(Path(model).parts[-2:])  # infinity names a local model by its path tail
     hm3_port, inf_port = free_port(), free_port()

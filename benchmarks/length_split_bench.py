@@ -21,17 +21,17 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from hm3.checkpoint import write_json_atomic
 from hm3.model import load
 from hm3.serve.buckets import predict_by_length
-from hm3.zoo import build_zoo, read_split
+from hm3.zoo import build_zoo
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from serve_bench import alternate_load, machine, start_servers  # noqa: E402
+from serve_bench import (alternate_load, machine, mixed_texts,  # noqa: E402
+                         start_servers)
 
 RESULTS = HERE / "results" / "serve_length_split.json"
 MODES = {"A padded batch": False, "B length-sorted sub-batches": True}
@@ -48,8 +48,7 @@ def main() -> None:
     parser.add_argument("--output", default=str(RESULTS))
     args = parser.parse_args()
     zoo = build_zoo(progress=False)
-    texts = [text for splits in zoo.splits.values() for text, _ in read_split(splits["test"])]
-    texts = [texts[i] for i in np.random.default_rng(0).permutation(len(texts))][:256]
+    texts = mixed_texts(zoo)
     result = {"machine": machine(), "model": args.model, "load_average_before": os.getloadavg(),
               "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
     if "offline" not in args.skip:

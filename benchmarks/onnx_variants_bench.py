@@ -22,16 +22,15 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 from hm3.checkpoint import write_json_atomic
 from hm3.export import FP32_NODES, HEAD_ONLY, export_onnx, quantize_int8
 from hm3.onnx_model import ONNX_FILE
-from hm3.zoo import build_zoo, read_split
+from hm3.zoo import build_zoo
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from serve_bench import machine, offline  # noqa: E402
+from serve_bench import machine, mixed_texts, offline  # noqa: E402
 
 RESULTS = HERE / "results" / "onnx_variants.json"
 INT8 = {"int8 (hm3 default: head + FFN-down fp32)": FP32_NODES,
@@ -71,8 +70,7 @@ def main() -> None:
         shutil.copytree(folders["onnx fp32"], folders[name])
         quantize_int8(folders["onnx fp32"] / ONNX_FILE, folders[name] / ONNX_FILE, exclude)
     zoo = build_zoo(progress=False)
-    texts = [text for splits in zoo.splits.values() for text, _ in read_split(splits["test"])]
-    texts = [texts[i] for i in np.random.default_rng(0).permutation(len(texts))][:256]
+    texts = mixed_texts(zoo)
     result = {"machine": machine(), "model": args.model, "fusions": fusions,
               "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
     result["offline"] = offline(folders, texts, work, pin=True, rounds=args.rounds, requests=32)

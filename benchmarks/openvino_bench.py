@@ -32,12 +32,12 @@ from hm3.export import HEAD_ONLY, export_onnx, export_openvino
 from hm3.model import load
 from hm3.onnx_model import OpenVinoSequenceClassifier
 from hm3.serve.buckets import predict_by_length
-from hm3.zoo import build_zoo, read_split
+from hm3.zoo import build_zoo
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from guided_zoo import datasets  # noqa: E402
-from serve_bench import calibration_texts, machine  # noqa: E402
+from serve_bench import calibration_texts, machine, mixed_texts  # noqa: E402
 
 RESULTS = HERE / "results" / "openvino.json"
 MAX_LENGTH = 128  # as the demo scores
@@ -79,8 +79,7 @@ def main() -> None:
     bf16 = load(work / "openvino-f32", max_length=MAX_LENGTH)
     bf16.model = OpenVinoSequenceClassifier(work / "openvino-f32", threads=1, precision="bf16")
     models["openvino f32 export at bf16 precision"] = bf16
-    texts = [text for splits in zoo.splits.values() for text, _ in read_split(splits["test"])]
-    texts = [texts[i] for i in np.random.default_rng(0).permutation(len(texts))][:256]
+    texts = mixed_texts(zoo)
     result = {"machine": machine(), "model": args.model, "max_length": MAX_LENGTH,
               "threads": 1, "calibration_texts": len(calibration), "export_seconds": export_seconds,
               "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}

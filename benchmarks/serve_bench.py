@@ -62,10 +62,16 @@ OPENVINO = {"openvino f32": None, "openvino int8": "int8"}
 CALIBRATION_TEXTS = 256
 
 
+def mixed_texts(zoo, split: str = "test", count: int = 256, seed: int = 0) -> list[str]:
+    """`count` texts of every zoo task's `split`, shuffled together (seed 0: the benchmarks'
+    load and speed texts)."""
+    pool = [text for splits in zoo.splits.values() for text, _ in read_split(splits[split])]
+    return [pool[i] for i in np.random.default_rng(seed).permutation(len(pool))][:count]
+
+
 def calibration_texts(zoo) -> list[str]:
     """256 of the zoo's calibration texts, the tasks mixed, as one traffic sample."""
-    pool = [text for splits in zoo.splits.values() for text, _ in read_split(splits["calibration"])]
-    return [pool[i] for i in np.random.default_rng(1).permutation(len(pool))][:CALIBRATION_TEXTS]
+    return mixed_texts(zoo, "calibration", CALIBRATION_TEXTS, seed=1)
 
 
 def main() -> None:

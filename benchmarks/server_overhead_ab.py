@@ -21,14 +21,14 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from serve_bench import machine, one_run, start_servers, stop_servers  # noqa: E402
+from serve_bench import (machine, mixed_texts, one_run, start_servers,  # noqa: E402
+                         stop_servers)
 
 from hm3.checkpoint import write_json_atomic  # noqa: E402
-from hm3.zoo import build_zoo, read_split  # noqa: E402
+from hm3.zoo import build_zoo  # noqa: E402
 
 RESULTS = HERE / "results" / "server_overhead_ab.json"
 CONCURRENCY = (1, 32)
@@ -44,21 +44,14 @@ def main() -> None:
     args = parser.parse_args()
     os.sched_setaffinity(0, {1})
     zoo = build_zoo(progress=False)
-    texts = [text for splits in zoo.splits.values() for text, _ in read_split(splits["test"])]
-    texts = [texts[i] for i in np.random.default_rng(0).permutation(len(texts))][:256]
+    texts = mixed_texts(zoo)
     result = {"machine": machine(), "before": args.before, "requests": args.requests,
               "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "models": {}}
     for model in args.models:
         servers = {}
-        for side, pythonpath in (("A", args.before), ("B", None)):
-            env = dict(os.environ)
-            if pythonpath:
-                os.environ["PYTHONPATH"] = pythonpath
-            try:
-                servers[side] = start_servers([Path(model)], pin=True)
-            finally:
-                os.environ.clear()
-                os.environ.update(env)
+        for side, source in (("A", args.before), ("B", str(HERE.parent / "src"))):
+            os.environ["PYTHONPATH"] = source  # the server process imports this hm3
+            servers[side] = start_servers([Path(model)], pin=True)
         runs = {side: {c: [] for c in CONCURRENCY} for side in servers}
         try:
             for _ in range(args.rounds):
