@@ -154,6 +154,7 @@ class OpenVinoSequenceClassifier(ExportedClassifier):
         except Exception as exc:  # noqa: BLE001 - OpenVINO raises its own untyped errors
             raise Hm3Error(f"cannot load {path} with OpenVINO: {exc}") from None
         self.input_names = [i.get_any_name() for i in self.compiled.inputs]
+        self.output_ports = {o.get_any_name(): o for o in self.compiled.outputs}
         self._requests = threading.local()  # an infer request serves one thread at a time
 
     def outputs(self, feed, names):
@@ -161,8 +162,7 @@ class OpenVinoSequenceClassifier(ExportedClassifier):
         if request is None:
             request = self._requests.request = self.compiled.create_infer_request()
         result = request.infer(feed)
-        got = {output.get_any_name(): result[output] for output in self.compiled.outputs}
-        return {name: got[name] for name in names} if names else got
+        return {name: result[self.output_ports[name]] for name in names or self.output_ports}
 
 
 def _threads() -> int:
