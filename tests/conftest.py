@@ -173,6 +173,12 @@ def served_model(tmp_path_factory) -> Path:
     return out
 
 
+def texts_for(seed: int, n: int, max_words: int = 6) -> list[str]:
+    """`n` texts of 1 to `max_words` of WORDS, different for each seed: request texts."""
+    return [" ".join(WORDS[(seed * 7 + i * 3 + k) % len(WORDS)]
+                     for k in range(1 + (seed + i) % max_words)) for i in range(n)]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -13,8 +13,8 @@ pytest.importorskip("onnx")
 ov = pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install "
                          "'hm3[openvino]')")
 
-from conftest import (SERVED_TASKS as TASKS, TINY, WORDS, Server, build_family,  # noqa: E402
-                      recipe_dict)
+from conftest import (SERVED_TASKS as TASKS, TINY, Server, build_family,  # noqa: E402
+                      recipe_dict, texts_for)
 
 from hm3 import load, merge, parse_recipe  # noqa: E402
 from hm3.cli import main  # noqa: E402
@@ -23,11 +23,6 @@ from hm3.export import export_onnx, export_openvino  # noqa: E402
 
 TEXTS = ["good film", "bad news today", "free money win call phone now", "hello",
          "what market vote sport great awful who where"]
-
-
-def calibration_texts(n: int) -> list[str]:
-    return [" ".join(WORDS[(i * 5 + k * 3) % len(WORDS)] for k in range(1 + i % 7))
-            for i in range(n)]
 
 
 @pytest.fixture(scope="module")
@@ -63,13 +58,13 @@ def test_openvino_int8_needs_calibration_texts_and_keeps_the_head_fp32(served_mo
                  "--quantize", "int8"]) == 2
     assert "give at least 16 (got 0)" in capsys.readouterr().err and not out.exists()
     texts = tmp_path / "traffic.txt"
-    texts.write_text("\n".join(calibration_texts(10)) + "\n")
+    texts.write_text("\n".join(texts_for(0, 10)) + "\n")
     assert main(["export", str(served_model), "-o", str(out), "--format", "openvino",
                  "--quantize", "int8", "--calibration", str(texts)]) == 2
     assert "(got 10)" in capsys.readouterr().err and not out.exists()
     assert main(["export", str(served_model), "-o", str(out), "--calibration", str(texts)]) == 2
     assert "--calibration is for --format openvino" in capsys.readouterr().err
-    texts.write_text("\n".join(calibration_texts(64)) + "\n")
+    texts.write_text("\n".join(texts_for(0, 64)) + "\n")
     assert main(["export", str(served_model), "-o", str(out), "--format", "openvino",
                  "--quantize", "int8", "--calibration", str(texts), "--max-length", "12"]) == 0
     layout = json.loads((out / "hm3_onnx.json").read_text())
@@ -104,7 +99,7 @@ def test_openvino_export_served_under_concurrent_load(served_model, exported):
     srv = Server(folder, "--backend", "openvino", "--max-batch-size", "8")
     try:
         assert httpx.get(srv.url + "/health").json()["backend"] == "openvino"
-        texts = calibration_texts(24)
+        texts = texts_for(0, 24)
         expected = load(served_model, device="cpu").predict(texts)
 
         async def run():

@@ -15,7 +15,7 @@ import pytest
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
-from conftest import SERVED_TASKS as TASKS, WORDS, Server  # noqa: E402
+from conftest import SERVED_TASKS as TASKS, Server, texts_for  # noqa: E402
 
 from hm3 import load  # noqa: E402
 from hm3.cli import main  # noqa: E402
@@ -39,11 +39,6 @@ def server(merged, tmp_path_factory):
                  "--max-wait-ms", "20", "--policy", str(policy))
     yield srv
     srv.stop()
-
-
-def texts_for(seed: int, n: int) -> list[str]:
-    return [" ".join(WORDS[(seed * 7 + i * 3 + k) % len(WORDS)] for k in range(1 + (seed + i) % 6))
-            for i in range(n)]
 
 
 def assert_matches(result: dict, expected: dict, tasks=TASKS) -> None:

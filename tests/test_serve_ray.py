@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from conftest import SERVED_TASKS as TASKS, WORDS, free_port
+from conftest import SERVED_TASKS as TASKS, free_port, texts_for
 
 from hm3 import load
 from hm3.cli import main
@@ -42,11 +42,6 @@ def test_app_builder_checks_its_arguments():
     with pytest.raises(Hm3Error, match="replicas must be at least 1"):
         build("m", replicas=0)
 
-
-
-def texts_for(seed: int, n: int) -> list[str]:
-    return [" ".join(WORDS[(seed * 7 + i * 3 + k) % len(WORDS)] for k in range(1 + (seed + i) % 9))
-            for i in range(n)]
 
 
 @pytest.mark.slow
@@ -77,7 +72,7 @@ def test_ray_serve_answers_as_the_torch_model_under_concurrent_load(served_model
             time.sleep(1)
 
         torch_model = load(model, device="cpu")
-        requests = [texts_for(seed, 1 + seed % 4) for seed in range(40)]
+        requests = [texts_for(seed, 1 + seed % 4, max_words=9) for seed in range(40)]
         expected = [torch_model.predict(texts) for texts in requests]
 
         async def run():
