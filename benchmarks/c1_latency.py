@@ -32,10 +32,10 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from serve_bench import machine, mixed_texts, start_servers, stop_servers  # noqa: E402
+from serve_bench import machine, mixed_texts, start_servers, stop_servers
 
-from hm3.checkpoint import write_json_atomic  # noqa: E402
-from hm3.zoo import build_zoo  # noqa: E402
+from hm3.checkpoint import write_json_atomic
+from hm3.zoo import build_zoo
 
 RESULTS = HERE / "results" / "c1_latency.json"
 PERCENTILES = (50, 95, 99, 99.9)
@@ -100,7 +100,7 @@ def summary(direct: list[list[float]], server: list[list[float]]) -> dict:
     per_round = [float(np.percentile(b, 99) / np.percentile(a, 99))
                  for a, b in zip(direct, server)]
     extra = s - d
-    return {"requests": int(len(s)),
+    return {"requests": len(s),
             "direct_ms": {f"p{p:g}": float(np.percentile(d, p)) for p in PERCENTILES},
             "server_ms": {f"p{p:g}": float(np.percentile(s, p)) for p in PERCENTILES},
             "p99_ratio": float(np.percentile(s, 99) / np.percentile(d, 99)),
@@ -112,9 +112,9 @@ def summary(direct: list[list[float]], server: list[list[float]]) -> dict:
 
 
 def markdown(result: dict) -> str:
-    lines = ["| backend | direct p50 / p99 ms | server c=1 p50 / p99 ms | p99 ratio (pooled) | "
-             "p99 ratio per round: median (min–max) | p95 ratio | server's own cost p50 / p99 ms |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    header = ("| backend | direct p50 / p99 ms | server c=1 p50 / p99 ms | p99 ratio (pooled) | "
+              "p99 ratio per round: median (min–max) | p95 ratio | server's own cost p50 / p99 ms |")
+    lines = [header, "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, row in result["backends"].items():
         rounds = row["p99_ratio_per_round"]
         lines.append(
