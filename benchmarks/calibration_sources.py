@@ -203,10 +203,14 @@ def points(document: dict) -> list[tuple[str, str, float, float]]:
 
 
 def correlations(document: dict) -> dict:
-    out = {}
-    data = points(document)
+    return agreement_correlations(points(document))
+
+
+def agreement_correlations(data: list[tuple[str, str, float, float]]) -> dict:
+    """Pearson and Spearman correlation of agreement and macro-F1 change over (row, task,
+    agreement, change) points."""
     if len(data) < 3:
-        return out
+        return {}
     agreement = np.array([p[2] for p in data])
     delta = np.array([p[3] for p in data])
     return {"points": len(data), "pearson": float(pearsonr(agreement, delta)[0]),
@@ -214,25 +218,32 @@ def correlations(document: dict) -> dict:
 
 
 def plot(document: dict, path: Path) -> None:
+    plot_agreement(points(document), path, "MiniLM zoo", "validation",
+                   document.get("correlations") or {})
+
+
+def plot_agreement(data: list[tuple[str, str, float, float]], path: Path, zoo: str, split: str,
+                   stats: dict) -> None:
+    """Scatter `hm3 check`'s agreement against the macro-F1 change on `split`, a colour per task,
+    crosses for plain merges (rows named `plain...`)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 5))
-    tasks = list(document["experts"]["validation"])
-    colours = dict(zip(tasks, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")))
-    for name, task, agreement, delta in points(document):
+    tasks = list(dict.fromkeys(task for _, task, _, _ in data))
+    colours = dict(zip(tasks, plt.get_cmap("tab10").colors))
+    for name, task, agreement, delta in data:
         plain = name.startswith("plain")
-        ax.scatter(agreement, delta, c=colours[task], marker="x" if plain else "o", alpha=0.75,
+        ax.scatter(agreement, delta, color=colours[task], marker="x" if plain else "o", alpha=0.75,
                    label=f"{task}, {'plain merge' if plain else 'label-free merge'}")
-    stats = document.get("correlations") or {}
-    title = "MiniLM zoo: hm3 check agreement vs labelled macro-F1 change"
+    title = f"{zoo}: hm3 check agreement vs labelled macro-F1 change"
     if stats:
         title += (f"\n{stats['points']} (merge, task) points; Pearson {stats['pearson']:.2f}, "
                   f"Spearman {stats['spearman']:.2f}")
     ax.set_title(title, fontsize=10)
-    ax.set_xlabel("argmax agreement with the expert on the task's validation texts (no labels)")
-    ax.set_ylabel("validation macro-F1, merged - expert")
+    ax.set_xlabel(f"argmax agreement with the expert on the task's {split} texts (no labels)")
+    ax.set_ylabel(f"{split} macro-F1, merged - expert")
     ax.axhline(0, color="grey", lw=0.5)
     ax.grid(alpha=0.3)
     handles, labels = ax.get_legend_handles_labels()

@@ -39,20 +39,27 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
+from calibration_sources import agreement_correlations, plot_agreement
+from sklearn.metrics import f1_score
 
+from hm3.check import compare_task
 from hm3.checkpoint import Checkpoint, write_json_atomic
+from hm3.data.calibration import text_key
 from hm3.demo import DEFAULT_METHOD, DEFAULT_PARAMETERS, LABEL_FREE
-from hm3.evaluate import Dataset, evaluate
+from hm3.evaluate import Dataset, evaluate, label_indices, predictions
 from hm3.model import load
 from hm3.zoo import build_mpnet_zoo, read_split
-from hm3.zoo.mpnet import MPNET_RECIPES, MPNET_TRAINING
+from hm3.zoo.mpnet import MPNET_RECIPES, MPNET_TRAINING, MPNET_ZOO
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "mpnet_zoo.json"
+PLOT = HERE / "results" / "check_agreement_vs_f1_mpnet.png"
 MAX_LENGTH = MPNET_TRAINING.max_length  # what the experts were trained and scored on
 CALIBRATION_LIMIT = 128  # the zoo's whole calibration split per task
+UNSEEN_LIMIT = 512  # source texts outside every split, per task (`per-task+unseen`)
 HEAD_STEPS = {k: v for k, v in LABEL_FREE.items() if k != "coefficients"}
 # name -> (method, parameters, label-free steps); every one uses per-task calibration unless
 # --calibration says otherwise
@@ -95,10 +102,12 @@ def recipe(zoo, tasks, extra: dict, calibration: str = "per-task", work: Path | 
     (`per-task`), the next task's split (`off-task`: the wrong texts), or every task's splits
     pooled into one file fed to every task (`shared`: one traffic sample of the same total size;
     needs the recipe's `calibration: {texts: FILE}` form). Larger samples from the same
-    distributions, the experts' own training texts used without their labels (the zoo holds no
-    other unseen texts): each task's calibration split plus its training texts (`per-task+train`,
+    distributions, the experts' own training texts used without their labels: each task's calibration split plus its training texts (`per-task+train`,
     448-768 per task), all of those pooled and fed to every task (`shared+train`), and, as the
-    control for having seen them, 128 training texts per task (`train-128`)."""
+    control for having seen them, 128 training texts per task (`train-128`). Larger samples no
+    expert has seen: each task's calibration split plus up to 512 of its source's texts outside
+    every split (`per-task+unseen`, 171-640 per task: the guard sources are small), and all of
+    those pooled (`shared+unseen`)."""
     raw = {"base": str(zoo.base), "method": method,
            "parameters": DEFAULT_PARAMETERS if parameters is None else parameters,
            "seed": 0, "experts": [{"model": str(zoo.experts[t]), "task": t,
@@ -111,12 +120,15 @@ def recipe(zoo, tasks, extra: dict, calibration: str = "per-task", work: Path | 
         texts, limit = dict(zip(tasks, files)), CALIBRATION_LIMIT
     elif calibration == "off-task":
         texts, limit = dict(zip(tasks, files[1:] + files[:1])), CALIBRATION_LIMIT
-    elif calibration in ("per-task+train", "train-128"):
+    elif calibration in ("per-task+train", "train-128", "per-task+unseen"):
         texts, sizes = {}, []
         for t in tasks:
-            train = [text for text, _ in read_split(zoo.splits[t]["train"])]
             own = [text for text, _ in read_split(zoo.splits[t]["calibration"])]
-            chosen = train[:CALIBRATION_LIMIT] if calibration == "train-128" else own + train
+            if calibration == "per-task+unseen":
+                chosen = own + unseen_texts(zoo, t)
+            else:
+                train = [text for text, _ in read_split(zoo.splits[t]["train"])]
+                chosen = train[:CALIBRATION_LIMIT] if calibration == "train-128" else own + train
             texts[t] = str(write_texts(work / f"calibration-{calibration}-{t}.txt", chosen))
             sizes.append(len(chosen))
         limit = max(sizes)
@@ -124,10 +136,22 @@ def recipe(zoo, tasks, extra: dict, calibration: str = "per-task", work: Path | 
         splits = ("calibration", "train") if calibration == "shared+train" else ("calibration",)
         pooled = [text for t in tasks for split in splits
                   for text, _ in read_split(zoo.splits[t][split])]
+        if calibration == "shared+unseen":
+            pooled += [text for t in tasks for text in unseen_texts(zoo, t)]
         random.Random(0).shuffle(pooled)
         texts, limit = str(write_texts(work / "traffic.txt", pooled)), len(pooled)
     raw["calibration"] = {"texts": texts, "limit": limit, "max_length": MAX_LENGTH}
     return raw
+
+
+def unseen_texts(zoo, task: str, limit: int = UNSEEN_LIMIT) -> list[str]:
+    """Up to `limit` of the task's source texts that are in none of its zoo splits: the zoo caps
+    each expert's training set, so what its source holds beyond the splits was never seen by
+    the expert, nor is it scored -- unlabelled in-domain texts, as a user's traffic is. A fixed
+    random sample (seed 0)."""
+    used = {text_key(text) for split in zoo.splits[task].values() for text, _ in read_split(split)}
+    pool = sorted({text for text, _ in MPNET_ZOO.examples(task) if text_key(text) not in used})
+    return random.Random(0).sample(pool, min(limit, len(pool)))
 
 
 def write_texts(path: Path, texts: list[str]) -> Path:
@@ -217,6 +241,50 @@ def scores_of(folder: Path, zoo, splits=("validation", "test")) -> dict:
     return out
 
 
+def test_gap_intervals(folder: Path, zoo, resamples: int = 2000) -> dict:
+    """Per task, the merged model's test macro-F1 minus its expert's and a 95% paired bootstrap
+    interval of that difference (the test texts resampled with replacement, both models scored
+    on the same resample): with 100-200 texts per task a few points either way is within
+    sampling noise, which a goal of "no task more than 3 points under" has to be read against.
+    Beside it, `hm3 check`'s agreement with the expert on the same texts."""
+    merged = load(folder, device="cpu", max_length=MAX_LENGTH)
+    groups = {group.name: group for group in merged.groups}
+    rng = np.random.default_rng(0)
+    out = {}
+    for data in datasets(zoo, "test"):
+        group = groups[data.task]
+        expert = load(zoo.experts[data.task], task=data.task, device="cpu", max_length=MAX_LENGTH)
+        truth = label_indices(group, data.labels)
+        p_merged = merged.predict_proba(data.texts, batch_size=32)[data.task]
+        p_expert = expert.predict_proba(data.texts, batch_size=32)[data.task]
+        ours, theirs = predictions(group, p_merged), predictions(group, p_expert)
+        labels = list(range(len(group.labels)))
+        draws = [f1_gap(truth, ours, theirs, labels, rng.integers(0, len(truth), len(truth)))
+                 for _ in range(resamples)]
+        out[data.task] = {"gap": round(f1_gap(truth, ours, theirs, labels, np.arange(len(truth))), 4),
+                          "low": round(float(np.percentile(draws, 2.5)), 4),
+                          "high": round(float(np.percentile(draws, 97.5)), 4),
+                          # as `hm3 check` reports it, on the same test texts (no labels)
+                          "check_agreement": round(compare_task(group, p_expert,
+                                                                p_merged)["agreement"], 4)}
+    return out
+
+
+def f1_gap(truth, ours, theirs, labels, rows) -> float:
+    """Macro-F1 of `ours` minus that of `theirs` on the given rows."""
+    def f1(predicted):
+        return f1_score(truth[rows], predicted[rows], labels=labels, average="macro",
+                        zero_division=0)
+    return float(f1(ours) - f1(theirs))
+
+
+def check_points(rows: dict) -> list[tuple[str, str, float, float]]:
+    """(row, task, `hm3 check` agreement, test macro-F1 change) of every row with intervals."""
+    return [(name, task, entry["check_agreement"], entry["gap"])
+            for name, row in rows.items() for task, entry in row.get("test_gap_95", {}).items()
+            if "check_agreement" in entry]
+
+
 def with_means(row: dict) -> dict:
     row["mean"] = {split: round(sum(v.values()) / len(v), 4) for split, v in row["scores"].items()}
     return row
@@ -269,16 +337,37 @@ def main() -> None:
     parser.add_argument("--work", type=Path, help="folder for the merged models (default: a temporary one)")
     parser.add_argument("--calibration", default="per-task",
                         choices=("per-task", "off-task", "shared", "per-task+train", "train-128",
-                                 "shared+train"),
+                                 "shared+train", "per-task+unseen", "shared+unseen"),
                         help="which unlabelled texts the label-free stages use (rows of other than "
                              "per-task texts are named with it and never picked)")
     parser.add_argument("--configs", nargs="+", choices=SWEEP,
                         help="the sweep's configurations to run (default: those not in the results yet)")
     parser.add_argument("--redo", action="store_true", help="rerun sweep rows already in the results")
     parser.add_argument("--report", action="store_true", help="print the results as a table and stop")
+    parser.add_argument("--intervals", nargs="+", metavar="ROW=FOLDER",
+                        help="add the test-gap intervals of merged models kept from earlier runs "
+                             "to their rows, and stop")
     args = parser.parse_args()
     if args.report:
-        print(table({row["name"]: row for row in json.loads(RESULTS.read_text())["rows"]}))
+        rows = {row["name"]: row for row in json.loads(RESULTS.read_text())["rows"]}
+        print(table(rows))
+        points = check_points(rows)
+        stats = agreement_correlations(points)
+        if stats:
+            plot_agreement(points, PLOT, "MPNet zoo", "test", stats)
+            print(f"hm3 check agreement vs test macro-F1 change: {stats}; plot {PLOT}")
+        return
+    if args.intervals:
+        zoo = build_mpnet_zoo(progress=False)
+        for item in args.intervals:
+            name, _, folder = item.partition("=")
+            found = json.loads(RESULTS.read_text())
+            rows = {row["name"]: row for row in found["rows"]}
+            if name not in rows or not Path(folder, "config.json").is_file():
+                raise SystemExit(f"--intervals: no row {name!r} or no model in {folder!r}")
+            rows[name]["test_gap_95"] = test_gap_intervals(Path(folder), zoo)
+            print(name, json.dumps(rows[name]["test_gap_95"]), flush=True)
+            write_json_atomic(RESULTS, {**found, "rows": list(rows.values())})
         return
     stages = args.only or STAGES
     zoo = build_mpnet_zoo(progress=True)
@@ -347,6 +436,8 @@ def main() -> None:
                                      # the plain merge chooses nothing: test only
                                      "scores": scores_of(out, zoo, ("test",) if stage == "plain"
                                                          else ("validation", "test"))})
+            if stage != "plain":
+                rows[name]["test_gap_95"] = test_gap_intervals(out, zoo)
             ran.add(name)
             print(json.dumps(rows[name]["mean"]), flush=True)
             save()

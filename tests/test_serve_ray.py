@@ -14,8 +14,10 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import SERVED_TASKS as TASKS, free_port, texts_for
 
@@ -60,17 +62,7 @@ def test_ray_serve_answers_as_the_torch_model_under_concurrent_load(served_model
         stdout=log, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
-        deadline = time.monotonic() + 600
-        while True:
-            assert process.poll() is None, f"hm3 serve --ray exited: {tail(tmp_path)}"
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "Ray Serve did not answer /health in 600 s"
-            time.sleep(1)
-
+        wait_for_health(process, url, tmp_path)
         torch_model = load(model, device="cpu")
         requests = [texts_for(seed, 1 + seed % 4, max_words=9) for seed in range(40)]
         expected = [torch_model.predict(texts) for texts in requests]
@@ -115,6 +107,67 @@ def test_ray_serve_answers_as_the_torch_model_under_concurrent_load(served_model
         log.close()
     # served until SIGTERM, then shut Serve and the local Ray instance down
     assert code == 0, tail(tmp_path)
+
+
+@pytest.mark.slow
+def test_rays_own_cli_runs_the_app_builder_with_default_batching(served_model, tmp_path):
+    """`serve run CONFIG` (Ray's CLI, not hm3's) builds the deployment through `app_builder`
+    from a config file's arguments, with hm3's default batching (no wait for company)."""
+    pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install 'hm3[ray]')")
+    ray_cli = Path(sys.executable).with_name("serve")
+    if not ray_cli.is_file():
+        pytest.skip(f"Ray's `serve` command is not beside {sys.executable}")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump({
+        "http_options": {"host": "127.0.0.1", "port": port},
+        "applications": [{"name": "hm3", "route_prefix": "/",
+                          "import_path": "hm3.serve.ray_app:app_builder",
+                          "args": {"model": str(served_model), "replicas": 1,
+                                   "replica_cpus": 0.5, "device": "cpu"}}]}))
+    log = (tmp_path / "serve.log").open("w")
+    process = subprocess.Popen([str(ray_cli), "run", str(config)], stdout=log,
+                               stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1",
+                                    "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60"})
+    try:
+        wait_for_health(process, url, tmp_path)
+        torch_model = load(served_model, device="cpu")
+        requests = [texts_for(seed, 1 + seed % 3, max_words=9) for seed in range(12)]
+
+        async def run():
+            async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+                return await asyncio.gather(*(client.post("/v1/classify", json={"texts": texts})
+                                              for texts in requests))
+
+        for response, texts in zip(asyncio.run(run()), requests):
+            assert response.status_code == 200, response.text
+            want = torch_model.predict(texts)
+            got = response.json()["results"]
+            assert [{t: r[t]["label"] for t in TASKS} for r in got] == \
+                [{t: w[t]["label"] for t in TASKS} for w in want]
+    finally:
+        process.send_signal(signal.SIGINT)  # what Ctrl-C sends: Ray's CLI shuts Serve down
+        try:
+            process.wait(120)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise
+        log.close()
+
+
+def wait_for_health(process: subprocess.Popen, url: str, folder, timeout_s: float = 600) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert process.poll() is None, f"the server exited: {tail(folder)}"
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, f"no answer on /health in {timeout_s:.0f} s"
+        time.sleep(1)
 
 
 def tail(folder) -> str:
