@@ -130,12 +130,18 @@ def serve_on_ray(model: str, host: str = "127.0.0.1", port: int = 8000, replicas
     SIGINT / SIGTERM, then shut it down; with one (`auto`, `ray://...`), deploy on that cluster
     and return (the application keeps running there: `serve status`, `serve shutdown`)."""
     application = build(model, replicas, replica_cpus, **options)
+    stop = threading.Event()
     if address is None:
         # Ray Serve gives its HTTP proxy 5 s to report ready and kills it after three misses; on
         # a small, busy machine starting Python workers takes longer (the environment wins)
         for name in ("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S"):
             os.environ.setdefault(name, "60")
         ray.init(include_dashboard=False, configure_logging=False)
+        # ray.init installs a SIGTERM handler that exits at once (status 15); from here on a
+        # signal asks for the clean stop below, also while the deployment is still starting (Ray's
+        # proxy may answer before serve.run returns)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
     else:
         ray.init(address=address)
     try:
@@ -149,9 +155,6 @@ def serve_on_ray(model: str, host: str = "127.0.0.1", port: int = 8000, replicas
         print(f"hm3 on Ray Serve: {replicas} replica(s) at http://{host}:{port}/", flush=True)
         if address is not None:
             return
-        stop = threading.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
         while not stop.wait(0.5):
             pass
         serve.shutdown()  # replicas finish in-flight requests first
