@@ -17,11 +17,16 @@ soon as it is done):
 Of the label-free configurations, the one with the best VALIDATION mean is reported as picked;
 test figures never choose anything. Experts' scores are those the zoo recorded when it was built
 (same splits, same 32-token limit). Merges run in a child process under /usr/bin/time -v, which
-gives their peak RSS.
+gives their peak RSS. Every label-free row also records, per task, its test macro-F1 change
+against the expert with a 95% paired bootstrap interval, and `hm3 check`'s agreement with the
+expert on those test texts (no labels); `--report` plots the one against the other.
 
   .venv/bin/python benchmarks/mpnet_zoo.py                       # all stages (about an hour on 2 busy cores)
   .venv/bin/python benchmarks/mpnet_zoo.py --only plain streaming
   .venv/bin/python benchmarks/mpnet_zoo.py --only heads-only --calibration off-task   # the wrong texts
+  .venv/bin/python benchmarks/mpnet_zoo.py --only heads-only --calibration per-task+unseen
+  .venv/bin/python benchmarks/mpnet_zoo.py --intervals "ROW=FOLDER"   # a kept merged model's intervals
+  .venv/bin/python benchmarks/mpnet_zoo.py --report       # the table, and the check-vs-F1 plot
 """
 
 from __future__ import annotations
@@ -102,8 +107,9 @@ def recipe(zoo, tasks, extra: dict, calibration: str = "per-task", work: Path | 
     (`per-task`), the next task's split (`off-task`: the wrong texts), or every task's splits
     pooled into one file fed to every task (`shared`: one traffic sample of the same total size;
     needs the recipe's `calibration: {texts: FILE}` form). Larger samples from the same
-    distributions, the experts' own training texts used without their labels: each task's calibration split plus its training texts (`per-task+train`,
-    448-768 per task), all of those pooled and fed to every task (`shared+train`), and, as the
+    distributions, the experts' own training texts used without their labels: each task's
+    calibration split plus its training texts (`per-task+train`, 448-768 per task), all of
+    those pooled and fed to every task (`shared+train`), and, as the
     control for having seen them, 128 training texts per task (`train-128`). Larger samples no
     expert has seen: each task's calibration split plus up to 512 of its source's texts outside
     every split (`per-task+unseen`, 171-640 per task: the guard sources are small), and all of
@@ -241,7 +247,7 @@ def scores_of(folder: Path, zoo, splits=("validation", "test")) -> dict:
     return out
 
 
-def test_gap_intervals(folder: Path, zoo, resamples: int = 2000) -> dict:
+def task_gap_intervals(folder: Path, zoo, resamples: int = 2000) -> dict:
     """Per task, the merged model's test macro-F1 minus its expert's and a 95% paired bootstrap
     interval of that difference (the test texts resampled with replacement, both models scored
     on the same resample): with 100-200 texts per task a few points either way is within
@@ -365,7 +371,7 @@ def main() -> None:
             rows = {row["name"]: row for row in found["rows"]}
             if name not in rows or not Path(folder, "config.json").is_file():
                 raise SystemExit(f"--intervals: no row {name!r} or no model in {folder!r}")
-            rows[name]["test_gap_95"] = test_gap_intervals(Path(folder), zoo)
+            rows[name]["test_gap_95"] = task_gap_intervals(Path(folder), zoo)
             print(name, json.dumps(rows[name]["test_gap_95"]), flush=True)
             write_json_atomic(RESULTS, {**found, "rows": list(rows.values())})
         return
@@ -437,7 +443,7 @@ def main() -> None:
                                      "scores": scores_of(out, zoo, ("test",) if stage == "plain"
                                                          else ("validation", "test"))})
             if stage != "plain":
-                rows[name]["test_gap_95"] = test_gap_intervals(out, zoo)
+                rows[name]["test_gap_95"] = task_gap_intervals(out, zoo)
             ran.add(name)
             print(json.dumps(rows[name]["mean"]), flush=True)
             save()

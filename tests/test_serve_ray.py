@@ -46,6 +46,19 @@ def test_app_builder_checks_its_arguments():
 
 
 
+def test_a_first_signal_asks_for_a_clean_stop_a_second_interrupts():
+    pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install 'hm3[ray]')")
+    import threading
+
+    from hm3.serve.ray_app import _stop_or_interrupt
+
+    stop = threading.Event()
+    _stop_or_interrupt(stop)
+    assert stop.is_set()
+    with pytest.raises(KeyboardInterrupt):
+        _stop_or_interrupt(stop)
+
+
 @pytest.mark.slow
 def test_ray_serve_answers_as_the_torch_model_under_concurrent_load(served_model, tmp_path):
     pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install 'hm3[ray]')")

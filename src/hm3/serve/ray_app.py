@@ -137,11 +137,10 @@ def serve_on_ray(model: str, host: str = "127.0.0.1", port: int = 8000, replicas
         for name in ("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S"):
             os.environ.setdefault(name, "60")
         ray.init(include_dashboard=False, configure_logging=False)
-        # ray.init installs a SIGTERM handler that exits at once (status 15); from here on a
-        # signal asks for the clean stop below, also while the deployment is still starting (Ray's
-        # proxy may answer before serve.run returns)
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
+        # ray.init installs a SIGTERM handler that exits at once (status 15); from here on
+        # SIGTERM asks for the clean stop below, also while the deployment is still starting
+        # (Ray's proxy may answer before serve.run returns); a second one stops at once
+        signal.signal(signal.SIGTERM, lambda *_: _stop_or_interrupt(stop))
     else:
         ray.init(address=address)
     try:
@@ -155,9 +154,18 @@ def serve_on_ray(model: str, host: str = "127.0.0.1", port: int = 8000, replicas
         print(f"hm3 on Ray Serve: {replicas} replica(s) at http://{host}:{port}/", flush=True)
         if address is not None:
             return
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: _stop_or_interrupt(stop))
         while not stop.wait(0.5):
             pass
         serve.shutdown()  # replicas finish in-flight requests first
     finally:
         if address is None:
             ray.shutdown()
+
+
+def _stop_or_interrupt(stop: threading.Event) -> None:
+    """A signal handler: the first signal asks for a clean stop, a second one interrupts."""
+    if stop.is_set():
+        raise KeyboardInterrupt
+    stop.set()
