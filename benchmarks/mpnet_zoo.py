@@ -250,7 +250,7 @@ def scores_of(folder: Path, zoo, splits=("validation", "test")) -> dict:
 def task_gap_intervals(folder: Path, zoo, resamples: int = 2000) -> dict:
     """Per task, the merged model's test macro-F1 minus its expert's and a 95% paired bootstrap
     interval of that difference (the test texts resampled with replacement, both models scored
-    on the same resample): with 100-200 texts per task a few points either way is within
+    on the same resample): with 187-200 texts per task a few points either way is within
     sampling noise, which a goal of "no task more than 3 points under" has to be read against.
     Beside it, `hm3 check`'s agreement with the expert on the same texts."""
     merged = load(folder, device="cpu", max_length=MAX_LENGTH)
