@@ -306,7 +306,36 @@ def merge_summary(folder: Path) -> dict:
     if "coefficients" in guided:
         summary["coefficients_objective"] = [guided["coefficients"].get("objective_before"),
                                              guided["coefficients"].get("objective_after")]
+    fidelity = guided.get("fidelity")
+    if fidelity:  # agreement with each expert on the calibration texts: as fitted, held out
+        summary["calibration_agreement"] = {t: e["agreement"] for t, e in fidelity["tasks"].items()}
+        if "held_out" in fidelity:
+            summary["held_out_agreement"] = {t: e["agreement"]
+                                             for t, e in fidelity["held_out"]["tasks"].items()}
     return summary
+
+
+def fidelity_table(rows: dict) -> str:
+    """Per row and task, the agreement with the expert the merge recorded on its calibration
+    texts (as fitted, and with the head steps cross-fitted) beside `hm3 check`'s on the test
+    texts, and the mean absolute error of each against the test figure."""
+    lines = ["| merge | task | on calibration, as fitted | held out (5-fold) | test (hm3 check) |",
+             "| --- | --- | --- | --- | --- |"]
+    errors: dict[str, list[float]] = {"fitted": [], "held_out": []}
+    for row in rows.values():
+        recorded, test = row.get("recorded", {}), row.get("test_gap_95", {})
+        if "held_out_agreement" not in recorded or not test:
+            continue
+        for task, held in recorded["held_out_agreement"].items():
+            fitted, truth = recorded["calibration_agreement"][task], test[task]["check_agreement"]
+            errors["fitted"].append(abs(fitted - truth))
+            errors["held_out"].append(abs(held - truth))
+            lines.append(f"| {row['name']} | {task} | {fitted:.1%} | {held:.1%} | {truth:.1%} |")
+    if errors["fitted"]:
+        lines.append("mean |figure - test|: as fitted "
+                     f"{statistics.mean(errors['fitted']):.1%}, held out "
+                     f"{statistics.mean(errors['held_out']):.1%} over {len(errors['fitted'])} tasks")
+    return "\n".join(lines)
 
 
 def goals(rows: dict) -> dict:
@@ -357,6 +386,7 @@ def main() -> None:
     if args.report:
         rows = {row["name"]: row for row in json.loads(RESULTS.read_text())["rows"]}
         print(table(rows))
+        print(fidelity_table(rows))
         points = check_points(rows)
         stats = agreement_correlations(points)
         if stats:

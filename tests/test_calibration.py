@@ -159,7 +159,10 @@ def test_cli_merge_with_one_shared_sample_records_what_each_task_used(tiny, tmp_
         assert entry["sources"] == [{"path": str(Path(traffic_file).resolve()), "shared": True,
                                      "texts": 8}]
         assert guided["fidelity"]["tasks"][task]["n"] == 8
+        assert guided["fidelity"]["held_out"]["tasks"][task]["n"] == 8
     assert guided["fidelity"]["optimistic"] is True
+    assert guided["fidelity"]["held_out"]["folds"] == 5
+    assert "the same with the head steps fitted without each text (5-fold): sentiment " in printed
     recorded = json.loads((tmp_path / "out" / CALIBRATION_TEXTS).read_text())["tasks"]
     assert recorded == {task: [text_hash(t) for t in traffic] for task in experts}
     written = json.loads((tmp_path / "out" / "config.json").read_text())["hm3"]["recipe"]

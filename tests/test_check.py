@@ -161,11 +161,13 @@ def test_check_reports_each_tasks_agreement_as_computed_independently(fam, tmp_p
     assert not [w for w in recwarn if issubclass(w.category, Hm3Warning)]
     assert "verdict: pass: 3 of 3 tasks" in out
     assert "tags: worst label" in out
-    for task in TASKS:  # the merge's own figures on its calibration texts, as optimistic
+    for task in TASKS:  # the merge's own figures on its calibration texts: as fitted, held out
         row = next(line for line in out.splitlines() if line.startswith(task + " "))
         recorded = report["calibration_figures"][task]["agreement"]
-        assert row.rstrip().endswith(f"{recorded:.1%}")
-    assert "on calibration (optimistic)" in out
+        held = report["calibration_held_out"][task]["agreement"]
+        assert row.split()[-2:] == [f"{recorded:.1%}", f"{held:.1%}"]
+        assert report["calibration_held_out"][task]["n"] == 40
+    assert "on calibration (optimistic)" in out and "held out (k-fold)" in out
 
 
 def test_per_task_thresholds_decide_the_verdict_and_the_exit_code(fam, capsys):

@@ -15,7 +15,7 @@ from transformers import AutoTokenizer
 
 from conftest import build_family, recipe_dict, write_tokenizer
 from hm3.errors import Hm3Error
-from hm3.guided import align, calibration, coefficients, lewis, recentre, regmean
+from hm3.guided import align, calibration, coefficients, cross_fit, lewis, recentre, regmean
 from hm3.heads import TaskGroup
 from hm3.recipe import Override
 
@@ -268,3 +268,68 @@ def test_calibration_texts_are_cut_at_the_calibration_blocks_max_length(sources,
     _, _, batches = calibration.calibration_batches(with_recipe(sources, parse_recipe(raw)))
     widths = [b["input_ids"].shape[1] for task in batches for b in batches[task]]
     assert max(widths) == 6  # [CLS] + 4 words + [SEP]
+
+
+# --- cross-fitted head steps ----------------------------------------------------------------------
+
+def _features(n: int, columns: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, columns, generator=g, dtype=torch.float64)
+    return torch.cat([x, torch.ones(n, 1, dtype=torch.float64)], dim=1)
+
+
+def test_cross_fitted_logits_of_a_text_come_from_rows_fitted_without_its_fold():
+    group = TaskGroup("t", ("a", "b", "c"), 0)
+    x = _features(23, 6)
+    g = torch.Generator().manual_seed(1)
+    target = x @ torch.randn(3, 7, generator=g, dtype=torch.float64).T \
+        + 0.3 * torch.randn(23, 3, generator=g, dtype=torch.float64)
+    start = torch.randn(3, 7, generator=g, dtype=torch.float64)
+    out = cross_fit.cross_fitted_logits([group], {"t": x}, {"t": target}, {"t": start},
+                                        {"t": 0.1}, recentre_heads=False, folds=5)["t"]
+    for fold in range(5):
+        held = torch.zeros(23, dtype=torch.bool)
+        held[fold::5] = True
+        rows = align.fit_rows(x[~held], target[~held], start, 0.1)
+        assert torch.allclose(out[held], x[held] @ rows.T, atol=1e-10)
+    # not the rows fitted on every text: those predict their own texts more closely
+    everything = x @ align.fit_rows(x, target, start, 0.1).T
+    assert (everything - target).pow(2).mean() < (out - target).pow(2).mean()
+
+
+def test_cross_fitted_recentre_shifts_by_what_the_other_folds_ask():
+    group = TaskGroup("t", ("a", "b"), 0)
+    x = _features(10, 3)
+    target = torch.tensor([[1.0, 0.0]] * 5 + [[0.0, 1.0]] * 5, dtype=torch.float64)
+    start = torch.zeros(2, 4, dtype=torch.float64)
+    start[0, -1] = 2.0  # label a always wins before the shift
+    out = cross_fit.cross_fitted_logits([group], {"t": x}, {"t": target}, {"t": start}, None,
+                                        recentre_heads=True, folds=2)["t"]
+    for fold in range(2):
+        held = torch.zeros(10, dtype=torch.bool)
+        held[fold::2] = True
+        shift = recentre.recentre((x[~held] @ start.T).numpy(), target[~held].numpy(),
+                                  group)["shift"]
+        assert torch.allclose(out[held], x[held] @ start.T + torch.tensor(shift), atol=1e-12)
+
+
+def test_with_more_columns_than_texts_the_fit_is_perfect_on_its_texts_but_not_held_out():
+    group = TaskGroup("t", ("a", "b"), 0)
+    x = _features(30, 60)
+    g = torch.Generator().manual_seed(2)
+    target = torch.randn(30, 2, generator=g, dtype=torch.float64)  # nothing to learn
+    start = torch.zeros(2, 61, dtype=torch.float64)
+    fitted = x @ align.fit_rows(x, target, start, 1e-6).T
+    held = cross_fit.cross_fitted_logits([group], {"t": x}, {"t": target}, {"t": start},
+                                         {"t": 1e-6}, recentre_heads=False)["t"]
+    agree = lambda z: float((z.argmax(1) == target.argmax(1)).double().mean())  # noqa: E731
+    assert agree(fitted) == 1.0
+    assert agree(held) < 0.8
+
+
+def test_a_task_with_one_text_has_no_cross_fitted_logits():
+    group = TaskGroup("t", ("a", "b"), 0)
+    x = _features(1, 3)
+    out = cross_fit.cross_fitted_logits([group], {"t": x}, {"t": torch.zeros(1, 2)},
+                                        {"t": torch.zeros(2, 4, dtype=torch.float64)}, None, True)
+    assert out == {}

@@ -212,11 +212,13 @@ def format_check(report: dict) -> str:
     rows = []
     for task, e in report["tasks"].items():
         calib = (report.get("calibration_figures") or {}).get(task, {}).get("agreement")
+        held = (report.get("calibration_held_out") or {}).get(task, {}).get("agreement")
         rows.append([task, e["n"], f"{e['agreement']:.1%}", f"{e['min_agreement']:.1%}",
                      "pass" if e["passed"] else "FAIL", f"{e['drift']:.3f}",
-                     f"{e['mean_abs_dp']:.3f}", "-" if calib is None else f"{calib:.1%}"])
+                     f"{e['mean_abs_dp']:.3f}", "-" if calib is None else f"{calib:.1%}",
+                     "-" if held is None else f"{held:.1%}"])
     header = ["task", "texts", "agreement", "minimum", "verdict", "drift", "mean |dp|",
-              "on calibration (optimistic)"]
+              "on calibration (optimistic)", "held out (k-fold)"]
     lines = [format_table(header, rows)]
     for task, e in report["tasks"].items():
         if e["multi_label"]:

@@ -516,6 +516,8 @@ def _check(args) -> int:
     fidelity = (block.get("guided") or {}).get("fidelity")
     if fidelity:
         report["calibration_figures"] = fidelity["tasks"]
+        if "held_out" in fidelity:  # merges by earlier hm3 versions have none
+            report["calibration_held_out"] = fidelity["held_out"]["tasks"]
     if overlap and any(overlap.values()):
         used = ", ".join(f"{task} {count}" for task, count in overlap.items() if count)
         warnings.warn(f"some check texts were calibration texts of this merge ({used} of "

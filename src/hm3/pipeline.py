@@ -18,7 +18,7 @@ from hm3.check import CALIBRATION_TEXTS, compare_logits
 from hm3.data.blocks import load_data_block
 from hm3.data.calibration import Calibration, text_hash
 from hm3.errors import Hm3Error, Hm3Warning
-from hm3.guided import align, recentre, regmean
+from hm3.guided import align, cross_fit, recentre, regmean
 from hm3.guided import coefficients as coef
 from hm3.guided.calibration import (calibration_batches, experts_logits, head_modules,
                                     once_per_batches, run_batches, tokenize)
@@ -166,10 +166,11 @@ def check_steps(sources: Sources) -> None:
 
 
 def merge_in_memory(model: torch.nn.Module, sources: Sources, calibrated: Calibrated | None,
-                    progress: bool = False) -> tuple[Sources, dict]:
+                    progress: bool = False, held_out_folds: int = 0) -> tuple[Sources, dict]:
     """Merge `sources.recipe` into `model`'s weights with its label-free steps: LEWIS densities,
     the method's merge (or learned coefficients), RegMean, then the head steps. Returns the
-    sources as finally merged (with LEWIS's overrides) and what each step did."""
+    sources as finally merged (with LEWIS's overrides) and what each step did; with
+    `held_out_folds`, also the head steps' cross-fitted figures (`head_steps`)."""
     guided = sources.recipe.guided
     if guided.needs_model and calibrated is None:
         raise ValueError("the recipe's label-free steps need `calibrate(sources)` first")
@@ -190,7 +191,8 @@ def merge_in_memory(model: torch.nn.Module, sources: Sources, calibrated: Calibr
                                        head_modules(sources), progress)
         report["regmean"] = {"alpha": guided.regmean.alpha, "layers": len(layers)}
     if guided.align_heads or guided.recentre:
-        report.update(head_steps(model, sources, calibrated.batches, calibrated.expert_logits))
+        report.update(head_steps(model, sources, calibrated.batches, calibrated.expert_logits,
+                                 held_out_folds))
     return sources, report
 
 
@@ -206,9 +208,12 @@ def guided_model(sources: Sources, progress: bool = False,
                     "calibration": calibrated.calibration.provenance,
                     "max_length": sources.recipe.guided.calibration.max_length}
     model = build_model(sources).to(calibrated.device)
-    sources, steps = merge_in_memory(model, sources, calibrated, progress)
+    sources, steps = merge_in_memory(model, sources, calibrated, progress, cross_fit.FOLDS)
+    held_out = steps.pop("held_out", None)
     report.update(steps)
     report["fidelity"] = calibration_fidelity(model, sources, calibrated)
+    if held_out:
+        report["fidelity"]["held_out"] = held_out
     report["calibration_hashes"] = {task: [text_hash(t) for t in texts]
                                     for task, texts in calibrated.calibration.texts.items()}
     report["cpu_seconds"] = round(time.process_time() - started[0], 1)
@@ -252,18 +257,45 @@ def _fit_coefficients(model: torch.nn.Module, sources: Sources, calibrated: Cali
 
 
 def head_steps(model: torch.nn.Module, sources: Sources, batches: dict[str, list[dict]],
-               expert_logits: dict[str, torch.Tensor]) -> dict:
+               expert_logits: dict[str, torch.Tensor], held_out_folds: int = 0) -> dict:
     """The recipe's head steps on `model` (align_heads, then recentre), from one forward pass
-    over the calibration batches; returns what each step did."""
+    over the calibration batches; returns what each step did. With `held_out_folds` (k), also
+    `held_out`: each task's agreement, drift and mean |dp| against its expert on the
+    calibration texts, each text scored by head steps fitted on the other k - 1 folds
+    (`hm3.guided.cross_fit`): what the head steps do on texts they were not fitted to."""
     guided, report = sources.recipe.guided, {}
     inputs = align.head_inputs(model, sources, batches)  # the one forward pass
+    starts = {group.name: align.head_rows(model, sources, group) for group in sources.groups}
     if guided.align_heads:
         report["align_heads"] = align.align_heads(model, sources, inputs, expert_logits,
                                                   guided.align_heads.ridge)
     if guided.recentre:
         report["recentre"] = recentre.recentre_heads(
             model, sources, align.head_logits(model, sources, inputs), expert_logits)
+    if held_out_folds:
+        report["held_out"] = _held_out_figures(sources, inputs, expert_logits, starts,
+                                               report.get("align_heads"), held_out_folds)
     return report
+
+
+def _held_out_figures(sources: Sources, inputs: dict[str, torch.Tensor],
+                      expert_logits: dict[str, torch.Tensor], starts: dict[str, torch.Tensor],
+                      aligned: dict | None, folds: int) -> dict:
+    """`compare_logits`'s figures of the head steps cross-fitted over `folds` folds."""
+    ridges = None
+    if aligned is not None:
+        ridges = {task: entry.get("ridge", aligned["ridge"])
+                  for task, entry in aligned["tasks"].items()}
+    logits = cross_fit.cross_fitted_logits(sources.groups, inputs, expert_logits, starts, ridges,
+                                           bool(sources.recipe.guided.recentre), folds)
+    groups = [group for group in sources.groups if group.name in logits]
+    tasks = compare_logits(groups, {t: expert_logits[t].numpy() for t in logits},
+                           {t: z.numpy() for t, z in logits.items()})
+    return {"folds": folds,
+            "note": f"each calibration text scored by head steps fitted on the other {folds - 1} "
+                    f"of {folds} folds; the body's label-free steps saw every text",
+            "tasks": {t: {k: e[k] for k in ("n", "agreement", "drift", "mean_abs_dp")}
+                      for t, e in tasks.items()}}
 
 
 def format_guided(report: dict) -> str:
@@ -298,6 +330,12 @@ def format_guided(report: dict) -> str:
                             for task, entry in report["fidelity"]["tasks"].items())
         lines.append(f"  agreement with the experts on the calibration texts (optimistic, "
                      f"fitted there; run `hm3 check` on other texts): {figures}")
+        held_out = report["fidelity"].get("held_out")
+        if held_out:
+            figures = ", ".join(f"{task} {entry['agreement']:.1%}"
+                                for task, entry in held_out["tasks"].items())
+            lines.append(f"  the same with the head steps fitted without each text "
+                         f"({held_out['folds']}-fold): {figures}")
     if "recentre" in report:
         for task, entry in report["recentre"].items():
             gap = max(abs(b - t) for b, t in zip(entry["before"], entry["target"]))
