@@ -19,7 +19,9 @@ test figures never choose anything. Experts' scores are those the zoo recorded w
 (same splits, same 32-token limit). Merges run in a child process under /usr/bin/time -v, which
 gives their peak RSS. Every label-free row also records, per task, its test macro-F1 change
 against the expert with a 95% paired bootstrap interval, and `hm3 check`'s agreement with the
-expert on those test texts (no labels); `--report` plots the one against the other.
+expert on those test texts (no labels); `--report` plots the one against the other, and
+tabulates the agreement the merge recorded on its calibration texts (as fitted, and held out
+from the head steps over 5 folds) against that test agreement.
 
   .venv/bin/python benchmarks/mpnet_zoo.py                       # all stages (about an hour on 2 busy cores)
   .venv/bin/python benchmarks/mpnet_zoo.py --only plain streaming

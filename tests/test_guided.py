@@ -553,6 +553,12 @@ def test_cli_merge_and_inspect_summarise_the_label_free_steps(fam, tmp_path, cap
         for task in fam.experts:
             assert f"recentre {task}: largest label-share gap to the expert" in text
             assert f"align_heads {task}: agreement with the expert" in text
+    held_out = json.loads((tmp_path / "out" / "config.json").read_text())[
+        "hm3"]["guided"]["fidelity"]["held_out"]
+    shares = ", ".join(f"{task} {held_out['tasks'][task]['agreement']:.1%}" for task in fam.experts)
+    assert f"head steps fitted without each text (5-fold): {shares}" in merged
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert f"each scored by head steps fitted without it (5-fold): {shares}" in card
 
 
 def test_align_heads_needs_a_positive_ridge(fam, tmp_path):

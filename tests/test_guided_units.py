@@ -1,11 +1,13 @@
 """The label-free steps' small pieces against values computed by hand: transformer blocks of the
 coefficients, the per-group KL, re-centring's report, LEWIS overrides, the calibration batches and
-the input statistics behind LEWIS and RegMean (padding left out, means over tokens)."""
+the input statistics behind LEWIS and RegMean (padding left out, means over tokens), and the
+head steps cross-fitted over folds of the calibration texts."""
 
 from __future__ import annotations
 
 import fnmatch
 import math
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -14,9 +16,10 @@ import torch
 from transformers import AutoTokenizer
 
 from conftest import build_family, recipe_dict, write_tokenizer
-from hm3.errors import Hm3Error
+from hm3.errors import Hm3Error, Hm3Warning
 from hm3.guided import align, calibration, coefficients, cross_fit, lewis, recentre, regmean
 from hm3.heads import TaskGroup
+from hm3.pipeline import warn_low_held_out
 from hm3.recipe import Override
 
 
@@ -333,3 +336,13 @@ def test_a_task_with_one_text_has_no_cross_fitted_logits():
     out = cross_fit.cross_fitted_logits([group], {"t": x}, {"t": torch.zeros(1, 2)},
                                         {"t": torch.zeros(2, 4, dtype=torch.float64)}, None, True)
     assert out == {}
+
+
+def test_a_task_under_the_minimum_held_out_agreement_is_warned_about():
+    held_out = {"tasks": {"spam": {"agreement": 0.95}, "sentiment": {"agreement": 0.874}}}
+    with pytest.warns(Hm3Warning, match=r"less than 90% of calibration texts for sentiment "
+                                        r"87\.4%: more"):
+        warn_low_held_out(held_out)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_low_held_out(held_out, minimum=0.85)  # nothing under 85%

@@ -63,6 +63,12 @@ def model_card(block: dict, scores: dict | None = None) -> str:
                           for task, entry in guided.get("calibration", {}).items())
         lines.append(f"- label-free steps: {', '.join(steps) or 'none'} on unlabelled "
                      f"calibration texts ({texts}); figures in config.json under `hm3.guided`")
+        held_out = guided.get("fidelity", {}).get("held_out")
+        if held_out:
+            shares = ", ".join(f"{task} {entry['agreement']:.1%}"
+                               for task, entry in held_out["tasks"].items())
+            lines.append(f"- agreement with each expert on the calibration texts, each scored by "
+                         f"head steps fitted without it ({held_out['folds']}-fold): {shares}")
     lines += ["", f"The full recipe is in `{RECIPE_FILE}`; `hm3 merge {RECIPE_FILE} -o OUT` "
               "reproduces the model from the same experts.", ""]
     if scores:

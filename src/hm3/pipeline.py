@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from hm3.checkpoint import atomic_directory, check_destination, write_json_atomic
-from hm3.check import CALIBRATION_TEXTS, compare_logits
+from hm3.check import CALIBRATION_TEXTS, DEFAULT_MIN_AGREEMENT, compare_logits
 from hm3.data.blocks import load_data_block
 from hm3.data.calibration import Calibration, text_hash
 from hm3.errors import Hm3Error, Hm3Warning
@@ -214,11 +214,25 @@ def guided_model(sources: Sources, progress: bool = False,
     report["fidelity"] = calibration_fidelity(model, sources, calibrated)
     if held_out:
         report["fidelity"]["held_out"] = held_out
+        warn_low_held_out(held_out)
     report["calibration_hashes"] = {task: [text_hash(t) for t in texts]
                                     for task, texts in calibrated.calibration.texts.items()}
     report["cpu_seconds"] = round(time.process_time() - started[0], 1)
     report["seconds"] = round(time.perf_counter() - started[1], 1)
     return model, sources, report
+
+
+def warn_low_held_out(held_out: dict, minimum: float = DEFAULT_MIN_AGREEMENT) -> None:
+    """Warn about tasks whose cross-fitted agreement with their expert is under `minimum`
+    (`hm3 check`'s default): on other texts the merge is likely to do no better."""
+    low = {task: entry["agreement"] for task, entry in held_out["tasks"].items()
+           if entry["agreement"] < minimum}
+    if low:
+        listed = ", ".join(f"{task} {share:.1%}" for task, share in low.items())
+        warnings.warn(f"held out from the head steps, the merged model agrees with the expert on "
+                      f"less than {minimum:.0%} of calibration texts for {listed}: more "
+                      "calibration texts of those tasks' own domain may help; run `hm3 check` "
+                      "on other texts before deploying", Hm3Warning, stacklevel=2)
 
 
 def calibration_fidelity(model: torch.nn.Module, sources: Sources,
