@@ -19,7 +19,7 @@ from conftest import build_family, recipe_dict, write_tokenizer
 from hm3.errors import Hm3Error, Hm3Warning
 from hm3.guided import align, calibration, coefficients, cross_fit, lewis, recentre, regmean
 from hm3.heads import TaskGroup
-from hm3.pipeline import warn_low_held_out
+from hm3.pipeline import shared_tasks, warn_low_held_out
 from hm3.recipe import Override
 
 
@@ -346,3 +346,12 @@ def test_a_task_under_the_minimum_held_out_agreement_is_warned_about():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         warn_low_held_out(held_out, minimum=0.85)  # nothing under 85%
+        warn_low_held_out(held_out, shared={"sentiment"})  # a shared sample spans other domains
+
+
+def test_shared_tasks_are_those_reading_a_shared_sample_with_texts_in_it():
+    provenance = {"a": {"sources": [{"path": "t.txt", "shared": True, "texts": 8}]},
+                  "b": {"sources": [{"path": "b.txt", "shared": False, "texts": 8},
+                                    {"path": "t.txt", "shared": True, "texts": 0}]},
+                  "c": {"texts": 3}}
+    assert shared_tasks(provenance) == {"a"}

@@ -214,7 +214,7 @@ def guided_model(sources: Sources, progress: bool = False,
     report["fidelity"] = calibration_fidelity(model, sources, calibrated)
     if held_out:
         report["fidelity"]["held_out"] = held_out
-        warn_low_held_out(held_out)
+        warn_low_held_out(held_out, shared_tasks(report["calibration"]))
     report["calibration_hashes"] = {task: [text_hash(t) for t in texts]
                                     for task, texts in calibrated.calibration.texts.items()}
     report["cpu_seconds"] = round(time.process_time() - started[0], 1)
@@ -222,11 +222,20 @@ def guided_model(sources: Sources, progress: bool = False,
     return model, sources, report
 
 
-def warn_low_held_out(held_out: dict, minimum: float = DEFAULT_MIN_AGREEMENT) -> None:
+def shared_tasks(provenance: dict) -> set[str]:
+    """Tasks that read a shared calibration sample (from the calibration provenance)."""
+    return {task for task, entry in provenance.items()
+            if any(source["shared"] and source["texts"] for source in entry.get("sources", []))}
+
+
+def warn_low_held_out(held_out: dict, shared: set[str] = frozenset(),
+                      minimum: float = DEFAULT_MIN_AGREEMENT) -> None:
     """Warn about tasks whose cross-fitted agreement with their expert is under `minimum`
-    (`hm3 check`'s default): on other texts the merge is likely to do no better."""
+    (`hm3 check`'s default): on other texts of their domain the merge is likely to do no better.
+    Tasks in `shared` are left out: their calibration texts come from every domain, so their
+    agreement there says little about their own."""
     low = {task: entry["agreement"] for task, entry in held_out["tasks"].items()
-           if entry["agreement"] < minimum}
+           if entry["agreement"] < minimum and task not in shared}
     if low:
         listed = ", ".join(f"{task} {share:.1%}" for task, share in low.items())
         warnings.warn(f"held out from the head steps, the merged model agrees with the expert on "
@@ -279,7 +288,8 @@ def head_steps(model: torch.nn.Module, sources: Sources, batches: dict[str, list
     (`hm3.guided.cross_fit`): what the head steps do on texts they were not fitted to."""
     guided, report = sources.recipe.guided, {}
     inputs = align.head_inputs(model, sources, batches)  # the one forward pass
-    starts = {group.name: align.head_rows(model, sources, group) for group in sources.groups}
+    starts = ({group.name: align.head_rows(model, sources, group) for group in sources.groups}
+              if held_out_folds else {})  # the rows before the steps, for cross-fitting
     if guided.align_heads:
         report["align_heads"] = align.align_heads(model, sources, inputs, expert_logits,
                                                   guided.align_heads.ridge)
