@@ -216,7 +216,7 @@ def main() -> None:
     checkpoint = Checkpoint(str(work / "merged"))
     weight = checkpoint.tensor("classifier.out_proj.weight").double()
     bias = checkpoint.tensor("classifier.out_proj.bias").double()
-    experts = {t: round(zoo.scores[t][s]["macro_f1"], 4) for s in ("test",) for t in data}
+    experts = {t: round(zoo.scores[t]["test"]["macro_f1"], 4) for t in data}
     rows = {}
     for name, (fitter, shift_biases) in VARIANTS.items():
         rows[name] = run_variant(fitter, shift_biases, data, groups, weight, bias)
