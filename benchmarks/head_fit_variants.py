@@ -23,6 +23,7 @@ VALIDATION mean is reported as picked. `ridge 0.1` is what `hm3 merge` does (it 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import tempfile
 import time
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 
 import mpnet_zoo as mz
+from hm3.check import compare_logits
 from hm3.checkpoint import Checkpoint, write_json_atomic
 from hm3.evaluate import score_task
 from hm3.guided.align import choose_ridge, fit_rows
@@ -159,18 +161,17 @@ VARIANTS = {
 
 
 def agreement(group: TaskGroup, logits: torch.Tensor, expert: torch.Tensor) -> float:
-    """As `hm3 check`: argmax agreement, or the worst label's on/off agreement."""
-    if group.multi_label:
-        cut = group.logit_threshold
-        return float(((logits > cut) == (expert > cut)).double().mean(0).min())
-    return float((logits.argmax(1) == expert.argmax(1)).double().mean())
+    """`hm3 check`'s agreement (argmax, or the worst label's on/off decision) of the task's own
+    logits with its expert's."""
+    return compare_logits([group], {group.name: expert.numpy()},
+                          {group.name: logits.numpy()})[group.name]["agreement"]
 
 
 def run_variant(fitter, shift_biases: bool, data: dict, groups: dict, weight, bias) -> dict:
     out: dict = {"validation": {}, "test": {}, "agreement_calibration": {}, "agreement_test": {}}
     for task, entry in data.items():
         group = groups[task]
-        own = TaskGroup(group.name, group.labels, 0, group.multi_label, group.threshold)
+        own = dataclasses.replace(group, offset=0)  # the task's own logits alone
         rows = slice(group.offset, group.stop)
         start = torch.cat([weight[rows], bias[rows, None]], dim=1)
         x, z = with_bias(entry["calibration"]["x"]), entry["calibration"]["expert"]
