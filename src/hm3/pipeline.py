@@ -1,4 +1,5 @@
-"""A recipe, end to end: plan -> LEWIS -> merge -> RegMean or coefficients -> head steps -> write.
+"""A recipe, end to end: plan -> LEWIS -> merge -> RegMean or coefficients -> registered steps
+(`hm3.label_free`, e.g. distill) -> head steps -> write.
 
 `merge` (the public `hm3.merge`) writes a model folder; the search's trials run `merge_in_memory`
 on a preloaded model; both run the same steps in the same order.
@@ -6,6 +7,7 @@ on a preloaded model; both run the same steps in the same order.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 from dataclasses import dataclass
@@ -24,6 +26,7 @@ from hm3.guided.calibration import (calibration_batches, experts_logits, head_mo
                                     once_per_batches, run_batches, tokenize)
 from hm3.guided.lewis import LewisScores
 from hm3.heads import TaskGroup
+from hm3.label_free import get_step
 from hm3.merge import (Sources, build_model, merge_into, open_sources, state_tensors,
                        warn_implausible, with_recipe, write_model)
 from hm3.methods import get_method
@@ -144,7 +147,9 @@ def calibrate(sources: Sources, held_out: dict[str, list[str]] | None = None,
     if lewis_scores is None:
         lewis_scores = bool(guided.lewis)
     if expert_logits is None:
-        expert_logits = bool(guided.coefficients or guided.align_heads or guided.recentre)
+        expert_logits = bool(guided.coefficients or guided.align_heads or guided.recentre
+                             or any(get_step(name).needs_expert_logits
+                                    for name, _ in guided.steps))
     calibration, tokenizer, batches = calibration_batches(sources, held_out, calibration)
     # The experts run once, for every step that matches them (coefficients and the head steps).
     logits = experts_logits(sources, batches, progress, device) if expert_logits else None
@@ -190,6 +195,9 @@ def merge_in_memory(model: torch.nn.Module, sources: Sources, calibrated: Calibr
         layers = regmean.apply_regmean(model, sources, calibrated.batches, guided.regmean.alpha,
                                        head_modules(sources), progress)
         report["regmean"] = {"alpha": guided.regmean.alpha, "layers": len(layers)}
+    for name, options in guided.steps:  # the registry's steps (hm3.label_free), in order
+        done = get_step(name).apply(model, sources, calibrated, options, progress)
+        report[name] = {**dataclasses.asdict(done), "summary": done.summary()}
     if guided.align_heads or guided.recentre:
         report.update(head_steps(model, sources, calibrated.batches, calibrated.expert_logits,
                                  held_out_folds))
@@ -343,6 +351,8 @@ def format_guided(report: dict) -> str:
     if "regmean" in report:
         lines.append(f"  regmean: {report['regmean']['layers']} linear layers "
                      f"(alpha {report['regmean']['alpha']})")
+    lines.extend(f"  {entry['summary']}" for entry in report.values()
+                 if isinstance(entry, dict) and "summary" in entry)
     if "align_heads" in report:
         for task, entry in report["align_heads"]["tasks"].items():
             chosen = f" (ridge {entry['ridge']} by cross-validation)" if "ridge" in entry else ""

@@ -16,13 +16,14 @@ import yaml
 from hm3.data.blocks import (CalibrationSpec, parse_calibration_block, parse_data_block,
                              positive_int)
 from hm3.errors import Hm3Error, Hm3Warning
+from hm3.label_free import get_step, step_names
 from hm3.methods.registry import get_method
 
 DTYPES = ("float32", "float16", "bfloat16")
 HEAD_MODES = ("whole", "merge")
 DEFAULT_HEADS = "whole"  # measured at least as good as merging the rows (benchmarks/RESULTS.md)
 GUIDED_KEYS = ("heads", "calibration", "recentre", "lewis", "regmean", "coefficients",
-               "align_heads")
+               "align_heads", *step_names())
 _TOP_LEVEL = {"base", "experts", "method", "parameters", "dtype", "seed", "overrides", "head",
               "allow_pickle", "max_shard_size", "data", *GUIDED_KEYS}
 _EXPERT_KEYS = {"model", "task", "weight", "density", "gamma", "epsilon", "revision", "head"}
@@ -110,12 +111,18 @@ class Guided:
     regmean: RegMean | None = None
     coefficients: Coefficients | None = None
     align_heads: AlignHeads | None = None
+    # the registry's steps (`hm3.label_free`) the recipe asks for: (name, options), in run order
+    steps: tuple[tuple[str, Any], ...] = ()
 
     @property
     def needs_model(self) -> bool:
         """Whether the merge must run the model on calibration texts (in memory)."""
         return bool(self.recentre or self.lewis or self.regmean or self.coefficients
-                    or self.align_heads)
+                    or self.align_heads or self.steps)
+
+    def step(self, name: str) -> Any:
+        """The options of registered step `name`, or None when the recipe does not ask for it."""
+        return dict(self.steps).get(name)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"heads": self.heads}
@@ -127,6 +134,8 @@ class Guided:
             block = getattr(self, name)
             if block is not None:
                 out[name] = dict(block.__dict__)
+        for name, options in self.steps:
+            out[name] = get_step(name).to_dict(options)
         return out
 
 
@@ -396,10 +405,13 @@ def parse_guided(raw: dict, tasks: list[str]) -> Guided:
         raise Hm3Error("regmean and coefficients cannot be combined: RegMean solves the linear "
                        "layers in closed form, which leaves no task vectors to weigh; keep one")
     calibration = parse_calibration_block(raw.get("calibration"), tasks)
-    guided = Guided(heads, calibration, recentre, lewis, regmean, coefficients, align_heads)
+    steps = tuple((name, get_step(name).parse(raw[name])) for name in step_names()
+                  if raw.get(name) not in (None, False))
+    guided = Guided(heads, calibration, recentre, lewis, regmean, coefficients, align_heads,
+                    steps)
     if guided.needs_model and calibration is None:
-        wanted = [k for k in ("recentre", "lewis", "regmean", "coefficients", "align_heads")
-                  if raw.get(k)]
+        wanted = [k for k in ("recentre", "lewis", "regmean", "coefficients", "align_heads",
+                              *step_names()) if raw.get(k)]
         raise Hm3Error(f"{', '.join(wanted)}: needs unlabelled texts: add a `calibration:` block, "
                        "e.g. `calibration: {texts: traffic.txt}` (the same texts for every "
                        "task) or `{texts: {TASK: texts.txt, ...}}` (a file per task)")

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from hm3.checkpoint import load_tokenizer
 from hm3.data.tables import Dataset
 from hm3.errors import Hm3Error
+from hm3.label_free import get_step
 from hm3.merge import Sources, build_model, open_sources, with_recipe
 from hm3.model import MultiTaskClassifier
 from hm3.pipeline import calibrate, check_steps
@@ -65,6 +66,11 @@ def run_search(recipe: Recipe, validation: Sequence[Dataset], test: Sequence[Dat
         raise Hm3Error("coefficients would be fitted again on every trial (minutes each); "
                        "search without them, then add them to the best recipe (best.json) and "
                        "run `hm3 merge`")
+    slow = [name for name, _ in recipe.guided.steps if not get_step(name).per_trial]
+    if slow:
+        raise Hm3Error(f"{', '.join(slow)} would run again on every trial (minutes each); search "
+                       "without it, then add it to the best recipe (best.json) and run "
+                       "`hm3 merge`")
     sources = open_sources(recipe)
     check_steps(sources)
     # Calibration texts never include a text the trials are scored on.

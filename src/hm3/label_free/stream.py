@@ -1,0 +1,116 @@
+"""A model's stack of transformer blocks, run one block at a time: where the blocks are, what
+the first block is called with (hidden states, attention mask, position terms), and one block
+called on cached hidden states with its weights given as tensors.
+
+Architecture-independent: the blocks are the model's longest list of identical modules, and
+their call is recorded by a hook on the first block, so a block is called exactly as the model
+calls it.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch.func import functional_call
+
+_HIDDEN_KEYS = ("hidden_states", "hidden_state", "x", "hidden")
+
+
+@dataclass
+class BlockCall:
+    """One batch's call of a block: the hidden states and the other arguments, and which tokens
+    are real (not padding)."""
+
+    hidden: torch.Tensor
+    args: tuple
+    kwargs: dict
+    key: str | None  # the keyword the hidden states were passed by; None: first positional
+    mask: torch.Tensor  # (batch, tokens) bool
+
+    def with_hidden(self, hidden: torch.Tensor) -> tuple[tuple, dict]:
+        if self.key is None:
+            return (hidden, *self.args), self.kwargs
+        return self.args, {**self.kwargs, self.key: hidden}
+
+
+def find_blocks(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
+    """The model's transformer blocks: its longest ModuleList of modules of one class, by name
+    (`bert.encoder.layer`)."""
+    best: tuple[str, torch.nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) > 0 \
+                and len({type(m) for m in module}) == 1 \
+                and any(True for _ in module[0].parameters()) \
+                and (best is None or len(module) > len(best[1])):
+            best = name, module
+    if best is None:
+        raise ValueError(f"{type(model).__name__} has no stack of transformer blocks")
+    return best
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def first_block_calls(model: torch.nn.Module, blocks: torch.nn.ModuleList, batches: list[dict],
+                      run_whole: bool = False) -> tuple[list[BlockCall], torch.Tensor | None]:
+    """What the model passes its first block on each batch; with `run_whole`, also the model's
+    logits (else the pass stops at the first block)."""
+    device = next(model.parameters()).device
+    calls: list[BlockCall] = []
+    logits = []
+
+    def hook(_module, args, kwargs):
+        if args:
+            hidden, rest, key = args[0], tuple(args[1:]), None
+        else:
+            key = next(k for k in _HIDDEN_KEYS if k in kwargs)
+            hidden, rest = kwargs[key], ()
+            kwargs = {k: v for k, v in kwargs.items() if k != key}
+        calls.append(BlockCall(hidden.detach(), rest, dict(kwargs), key, state["mask"]))
+        if not run_whole:
+            raise _Stop
+
+    state: dict = {}
+    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for batch in batches:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            state["mask"] = batch["attention_mask"].bool()
+            try:
+                out = model(**batch, use_cache=False) if _takes_cache(model) else model(**batch)
+                logits.append(out.logits.float())
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return calls, (torch.cat(logits) if run_whole else None)
+
+
+def _takes_cache(model: torch.nn.Module) -> bool:
+    return getattr(model.config, "use_cache", None) is not None
+
+
+def block_output(block: torch.nn.Module, call: BlockCall, hidden: torch.Tensor,
+                 weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """The block on `hidden` with the call's other arguments; with `weights` (name -> tensor,
+    as in `block.named_parameters()`), with those weights instead of its own (differentiable)."""
+    args, kwargs = call.with_hidden(hidden)
+    out = block(*args, **kwargs) if weights is None else functional_call(block, weights, args,
+                                                                          kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def block_from(template: torch.nn.Module, prefix: str, checkpoint) -> torch.nn.Module:
+    """A copy of `template` with the weights a checkpoint stores under `prefix` (read from its
+    files: one block in memory, not the whole model)."""
+    block = copy.deepcopy(template)
+    with torch.no_grad():
+        for name, tensor in block.state_dict(keep_vars=True).items():
+            full = f"{prefix}.{name}"
+            if full in checkpoint:
+                tensor.copy_(checkpoint.tensor(full))
+    return block
