@@ -1,0 +1,127 @@
+"""The `distill` step's variants on a zoo, against the head steps alone: the body merged once
+(TIES at the zoo's density, heads whole), the calibration texts tokenised and the experts run on
+them once, then each variant distils a fresh copy of that body, the head steps (align_heads +
+recentre) refit its heads, and it is scored on every task's validation and test split. The
+variant with the best VALIDATION mean is the one picked; test figures choose nothing.
+
+  .venv/bin/python benchmarks/distill_variants.py --zoo mpnet --calibration per-task+unseen
+  .venv/bin/python benchmarks/distill_variants.py --zoo mpnet --calibration per-task --limit 64
+  .venv/bin/python benchmarks/distill_variants.py --zoo mpnet --calibration shared+unseen --limit 1024
+  .venv/bin/python benchmarks/distill_variants.py --zoo minilm
+Results: benchmarks/results/distill_variants.json (one entry per zoo and calibration).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from mpnet_zoo import HEAD_STEPS, datasets, recipe
+
+from hm3.checkpoint import write_json_atomic
+from hm3.demo import demo_recipe, held_out_texts
+from hm3.evaluate import evaluate
+from hm3.label_free.distill import DistillOptions, distill_body
+from hm3.merge import build_model, merge_into, open_sources
+from hm3.model import MultiTaskClassifier
+from hm3.pipeline import calibrate, head_steps
+from hm3.recipe import parse_recipe
+from hm3.zoo import build_mpnet_zoo, build_zoo
+
+RESULTS = Path(__file__).resolve().parent / "results" / "distill_variants.json"
+VARIANTS = {
+    "head steps": None,
+    "distill weights": {"train": "weights"},
+    "distill weights, lr 0.02": {"train": "weights", "lr": 0.02},
+    "distill weights, lr 0.1": {"train": "weights", "lr": 0.1},
+    "distill weights, pull 0.1": {"train": "weights", "pull": 0.1},
+    "distill weights, 128 texts": {"train": "weights", "texts": 128},
+    "distill weights, 48 steps": {"train": "weights", "steps": 48},
+    "distill rows": {"train": "rows"},
+    "distill elementwise": {"train": "elementwise"},
+    "distill tensor": {"train": "tensor"},
+    "distill weights, route all": {"train": "weights", "route": "all"},
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--zoo", choices=("mpnet", "minilm"), default="mpnet")
+    parser.add_argument("--calibration", default="per-task+unseen",
+                        help="mpnet: mpnet_zoo.py's calibration modes; minilm: the demo's")
+    parser.add_argument("--limit", type=int, help="calibration texts per task (shared: in all)")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="hm3-distill-"))
+    if args.zoo == "mpnet":
+        zoo = build_mpnet_zoo(progress=True)
+        raw = recipe(zoo, list(zoo.experts), HEAD_STEPS, args.calibration, work)
+        held = {t: [x for s in ("validation", "test") for d in datasets(zoo, s) if d.task == t
+                    for x in d.texts] for t in zoo.experts}
+        key = f"mpnet {args.calibration}"
+    else:
+        zoo = build_zoo(progress=True)
+        raw = {**demo_recipe(zoo), "coefficients": None}
+        held = held_out_texts(zoo)
+        key = "minilm demo"
+    if args.limit:
+        raw["calibration"]["limit"] = args.limit
+        key += f" limit {args.limit}"
+    max_length = raw["calibration"]["max_length"]
+    sources = open_sources(parse_recipe(raw))
+    started = time.perf_counter()
+    calibrated = calibrate(sources, held, progress=True)
+    model = build_model(sources)
+    merge_into(model, sources, progress=True)
+    merged = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    shared_cost = round(time.perf_counter() - started, 1)
+    classifier = MultiTaskClassifier(model, calibrated.tokenizer, sources.groups, max_length)
+    splits = {split: datasets(zoo, split) for split in ("validation", "test")}
+    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    entry = results.setdefault(key, {"rows": {}})
+    entry.update({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                  "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch "
+                             f"{torch.__version__}, {torch.get_num_threads()} threads",
+                  "texts": {t: len(x) for t, x in calibrated.calibration.texts.items()},
+                  "merge_and_calibration_seconds": shared_cost})
+    entry["experts"] = {s: {t: round(zoo.scores[t][s]["macro_f1"], 4) for t in zoo.experts}
+                        for s in ("validation", "test")}
+    for name in args.variants:
+        model.load_state_dict(merged)
+        started = time.perf_counter()
+        row: dict = {"options": VARIANTS[name]}
+        if VARIANTS[name] is not None:
+            report = distill_body(model, sources, calibrated, DistillOptions(**VARIANTS[name]),
+                                  progress=True)
+            row["distill"] = {"error_before": report.error_before,
+                              "error_after": report.error_after, "routed": report.routed}
+            row["distill_seconds"] = report.seconds
+        head_steps(model, sources, calibrated.batches, calibrated.expert_logits)
+        row["seconds"] = round(time.perf_counter() - started, 1)
+        row["scores"] = {split: {t: round(r["macro_f1"], 4)
+                                 for t, r in evaluate(classifier, data)["tasks"].items()}
+                         for split, data in splits.items()}
+        row["mean"] = {s: round(sum(v.values()) / len(v), 4) for s, v in row["scores"].items()}
+        row["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+        entry["rows"][name] = row
+        print(f"{name}: val {row['mean']['validation']:.4f} test {row['mean']['test']:.4f} "
+              f"({row['seconds']:.0f}s) {json.dumps(row['scores']['test'])}", flush=True)
+        write_json_atomic(RESULTS, results)
+    rows = entry["rows"]
+    picked = max(rows, key=lambda n: rows[n]["mean"]["validation"])
+    expert_mean = {s: round(sum(v.values()) / len(v), 4) for s, v in entry["experts"].items()}
+    entry["picked_on_validation"] = picked
+    entry["experts_mean"] = expert_mean
+    write_json_atomic(RESULTS, results)
+    print(f"experts: {expert_mean}; picked on validation: {picked} {rows[picked]['mean']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,227 @@
+"""The `distill` step and the label-free step registry: blocks run one at a time as the model
+runs them, the distillation lowers each block's error to the experts on every architecture,
+shared samples routed to confident experts, and the recipe's `distill:` block."""
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from hm3 import Hm3Error, merge, parse_recipe
+from hm3.data import Dataset
+from hm3.label_free import get_step, step_names
+from hm3.label_free.distill import MIN_ROUTED, DistillOptions, _routed
+from hm3.label_free.registry import Step, register
+from hm3.label_free.stream import block_output, find_blocks, first_block_calls
+from hm3.pipeline import format_guided
+from hm3.search import SearchConfig, run_search
+
+from conftest import TINY, build_family, random_texts, recipe_dict, spread_head
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread
+
+TASKS = {"sentiment": ["negative", "positive"], "topic": ["news", "sport", "film"],
+         "tags": ["urgent", "spam", "personal"]}
+ENCODERS_WITH_HIDDEN_HEAD = ("roberta", "mpnet")  # classifier.dense: a head layer the base lacks
+
+
+def family_with_texts(root: Path, model_type: str = "bert", tasks=TASKS,
+                      multi_label=("tags",), noise: float = 0.02, shared: bool = False):
+    base, experts = build_family(root, tasks, model_type=model_type, noise=noise,
+                                 multi_label=multi_label)
+    texts = {}
+    for i, (task, folder) in enumerate(experts.items()):
+        texts[task] = random_texts(48, seed=10 + i)
+        (root / f"{task}.txt").write_text("\n".join(texts[task]) + "\n")
+        if model_type in ("bert", *ENCODERS_WITH_HIDDEN_HEAD):
+            spread_head(folder, texts[task], seed=i)
+    if shared:
+        pooled = [t for task in experts for t in texts[task]]
+        (root / "shared.txt").write_text("\n".join(pooled) + "\n")
+        calibration = {"texts": str(root / "shared.txt"), "batch_size": 8}
+    else:
+        calibration = {"texts": {task: str(root / f"{task}.txt") for task in experts},
+                       "batch_size": 8}
+    return SimpleNamespace(root=root, base=base, experts=experts, calibration=calibration)
+
+
+def distill_merge(fam, out: Path, method="ties", parameters=None, **distill):
+    raw = recipe_dict(fam.base, fam.experts, method, parameters={"density": 0.3} if parameters is None else parameters,
+                      calibration=fam.calibration, distill={"texts": 24, "steps": 12,
+                                                            "batch_size": 8, **distill})
+    return merge(parse_recipe(raw), out, progress=False)
+
+
+# --- the block stream ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("model_type", sorted(TINY))
+def test_blocks_run_one_at_a_time_give_the_models_own_hidden_states(tmp_path, model_type):
+    _, experts = build_family(tmp_path, {"topic": ["a", "b", "c"]}, model_type=model_type)
+    model = AutoModelForSequenceClassification.from_pretrained(experts["topic"]).eval()
+    tokenizer = AutoTokenizer.from_pretrained(experts["topic"])
+    batch = dict(tokenizer(random_texts(6, seed=3), padding=True, return_tensors="pt"))
+    with torch.no_grad():
+        expected = model(**batch, output_hidden_states=True).hidden_states
+    _, blocks = find_blocks(model)
+    assert len(blocks) == TINY[model_type].get("num_hidden_layers",
+                                               TINY[model_type].get("n_layers",
+                                                                    TINY[model_type].get("n_layer")))
+    (call,), _ = first_block_calls(model, blocks, [batch])
+    hidden = call.hidden
+    assert torch.equal(hidden, expected[0])
+    with torch.no_grad():
+        # every block but the last: some models normalise the last block's output in place
+        for index in range(len(blocks) - 1):
+            hidden = block_output(blocks[index], call, hidden)
+            # the very calls the model makes, on the same inputs: the same numbers
+            assert torch.equal(hidden, expected[index + 1]), index
+
+
+def test_the_blocks_are_the_longest_stack_of_one_module(tmp_path):
+    _, experts = build_family(tmp_path, {"topic": ["a", "b"]}, model_type="distilbert")
+    model = AutoModelForSequenceClassification.from_pretrained(experts["topic"])
+    name, blocks = find_blocks(model)
+    assert name == "distilbert.transformer.layer" and len(blocks) == 2
+    with pytest.raises(ValueError, match="no stack of transformer blocks"):
+        find_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+# --- distillation ----------------------------------------------------------------------------
+
+def test_distilling_one_expert_into_itself_changes_nothing(tmp_path):
+    fam = family_with_texts(tmp_path, tasks={"topic": TASKS["topic"]}, multi_label=())
+    plain = merge(parse_recipe(recipe_dict(fam.base, fam.experts, "linear")), tmp_path / "plain",
+                  progress=False)
+    report = distill_merge(fam, tmp_path / "out", method="linear", parameters={})
+    entry = report.guided["distill"]
+    # the merged body IS the expert: nothing to correct, and a zero gradient moves no weight
+    assert entry["error_before"] == [0.0, 0.0] and entry["error_after"] == [0.0, 0.0]
+    from test_guided import tensors  # noqa: PLC0415  (the same reader the label-free tests use)
+    before, after = tensors(plain.path), tensors(report.path)
+    assert all(torch.equal(before[name], after[name]) for name in before)
+
+
+@pytest.mark.parametrize("model_type", ["bert", "distilbert", "deberta-v2", "llama", "gpt2",
+                                        *ENCODERS_WITH_HIDDEN_HEAD])
+def test_distill_lowers_every_blocks_error_to_the_experts(tmp_path, model_type):
+    fam = family_with_texts(tmp_path, model_type)
+    report = distill_merge(fam, tmp_path / "out")
+    entry = report.guided["distill"]
+    assert entry["blocks"] == 2 and entry["texts"] == {"sentiment": 24, "topic": 24, "tags": 24}
+    assert all(after < before for before, after in zip(entry["error_before"],
+                                                       entry["error_after"]))
+    assert "distill (" in format_guided(report.guided)
+    assert (report.path / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("train", ["weights", "elementwise", "rows", "tensor"])
+def test_every_trained_form_lowers_the_error(tmp_path, train):
+    fam = family_with_texts(tmp_path)
+    entry = distill_merge(fam, tmp_path / "out", train=train).guided["distill"]
+    assert entry["train"] == train
+    assert all(after < before for before, after in zip(entry["error_before"],
+                                                       entry["error_after"]))
+
+
+def test_distill_is_deterministic(tmp_path):
+    from test_guided import tensors  # noqa: PLC0415
+
+    fam = family_with_texts(tmp_path)
+    first = tensors(distill_merge(fam, tmp_path / "a").path)
+    second = tensors(distill_merge(fam, tmp_path / "b").path)
+    assert all(torch.equal(first[name], second[name]) for name in first)
+
+
+def test_a_shared_sample_is_routed_to_the_experts_confident_on_each_text(tmp_path):
+    fam = family_with_texts(tmp_path, shared=True)
+    entry = distill_merge(fam, tmp_path / "routed", confidence=0.6).guided["distill"]
+    # the shared stream holds texts-per-task x tasks texts; each expert teaches the confident
+    assert entry["texts"] == {"sentiment": 72, "topic": 72, "tags": 72}
+    assert set(entry["routed"]) == set(TASKS)
+    assert all(MIN_ROUTED <= n <= 72 for n in entry["routed"].values())
+    assert len(set(entry["routed"].values())) > 1  # the experts are confident on different texts
+    everything = distill_merge(fam, tmp_path / "all", route="all").guided["distill"]
+    assert everything["routed"] is None
+    assert all(after < before for before, after in zip(everything["error_before"],
+                                                       everything["error_after"]))
+
+
+def test_routing_keeps_confident_texts_and_at_least_the_most_confident():
+    confident = torch.tensor([[5.0, 0.0]] * MIN_ROUTED)
+    logits = torch.cat([torch.tensor([[3.0, 0.0], [0.1, 0.0], [0.0, 4.0]]), confident])
+    # top probabilities 0.95, 0.52, 0.98: the unsure text is left out
+    assert _routed(logits, False, 0.9).tolist()[:3] == [True, False, True]
+    unsure = torch.zeros(MIN_ROUTED + 4, 2)
+    unsure[0, 0] = 5.0
+    kept = _routed(unsure, False, 0.9)  # one confident text: the MIN_ROUTED most confident
+    assert int(kept.sum()) == MIN_ROUTED and bool(kept[0])
+    # multi-label: each label's on/off decision must be confident
+    tags = torch.cat([torch.tensor([[4.0, -4.0], [4.0, 0.2]]), torch.full((MIN_ROUTED, 2), 5.0)])
+    assert _routed(tags, True, 0.9).tolist()[:2] == [True, False]
+
+
+# --- the recipe and the registry --------------------------------------------------------------
+
+def recipe_with(fam, **extra):
+    return recipe_dict(fam.base, fam.experts, "ties", calibration=fam.calibration, **extra)
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    return family_with_texts(tmp_path_factory.mktemp("small"), multi_label=())
+
+
+def test_distill_true_takes_the_declared_defaults_and_round_trips(small):
+    recipe = parse_recipe(recipe_with(small, distill=True))
+    assert recipe.guided.step("distill") == DistillOptions()
+    written = recipe.to_dict()
+    assert written["distill"] == {"train": "weights", "texts": 64, "steps": 24, "lr": 0.05,
+                                  "pull": 0.0, "batch_size": 16, "route": "confident",
+                                  "confidence": 0.9}
+    custom = parse_recipe(recipe_with(small, distill={"train": "rows", "steps": 3}))
+    assert parse_recipe({**custom.to_dict(), "calibration": small.calibration}
+                        ).guided == custom.guided
+
+
+@pytest.mark.parametrize("block, message", [
+    ({"train": "everything"}, r"distill.train: expected one of weights, elementwise, rows, "
+                              r"tensor, got 'everything'"),
+    ({"steps": 0}, r"distill.steps: expected a positive integer, got 0"),
+    ({"lr": -1}, r"distill.lr: expected a positive number"),
+    ({"confidence": 2}, r"distill.confidence: expected a number in \[0, 1\]"),
+    ({"epochs": 3}, r"distill: unknown option\(s\) epochs; allowed: train, texts"),
+    ("yes", r"distill: expected true or a mapping of its options"),
+])
+def test_bad_distill_options_are_named(small, block, message):
+    with pytest.raises(Hm3Error, match=message):
+        parse_recipe(recipe_with(small, distill=block))
+
+
+def test_distill_without_calibration_texts_says_what_to_add(small):
+    raw = recipe_dict(small.base, small.experts, "ties", distill=True)
+    with pytest.raises(Hm3Error, match=r"distill: needs unlabelled texts: add a `calibration:`"):
+        parse_recipe(raw)
+
+
+def test_the_search_refuses_a_step_it_would_rerun_on_every_trial(small, tmp_path):
+    recipe = parse_recipe(recipe_with(small, distill=True))
+    data = [Dataset(task, ["good film"], [labels[0]]) for task, labels in TASKS.items()
+            if task in small.experts]
+    with pytest.raises(Hm3Error, match="distill would run again on every trial"):
+        run_search(recipe, data, None, tmp_path / "search", SearchConfig(trials=1),
+                   progress=False)
+
+
+def test_the_registry_refuses_a_second_step_of_one_name():
+    assert "distill" in step_names() and get_step("distill").reference.startswith("https://")
+
+    class Again(Step):
+        name = "distill"
+        options = DistillOptions
+
+    with pytest.raises(ValueError, match="already registered"):
+        register(Again())
+    with pytest.raises(KeyError, match="unknown label-free step 'nothing'"):
+        get_step("nothing")
