@@ -225,3 +225,37 @@ def test_the_registry_refuses_a_second_step_of_one_name():
         register(Again())
     with pytest.raises(KeyError, match="unknown label-free step 'nothing'"):
         get_step("nothing")
+
+
+# --- the recommended recipe -------------------------------------------------------------------
+
+def test_the_label_free_preset_expands_and_the_recipes_own_keys_win(small):
+    from hm3.recipe import PRESETS
+
+    recipe = parse_recipe({"preset": "label-free",
+                           **recipe_with(small, parameters={"density": 0.5})})
+    preset = PRESETS["label-free"]
+    assert recipe.method == preset["method"]
+    assert all(e.parameters["density"] == 0.5 for e in recipe.experts)
+    assert recipe.guided.heads == preset["heads"] and recipe.guided.recentre is True
+    assert recipe.guided.step("distill") is not None and recipe.guided.align_heads is not None
+    written = recipe.to_dict()
+    assert "preset" not in written and written["distill"] == get_step("distill").to_dict(
+        recipe.guided.step("distill"))
+    # what the merged model records re-creates the same recipe without the preset
+    again = parse_recipe({**written, "calibration": small.calibration})
+    assert again.guided == recipe.guided and again.experts == recipe.experts
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"preset": "fast"}, r"preset: expected one of label-free, got 'fast'"),
+    ({"preset": "label-free", "calibration": None},
+     r"preset label-free runs label-free steps that read unlabelled texts: add a `calibration:`"),
+])
+def test_a_bad_preset_is_named(small, raw, message):
+    base = recipe_with(small)
+    if raw.get("calibration", True) is None:
+        base.pop("calibration")
+        raw = {"preset": raw["preset"]}
+    with pytest.raises(Hm3Error, match=message):
+        parse_recipe({**base, **raw})

@@ -25,7 +25,14 @@ DEFAULT_HEADS = "whole"  # measured at least as good as merging the rows (benchm
 GUIDED_KEYS = ("heads", "calibration", "recentre", "lewis", "regmean", "coefficients",
                "align_heads", *step_names())
 _TOP_LEVEL = {"base", "experts", "method", "parameters", "dtype", "seed", "overrides", "head",
-              "allow_pickle", "max_shard_size", "data", *GUIDED_KEYS}
+              "allow_pickle", "max_shard_size", "data", "preset", *GUIDED_KEYS}
+# `preset: NAME` fills in these keys; a key the recipe gives itself wins. What each holds was
+# picked on validation splits (benchmarks/RESULTS.md, "The recommended recipe").
+PRESETS: dict[str, dict[str, Any]] = {
+    "label-free": {"method": "ties", "parameters": {"density": 0.2}, "heads": "whole",
+                   "distill": {"train": "weights"}, "align_heads": {"ridge": 0.1},
+                   "recentre": True},
+}
 _EXPERT_KEYS = {"model", "task", "weight", "density", "gamma", "epsilon", "revision", "head"}
 _OVERRIDE_KEYS = {"pattern", "weight", "density", "gamma", "epsilon", "experts"}
 PER_MODEL_PARAMETERS = ("weight", "density", "gamma", "epsilon")
@@ -223,6 +230,7 @@ def parse_recipe(raw: Any, root: Path | None = None) -> Recipe:
     if not isinstance(raw, dict):
         raise Hm3Error("recipe must be a mapping with at least `base` and `experts`")
     _reject_unknown(raw, _TOP_LEVEL, "recipe")
+    raw = expand_preset(raw)
     base, base_revision = _model_reference(raw.get("base"), "base", root)
 
     method_name = raw.get("method", "ties")
@@ -298,6 +306,22 @@ def parse_recipe(raw: Any, root: Path | None = None) -> Recipe:
                   overrides=overrides, allow_pickle=allow_pickle,
                   max_shard_size=max_shard_size, data=data, guided=guided,
                   data_root=str(root) if root is not None else None)
+
+
+def expand_preset(raw: dict) -> dict:
+    """The recipe mapping with its `preset:` expanded (the recipe's own keys win); a merged
+    model's recipe records the expansion, not the preset's name."""
+    if "preset" not in raw:
+        return raw
+    name = raw["preset"]
+    if name not in PRESETS:
+        raise Hm3Error(f"preset: expected one of {', '.join(PRESETS)}, got {name!r}")
+    own = {key: value for key, value in raw.items() if key != "preset"}
+    if "calibration" not in own:
+        raise Hm3Error(f"preset {name} runs label-free steps that read unlabelled texts: add a "
+                       "`calibration:` block, e.g. `calibration: {texts: {TASK: texts.txt, ...}}` "
+                       "(texts of each task's domain) or `{texts: traffic.txt}` (one sample)")
+    return {**PRESETS[name], **own}
 
 
 def parse_size(value: Any, where: str) -> int:

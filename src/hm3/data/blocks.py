@@ -143,7 +143,8 @@ class CalibrationSpec:
             out["texts"] = self.sources
         if self.shared:
             out["shared"] = self.shared
-        return {**out, "limit": self.limit, "max_length": self.max_length}
+        return {**out, "limit": self.limit, "max_length": self.max_length,
+                "batch_size": self.batch_size}
 
 
 CALIBRATION_FORM = ("expected {texts: FILE} (the same unlabelled texts for every task), "
