@@ -55,9 +55,9 @@ from sklearn.metrics import f1_score
 from hm3.check import compare_task
 from hm3.checkpoint import Checkpoint, write_json_atomic
 from hm3.data.calibration import text_key
-from hm3.demo import DEFAULT_METHOD, DEFAULT_PARAMETERS, LABEL_FREE
 from hm3.evaluate import Dataset, evaluate, label_indices, predictions
 from hm3.model import load
+from hm3.recipe import PRESETS
 from hm3.zoo import build_mpnet_zoo, read_split
 from hm3.zoo.mpnet import MPNET_RECIPES, MPNET_TRAINING, MPNET_ZOO
 
@@ -67,12 +67,19 @@ PLOT = HERE / "results" / "check_agreement_vs_f1_mpnet.png"
 MAX_LENGTH = MPNET_TRAINING.max_length  # what the experts were trained and scored on
 CALIBRATION_LIMIT = 128  # the zoo's whole calibration split per task
 UNSEEN_LIMIT = 512  # source texts outside every split, per task (`per-task+unseen`)
-HEAD_STEPS = {k: v for k, v in LABEL_FREE.items() if k != "coefficients"}
+DEFAULT_METHOD, DEFAULT_PARAMETERS = "ties", {"density": 0.2}
+HEAD_STEPS = {"heads": "whole", "align_heads": {"ridge": 0.1}, "recentre": True}
+# the demo's steps until 2026-12-04: learned coefficients before the head steps
+LABEL_FREE = {**HEAD_STEPS, "coefficients": {"steps": 40}}
+PRESET = PRESETS["label-free"]
 # name -> (method, parameters, label-free steps); every one uses per-task calibration unless
 # --calibration says otherwise
 LABEL_FREE_CONFIGS = {
     "label-free": (DEFAULT_METHOD, DEFAULT_PARAMETERS, LABEL_FREE),
     "heads-only": (DEFAULT_METHOD, DEFAULT_PARAMETERS, HEAD_STEPS),
+    # the recommended recipe (`preset: label-free`) as its expansion
+    "preset label-free": (PRESET["method"], PRESET["parameters"],
+                          {k: v for k, v in PRESET.items() if k not in ("method", "parameters")}),
     # the sweep: other body merges under the same head steps
     "ties 0.1 + head steps": ("ties", {"density": 0.1}, HEAD_STEPS),
     "regmean + head steps": (DEFAULT_METHOD, DEFAULT_PARAMETERS, {**HEAD_STEPS, "regmean": {}}),

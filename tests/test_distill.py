@@ -178,7 +178,7 @@ def test_distill_true_takes_the_declared_defaults_and_round_trips(small):
     assert recipe.guided.step("distill") == DistillOptions()
     written = recipe.to_dict()
     assert written["distill"] == {"train": "weights", "texts": 64, "steps": 24, "lr": 0.05,
-                                  "pull": 0.0, "batch_size": 16, "route": "confident",
+                                  "pull": 0.0, "batch_size": 8, "route": "confident",
                                   "confidence": 0.9}
     custom = parse_recipe(recipe_with(small, distill={"train": "rows", "steps": 3}))
     assert parse_recipe({**custom.to_dict(), "calibration": small.calibration}

@@ -12,18 +12,17 @@ from hm3.data import Dataset
 from hm3.evaluate import evaluate
 from hm3.model import load
 from hm3.pipeline import merge
-from hm3.recipe import parse_recipe
+from hm3.recipe import PRESETS, parse_recipe
 from hm3.table import format_table
 from hm3.zoo import build_zoo, read_split
 
-# The demo's merge: the best plain method on the zoo's validation splits, then the best
-# label-free steps on top of it (benchmarks/RESULTS.md, "Label-free steps").
-DEFAULT_METHOD = "ties"
-DEFAULT_PARAMETERS = {"density": 0.2}
-# Picked by validation mean macro-F1 over 14 configurations (0.899; experts 0.903).
-LABEL_FREE = {"heads": "whole", "coefficients": {"steps": 40}, "align_heads": {"ridge": 0.1},
-              "recentre": True}
-CALIBRATION_TEXTS = 256  # per task, from the zoo's calibration split (labels ignored)
+# The demo's merge: the recommended recipe, `preset: label-free` (picked on validation splits,
+# benchmarks/RESULTS.md, "The recommended recipe").
+PRESET = "label-free"
+DEFAULT_METHOD = PRESETS[PRESET]["method"]
+DEFAULT_PARAMETERS = PRESETS[PRESET]["parameters"]
+LABEL_FREE = {k: v for k, v in PRESETS[PRESET].items() if k not in ("method", "parameters")}
+CALIBRATION_TEXTS = 256  # per task: the zoo's whole calibration split (labels ignored)
 # The experts were fine-tuned on 64 tokens; 128 keeps most of each BBC article's lead and
 # keeps the demo quick. Experts and merged model are scored at the same length.
 MAX_LENGTH = 128
@@ -37,9 +36,9 @@ def demo_recipe(zoo) -> dict:
     """The demo's recipe as plain data (what `hm3 merge` would read from YAML)."""
     calibration = {"texts": {task: str(files["calibration"]) for task, files in zoo.splits.items()},
                    "limit": CALIBRATION_TEXTS, "max_length": MAX_LENGTH}
-    return {"base": str(zoo.base), "method": DEFAULT_METHOD, "parameters": DEFAULT_PARAMETERS,
+    return {"preset": PRESET, "base": str(zoo.base),
             "experts": [{"model": str(path), "task": task} for task, path in zoo.experts.items()],
-            "seed": 0, **LABEL_FREE, "calibration": calibration}
+            "seed": 0, "calibration": calibration}
 
 
 def held_out_texts(zoo) -> dict[str, list[str]]:
@@ -68,8 +67,8 @@ def run_demo(output: str | Path = "hm3-demo", cache_dir: str | Path | None = Non
     zoo = build_zoo(cache_dir, progress=progress)
     echo(f"    cached in {next(iter(zoo.experts.values())).parent}")
 
-    echo(f"2/4 merge: {len(zoo.experts)} experts with HM3 + {DEFAULT_METHOD} "
-         f"{json.dumps(DEFAULT_PARAMETERS)}, label-free steps {json.dumps(LABEL_FREE)} on "
+    echo(f"2/4 merge: {len(zoo.experts)} experts with HM3, `preset: {PRESET}` ({DEFAULT_METHOD} "
+         f"{json.dumps(DEFAULT_PARAMETERS)}, then {', '.join(LABEL_FREE)}) on "
          f"{CALIBRATION_TEXTS} unlabelled calibration texts per task")
     recipe = parse_recipe(demo_recipe(zoo))
     merged_dir = output / "merged"
@@ -91,7 +90,8 @@ def run_demo(output: str | Path = "hm3-demo", cache_dir: str | Path | None = Non
 
     report = {"recipe": recipe.to_dict(), "merged": scores,
               "label_free": {k: merged_report.guided[k] for k in ("calibration", "recentre",
-                                                                   "seconds", "cpu_seconds")
+                                                                   "distill", "seconds",
+                                                                   "cpu_seconds")
                              if k in merged_report.guided},
               "experts": {t: r["tasks"][t] for t, r in expert_reports.items()},
               "bench": speed, "seconds": round(time.perf_counter() - started, 1),

@@ -171,11 +171,14 @@ def check_steps(sources: Sources) -> None:
 
 
 def merge_in_memory(model: torch.nn.Module, sources: Sources, calibrated: Calibrated | None,
-                    progress: bool = False, held_out_folds: int = 0) -> tuple[Sources, dict]:
+                    progress: bool = False, held_out_folds: int = 0,
+                    head_inputs: dict | None = None) -> tuple[Sources, dict]:
     """Merge `sources.recipe` into `model`'s weights with its label-free steps: LEWIS densities,
-    the method's merge (or learned coefficients), RegMean, then the head steps. Returns the
-    sources as finally merged (with LEWIS's overrides) and what each step did; with
-    `held_out_folds`, also the head steps' cross-fitted figures (`head_steps`)."""
+    the method's merge (or learned coefficients), RegMean, the registered steps (distill), then
+    the head steps. Returns the sources as finally merged (with LEWIS's overrides) and what each
+    step did; with `held_out_folds`, also the head steps' cross-fitted figures (`head_steps`).
+    `head_inputs`, when given, receives what the head steps read (per task, the final
+    projection's inputs), so the caller can score the heads without another pass."""
     guided = sources.recipe.guided
     if guided.needs_model and calibrated is None:
         raise ValueError("the recipe's label-free steps need `calibrate(sources)` first")
@@ -200,7 +203,7 @@ def merge_in_memory(model: torch.nn.Module, sources: Sources, calibrated: Calibr
         report[name] = {**dataclasses.asdict(done), "summary": done.summary()}
     if guided.align_heads or guided.recentre:
         report.update(head_steps(model, sources, calibrated.batches, calibrated.expert_logits,
-                                 held_out_folds))
+                                 held_out_folds, head_inputs))
     return sources, report
 
 
@@ -216,10 +219,12 @@ def guided_model(sources: Sources, progress: bool = False,
                     "calibration": calibrated.calibration.provenance,
                     "max_length": sources.recipe.guided.calibration.max_length}
     model = build_model(sources).to(calibrated.device)
-    sources, steps = merge_in_memory(model, sources, calibrated, progress, cross_fit.FOLDS)
+    inputs: dict = {}
+    sources, steps = merge_in_memory(model, sources, calibrated, progress, cross_fit.FOLDS,
+                                     inputs)
     held_out = steps.pop("held_out", None)
     report.update(steps)
-    report["fidelity"] = calibration_fidelity(model, sources, calibrated)
+    report["fidelity"] = calibration_fidelity(model, sources, calibrated, inputs or None)
     if held_out:
         report["fidelity"]["held_out"] = held_out
         warn_low_held_out(held_out, shared_tasks(report["calibration"]))
@@ -252,16 +257,23 @@ def warn_low_held_out(held_out: dict, shared: set[str] = frozenset(),
                       "on other texts before deploying", Hm3Warning, stacklevel=2)
 
 
-def calibration_fidelity(model: torch.nn.Module, sources: Sources,
-                         calibrated: Calibrated) -> dict:
+def calibration_fidelity(model: torch.nn.Module, sources: Sources, calibrated: Calibrated,
+                         head_inputs: dict[str, torch.Tensor] | None = None) -> dict:
     """The merged model against each expert on the calibration texts (`hm3.check`'s figures).
-    Optimistic: the label-free steps were fitted to these very texts."""
+    Optimistic: the label-free steps were fitted to these very texts. With `head_inputs` (what
+    the head steps read: the body is final by then), the heads are scored from those, without
+    another pass over the texts."""
     expert_logits = calibrated.expert_logits
     if expert_logits is None:
         expert_logits = experts_logits(sources, calibrated.batches, device=calibrated.device)
-    logits = once_per_batches(calibrated.batches, lambda batches: run_batches(model, batches))
-    merged = {group.name: logits[group.name][:, group.offset:group.stop]
-              for group in sources.groups}
+    if head_inputs:
+        merged = {task: z.float() for task, z in
+                  align.head_logits(model, sources, head_inputs).items()}
+    else:
+        logits = once_per_batches(calibrated.batches,
+                                  lambda batches: run_batches(model, batches))
+        merged = {group.name: logits[group.name][:, group.offset:group.stop]
+                  for group in sources.groups}
     tasks = compare_logits(sources.groups, {t: z.numpy() for t, z in expert_logits.items()},
                            {t: z.numpy() for t, z in merged.items()})
     return {"texts": "calibration", "optimistic": True,
@@ -288,7 +300,8 @@ def _fit_coefficients(model: torch.nn.Module, sources: Sources, calibrated: Cali
 
 
 def head_steps(model: torch.nn.Module, sources: Sources, batches: dict[str, list[dict]],
-               expert_logits: dict[str, torch.Tensor], held_out_folds: int = 0) -> dict:
+               expert_logits: dict[str, torch.Tensor], held_out_folds: int = 0,
+               inputs_out: dict | None = None) -> dict:
     """The recipe's head steps on `model` (align_heads, then recentre), from one forward pass
     over the calibration batches; returns what each step did. With `held_out_folds` (k), also
     `held_out`: each task's agreement, drift and mean |dp| against its expert on the
@@ -296,6 +309,8 @@ def head_steps(model: torch.nn.Module, sources: Sources, batches: dict[str, list
     (`hm3.guided.cross_fit`): what the head steps do on texts they were not fitted to."""
     guided, report = sources.recipe.guided, {}
     inputs = align.head_inputs(model, sources, batches)  # the one forward pass
+    if inputs_out is not None:
+        inputs_out.update(inputs)
     starts = ({group.name: align.head_rows(model, sources, group) for group in sources.groups}
               if held_out_folds else {})  # the rows before the steps, for cross-fitting
     if guided.align_heads:

@@ -116,6 +116,10 @@ def load_data_block(data: Any, root: str | Path | None = None,
 
 
 SOURCE_FIELDS = ("path", "text_column", "subset", "split")
+# Texts per task the label-free steps read at most: at base size the heads' refit needs several
+# hundred per task (448-768 beat 128 by 4.8 points on the MPNet zoo, benchmarks/RESULTS.md §7);
+# a user's texts are not cut below that.
+DEFAULT_LIMIT = 1024
 
 
 @dataclass(frozen=True)
@@ -125,7 +129,7 @@ class CalibrationSpec:
     first, then the shared one, until it has `limit` texts."""
 
     sources: dict[str, dict[str, Any]]  # task -> {path, text_column[, subset, split]}
-    limit: int = 256
+    limit: int = DEFAULT_LIMIT
     max_length: int = 128
     batch_size: int = 32
     shared: dict[str, Any] | None = None  # {path, text_column[, subset, split]} for every task
@@ -189,7 +193,7 @@ def parse_calibration_block(raw: Any, tasks: list[str]) -> CalibrationSpec | Non
                        "(texts every task reads, e.g. your traffic)")
     sources = {task: _source(texts[task], f"{where}.texts.{task}") for task in tasks
                if task in texts}
-    limit = positive_int(raw.get("limit", 256), f"{where}.limit")
+    limit = positive_int(raw.get("limit", DEFAULT_LIMIT), f"{where}.limit")
     max_length = positive_int(raw.get("max_length", 128), f"{where}.max_length")
     if max_length < 2:
         raise Hm3Error(f"{where}.max_length: expected at least 2 tokens, got {max_length}")

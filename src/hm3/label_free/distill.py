@@ -48,7 +48,7 @@ class DistillOptions:
     steps: int = option(24, positive_int, "optimiser steps per block")
     lr: float = option(0.05, positive, "Adam's learning rate")
     pull: float = option(0.0, non_negative, "weight decay of the correction toward the merge")
-    batch_size: int = option(16, positive_int, "texts per task in each step")
+    batch_size: int = option(8, positive_int, "texts per task in each step")
     route: str = option("confident", one_of(*ROUTES), "shared sample: texts per teacher")
     confidence: float = option(0.9, fraction, "route: confident's threshold")
 
@@ -56,7 +56,8 @@ class DistillOptions:
 @dataclass
 class DistillReport:
     """What `distill` did: per block, the tasks' mean relative error of the merged block's
-    output against the experts' before and after its training (on the texts it trained on)."""
+    output against the experts' before and after its training (on each stream's first batch of
+    the texts it trained on)."""
 
     train: str
     blocks: int
@@ -320,14 +321,13 @@ def _loss(out: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, scale: 
 
 @torch.no_grad()
 def _error(block, streams, targets, weights, scales, block_weights) -> float:
-    """The tasks' mean relative error of the block (with `block_weights`) over all batches."""
+    """The tasks' mean relative error of the block (with `block_weights`) on each stream's first
+    batch (a cheap, fixed sample: the same texts before and after training)."""
     errors = {}
     for stream in streams:
-        for b, (call, hidden) in enumerate(zip(stream.calls, stream.hidden)):
-            out = block_output(block, call, hidden, block_weights)
-            for task in stream.tasks:
-                w = weights[task][b]
-                sums = errors.setdefault(task, [0.0, 0.0])
-                sums[0] += float(((out - targets[task][b]).pow(2).mean(-1) * w).sum())
-                sums[1] += float(w.sum())
-    return sum(e / max(n, 1.0) / scales[task] for task, (e, n) in errors.items()) / len(errors)
+        out = block_output(block, stream.calls[0], stream.hidden[0], block_weights)
+        for task in stream.tasks:
+            w = weights[task][0]
+            if float(w.sum()) > 0:
+                errors[task] = float(_loss(out, targets[task][0], w, scales[task]))
+    return sum(errors.values()) / max(len(errors), 1)
