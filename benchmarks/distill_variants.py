@@ -115,16 +115,24 @@ def main() -> None:
         row["mean"] = {s: round(sum(v.values()) / len(v), 4) for s, v in row["scores"].items()}
         row["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
         entry["rows"][name] = row
+        save(key, entry)
         print(f"{name}: {json.dumps(row['mean'])} ({row['seconds']:.0f}s) "
               f"{json.dumps(row['scores'])}", flush=True)
-        write_json_atomic(RESULTS, results)
     rows = entry["rows"]
     picked = max(rows, key=lambda n: rows[n]["mean"]["validation"])
     expert_mean = {s: round(sum(v.values()) / len(v), 4) for s, v in entry["experts"].items()}
     entry["picked_on_validation"] = picked
     entry["experts_mean"] = expert_mean
-    write_json_atomic(RESULTS, results)
+    save(key, entry)
     print(f"experts: {expert_mean}; picked on validation: {picked} {rows[picked]['mean']}")
+
+
+def save(key: str, entry: dict) -> None:
+    """Write this run's entry; other entries as the file holds them now (another run of this
+    script may have written its own meanwhile)."""
+    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    results[key] = entry
+    write_json_atomic(RESULTS, results)
 
 
 def f1s(classifier, data) -> dict[str, float]:
