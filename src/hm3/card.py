@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 
 from hm3.checkpoint import write_text_atomic
+from hm3.label_free import step_names
 
 CARD_FILE = "README.md"
 RECIPE_FILE = "hm3_recipe.yaml"
@@ -57,8 +58,8 @@ def model_card(block: dict, scores: dict | None = None) -> str:
                      + (f", task vector {norm:.2%} of the base's norm" if norm is not None else ""))
     guided = block.get("guided")
     if guided:
-        steps = [key for key in ("lewis", "regmean", "coefficients", "align_heads", "recentre")
-                 if key in guided]
+        steps = [key for key in ("lewis", "regmean", "coefficients", *step_names(),
+                                 "align_heads", "recentre") if key in guided]
         texts = ", ".join(f"{task} {entry['texts']}"
                           for task, entry in guided.get("calibration", {}).items())
         lines.append(f"- label-free steps: {', '.join(steps) or 'none'} on unlabelled "
