@@ -46,7 +46,7 @@ class DistillOptions:
     train: str = option("weights", one_of(*TRAIN), "what is trained per block")
     texts: int = option(64, positive_int, "calibration texts per task the step distils on")
     steps: int = option(24, positive_int, "optimiser steps per block")
-    lr: float = option(0.05, positive, "Adam's learning rate")
+    lr: float = option(0.02, positive, "Adam's learning rate (picked on validation, both zoos)")
     pull: float = option(0.0, non_negative, "weight decay of the correction toward the merge")
     batch_size: int = option(8, positive_int, "texts per task in each step")
     route: str = option("confident", one_of(*ROUTES), "shared sample: texts per teacher")
