@@ -80,6 +80,10 @@ LABEL_FREE_CONFIGS = {
     # the recommended recipe (`preset: label-free`) as its expansion
     "preset label-free": (PRESET["method"], PRESET["parameters"],
                           {k: v for k, v in PRESET.items() if k not in ("method", "parameters")}),
+    # ... with the distill step added (not in the preset: RESULTS.md §10)
+    "preset label-free + distill": (PRESET["method"], PRESET["parameters"],
+                                    {**{k: v for k, v in PRESET.items()
+                                        if k not in ("method", "parameters")}, "distill": {}}),
     # the sweep: other body merges under the same head steps
     "ties 0.1 + head steps": ("ties", {"density": 0.1}, HEAD_STEPS),
     "regmean + head steps": (DEFAULT_METHOD, DEFAULT_PARAMETERS, {**HEAD_STEPS, "regmean": {}}),

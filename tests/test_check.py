@@ -159,7 +159,7 @@ def test_check_reports_each_tasks_agreement_as_computed_independently(fam, tmp_p
     assert report["experts"] == {t: str(p) for t, p in fam[2].items()}  # the recorded sources
     assert report["calibration_overlap"] == {t: 0 for t in TASKS}
     assert not [w for w in recwarn if issubclass(w.category, Hm3Warning)]
-    assert "verdict: pass: 3 of 3 tasks" in out
+    assert "verdict (on every text): pass: 3 of 3 tasks" in out
     assert "tags: worst label" in out
     for task in TASKS:  # the merge's own figures on its calibration texts: as fitted, held out
         row = next(line for line in out.splitlines() if line.startswith(task + " "))
@@ -183,7 +183,7 @@ def test_per_task_thresholds_decide_the_verdict_and_the_exit_code(fam, capsys):
     code, out, _ = run_check([*args, "--min-agreement", "0", "--min-agreement", f"{worst}=1"],
                              capsys)
     assert code == 1
-    assert f"verdict: FAIL ({worst})" in out
+    assert f"verdict (on every text): FAIL ({worst})" in out
     assert f"{worst}: FAIL: agreement {want[worst]:.1%} < 100.0%" in out
     assert out.count("FAIL:") == 1
 
@@ -213,7 +213,7 @@ def test_a_broken_merge_fails_the_check(fam, tmp_path, capsys):
     assert report["tasks"]["topic"]["agreement"] == pytest.approx(expert_news)
     assert report["tasks"]["topic"]["merged_shares"]["news"] == 1.0
     assert report["tasks"]["sentiment"]["passed"] and report["tasks"]["tags"]["passed"]
-    assert "verdict: FAIL (topic)" in out
+    assert "verdict (on every text): FAIL (topic)" in out
     assert "sport->news" in out or "film->news" in out
 
 
@@ -326,3 +326,40 @@ def test_multi_label_head_steps_match_the_experts_on_off_rates(fam):
     assert guided["recentre"]["tags"]["after"] == pytest.approx((merged > 0).mean(0), abs=1e-4)
     want = float(((merged > 0) == (expert > 0)).mean(0).min())
     assert guided["fidelity"]["tasks"]["tags"]["agreement"] == pytest.approx(want, abs=1e-9)
+
+
+# --- counting the texts an expert is sure of (mixed traffic) --------------------------------
+
+def test_confident_agreement_counts_only_texts_the_expert_is_sure_of():
+    from hm3.check import compare_task, verdicts
+    from hm3.heads import TaskGroup
+
+    group = TaskGroup("topic", ("a", "b"), 0)
+    # four sure texts (p >= 0.9), three of them kept; two unsure texts, both flipped
+    expert = np.array([[0.95, 0.05], [0.92, 0.08], [0.05, 0.95], [0.02, 0.98],
+                       [0.6, 0.4], [0.45, 0.55]])
+    merged = np.array([[0.8, 0.2], [0.7, 0.3], [0.3, 0.7], [0.6, 0.4], [0.4, 0.6], [0.55, 0.45]])
+    entry = compare_task(group, expert, merged)
+    assert entry["agreement"] == pytest.approx(3 / 6)
+    assert entry["confident_n"] == 4 and entry["confident_agreement"] == pytest.approx(3 / 4)
+    report = {"tasks": {"topic": dict(entry)}}
+    assert verdicts(report, {"topic": 0.7}, count="all")["tasks"]["topic"]["passed"] is False
+    confident = verdicts({"tasks": {"topic": dict(entry)}}, {"topic": 0.7}, count="confident")
+    assert confident["counted"] == "confident" and confident["tasks"]["topic"]["passed"] is True
+    assert confident["tasks"]["topic"]["verdict_agreement"] == pytest.approx(0.75)
+    with pytest.raises(Hm3Error, match="count: expected one of all, confident"):
+        verdicts(report, {"topic": 0.7}, count="sure")
+
+
+def test_confident_agreement_of_a_multi_label_task_is_its_worst_label_where_sure():
+    from hm3.check import compare_task
+    from hm3.heads import TaskGroup
+
+    group = TaskGroup("tags", ("x", "y"), 0, multi_label=True)
+    expert = np.array([[0.95, 0.5], [0.02, 0.97], [0.5, 0.03]])
+    merged = np.array([[0.8, 0.9], [0.7, 0.9], [0.1, 0.01]])
+    entry = compare_task(group, expert, merged)
+    # x: sure on texts 0, 1 -> 1 of 2 agree; y: sure on texts 1, 2 -> 2 of 2 agree
+    assert entry["confident_n"] == 2 and entry["confident_agreement"] == pytest.approx(0.5)
+    nothing = compare_task(group, np.full((2, 2), 0.5), np.full((2, 2), 0.5))
+    assert nothing["confident_n"] == 0 and nothing["confident_agreement"] is None

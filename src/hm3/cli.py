@@ -146,6 +146,10 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--min-agreement", action="append", default=[], metavar="[TASK=]SHARE",
                        help="minimum share of texts given the expert's label, for every task "
                        "or one (repeatable; default 0.9)")
+    check.add_argument("--count", choices=("all", "confident"), default="all",
+                       help="texts the verdict counts: every text (default), or those the "
+                       "expert is at least 90%% sure of (for mixed traffic, where other "
+                       "tasks' texts get arbitrary labels from an expert)")
     check.add_argument("--max-drift", type=float, metavar="TVD",
                        help="also fail a task whose label shares move further than this (total "
                        "variation distance, 0..1)")
@@ -509,7 +513,7 @@ def _check(args) -> int:
                                        max_length=args.max_length)
                for task, path in experts.items()}
     report = verdicts(check(merged, loaders, texts, args.batch_size), thresholds,
-                      args.max_drift)
+                      args.max_drift, args.count)
     report["model"], report["experts"] = str(args.model), experts
     overlap = calibration_overlap(folder, texts)
     report["calibration_overlap"] = overlap
