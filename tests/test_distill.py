@@ -19,6 +19,7 @@ from hm3.pipeline import format_guided
 from hm3.search import SearchConfig, run_search
 
 from conftest import TINY, build_family, random_texts, recipe_dict, spread_head
+from test_guided import tensors  # the label-free tests' reader of a saved model's tensors
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread
 
@@ -98,7 +99,6 @@ def test_distilling_one_expert_into_itself_changes_nothing(tmp_path):
     entry = report.guided["distill"]
     # the merged body IS the expert: nothing to correct, and a zero gradient moves no weight
     assert entry["error_before"] == [0.0, 0.0] and entry["error_after"] == [0.0, 0.0]
-    from test_guided import tensors  # noqa: PLC0415  (the same reader the label-free tests use)
     before, after = tensors(plain.path), tensors(report.path)
     assert all(torch.equal(before[name], after[name]) for name in before)
 
@@ -126,8 +126,6 @@ def test_every_trained_form_lowers_the_error(tmp_path, train):
 
 
 def test_distill_is_deterministic(tmp_path):
-    from test_guided import tensors  # noqa: PLC0415
-
     fam = family_with_texts(tmp_path)
     first = tensors(distill_merge(fam, tmp_path / "a").path)
     second = tensors(distill_merge(fam, tmp_path / "b").path)
