@@ -39,7 +39,7 @@ from hm3.zoo import build_mpnet_zoo, build_zoo
 RESULTS = Path(__file__).resolve().parent / "results" / "distill_variants.json"
 VARIANTS = {
     "head steps": None,
-    "distill weights": {"train": "weights"},
+    "distill weights": {"train": "weights", "lr": 0.05},  # the step's lr before 2026-12-04
     "distill weights, lr 0.02": {"train": "weights", "lr": 0.02},
     "distill weights, lr 0.1": {"train": "weights", "lr": 0.1},
     "distill weights, pull 0.1": {"train": "weights", "pull": 0.1},
