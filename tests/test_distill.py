@@ -237,11 +237,12 @@ def test_the_label_free_preset_expands_and_the_recipes_own_keys_win(small):
     assert all(e.parameters["density"] == 0.5 for e in recipe.experts)
     assert recipe.guided.heads == preset["heads"] and recipe.guided.recentre is True
     assert recipe.guided.align_heads is not None
-    assert recipe.guided.step("distill") is None  # not in the preset: validation tied it
-    with_distill = parse_recipe({"preset": "label-free", **recipe_with(small, distill=True)})
-    assert with_distill.guided.step("distill") == DistillOptions()
+    assert recipe.guided.step("distill") == DistillOptions()
+    without = parse_recipe({"preset": "label-free", **recipe_with(small, distill=False)})
+    assert without.guided.step("distill") is None
     written = recipe.to_dict()
-    assert "preset" not in written and written["heads"] == preset["heads"]
+    assert "preset" not in written and written["distill"] == get_step("distill").to_dict(
+        recipe.guided.step("distill"))
     # what the merged model records re-creates the same recipe without the preset
     again = parse_recipe({**written, "calibration": small.calibration})
     assert again.guided == recipe.guided and again.experts == recipe.experts

@@ -29,10 +29,12 @@ _TOP_LEVEL = {"base", "experts", "method", "parameters", "dtype", "seed", "overr
 # `preset: NAME` fills in these keys; a key the recipe gives itself wins. What each holds was
 # picked on validation splits (benchmarks/RESULTS.md, "The recommended recipe").
 PRESETS: dict[str, dict[str, Any]] = {
-    # Over both zoos' validation splits, TIES 0.2 + head steps (+0.16 points over the experts,
-    # summed) edges out the same with `distill: {lr: 0.02}` (+0.13): a tie, so the cheaper wins.
+    # Validation picked distill on the MiniLM zoo, the MPNet zoo with 64 texts per task and
+    # with one shared sample, and the head steps alone with 171-640 texts per task; summed over
+    # the four, distill gains 1.4 points of validation mean (benchmarks/RESULTS.md §10).
     "label-free": {"method": "ties", "parameters": {"density": 0.2}, "heads": "whole",
-                   "align_heads": {"ridge": 0.1}, "recentre": True},
+                   "distill": {"train": "weights"}, "align_heads": {"ridge": 0.1},
+                   "recentre": True},
 }
 _EXPERT_KEYS = {"model", "task", "weight", "density", "gamma", "epsilon", "revision", "head"}
 _OVERRIDE_KEYS = {"pattern", "weight", "density", "gamma", "epsilon", "experts"}
