@@ -80,7 +80,8 @@ LABEL_FREE_CONFIGS = {
     # the recommended recipe (`preset: label-free`) as its expansion
     "preset label-free": (PRESET["method"], PRESET["parameters"],
                           {k: v for k, v in PRESET.items() if k not in ("method", "parameters")}),
-    # ... with the distill step added (not in the preset: RESULTS.md §10)
+    # the preset with distill spelled out (the row measured before distill joined the preset;
+    # since then it is the same merge as "preset label-free")
     "preset label-free + distill": (PRESET["method"], PRESET["parameters"],
                                     {**{k: v for k, v in PRESET.items()
                                         if k not in ("method", "parameters")}, "distill": {}}),
