@@ -4,7 +4,8 @@ whether a search may run it per trial; the recipe reads and writes its block fro
 declaration, and the pipeline runs the registered steps in the order of `STAGES`.
 
 A new step is one module that subclasses `Step` and calls `register`, plus its import in
-`hm3/label_free/__init__.py`. This module imports nothing else of hm3's but its errors, so the
+`hm3/label_free/__init__.py`. This module imports nothing of hm3's but its errors and
+hm3.data's integer check, so the
 recipe (at the bottom of the layers) can read the steps' options.
 """
 
@@ -14,6 +15,7 @@ import dataclasses
 import math
 from typing import Any, Callable, ClassVar
 
+from hm3.data.blocks import positive_int
 from hm3.errors import Hm3Error
 
 # Where a step runs in the merge: after the body is merged (and RegMean), before the heads'
@@ -22,12 +24,7 @@ STAGES = ("body",)
 
 
 # --- option checks: each takes (value, where) and returns the value or raises ----------------
-
-def positive_int(value: Any, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise Hm3Error(f"{where}: expected a positive integer, got {value!r}")
-    return value
-
+# (`positive_int` is the calibration block's, from hm3.data.blocks)
 
 def positive(value: Any, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
