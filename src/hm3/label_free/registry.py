@@ -5,8 +5,8 @@ declaration, and the pipeline runs the registered steps in the order of `STAGES`
 
 A new step is one module that subclasses `Step` and calls `register`, plus its import in
 `hm3/label_free/__init__.py`. This module imports nothing of hm3's but its errors and
-hm3.data's integer check, so the
-recipe (at the bottom of the layers) can read the steps' options.
+hm3.data's integer check, so the recipe (at the bottom of the layers) can read the steps'
+options.
 """
 
 from __future__ import annotations
