@@ -1,6 +1,7 @@
 """`hm3 check` on mixed traffic: every task's test texts pooled and shuffled into one sample (as
 a deployment's traffic is), each merged model checked against its experts on it, counting every
-text or only the texts each expert is sure of (`--count confident`); beside each task's test
+text, only the texts each expert is sure of (`--count confident`) or each text weighted by
+its expert's confidence (`--count weighted`); beside each task's test
 macro-F1 change (merged minus expert, on the task's own test split). A verdict should fail a
 task 3 or more points under its expert and pass one within 1 point.
 
@@ -54,7 +55,9 @@ def main() -> None:
             rows[task] = {"f1_change": round(change, 4), "agreement": round(entry["agreement"], 4),
                           "confident_agreement": entry["confident_agreement"] and
                           round(entry["confident_agreement"], 4),
-                          "confident_n": entry["confident_n"]}
+                          "confident_n": entry["confident_n"],
+                          "weighted_agreement": entry["weighted_agreement"] and
+                          round(entry["weighted_agreement"], 4)}
             print(name, task, rows[task], flush=True)
         results[f"{args.zoo} {name}"] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                                          "texts": len(traffic), "model": folder, "tasks": rows}
@@ -66,10 +69,13 @@ def outcomes(results: dict, minimum: float = DEFAULT_MIN_AGREEMENT) -> dict:
     """Per way of counting: false alarms (a task within 1 point failed) and misses (a task 3 or
     more points under passed), over every (model, task) recorded."""
     out = {}
-    for count, key in (("all", "agreement"), ("confident", "confident_agreement")):
+    for count, key in (("all", "agreement"), ("confident", "confident_agreement"),
+                       ("weighted", "weighted_agreement")):
         alarms, misses, within, under = [], [], 0, 0
         for model, entry in results.items():
             for task, row in entry["tasks"].items():
+                if key not in row:  # recorded before this way of counting existed
+                    continue
                 share = row[key] if row[key] is not None else row["agreement"]
                 if row["f1_change"] >= -0.01:
                     within += 1

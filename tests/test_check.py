@@ -347,7 +347,7 @@ def test_confident_agreement_counts_only_texts_the_expert_is_sure_of():
     confident = verdicts({"tasks": {"topic": dict(entry)}}, {"topic": 0.7}, count="confident")
     assert confident["counted"] == "confident" and confident["tasks"]["topic"]["passed"] is True
     assert confident["tasks"]["topic"]["verdict_agreement"] == pytest.approx(0.75)
-    with pytest.raises(Hm3Error, match="count: expected one of all, confident"):
+    with pytest.raises(Hm3Error, match="count: expected one of all, confident, weighted"):
         verdicts(report, {"topic": 0.7}, count="sure")
 
 
@@ -363,3 +363,40 @@ def test_confident_agreement_of_a_multi_label_task_is_its_worst_label_where_sure
     assert entry["confident_n"] == 2 and entry["confident_agreement"] == pytest.approx(0.5)
     nothing = compare_task(group, np.full((2, 2), 0.5), np.full((2, 2), 0.5))
     assert nothing["confident_n"] == 0 and nothing["confident_agreement"] is None
+
+
+def test_weighted_agreement_weighs_each_text_by_the_experts_confidence_above_chance():
+    from hm3.check import compare_task, verdicts
+    from hm3.heads import TaskGroup
+
+    group = TaskGroup("topic", ("a", "b", "c", "d"), 0)
+    # weights (p_max - 1/4) / (3/4): 1, 0.5, 0 (at chance), 0.2
+    expert = np.array([[1.0, 0, 0, 0], [0, 0.625, 0.375, 0], [0.25] * 4, [0.1, 0.1, 0.4, 0.4]])
+    merged = np.array([[0.9, 0.1, 0, 0], [0.6, 0.4, 0, 0], [0.7, 0.1, 0.1, 0.1],
+                       [0.1, 0.1, 0.5, 0.3]])
+    # text 0 agrees (w 1), text 1 does not (w 0.5), text 2 agrees but weighs 0, text 3 agrees
+    # (argmax of a tie: the first, label c, as the merged model's)
+    entry = compare_task(group, expert, merged)
+    assert entry["weighted_agreement"] == pytest.approx(1.2 / 1.7)
+    assert entry["agreement"] == pytest.approx(3 / 4)
+    report = verdicts({"tasks": {"topic": dict(entry)}}, {"topic": 0.7}, count="weighted")
+    assert report["counted"] == "weighted" and report["tasks"]["topic"]["passed"] is True
+    assert report["tasks"]["topic"]["verdict_agreement"] == pytest.approx(1.2 / 1.7)
+    # an expert always at chance has no weighted figure: the verdict falls back to every text
+    chance = compare_task(group, np.full((2, 4), 0.25), merged[:2])
+    assert chance["weighted_agreement"] is None
+    fallback = verdicts({"tasks": {"topic": dict(chance)}}, {"topic": 0.7}, count="weighted")
+    assert fallback["tasks"]["topic"]["verdict_agreement"] == chance["agreement"]
+
+
+def test_weighted_agreement_of_a_multi_label_task_is_its_worst_label():
+    from hm3.check import compare_task
+    from hm3.heads import TaskGroup
+
+    group = TaskGroup("tags", ("x", "y"), 0, multi_label=True, threshold=0.5)
+    expert = np.array([[0.9, 0.5], [0.2, 1.0], [0.5, 0.0]])
+    merged = np.array([[0.8, 0.9], [0.7, 0.9], [0.1, 0.2]])
+    # x: weights 0.8, 0.6, 0 -> agree on text 0 only: 0.8 / 1.4; y: weights 0, 1, 1 -> text 1
+    # agrees, text 2 agrees: 1
+    entry = compare_task(group, expert, merged)
+    assert entry["weighted_agreement"] == pytest.approx(0.8 / 1.4)

@@ -23,7 +23,7 @@ DEFAULT_MIN_AGREEMENT = 0.9
 # texts the expert is this sure of (top probability; each label's on/off probability for a
 # multi-label task) are the ones whose label means something.
 CONFIDENT = 0.9
-COUNTS = ("all", "confident")  # which texts a verdict counts
+COUNTS = ("all", "confident", "weighted")  # which texts a verdict counts, and how much
 
 
 # --- the figures ---------------------------------------------------------------------------------
@@ -54,7 +54,8 @@ def compare_task(group: TaskGroup, expert: np.ndarray, merged: np.ndarray) -> di
         raise Hm3Error(f"task {group.name!r}: no texts to compare on")
     out: dict = {"n": n, "multi_label": group.multi_label,
                  "mean_abs_dp": float(np.abs(merged - expert).mean()),
-                 **confident_agreement(group, expert, merged)}
+                 **confident_agreement(group, expert, merged),
+                 "weighted_agreement": weighted_agreement(group, expert, merged)}
     if group.multi_label:
         on_e, on_m = expert > group.threshold, merged > group.threshold
         per_label = (on_e == on_m).mean(0)
@@ -101,6 +102,28 @@ def confident_agreement(group: TaskGroup, expert: np.ndarray, merged: np.ndarray
     agree = expert.argmax(1) == merged.argmax(1)
     return {"confident_n": int(sure.sum()),
             "confident_agreement": float(agree[sure].mean()) if sure.any() else None}
+
+
+def weighted_agreement(group: TaskGroup, expert: np.ndarray, merged: np.ndarray
+                       ) -> float | None:
+    """The agreement with each text weighted by how sure the expert is of its label, from 0 at
+    chance to 1 when certain: (top probability - 1/K) / (1 - 1/K) for a single-label task,
+    |2p - 1| for each label of a multi-label task (then the worst label's). Unlike a fixed
+    confidence threshold it needs no setting and still counts an expert that is never very
+    sure; a text the expert labels at chance counts for nothing. None when every weight is 0."""
+    if group.multi_label:
+        weight = np.abs(2 * expert - 1)
+        same = (expert > group.threshold) == (merged > group.threshold)
+        totals = weight.sum(0)
+        shares = [float((weight[:, k] * same[:, k]).sum() / totals[k])
+                  for k in range(expert.shape[1]) if totals[k] > 0]
+        return min(shares) if shares else None
+    k = expert.shape[1]
+    weight = np.clip((expert.max(1) - 1 / k) / (1 - 1 / k), 0, 1)
+    total = weight.sum()
+    if total <= 0:
+        return None
+    return float((weight * (expert.argmax(1) == merged.argmax(1))).sum() / total)
 
 
 def compare_logits(groups: Sequence[TaskGroup], expert_logits: Mapping[str, np.ndarray],
@@ -204,9 +227,10 @@ def verdicts(report: dict, min_agreement: Mapping[str, float],
              max_drift: float | None = None, count: str = "all") -> dict:
     """Mark each checked task passed or failed against its minimum agreement (and, if given,
     the largest label-share drift allowed); sets `passed` for the whole report. `count`: the
-    agreement on every text (`all`) or on the texts the expert is confident on (`confident`:
-    for mixed traffic, where other tasks' texts get arbitrary labels from an expert; a task
-    with no confident text falls back to all); the report says which (`counted`)."""
+    agreement on every text (`all`), on the texts the expert is confident on (`confident`), or
+    with each text weighted by the expert's confidence (`weighted`): the last two for mixed
+    traffic, where other tasks' texts get arbitrary labels from an expert (a task with no
+    confident text falls back to all); the report says which (`counted`)."""
     if count not in COUNTS:
         raise Hm3Error(f"count: expected one of {', '.join(COUNTS)}, got {count!r}")
     report["counted"] = count
@@ -217,6 +241,9 @@ def verdicts(report: dict, min_agreement: Mapping[str, float],
         if count == "confident" and entry.get("confident_agreement") is not None:
             agreement = entry["confident_agreement"]
             which = f"agreement on the {entry['confident_n']} texts the expert is sure of"
+        elif count == "weighted" and entry.get("weighted_agreement") is not None:
+            agreement = entry["weighted_agreement"]
+            which = "agreement weighted by the expert's confidence"
         entry["verdict_agreement"] = agreement
         if agreement < min_agreement[task]:
             reasons.append(f"{which} {agreement:.1%} < {min_agreement[task]:.1%}")
@@ -247,15 +274,16 @@ def format_check(report: dict) -> str:
     for task, e in report["tasks"].items():
         calib = (report.get("calibration_figures") or {}).get(task, {}).get("agreement")
         held = (report.get("calibration_held_out") or {}).get(task, {}).get("agreement")
-        sure = e.get("confident_agreement")
+        sure, weighted = e.get("confident_agreement"), e.get("weighted_agreement")
         rows.append([task, e["n"], f"{e['agreement']:.1%}",
                      "-" if sure is None else f"{sure:.1%} ({e['confident_n']})",
+                     "-" if weighted is None else f"{weighted:.1%}",
                      f"{e['min_agreement']:.1%}",
                      "pass" if e["passed"] else "FAIL", f"{e['drift']:.3f}",
                      f"{e['mean_abs_dp']:.3f}", "-" if calib is None else f"{calib:.1%}",
                      "-" if held is None else f"{held:.1%}"])
     header = ["task", "texts", "agreement", f"where expert >= {CONFIDENT:.0%} (texts)",
-              "minimum", "verdict", "drift", "mean |dp|",
+              "weighted by confidence", "minimum", "verdict", "drift", "mean |dp|",
               "on calibration (optimistic)", "held out (k-fold)"]
     lines = [format_table(header, rows)]
     for task, e in report["tasks"].items():
@@ -277,6 +305,7 @@ def format_check(report: dict) -> str:
         lines.append(f"not checked (no expert given): {', '.join(report['unchecked'])}")
     failed = [t for t, e in report["tasks"].items() if not e["passed"]]
     counted = {"confident": "on the texts each expert is sure of",
+               "weighted": "each text weighted by its expert's confidence",
                "all": "on every text"}.get(report.get("counted", "all"))
     lines.append(f"verdict ({counted}): "
                  f"{'FAIL (' + ', '.join(failed) + ')' if failed else 'pass'}: "

@@ -146,10 +146,11 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--min-agreement", action="append", default=[], metavar="[TASK=]SHARE",
                        help="minimum share of texts given the expert's label, for every task "
                        "or one (repeatable; default 0.9)")
-    check.add_argument("--count", choices=("all", "confident"), default="all",
-                       help="texts the verdict counts: every text (default), or those the "
-                       "expert is at least 90%% sure of (for mixed traffic, where other "
-                       "tasks' texts get arbitrary labels from an expert)")
+    check.add_argument("--count", choices=("all", "confident", "weighted"), default="all",
+                       help="texts the verdict counts: every text (default), those the "
+                       "expert is at least 90%% sure of, or every text weighted by the "
+                       "expert's confidence (for mixed traffic, where other tasks' texts get "
+                       "arbitrary labels from an expert)")
     check.add_argument("--max-drift", type=float, metavar="TVD",
                        help="also fail a task whose label shares move further than this (total "
                        "variation distance, 0..1)")
