@@ -49,6 +49,11 @@ VARIANTS = {
     "distill elementwise": {"train": "elementwise"},
     "distill tensor": {"train": "tensor"},
     "distill weights, route all": {"train": "weights", "route": "all"},
+    # More texts at the same number of steps: each text seen about once, not three times.
+    "distill weights, lr 0.02, 256 texts": {"train": "weights", "lr": 0.02, "texts": 256},
+    "distill weights, lr 0.05, 256 texts": {"train": "weights", "lr": 0.05, "texts": 256},
+    "distill weights, lr 0.02, 256 texts, 48 steps": {"train": "weights", "lr": 0.02,
+                                                      "texts": 256, "steps": 48},
 }
 
 

@@ -6,6 +6,7 @@ import contextlib
 import io
 import re
 
+import torch
 import yaml
 from safetensors.torch import load_file
 
@@ -49,3 +50,36 @@ def test_merge_writes_a_card_and_a_recipe_that_reproduces_the_model(family, tmp_
         values = yaml.safe_load(line.split(" ", 1)[1])
         for label, p in want[task]["probabilities"].items():
             assert abs(values[label] - p) < 1e-5
+
+
+def test_the_written_recipe_re_creates_a_label_free_merge_bit_for_bit(family, tmp_path):
+    """The written recipe keeps what the merge read: the `data:` block (its texts stay out of
+    the calibration when merging again; relative paths resolved), the calibration batch size,
+    the steps' options."""
+    import json
+
+    base, experts = family
+    folder = tmp_path / "recipe"
+    folder.mkdir()
+    words = ["good", "bad", "film", "match", "news", "plot", "score", "goal", "vote", "song"]
+    texts = [f"{a} {b} {c}" for a in words for b in words[:4] for c in words[:2]]
+    (folder / "traffic.txt").write_text("\n".join(texts) + "\n")
+    held = texts[::5]  # also in the traffic: a merge that forgets `data:` calibrates on them
+    for task, label in (("sentiment", "positive"), ("topic", "film")):
+        (folder / f"{task}.jsonl").write_text(
+            "".join(json.dumps({"text": t, "label": label}) + "\n" for t in held))
+    raw = recipe_dict(base, experts, parameters={"density": 0.5})
+    raw.update({"calibration": {"texts": "traffic.txt", "batch_size": 3},
+                "data": {"sentiment": "sentiment.jsonl", "topic": "topic.jsonl"},
+                "align_heads": {"ridge": 0.1}, "recentre": True})
+    recipe_file = folder / "recipe.yaml"
+    recipe_file.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "merged"
+    assert main(["merge", str(recipe_file), "-o", str(out), "--no-progress"]) == 0
+    written = yaml.safe_load((out / "hm3_recipe.yaml").read_text())
+    assert written["data"]["topic"] == str(folder / "topic.jsonl")
+    again = tmp_path / "again"
+    assert main(["merge", str(out / "hm3_recipe.yaml"), "-o", str(again), "--no-progress"]) == 0
+    first, second = load_file(out / "model.safetensors"), load_file(again / "model.safetensors")
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)

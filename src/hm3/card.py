@@ -52,7 +52,7 @@ def model_card(block: dict, scores: dict | None = None) -> str:
               f"seed {block.get('seed')}"]
     norms = block.get("task_vector_norms", {})
     for expert in block.get("recipe", {}).get("experts", []):
-        params = {k: v for k, v in expert.items() if k not in ("model", "task")}
+        params = {k: v for k, v in expert.items() if k not in ("model", "task", "revision", "head")}
         norm = norms.get(expert["task"])
         lines.append(f"- {expert['task']}: `{expert['model']}`, parameters `{json.dumps(params)}`"
                      + (f", task vector {norm:.2%} of the base's norm" if norm is not None else ""))

@@ -21,6 +21,7 @@ from hm3.methods.registry import get_method
 
 DTYPES = ("float32", "float16", "bfloat16")
 HEAD_MODES = ("whole", "merge")
+DEFAULT_SHARD_SIZE = 2 * 10**9  # bytes per weights file: "2GB"
 DEFAULT_HEADS = "whole"  # measured at least as good as merging the rows (benchmarks/RESULTS.md)
 GUIDED_KEYS = ("heads", "calibration", "recentre", "lewis", "regmean", "coefficients",
                "align_heads", *step_names())
@@ -164,7 +165,7 @@ class Recipe:
     overrides: tuple[Override, ...] = ()
     base_revision: str | None = None
     allow_pickle: bool = False
-    max_shard_size: int = 2 * 1024**3
+    max_shard_size: int = DEFAULT_SHARD_SIZE
     data: dict[str, Any] = field(default_factory=dict)
     guided: Guided = field(default_factory=Guided)
     data_root: str | None = None  # the recipe's folder: relative `data:` paths start there
@@ -179,19 +180,61 @@ class Recipe:
         return params
 
     def to_dict(self) -> dict[str, Any]:
-        """The recipe as plain data, for the merged model's provenance."""
-        return {
-            "base": self.base,
-            "experts": [{"model": e.model, "task": e.task, **e.parameters} for e in self.experts],
+        """The recipe as plain data, every field, for the merged model's provenance
+        (`hm3_recipe.yaml`): `parse_recipe` reads it back to an equal recipe, so the file
+        re-creates the merge. Relative `data:` paths are written resolved against the recipe's
+        folder, as they were read."""
+        base: Any = self.base
+        if self.base_revision is not None:
+            base = {"model": self.base, "revision": self.base_revision}
+        out = {
+            "base": base,
+            "experts": [_expert_dict(e) for e in self.experts],
             "method": self.method,
             "parameters": dict(self.parameters),
             "dtype": self.dtype,
             "seed": self.seed,
             "overrides": [{"pattern": o.pattern, **o.parameters,
-                           **({"experts": list(o.experts)} if o.experts else {})}
+                           **({"experts": list(o.experts)} if o.experts is not None else {})}
                           for o in self.overrides],
-            **self.guided.to_dict(),
+            "allow_pickle": self.allow_pickle,
+            "max_shard_size": self.max_shard_size,
         }
+        if self.data:
+            out["data"] = resolve_data_paths(self.data, self.data_root)
+        return {**out, **self.guided.to_dict()}
+
+
+def _expert_dict(expert: Expert) -> dict[str, Any]:
+    out: dict[str, Any] = {"model": expert.model, "task": expert.task}
+    if expert.revision is not None:
+        out["revision"] = expert.revision
+    if expert.head is not None:
+        out["head"] = {"weight": expert.head.weight, "bias": expert.head.bias}
+    return {**out, **expert.parameters}
+
+
+def resolve_data_paths(data: dict[str, Any], root: str | None) -> dict[str, Any]:
+    """A `data:` block with each relative path that exists under `root` made absolute (others:
+    hub ids, absolute paths, missing files, as given)."""
+    def resolved(path: str) -> str:
+        if root is None or Path(path).is_absolute() or not (Path(root) / path).exists():
+            return path
+        return str((Path(root) / path).resolve())
+
+    out: dict[str, Any] = {}
+    for task, entry in data.items():
+        if isinstance(entry, str):
+            out[task] = resolved(entry)
+            continue
+        entry = {**entry, "path": resolved(entry["path"])}
+        validation = entry.get("validation")
+        if isinstance(validation, str):
+            entry["validation"] = resolved(validation)
+        elif isinstance(validation, dict) and "path" in validation:
+            entry["validation"] = {**validation, "path": resolved(validation["path"])}
+        out[task] = entry
+    return out
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -294,7 +337,7 @@ def parse_recipe(raw: Any, root: Path | None = None) -> Recipe:
     allow_pickle = raw.get("allow_pickle", False)
     if not isinstance(allow_pickle, bool):
         raise Hm3Error(f"allow_pickle: expected true or false, got {allow_pickle!r}")
-    max_shard_size = parse_size(raw.get("max_shard_size", "2GB"), "max_shard_size")
+    max_shard_size = parse_size(raw.get("max_shard_size", DEFAULT_SHARD_SIZE), "max_shard_size")
     data = raw.get("data") or {}
     if data:
         parse_data_block(data, tasks)  # validated now, read by `hm3 eval` and `hm3 search`
