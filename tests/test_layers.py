@@ -15,7 +15,7 @@ ROWS = [
     ("hm3.pipeline",),
     ("hm3.guided",),
     ("hm3.zoo",),
-    ("hm3.model", "hm3.evaluate", "hm3.check", "hm3.bench", "hm3.onnx_model"),
+    ("hm3.model", "hm3.evaluate", "hm3.check", "hm3.bench", "hm3.onnx_model", "hm3.predictions"),
     ("hm3.merge", "hm3.heads", "hm3.checkpoint", "hm3.card"),
     ("hm3.recipe", "hm3.data", "hm3.label_free"),
     ("hm3.methods",),

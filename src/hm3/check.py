@@ -5,16 +5,19 @@ per task against a threshold (for a deployment pipeline to act on)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import warnings
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
 from hm3.data.calibration import text_hash
-from hm3.errors import Hm3Error
+from hm3.checkpoint import read_config, resolve
+from hm3.errors import Hm3Error, Hm3Warning
 from hm3.heads import TaskGroup
-from hm3.model import MultiTaskClassifier, group_probabilities
+from hm3.model import MultiTaskClassifier, group_probabilities, load, task_groups
 from hm3.table import format_table
 
 CALIBRATION_TEXTS = "calibration_texts.json"  # beside a guided merge's config.json
@@ -184,6 +187,102 @@ def check(merged: MultiTaskClassifier,
     tasks = {task: tasks[task] for task in groups if task in tasks}  # the model's order
     return {"texts": len(texts), "tasks": tasks,
             "unchecked": [task for task in groups if task not in experts]}
+
+
+
+def check_model(model: str | Path, texts: Sequence[str], experts: Sequence[str] | None = None,
+                min_agreement: Sequence[str] = (), max_drift: float | None = None,
+                count: str = "all", batch_size: int = 32, device: str | None = None,
+                max_length: int | None = None, allow_pickle: bool = False) -> dict:
+    """The whole check of a merged model folder (`hm3 check`): its experts found and their
+    labels compared with the merged tasks' before any forward pass, `check`, `verdicts`, and
+    what the merge records of its calibration (a warning when `texts` were calibration texts).
+
+    Parameters
+    ----------
+    model : the merged model (directory or hub id).
+    texts : unlabelled texts NOT used for calibration.
+    experts : `[TASK=]PATH` items (see `expert_paths`); default: the sources the model records.
+    min_agreement : `SHARE` / `TASK=SHARE` items (see `parse_thresholds`).
+    max_drift, count : as for `verdicts`.
+    batch_size, device, max_length, allow_pickle : how the models are loaded and run
+        (`hm3.load`).
+
+    Returns `verdicts`'s dict, with "model", "experts" (task -> path), "calibration_overlap"
+    and, where the merge recorded them, "calibration_figures" and "calibration_held_out".
+    """
+    if max_drift is not None and not 0 <= max_drift <= 1:
+        raise Hm3Error(f"--max-drift: expected a distance in [0, 1], got {max_drift}")
+    folder = resolve(str(model), allow_pickle=allow_pickle)
+    block = read_config(folder).get("hm3") or {}
+    if not block:
+        raise Hm3Error(f"{model} is not an hm3-merged model (its config.json has no hm3 "
+                       "block); check the folder `hm3 merge` wrote")
+    tasks = [t["name"] for t in block["tasks"]]
+    thresholds = parse_thresholds(min_agreement, tasks)
+    paths = expert_paths(experts, block, tasks)
+    merged_groups = {g.name: g for g in task_groups(read_config(folder), None, str(model))}
+    for task, path in paths.items():  # a wrong expert fails before any forward pass
+        check_expert_groups(merged_groups[task], task_groups(
+            read_config(resolve(path, allow_pickle=allow_pickle)), task, path))
+    options = {"device": device, "max_length": max_length, "allow_pickle": allow_pickle}
+    merged = load(folder, **options)
+    loaders = {task: functools.partial(load, path, task=task, **options)
+               for task, path in paths.items()}
+    texts = list(texts)
+    report = verdicts(check(merged, loaders, texts, batch_size), thresholds, max_drift, count)
+    report["model"], report["experts"] = str(model), paths
+    overlap = calibration_overlap(folder, texts)
+    report["calibration_overlap"] = overlap
+    fidelity = (block.get("guided") or {}).get("fidelity")
+    if fidelity:
+        report["calibration_figures"] = fidelity["tasks"]
+        if "held_out" in fidelity:  # merges by earlier hm3 versions have none
+            report["calibration_held_out"] = fidelity["held_out"]["tasks"]
+    if overlap and any(overlap.values()):
+        used = ", ".join(f"{task} {n}" for task, n in overlap.items() if n)
+        warnings.warn(f"some check texts were calibration texts of this merge ({used} of "
+                      f"{len(texts)}): the label-free steps were fitted to them, so agreement "
+                      "on them is optimistic; check on texts the merge has not seen", Hm3Warning,
+                      stacklevel=2)
+    return report
+
+
+def expert_paths(items: Sequence[str] | None, block: Mapping, tasks: Sequence[str]
+                 ) -> dict[str, str]:
+    """`[TASK=]PATH` items as task -> path. A path without TASK= is matched to the source the
+    merged model's hm3 `block` records for it, else to the task named like its folder. Without
+    items, the recorded sources."""
+    recorded = {s["task"]: s["model"] for s in block.get("sources", [])}
+    if not items:
+        missing = [t for t in tasks if t not in recorded]
+        if missing:
+            raise Hm3Error(f"the model records no expert for {', '.join(missing)}; name them "
+                           "with --experts TASK=PATH ...")
+        return {task: recorded[task] for task in tasks}
+    by_path = {_same_path(path): task for task, path in recorded.items()}
+    out: dict[str, str] = {}
+    for item in items:
+        task, sep, path = item.partition("=")
+        if not sep:
+            path = item
+            name = Path(item.rstrip("/")).name
+            task = by_path.get(_same_path(item)) or (name if name in tasks else "")
+            if not task:
+                raise Hm3Error(f"--experts {item}: cannot tell which task it is the expert of "
+                               f"(tasks: {', '.join(tasks)}); write TASK={item}")
+        if task not in tasks:
+            raise Hm3Error(f"--experts {item}: no task {task!r}; tasks are {', '.join(tasks)}")
+        if task in out:
+            raise Hm3Error(f"--experts: two experts for task {task!r}; give one per task")
+        out[task] = path
+    return out
+
+
+def _same_path(path: str) -> str:
+    """A path in the form two spellings of one folder share (hub ids stay as they are)."""
+    local = Path(path).expanduser()
+    return str(local.resolve()) if local.exists() else path
 
 
 def check_expert_groups(group: TaskGroup, expert_groups: Sequence[TaskGroup]) -> None:

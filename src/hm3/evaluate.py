@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import numbers
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
 from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
 
 from hm3.data.tables import Dataset
-from hm3.errors import Hm3Error
+from hm3.errors import Hm3Error, Hm3Warning
 from hm3.heads import TaskGroup
 from hm3.table import format_table
 
@@ -132,6 +133,22 @@ def evaluate(model, datasets: Sequence[Dataset], batch_size: int = 32) -> dict:
     return {"max_length": getattr(model, "max_length", None),
             "mean_macro_f1": float(np.mean(scores)) if scores else None,
             "tasks": tasks}
+
+
+
+def own_datasets(groups: Sequence[TaskGroup], datasets: Sequence[Dataset],
+                 model: str = "the model") -> list[Dataset]:
+    """The datasets a model of `groups` can be scored on: a single expert scores its own task
+    (with a warning naming the others' data it leaves out); a merged model, every dataset."""
+    if len(groups) != 1:
+        return list(datasets)
+    own = [d for d in datasets if d.task == groups[0].name]
+    if own and len(own) < len(datasets):
+        skipped = sorted(d.task for d in datasets if d.task != groups[0].name)
+        warnings.warn(f"{model} has one task ({groups[0].name}); the data for "
+                      f"{', '.join(skipped)} was not scored (use --task to name the model's "
+                      "task)", Hm3Warning, stacklevel=2)
+    return own or list(datasets)
 
 
 def _check(datasets: Sequence[Dataset], groups: dict[str, TaskGroup]) -> None:

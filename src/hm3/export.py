@@ -73,7 +73,8 @@ def output_names(groups: list[TaskGroup]) -> list[str]:
 
 def export_onnx(model: str | Path, output: str | Path, quantize: str | None = None,
                 overwrite: bool = False, exclude: tuple[str, ...] = FP32_NODES,
-                per_channel: bool = True, max_length: int | None = None) -> dict:
+                per_channel: bool = True, max_length: int | None = None,
+                allow_pickle: bool = False) -> dict:
     """Export `model` (merged model, single classifier or hub id) to an ONNX folder at `output`.
 
     Parameters
@@ -83,6 +84,7 @@ def export_onnx(model: str | Path, output: str | Path, quantize: str | None = No
     per_channel : with int8, one scale per output channel (else one per tensor).
     max_length : the token length `hm3.load` cuts texts to when it runs the export (recorded);
         default: the tokenizer's maximum.
+    allow_pickle : read a model whose weights exist only as pickle `.bin` files (`hm3.load`).
 
     Returns a dict: path, file, megabytes, max_abs_diff (largest difference of any task
     probability from the PyTorch model's on sample texts), quantized.
@@ -96,14 +98,15 @@ def export_onnx(model: str | Path, output: str | Path, quantize: str | None = No
         else:
             fp32.replace(staging / ONNX_FILE)
 
-    return _export(model, output, overwrite, ONNX_FILE, convert, max_length, {
+    return _export(model, output, overwrite, ONNX_FILE, convert, max_length, allow_pickle, {
         "format": "onnx", "quantized": quantize, "per_channel": per_channel if quantize else None,
         "fp32_nodes": list(exclude) if quantize else None})
 
 
 def export_openvino(model: str | Path, output: str | Path, quantize: str | None = None,
                     calibration: Sequence[str] | None = None, overwrite: bool = False,
-                    exclude: tuple[str, ...] = FP32_NODES, max_length: int | None = None) -> dict:
+                    exclude: tuple[str, ...] = FP32_NODES, max_length: int | None = None,
+                    allow_pickle: bool = False) -> dict:
     """Export `model` to an OpenVINO folder (openvino_model.xml/.bin) at `output`.
 
     The graph is the ONNX export's (per-task probabilities inside), converted by OpenVINO and
@@ -113,7 +116,7 @@ def export_openvino(model: str | Path, output: str | Path, quantize: str | None 
     `max_length`: the token length texts are cut to, at calibration and (the export records it)
     when `hm3.load` runs the folder; default: the tokenizer's maximum. Calibrate at the length
     you serve at: ranges measured on 512-token texts cost a task 1.1 points served at 128
-    (benchmarks/RESULTS.md §6.7).
+    (benchmarks/RESULTS.md §6.7). `allow_pickle`: as for `export_onnx`.
 
     Returns the same dict as `export_onnx`.
     """
@@ -138,18 +141,18 @@ def export_openvino(model: str | Path, output: str | Path, quantize: str | None 
             graph = _nncf_int8(graph, classifier, texts, exclude)
         ov.save_model(graph, str(staging / OPENVINO_FILE), compress_to_fp16=False)
 
-    return _export(model, output, overwrite, OPENVINO_FILE, convert, max_length, {
+    return _export(model, output, overwrite, OPENVINO_FILE, convert, max_length, allow_pickle, {
         "format": "openvino", "quantized": quantize,
         "calibration_texts": len(texts) if quantize else None,
         "fp32_nodes": list(exclude) if quantize else None})
 
 
 def _export(model, output, overwrite: bool, file: str, convert, max_length: int | None,
-            layout: dict) -> dict:
+            allow_pickle: bool, layout: dict) -> dict:
     """The ONNX graph of `model`, `convert`ed into `file` of a new folder with the config, the
     tokenizer and the layout; checked against the PyTorch model on sample texts."""
     check_destination(output, overwrite)
-    classifier = load(model, device="cpu", max_length=max_length)
+    classifier = load(model, device="cpu", max_length=max_length, allow_pickle=allow_pickle)
     if getattr(classifier.model, "backend", "torch") != "torch":
         raise Hm3Error(f"{model} is already an {classifier.model.kind} export; export the "
                        "PyTorch model instead")
@@ -173,7 +176,7 @@ def _export(model, output, overwrite: bool, file: str, convert, max_length: int 
                           input_names, outputs, axes)
             _add_metadata(fp32, groups)
             convert(fp32, staging, classifier)
-        config = read_config(resolve(str(model)))
+        config = read_config(resolve(str(model), allow_pickle=allow_pickle))
         # a plain classifier gets the task layout it was loaded with, so the export keeps it
         config.setdefault("hm3", {"tasks": [g.to_dict() for g in groups]})
         write_json_atomic(staging / "config.json", config)

@@ -135,10 +135,11 @@ def run_search(recipe: Recipe, validation: Sequence[Dataset], test: Sequence[Dat
 
 def self_merge(expert: str, base: str, validation: Dataset, test: Dataset | None,
                output: str | Path, config: SearchConfig = SearchConfig(),
-               progress: bool = True) -> SearchResult:
+               progress: bool = True, allow_pickle: bool = False) -> SearchResult:
     """The paper's self-merging: one expert, its task vector alone, under DARE-TIES at sampled
-    densities; the plot shows its F1 against density with the expert's own F1 as a line."""
-    recipe = parse_recipe({"base": base, "method": "dare_ties",
+    densities; the plot shows its F1 against density with the expert's own F1 as a line.
+    `allow_pickle`: read pickle `.bin` checkpoints (as the recipe key)."""
+    recipe = parse_recipe({"base": base, "method": "dare_ties", "allow_pickle": allow_pickle,
                            "experts": [{"model": expert, "task": validation.task}]})
     space = dataclasses.replace(config.space, methods=("dare_ties",), per_expert_density=False,
                                 weight_range=None)

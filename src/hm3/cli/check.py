@@ -1,0 +1,55 @@
+"""`hm3 check MODEL --texts FILE`: the label-free pre-deployment check (exit 1 if it fails)."""
+
+from __future__ import annotations
+
+import argparse
+
+from hm3.check import COUNTS  # loaded with `hm3` already: no cost to the parser
+from hm3.cli.options import (ModelOptions, add_json_report, add_limit, add_model_options,
+                             add_text_column, write_json_report)
+
+HELP = ("label-free pre-deployment check: does the merged model keep each expert's decisions on "
+        "your texts? (exit 1 if not)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="merged model directory or hub id")
+    parser.add_argument("--experts", nargs="+", metavar="[TASK=]PATH",
+                        help="the experts that were merged (default: the sources the merged "
+                        "model records); TASK= where the task is not clear from the path")
+    parser.add_argument("--texts", required=True, metavar="FILE",
+                        help="unlabelled texts NOT used for calibration: .txt (one per line), "
+                        "JSONL, CSV, TSV, JSON or Parquet")
+    add_text_column(parser)
+    add_limit(parser, help="check only the first N texts")
+    parser.add_argument("--min-agreement", action="append", default=[], metavar="[TASK=]SHARE",
+                        help="minimum share of texts given the expert's label, for every task "
+                        "or one (repeatable; default 0.9)")
+    parser.add_argument("--count", choices=COUNTS, default="all",
+                        help="texts the verdict counts: every text (default), those the "
+                        "expert is at least 90%% sure of, or every text weighted by the "
+                        "expert's confidence (for mixed traffic, where other tasks' texts get "
+                        "arbitrary labels from an expert)")
+    parser.add_argument("--max-drift", type=float, metavar="TVD",
+                        help="also fail a task whose label shares move further than this (total "
+                        "variation distance, 0..1)")
+    add_json_report(parser)
+    add_model_options(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from hm3.check import check_model, format_check
+    from hm3.data import read_texts
+    from hm3.errors import Hm3Error
+
+    if args.limit is not None and args.limit < 1:
+        raise Hm3Error(f"--limit: expected a positive number of texts, got {args.limit}")
+    texts = read_texts(Path(args.texts), args.text_column)[:args.limit]
+    options = ModelOptions.from_args(args)
+    report = check_model(args.model, texts, args.experts, args.min_agreement, args.max_drift,
+                         args.count, batch_size=options.batch_size, **options.load_options())
+    print(format_check(report))
+    write_json_report(args.json_out, report)
+    return 0 if report["passed"] else 1

@@ -1,0 +1,52 @@
+"""`hm3 eval MODEL --data TASK=FILE`: score a merged model or one expert on labelled data."""
+
+from __future__ import annotations
+
+import argparse
+
+from hm3.cli.options import (ModelOptions, add_json_report, add_label_column, add_limit,
+                             add_model_options, add_text_column, write_json_report)
+
+HELP = "score a merged model or one expert on labelled data"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="merged model or single expert (directory or hub id)")
+    parser.add_argument("--data", action="append", default=[], metavar="TASK=FILE",
+                        help="labelled data for a task: CSV / JSONL / Parquet file or hub "
+                        "dataset id (repeatable)")
+    parser.add_argument("--recipe", help="take the datasets from this recipe's `data:` block")
+    parser.add_argument("--expect", action="append", default=[], metavar="TASK:OTHER=LABEL",
+                        help="cross-check: TASK's texts should get LABEL on OTHER's head")
+    parser.add_argument("--task", help="task name of a plain single-task classifier")
+    add_text_column(parser)
+    add_label_column(parser)
+    add_limit(parser, help="score only the first N examples per task")
+    add_json_report(parser)
+    add_model_options(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from hm3.data import load_data_block
+    from hm3.data.items import check_expected_heads, data_block
+    from hm3.errors import Hm3Error
+    from hm3.evaluate import evaluate, format_report, own_datasets
+    from hm3.model import load
+    from hm3.recipe import load_data_recipe
+
+    data = data_block(args.data, args.expect, args.text_column, args.label_column,
+                      block=load_data_recipe(args.recipe) if args.recipe else None,
+                      limit=args.limit)
+    if not data:
+        raise Hm3Error("nothing to score: give --data TASK=FILE or --recipe with a `data:` block")
+    options = ModelOptions.from_args(args)
+    model = load(args.model, task=args.task, **options.load_options())
+    check_expected_heads(args.expect, model.tasks)
+    datasets = load_data_block(data, root=Path(args.recipe).parent if args.recipe else None)
+    report = evaluate(model, own_datasets(model.groups, datasets, args.model),
+                      batch_size=options.batch_size)
+    print(format_report(report))
+    write_json_report(args.json_out, report)
+    return 0

@@ -1,0 +1,46 @@
+"""`hm3 predict MODEL TEXT...`: classify texts with every task of a model."""
+
+from __future__ import annotations
+
+import argparse
+
+from hm3.cli.options import ModelOptions, add_input, add_model_options
+
+HELP = "classify texts with every task of a model"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="model directory or hub id")
+    parser.add_argument("texts", nargs="*", help="texts to classify")
+    add_input(parser, help="file of texts: .txt (one per line), JSONL (strings or objects), CSV, "
+              "TSV, JSON or Parquet")
+    parser.add_argument("--output", help="write the predictions here: .jsonl (one JSON object "
+                        "per text), .csv or .tsv (a column per task and per probability); "
+                        "default: JSONL on standard output")
+    parser.add_argument("--logits", action="store_true", help="include the raw logits")
+    add_model_options(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from hm3.data import read_texts
+    from hm3.errors import Hm3Error
+    from hm3.model import load
+    from hm3.predictions import check_format, prediction_lines, write_predictions
+
+    if args.output is not None:
+        check_format(args.output)  # before the model loads
+    texts = list(args.texts)
+    if args.input:
+        texts += read_texts(Path(args.input), args.text_column)
+    if not texts:
+        raise Hm3Error("nothing to classify: give texts as arguments or --input FILE")
+    options = ModelOptions.from_args(args)
+    model = load(args.model, **options.load_options())
+    results = model.predict(texts, batch_size=options.batch_size, return_logits=args.logits)
+    if args.output is not None:
+        write_predictions(args.output, model.groups, texts, results)
+    else:
+        print(prediction_lines(texts, results), end="")
+    return 0
