@@ -30,10 +30,10 @@ def data_block(data: Sequence[str] = (), expect: Sequence[str] = (), text_column
         task, other, label = _expectation(item)
         if task not in out:
             raise Hm3Error(f"--expect {item}: no --data for task {task!r}")
-        out[task] = {**out[task], "expect": {**out[task].get("expect", {}), other: label}}
+        entry = _entry(out[task])
+        out[task] = {**entry, "expect": {**entry.get("expect", {}), other: label}}
     if limit is not None:
-        out = {task: {**({"path": e} if isinstance(e, str) else e), "limit": limit}
-               for task, e in out.items()}
+        out = {task: {**_entry(e), "limit": limit} for task, e in out.items()}
     return out
 
 
@@ -45,6 +45,11 @@ def check_expected_heads(expect: Sequence[str], tasks: Sequence[str]) -> None:
         if other not in tasks:
             raise Hm3Error(f"--expect {item}: the model has no task {other!r}; its tasks are "
                            f"{', '.join(tasks)}")
+
+
+def _entry(entry: Any) -> dict[str, Any]:
+    """A `data:` entry as a mapping (the block also takes a bare path or hub id)."""
+    return {"path": entry} if isinstance(entry, str) else dict(entry)
 
 
 def _expectation(item: str) -> tuple[str, str, str]:
