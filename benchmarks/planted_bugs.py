@@ -70,7 +70,7 @@ BUGS = {
         "seed = self.recipe.seed + (trial.number if self.config.vary_merge_seed else 0)",
         "seed = self.recipe.seed", ["tests/test_search_rules.py"]),
     "fixed_merge_seed_flag_ignored": (
-        "src/hm3/cli.py", "vary_merge_seed=not args.fixed_merge_seed",
+        "src/hm3/cli/search.py", "vary_merge_seed=not args.fixed_merge_seed",
         "vary_merge_seed=True", ["tests/test_search_rules.py"]),
     "earlier_overrides_win": (
         "src/hm3/recipe.py", "for override in self.overrides:",
@@ -90,13 +90,15 @@ BUGS = {
         "            else sources.experts[0].tensor(job.name).float())\n    base_sq",
         [REFERENCE]),
     "predict_does_nothing": (
-        "src/hm3/cli.py", "def _predict(args) -> int:\n", "def _predict(args) -> int:\n    return 0\n",
+        "src/hm3/cli/predict.py", "def run(args: argparse.Namespace) -> int:\n",
+        "def run(args: argparse.Namespace) -> int:\n    return 0\n",
         ["tests/test_cli.py"]),
     "eval_does_nothing": (
-        "src/hm3/cli.py", "def _evaluate(args) -> int:\n",
-        "def _evaluate(args) -> int:\n    return 0\n", ["tests/test_cli.py"]),
+        "src/hm3/cli/evaluate.py", "def run(args: argparse.Namespace) -> int:\n",
+        "def run(args: argparse.Namespace) -> int:\n    return 0\n", ["tests/test_cli.py"]),
     "bench_does_nothing": (
-        "src/hm3/cli.py", "def _bench(args) -> int:\n", "def _bench(args) -> int:\n    return 0\n",
+        "src/hm3/cli/bench.py", "def run(args: argparse.Namespace) -> int:\n",
+        "def run(args: argparse.Namespace) -> int:\n    return 0\n",
         ["tests/test_cli.py"]),
 }
 
