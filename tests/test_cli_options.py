@@ -150,3 +150,10 @@ def test_export_reads_a_pickle_model_only_with_allow_pickle(pickled, tmp_path, c
     assert main(["export", str(expert), "-o", str(out), "--allow-pickle"]) == 0
     assert "exported" in capsys.readouterr().out
     assert main(["predict", str(out), "good film"]) == 0
+
+
+def test_serve_says_it_cannot_serve_pickle_weights_yet(pickled, capsys):
+    # hm3.serve's serve functions take no allow_pickle: refused before anything starts
+    _, expert, _ = pickled
+    assert main(["serve", str(expert), "--allow-pickle", "--port", "1"]) == 2
+    assert "does not load pickle (.bin) weights yet" in capsys.readouterr().err
