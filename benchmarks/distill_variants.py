@@ -51,6 +51,9 @@ VARIANTS = {
     "distill weights, route all": {"train": "weights", "route": "all"},
     # More texts at the same number of steps: each text seen about once, not three times.
     "distill weights, lr 0.02, 256 texts": {"train": "weights", "lr": 0.02, "texts": 256},
+    # the last block matched on what the heads make of it (the experts' logits), or on both
+    "distill weights, lr 0.02, last logits": {"train": "weights", "lr": 0.02, "last": "logits"},
+    "distill weights, lr 0.02, last both": {"train": "weights", "lr": 0.02, "last": "both"},
     "distill weights, lr 0.05, 256 texts": {"train": "weights", "lr": 0.05, "texts": 256},
     "distill weights, lr 0.02, 256 texts, 48 steps": {"train": "weights", "lr": 0.02,
                                                       "texts": 256, "steps": 48},

@@ -14,7 +14,8 @@ from hm3.data import Dataset
 from hm3.label_free import get_step, step_names
 from hm3.label_free.distill import MIN_ROUTED, DistillOptions, _routed
 from hm3.label_free.registry import Step, register
-from hm3.label_free.stream import block_output, find_blocks, first_block_calls
+from hm3.label_free.stream import (block_output, blocks_replaced, find_blocks, first_block_calls,
+                                   model_logits)
 from hm3.pipeline import format_guided
 from hm3.search import SearchConfig, run_search
 
@@ -80,6 +81,42 @@ def test_blocks_run_one_at_a_time_give_the_models_own_hidden_states(tmp_path, mo
             assert torch.equal(hidden, expected[index + 1]), index
 
 
+@pytest.mark.parametrize("model_type", sorted(TINY))
+def test_the_tail_on_the_last_blocks_output_gives_the_models_logits(tmp_path, model_type):
+    _, experts = build_family(tmp_path, {"topic": ["a", "b", "c"]}, model_type=model_type)
+    model = AutoModelForSequenceClassification.from_pretrained(experts["topic"]).eval()
+    tokenizer = AutoTokenizer.from_pretrained(experts["topic"])
+    batch = dict(tokenizer(random_texts(6, seed=3), padding=True, return_tensors="pt"))
+    prefix, blocks = find_blocks(model)
+    (call,), _ = first_block_calls(model, blocks, [batch])
+    with torch.no_grad():
+        expected = model_logits(model, batch)
+        hidden = call.hidden
+        for block in blocks[:-1]:
+            hidden = block_output(block, call, hidden)
+        raw = block_output(blocks[-1], call, hidden, whole=True)
+        with blocks_replaced(model, prefix, raw):
+            logits = model_logits(model, batch)
+            assert getattr(model.get_submodule(prefix.rpartition(".")[0]),
+                           prefix.rpartition(".")[2]) is not blocks
+        # ...and the real blocks are back afterwards
+        assert find_blocks(model)[1] is blocks
+        # and with the last block's output replaced by a different one, different logits
+        with blocks_replaced(model, prefix, _perturbed(raw)):
+            other = model_logits(model, batch)
+    # the very calls the model makes, on the same inputs: the same numbers
+    assert torch.equal(logits, expected), (logits - expected).abs().max()
+    assert not torch.allclose(other, expected, atol=1e-3)
+
+
+def _perturbed(raw):
+    """The block output plus noise of its own size (not a rescaling: a final norm undoes that)."""
+    hidden = raw[0] if isinstance(raw, (tuple, list)) else raw
+    noisy = hidden + torch.randn(hidden.shape, generator=torch.Generator().manual_seed(0)) \
+        * hidden.std()
+    return type(raw)([noisy, *raw[1:]]) if isinstance(raw, (tuple, list)) else noisy
+
+
 def test_the_blocks_are_the_longest_stack_of_one_module(tmp_path):
     _, experts = build_family(tmp_path, {"topic": ["a", "b"]}, model_type="distilbert")
     model = AutoModelForSequenceClassification.from_pretrained(experts["topic"])
@@ -114,6 +151,33 @@ def test_distill_lowers_every_blocks_error_to_the_experts(tmp_path, model_type):
                                                        entry["error_after"]))
     assert "distill (" in format_guided(report.guided)
     assert "label-free steps: distill on unlabelled" in (report.path / "README.md").read_text()
+
+
+@pytest.mark.parametrize("model_type", ["bert", "distilbert", "deberta-v2", "llama", "gpt2",
+                                        *ENCODERS_WITH_HIDDEN_HEAD])
+@pytest.mark.parametrize("last", ["logits", "both"])
+def test_the_last_block_matched_on_logits_lowers_the_heads_kl(tmp_path, model_type, last):
+    fam = family_with_texts(tmp_path, model_type)
+    entry = distill_merge(fam, tmp_path / "out", last=last).guided["distill"]
+    before, after = entry["logit_error"]
+    if last == "both":  # what is trained: the last block's relative error plus the heads' KL
+        before += entry["error_before"][-1]
+        after += entry["error_after"][-1]
+    assert after < before
+    assert "the heads' KL to the experts" in entry["summary"]
+
+
+def test_the_last_block_matched_on_logits_differs_from_hidden_states(tmp_path):
+    fam = family_with_texts(tmp_path)
+    hidden = distill_merge(fam, tmp_path / "hidden")
+    logits = distill_merge(fam, tmp_path / "logits", last="logits")
+    assert hidden.guided["distill"]["logit_error"] is None
+    first, second = tensors(hidden.path), tensors(logits.path)
+    prefix, last = "bert.encoder.layer.", "bert.encoder.layer.1."
+    # the blocks before the last are distilled alike; the last one differently
+    assert all(torch.equal(first[n], second[n]) for n in first
+               if n.startswith(prefix) and not n.startswith(last))
+    assert any(not torch.equal(first[n], second[n]) for n in first if n.startswith(last))
 
 
 @pytest.mark.parametrize("train", ["weights", "elementwise", "rows", "tensor"])
@@ -177,7 +241,7 @@ def test_distill_true_takes_the_declared_defaults_and_round_trips(small):
     written = recipe.to_dict()
     assert written["distill"] == {"train": "weights", "texts": 64, "steps": 24, "lr": 0.02,
                                   "pull": 0.0, "batch_size": 8, "route": "confident",
-                                  "confidence": 0.9}
+                                  "confidence": 0.9, "last": "hidden"}
     custom = parse_recipe(recipe_with(small, distill={"train": "rows", "steps": 3}))
     assert parse_recipe({**custom.to_dict(), "calibration": small.calibration}
                         ).guided == custom.guided

@@ -15,6 +15,12 @@ drift of earlier ones. What is trained, `train`:
   sum_i c_i * tau_i, with c_i one per entry, per output row or per tensor (ProDistill trains
   the element-wise form from the task-arithmetic merge).
 
+What the LAST block matches, `last`: the experts' hidden states as every other block
+(`hidden`), or what the heads make of them (`logits`): the merged model's own tail (final norm,
+pooler, each task's head, as merged) on the block's output against each expert's logits on its
+texts (KL divergence; per label for a multi-label task) — the only part of the last block's
+output a head reads; `both` adds the two losses.
+
 With one shared calibration sample (every task reads the same texts), `route: confident` keeps,
 for each task, the texts its expert is confident on (top probability >= `confidence`); `all`
 distils every expert on every text.
@@ -31,11 +37,12 @@ from tqdm.auto import tqdm
 
 from hm3.label_free.registry import (Step, fraction, non_negative, one_of, option, positive,
                                      positive_int, register)
-from hm3.label_free.stream import (BlockCall, block_from, block_output, find_blocks,
-                                   first_block_calls)
+from hm3.label_free.stream import (BlockCall, block_from, block_output, blocks_replaced,
+                                   find_blocks, first_block_calls, model_logits)
 
 TRAIN = ("weights", "elementwise", "rows", "tensor")
 ROUTES = ("confident", "all")
+LAST = ("hidden", "logits", "both")
 MIN_ROUTED = 16  # a task whose expert is confident on fewer texts keeps its most confident ones
 
 
@@ -51,6 +58,9 @@ class DistillOptions:
     batch_size: int = option(8, positive_int, "texts per task in each step")
     route: str = option("confident", one_of(*ROUTES), "shared sample: texts per teacher")
     confidence: float = option(0.9, fraction, "route: confident's threshold")
+    last: str = option("hidden", one_of(*LAST),
+                       "the last block's target: the experts' hidden states, their logits "
+                       "(through the merged tail), or both")
 
 
 @dataclass
@@ -66,12 +76,16 @@ class DistillReport:
     error_after: list[float]
     seconds: float
     routed: dict[str, int] | None = None  # shared sample: texts each task's expert teaches
+    logit_error: tuple[float, float] | None = None  # last: logits; the KL before and after
 
     def summary(self) -> str:
         texts = ", ".join(f"{task} {n}" for task, n in self.texts.items())
         line = (f"distill ({self.seconds:.0f}s): {self.blocks} blocks, train {self.train}; "
                 f"relative error of the last block's output to the experts "
                 f"{self.error_before[-1]:.4f} -> {self.error_after[-1]:.4f}; texts: {texts}")
+        if self.logit_error:
+            line += (f"; the heads' KL to the experts {self.logit_error[0]:.4f} -> "
+                     f"{self.logit_error[1]:.4f}")
         if self.routed:
             line += "; routed to confident experts: " + ", ".join(
                 f"{task} {n}" for task, n in self.routed.items())
@@ -119,14 +133,16 @@ def distill_body(model: torch.nn.Module, sources, calibrated, options: DistillOp
         stream.calls, _ = first_block_calls(model, blocks, stream.batches)
         stream.hidden = [call.hidden for call in stream.calls]
     # Each expert's own stream: its first block's calls, then its blocks one at a time.
-    expert_calls, expert_hidden, token_weights, routed = {}, {}, {}, {}
+    expert_calls, expert_hidden, token_weights, routed, expert_logits = {}, {}, {}, {}, {}
+    by_logits = options.last != "hidden"
     for task, checkpoint in tqdm(list(zip(tasks, sources.experts)), desc="distill: experts",
                                  unit="expert", disable=not progress):
         stream = stream_of[task]
         shared = len(stream.tasks) > 1
         expert = _load_expert(checkpoint, device)
         _, expert_blocks = find_blocks(expert)
-        calls, logits = first_block_calls(expert, expert_blocks, stream.batches, run_whole=shared)
+        calls, logits = first_block_calls(expert, expert_blocks, stream.batches,
+                                          run_whole=shared or by_logits)
         del expert
         expert_calls[task] = calls
         expert_hidden[task] = [call.hidden for call in calls]
@@ -135,8 +151,10 @@ def distill_body(model: torch.nn.Module, sources, calibrated, options: DistillOp
         if keep is not None:
             routed[task] = int(keep.sum())
         token_weights[task] = _token_weights(calls, keep)
+        if by_logits:
+            expert_logits[task] = list(logits.split([len(call.mask) for call in calls]))
     jobs = {job.name: job for job in sources.jobs}
-    before, after = [], []
+    before, after, logit_error = [], [], None
     for index in tqdm(range(len(blocks)), desc="distill: blocks", unit="block",
                       disable=not progress):
         block, name = blocks[index], f"{prefix}.{index}"
@@ -150,6 +168,10 @@ def distill_body(model: torch.nn.Module, sources, calibrated, options: DistillOp
         scales = {task: _target_scale(targets[task], token_weights[task]) for task in tasks}
         correction = _Correction(block, name, sources, jobs, options, device)
         before.append(_error(block, streams, targets, token_weights, scales, correction.weights()))
+        tail = None
+        if by_logits and index == len(blocks) - 1:
+            tail = _Tail(model, prefix, block, groups, expert_logits, token_weights)
+            start_kl = tail.error(streams, correction.weights())
         optimiser = torch.optim.AdamW(correction.parameters, lr=options.lr,
                                       weight_decay=options.pull)
         for step in range(options.steps):
@@ -157,6 +179,10 @@ def distill_body(model: torch.nn.Module, sources, calibrated, options: DistillOp
             loss = torch.zeros((), device=device)
             for stream in streams:
                 b = step % len(stream.batches)
+                if tail is not None:
+                    loss = loss + tail.loss(stream, b, weights) / len(tasks)
+                    if options.last == "logits":
+                        continue
                 out = block_output(block, stream.calls[b], stream.hidden[b], weights)
                 for task in stream.tasks:
                     loss = loss + _loss(out, targets[task][b], token_weights[task][b],
@@ -164,8 +190,12 @@ def distill_body(model: torch.nn.Module, sources, calibrated, options: DistillOp
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
+            if tail is not None:
+                model.zero_grad(set_to_none=True)  # the tail's own weights are not trained
         final = {key: value.detach() for key, value in correction.weights().items()}
         after.append(_error(block, streams, targets, token_weights, scales, final))
+        if tail is not None:
+            logit_error = (round(start_kl, 6), round(tail.error(streams, final), 6))
         with torch.no_grad():
             for key, parameter in block.named_parameters():
                 parameter.copy_(final[key])
@@ -177,7 +207,56 @@ def distill_body(model: torch.nn.Module, sources, calibrated, options: DistillOp
     return DistillReport(options.train, len(blocks),
                          {task: len(stream_of[task].texts) for task in tasks},
                          [round(e, 6) for e in before], [round(e, 6) for e in after],
-                         round(time.perf_counter() - started, 1), routed or None)
+                         round(time.perf_counter() - started, 1), routed or None, logit_error)
+
+
+class _Tail:
+    """The merged model after its blocks, read on the last block's output: each task's logits
+    against its expert's, over the texts that count for the task."""
+
+    def __init__(self, model, prefix: str, block, groups: dict, expert_logits: dict,
+                 token_weights: dict) -> None:
+        self.model, self.prefix, self.block = model, prefix, block
+        self.groups, self.expert_logits = groups, expert_logits
+        self.rows = {task: [w.sum(-1) > 0 for w in weights]
+                     for task, weights in token_weights.items()}
+
+    def loss(self, stream: _Stream, b: int, weights: dict) -> torch.Tensor:
+        """The sum over the stream's tasks of their mean KL on batch `b`."""
+        raw = block_output(self.block, stream.calls[b], stream.hidden[b], weights, whole=True)
+        with blocks_replaced(self.model, self.prefix, raw):
+            logits = model_logits(self.model, stream.batches[b])
+        total = torch.zeros((), device=logits.device)
+        for task in stream.tasks:
+            group = self.groups[task]
+            total = total + _kl(logits[:, group.offset:group.stop],
+                                self.expert_logits[task][b], self.rows[task][b],
+                                group.multi_label)
+        return total
+
+    @torch.no_grad()
+    def error(self, streams: list[_Stream], weights: dict) -> float:
+        """The tasks' mean KL on each stream's first batch (as `_error`)."""
+        kls = [float(self.loss(stream, 0, weights)) / len(stream.tasks) for stream in streams]
+        return sum(kls) / len(kls)
+
+
+def _kl(logits: torch.Tensor, target: torch.Tensor, rows: torch.Tensor, multi_label: bool
+        ) -> torch.Tensor:
+    """KL(expert || merged) per text, averaged over the `rows` that count: over the labels'
+    softmax, or each label's on/off probability (summed over labels) for a multi-label task."""
+    if not bool(rows.any()):
+        return logits.sum() * 0
+    logits, target = logits[rows], target[rows].to(logits.device)
+    if multi_label:
+        p = torch.sigmoid(target)
+        kl = (p * (torch.nn.functional.logsigmoid(target) - torch.nn.functional.logsigmoid(logits))
+              + (1 - p) * (torch.nn.functional.logsigmoid(-target)
+                           - torch.nn.functional.logsigmoid(-logits))).sum(-1)
+    else:
+        p = torch.softmax(target, -1)
+        kl = (p * (torch.log_softmax(target, -1) - torch.log_softmax(logits, -1))).sum(-1)
+    return kl.mean()
 
 
 class _Correction:

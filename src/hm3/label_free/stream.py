@@ -9,6 +9,7 @@ calls it.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 
@@ -95,13 +96,58 @@ def _takes_cache(model: torch.nn.Module) -> bool:
 
 
 def block_output(block: torch.nn.Module, call: BlockCall, hidden: torch.Tensor,
-                 weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+                 weights: dict[str, torch.Tensor] | None = None, whole: bool = False):
     """The block on `hidden` with the call's other arguments; with `weights` (name -> tensor,
-    as in `block.named_parameters()`), with those weights instead of its own (differentiable)."""
+    as in `block.named_parameters()`), with those weights instead of its own (differentiable).
+    The output hidden states, or with `whole` what the block returns as it is."""
     args, kwargs = call.with_hidden(hidden)
     out = block(*args, **kwargs) if weights is None else functional_call(block, weights, args,
                                                                           kwargs)
+    if whole:
+        return out
     return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class _Given(torch.nn.Module):
+    """Stands in for a model's blocks: returns a given block output, whatever it is called with;
+    other attributes are the last block's (some models read one, e.g. its attention type)."""
+
+    def __init__(self, output, block: torch.nn.Module) -> None:
+        super().__init__()
+        self.output = output
+        self.__dict__["_block"] = block  # not a submodule: its weights stay out of this one
+
+    def forward(self, *args, **kwargs):
+        return self.output
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_block"], name)
+
+
+@contextlib.contextmanager
+def blocks_replaced(model: torch.nn.Module, prefix: str, output):
+    """Within the block, `model`'s stack of blocks (at `prefix`) is ONE stand-in that returns
+    `output` (what the last block returns): a forward pass then runs the embeddings, skips the
+    blocks, and runs what follows them (final norm, pooler, heads) on `output`, differentiably."""
+    parent_name, _, attr = prefix.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    blocks = getattr(parent, attr)
+    setattr(parent, attr, torch.nn.ModuleList([_Given(output, blocks[-1])]))
+    try:
+        yield
+    finally:
+        setattr(parent, attr, blocks)
+
+
+def model_logits(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """`model`'s logits on one tokenised batch (on the model's device)."""
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}
+    out = model(**batch, use_cache=False) if _takes_cache(model) else model(**batch)
+    return out.logits.float()
 
 
 def block_from(template: torch.nn.Module, prefix: str, checkpoint) -> torch.nn.Module:
