@@ -1,7 +1,8 @@
 """`hm3 check` on mixed traffic: every task's test texts pooled and shuffled into one sample (as
 a deployment's traffic is), each merged model checked against its experts on it, counting every
-text, only the texts each expert is sure of (`--count confident`) or each text weighted by
-its expert's confidence (`--count weighted`); beside each task's test
+text, only the texts each expert is sure of (`--count confident`), each text weighted by
+its expert's confidence (`--count weighted`) or the quarter of texts each expert is surest
+of (`--count surest`); beside each task's test
 macro-F1 change (merged minus expert, on the task's own test split). A verdict should fail a
 task 3 or more points under its expert and pass one within 1 point.
 
@@ -57,7 +58,9 @@ def main() -> None:
                           round(entry["confident_agreement"], 4),
                           "confident_n": entry["confident_n"],
                           "weighted_agreement": entry["weighted_agreement"] and
-                          round(entry["weighted_agreement"], 4)}
+                          round(entry["weighted_agreement"], 4),
+                          "surest_agreement": round(entry["surest_agreement"], 4),
+                          "surest_n": entry["surest_n"]}
             print(name, task, rows[task], flush=True)
         results[f"{args.zoo} {name}"] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                                          "texts": len(traffic), "model": folder, "tasks": rows}
@@ -70,7 +73,7 @@ def outcomes(results: dict, minimum: float = DEFAULT_MIN_AGREEMENT) -> dict:
     more points under passed), over every (model, task) recorded."""
     out = {}
     for count, key in (("all", "agreement"), ("confident", "confident_agreement"),
-                       ("weighted", "weighted_agreement")):
+                       ("weighted", "weighted_agreement"), ("surest", "surest_agreement")):
         alarms, misses, within, under = [], [], 0, 0
         for model, entry in results.items():
             for task, row in entry["tasks"].items():

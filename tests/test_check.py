@@ -347,7 +347,7 @@ def test_confident_agreement_counts_only_texts_the_expert_is_sure_of():
     confident = verdicts({"tasks": {"topic": dict(entry)}}, {"topic": 0.7}, count="confident")
     assert confident["counted"] == "confident" and confident["tasks"]["topic"]["passed"] is True
     assert confident["tasks"]["topic"]["verdict_agreement"] == pytest.approx(0.75)
-    with pytest.raises(Hm3Error, match="count: expected one of all, confident, weighted"):
+    with pytest.raises(Hm3Error, match="count: expected one of all, confident, weighted, surest"):
         verdicts(report, {"topic": 0.7}, count="sure")
 
 
@@ -400,3 +400,40 @@ def test_weighted_agreement_of_a_multi_label_task_is_its_worst_label():
     # agrees, text 2 agrees: 1
     entry = compare_task(group, expert, merged)
     assert entry["weighted_agreement"] == pytest.approx(0.8 / 1.4)
+
+
+def test_surest_agreement_counts_the_quarter_of_texts_the_expert_is_surest_of():
+    from hm3.check import compare_task, format_check, verdicts
+    from hm3.heads import TaskGroup
+
+    group = TaskGroup("topic", ("a", "b", "c"), 0)
+    # an expert never 90% sure: top probabilities 0.8, 0.7, 0.6, 0.5, 0.45, 0.4, 0.36, 0.34
+    tops = [0.8, 0.7, 0.6, 0.5, 0.45, 0.4, 0.36, 0.34]
+    expert = np.array([[p, (1 - p) / 2, (1 - p) / 2] for p in tops])
+    # the merged model keeps the label on the two surest texts, flips the others
+    merged = np.array([[0.9, 0.05, 0.05]] * 2 + [[0.1, 0.8, 0.1]] * 6)
+    entry = compare_task(group, expert, merged)
+    assert entry["confident_n"] == 0 and entry["confident_agreement"] is None
+    assert entry["surest_n"] == 2 and entry["surest_agreement"] == 1.0
+    assert entry["agreement"] == 0.25
+    report = verdicts({"tasks": {"topic": dict(entry)}}, {"topic": 0.9}, count="surest")
+    assert report["tasks"]["topic"]["passed"] is True
+    assert "surest" in format_check(report)
+    # flip the surest text instead: half of the surest quarter disagrees
+    merged[0] = [0.1, 0.8, 0.1]
+    failed = verdicts({"tasks": {"topic": compare_task(group, expert, merged)}},
+                      {"topic": 0.9}, count="surest")
+    assert failed["tasks"]["topic"]["passed"] is False
+    assert "the 2 texts the expert is surest of 50.0%" in failed["tasks"]["topic"]["reasons"][0]
+
+
+def test_surest_agreement_of_a_multi_label_task_is_its_worst_label():
+    from hm3.check import compare_task
+    from hm3.heads import TaskGroup
+
+    group = TaskGroup("tags", ("x", "y"), 0, multi_label=True, threshold=0.5)
+    expert = np.array([[0.99, 0.5], [0.6, 0.02], [0.5, 0.45], [0.4, 0.55]])
+    merged = np.array([[0.9, 0.9], [0.1, 0.9], [0.1, 0.2], [0.1, 0.2]])
+    # x: surest text 0 (0.98), merged keeps it on: 1; y: surest text 1 (0.96), merged flips it
+    entry = compare_task(group, expert, merged)
+    assert entry["surest_n"] == 1 and entry["surest_agreement"] == 0.0

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import warnings
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -26,7 +27,10 @@ DEFAULT_MIN_AGREEMENT = 0.9
 # texts the expert is this sure of (top probability; each label's on/off probability for a
 # multi-label task) are the ones whose label means something.
 CONFIDENT = 0.9
-COUNTS = ("all", "confident", "weighted")  # which texts a verdict counts, and how much
+# An expert that is never that sure (many labels, soft training) still has texts it is SURER
+# of than of others: the share of the texts it is surest of, whatever its confidence there.
+SUREST = 0.25
+COUNTS = ("all", "confident", "weighted", "surest")  # which texts a verdict counts, and how much
 
 
 # --- the figures ---------------------------------------------------------------------------------
@@ -58,7 +62,8 @@ def compare_task(group: TaskGroup, expert: np.ndarray, merged: np.ndarray) -> di
     out: dict = {"n": n, "multi_label": group.multi_label,
                  "mean_abs_dp": float(np.abs(merged - expert).mean()),
                  **confident_agreement(group, expert, merged),
-                 "weighted_agreement": weighted_agreement(group, expert, merged)}
+                 "weighted_agreement": weighted_agreement(group, expert, merged),
+                 **surest_agreement(group, expert, merged)}
     if group.multi_label:
         on_e, on_m = expert > group.threshold, merged > group.threshold
         per_label = (on_e == on_m).mean(0)
@@ -127,6 +132,26 @@ def weighted_agreement(group: TaskGroup, expert: np.ndarray, merged: np.ndarray
     if total <= 0:
         return None
     return float((weight * (expert.argmax(1) == merged.argmax(1))).sum() / total)
+
+
+def surest_agreement(group: TaskGroup, expert: np.ndarray, merged: np.ndarray,
+                     share: float = SUREST) -> dict:
+    """The agreement on the `share` of texts the expert is surest of (top probability; for a
+    multi-label task each label's |2p - 1|, then the worst label's): `surest_n` texts and
+    `surest_agreement`. Relative to the expert itself, so it needs no confidence level that
+    an under-confident expert never reaches."""
+    n = max(1, math.ceil(share * len(expert)))
+    if group.multi_label:
+        sureness = np.abs(2 * expert - 1)
+        same = (expert > group.threshold) == (merged > group.threshold)
+        shares = []
+        for k in range(expert.shape[1]):
+            top = np.argsort(-sureness[:, k], kind="stable")[:n]
+            shares.append(float(same[top, k].mean()))
+        return {"surest_n": n, "surest_agreement": min(shares)}
+    top = np.argsort(-expert.max(1), kind="stable")[:n]
+    agree = expert.argmax(1) == merged.argmax(1)
+    return {"surest_n": n, "surest_agreement": float(agree[top].mean())}
 
 
 def compare_logits(groups: Sequence[TaskGroup], expert_logits: Mapping[str, np.ndarray],
@@ -327,9 +352,10 @@ def verdicts(report: dict, min_agreement: Mapping[str, float],
     """Mark each checked task passed or failed against its minimum agreement (and, if given,
     the largest label-share drift allowed); sets `passed` for the whole report. `count`: the
     agreement on every text (`all`), on the texts the expert is confident on (`confident`), or
-    with each text weighted by the expert's confidence (`weighted`): the last two for mixed
-    traffic, where other tasks' texts get arbitrary labels from an expert (a task with no
-    confident text falls back to all); the report says which (`counted`)."""
+    with each text weighted by the expert's confidence (`weighted`), or on the quarter of texts
+    the expert is surest of (`surest`): the last three for mixed traffic, where other tasks'
+    texts get arbitrary labels from an expert (a task with no confident text falls back to
+    all); the report says which (`counted`)."""
     if count not in COUNTS:
         raise Hm3Error(f"count: expected one of {', '.join(COUNTS)}, got {count!r}")
     report["counted"] = count
@@ -343,6 +369,9 @@ def verdicts(report: dict, min_agreement: Mapping[str, float],
         elif count == "weighted" and entry.get("weighted_agreement") is not None:
             agreement = entry["weighted_agreement"]
             which = "agreement weighted by the expert's confidence"
+        elif count == "surest" and entry.get("surest_agreement") is not None:
+            agreement = entry["surest_agreement"]
+            which = f"agreement on the {entry['surest_n']} texts the expert is surest of"
         entry["verdict_agreement"] = agreement
         if agreement < min_agreement[task]:
             reasons.append(f"{which} {agreement:.1%} < {min_agreement[task]:.1%}")
@@ -374,15 +403,17 @@ def format_check(report: dict) -> str:
         calib = (report.get("calibration_figures") or {}).get(task, {}).get("agreement")
         held = (report.get("calibration_held_out") or {}).get(task, {}).get("agreement")
         sure, weighted = e.get("confident_agreement"), e.get("weighted_agreement")
+        surest = e.get("surest_agreement")
         rows.append([task, e["n"], f"{e['agreement']:.1%}",
                      "-" if sure is None else f"{sure:.1%} ({e['confident_n']})",
                      "-" if weighted is None else f"{weighted:.1%}",
+                     "-" if surest is None else f"{surest:.1%} ({e['surest_n']})",
                      f"{e['min_agreement']:.1%}",
                      "pass" if e["passed"] else "FAIL", f"{e['drift']:.3f}",
                      f"{e['mean_abs_dp']:.3f}", "-" if calib is None else f"{calib:.1%}",
                      "-" if held is None else f"{held:.1%}"])
     header = ["task", "texts", "agreement", f"where expert >= {CONFIDENT:.0%} (texts)",
-              "weighted by confidence", "minimum", "verdict", "drift", "mean |dp|",
+              "weighted by confidence", f"surest {SUREST:.0%} (texts)", "minimum", "verdict", "drift", "mean |dp|",
               "on calibration (optimistic)", "held out (k-fold)"]
     lines = [format_table(header, rows)]
     for task, e in report["tasks"].items():
@@ -405,6 +436,7 @@ def format_check(report: dict) -> str:
     failed = [t for t, e in report["tasks"].items() if not e["passed"]]
     counted = {"confident": "on the texts each expert is sure of",
                "weighted": "each text weighted by its expert's confidence",
+               "surest": f"on the {SUREST:.0%} of texts each expert is surest of",
                "all": "on every text"}.get(report.get("counted", "all"))
     lines.append(f"verdict ({counted}): "
                  f"{'FAIL (' + ', '.join(failed) + ')' if failed else 'pass'}: "

@@ -27,9 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "or one (repeatable; default 0.9)")
     parser.add_argument("--count", choices=COUNTS, default="all",
                         help="texts the verdict counts: every text (default), those the "
-                        "expert is at least 90%% sure of, or every text weighted by the "
-                        "expert's confidence (for mixed traffic, where other tasks' texts get "
-                        "arbitrary labels from an expert)")
+                        "expert is at least 90%% sure of, every text weighted by the "
+                        "expert's confidence, or the quarter of texts the expert is surest of "
+                        "(for mixed traffic, where other tasks' texts get arbitrary labels "
+                        "from an expert)")
     parser.add_argument("--max-drift", type=float, metavar="TVD",
                         help="also fail a task whose label shares move further than this (total "
                         "variation distance, 0..1)")
