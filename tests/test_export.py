@@ -10,9 +10,10 @@ import pytest
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from conftest import SERVED_TASKS as TASKS, classifier_tolerance  # noqa: E402
+from conftest import (SERVED_TASKS as TASKS, build_family, classifier_tolerance,  # noqa: E402
+                      recipe_dict)
 
-from hm3 import load  # noqa: E402
+from hm3 import load, merge, parse_recipe  # noqa: E402
 from hm3.bench import SAMPLE_TEXTS  # noqa: E402
 from hm3.cli import main  # noqa: E402
 from hm3.export import export_onnx  # noqa: E402
@@ -115,3 +116,20 @@ def test_export_cli_errors_and_predict_on_the_export(merged, exported, tmp_path,
     assert set(line) == {"text", *TASKS}
     assert main(["serve", str(folder), "--backend", "torch"]) == 2
     assert "ONNX export" in capsys.readouterr().err
+
+
+def test_each_probability_output_holds_its_own_tasks_when_tasks_are_not_in_name_order(tmp_path):
+    """Tasks topic then sentiment: outputs named in sorted order would hand sentiment's name to
+    topic's probabilities (3 columns where 2 are expected) and the other way round."""
+    tasks = {"topic": ["news", "sport", "film"], "sentiment": ["negative", "positive"]}
+    base, experts = build_family(tmp_path, tasks)
+    merge(parse_recipe(recipe_dict(base, experts)), tmp_path / "merged", progress=False)
+    export_onnx(tmp_path / "merged", tmp_path / "onnx")
+    model = load(tmp_path / "onnx")
+    outputs = model.model.run(**model.encode(TEXTS))
+    assert list(outputs) == ["logits", "probabilities.topic", "probabilities.sentiment"]
+    logits = outputs["logits"]
+    np.testing.assert_allclose(outputs["probabilities.topic"], softmax(logits[:, 0:3]),
+                               rtol=0, atol=1e-6)
+    np.testing.assert_allclose(outputs["probabilities.sentiment"], softmax(logits[:, 3:5]),
+                               rtol=0, atol=1e-6)

@@ -88,6 +88,39 @@ def test_openvino_int8_needs_calibration_texts_and_keeps_the_head_fp32(served_mo
     assert max(np.abs(probs[task] - want[task]).max() for task in TASKS) < 0.1
 
 
+def test_openvino_int8_takes_exactly_the_minimum_of_calibration_texts(served_model, tmp_path,
+                                                                      monkeypatch):
+    """16 texts (MIN_CALIBRATION_TEXTS) are enough, 15 are not; NNCF itself is stood in for:
+    the count is what is tested."""
+    from hm3 import export
+
+    quantised = []
+    monkeypatch.setattr(export, "_nncf_int8",
+                        lambda graph, _classifier, texts, _exclude: quantised.append(texts) or graph)
+    texts = texts_for(1, export.MIN_CALIBRATION_TEXTS)
+    with pytest.raises(Hm3Error, match=r"give at least 16 \(got 15\)"):
+        export_openvino(served_model, tmp_path / "fewer", quantize="int8", calibration=texts[:-1])
+    export_openvino(served_model, tmp_path / "int8", quantize="int8", calibration=texts)
+    assert quantised == [texts]
+
+
+@pytest.mark.numeric
+def test_openvino_export_answers_threads_at_once(served_model, exported):
+    """Threads sharing one loaded export (the serving worker, a user's thread pool) each get
+    their own texts' logits: an infer request serves one thread at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    folder, _ = exported
+    model = load(folder)
+    batches = [texts_for(seed, 1 + seed % 4) for seed in range(48)]
+    alone = [model.logits(batch) for batch in batches]
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(model.logits, batches))
+    tolerance = classifier_tolerance(load(served_model, device="cpu"), sum(batches, []))
+    for got, want in zip(together, alone):
+        np.testing.assert_allclose(got, want, rtol=0, atol=tolerance)
+
+
 def test_export_refuses_an_export_and_serve_checks_the_backend(exported, tmp_path, capsys):
     folder, _ = exported
     with pytest.raises(Hm3Error, match="already an OpenVINO export"):
