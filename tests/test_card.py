@@ -83,3 +83,17 @@ def test_the_written_recipe_re_creates_a_label_free_merge_bit_for_bit(family, tm
     first, second = load_file(out / "model.safetensors"), load_file(again / "model.safetensors")
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_the_card_recipe_keeps_which_experts_an_override_applies_to(family, tmp_path):
+    """An override limited to one expert (`experts: [topic]`) stays limited in hm3_recipe.yaml;
+    written without it, the recipe would apply the override to every expert."""
+    base, experts = family
+    out = tmp_path / "merged"
+    recipe = parse_recipe(recipe_dict(base, experts, parameters={"density": 0.5}, overrides=[
+        {"pattern": "bert.encoder.layer.0.*", "density": 0.9, "experts": ["topic"]}]))
+    merge(recipe, out, progress=False)
+    written = yaml.safe_load((out / "hm3_recipe.yaml").read_text())
+    assert written["overrides"] == [{"pattern": "bert.encoder.layer.0.*", "density": 0.9,
+                                     "experts": ["topic"]}]
+    assert parse_recipe(written).overrides == recipe.overrides
