@@ -10,7 +10,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import recipe_dict
+from conftest import classifier_tolerance, recipe_dict
 
 from hm3 import load, merge, parse_recipe
 from hm3.cli import main
@@ -43,13 +43,16 @@ def test_merge_writes_a_card_and_a_recipe_that_reproduces_the_model(family, tmp_
     with contextlib.redirect_stdout(printed):
         exec(snippet.replace("PATH_OR_HUB_ID", str(out)).replace('"some text"', '"good film"'),
              {})
-    want = load(out, device="cpu").predict(["good film"])[0]
+    model = load(out, device="cpu")
+    want = model.predict(["good film"])[0]
+    # float32 rounding of the two runs (conftest), and predict's rounding to 6 decimals
+    tolerance = classifier_tolerance(model, ["good film"]) + 1e-6
     lines = printed.getvalue().splitlines()
     assert [line.split()[0] for line in lines] == ["sentiment", "topic"]
     for line, task in zip(lines, ["sentiment", "topic"]):
         values = yaml.safe_load(line.split(" ", 1)[1])
         for label, p in want[task]["probabilities"].items():
-            assert abs(values[label] - p) < 1e-5
+            assert abs(values[label] - p) < tolerance
 
 
 def test_the_written_recipe_re_creates_a_label_free_merge_bit_for_bit(family, tmp_path):
