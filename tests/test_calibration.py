@@ -123,6 +123,18 @@ def test_shared_texts_fill_after_a_tasks_own_held_out_removed_and_read_once(tmp_
     assert calibration.provenance["a"]["held_out_removed"] == 0  # stopped before "who won"
 
 
+def test_a_text_in_a_tasks_own_source_and_the_shared_one_is_kept_once(tmp_path):
+    """De-duplication runs over all of a task's sources, not within each one."""
+    own = write(tmp_path / "a.txt", ["free money", "good film"])
+    shared = write(tmp_path / "traffic.txt", ["Free  money", "win call", "good film"])
+    spec = CalibrationSpec({"a": {"path": own, "text_column": "text"}},
+                           shared={"path": shared, "text_column": "text"})
+    calibration = load_calibration(spec, ["a", "b"])
+    assert calibration.texts["a"] == ["free money", "good film", "win call"]
+    assert calibration.texts["b"] == ["Free  money", "win call", "good film"]
+    assert [s["texts"] for s in calibration.provenance["a"]["sources"]] == [2, 1]
+
+
 def test_a_task_left_with_no_text_is_an_error(tmp_path):
     shared = write(tmp_path / "t.txt", ["free money"])
     spec = CalibrationSpec({}, shared={"path": shared, "text_column": "text"})

@@ -437,3 +437,16 @@ def test_surest_agreement_of_a_multi_label_task_is_its_worst_label():
     # x: surest text 0 (0.98), merged keeps it on: 1; y: surest text 1 (0.96), merged flips it
     entry = compare_task(group, expert, merged)
     assert entry["surest_n"] == 1 and entry["surest_agreement"] == 0.0
+
+
+def test_a_multi_label_task_is_compared_at_its_own_threshold():
+    """A label is on above the task's threshold (0.3 here), not above 0.5: probabilities of
+    0.4 and 0.45 are both "on", so the merged model agrees with its expert on every text."""
+    group = TaskGroup("tox", ("insult", "threat"), 0, multi_label=True, threshold=0.3)
+    expert = np.array([[0.4, 0.1], [0.9, 0.05], [0.45, 0.2], [0.1, 0.35]])
+    merged = np.array([[0.6, 0.1], [0.8, 0.1], [0.35, 0.25], [0.2, 0.55]])
+    report = compare_task(group, expert, merged)
+    assert report["agreement"] == report["exact_agreement"] == 1.0
+    assert report["flips"] == [] and report["drift"] == 0.0
+    assert report["expert_shares"] == {"insult": 0.75, "threat": 0.25}
+    assert report["weighted_agreement"] == report["confident_agreement"] == 1.0

@@ -15,7 +15,7 @@ from hm3.heads import TaskGroup
 from hm3.methods import METHODS
 from hm3.model import group_probabilities
 
-from conftest import build_family, recipe_dict
+from conftest import build_family, classifier_tolerance, logits_tolerance, recipe_dict
 
 TEXTS = ["good great film", "free money win win call", "who won the vote today",
          "awful meeting", "hello", "market news sport phone"]
@@ -47,6 +47,12 @@ def raw_logits(folder):
     model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
     with torch.no_grad():
         return model(input_ids=INPUT_IDS, attention_mask=ATTENTION).logits.float()
+
+
+def raw_logits_tolerance(folder) -> float:
+    """conftest.logits_tolerance of `folder`'s model on INPUT_IDS."""
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    return logits_tolerance(model, input_ids=INPUT_IDS, attention_mask=ATTENTION)
 
 
 def config(folder):
@@ -109,6 +115,7 @@ def test_tokenizer_is_copied(family, tmp_path):
 # --- properties of the merge -----------------------------------------------------------------
 
 # iso_c flattens even one expert's spectrum (by design): not an identity on one expert
+@pytest.mark.numeric
 @pytest.mark.parametrize("method", sorted(n for n, m in METHODS.items() if not m.isotropic))
 def test_single_expert_at_density_one_comes_back_unchanged(family, tmp_path, method):
     base, experts = family
@@ -118,7 +125,8 @@ def test_single_expert_at_density_one_comes_back_unchanged(family, tmp_path, met
     assert set(got) == set(want)
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-6, msg=name)
-    torch.testing.assert_close(raw_logits(out), raw_logits(experts["topic"]), rtol=0, atol=1e-5)
+    torch.testing.assert_close(raw_logits(out), raw_logits(experts["topic"]), rtol=0,
+                               atol=raw_logits_tolerance(experts["topic"]))
 
 
 @pytest.mark.parametrize("method", ["ties", "dare_ties", "breadcrumbs_ties", "della",
@@ -337,6 +345,7 @@ def test_overwrite_replaces_an_existing_output(family, tmp_path):
 
 # --- prediction ------------------------------------------------------------------------------
 
+@pytest.mark.numeric
 def test_plain_transformers_gives_the_same_logits_as_hm3(family, tmp_path):
     base, experts = family
     out = merged(base, experts, tmp_path)
@@ -348,9 +357,11 @@ def test_plain_transformers_gives_the_same_logits_as_hm3(family, tmp_path):
         theirs = np.stack([plain(**tokenizer(t, return_tensors="pt")).logits[0].numpy()
                            for t in TEXTS])
     assert ours.shape == (len(TEXTS), 5)
-    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5)
+    # batches of 4 padded to their longest text against one text at a time: other sums
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=classifier_tolerance(model, TEXTS))
 
 
+@pytest.mark.numeric
 def test_merged_model_answers_each_task_like_its_expert(family, tmp_path):
     """With one expert's body (the other has weight 0), that expert's group gives its logits."""
     base, experts = family
@@ -361,7 +372,7 @@ def test_merged_model_answers_each_task_like_its_expert(family, tmp_path):
     topic = hm3.load(experts["topic"], device="cpu")
     merged_model = hm3.load(out, device="cpu")
     np.testing.assert_allclose(merged_model.logits(TEXTS)[:, 2:], topic.logits(TEXTS),
-                               rtol=0, atol=1e-5)
+                               rtol=0, atol=classifier_tolerance(topic, TEXTS))
 
 
 def test_predict_output_structure_and_probabilities(family, tmp_path):

@@ -12,7 +12,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 import hm3
 from hm3 import merge, parse_recipe
 
-from conftest import WORDS, build_family, recipe_dict, spread_head
+from conftest import WORDS, build_family, classifier_tolerance, recipe_dict, spread_head
 
 TASKS = {"sentiment": ["negative", "positive"], "topic": ["news", "sport", "film"],
          "tags": ["urgent", "spam", "personal"]}
@@ -94,11 +94,14 @@ def test_every_label_free_step_runs_on_mpnet_with_a_multi_label_expert(family, t
     assert prediction["topic"]["label"] in prediction["topic"]["probabilities"]
 
 
+@pytest.mark.numeric
 def test_plain_merge_of_one_mpnet_expert_reproduces_it(family, tmp_path):
     _, base, experts, texts = family
     merge(parse_recipe(recipe_dict(base, {"tags": experts["tags"]}, "ties")), tmp_path / "one",
           progress=False)
     model = hm3.load(tmp_path / "one", device="cpu")
+    # the standardised head (spread_head) sums terms of ~500 into logits of ~3: its float32
+    # rounding is that of the terms (conftest.float32_tolerance), not of the logits
     np.testing.assert_allclose(model.logits(texts["tags"]), expert_logits(experts["tags"], texts["tags"]),
-                               atol=1e-5)
+                               rtol=0, atol=classifier_tolerance(model, texts["tags"]))
     assert model.groups[0].multi_label

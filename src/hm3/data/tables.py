@@ -104,7 +104,19 @@ def read_texts(path: str | Path, column: str = "text") -> list[str]:
     if rows and column not in rows[0]:
         raise Hm3Error(f"{path} has no column {column!r} (columns: {', '.join(map(str, rows[0]))});"
                        " name the column that holds the text (--text-column / text_column)")
-    return [str(row[column]) for row in rows]
+    texts = []
+    for number, row in enumerate(rows, 1):
+        if column not in row:  # JSON rows need not share their keys
+            raise Hm3Error(f"{path} row {number} has no field {column!r} (its fields: "
+                           f"{', '.join(map(str, row)) or 'none'}); give every row its text")
+        text = row[column]
+        # a null (JSON null, a Parquet or pandas missing value, a short CSV row) is no text:
+        # str() would make it the text "None" or "nan"
+        if text is None or (isinstance(text, float) and math.isnan(text)):
+            raise Hm3Error(f"{path} row {number}: {column!r} is empty (null); fill in the text "
+                           "or remove the row")
+        texts.append(str(text))
+    return texts
 
 
 def read_table(path: str | Path) -> list[dict]:
