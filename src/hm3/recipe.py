@@ -273,11 +273,17 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
 
 def parse_recipe(raw: Any, root: Path | None = None) -> Recipe:
     """Validate recipe data (as read from YAML); every error names the field at fault."""
+    if raw is None:
+        raise Hm3Error("the recipe is empty: write at least `base: MODEL` and "
+                       "`experts: [{model: MODEL, task: NAME}, ...]`")
     if not isinstance(raw, dict):
         raise Hm3Error("recipe must be a mapping with at least `base` and `experts`")
     _reject_unknown(raw, _TOP_LEVEL, "recipe")
     raw = expand_preset(raw)
-    base, base_revision = _model_reference(raw.get("base"), "base", root)
+    if raw.get("base") is None:
+        raise Hm3Error("base: missing; give the model the experts were fine-tuned from, e.g. "
+                       "`base: bert-base-uncased`")
+    base, base_revision = _model_reference(raw["base"], "base", root)
 
     method_name = raw.get("method", "ties")
     try:
@@ -300,8 +306,18 @@ def parse_recipe(raw: Any, root: Path | None = None) -> Recipe:
     for i, item in enumerate(experts_raw):
         where = f"experts[{i}]"
         if not isinstance(item, dict):
-            raise Hm3Error(f"{where}: expected a mapping with `model` and `task`")
+            example = item if isinstance(item, str) else "PATH_OR_HUB_ID"
+            raise Hm3Error(f"{where}: expected a mapping such as `{{model: {example}, task: NAME}}`"
+                           f", got {item!r}")
         _reject_unknown(item, _EXPERT_KEYS, where)
+        if item.get("model") is None:
+            named = f" (task {item['task']})" if isinstance(item.get("task"), str) else ""
+            raise Hm3Error(f"{where}{named}: no `model:`; add `model: PATH_OR_HUB_ID`, the "
+                           "expert's folder or hub id")
+        if item.get("task") is None:
+            name = Path(str(item["model"]).rstrip("/")).name or "NAME"
+            raise Hm3Error(f"{where} ({item['model']}): no `task:`; add `task: NAME`, the name "
+                           f"of its group of labels in the merged model (e.g. `task: {name}`)")
         model, revision = _model_reference(item, where, root)
         task = item.get("task")
         if not isinstance(task, str) or not task or "/" in task:
@@ -397,7 +413,11 @@ def _model_reference(item: Any, where: str, root: Path | None) -> tuple[str, str
     else:
         model, revision = None, None
     if not isinstance(model, str) or not model.strip():
-        raise Hm3Error(f"{where}: expected a local path or hub id, e.g. `model: bert-base-uncased`")
+        if where == "base":
+            raise Hm3Error("base: expected a local path or hub id, e.g. `base: bert-base-uncased` "
+                           f"or `base: {{model: bert-base-uncased, revision: main}}`, got {item!r}")
+        raise Hm3Error(f"{where}.model: expected a local path or hub id, e.g. "
+                       f"`model: bert-base-uncased`, got {model!r}")
     if root is not None and (model.startswith(".") or not _looks_like_hub_id(model)):
         candidate = (root / model).expanduser()
         if candidate.exists():
