@@ -17,6 +17,7 @@ from hm3.data.blocks import (CalibrationSpec, parse_calibration_block, parse_dat
                              positive_int)
 from hm3.errors import Hm3Error, Hm3Warning
 from hm3.label_free import get_step, step_names
+from hm3.mergekit_yaml import from_mergekit, is_mergekit
 from hm3.methods.registry import get_method
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -272,7 +273,13 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
 
 
 def parse_recipe(raw: Any, root: Path | None = None) -> Recipe:
-    """Validate recipe data (as read from YAML); every error names the field at fault."""
+    """Validate recipe data (as read from YAML); every error names the field at fault. A
+    mergekit YAML (`merge_method`, `base_model`, `models`) is read as the hm3 recipe it means
+    (`hm3.mergekit_yaml`)."""
+    expert_where = None
+    if is_mergekit(raw):
+        raw, expert_where = from_mergekit(
+            raw, _TOP_LEVEL, lambda model: _model_reference(model, "model", root)[0])
     if raw is None:
         raise Hm3Error("the recipe is empty: write at least `base: MODEL` and "
                        "`experts: [{model: MODEL, task: NAME}, ...]`")
@@ -304,7 +311,7 @@ def parse_recipe(raw: Any, root: Path | None = None) -> Recipe:
         raise Hm3Error("experts: expected a non-empty list of {model: PATH_OR_HUB_ID, task: NAME}")
     experts = []
     for i, item in enumerate(experts_raw):
-        where = f"experts[{i}]"
+        where = expert_where[i] if expert_where else f"experts[{i}]"
         if not isinstance(item, dict):
             example = item if isinstance(item, str) else "PATH_OR_HUB_ID"
             raise Hm3Error(f"{where}: expected a mapping such as `{{model: {example}, task: NAME}}`"
