@@ -171,6 +171,19 @@ def test_label_free_steps_show_progress_from_their_first_step(fam, tmp_path, cap
      r"^experts\[0\]\.task: expected a non-empty name without '/', got 'x/y'$"),
     ({"base": "b", "experts": ["a"]},
      r"^experts\[0\]: expected a mapping such as `\{model: a, task: NAME\}`, got 'a'$"),
+    ({"base": "b", "experts": [{"model": "a", "task": "spam"}], "method": "TIES"},
+     r"^method: unknown merge method 'TIES'; choose one of linear, .*iso_c \(did you mean "
+     r"'ties'\?\)$"),
+    ({"base": "b", "experts": [{"model": "a", "task": "spam"}], "method": "dare-ties"},
+     r"^method: unknown merge method 'dare-ties'; .* \(did you mean 'dare_ties'\?\)$"),
+    ({"base": "b", "experts": [{"model": "a", "task": "spam"}], "head": "classifier"},
+     r"^head: expected \{weight: TENSOR_NAME, bias: TENSOR_NAME\}, got 'classifier'$"),
+    ({"base": "b", "experts": [{"model": "a", "task": "spam", "head": {"bias": "c.bias"}}]},
+     r"^experts\[0\]\.head: expected \{weight: TENSOR_NAME, bias: TENSOR_NAME\}, got "),
+    ({"base": "b", "experts": [{"model": "a", "task": "spam"}],
+      "overrides": {"pattern": "*.layer.0.*", "density": 0.3}},
+     r"^overrides: expected a list of \{pattern: GLOB, density: \.\.\., weight: \.\.\.\}, "
+     r"got a mapping; write it as `overrides: \[\{pattern: \.\.\.\}\]`$"),
 ])
 def test_a_missing_or_malformed_field_is_named_with_what_to_write(raw, message):
     with pytest.raises(Hm3Error, match=message):

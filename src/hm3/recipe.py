@@ -332,7 +332,9 @@ def parse_recipe(raw: Any, root: Path | None = None) -> Recipe:
         own = {k: item[k] for k in PER_MODEL_PARAMETERS if k in item}
         params = {**method_wide_models, **method.validate_model_parameters(own, where=where)}
         experts.append(Expert(model=model, task=task, revision=revision,
-                              head=_head_names(item.get("head") or raw.get("head"), where),
+                              head=(_head_names(item["head"], f"{where}.head")
+                                    if item.get("head") is not None
+                                    else _head_names(raw.get("head"), "head")),
                               parameters=params))
     tasks = [e.task for e in experts]
     duplicates = sorted({t for t in tasks if tasks.count(t) > 1})
@@ -348,8 +350,13 @@ def parse_recipe(raw: Any, root: Path | None = None) -> Recipe:
                           "head rows (list each expert once unless that is what you want)",
                           Hm3Warning, stacklevel=2)
 
+    overrides_raw = raw.get("overrides") or []
+    if not isinstance(overrides_raw, list):
+        kind = "a mapping" if isinstance(overrides_raw, dict) else repr(overrides_raw)
+        raise Hm3Error(f"overrides: expected a list of {{pattern: GLOB, density: ..., weight: "
+                       f"...}}, got {kind}; write it as `overrides: [{{pattern: ...}}]`")
     overrides = tuple(_override(item, i, method, set(tasks))
-                      for i, item in enumerate(raw.get("overrides") or []))
+                      for i, item in enumerate(overrides_raw))
 
     dtype = raw.get("dtype")
     if dtype is not None and dtype not in DTYPES:
@@ -441,10 +448,11 @@ def _head_names(raw: Any, where: str) -> HeadNames | None:
     if raw is None:
         return None
     if not isinstance(raw, dict) or not isinstance(raw.get("weight"), str):
-        raise Hm3Error(f"{where}.head: expected {{weight: TENSOR_NAME, bias: TENSOR_NAME}}")
+        raise Hm3Error(f"{where}: expected {{weight: TENSOR_NAME, bias: TENSOR_NAME}}, "
+                       f"got {raw!r}")
     bias = raw.get("bias")
     if bias is not None and not isinstance(bias, str):
-        raise Hm3Error(f"{where}.head.bias: expected a tensor name or nothing")
+        raise Hm3Error(f"{where}.bias: expected a tensor name or nothing")
     return HeadNames(weight=raw["weight"], bias=bias)
 
 
