@@ -98,7 +98,8 @@ class MultiTaskClassifier:
         return group_probabilities(self.logits(texts, batch_size), self.groups)
 
     def predict(self, texts: str | Sequence[str], batch_size: int = 32,
-                return_logits: bool = False, tasks: str | Sequence[str] | None = None):
+                return_logits: bool = False,
+                tasks: str | Sequence[str] | None = None) -> dict | list[dict]:
         """Each task's label(s) and probabilities for one text or for a list of texts.
 
         Parameters
