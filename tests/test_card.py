@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import io
 import re
@@ -47,6 +48,16 @@ def test_merge_writes_a_card_and_a_recipe_that_reproduces_the_model(family, tmp_
     want = model.predict(["good film"])[0]
     # float32 rounding of the two runs (conftest), and predict's rounding to 6 decimals
     tolerance = classifier_tolerance(model, ["good film"]) + 1e-6
+
+    # the hm3 snippet returns what its comments say: one text, one dict; a list, a list
+    snippet = re.search(r"With hm3.*?```python\n(.*?)```", card, re.S).group(1)
+    with contextlib.redirect_stdout(hm3_printed := io.StringIO()):
+        exec(snippet.replace("PATH_OR_HUB_ID", str(out)), {})
+    one, many = map(ast.literal_eval, hm3_printed.getvalue().splitlines())
+    assert list(one) == ["sentiment", "topic"] and set(one["topic"]) == {
+        "label", "score", "probabilities"}
+    assert isinstance(many, list) and len(many) == 2 and list(many[0]) == list(one)
+
     lines = printed.getvalue().splitlines()
     assert [line.split()[0] for line in lines] == ["sentiment", "topic"]
     for line, task in zip(lines, ["sentiment", "topic"]):

@@ -155,6 +155,22 @@ def test_failed_merge_over_an_existing_output_leaves_it_intact(family, tmp_path)
     assert (output / "model.safetensors").read_bytes() == weights
 
 
+def test_a_merged_model_as_an_expert_is_refused_with_the_experts_it_came_from(family, tmp_path):
+    """Its config has one id2label over all its tasks: merged as one expert, its labels would
+    share one softmax (a 5-way task here) and its task groups would be lost."""
+    base, experts = family
+    merged = tmp_path / "merged"
+    merge(parse_recipe(recipe_dict(base, experts)), merged, progress=False)
+    (tmp_path / "again").mkdir()
+    raw = recipe_dict(base, {"guard": merged, "sentiment": experts["sentiment"]})
+    refused(tmp_path / "again", raw,
+            f"experts[0] ({merged}) is a model merged by hm3, with tasks sentiment, topic: "
+            "merged as one expert its 5 labels would share one softmax as task guard; list the "
+            f"experts it was merged from instead (sentiment: {experts['sentiment']}; topic: "
+            f"{experts['topic']}; its hm3_recipe.yaml has them)",
+            output=tmp_path / "again" / "out")
+
+
 # --- recipe errors ----------------------------------------------------------------------------
 
 def test_duplicate_task_names(family, tmp_path):

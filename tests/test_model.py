@@ -82,6 +82,53 @@ def test_predict_gives_each_tasks_label_score_and_probabilities(tokenizer):
     assert "logits" not in classifier(tokenizer).predict(TEXTS[:1])[0]
 
 
+def test_one_string_gives_one_result_and_a_list_a_list(tokenizer):
+    model = classifier(tokenizer)
+    one = model.predict("good bad awful")  # not three results, one per character
+    assert one == model.predict(["good bad awful"])[0]
+    assert set(one) == {"spam", "tags"} and one["tags"]["label"] == []
+    assert model.predict(("good", "free win")) == model.predict(["good", "free win"])
+    assert model.predict([]) == []
+    np.testing.assert_array_equal(model.logits("good"), model.logits(["good"]))
+    assert model.predict_proba("good")["spam"].shape == (1, 2)
+
+
+@pytest.mark.parametrize("texts, message", [
+    (["good", None], r"^texts\[1\]: expected a string, got None; "),
+    (["good", "win", 3], r"^texts\[2\]: expected a string, got int 3; "),
+    ([b"good"], r"^texts\[0\]: expected a string, got bytes b'good'; decode it first"),
+    (b"good", r"^texts: expected a string or a list of strings, got bytes; decode it first"),
+    (None, r"^texts: expected a string or a list of strings, got None$"),
+    (7, r"^texts: expected a string or a list of strings, got int$"),
+])
+def test_texts_that_are_not_strings_are_refused_by_index(tokenizer, texts, message):
+    model = classifier(tokenizer)
+    for call in (model.predict, model.predict_proba, model.logits):
+        with pytest.raises(Hm3Error, match=message):
+            call(texts)
+
+
+def test_predict_answers_only_the_tasks_asked_in_the_order_asked(tokenizer):
+    model = classifier(tokenizer)
+    full = model.predict(TEXTS)
+    assert model.predict(TEXTS, tasks=["tags"]) == [{"tags": r["tags"]} for r in full]
+    both = model.predict(TEXTS[0], tasks=["tags", "spam"])
+    assert list(both) == ["tags", "spam"] and both == full[0]
+    assert model.predict(TEXTS[0], tasks="spam") == {"spam": full[0]["spam"]}  # one name
+    assert "logits" in model.predict(TEXTS[0], tasks=["spam"], return_logits=True)
+
+
+@pytest.mark.parametrize("tasks, message", [
+    (["spam", "topic", "mood"], r"^tasks: unknown task\(s\) 'topic', 'mood'; this model's tasks "
+                                r"are spam, tags$"),
+    ([], r"^tasks: expected at least one task name; this model's tasks are spam, tags$"),
+    ([3], r"^tasks: expected task names \(strings\), got 3; this model's tasks are spam, tags$"),
+])
+def test_unknown_tasks_are_refused_with_the_known_ones(tokenizer, tasks, message):
+    with pytest.raises(Hm3Error, match=message):
+        classifier(tokenizer).predict(TEXTS, tasks=tasks)
+
+
 def test_a_multi_label_task_uses_its_own_threshold(tokenizer):
     low = TaskGroup("tags", ("rude", "calm"), 2, multi_label=True, threshold=0.3)
     results = classifier(tokenizer, (SPAM, low)).predict(TEXTS)

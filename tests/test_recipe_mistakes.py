@@ -148,3 +148,43 @@ def test_label_free_steps_show_progress_from_their_first_step(fam, tmp_path, cap
     err = capsys.readouterr().err
     assert "experts on calibration texts" in err and "lewis importance" in err
     assert err.index("experts on calibration texts") < err.index("merging")
+
+
+# --- messages that name the field to write ------------------------------------------------------
+
+@pytest.mark.parametrize("raw, message", [
+    (None, r"^the recipe is empty: write at least `base: MODEL` and `experts: \[\{model: MODEL, "
+           r"task: NAME\}, \.\.\.\]`$"),
+    ({"experts": [{"model": "a", "task": "spam"}]},
+     r"^base: missing; give the model the experts were fine-tuned from, e\.g\. "
+     r"`base: bert-base-uncased`$"),
+    ({"base": {"revision": "main"}, "experts": [{"model": "a", "task": "spam"}]},
+     r"^base: expected a local path or hub id, e\.g\. `base: bert-base-uncased` or "
+     r"`base: \{model: bert-base-uncased, revision: main\}`, got \{'revision': 'main'\}$"),
+    ({"base": "b", "experts": [{"model": "a", "task": "spam"}, {"model": "c/d"}]},
+     r"^experts\[1\] \(c/d\): no `task:`; add `task: NAME`, the name of its group of labels in "
+     r"the merged model \(e\.g\. `task: d`\)$"),
+    ({"base": "b", "experts": [{"task": "spam"}]},
+     r"^experts\[0\] \(task spam\): no `model:`; add `model: PATH_OR_HUB_ID`, the expert's "
+     r"folder or hub id$"),
+    ({"base": "b", "experts": [{"model": "a", "task": "x/y"}]},
+     r"^experts\[0\]\.task: expected a non-empty name without '/', got 'x/y'$"),
+    ({"base": "b", "experts": ["a"]},
+     r"^experts\[0\]: expected a mapping such as `\{model: a, task: NAME\}`, got 'a'$"),
+    ({"base": "b", "experts": [{"model": "a", "task": "spam"}], "method": "TIES"},
+     r"^method: unknown merge method 'TIES'; choose one of linear, .*iso_c \(did you mean "
+     r"'ties'\?\)$"),
+    ({"base": "b", "experts": [{"model": "a", "task": "spam"}], "method": "dare-ties"},
+     r"^method: unknown merge method 'dare-ties'; .* \(did you mean 'dare_ties'\?\)$"),
+    ({"base": "b", "experts": [{"model": "a", "task": "spam"}], "head": "classifier"},
+     r"^head: expected \{weight: TENSOR_NAME, bias: TENSOR_NAME\}, got 'classifier'$"),
+    ({"base": "b", "experts": [{"model": "a", "task": "spam", "head": {"bias": "c.bias"}}]},
+     r"^experts\[0\]\.head: expected \{weight: TENSOR_NAME, bias: TENSOR_NAME\}, got "),
+    ({"base": "b", "experts": [{"model": "a", "task": "spam"}],
+      "overrides": {"pattern": "*.layer.0.*", "density": 0.3}},
+     r"^overrides: expected a list of \{pattern: GLOB, density: \.\.\., weight: \.\.\.\}, "
+     r"got a mapping; write it as `overrides: \[\{pattern: \.\.\.\}\]`$"),
+])
+def test_a_missing_or_malformed_field_is_named_with_what_to_write(raw, message):
+    with pytest.raises(Hm3Error, match=message):
+        parse_recipe(raw)

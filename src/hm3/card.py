@@ -79,7 +79,8 @@ def model_card(block: dict, scores: dict | None = None) -> str:
     first = tasks[0]["name"]
     lines += ["## Use", "", "With hm3 (per-task labels and probabilities):", "", "```python",
               "import hm3", "", "model = hm3.load(\"PATH_OR_HUB_ID\")",
-              "print(model.predict([\"some text\"]))  # {task: {label, score, probabilities}}",
+              "print(model.predict(\"some text\"))  # {task: {label, score, probabilities}}",
+              "print(model.predict([\"a text\", \"another\"]))  # a list: one such dict per text",
               "```", "", "Serve it: `hm3 serve PATH --port 8000` (POST /v1/classify).", "",
               "With plain transformers (slice the logits per task yourself):", "", "```python",
               "import json, torch",

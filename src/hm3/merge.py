@@ -69,7 +69,8 @@ def open_sources(recipe: Recipe) -> Sources:
     """Open base and experts and check they fit together, before any tensor data is read."""
     base = Checkpoint(recipe.base, recipe.base_revision, recipe.allow_pickle)
     experts = [Checkpoint(e.model, e.revision, recipe.allow_pickle) for e in recipe.experts]
-    for spec, expert in zip(recipe.experts, experts):
+    for i, (spec, expert) in enumerate(zip(recipe.experts, experts)):
+        _refuse_merged_expert(i, spec.model, spec.task, expert.config)
         _check_architecture(base, expert, spec.task)
     labels = [expert_labels(ckpt.config, spec.model) for spec, ckpt in zip(recipe.experts, experts)]
     heads = [find_head(set(ckpt.keys()), ckpt.shape, len(names), spec.model, spec.head)
@@ -107,6 +108,21 @@ def _check_parameters(recipe: Recipe, jobs: list[TensorJob]) -> None:
                     raise Hm3Error(f"{recipe.method} divides by the sum of the experts' weights, "
                                    f"which is 0 at {job.name} ({weights}); give weights that do "
                                    f"not cancel out{way_out}")
+
+
+def _refuse_merged_expert(index: int, model: str, task: str, config: dict) -> None:
+    """A model hm3 merged has one id2label over all its tasks: read as one expert, its labels
+    would share one softmax and its task groups would be lost."""
+    block = config.get("hm3")
+    if not block:
+        return
+    tasks = [group["name"] for group in block.get("tasks", [])]
+    labels = sum(len(group["labels"]) for group in block.get("tasks", []))
+    sources = "".join(f"{s['task']}: {s['model']}; " for s in block.get("sources", []))
+    raise Hm3Error(f"experts[{index}] ({model}) is a model merged by hm3, with tasks "
+                   f"{', '.join(tasks)}: merged as one expert its {labels} labels would share one "
+                   f"softmax as task {task}; list the experts it was merged from instead "
+                   f"({sources}its hm3_recipe.yaml has them)")
 
 
 def _check_architecture(base: Checkpoint, expert: Checkpoint, task: str) -> None:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -77,11 +78,12 @@ class MultiTaskClassifier:
         return sum(len(x) > self.max_length for x in ids)
 
     @torch.inference_mode()
-    def logits(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
-        """Raw logits (n_texts, K). Texts are batched by length, results come back in input order."""
+    def logits(self, texts: str | Sequence[str], batch_size: int = 32) -> np.ndarray:
+        """Raw logits (n_texts, K); one string counts as a batch of one. Texts are batched by
+        length, results come back in input order."""
+        texts, _ = as_texts(texts)
         if batch_size < 1:
             raise Hm3Error(f"batch_size must be at least 1, got {batch_size}")
-        texts = list(texts)
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         out = np.zeros((len(texts), self.groups[-1].stop), dtype=np.float32)
         for start in range(0, len(texts), batch_size):
@@ -90,24 +92,38 @@ class MultiTaskClassifier:
             out[index] = self.model(**batch).logits.float().cpu().numpy()
         return out
 
-    def predict_proba(self, texts: Sequence[str], batch_size: int = 32) -> dict[str, np.ndarray]:
-        """Per task, an (n_texts, K_task) array of probabilities."""
+    def predict_proba(self, texts: str | Sequence[str],
+                      batch_size: int = 32) -> dict[str, np.ndarray]:
+        """Per task, an (n_texts, K_task) array of probabilities (one string: one row)."""
         return group_probabilities(self.logits(texts, batch_size), self.groups)
 
-    def predict(self, texts: Sequence[str], batch_size: int = 32,
-                return_logits: bool = False) -> list[dict]:
-        """For every text, each task's label(s) and probabilities (and the raw logits if asked).
+    def predict(self, texts: str | Sequence[str], batch_size: int = 32,
+                return_logits: bool = False,
+                tasks: str | Sequence[str] | None = None) -> dict | list[dict]:
+        """Each task's label(s) and probabilities for one text or for a list of texts.
 
-        Every task gives {"label", "probabilities"}: for a single-label task "label" is the most
+        Parameters
+        ----------
+        texts : one string (gives one result, a dict) or a list of strings (a list of dicts,
+            in input order).
+        batch_size : texts per forward pass.
+        return_logits : add the raw logits (all tasks') under "logits".
+        tasks : answer only these tasks, in this order (default: all), as the server's `tasks`.
+
+        Returns
+        -------
+        {task: {"label", "probabilities"}} per text: for a single-label task "label" is the most
         probable label and "score" its probability; for a multi-label task "label" is the list
         of labels whose probability is over the task's threshold (possibly empty).
         """
+        texts, single = as_texts(texts)
+        groups = self._groups_asked(tasks)
         logits = self.logits(texts, batch_size)
-        probs = group_probabilities(logits, self.groups)
+        probs = group_probabilities(logits, groups)
         results = []
         for row in range(len(logits)):
             item: dict = {}
-            for group in self.groups:
+            for group in groups:
                 p = probs[group.name][row]
                 named = {label: round(float(v), 6) for label, v in zip(group.labels, p)}
                 if group.multi_label:
@@ -121,7 +137,49 @@ class MultiTaskClassifier:
             if return_logits:
                 item["logits"] = [float(v) for v in logits[row]]
             results.append(item)
-        return results
+        return results[0] if single else results
+
+    def _groups_asked(self, tasks: str | Sequence[str] | None) -> list[TaskGroup]:
+        if tasks is None:
+            return self.groups
+        known = f"this model's tasks are {', '.join(self.tasks)}"
+        names = [tasks] if isinstance(tasks, str) else list(tasks)
+        if not names:
+            raise Hm3Error(f"tasks: expected at least one task name; {known}")
+        for name in names:
+            if not isinstance(name, str):
+                raise Hm3Error(f"tasks: expected task names (strings), got {name!r}; {known}")
+        unknown = [name for name in names if name not in self.tasks]
+        if unknown:
+            raise Hm3Error(f"tasks: unknown task(s) {', '.join(map(repr, unknown))}; {known}")
+        return [self.group(name) for name in dict.fromkeys(names)]
+
+
+def as_texts(texts: Any) -> tuple[list[str], bool]:
+    """The texts as a list, and whether one string was given; anything but strings is refused
+    by its index (a string is no list of its characters, bytes are not decoded for the caller)."""
+    if isinstance(texts, str):
+        return [texts], True
+    if texts is None or isinstance(texts, (bytes, bytearray, Mapping)) or not isinstance(
+            texts, Iterable):
+        kind = "None" if texts is None else type(texts).__name__
+        hint = "; decode it first" if isinstance(texts, (bytes, bytearray)) else ""
+        raise Hm3Error(f"texts: expected a string or a list of strings, got {kind}{hint}")
+    texts = list(texts)
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            if isinstance(text, (bytes, bytearray)):
+                hint = "decode it first, e.g. text.decode('utf-8')"
+            else:
+                hint = "give every text as a str (drop missing ones, convert the others)"
+            got = "None" if text is None else f"{type(text).__name__} {_short(text)}"
+            raise Hm3Error(f"texts[{i}]: expected a string, got {got}; {hint}")
+    return texts, False
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def load(path: str | Path, task: str | None = None, device: str | None = None,

@@ -17,6 +17,7 @@ from hm3.data.blocks import (CalibrationSpec, parse_calibration_block, parse_dat
                              positive_int)
 from hm3.errors import Hm3Error, Hm3Warning
 from hm3.label_free import get_step, step_names
+from hm3.mergekit_yaml import from_mergekit, is_mergekit
 from hm3.methods.registry import get_method
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -272,12 +273,24 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
 
 
 def parse_recipe(raw: Any, root: Path | None = None) -> Recipe:
-    """Validate recipe data (as read from YAML); every error names the field at fault."""
+    """Validate recipe data (as read from YAML); every error names the field at fault. A
+    mergekit YAML (`merge_method`, `base_model`, `models`) is read as the hm3 recipe it means
+    (`hm3.mergekit_yaml`)."""
+    expert_where = None
+    if is_mergekit(raw):
+        raw, expert_where = from_mergekit(
+            raw, _TOP_LEVEL, lambda model: _model_reference(model, "model", root)[0])
+    if raw is None:
+        raise Hm3Error("the recipe is empty: write at least `base: MODEL` and "
+                       "`experts: [{model: MODEL, task: NAME}, ...]`")
     if not isinstance(raw, dict):
         raise Hm3Error("recipe must be a mapping with at least `base` and `experts`")
     _reject_unknown(raw, _TOP_LEVEL, "recipe")
     raw = expand_preset(raw)
-    base, base_revision = _model_reference(raw.get("base"), "base", root)
+    if raw.get("base") is None:
+        raise Hm3Error("base: missing; give the model the experts were fine-tuned from, e.g. "
+                       "`base: bert-base-uncased`")
+    base, base_revision = _model_reference(raw["base"], "base", root)
 
     method_name = raw.get("method", "ties")
     try:
@@ -298,10 +311,20 @@ def parse_recipe(raw: Any, root: Path | None = None) -> Recipe:
         raise Hm3Error("experts: expected a non-empty list of {model: PATH_OR_HUB_ID, task: NAME}")
     experts = []
     for i, item in enumerate(experts_raw):
-        where = f"experts[{i}]"
+        where = expert_where[i] if expert_where else f"experts[{i}]"
         if not isinstance(item, dict):
-            raise Hm3Error(f"{where}: expected a mapping with `model` and `task`")
+            example = item if isinstance(item, str) else "PATH_OR_HUB_ID"
+            raise Hm3Error(f"{where}: expected a mapping such as `{{model: {example}, task: NAME}}`"
+                           f", got {item!r}")
         _reject_unknown(item, _EXPERT_KEYS, where)
+        if item.get("model") is None:
+            named = f" (task {item['task']})" if isinstance(item.get("task"), str) else ""
+            raise Hm3Error(f"{where}{named}: no `model:`; add `model: PATH_OR_HUB_ID`, the "
+                           "expert's folder or hub id")
+        if item.get("task") is None:
+            name = Path(str(item["model"]).rstrip("/")).name or "NAME"
+            raise Hm3Error(f"{where} ({item['model']}): no `task:`; add `task: NAME`, the name "
+                           f"of its group of labels in the merged model (e.g. `task: {name}`)")
         model, revision = _model_reference(item, where, root)
         task = item.get("task")
         if not isinstance(task, str) or not task or "/" in task:
@@ -309,7 +332,9 @@ def parse_recipe(raw: Any, root: Path | None = None) -> Recipe:
         own = {k: item[k] for k in PER_MODEL_PARAMETERS if k in item}
         params = {**method_wide_models, **method.validate_model_parameters(own, where=where)}
         experts.append(Expert(model=model, task=task, revision=revision,
-                              head=_head_names(item.get("head") or raw.get("head"), where),
+                              head=(_head_names(item["head"], f"{where}.head")
+                                    if item.get("head") is not None
+                                    else _head_names(raw.get("head"), "head")),
                               parameters=params))
     tasks = [e.task for e in experts]
     duplicates = sorted({t for t in tasks if tasks.count(t) > 1})
@@ -325,8 +350,13 @@ def parse_recipe(raw: Any, root: Path | None = None) -> Recipe:
                           "head rows (list each expert once unless that is what you want)",
                           Hm3Warning, stacklevel=2)
 
+    overrides_raw = raw.get("overrides") or []
+    if not isinstance(overrides_raw, list):
+        kind = "a mapping" if isinstance(overrides_raw, dict) else repr(overrides_raw)
+        raise Hm3Error(f"overrides: expected a list of {{pattern: GLOB, density: ..., weight: "
+                       f"...}}, got {kind}; write it as `overrides: [{{pattern: ...}}]`")
     overrides = tuple(_override(item, i, method, set(tasks))
-                      for i, item in enumerate(raw.get("overrides") or []))
+                      for i, item in enumerate(overrides_raw))
 
     dtype = raw.get("dtype")
     if dtype is not None and dtype not in DTYPES:
@@ -397,7 +427,11 @@ def _model_reference(item: Any, where: str, root: Path | None) -> tuple[str, str
     else:
         model, revision = None, None
     if not isinstance(model, str) or not model.strip():
-        raise Hm3Error(f"{where}: expected a local path or hub id, e.g. `model: bert-base-uncased`")
+        if where == "base":
+            raise Hm3Error("base: expected a local path or hub id, e.g. `base: bert-base-uncased` "
+                           f"or `base: {{model: bert-base-uncased, revision: main}}`, got {item!r}")
+        raise Hm3Error(f"{where}.model: expected a local path or hub id, e.g. "
+                       f"`model: bert-base-uncased`, got {model!r}")
     if root is not None and (model.startswith(".") or not _looks_like_hub_id(model)):
         candidate = (root / model).expanduser()
         if candidate.exists():
@@ -414,10 +448,11 @@ def _head_names(raw: Any, where: str) -> HeadNames | None:
     if raw is None:
         return None
     if not isinstance(raw, dict) or not isinstance(raw.get("weight"), str):
-        raise Hm3Error(f"{where}.head: expected {{weight: TENSOR_NAME, bias: TENSOR_NAME}}")
+        raise Hm3Error(f"{where}: expected {{weight: TENSOR_NAME, bias: TENSOR_NAME}}, "
+                       f"got {raw!r}")
     bias = raw.get("bias")
     if bias is not None and not isinstance(bias, str):
-        raise Hm3Error(f"{where}.head.bias: expected a tensor name or nothing")
+        raise Hm3Error(f"{where}.bias: expected a tensor name or nothing")
     return HeadNames(weight=raw["weight"], bias=bias)
 
 

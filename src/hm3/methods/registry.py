@@ -11,6 +11,7 @@ and in docs/methods.md:
 
 from __future__ import annotations
 
+import difflib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -284,5 +285,7 @@ METHODS = _registry(
 def get_method(name: Any) -> MergeMethod:
     """The registered method called `name`; a KeyError lists the known names."""
     if name not in METHODS:
-        raise KeyError(f"unknown merge method {name!r}; choose one of {', '.join(METHODS)}")
+        close = difflib.get_close_matches(str(name).lower().replace("-", "_"), METHODS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise KeyError(f"unknown merge method {name!r}; choose one of {', '.join(METHODS)}{hint}")
     return METHODS[name]
