@@ -19,6 +19,7 @@ from pathlib import Path
 from hm3 import __version__
 from hm3.checkpoint import write_text_atomic
 from hm3.errors import Hm3Error, Hm3Warning
+from hm3.serve.options import ServeOptions, add_serve_arguments
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,39 +198,10 @@ def _parser() -> argparse.ArgumentParser:
                            "playground page at /, /metrics (needs the serve extra)")
     serve.add_argument("model", help="model directory (merged, single expert, ONNX or OpenVINO "
                        "export)")
-    serve.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000, help="default 8000")
-    serve.add_argument("--backend", choices=["torch", "onnx", "openvino"],
-                       help="check the folder is of this kind (default: whatever it is)")
-    serve.add_argument("--max-batch-size", type=int, default=32, help="texts per forward pass "
-                       "(default 32)")
-    serve.add_argument("--max-wait-ms", type=float, default=0.0, help="how long the first text "
-                       "of a batch waits for others once the model is free (default 0: the "
-                       "batch is every text that queued while the model ran)")
-    serve.add_argument("--max-texts", type=int, default=256, help="texts per request (default "
-                       "256; more: 413)")
-    serve.add_argument("--max-chars", type=int, default=200_000, help="characters per request, "
-                       "all texts together (default 200000; more: 413)")
-    serve.add_argument("--policy", help="YAML/JSON: per task, the labels and threshold that "
-                       "flag a text")
+    add_serve_arguments(serve)
     serve.add_argument("--max-length", type=int, help="truncate texts to this many tokens "
                        "(default: the tokenizer's maximum)")
     serve.add_argument("--device", help="cpu, cuda, ... (default: CUDA when available)")
-    serve.add_argument("--drain-seconds", type=float, default=30.0, help="on SIGTERM, how long "
-                       "in-flight requests may take to finish (default 30)")
-    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    serve.add_argument("--no-length-split", dest="length_split", action="store_false",
-                       help="run each batch padded to its longest text, not in length-sorted "
-                       "sub-batches")
-    serve.add_argument("--ray", action="store_true", help="serve on Ray Serve (needs the ray "
-                       "extra): replicas of the same app, Ray's request batching")
-    serve.add_argument("--replicas", type=int, default=1, help="with --ray: model replicas "
-                       "(default 1)")
-    serve.add_argument("--replica-cpus", type=float, default=1.0, help="with --ray: CPUs each "
-                       "replica reserves (default 1)")
-    serve.add_argument("--ray-address", help="with --ray: deploy on this running Ray cluster "
-                       "(`auto`, ray://HOST:PORT) and return; default: start a local one-node "
-                       "instance and serve until Ctrl-C")
     serve.set_defaults(run=_serve)
 
     export = sub.add_parser("export", help="export a model to ONNX or OpenVINO, per-task "
@@ -632,33 +604,22 @@ def _run_search(args, space, run) -> int:
 
 
 def _serve(args) -> int:
-    if args.ray:
-        return _serve_on_ray(args)
-    if args.replicas != 1 or args.ray_address:
-        raise Hm3Error("--replicas and --ray-address are for Ray Serve: add --ray")
-    from hm3.serve.app import Limits
+    options = ServeOptions.from_args(args)
+    if options.ray:
+        return _serve_on_ray(args, options)
     from hm3.serve.server import serve
 
-    serve(args.model, host=args.host, port=args.port, backend=args.backend,
-          max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
-          limits=Limits(max_texts=args.max_texts, max_chars=args.max_chars), policy=args.policy,
-          device=args.device, max_length=args.max_length, drain_seconds=args.drain_seconds,
-          log_level=args.log_level, length_split=args.length_split)
+    serve(args.model, options, device=args.device, max_length=args.max_length)
     return 0
 
 
-def _serve_on_ray(args) -> int:
+def _serve_on_ray(args, options) -> int:
     try:
         from hm3.serve.ray_app import serve_on_ray
     except ImportError as exc:
         raise Hm3Error(f"--ray needs Ray Serve ({exc}); install it with "
                        "pip install 'hm3[ray]'") from None
-    serve_on_ray(args.model, host=args.host, port=args.port, replicas=args.replicas,
-                 replica_cpus=args.replica_cpus, address=args.ray_address, backend=args.backend,
-                 device=args.device, max_length=args.max_length, policy=args.policy,
-                 max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
-                 max_texts=args.max_texts, max_chars=args.max_chars,
-                 length_split=args.length_split)
+    serve_on_ray(args.model, options, device=args.device, max_length=args.max_length)
     return 0
 
 
