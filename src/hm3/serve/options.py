@@ -18,6 +18,7 @@ from hm3.errors import Hm3Error
 API_KEYS_ENV = "HM3_API_KEYS"  # comma-separated keys: they stay off the command line
 BACKENDS = ("torch", "onnx", "openvino")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+DEFAULT_BODY_BYTES = 2 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,8 @@ class ServeOptions:
     backend : check the model folder is of this kind (torch, onnx, openvino; None: any).
     max_batch_size, max_wait_ms : dynamic batching (`hm3.serve.batching.MicroBatcher`).
     max_texts, max_chars : per request (413 beyond).
-    max_body_bytes : bytes of request body read at most (413 as soon as more arrive).
+    max_body_bytes : bytes of request body read at most (413 as soon as more arrive); None:
+        2 MB, or more when `max_chars` needs it (`body_limit`).
     max_queued_texts : texts accepted but not yet answered, all clients together; a request that
         would go over gets 503 with Retry-After.
     request_timeout : seconds a request may wait for its answer (504 after).
@@ -54,7 +56,7 @@ class ServeOptions:
     max_wait_ms: float = 0.0
     max_texts: int = 256
     max_chars: int = 200_000
-    max_body_bytes: int = 2 * 1024 * 1024
+    max_body_bytes: int | None = None
     max_queued_texts: int = 4096
     request_timeout: float = 60.0
     header_timeout: float = 10.0
@@ -77,6 +79,8 @@ class ServeOptions:
         for name in ("max_batch_size", "max_texts", "max_chars", "max_body_bytes",
                      "max_queued_texts", "replicas"):
             value = getattr(self, name)
+            if value is None and name == "max_body_bytes":
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise Hm3Error(f"--{_flag(name)} must be a whole number of at least 1, "
                                f"got {value!r}")
@@ -103,6 +107,15 @@ class ServeOptions:
         if not self.ray and (self.replicas != 1 or self.ray_address):
             raise Hm3Error("--replicas and --ray-address are for Ray Serve: add --ray")
         return self
+
+    @property
+    def body_limit(self) -> int:
+        """The request body bytes read at most: `max_body_bytes`, or by default 2 MB or what
+        `max_chars` characters take as JSON if more: 12 bytes a character, an emoji sent
+        \\u-escaped (a surrogate pair), plus a little per text and for the rest of the body."""
+        if self.max_body_bytes is not None:
+            return self.max_body_bytes
+        return max(DEFAULT_BODY_BYTES, 12 * self.max_chars + 16 * self.max_texts + 64 * 1024)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, environ=os.environ) -> "ServeOptions":
@@ -138,8 +151,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         f"{d.max_texts}; more: 413)")
     add("--max-chars", type=int, default=d.max_chars, help="characters per request, all texts "
         f"together (default {d.max_chars}; more: 413)")
-    add("--max-body-bytes", type=int, default=d.max_body_bytes, help="request body bytes read at "
-        f"most, chunked bodies included (default {d.max_body_bytes}: 2 MB; more: 413)")
+    add("--max-body-bytes", type=int, help="request body bytes read at most, chunked bodies "
+        "included (more: 413 at once; default 2 MB, or 12 bytes per --max-chars character if "
+        "more)")
     add("--max-queued-texts", type=int, default=d.max_queued_texts, help="texts accepted and not "
         f"yet answered, all clients together (default {d.max_queued_texts}; more: 503 with "
         "Retry-After)")
