@@ -131,8 +131,9 @@ def _typed(field: dataclasses.Field, value: str):
         return int(value) if field.type.startswith("int") else value
     if isinstance(default, bool):
         return str(value).lower() not in ("0", "false", "no")
-    if isinstance(default, tuple):
-        return tuple(v.strip() for v in str(value).split(",") if v.strip())
+    if isinstance(default, tuple):  # a YAML list, or comma-separated on Ray's command line
+        items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+        return tuple(str(v).strip() for v in items if str(v).strip())
     if isinstance(default, (int, float)):
         return type(default)(value)
     return value
