@@ -439,3 +439,41 @@ def test_moderations_through_the_openai_client(guarded):
 def test_moderations_without_a_policy_say_how_to_get_one(slow):
     response = httpx.post(slow.url + "/v1/moderations", json={"input": "good"}, timeout=30)
     assert response.status_code == 501 and "--policy" in response.json()["error"]
+
+
+def test_request_bodies_held_at_once_are_bounded():
+    from hm3.serve.guard import ReadBody
+
+    answered = []
+
+    async def app(scope, receive, send):
+        body = (await receive())["body"]
+        await asyncio.sleep(0.2)  # the body is held while the request is served
+        answered.append(len(body))
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    guard = ReadBody(app, limit=100, timeout=5, budget=150)
+
+    async def request(size: int) -> int:
+        chunks = [{"type": "http.request", "body": b"x" * (size // 2), "more_body": True},
+                  {"type": "http.request", "body": b"x" * (size - size // 2), "more_body": False}]
+        statuses = []
+
+        async def receive():
+            await asyncio.sleep(0.01)
+            return chunks.pop(0) if chunks else {"type": "http.disconnect"}
+
+        async def send(message):
+            if message["type"] == "http.response.start":
+                statuses.append(message["status"])
+
+        await guard({"type": "http", "path": "/v1/classify", "headers": []}, receive, send)
+        return statuses[0]
+
+    async def scenario():
+        return await asyncio.gather(request(80), request(80), request(101))
+
+    first, second, too_large = asyncio.run(scenario())
+    assert sorted([first, second]) == [200, 503] and too_large == 413
+    assert guard.held == 0 and answered == [80]

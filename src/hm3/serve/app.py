@@ -35,6 +35,7 @@ WARM_UP_TEXT = "hello"
 ROUTES = frozenset({"/", "/health", "/ready", "/v1/tasks", "/v1/classify", "/v1/moderations",
                     "/metrics", "/openapi.json", "/docs", "/redoc"})
 PARSE_OFF_LOOP_BYTES = 64 * 1024  # larger bodies are parsed in a thread: the loop keeps serving
+BODIES_HELD = 32  # request bodies in memory at once, at the size limit (more: 503)
 
 
 class ClassifyRequest(BaseModel):
@@ -140,7 +141,8 @@ def create_app(classifier, options: ServeOptions = ServeOptions(), name: str = "
         return JSONResponse({"error": message, **extra}, status_code=status, headers=headers)
 
     # outermost first: observe everything, answer CORS preflights, check the key, read the body
-    app.add_middleware(ReadBody, limit=options.body_limit, timeout=options.body_timeout)
+    app.add_middleware(ReadBody, limit=options.body_limit, timeout=options.body_timeout,
+                       budget=BODIES_HELD * options.body_limit)
     if options.api_keys:
         app.add_middleware(RequireKey, keys=options.api_keys)
     if options.cors_allow_origins:
@@ -298,7 +300,7 @@ def create_app(classifier, options: ServeOptions = ServeOptions(), name: str = "
         texts = [body.input] if isinstance(body.input, str) else body.input
         if not texts:
             raise Refused(422, "input: give a text or a non-empty list of texts")
-        check_texts(texts, "input." if isinstance(body.input, list) else "input")
+        check_texts(texts, "input.")
         predictions = await predict(request, texts, "input.")
         results = []
         for prediction in predictions:

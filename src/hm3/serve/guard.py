@@ -81,11 +81,14 @@ class RequireKey:
 class ReadBody:
     """Reads a request's whole body before the app runs, counting the bytes actually received:
     413 as soon as more than `limit` arrive (declared or not, chunked bodies included), 408 when
-    the body takes over `timeout` seconds. The app then receives the body as one message, and
-    after it the connection's own events (so a route can notice the client leaving)."""
+    the body takes over `timeout` seconds, 503 when the bodies of all requests in flight would
+    hold more than `budget` bytes (so many large uploads at once cannot exhaust memory). The app
+    then receives the body as one message, and after it the connection's own events (so a route
+    can notice the client leaving)."""
 
-    def __init__(self, app, limit: int, timeout: float):
-        self.app, self.limit, self.timeout = app, limit, timeout
+    def __init__(self, app, limit: int, timeout: float, budget: int):
+        self.app, self.limit, self.timeout, self.budget = app, limit, timeout, budget
+        self.held = 0  # bytes of the bodies of the requests in flight
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -95,7 +98,17 @@ class ReadBody:
         if length.isdigit() and int(length) > self.limit:
             await send_error(send, 413, self._too_large(f"{int(length)} bytes"))
             return
-        chunks, size = [], 0
+        mine = [0]  # bytes of this request's body, counted in `held` until it is answered
+        try:
+            body = await self._read(receive, send, mine)
+            if body is not None:
+                await self.app(scope, self._replay(body, receive), send)
+        finally:
+            self.held -= mine[0]
+
+    async def _read(self, receive, send, mine: list[int]) -> bytes | None:
+        """The body, or None when an error was sent (or the client left)."""
+        chunks = []
         deadline = asyncio.get_running_loop().time() + self.timeout
         more = True
         while more:
@@ -105,18 +118,26 @@ class ReadBody:
             except asyncio.TimeoutError:
                 await send_error(send, 408, f"the request body took over {self.timeout:g} s to "
                                  "arrive; send it at once", {"Connection": "close"})
-                return
+                return None
             if message["type"] == "http.disconnect":
-                return  # the client left (or the server is stopping): no one to answer
+                return None  # the client left (or the server is stopping): no one to answer
             chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.limit:
+            if mine[0] + len(chunk) > self.limit:
                 await send_error(send, 413, self._too_large(f"over {self.limit} bytes"),
                                  {"Connection": "close"})
-                return
+                return None
+            if self.held + len(chunk) > self.budget:
+                await send_error(send, 503, "the server holds too many request bodies; retry "
+                                 "shortly", {"Retry-After": "1", "Connection": "close"})
+                return None
+            self.held += len(chunk)
+            mine[0] += len(chunk)
             chunks.append(chunk)
             more = message.get("more_body", False)
-        body = b"".join(chunks)
+        return b"".join(chunks)
+
+    @staticmethod
+    def _replay(body: bytes, receive):
         replayed = False
 
         async def replay():
@@ -126,7 +147,7 @@ class ReadBody:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
-        await self.app(scope, replay, send)
+        return replay
 
     def _too_large(self, size: str) -> str:
         return (f"the request body is {size}, over the limit of {self.limit} bytes; send fewer "
