@@ -147,7 +147,7 @@ async def attacker(name: str, url: str, port: int, until: float, seen: Counter):
                 result = (await client.post("/v1/classify", content=body)).status_code
             elif name == "task named 50000 times":
                 result = (await client.post("/v1/classify", json={
-                    "texts": ["good"] * 64, "tasks": ["topic"] * 50_000})).status_code
+                    "texts": ["good"] * 8, "tasks": ["topic"] * 50_000})).status_code
             elif name == "100 MB chunked body":
                 result = await chunked_flood(port)
             elif name == "64 texts, abandoned":
@@ -173,20 +173,20 @@ ATTACKS = ("lone surrogate", "task named 50000 times", "100 MB chunked body",
            "64 texts, abandoned", "slow headers", "slow body", "idle sockets")
 
 
-async def run(url: str, port: int, seconds: float, clients: int, attacks: bool) -> dict:
+async def run(url: str, port: int, seconds: float, clients: int, attacks: tuple) -> dict:
     until = time.monotonic() + seconds
     latencies, failures = [], Counter()
     seen = {name: Counter() for name in ATTACKS}
     jobs = [good_client(url, seed, until, latencies, failures) for seed in range(clients)]
     if attacks:
-        jobs += [attacker(name, url, port, until, seen[name]) for name in ATTACKS]
+        jobs += [attacker(name, url, port, until, seen[name]) for name in attacks]
     await asyncio.gather(*jobs)
     ms = np.array(latencies) * 1000
     out = {"good_requests": len(latencies) + sum(failures.values()),
            "good_failed": dict(failures), "good_p50_ms": round(float(np.percentile(ms, 50)), 1),
            "good_p99_ms": round(float(np.percentile(ms, 99)), 1)}
     if attacks:
-        out["attacks"] = {name: dict(counts) for name, counts in seen.items()}
+        out["attacks"] = {name: dict(seen[name]) for name in attacks}
     return out
 
 
@@ -195,11 +195,13 @@ def main() -> None:
     parser.add_argument("--model", help="model folder (default: the tests' tiny model)")
     parser.add_argument("--seconds", type=float, default=20.0, help="per run (default 20)")
     parser.add_argument("--clients", type=int, default=8, help="good clients (default 8)")
+    parser.add_argument("--attack", action="append", choices=ATTACKS,
+                        help="run only this attack (repeatable; default: all at once)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(args.model) if args.model else tiny_model(Path(tmp))
         runs = {}
-        for name, attacks in (("clean", False), ("under attack", True)):
+        for name, attacks in (("clean", ()), ("under attack", tuple(args.attack or ATTACKS))):
             process, url, port = start(model)
             try:
                 runs[name] = asyncio.run(run(url, port, args.seconds, args.clients, attacks))

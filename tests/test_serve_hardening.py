@@ -152,6 +152,28 @@ def test_the_batcher_reruns_a_failing_batch_so_batch_mates_succeed():
     assert runs[0] == 9 and len(runs) <= 1 + 2 * 4  # one batch, then halves down to the culprit
 
 
+def test_a_small_request_is_not_queued_behind_every_text_of_a_large_one():
+    seen = []
+
+    def run(texts):
+        seen.append(list(texts))
+        return texts
+
+    async def scenario():
+        batcher = MicroBatcher(run, max_batch_size=4, max_wait_ms=50)
+        await batcher.start()
+        large = asyncio.ensure_future(batcher.submit([f"L{i}" for i in range(10)]))
+        await asyncio.sleep(0)
+        small = await batcher.submit(["s"])
+        answers = await large, small
+        await batcher.stop()
+        return answers
+
+    large, small = asyncio.run(scenario())
+    assert large == [f"L{i}" for i in range(10)] and small == ["s"]
+    assert "s" in seen[0]  # taken in turn, not after the large request's 10 texts
+
+
 # 2. real limits -----------------------------------------------------------------------------
 
 def test_a_chunked_body_is_cut_off_at_the_limit(guarded):
