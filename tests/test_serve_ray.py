@@ -35,14 +35,15 @@ def test_replicas_without_ray_is_refused(tmp_path, capsys):
 def test_app_builder_checks_its_arguments():
     pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install 'hm3[ray]')")
     from hm3.errors import Hm3Error
+    from hm3.serve.options import ServeOptions
     from hm3.serve.ray_app import app_builder, build
 
     with pytest.raises(Hm3Error, match="needs model=PATH"):
         app_builder({"replicas": "2"})
     with pytest.raises(Hm3Error, match="unknown argument.*replica_count"):
         app_builder({"model": "m", "replica_count": "2"})
-    with pytest.raises(Hm3Error, match="replicas must be at least 1"):
-        build("m", replicas=0)
+    with pytest.raises(Hm3Error, match="--replicas must be a whole number of at least 1"):
+        build("m", ServeOptions(replicas=0))
 
 
 

@@ -1,49 +1,57 @@
-"""The HTTP API (FastAPI): POST /v1/classify, GET /v1/tasks, /health, /metrics, and the page at /.
+"""The HTTP API (FastAPI): POST /v1/classify, POST /v1/moderations (OpenAI's moderation API over
+the policy), GET /v1/tasks, /health (liveness), /ready (readiness), /metrics, and the page at /.
 
 Thin over `hm3.model`: every text gets `MultiTaskClassifier.predict`'s per-task result (a softmax
 per single-label task, sigmoids for a multi-label one), computed in dynamic batches shared by all
 clients (`hm3.serve.batching`). The app holds no per-client state, so N replicas behind a load
-balancer serve like one.
+balancer serve like one. What guards it (limits, key, metrics of every request) is in
+`hm3.serve.guard`; its settings are `hm3.serve.options.ServeOptions`.
 """
 
 from __future__ import annotations
 
-import time
+import asyncio
+import json
+import uuid
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from pydantic import BaseModel, Field
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import BaseModel, Field, ValidationError
+from starlette.exceptions import HTTPException
 
-from hm3.serve.batching import MicroBatcher
+from hm3.serve.batching import MicroBatcher, TextFailed
 from hm3.serve.buckets import predict_by_length
+from hm3.serve.guard import Observe, ReadBody, RequireKey, wait_for_disconnect
+from hm3.serve.options import ServeOptions
 from hm3.serve.page import playground_html
 from hm3.serve.policy import TaskRule
 
-
-@dataclass(frozen=True)
-class Limits:
-    """What one request may hold; larger requests get 413."""
-
-    max_texts: int = 256
-    max_chars: int = 200_000  # all texts of a request together
-
-    @property
-    def max_body_bytes(self) -> int:
-        # a character is at most 6 bytes of JSON (\\uXXXX), plus quotes, commas and the tasks list
-        return 6 * self.max_chars + 8 * self.max_texts + 64 * 1024
+WARM_UP_TEXT = "hello"
+ROUTES = frozenset({"/", "/health", "/ready", "/v1/tasks", "/v1/classify", "/v1/moderations",
+                    "/metrics", "/openapi.json", "/docs", "/redoc"})
+PARSE_OFF_LOOP_BYTES = 64 * 1024  # larger bodies are parsed in a thread: the loop keeps serving
+BODIES_HELD = 32  # request bodies in memory at once, at the size limit (more: 503)
 
 
 class ClassifyRequest(BaseModel):
     texts: list[str] = Field(min_length=1, description="the texts to classify")
     tasks: list[str] | None = Field(default=None, min_length=1,
-                                    description="answer only these tasks (default: all)")
+                                    description="answer only these tasks (default: all; "
+                                    "repeats are answered once)")
 
     model_config = {"extra": "forbid"}
+
+
+class ModerationRequest(BaseModel):
+    """OpenAI's moderation request; `model` is accepted and ignored (this server has one)."""
+
+    input: str | list[str] = Field(description="a text or a list of texts")
+    model: str | None = None
 
 
 class Metrics:
@@ -51,16 +59,19 @@ class Metrics:
 
     def __init__(self):
         self.registry = CollectorRegistry()
-        self.requests = Counter("hm3_requests", "classify requests by HTTP status", ["status"],
-                                registry=self.registry)
-        self.texts = Counter("hm3_texts", "texts classified", registry=self.registry)
+        self.requests = Counter("hm3_requests_total", "HTTP requests by route and status (every "
+                                "request, refusals included; 499: the client left first)",
+                                ["route", "status"], registry=self.registry)
+        self.texts = Counter("hm3_texts_total", "texts classified", registry=self.registry)
+        self.queued = Gauge("hm3_queued_texts", "texts accepted and not yet answered",
+                            registry=self.registry)
         self.batch_size = Histogram("hm3_batch_size", "texts per collected batch (run as "
                                     "length-sorted sub-batches unless --no-length-split)",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
                                     registry=self.registry)
         self.batch_seconds = Histogram("hm3_batch_seconds", "seconds per collected batch "
                                        "(tokenisation included)", registry=self.registry)
-        self.latency = Histogram("hm3_request_seconds", "classify request latency",
+        self.latency = Histogram("hm3_request_seconds", "latency of every HTTP request",
                                  buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30),
                                  registry=self.registry)
 
@@ -69,88 +80,157 @@ class Metrics:
         self.batch_seconds.observe(seconds)
         self.texts.inc(size)
 
-
-class BodyLimit:
-    """Refuses a request to `path` whose declared body is over `limit` bytes, before it is read.
-
-    A plain ASGI middleware: Starlette's `@app.middleware("http")` runs every request through a
-    task group and memory streams, a cost each one-text request pays."""
-
-    def __init__(self, app, path: str, limit: int, reject: Callable[[int], Response]):
-        self.app, self.path, self.limit, self.reject = app, path, limit, reject
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and scope["path"] == self.path:
-            length = dict(scope["headers"]).get(b"content-length", b"")
-            if length.isdigit() and int(length) > self.limit:
-                await self.reject(int(length))(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+    def record_request(self, route: str, status: int, seconds: float) -> None:
+        self.requests.labels(route, str(status)).inc()
+        self.latency.observe(seconds)
 
 
-def create_app(classifier, name: str = "model", backend: str = "torch",
-               max_batch_size: int = 32, max_wait_ms: float = 0.0, limits: Limits = Limits(),
-               policy: dict[str, TaskRule] | None = None, length_split: bool = True,
+class Refused(Exception):
+    """A request answered with an error: `status`, the message, extra JSON fields and headers."""
+
+    def __init__(self, status: int, message: str, headers: dict | None = None, **extra):
+        super().__init__(message)
+        self.status, self.message, self.headers, self.extra = status, message, headers, extra
+
+
+def create_app(classifier, options: ServeOptions = ServeOptions(), name: str = "model",
+               backend: str = "torch", policy: dict[str, TaskRule] | None = None,
                batcher: Callable = MicroBatcher) -> FastAPI:
     """The ASGI app serving `classifier` (an `hm3.model.MultiTaskClassifier`).
 
     Parameters
     ----------
+    options : the server's settings (batching, limits, timeouts, access; see `ServeOptions`).
     name, backend : reported by /health and /v1/tasks.
-    max_batch_size, max_wait_ms : dynamic batching (see `MicroBatcher`).
-    limits : per-request limits (413 beyond them).
-    policy : per-task rules; when given, every answer says which tasks fired (`flagged`).
-    length_split : run each collected batch in length-sorted sub-batches
-        (`hm3.serve.buckets`) rather than padded to its longest text.
+    policy : per-task rules; when given, every answer says which tasks fired (`flagged`), and
+        POST /v1/moderations answers with them.
     batcher : what gathers texts into batches: called as (run, max_batch_size, max_wait_ms,
         on_batch), it has `start`, `stop` and `submit(texts)` (`MicroBatcher`; the Ray Serve
         deployment passes one over `@serve.batch`).
     """
+    options.check()
     policy = policy or {}
     metrics = Metrics()
     groups = {g.name: g for g in classifier.groups}
-    if length_split:
+    if options.length_split:
         def run(texts):
             return predict_by_length(classifier, texts)
     else:
         def run(texts):
-            return classifier.predict(texts, batch_size=max_batch_size)
-    batcher = batcher(run, max_batch_size, max_wait_ms, metrics.record_batch)
+            return classifier.predict(texts, batch_size=options.max_batch_size)
+    batcher = batcher(run, options.max_batch_size, options.max_wait_ms, metrics.record_batch)
+    state = {"ready": False, "queued": 0}
 
     @asynccontextmanager
     async def lifespan(_app):
         await batcher.start()
+        await batcher.submit([WARM_UP_TEXT])  # ready means one text went through the model
+        state["ready"] = True
         yield
+        state["ready"] = False
         await batcher.stop()  # the server has drained its connections; finish what is queued
 
-    app = FastAPI(title="hm3", lifespan=lifespan,
+    docs = options.docs
+    app = FastAPI(title="hm3", lifespan=lifespan, docs_url="/docs" if docs else None,
+                  redoc_url="/redoc" if docs else None,
                   description="One merged multi-task classifier: every task's verdict per text, "
                   "from one forward pass.")
+    app.state.metrics = metrics
 
-    def error(status: int, message: str, **extra) -> JSONResponse:
-        metrics.requests.labels(str(status)).inc()
-        return JSONResponse({"error": message, **extra}, status_code=status)
+    def error(status: int, message: str, headers: dict | None = None, **extra) -> JSONResponse:
+        return JSONResponse({"error": message, **extra}, status_code=status, headers=headers)
 
-    def too_large(length: int) -> JSONResponse:
-        return error(413, f"request body of {length} bytes is over the limit of "
-                     f"{limits.max_body_bytes}; send fewer or shorter texts per request")
+    # outermost first: observe everything, answer CORS preflights, check the key, read the body
+    app.add_middleware(ReadBody, limit=options.body_limit, timeout=options.body_timeout,
+                       budget=BODIES_HELD * options.body_limit)
+    if options.api_keys:
+        app.add_middleware(RequireKey, keys=options.api_keys)
+    if options.cors_allow_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(options.cors_allow_origins),
+                           allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
+    app.add_middleware(Observe, record=metrics.record_request, routes=ROUTES)
 
-    app.add_middleware(BodyLimit, path="/v1/classify", limit=limits.max_body_bytes,
-                       reject=too_large)
+    @app.exception_handler(Refused)
+    async def refused(_request: Request, exc: Refused):
+        return error(exc.status, exc.message, exc.headers, **exc.extra)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_request: Request, exc: HTTPException):
+        return error(exc.status_code, str(exc.detail), exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, exc: RequestValidationError):
-        problems = []
-        for item in exc.errors():
-            loc = [str(part) for part in item.get("loc", ()) if part != "body"]
-            if item.get("type") == "json_invalid":
-                problems.append(f"the body is not valid JSON ({item.get('ctx', {}).get('error', '')}"
-                                f"); send {{\"texts\": [\"...\"]}}")
+        message, detail = _problems(exc.errors())
+        return error(422, message, detail=detail)
+
+    @app.exception_handler(Exception)
+    async def failed(_request: Request, exc: Exception):
+        return error(500, f"internal error ({type(exc).__name__}); the server goes on: retry, "
+                     "and report it if it persists")
+
+    async def read(request: Request, schema: type[BaseModel]) -> BaseModel:
+        """The body parsed and checked against `schema` (422 naming the field otherwise)."""
+        body = await request.body()
+        try:
+            if len(body) > PARSE_OFF_LOOP_BYTES:
+                data = await asyncio.to_thread(json.loads, body)
             else:
-                problems.append(f"{'.'.join(loc) or 'body'}: {item.get('msg')}")
-        return error(422, "; ".join(problems), detail=[{k: v for k, v in item.items()
-                                                       if k in ("loc", "msg", "type")}
-                                                      for item in exc.errors()])
+                data = json.loads(body)
+        except (ValueError, RecursionError) as exc:
+            example = '{"texts": ["..."]}' if schema is ClassifyRequest else '{"input": "..."}'
+            raise Refused(422, f"the body is not valid JSON ({exc}); send {example}") from None
+        try:
+            return schema.model_validate(data)
+        except ValidationError as exc:
+            message, detail = _problems(exc.errors(include_url=False, include_input=False))
+            raise Refused(422, message, detail=detail) from None
+
+    def check_texts(texts: list[str], field: str) -> None:
+        if len(texts) > options.max_texts:
+            raise Refused(413, f"too many texts: {len(texts)} in one request, the limit is "
+                          f"{options.max_texts}; split the request")
+        chars = sum(map(len, texts))
+        if chars > options.max_chars:
+            raise Refused(413, f"too many characters: {chars} in one request, the limit is "
+                          f"{options.max_chars}; split the request")
+        for index, text in enumerate(texts):
+            if not text.isascii():
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise Refused(422, f"{field}{index}: not valid Unicode (a lone surrogate "
+                                  "such as \\ud800); send UTF-8 text", index=index) from None
+
+    async def predict(request: Request, texts: list[str], field: str) -> list[dict]:
+        """Each text's prediction, through the shared batcher, within the queue bound and the
+        request timeout; the texts are dropped from the queue if the client leaves first."""
+        if state["queued"] + len(texts) > options.max_queued_texts:
+            raise Refused(503, f"the server is busy ({state['queued']} texts queued, the limit "
+                          f"is {options.max_queued_texts}); retry shortly",
+                          headers={"Retry-After": "1"})
+        state["queued"] += len(texts)
+        metrics.queued.set(state["queued"])
+        work = asyncio.ensure_future(batcher.submit(texts))
+        gone = asyncio.ensure_future(wait_for_disconnect(request.receive))
+        try:
+            done, _ = await asyncio.wait({work, gone}, timeout=options.request_timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            state["queued"] -= len(texts)
+            metrics.queued.set(state["queued"])
+        if work in done:
+            try:
+                return work.result()
+            except TextFailed as exc:
+                message = str(exc).replace("texts.", field, 1)
+                raise Refused(422, message, index=exc.index) from None
+        work.cancel()  # its texts still queued are dropped before they reach the model
+        if gone in done:
+            raise Refused(499, "the client closed the connection")
+        raise Refused(504, f"no answer within --request-timeout {options.request_timeout:g} s; "
+                      "the server is overloaded: retry later or send fewer texts")
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page():
@@ -158,13 +238,23 @@ def create_app(classifier, name: str = "model", backend: str = "torch",
 
     @app.get("/health")
     async def health():
+        """Liveness: the process answers (no key needed). Readiness is /ready."""
         return {"status": "ok", "model": name, "backend": backend}
+
+    @app.get("/ready")
+    async def ready():
+        """Readiness: a warm-up text has gone through the model and the server is not stopping."""
+        if not state["ready"]:
+            raise Refused(503, "not ready: warming up or shutting down",
+                          headers={"Retry-After": "1"})
+        return {"status": "ready", "model": name, "backend": backend}
 
     @app.get("/v1/tasks")
     async def tasks():
         return {"model": name, "backend": backend, "max_length": classifier.max_length,
-                "max_batch_size": max_batch_size,
-                "limits": {"max_texts": limits.max_texts, "max_chars": limits.max_chars},
+                "max_batch_size": options.max_batch_size,
+                "limits": {"max_texts": options.max_texts, "max_chars": options.max_chars,
+                           "max_body_bytes": options.body_limit},
                 "tasks": [{**g.to_dict(), **({"policy": policy[g.name].to_dict()}
                                              if g.name in policy else {})}
                           for g in classifier.groups]}
@@ -173,22 +263,16 @@ def create_app(classifier, name: str = "model", backend: str = "torch",
     async def prometheus():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/v1/classify")
-    async def classify(body: ClassifyRequest):
-        start = time.perf_counter()
-        if len(body.texts) > limits.max_texts:
-            return error(413, f"too many texts: {len(body.texts)} in one request, the limit is "
-                         f"{limits.max_texts}; split the request")
-        chars = sum(map(len, body.texts))
-        if chars > limits.max_chars:
-            return error(413, f"too many characters: {chars} in one request, the limit is "
-                         f"{limits.max_chars}; split the request")
-        wanted = body.tasks or list(groups)
+    @app.post("/v1/classify", openapi_extra=_body_schema(ClassifyRequest))
+    async def classify(request: Request):
+        body = await read(request, ClassifyRequest)
+        check_texts(body.texts, "texts.")
+        wanted = list(dict.fromkeys(body.tasks or groups))  # repeats answered once
         unknown = [t for t in wanted if t not in groups]
         if unknown:
-            return error(422, f"tasks: unknown task(s) {', '.join(map(repr, unknown))}; this "
-                         f"model's tasks are {', '.join(groups)}", known_tasks=list(groups))
-        predictions = await batcher.submit(body.texts)
+            raise Refused(422, f"tasks: unknown task(s) {', '.join(map(repr, unknown[:10]))}; "
+                          f"this model's tasks are {', '.join(groups)}", known_tasks=list(groups))
+        predictions = await predict(request, body.texts, "texts.")
         results, flagged = [], []
         for prediction in predictions:
             result = {task: prediction[task] for task in wanted}
@@ -199,11 +283,54 @@ def create_app(classifier, name: str = "model", backend: str = "torch",
                     result[task] = {**result[task], "flagged": task in fired}
             results.append(result)
             flagged.append(fired)
-        metrics.requests.labels("200").inc()
-        metrics.latency.observe(time.perf_counter() - start)
         answer = {"model": name, "results": results}
         if policy:
             answer["flagged"] = flagged
         return answer
 
+    @app.post("/v1/moderations", openapi_extra=_body_schema(ModerationRequest))
+    async def moderations(request: Request):
+        """OpenAI's moderation API: one result per input text; the categories are the policy's
+        flagged labels, named `task/label`, each true when its probability reaches the task's
+        threshold; `flagged` when any is."""
+        if not policy:
+            raise Refused(501, "moderation needs a policy: start the server with --policy FILE "
+                          "(which labels of which tasks flag a text)")
+        body = await read(request, ModerationRequest)
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        if not texts:
+            raise Refused(422, "input: give a text or a non-empty list of texts")
+        check_texts(texts, "input.")
+        predictions = await predict(request, texts, "input.")
+        results = []
+        for prediction in predictions:
+            categories, scores = {}, {}
+            for task, rule in policy.items():
+                probabilities = prediction[task]["probabilities"]
+                for label in rule.flag:
+                    scores[f"{task}/{label}"] = probabilities[label]
+                    categories[f"{task}/{label}"] = probabilities[label] >= rule.threshold
+            results.append({"flagged": any(categories.values()), "categories": categories,
+                            "category_scores": scores})
+        return {"id": f"modr-{uuid.uuid4().hex}", "model": name, "results": results}
+
     return app
+
+
+def _problems(errors: list[dict]) -> tuple[str, list[dict]]:
+    """A one-line message and the short detail of pydantic validation errors."""
+    problems = []
+    for item in errors:
+        loc = [str(part) for part in item.get("loc", ()) if part != "body"]
+        if item.get("type") == "json_invalid":
+            problems.append(f"the body is not valid JSON ({item.get('ctx', {}).get('error', '')})")
+        else:
+            problems.append(f"{'.'.join(loc) or 'body'}: {item.get('msg')}")
+    detail = [{k: v for k, v in item.items() if k in ("loc", "msg", "type")} for item in errors]
+    return "; ".join(problems[:10]), detail[:10]
+
+
+def _body_schema(model: type[BaseModel]) -> dict:
+    """The OpenAPI request body of a route that reads its body itself (`read`)."""
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": model.model_json_schema()}}}}

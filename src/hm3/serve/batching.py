@@ -2,7 +2,7 @@
 
 A small asyncio micro-batcher rather than a library: the batching libraries on PyPI either
 belong to a serving framework (Ray Serve's `@serve.batch`) or are thin, little-kept wrappers; what a classifier server needs is ~60 lines: a queue of texts, one
-worker that takes up to `max_batch_size` of them (waiting at most `max_wait_ms` for more once the
+worker that takes up to `max_batch_size` of them (in turn from each waiting request) (waiting at most `max_wait_ms` for more once the
 first has arrived), runs the model in ONE worker thread so the event loop keeps accepting
 requests meanwhile, and hands each text its own result. While the model runs, new texts queue;
 with the default wait of 0 the next batch is what queued, taken as soon as the model is free:
@@ -13,12 +13,49 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
 
 from hm3.errors import Hm3Error
 
-_STOP = object()
+class TextFailed(Exception):
+    """The model or its tokenizer could not take text `index` of a request (`cause` says why)."""
+
+    def __init__(self, index: int, cause: BaseException):
+        super().__init__(f"texts.{index}: the model could not classify this text "
+                         f"({type(cause).__name__}: {cause})")
+        self.index, self.cause = index, cause
+
+
+class _Failed:
+    """A text's result slot when the text alone fails (see `run_isolated`)."""
+
+    def __init__(self, cause: BaseException):
+        self.cause = cause
+
+
+def run_isolated(run: Callable[[list[str]], list], texts: list[str]) -> list:
+    """`run(texts)`; should it raise, the texts are split in halves and run again, down to single
+    texts, so that one text the model cannot take fails alone (its slot holds a `_Failed`) and
+    its batch-mates still get their results: about 2·log2(n) extra runs per bad text."""
+    try:
+        return list(run(texts))
+    except Exception as exc:  # noqa: BLE001 - whatever the model raises belongs to one text
+        if len(texts) == 1:
+            return [_Failed(exc)]
+    half = len(texts) // 2
+    return run_isolated(run, texts[:half]) + run_isolated(run, texts[half:])
+
+
+async def gather_texts(futures: Sequence) -> list:
+    """Await one future per text of a request: their results in order, or `TextFailed` naming
+    the first text that failed."""
+    results = await asyncio.gather(*futures)
+    for index, result in enumerate(results):
+        if isinstance(result, _Failed):
+            raise TextFailed(index, result.cause)
+    return list(results)
 
 
 def check_batching(max_batch_size: int, max_wait_ms: float) -> None:
@@ -31,6 +68,9 @@ def check_batching(max_batch_size: int, max_wait_ms: float) -> None:
 
 class MicroBatcher:
     """Batch texts from many callers; `await submit(texts)` returns their results in order.
+
+    A batch takes the waiting requests' texts in turn, one text from each request at a time, so
+    a request of a few texts is not queued behind every text of a large one.
 
     Parameters
     ----------
@@ -49,12 +89,16 @@ class MicroBatcher:
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000.0
         self.on_batch = on_batch
-        self._queue: asyncio.Queue | None = None
+        self._waiting: deque[deque] = deque()  # per request, its (text, future) not yet taken
+        self._count = 0  # texts in `_waiting`
+        self._arrived: asyncio.Event | None = None
+        self._stopping = False
         self._worker: asyncio.Task | None = None
         self._executor: ThreadPoolExecutor | None = None
 
     async def start(self) -> None:
-        self._queue = asyncio.Queue()
+        self._arrived = asyncio.Event()
+        self._stopping = False
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hm3-model")
         self._worker = asyncio.create_task(self._loop())
 
@@ -62,55 +106,66 @@ class MicroBatcher:
         """Finish every text already queued, then stop the worker."""
         if self._worker is None:
             return
-        await self._queue.put(_STOP)
+        self._stopping = True
+        self._arrived.set()
         await self._worker
         self._executor.shutdown(wait=True)
         self._worker = None
 
     async def submit(self, texts: Sequence[str]) -> list:
-        if self._worker is None or self._worker.done():
+        """The results of `texts`, in order; `TextFailed` if the model cannot take one of them.
+        Cancelling the call drops its texts that are still queued."""
+        if self._worker is None or self._worker.done() or self._stopping:
             raise Hm3Error("the batcher is not running")
         loop = asyncio.get_running_loop()
-        futures = []
-        for text in texts:
-            future = loop.create_future()
-            self._queue.put_nowait((text, future))
-            futures.append(future)
-        return list(await asyncio.gather(*futures))
+        items = deque((text, loop.create_future()) for text in texts)
+        futures = [future for _, future in items]
+        if items:
+            self._waiting.append(items)
+            self._count += len(items)
+            self._arrived.set()
+        return await gather_texts(futures)
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
-        stopping = False
-        while not stopping:
-            first = await self._queue.get()
-            if first is _STOP:
-                break
-            batch = [first]
+        while True:
+            while not self._waiting and not self._stopping:
+                self._arrived.clear()
+                await self._arrived.wait()
+            if not self._waiting:
+                break  # stopping, and nothing is left
             deadline = loop.time() + self.max_wait
-            while len(batch) < self.max_batch_size:
-                if self._queue.empty():
-                    remaining = deadline - loop.time()
-                    if remaining <= 0:
-                        break
-                    try:
-                        item = await asyncio.wait_for(self._queue.get(), remaining)
-                    except asyncio.TimeoutError:
-                        break
-                else:
-                    item = self._queue.get_nowait()
-                if item is _STOP:
-                    stopping = True  # finish this batch, then stop
+            while self._count < self.max_batch_size and not self._stopping:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
                     break
-                batch.append(item)
-            # a caller that went away (cancelled future) no longer needs its text classified
-            batch = [(text, future) for text, future in batch if not future.done()]
+                self._arrived.clear()
+                try:
+                    await asyncio.wait_for(self._arrived.wait(), remaining)
+                except asyncio.TimeoutError:
+                    break
+            batch = self._take()
             if batch:
                 await self._run_batch(loop, batch)
+
+    def _take(self) -> list:
+        """Up to `max_batch_size` texts, one from each waiting request in turn; texts whose
+        caller went away (cancelled future) are dropped, not classified."""
+        batch = []
+        while self._waiting and len(batch) < self.max_batch_size:
+            request = self._waiting.popleft()
+            text, future = request.popleft()
+            self._count -= 1
+            if not future.done():
+                batch.append((text, future))
+            if request:
+                self._waiting.append(request)
+        return batch
 
     async def _run_batch(self, loop, batch: list) -> None:
         start = time.perf_counter()
         try:
-            results = await loop.run_in_executor(self._executor, self.run,
+            results = await loop.run_in_executor(self._executor, run_isolated, self.run,
                                                  [text for text, _ in batch])
         except Exception as exc:  # noqa: BLE001 - the callers get the error, the worker goes on
             for _, future in batch:

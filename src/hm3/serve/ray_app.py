@@ -14,6 +14,7 @@ Two ways to run it (needs the `ray` extra: `pip install 'hm3[ray]'`):
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import threading
@@ -26,10 +27,11 @@ import ray
 from ray import serve
 
 from hm3.errors import Hm3Error
-from hm3.serve.app import Limits, create_app
-from hm3.serve.batching import check_batching
+from hm3.serve.app import create_app
+from hm3.serve.batching import check_batching, gather_texts, run_isolated
+from hm3.serve.options import ServeOptions
 from hm3.serve.policy import load_policy
-from hm3.serve.server import load_backend
+from hm3.serve.server import load_checked
 
 APP_NAME = "hm3"
 
@@ -58,13 +60,13 @@ class RayBatcher:
             self._executor.shutdown(wait=True)
 
     async def submit(self, texts: Sequence[str]) -> list:
-        return list(await asyncio.gather(*(self._classify(text) for text in texts)))
+        return await gather_texts([self._classify(text) for text in texts])
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def _classify(self, texts: list[str]) -> list:
         start = time.perf_counter()
-        results = await asyncio.get_running_loop().run_in_executor(self._executor, self.run,
-                                                                   list(texts))
+        results = await asyncio.get_running_loop().run_in_executor(
+            self._executor, run_isolated, self.run, list(texts))
         if self.on_batch is not None:
             self.on_batch(len(texts), time.perf_counter() - start)
         return results
@@ -73,63 +75,79 @@ class RayBatcher:
 @serve.deployment(name=APP_NAME, max_ongoing_requests=256)
 @serve.ingress()
 class Hm3Deployment:
-    """One replica: the model loaded once, `create_app` as its ingress (built in the replica)."""
+    """One replica: the model loaded and checked once, `create_app` as its ingress (built in the
+    replica) with the very `ServeOptions` of `hm3 serve`."""
 
-    def __init__(self, model: str, backend: str | None = None, device: str | None = None,
-                 max_length: int | None = None, policy: str | None = None,
-                 max_batch_size: int = 32, max_wait_ms: float = 0.0,
-                 max_texts: int = 256, max_chars: int = 200_000, length_split: bool = True):
-        self.classifier = load_backend(model, backend, device, max_length)
-        self.rules = load_policy(policy, self.classifier.groups) if policy else None
+    def __init__(self, model: str, options: ServeOptions = ServeOptions(),
+                 device: str | None = None, max_length: int | None = None):
+        self.options = options.check()
+        self.classifier = load_checked(model, options.backend, device, max_length)
+        self.rules = load_policy(options.policy, self.classifier.groups) if options.policy else None
         self.name = Path(model.rstrip("/")).name or model
-        self.settings = dict(max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
-                             limits=Limits(max_texts=max_texts, max_chars=max_chars),
-                             length_split=length_split)
 
     def __serve_build_asgi_app__(self):
-        return create_app(self.classifier, name=self.name,
+        return create_app(self.classifier, self.options, name=self.name,
                           backend=getattr(self.classifier.model, "backend", "torch"),
-                          policy=self.rules, batcher=RayBatcher, **self.settings)
+                          policy=self.rules, batcher=RayBatcher)
 
 
-def build(model: str, replicas: int = 1, replica_cpus: float = 1.0, **options):
-    """The Ray Serve application: `replicas` copies of `Hm3Deployment(model, **options)`, each
-    reserving `replica_cpus` CPUs (its torch threads follow Ray's OMP_NUM_THREADS)."""
-    if replicas < 1:
-        raise Hm3Error(f"replicas must be at least 1, got {replicas}")
-    if replica_cpus <= 0:
-        raise Hm3Error(f"replica_cpus must be positive, got {replica_cpus}")
+def build(model: str, options: ServeOptions = ServeOptions(), device: str | None = None,
+          max_length: int | None = None):
+    """The Ray Serve application: `options.replicas` copies of `Hm3Deployment`, each reserving
+    `options.replica_cpus` CPUs (its torch threads follow Ray's OMP_NUM_THREADS)."""
+    options = dataclasses.replace(options, ray=True).check()
     local = Path(model)
     if local.exists():  # a replica's working directory is not ours: pass absolute paths
         model = str(local.resolve())
-    if options.get("policy"):
-        options["policy"] = str(Path(options["policy"]).resolve())
-    return Hm3Deployment.options(num_replicas=replicas,
-                                 ray_actor_options={"num_cpus": replica_cpus}).bind(model, **options)
+    if options.policy:
+        options = dataclasses.replace(options, policy=str(Path(options.policy).resolve()))
+    return Hm3Deployment.options(
+        num_replicas=options.replicas,
+        ray_actor_options={"num_cpus": options.replica_cpus}).bind(model, options, device,
+                                                                   max_length)
 
 
 def app_builder(args: dict):
     """For Ray's own CLI and config files: `serve run hm3.serve.ray_app:app_builder model=PATH
-    replicas=2 max_batch_size=32 ...` (values arrive as strings)."""
+    replicas=2 max_batch_size=32 ...` (values arrive as strings; the names are `ServeOptions`'
+    fields, plus model, device and max_length; lists such as api_keys are comma-separated)."""
     args = dict(args)
     if "model" not in args:
         raise Hm3Error("app_builder needs model=PATH (a model folder every Ray node can read)")
-    typed = {"replicas": int, "replica_cpus": float, "max_batch_size": int, "max_wait_ms": float,
-             "max_texts": int, "max_chars": int, "max_length": int,
-             "length_split": lambda v: str(v).lower() not in ("0", "false", "no")}
-    unknown = set(args) - set(typed) - {"model", "backend", "device", "policy"}
+    known = {f.name: f for f in dataclasses.fields(ServeOptions)}
+    unknown = set(args) - set(known) - {"model", "device", "max_length"}
     if unknown:
         raise Hm3Error(f"app_builder: unknown argument(s) {', '.join(sorted(unknown))}; known: "
-                       f"model, backend, device, policy, {', '.join(typed)}")
-    return build(**{k: typed[k](v) if k in typed else v for k, v in args.items()})
+                       f"model, device, max_length, {', '.join(known)}")
+    values = {name: _typed(known[name], value) for name, value in args.items() if name in known}
+    max_length = int(args["max_length"]) if args.get("max_length") else None
+    return build(args["model"], ServeOptions(**values), args.get("device"), max_length)
 
 
-def serve_on_ray(model: str, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1,
-                 replica_cpus: float = 1.0, address: str | None = None, **options) -> None:
-    """Deploy on Ray Serve. With no `address`, start a local one-node Ray instance, serve until
-    SIGINT / SIGTERM, then shut it down; with one (`auto`, `ray://...`), deploy on that cluster
-    and return (the application keeps running there: `serve status`, `serve shutdown`)."""
-    application = build(model, replicas, replica_cpus, **options)
+def _typed(field: dataclasses.Field, value: str):
+    """A string from Ray's CLI as the type of the option."""
+    default = field.default
+    if default is None:
+        return int(value) if field.type.startswith("int") else value
+    if isinstance(default, bool):
+        return str(value).lower() not in ("0", "false", "no")
+    if isinstance(default, tuple):  # a YAML list, or comma-separated on Ray's command line
+        items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+        return tuple(str(v).strip() for v in items if str(v).strip())
+    if isinstance(default, (int, float)):
+        return type(default)(value)
+    return value
+
+
+def serve_on_ray(model: str, options: ServeOptions = ServeOptions(), device: str | None = None,
+                 max_length: int | None = None) -> None:
+    """Deploy on Ray Serve. With no `options.ray_address`, start a local one-node Ray instance,
+    serve until SIGINT / SIGTERM, then shut it down; with one (`auto`, `ray://...`), deploy on
+    that cluster and return (the application keeps running there: `serve status`,
+    `serve shutdown`). The HTTP server is Ray's proxy: --header-timeout, --forwarded-allow-ips
+    and the JSON for malformed HTTP are `hm3 serve`'s own, not Ray's."""
+    application = build(model, options, device, max_length)
+    host, port, replicas, address = options.host, options.port, options.replicas, options.ray_address
     stop = threading.Event()
     if address is None:
         # Ray Serve gives its HTTP proxy 5 s to report ready and kills it after three misses; on
