@@ -12,8 +12,9 @@ pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from hm3.heads import TaskGroup  # noqa: E402
-from hm3.serve.app import Limits, create_app  # noqa: E402
+from hm3.serve.app import create_app  # noqa: E402
 from hm3.serve.batching import MicroBatcher  # noqa: E402
+from hm3.serve.options import ServeOptions  # noqa: E402
 from hm3.serve.policy import TaskRule  # noqa: E402
 
 
@@ -52,7 +53,7 @@ class FakeClassifier:
 
 
 def test_a_request_of_exactly_max_texts_is_served_one_more_is_refused():
-    app = create_app(FakeClassifier(), limits=Limits(max_texts=3), length_split=False)
+    app = create_app(FakeClassifier(), ServeOptions(max_texts=3, length_split=False))
     with TestClient(app) as client:
         answer = client.post("/v1/classify", json={"texts": ["a", "b", "c"]})
         assert answer.status_code == 200 and len(answer.json()["results"]) == 3
