@@ -149,7 +149,8 @@ def spread_head(folder: Path, texts: list[str], seed: int) -> None:
 @pytest.fixture(scope="module")
 def one_thread():
     """The models are tiny: handing work between threads costs more than it saves, and on a
-    busy two-core machine it stalls a fit of a second into tens of seconds."""
+    busy two-core machine it stalls a fit of a second into tens of seconds. HM3_TEST_THREADS
+    overrides it (CI's rerun of the numeric tests on two threads)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(TEST_THREADS or 1)
     yield
