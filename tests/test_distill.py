@@ -12,7 +12,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from hm3 import Hm3Error, merge, parse_recipe
 from hm3.data import Dataset
 from hm3.label_free import get_step, step_names
-from hm3.label_free.distill import MIN_ROUTED, DistillOptions, _routed
+from hm3.label_free.distill import MIN_ROUTED, NOTHING_TO_CORRECT, DistillOptions, _routed
 from hm3.label_free.registry import Step, register
 from hm3.label_free.stream import (block_output, blocks_replaced, find_blocks, first_block_calls,
                                    model_logits)
@@ -132,11 +132,18 @@ def test_distilling_one_expert_into_itself_changes_nothing(tmp_path):
     fam = family_with_texts(tmp_path, tasks={"topic": TASKS["topic"]}, multi_label=())
     plain = merge(parse_recipe(recipe_dict(fam.base, fam.experts, "linear")), tmp_path / "plain",
                   progress=False)
-    report = distill_merge(fam, tmp_path / "out", method="linear", parameters={})
+    report = distill_merge(fam, tmp_path / "out", method="linear", parameters={}, last="hidden")
     entry = report.guided["distill"]
     # the merged body IS the expert: nothing to correct, and a zero gradient moves no weight
     assert entry["error_before"] == [0.0, 0.0] and entry["error_after"] == [0.0, 0.0]
     before, after = tensors(plain.path), tensors(report.path)
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    # matched on the logits: the heads' KL starts at rounding level, and a block with nothing
+    # to correct is left as merged (Adam would turn rounding noise into full steps)
+    logits = distill_merge(fam, tmp_path / "logits", method="linear", parameters={})
+    kl_before, kl_after = logits.guided["distill"]["logit_error"]
+    assert kl_before < NOTHING_TO_CORRECT and kl_after == kl_before
+    after = tensors(logits.path)
     assert all(torch.equal(before[name], after[name]) for name in before)
 
 
@@ -144,7 +151,7 @@ def test_distilling_one_expert_into_itself_changes_nothing(tmp_path):
                                         *ENCODERS_WITH_HIDDEN_HEAD])
 def test_distill_lowers_every_blocks_error_to_the_experts(tmp_path, model_type):
     fam = family_with_texts(tmp_path, model_type)
-    report = distill_merge(fam, tmp_path / "out")
+    report = distill_merge(fam, tmp_path / "out", last="hidden")  # every block on hidden states
     entry = report.guided["distill"]
     assert entry["blocks"] == 2 and entry["texts"] == {"sentiment": 24, "topic": 24, "tags": 24}
     assert all(after < before for before, after in zip(entry["error_before"],
@@ -169,8 +176,8 @@ def test_the_last_block_matched_on_logits_lowers_the_heads_kl(tmp_path, model_ty
 
 def test_the_last_block_matched_on_logits_differs_from_hidden_states(tmp_path):
     fam = family_with_texts(tmp_path)
-    hidden = distill_merge(fam, tmp_path / "hidden")
-    logits = distill_merge(fam, tmp_path / "logits", last="logits")
+    hidden = distill_merge(fam, tmp_path / "hidden", last="hidden")
+    logits = distill_merge(fam, tmp_path / "logits")  # the default
     assert hidden.guided["distill"]["logit_error"] is None
     first, second = tensors(hidden.path), tensors(logits.path)
     prefix, last = "bert.encoder.layer.", "bert.encoder.layer.1."
@@ -183,7 +190,7 @@ def test_the_last_block_matched_on_logits_differs_from_hidden_states(tmp_path):
 @pytest.mark.parametrize("train", ["weights", "elementwise", "rows", "tensor"])
 def test_every_trained_form_lowers_the_error(tmp_path, train):
     fam = family_with_texts(tmp_path)
-    entry = distill_merge(fam, tmp_path / "out", train=train).guided["distill"]
+    entry = distill_merge(fam, tmp_path / "out", train=train, last="hidden").guided["distill"]
     assert entry["train"] == train
     assert all(after < before for before, after in zip(entry["error_before"],
                                                        entry["error_after"]))
@@ -241,7 +248,7 @@ def test_distill_true_takes_the_declared_defaults_and_round_trips(small):
     written = recipe.to_dict()
     assert written["distill"] == {"train": "weights", "texts": 64, "steps": 24, "lr": 0.02,
                                   "pull": 0.0, "batch_size": 8, "route": "confident",
-                                  "confidence": 0.9, "last": "hidden"}
+                                  "confidence": 0.9, "last": "logits"}
     custom = parse_recipe(recipe_with(small, distill={"train": "rows", "steps": 3}))
     assert parse_recipe({**custom.to_dict(), "calibration": small.calibration}
                         ).guided == custom.guided

@@ -43,6 +43,7 @@ from hm3.label_free.stream import (BlockCall, block_from, block_output, blocks_r
 TRAIN = ("weights", "elementwise", "rows", "tensor")
 ROUTES = ("confident", "all")
 LAST = ("hidden", "logits", "both")
+NOTHING_TO_CORRECT = 1e-7  # a block's starting error (relative) or KL at rounding level
 MIN_ROUTED = 16  # a task whose expert is confident on fewer texts keeps its most confident ones
 
 
@@ -58,9 +59,9 @@ class DistillOptions:
     batch_size: int = option(8, positive_int, "texts per task in each step")
     route: str = option("confident", one_of(*ROUTES), "shared sample: texts per teacher")
     confidence: float = option(0.9, fraction, "route: confident's threshold")
-    last: str = option("hidden", one_of(*LAST),
-                       "the last block's target: the experts' hidden states, their logits "
-                       "(through the merged tail), or both")
+    last: str = option("logits", one_of(*LAST),
+                       "the last block's target: the experts' logits through the merged tail "
+                       "(picked on validation, both zoos), their hidden states, or both")
 
 
 @dataclass
@@ -174,7 +175,14 @@ def distill_body(model: torch.nn.Module, sources, calibrated, options: DistillOp
             start_kl = tail.error(streams, correction.weights())
         optimiser = torch.optim.AdamW(correction.parameters, lr=options.lr,
                                       weight_decay=options.pull)
-        for step in range(options.steps):
+        # Nothing to correct (the merged block already gives the experts' outputs, e.g. one
+        # expert merged into itself): Adam would rescale a gradient of rounding noise into
+        # steps of its full learning rate, so the block is left as merged.
+        if tail is None:
+            start = before[-1]
+        else:
+            start = start_kl + (before[-1] if options.last == "both" else 0.0)
+        for step in range(options.steps if start >= NOTHING_TO_CORRECT else 0):
             weights = correction.weights()
             loss = torch.zeros((), device=device)
             for stream in streams:
