@@ -40,10 +40,10 @@ from scipy.stats import pearsonr, spearmanr
 
 from hm3.check import compare_task
 from hm3.checkpoint import load_tokenizer, write_json_atomic
+from hm3.engine import build_model, merge_into, open_sources
 from hm3.evaluate import score_task
-from hm3.pipeline import guided_model
-from hm3.merge import build_model, merge_into, open_sources
 from hm3.model import MultiTaskClassifier, group_probabilities, load
+from hm3.pipeline import guided_model
 from hm3.recipe import parse_recipe
 from hm3.zoo import build_zoo, read_split
 from hm3.zoo.build import zoo_dir

@@ -327,7 +327,7 @@ def import_baseline(venv: Path, work: Path) -> dict[str, Run]:
     """What merely starting each tool costs: its imports, no tensor work."""
     return {
         "hm3": measured([str(ROOT / ".venv" / "bin" / "python"), "-c",
-                         "import hm3.cli, hm3.merge"], work / "import-hm3.log"),
+                         "import hm3.cli, hm3.engine"], work / "import-hm3.log"),
         "mergekit": measured([str(venv / "bin" / "python"), "-c",
                               "import mergekit.scripts.run_yaml, mergekit.merge"],
                              work / "import-mergekit.log"),

@@ -28,9 +28,9 @@ from mpnet_zoo import HEAD_STEPS, datasets, recipe
 
 from hm3.checkpoint import write_json_atomic
 from hm3.demo import demo_recipe, held_out_texts
+from hm3.engine import build_model, merge_into, open_sources
 from hm3.evaluate import evaluate
 from hm3.label_free.distill import DistillOptions, distill_body
-from hm3.merge import build_model, merge_into, open_sources
 from hm3.model import MultiTaskClassifier
 from hm3.pipeline import calibrate, head_steps
 from hm3.recipe import parse_recipe

@@ -22,8 +22,8 @@ import torch
 
 from hm3.checkpoint import load_tokenizer, write_json_atomic
 from hm3.data import Dataset
+from hm3.engine import build_model, merge_into, open_sources
 from hm3.evaluate import evaluate
-from hm3.merge import build_model, merge_into, open_sources
 from hm3.model import MultiTaskClassifier, load
 from hm3.pipeline import guided_model
 from hm3.recipe import parse_recipe

@@ -44,7 +44,7 @@ GROUPS = {
     "heads": (["src/hm3/heads.py"],
               ["tests/test_heads.py", "tests/test_merge.py", "tests/test_method_reference.py", "tests/test_errors.py",
                "tests/test_architectures.py"]),
-    "merge": (["src/hm3/merge.py"],
+    "merge": (["src/hm3/engine/*"],
               ["tests/test_merge_units.py", "tests/test_merge.py", "tests/test_method_reference.py",
                "tests/test_errors.py", "tests/test_recipe_mistakes.py::test_later_overrides_win",
                "tests/test_recipe_mistakes.py::test_an_override_that_matches_no_tensor_is_an_error",

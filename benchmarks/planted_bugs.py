@@ -26,7 +26,7 @@ OPENVINO = "tests/test_export_openvino.py"
 # name -> (file, text, replacement, tests to run)
 BUGS = {
     "merged_heads_zeroed": (
-        "src/hm3/merge.py", "yield expand_head(sparse, sources.groups[i].offset",
+        "src/hm3/engine/stream.py", "yield expand_head(sparse, sources.groups[i].offset",
         "yield expand_head(sparse * 0, sources.groups[i].offset", [REFERENCE]),
     "della_without_sign_election": (
         "src/hm3/methods/registry.py",
@@ -38,9 +38,9 @@ BUGS = {
         'sparsifier=sp.magnitude_outliers, consensus=False,', [REFERENCE]),
     "magnitude_turned_into_ties": (
         "src/hm3/methods/registry.py",
-        '"magnitude pruning of each task vector, then sum",\n                sparsifier=sp.magnitude)',
+        '"magnitude pruning of each task vector, then sum",\n                sparsifier=sp.magnitude,',
         '"magnitude pruning of each task vector, then sum",\n                sparsifier=sp.magnitude,'
-        ' consensus=True, default_normalize=True)', [REFERENCE]),
+        ' consensus=True, default_normalize=True,', [REFERENCE]),
     "della_linear_normalising_by_default": (
         "src/hm3/methods/registry.py",
         'sparsifier=sp.della_magprune, default_rescale=True,',
@@ -55,7 +55,7 @@ BUGS = {
     "magnitude_unregistered": (
         "src/hm3/methods/registry.py",
         '    MergeMethod("magnitude", "magnitude pruning of each task vector, then sum",\n'
-        '                sparsifier=sp.magnitude),\n', '', [REFERENCE]),
+        '                sparsifier=sp.magnitude, reference=TIES),\n', '', [REFERENCE]),
     "regmean_identity_grams": (
         "src/hm3/guided/regmean.py", "grams = [handle.get_tensor(name) for handle in handles]",
         "grams = [torch.eye(handle.get_tensor(name).shape[0], dtype=torch.float64) "
@@ -77,14 +77,14 @@ BUGS = {
         "src/hm3/recipe.py", "for override in self.overrides:",
         "for override in reversed(self.overrides):", ["tests/test_recipe_mistakes.py"]),
     "base_less_head_layers_from_expert_streamed": (
-        "src/hm3/merge.py",
+        "src/hm3/engine/stream.py",
         "        base = (sources.base.tensor(job.base_name).float() if job.base_name\n"
         "                else torch.zeros(job.shape))\n    weights = [recipe",
         "        base = (sources.base.tensor(job.base_name).float() if job.base_name\n"
         "                else sources.experts[0].tensor(job.name).float())\n    weights = [recipe",
         [REFERENCE]),
     "base_less_head_layers_from_expert_summed": (
-        "src/hm3/merge.py",
+        "src/hm3/engine/stream.py",
         "    base = (sources.base.tensor(job.base_name).float() if job.base_name\n"
         "            else torch.zeros(job.shape))\n    base_sq",
         "    base = (sources.base.tensor(job.base_name).float() if job.base_name\n"

@@ -6,7 +6,7 @@ from safetensors import safe_open
 from transformers import AutoModelForSequenceClassification
 
 from hm3 import merge, parse_recipe
-from hm3.merge import open_sources
+from hm3.engine import open_sources
 
 from conftest import TINY, build_family, logits_tolerance, recipe_dict
 

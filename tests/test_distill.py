@@ -334,7 +334,7 @@ def test_a_bad_preset_is_named(small, raw, message):
 
 
 def test_the_fidelity_from_the_head_inputs_is_that_of_a_forward_pass(small):
-    from hm3.merge import build_model, open_sources
+    from hm3.engine import build_model, open_sources
     from hm3.pipeline import calibrate, calibration_fidelity, merge_in_memory
 
     recipe = parse_recipe(recipe_with(small, align_heads=True, recentre=True))

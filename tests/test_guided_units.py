@@ -206,7 +206,7 @@ def test_a_layer_no_token_reaches_has_zero_statistics():
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
     from hm3 import parse_recipe
-    from hm3.merge import open_sources
+    from hm3.engine import open_sources
 
     root = tmp_path_factory.mktemp("units")
     base, experts = build_family(root, {"mood": ["sad", "glad"], "topic": ["a", "b", "c"]})
@@ -261,7 +261,7 @@ def test_coefficient_parameters_are_the_base_plus_each_experts_share_times_its_c
 
 def test_calibration_texts_are_cut_at_the_calibration_blocks_max_length(sources, tmp_path):
     from hm3 import parse_recipe
-    from hm3.merge import with_recipe
+    from hm3.engine import with_recipe
 
     long_text = " ".join(["good bad awful win money hello today"] * 4)  # 28 words
     (tmp_path / "t.txt").write_text(f"{long_text}\nhello\n")

@@ -1,5 +1,7 @@
 """The pure kernels (sparsifiers, TIES consensus, the registry's combine) on hand-made tensors."""
 
+import re
+
 import pytest
 import torch
 
@@ -595,3 +597,11 @@ def test_iso_c_divides_tensors_that_are_not_matrices_by_the_weights_sum_even_und
 def test_iso_c_takes_no_normalize_setting():
     with pytest.raises(Hm3Error, match="normalize"):
         shared("iso_c", normalize=True)
+
+
+def test_every_method_names_its_paper():
+    """Title and arXiv id, so a reader can check the kernel against the paper."""
+    for name, method in METHODS.items():
+        assert re.search(r"\b(19|20)\d\d, .+, arXiv:\d{4}\.\d{4,5}", method.reference), name
+    assert "arXiv:2306.01708" in get_method("ties").reference
+    assert "arXiv:2306.01708" in get_method("dare_ties").reference  # DARE's drop, TIES's election

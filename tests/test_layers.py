@@ -16,7 +16,7 @@ ROWS = [
     ("hm3.guided",),
     ("hm3.zoo",),
     ("hm3.model", "hm3.evaluate", "hm3.check", "hm3.bench", "hm3.onnx_model", "hm3.predictions"),
-    ("hm3.merge", "hm3.heads", "hm3.checkpoint", "hm3.card"),
+    ("hm3.engine", "hm3.heads", "hm3.checkpoint", "hm3.card"),
     ("hm3.recipe", "hm3.mergekit_yaml", "hm3.data", "hm3.label_free"),
     ("hm3.methods",),
     ("hm3.errors", "hm3.table", "hm3.plots"),

@@ -456,7 +456,7 @@ def test_a_plain_classifier_loads_as_one_task(family):
 def test_merge_into_memory_equals_the_written_merge(family, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
-    from hm3.merge import build_model, merge_into, open_sources, with_recipe
+    from hm3.engine import build_model, merge_into, open_sources, with_recipe
 
     base, experts = family
     recipe = parse_recipe(recipe_dict(base, experts, "dare_ties", parameters={"density": 0.4},
@@ -476,7 +476,7 @@ def test_merge_into_memory_equals_the_written_merge(family, tmp_path):
 
 
 def test_with_recipe_refuses_other_experts(family):
-    from hm3.merge import open_sources, with_recipe
+    from hm3.engine import open_sources, with_recipe
 
     base, experts = family
     sources = open_sources(parse_recipe(recipe_dict(base, experts)))

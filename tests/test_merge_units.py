@@ -9,9 +9,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from hm3.engine import TaskVectorSquares, TensorJob, task_vector_norms, warn_implausible
+from hm3.engine.plan import _base_name
+from hm3.engine.stream import _generator
+from hm3.engine.write import IMPLAUSIBLE_TASK_VECTOR, _output_dtype
 from hm3.errors import Hm3Warning
-from hm3.merge import (IMPLAUSIBLE_TASK_VECTOR, TensorJob, _base_name, _generator,
-                       _output_dtype, task_vector_norms, warn_implausible)
 
 
 def _sources(stored: str):
@@ -60,9 +62,8 @@ def test_every_seed_tensor_and_expert_has_its_own_reproducible_stream():
 
 def test_task_vector_norms_are_relative_to_the_base():
     sources = SimpleNamespace(recipe=SimpleNamespace(experts=[SimpleNamespace(task="a"),
-                                                              SimpleNamespace(task="b")]),
-                              task_vector_sq=[[4.0, 16.0], [1e-14, 0.0]])
-    norms = task_vector_norms(sources)
+                                                              SimpleNamespace(task="b")]))
+    norms = task_vector_norms(sources, TaskVectorSquares([4.0, 1e-14], [16.0, 0.0]))
     assert norms == {"a": pytest.approx(0.5), "b": pytest.approx(0.1)}  # sqrt(1e-14 / 1e-12)
 
 
@@ -113,3 +114,20 @@ def test_a_file_cut_inside_a_tensor_is_a_clear_error(tmp_path):
     file.write_bytes(file.read_bytes()[:-100])
     with pytest.raises(Hm3Error, match="cannot read tensor b .*ends inside tensor b"):
         ckpt.tensor("b")
+
+
+def test_the_public_merge_is_the_function_and_the_engine_a_package_beside_it():
+    import hm3
+    import hm3.engine
+    from hm3 import merge
+    from hm3.pipeline import merge as pipeline_merge
+
+    assert merge is hm3.merge is pipeline_merge
+    assert callable(hm3.engine.open_sources) and callable(hm3.engine.write_model)
+
+
+def test_task_vector_squares_add_up_per_expert():
+    squares = TaskVectorSquares.zeros(2)
+    squares.add(1, 2.0, 8.0)
+    squares.add(1, 0.5, 1.0)
+    assert squares == TaskVectorSquares([0.0, 2.5], [0.0, 9.0])

@@ -15,10 +15,12 @@ from pathlib import Path
 
 import torch
 
-from hm3.checkpoint import atomic_directory, check_destination, write_json_atomic
 from hm3.check import CALIBRATION_TEXTS, DEFAULT_MIN_AGREEMENT, compare_logits
+from hm3.checkpoint import atomic_directory, check_destination, write_json_atomic
 from hm3.data.blocks import load_data_block
 from hm3.data.calibration import Calibration, text_hash
+from hm3.engine import (Sources, TaskVectorSquares, build_model, merge_into, open_sources,
+                        state_tensors, warn_implausible, with_recipe, write_model)
 from hm3.errors import Hm3Error, Hm3Warning
 from hm3.guided import align, cross_fit, recentre, regmean
 from hm3.guided import coefficients as coef
@@ -27,8 +29,6 @@ from hm3.guided.calibration import (calibration_batches, experts_logits, head_mo
 from hm3.guided.lewis import LewisScores
 from hm3.heads import TaskGroup
 from hm3.label_free import get_step
-from hm3.merge import (Sources, build_model, merge_into, open_sources, state_tensors,
-                       warn_implausible, with_recipe, write_model)
 from hm3.methods import get_method
 from hm3.recipe import Recipe
 
@@ -61,6 +61,7 @@ def merge(recipe: Recipe, output: str | Path, overwrite: bool = False,
     check_destination(output, overwrite)  # now, not after minutes of label-free steps
     device = step_device(device)
     sources = open_sources(recipe)
+    squares = TaskVectorSquares.zeros(len(sources.experts))  # filled by whichever path merges
     report = tensors = None
     hashes = None
     if recipe.guided.calibration is not None and not recipe.guided.needs_model:
@@ -70,7 +71,8 @@ def merge(recipe: Recipe, output: str | Path, overwrite: bool = False,
     if recipe.guided.needs_model:
         if held_out is None:  # what the model will be scored on is never calibration text
             held_out = recipe_held_out(recipe)
-        model, sources, report = guided_model(sources, progress, held_out, device=device)
+        model, sources, report = guided_model(sources, progress, held_out, device=device,
+                                              squares=squares)
         tensors = state_tensors(model, sources)
         hashes = report.pop("calibration_hashes")
     with atomic_directory(output, overwrite=overwrite) as staging:
@@ -79,7 +81,7 @@ def merge(recipe: Recipe, output: str | Path, overwrite: bool = False,
                               {"hash": "sha256 of the case-folded, whitespace-collapsed text, "
                                "first 16 hex digits", "tasks": hashes})
         norms = write_model(sources, staging, tensors, {"guided": report} if report else None,
-                            progress=progress)
+                            progress=progress, squares=squares)
         if report is not None and "lewis" in report:
             from hm3.plots import plot_densities  # lazy: matplotlib is slow to import
 
@@ -172,13 +174,16 @@ def check_steps(sources: Sources) -> None:
 
 def merge_in_memory(model: torch.nn.Module, sources: Sources, calibrated: Calibrated | None,
                     progress: bool = False, held_out_folds: int = 0,
-                    head_inputs: dict | None = None) -> tuple[Sources, dict]:
+                    head_inputs: dict | None = None, squares: TaskVectorSquares | None = None
+                    ) -> tuple[Sources, dict]:
     """Merge `sources.recipe` into `model`'s weights with its label-free steps: LEWIS densities,
     the method's merge (or learned coefficients), RegMean, the registered steps (distill), then
     the head steps. Returns the sources as finally merged (with LEWIS's overrides) and what each
     step did; with `held_out_folds`, also the head steps' cross-fitted figures (`head_steps`).
     `head_inputs`, when given, receives what the head steps read (per task, the final
-    projection's inputs), so the caller can score the heads without another pass."""
+    projection's inputs), so the caller can score the heads without another pass. `squares`,
+    when given, receives each expert's task-vector size from the merge (or the coefficients'
+    shares of it)."""
     guided = sources.recipe.guided
     if guided.needs_model and calibrated is None:
         raise ValueError("the recipe's label-free steps need `calibrate(sources)` first")
@@ -191,9 +196,9 @@ def merge_in_memory(model: torch.nn.Module, sources: Sources, calibrated: Calibr
                            "densities": {t: {k: round(v, 4) for k, v in d.items()}
                                          for t, d in table.items()}}
     if guided.coefficients:
-        report["coefficients"] = _fit_coefficients(model, sources, calibrated, progress)
+        report["coefficients"] = _fit_coefficients(model, sources, calibrated, progress, squares)
     else:
-        merge_into(model, sources, progress=progress)
+        merge_into(model, sources, progress=progress, squares=squares)
     if guided.regmean:
         layers = regmean.apply_regmean(model, sources, calibrated.batches, guided.regmean.alpha,
                                        head_modules(sources), progress)
@@ -209,9 +214,11 @@ def merge_in_memory(model: torch.nn.Module, sources: Sources, calibrated: Calibr
 
 def guided_model(sources: Sources, progress: bool = False,
                  held_out: dict[str, list[str]] | None = None,
-                 calibration: Calibration | None = None, device: str | None = None):
+                 calibration: Calibration | None = None, device: str | None = None,
+                 squares: TaskVectorSquares | None = None):
     """Run the recipe's label-free steps on a fresh model; returns (model, sources as finally
-    merged, report). `held_out`, `calibration` and `device` as for `calibrate`."""
+    merged, report). `held_out`, `calibration` and `device` as for `calibrate`; `squares` as
+    for `merge_in_memory`."""
     started = time.process_time(), time.perf_counter()
     check_steps(sources)
     calibrated = calibrate(sources, held_out, calibration, progress=progress, device=device)
@@ -221,7 +228,7 @@ def guided_model(sources: Sources, progress: bool = False,
     model = build_model(sources).to(calibrated.device)
     inputs: dict = {}
     sources, steps = merge_in_memory(model, sources, calibrated, progress, cross_fit.FOLDS,
-                                     inputs)
+                                     inputs, squares)
     held_out = steps.pop("held_out", None)
     report.update(steps)
     report["fidelity"] = calibration_fidelity(model, sources, calibrated, inputs or None)
@@ -284,7 +291,7 @@ def calibration_fidelity(model: torch.nn.Module, sources: Sources, calibrated: C
 
 
 def _fit_coefficients(model: torch.nn.Module, sources: Sources, calibrated: Calibrated,
-                      progress: bool) -> dict:
+                      progress: bool, squares: TaskVectorSquares | None) -> dict:
     config = sources.recipe.guided.coefficients
     spec = sources.recipe.guided.calibration
     tasks = [e.task for e in sources.recipe.experts]
@@ -296,7 +303,7 @@ def _fit_coefficients(model: torch.nn.Module, sources: Sources, calibrated: Cali
     targets = {task: [coef.expert_probabilities(z, groups[task].multi_label)
                       for z in calibrated.expert_logits[task].split(config.batch_size)]
                for task in tasks}
-    return coef.fit_coefficients(model, sources, fit_batches, targets, config, progress)
+    return coef.fit_coefficients(model, sources, fit_batches, targets, config, progress, squares)
 
 
 def head_steps(model: torch.nn.Module, sources: Sources, batches: dict[str, list[dict]],

@@ -11,8 +11,8 @@ from tqdm.auto import tqdm
 
 from hm3.checkpoint import load_tokenizer
 from hm3.data.calibration import Calibration, load_calibration
+from hm3.engine import Sources, build_model
 from hm3.errors import Hm3Error
-from hm3.merge import Sources, build_model
 
 
 def tokenize(tokenizer, texts: Sequence[str], max_length: int, batch_size: int) -> list[dict]:

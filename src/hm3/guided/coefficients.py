@@ -1,4 +1,5 @@
-"""Learned merge coefficients (AdaMerging-style, label-free): one coefficient per expert per
+"""Learned merge coefficients (AdaMerging-style, label-free; Yang et al. 2023, "AdaMerging:
+Adaptive Model Merging for Multi-Task Learning", arXiv:2310.02575): one coefficient per expert per
 transformer block scales that expert's share of the recipe method's merge,
 
     theta_block = base_block + sum_i lambda[i, block] * share_i,block,
@@ -18,8 +19,8 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from hm3.engine import Sources, TaskVectorSquares, job_inputs, merge_job
 from hm3.heads import TaskGroup
-from hm3.merge import Sources, job_inputs, merge_job
 from hm3.methods import get_method
 from hm3.recipe import Coefficients
 
@@ -53,9 +54,9 @@ def expert_probabilities(logits: torch.Tensor, multi_label: bool) -> torch.Tenso
 class CoefficientMerge:
     """The method's merge split into per-expert shares, with one coefficient per expert per block."""
 
-    def __init__(self, model: torch.nn.Module, sources: Sources, progress: bool = False):
+    def __init__(self, model: torch.nn.Module, sources: Sources, progress: bool = False,
+                 squares: TaskVectorSquares | None = None):
         method = get_method(sources.recipe.method)
-        sources.task_vector_sq = [[0.0, 0.0] for _ in sources.experts]  # read by the report
         state = model.state_dict()
         device = next(model.parameters()).device  # the shares live where the model runs
         self.fixed: dict[str, torch.Tensor] = {}
@@ -67,7 +68,7 @@ class CoefficientMerge:
             if not job.floating or job.head_role is not None:  # no coefficient: merged as is
                 self.fixed[job.name] = merge_job(sources, job).to(device)
             else:
-                base, deltas, weights = job_inputs(sources, job)
+                base, deltas, weights = job_inputs(sources, job, squares)  # measured as a merge
                 self.base[job.name] = base.to(device)
                 self.shares[job.name] = [share.to(device) for share in method.contributions(
                     base, deltas, weights, sources.recipe.parameters)]
@@ -97,10 +98,11 @@ def _block_order(block: str) -> tuple[int, int]:
 
 def fit_coefficients(model: torch.nn.Module, sources: Sources, batches: dict[str, list[dict]],
                      targets: dict[str, list[torch.Tensor]], config: Coefficients,
-                     progress: bool = False) -> dict:
+                     progress: bool = False, squares: TaskVectorSquares | None = None) -> dict:
     """Fit the coefficients, write the merged weights into `model`, and return the table and
-    the objective before and after (on the first batch of every task)."""
-    merge = CoefficientMerge(model, sources, progress)
+    the objective before and after (on the first batch of every task). With `squares`, adds
+    each expert's task-vector size to it, as the method's merge would."""
+    merge = CoefficientMerge(model, sources, progress, squares)
     groups = {g.name: g for g in sources.groups}
     tasks = list(batches)
     device = next(model.parameters()).device

@@ -1,4 +1,5 @@
-"""LEWIS guided layer-wise density (Chopra et al. 2025): layers whose importance moved most
+"""LEWIS guided layer-wise density (Chopra et al. 2025, "LEWIS (LayEr WIse Sparsity) - A Training
+Free Guided Model Merging Approach", arXiv:2503.03874): layers whose importance moved most
 during fine-tuning keep more of their task vector.
 
 Importance of a linear layer on calibration texts (Wanda-style): || |W| * sqrt(mean x^2) ||_F,
@@ -14,9 +15,9 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from hm3.engine import Sources
 from hm3.guided.calibration import (base_as_classifier, expert_classifier, layer_input_means,
                                     linear_layers, once_per_batches)
-from hm3.merge import Sources
 from hm3.recipe import Override, Recipe
 
 

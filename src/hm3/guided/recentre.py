@@ -15,8 +15,8 @@ import math
 import numpy as np
 import torch
 
+from hm3.engine import Sources
 from hm3.heads import TaskGroup
-from hm3.merge import Sources
 
 TEMPERATURES = (1.0, 0.3, 0.1, 0.03, 0.01, 0.003)
 

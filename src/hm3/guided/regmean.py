@@ -1,4 +1,5 @@
-"""RegMean (Jin et al. 2023): each linear layer merged in closed form from the experts' input
+"""RegMean (Jin et al. 2023, "Dataless Knowledge Fusion by Merging Weights of Language Models",
+arXiv:2212.09849): each linear layer merged in closed form from the experts' input
 Gram matrices on unlabelled texts, W* = (sum_i G_i)^-1 sum_i G_i W_i, with G_i's off-diagonal
 entries scaled by alpha. Everything else keeps the recipe method's merge.
 
@@ -17,8 +18,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from hm3.engine import Sources
 from hm3.guided.calibration import expert_classifier, layer_input_means, linear_layers
-from hm3.merge import Sources
 
 RIDGE = 1e-6  # relative to the Grams' mean diagonal
 

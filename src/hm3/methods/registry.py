@@ -1,12 +1,28 @@
-"""The named merge methods: one generalised task-arithmetic kernel, configured per method.
+"""The named merge methods: one generalised task-arithmetic kernel, configured per method;
+each names its paper (`MergeMethod.reference`).
 
 Names, parameters and defaults follow mergekit. Where hm3's semantics differ it is said here
-and in docs/methods.md:
+and in the README ("Merge methods"):
 - `rescale: true` means 1/keep-probability for random drops (DARE, DELLA), as in the DARE
   paper, and L1-norm matching for magnitude trimming; `rescale: l1|l2|linf|density` picks a
   rule explicitly (`l1` is mergekit's rule for every method).
-- A classifier head is sparsified on the expert's own rows before HM3 expansion (merge.py),
-  so a density means the same for a head as for any other tensor.
+- A classifier head is sparsified on the expert's own rows before HM3 expansion
+  (`hm3.engine.stream`), so a density means the same for a head as for any other tensor.
+
+TIES (Yadav et al. 2023), step by step, for one tensor, and where each step lives:
+  0. task vectors: tau_i = theta_i - theta_0 (`hm3.engine.stream.job_inputs`, lazily, one
+     expert at a time);
+  1. trim: keep each tau_i's top `density` entries by magnitude, zero the rest
+     (`sparsify.magnitude`, called through `MergeMethod.sparsify`);
+  2. elect sign: per entry, the sign of sum_i w_i tau_i (`consensus: sum`; a vote of the signs
+     with `count`), a tie electing + (`_disjoint_sum`; `consensus.elect_sign` is the same rule
+     on whole tensors, used by `MergeMethod.contributions`);
+  3. disjoint mean: per entry, sum_i w_i tau_i over the experts whose w_i tau_i has the elected
+     sign, divided by the sum of their weights when `normalize` (`_disjoint_sum`);
+  4. theta = theta_0 + lambda * that (`MergeMethod.combine`).
+dare_ties, breadcrumbs_ties and della are the same with another step 1 (their sparsifier).
+`_disjoint_sum` runs steps 2 and 3 on CHUNK entries at a time over the trimmed vectors kept as
+their non-zero entries (`packed.Packed`): that is all that differs from the paper's form.
 """
 
 from __future__ import annotations
@@ -65,6 +81,7 @@ class MergeMethod:
     # mean; head rows are kept; other tensors take the weighted mean of the task vectors
     isotropic: bool = False
     extra_model_parameters: tuple[Parameter, ...] = field(default_factory=tuple)
+    reference: str = ""  # the method's paper: authors, year, title, arXiv id
 
     @property
     def random(self) -> bool:
@@ -254,31 +271,51 @@ def _registry(*methods: MergeMethod) -> dict[str, MergeMethod]:
     return table
 
 
+# The papers, as their arXiv pages title them.
+MODEL_SOUPS = ("Wortsman et al. 2022, Model soups: averaging weights of multiple fine-tuned models "
+               "improves accuracy without increasing inference time, arXiv:2203.05482")
+TASK_ARITHMETIC = "Ilharco et al. 2022, Editing Models with Task Arithmetic, arXiv:2212.04089"
+TIES = ("Yadav et al. 2023, TIES-Merging: Resolving Interference When Merging Models, "
+        "arXiv:2306.01708")
+DARE = ("Yu et al. 2023, Language Models are Super Mario: Absorbing Abilities from Homologous "
+        "Models as a Free Lunch, arXiv:2311.03099")
+BREADCRUMBS = ("Davari and Belilovsky 2023, Model Breadcrumbs: Scaling Multi-Task Model Merging "
+               "with Sparse Masks, arXiv:2312.06795")
+DELLA = ("Deep et al. 2024, DELLA-Merging: Reducing Interference in Model Merging through "
+         "Magnitude-Based Sampling, arXiv:2406.11617")
+ISO_C = ("Marczak et al. 2025, No Task Left Behind: Isotropic Model Merging with Common and "
+         "Task-Specific Subspaces, arXiv:2502.04959")
+
 METHODS = _registry(
     MergeMethod("linear", "Model Soup: weighted mean of the models", default_normalize=True,
-                mean_of_models=True),
-    MergeMethod("task_arithmetic", "base + lambda * sum of weighted task vectors"),
+                mean_of_models=True, reference=MODEL_SOUPS),
+    MergeMethod("task_arithmetic", "base + lambda * sum of weighted task vectors",
+                reference=TASK_ARITHMETIC),
     MergeMethod("ties", "TIES: trim by magnitude, elect signs, disjoint mean",
-                sparsifier=sp.magnitude, consensus=True, default_normalize=True),
+                sparsifier=sp.magnitude, consensus=True, default_normalize=True,
+                reference=TIES),
     MergeMethod("dare_linear", "DARE: random drop and rescale, then sum",
-                sparsifier=sp.bernoulli, default_rescale=True),
+                sparsifier=sp.bernoulli, default_rescale=True, reference=DARE),
     MergeMethod("dare_ties", "DARE drop and rescale, then TIES sign election",
-                sparsifier=sp.bernoulli, consensus=True, default_rescale=True),
+                sparsifier=sp.bernoulli, consensus=True, default_rescale=True,
+                reference=f"{DARE}; {TIES}"),
     MergeMethod("breadcrumbs", "Model Breadcrumbs: drop small entries and large outliers",
-                sparsifier=sp.magnitude_outliers, extra_model_parameters=(GAMMA,)),
+                sparsifier=sp.magnitude_outliers, extra_model_parameters=(GAMMA,),
+                reference=BREADCRUMBS),
     MergeMethod("breadcrumbs_ties", "Model Breadcrumbs with TIES sign election",
                 sparsifier=sp.magnitude_outliers, consensus=True,
-                extra_model_parameters=(GAMMA,)),
+                extra_model_parameters=(GAMMA,), reference=f"{BREADCRUMBS}; {TIES}"),
     MergeMethod("della", "DELLA: magnitude-ranked random drop, TIES sign election",
                 sparsifier=sp.della_magprune, consensus=True, default_normalize=True,
-                default_rescale=True, extra_model_parameters=(EPSILON,)),
+                default_rescale=True, extra_model_parameters=(EPSILON,), reference=DELLA),
     MergeMethod("della_linear", "DELLA drop without sign election",
                 sparsifier=sp.della_magprune, default_rescale=True,
-                extra_model_parameters=(EPSILON,)),
+                extra_model_parameters=(EPSILON,), reference=DELLA),
+    # TIES's trim step without its sign election (mergekit's `magnitude` has no paper of its own)
     MergeMethod("magnitude", "magnitude pruning of each task vector, then sum",
-                sparsifier=sp.magnitude),
+                sparsifier=sp.magnitude, reference=TIES),
     MergeMethod("iso_c", "Iso-C: summed task vectors with a flat spectrum per weight matrix",
-                isotropic=True),
+                isotropic=True, reference=ISO_C),
 )
 
 

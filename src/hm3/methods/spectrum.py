@@ -1,7 +1,7 @@
 """Iso-C's spectrum flattening (Marczak et al. 2025, "No Task Left Behind: Isotropic Model
-Merging"): the summed task vector of a weight matrix keeps its singular vectors, and every
-singular value becomes their mean, so the directions of a weakly fine-tuned expert count as much
-as those of a hard-trained one."""
+Merging with Common and Task-Specific Subspaces", arXiv:2502.04959): the summed task vector of a
+weight matrix keeps its singular vectors, and every singular value becomes their mean, so the
+directions of a weakly fine-tuned expert count as much as those of a hard-trained one."""
 
 from __future__ import annotations
 

@@ -20,9 +20,9 @@ from tqdm.auto import tqdm
 
 from hm3.checkpoint import load_tokenizer
 from hm3.data.tables import Dataset
+from hm3.engine import Sources, build_model, open_sources, with_recipe
 from hm3.errors import Hm3Error
 from hm3.label_free import get_step
-from hm3.merge import Sources, build_model, open_sources, with_recipe
 from hm3.model import MultiTaskClassifier
 from hm3.pipeline import calibrate, check_steps
 from hm3.plots import plot_search

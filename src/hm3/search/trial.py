@@ -16,10 +16,10 @@ import torch
 from optuna.trial import TrialState
 
 from hm3.data.tables import Dataset
+from hm3.engine import Sources, with_recipe
 from hm3.errors import Hm3Error
 from hm3.evaluate import evaluate, label_indices, score_task
 from hm3.heads import TaskGroup
-from hm3.merge import Sources, with_recipe
 from hm3.model import MultiTaskClassifier, group_probabilities, load
 from hm3.pipeline import Calibrated, merge_in_memory
 from hm3.recipe import Recipe
