@@ -42,7 +42,7 @@ test: setup
 test-slow: setup setup-mpnet setup-ray
 	$(BIN)/python -m pytest -q -m slow
 
-# Mutation testing (mutmut) of methods/, heads.py, merge.py, model.py, guided/ and the metrics,
+# Mutation testing (mutmut) of methods/, heads.py, engine/, model.py, guided/ and the metrics,
 # each group against its own test files: hours on 2 cores, so not part of `test` or CI.
 # `make mutation GROUPS="methods heads"` runs some; the score lands in
 # benchmarks/results/mutation_score.json.
