@@ -17,14 +17,12 @@ import sys
 import time
 from pathlib import Path
 
-
 from hm3.checkpoint import write_json_atomic
 from hm3.zoo import build_zoo
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from serve_bench import (CONCURRENCY, alternate_load, machine, mixed_texts,  # noqa: E402
-                         start_servers)
+from serve_bench import CONCURRENCY, alternate_load, machine, mixed_texts, start_servers  # noqa: E402
 
 RESULTS = HERE / "results" / "serve_batch_wait.json"
 

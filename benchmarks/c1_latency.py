@@ -32,10 +32,10 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from serve_bench import machine, mixed_texts, start_servers, stop_servers
+from hm3.checkpoint import write_json_atomic  # noqa: E402
+from hm3.zoo import build_zoo  # noqa: E402
 
-from hm3.checkpoint import write_json_atomic
-from hm3.zoo import build_zoo
+from serve_bench import machine, mixed_texts, start_servers, stop_servers  # noqa: E402
 
 RESULTS = HERE / "results" / "c1_latency.json"
 PERCENTILES = (50, 95, 99, 99.9)

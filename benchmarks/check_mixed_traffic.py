@@ -18,13 +18,13 @@ import random
 import time
 from pathlib import Path
 
-from mpnet_zoo import datasets
-
 from hm3.check import DEFAULT_MIN_AGREEMENT, check
 from hm3.checkpoint import write_json_atomic
 from hm3.evaluate import evaluate
 from hm3.model import load
 from hm3.zoo import build_mpnet_zoo, build_zoo
+
+from mpnet_zoo import datasets
 
 RESULTS = Path(__file__).resolve().parent / "results" / "check_mixed_traffic.json"
 

@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 import torch
-from mpnet_zoo import HEAD_STEPS, datasets, recipe
 
 from hm3.checkpoint import write_json_atomic
 from hm3.demo import demo_recipe, held_out_texts
@@ -35,6 +34,8 @@ from hm3.model import MultiTaskClassifier
 from hm3.pipeline import calibrate, head_steps
 from hm3.recipe import parse_recipe
 from hm3.zoo import build_mpnet_zoo, build_zoo
+
+from mpnet_zoo import HEAD_STEPS, datasets, recipe
 
 RESULTS = Path(__file__).resolve().parent / "results" / "distill_variants.json"
 VARIANTS = {

@@ -32,7 +32,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import mpnet_zoo as mz
 from hm3.check import compare_logits
 from hm3.checkpoint import Checkpoint, write_json_atomic
 from hm3.evaluate import score_task
@@ -43,6 +42,8 @@ from hm3.model import group_probabilities, load, task_groups
 from hm3.pipeline import merge
 from hm3.recipe import parse_recipe
 from hm3.zoo import build_mpnet_zoo, read_split
+
+import mpnet_zoo as mz
 
 RESULTS = Path(__file__).resolve().parent / "results" / "head_fit_variants.json"
 BODY = ("ties", {"density": 0.2})

@@ -30,8 +30,7 @@ from hm3.zoo import build_zoo
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from serve_bench import (alternate_load, machine, mixed_texts,  # noqa: E402
-                         start_servers)
+from serve_bench import alternate_load, machine, mixed_texts, start_servers  # noqa: E402
 
 RESULTS = HERE / "results" / "serve_length_split.json"
 MODES = {"A padded batch": False, "B length-sorted sub-batches": True}

@@ -49,7 +49,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from calibration_sources import agreement_correlations, plot_agreement
 from sklearn.metrics import f1_score
 
 from hm3.check import compare_task
@@ -60,6 +59,8 @@ from hm3.model import load
 from hm3.recipe import PRESETS
 from hm3.zoo import build_mpnet_zoo, read_split
 from hm3.zoo.mpnet import MPNET_RECIPES, MPNET_TRAINING, MPNET_ZOO
+
+from calibration_sources import agreement_correlations, plot_agreement
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "mpnet_zoo.json"

@@ -22,7 +22,6 @@ import sys
 import time
 from pathlib import Path
 
-
 from hm3.checkpoint import write_json_atomic
 from hm3.export import FP32_NODES, HEAD_ONLY, export_onnx, quantize_int8
 from hm3.onnx_model import ONNX_FILE

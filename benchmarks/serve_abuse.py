@@ -42,9 +42,9 @@ SERVER_FLAGS = ["--max-texts", "64", "--header-timeout", "2", "--body-timeout", 
 def tiny_model(root: Path) -> Path:
     """The serving tests' model: a tiny merged BERT of three tasks (built in seconds)."""
     sys.path.insert(0, str(HERE.parent / "tests"))
-    from conftest import SERVED_TASKS, build_family, recipe_dict
-
     from hm3 import merge, parse_recipe
+
+    from conftest import SERVED_TASKS, build_family, recipe_dict
 
     base, experts = build_family(root, SERVED_TASKS, multi_label=("tox",))
     merge(parse_recipe(recipe_dict(base, experts)), root / "merged", progress=False)

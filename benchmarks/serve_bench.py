@@ -175,8 +175,10 @@ def machine() -> dict:
     info = Path("/proc/cpuinfo")
     if info.is_file():
         lines = info.read_text().splitlines()
-        cpu = next((l.split(":", 1)[1].strip() for l in lines if l.startswith("model name")), cpu)
-        present = next((l.split(":", 1)[1].split() for l in lines if l.startswith("flags")), [])
+        cpu = next((line.split(":", 1)[1].strip() for line in lines
+                    if line.startswith("model name")), cpu)
+        present = next((line.split(":", 1)[1].split() for line in lines
+                        if line.startswith("flags")), [])
         flags = sorted(f for f in present if f.startswith(("avx512", "amx", "avx2", "avx_vnni")))
     versions = {}
     for package in ("torch", "onnxruntime", "openvino", "nncf", "transformers"):

@@ -21,14 +21,12 @@ import sys
 import time
 from pathlib import Path
 
-
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from serve_bench import (machine, mixed_texts, one_run, start_servers,  # noqa: E402
-                         stop_servers)
-
 from hm3.checkpoint import write_json_atomic  # noqa: E402
 from hm3.zoo import build_zoo  # noqa: E402
+
+from serve_bench import machine, mixed_texts, one_run, start_servers, stop_servers  # noqa: E402
 
 RESULTS = HERE / "results" / "server_overhead_ab.json"
 CONCURRENCY = (1, 32)

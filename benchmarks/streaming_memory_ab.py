@@ -21,10 +21,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from mpnet_zoo import largest_tensor_gb, recipe, timed_merge  # noqa: E402
-
 from hm3.checkpoint import write_json_atomic  # noqa: E402
 from hm3.zoo import build_mpnet_zoo  # noqa: E402
+
+from mpnet_zoo import largest_tensor_gb, recipe, timed_merge  # noqa: E402
 
 RESULTS = HERE / "results" / "streaming_memory_ab.json"
 SIZES = (2, 4, 8)

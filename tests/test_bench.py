@@ -4,10 +4,11 @@ import pytest
 import torch
 
 import hm3
-from conftest import recipe_dict
 from hm3 import bench
 from hm3.bench import benchmark, format_bench
 from hm3.errors import Hm3Error
+
+from conftest import recipe_dict
 
 
 class Clock:

@@ -12,11 +12,9 @@ from safetensors.torch import load_file
 from hm3 import Hm3Error, Hm3Warning, merge, parse_recipe, pipeline
 from hm3.check import CALIBRATION_TEXTS
 from hm3.cli import main
-from hm3.data import calibration as calibration_module
+from hm3.data import CalibrationSpec, calibration as calibration_module
 from hm3.data.calibration import load_calibration, text_hash
-from hm3.guided import align
-from hm3.guided import calibration as guided_calibration
-from hm3.data import CalibrationSpec
+from hm3.guided import align, calibration as guided_calibration
 
 from conftest import build_family, recipe_dict
 

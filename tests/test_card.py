@@ -11,10 +11,10 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import classifier_tolerance, recipe_dict
-
 from hm3 import load, merge, parse_recipe
 from hm3.cli import main
+
+from conftest import classifier_tolerance, recipe_dict
 
 
 def test_merge_writes_a_card_and_a_recipe_that_reproduces_the_model(family, tmp_path):

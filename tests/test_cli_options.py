@@ -10,9 +10,10 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from conftest import build_family, random_texts, recipe_dict
 from hm3 import merge, parse_recipe
 from hm3.cli import COMMANDS, build_parser, main
+
+from conftest import build_family, random_texts, recipe_dict
 
 # command -> the model-loading options it takes; export runs on the CPU, and a merge reads its
 # label-free steps' batch size and max length from the recipe

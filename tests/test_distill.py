@@ -14,8 +14,13 @@ from hm3.data import Dataset
 from hm3.label_free import get_step, step_names
 from hm3.label_free.distill import MIN_ROUTED, NOTHING_TO_CORRECT, DistillOptions, _routed
 from hm3.label_free.registry import Step, register
-from hm3.label_free.stream import (block_output, blocks_replaced, find_blocks, first_block_calls,
-                                   model_logits)
+from hm3.label_free.stream import (
+    block_output,
+    blocks_replaced,
+    find_blocks,
+    first_block_calls,
+    model_logits,
+)
 from hm3.pipeline import format_guided
 from hm3.search import SearchConfig, run_search
 

@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 
 import hm3
-from conftest import recipe_dict
-from hm3.errors import Hm3Error
 from hm3.data import Dataset, load_data_block, load_dataset, parse_data_block
+from hm3.errors import Hm3Error
 from hm3.evaluate import evaluate, format_report, score_task
 from hm3.heads import TaskGroup
+
+from conftest import recipe_dict
 
 SPAM = TaskGroup("spam", ("ham", "spam"), 0)
 TOPIC = TaskGroup("topic", ("news", "sport", "film"), 2)

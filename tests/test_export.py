@@ -10,13 +10,12 @@ import pytest
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from conftest import (SERVED_TASKS as TASKS, build_family, classifier_tolerance,  # noqa: E402
-                      recipe_dict)
-
 from hm3 import load, merge, parse_recipe  # noqa: E402
 from hm3.bench import SAMPLE_TEXTS  # noqa: E402
 from hm3.cli import main  # noqa: E402
 from hm3.export import export_onnx  # noqa: E402
+
+from conftest import SERVED_TASKS as TASKS, build_family, classifier_tolerance, recipe_dict  # noqa: E402
 
 TEXTS = ["good film", "bad news today", "free money win call phone now", "hello",
          "what market vote sport great awful who where"]

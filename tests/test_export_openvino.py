@@ -13,14 +13,21 @@ pytest.importorskip("onnx")
 ov = pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install "
                          "'hm3[openvino]')")
 
-from conftest import (SERVED_TASKS as TASKS, TINY, Server, build_family,  # noqa: E402
-                      classifier_tolerance, recipe_dict, texts_for)
-
 from hm3 import load, merge, parse_recipe  # noqa: E402
 from hm3.bench import SAMPLE_TEXTS  # noqa: E402
 from hm3.cli import main  # noqa: E402
 from hm3.errors import Hm3Error  # noqa: E402
 from hm3.export import export_onnx, export_openvino  # noqa: E402
+
+from conftest import (  # noqa: E402
+    SERVED_TASKS as TASKS,
+    TINY,
+    Server,
+    build_family,
+    classifier_tolerance,
+    recipe_dict,
+    texts_for,
+)
 
 TEXTS = ["good film", "bad news today", "free money win call phone now", "hello",
          "what market vote sport great awful who where"]

@@ -15,8 +15,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 import hm3
 from hm3 import Hm3Error, Hm3Warning, merge, parse_recipe
 from hm3.cli import main
-from hm3.guided import align, lewis, recentre, regmean
 from hm3.data import CalibrationSpec, load_calibration
+from hm3.guided import align, lewis, recentre, regmean
 from hm3.methods import METHODS
 
 from conftest import build_family, random_texts, recipe_dict, spread_head

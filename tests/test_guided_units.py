@@ -15,12 +15,13 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from conftest import build_family, recipe_dict, write_tokenizer
 from hm3.errors import Hm3Error, Hm3Warning
 from hm3.guided import align, calibration, coefficients, cross_fit, lewis, recentre, regmean
 from hm3.heads import TaskGroup
 from hm3.pipeline import shared_tasks, warn_low_held_out
 from hm3.recipe import Override
+
+from conftest import build_family, recipe_dict, write_tokenizer
 
 
 @pytest.mark.parametrize("name, block", [

@@ -10,8 +10,15 @@ import pytest
 import torch
 
 from hm3.errors import Hm3Error
-from hm3.heads import (MULTI_LABEL, TaskGroup, expand_head, expert_labels, find_head,
-                       is_multi_label, layout)
+from hm3.heads import (
+    MULTI_LABEL,
+    TaskGroup,
+    expand_head,
+    expert_labels,
+    find_head,
+    is_multi_label,
+    layout,
+)
 from hm3.recipe import HeadNames
 
 

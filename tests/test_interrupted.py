@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import recipe_dict
 from hm3 import Hm3Warning, merge, parse_recipe
 from hm3.checkpoint import atomic_directory
+
+from conftest import recipe_dict
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from hm3.errors import Hm3Error
-from hm3.methods import METHODS, MergeMethod, get_method
-from hm3.methods import sparsify as sp
+from hm3.methods import METHODS, MergeMethod, get_method, sparsify as sp
 from hm3.methods.consensus import agreement_mask, elect_sign
 from hm3.methods.packed import Packed
 from hm3.methods.registry import _registry

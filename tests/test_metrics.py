@@ -10,8 +10,16 @@ import pytest
 
 from hm3.data import Dataset
 from hm3.errors import Hm3Error
-from hm3.evaluate import (_as_int, _label_list, agreement, evaluate, format_report,
-                          label_indices, predictions, score_task)
+from hm3.evaluate import (
+    _as_int,
+    _label_list,
+    agreement,
+    evaluate,
+    format_report,
+    label_indices,
+    predictions,
+    score_task,
+)
 from hm3.heads import TaskGroup
 
 SPAM = TaskGroup("spam", ("ham", "spam"), 0)

@@ -15,10 +15,11 @@ import torch
 from transformers import AutoTokenizer
 
 import hm3
-from conftest import build_family, write_tokenizer
 from hm3.errors import Hm3Error
 from hm3.heads import TaskGroup
 from hm3.model import MultiTaskClassifier, _max_length, task_groups
+
+from conftest import build_family, write_tokenizer
 
 SPAM = TaskGroup("spam", ("ham", "spam"), 0)
 TAGS = TaskGroup("tags", ("rude", "calm"), 2, multi_label=True)

@@ -11,8 +11,7 @@ import torch
 
 from hm3.data.calibration import text_key
 from hm3.errors import Hm3Error
-from hm3.zoo import build_zoo, read_split
-from hm3.zoo import guard_sources
+from hm3.zoo import build_zoo, guard_sources, read_split
 from hm3.zoo.build import MINILM_ZOO, ExpertRecipe, zoo_dir, zoo_recipe
 from hm3.zoo.finetune import TrainingConfig, finetune
 from hm3.zoo.guard_sources import GUARD_LABELS, GUARD_TASKS, load_guard_examples

@@ -7,8 +7,7 @@ from __future__ import annotations
 import warnings
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from hm3.label_free import get_step, step_names
 from hm3.methods.registry import METHODS, get_method

@@ -19,14 +19,22 @@ import pytest
 import yaml
 
 import hm3
-from conftest import WORDS, build_family, spread_head
 from hm3.cli import main
-from hm3.errors import Hm3Error
 from hm3.data import load_data_block, parse_data_block
+from hm3.errors import Hm3Error
 from hm3.evaluate import evaluate
 from hm3.recipe import parse_recipe
-from hm3.search import (BetaSampler, SearchConfig, SearchSpace, format_summary, run_search,
-                        self_merge, trial_recipe)
+from hm3.search import (
+    BetaSampler,
+    SearchConfig,
+    SearchSpace,
+    format_summary,
+    run_search,
+    self_merge,
+    trial_recipe,
+)
+
+from conftest import WORDS, build_family, spread_head
 
 TASKS = {"sentiment": ["negative", "positive"], "topic": ["news", "sport", "film"]}
 SRC = str(Path(__file__).resolve().parents[1] / "src")

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port
 from hm3.cli import main
+
+from conftest import free_port
 from test_search import case, finished_trials, search_command, two_workers_share  # noqa: F401
 
 pytestmark = pytest.mark.postgres
@@ -75,7 +76,7 @@ def postgres_url():
         shutil.rmtree(root, ignore_errors=True)
 
 
-def test_two_workers_share_one_postgres_study_and_a_rerun_resumes(case, postgres_url):
+def test_two_workers_share_one_postgres_study_and_a_rerun_resumes(case, postgres_url):  # noqa: F811
     trials = two_workers_share(case, postgres_url)
     assert main([*search_command(case, 10)[3:], "--storage", postgres_url]) == 0
     assert {t.number for t in finished_trials(postgres_url)} == {t.number for t in trials}
@@ -85,7 +86,7 @@ def test_two_workers_share_one_postgres_study_and_a_rerun_resumes(case, postgres
     ("postgresql://postgres@127.0.0.1:{port}/postgres", "connection"),  # nothing listens there
     ("mysql://root@127.0.0.1:{port}/hm3", "pip install"),  # no MySQL driver installed
 ])
-def test_storage_that_cannot_open_is_a_clear_error(case, capsys, url, says):
+def test_storage_that_cannot_open_is_a_clear_error(case, capsys, url, says):  # noqa: F811
     url = url.format(port=free_port())
     assert main([*search_command(case, 2)[3:], "--storage", url]) == 2
     err = capsys.readouterr().err

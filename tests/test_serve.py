@@ -15,14 +15,15 @@ import pytest
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
-from conftest import SERVED_TASKS as TASKS, Server, texts_for  # noqa: E402
-
 from hm3 import load  # noqa: E402
 from hm3.cli import main  # noqa: E402
 from hm3.errors import Hm3Error  # noqa: E402
 from hm3.heads import TaskGroup  # noqa: E402
 from hm3.serve.batching import MicroBatcher  # noqa: E402
 from hm3.serve.policy import parse_policy  # noqa: E402
+
+from conftest import SERVED_TASKS as TASKS, Server, texts_for  # noqa: E402
+
 
 @pytest.fixture(scope="module")
 def merged(served_model) -> Path:

@@ -7,11 +7,12 @@ import random
 
 import pytest
 
-from conftest import SERVED_TASKS as TASKS, WORDS
-
 from hm3 import load
 from hm3.errors import Hm3Error
 from hm3.serve.buckets import length_buckets, predict_by_length
+
+from conftest import SERVED_TASKS as TASKS, WORDS
+
 
 def test_split_minimises_padding_plus_a_cost_per_pass():
     lengths = [5, 100, 6, 98]

@@ -18,12 +18,12 @@ import pytest
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
-from conftest import SERVED_TASKS as TASKS, WORDS, Server, texts_for  # noqa: E402
-
 from hm3.cli import main  # noqa: E402
 from hm3.errors import Hm3Error  # noqa: E402
 from hm3.serve.batching import MicroBatcher, TextFailed  # noqa: E402
 from hm3.serve.options import ServeOptions  # noqa: E402
+
+from conftest import WORDS, Server, texts_for  # noqa: E402
 
 KEY, ENV_KEY = "k1-secret", "k2-from-env"
 AUTH = {"Authorization": f"Bearer {KEY}"}

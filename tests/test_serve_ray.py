@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import SERVED_TASKS as TASKS, free_port, texts_for
-
 from hm3 import load
 from hm3.cli import main
+
+from conftest import SERVED_TASKS as TASKS, free_port, texts_for
 
 httpx = pytest.importorskip("httpx")
 

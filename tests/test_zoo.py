@@ -6,9 +6,9 @@ from collections import Counter
 
 import pytest
 
-from hm3.zoo import LABELS, SPLITS, TASKS, build_zoo, load_examples, read_split, split_examples
 from hm3.checkpoint import atomic_directory
 from hm3.errors import Hm3Error
+from hm3.zoo import LABELS, SPLITS, TASKS, build_zoo, load_examples, read_split, split_examples
 from hm3.zoo.sources import package_dir, source_versions
 from hm3.zoo.splits import deduplicate
 

@@ -14,8 +14,8 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from hm3.data.calibration import text_hash
 from hm3.checkpoint import read_config, resolve
+from hm3.data.calibration import text_hash
 from hm3.errors import Hm3Error, Hm3Warning
 from hm3.heads import TaskGroup
 from hm3.model import MultiTaskClassifier, group_probabilities, load, task_groups

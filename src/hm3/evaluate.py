@@ -15,7 +15,6 @@ from hm3.errors import Hm3Error, Hm3Warning
 from hm3.heads import TaskGroup
 from hm3.table import format_table
 
-
 # --- metrics -------------------------------------------------------------------------------------
 
 def label_indices(group: TaskGroup, labels: Sequence[Any], where: str = "") -> np.ndarray:

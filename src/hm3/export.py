@@ -28,13 +28,17 @@ import numpy as np
 import torch
 
 from hm3.bench import SAMPLE_TEXTS
-from hm3.checkpoint import (atomic_directory, check_destination, read_config, resolve,
-                            write_json_atomic)
+from hm3.checkpoint import (
+    atomic_directory,
+    check_destination,
+    read_config,
+    resolve,
+    write_json_atomic,
+)
 from hm3.errors import Hm3Error
 from hm3.heads import TaskGroup
 from hm3.model import load
-from hm3.onnx_model import (LAYOUT_FILE, ONNX_FILE, OPENVINO_FILE, ExportedClassifier,
-                             open_export)
+from hm3.onnx_model import LAYOUT_FILE, ONNX_FILE, OPENVINO_FILE, ExportedClassifier, open_export
 
 OPSET = 17
 # Nodes kept in fp32 by default under int8 (regular expressions searched in node names): the

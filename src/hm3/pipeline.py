@@ -19,13 +19,27 @@ from hm3.check import CALIBRATION_TEXTS, DEFAULT_MIN_AGREEMENT, compare_logits
 from hm3.checkpoint import atomic_directory, check_destination, write_json_atomic
 from hm3.data.blocks import load_data_block
 from hm3.data.calibration import Calibration, text_hash
-from hm3.engine import (Sources, TaskVectorSquares, build_model, merge_into, open_sources,
-                        state_tensors, warn_implausible, with_recipe, write_model)
+from hm3.engine import (
+    Sources,
+    TaskVectorSquares,
+    build_model,
+    merge_into,
+    open_sources,
+    state_tensors,
+    warn_implausible,
+    with_recipe,
+    write_model,
+)
 from hm3.errors import Hm3Error, Hm3Warning
-from hm3.guided import align, cross_fit, recentre, regmean
-from hm3.guided import coefficients as coef
-from hm3.guided.calibration import (calibration_batches, experts_logits, head_modules,
-                                    once_per_batches, run_batches, tokenize)
+from hm3.guided import align, coefficients as coef, cross_fit, recentre, regmean
+from hm3.guided.calibration import (
+    calibration_batches,
+    experts_logits,
+    head_modules,
+    once_per_batches,
+    run_batches,
+    tokenize,
+)
 from hm3.guided.lewis import LewisScores
 from hm3.heads import TaskGroup
 from hm3.label_free import get_step

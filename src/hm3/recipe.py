@@ -13,8 +13,7 @@ from typing import Any
 
 import yaml
 
-from hm3.data.blocks import (CalibrationSpec, parse_calibration_block, parse_data_block,
-                             positive_int)
+from hm3.data.blocks import CalibrationSpec, parse_calibration_block, parse_data_block, positive_int
 from hm3.errors import Hm3Error, Hm3Warning
 from hm3.label_free import get_step, step_names
 from hm3.mergekit_yaml import from_mergekit, is_mergekit

@@ -14,8 +14,19 @@ import sys
 import warnings
 
 from hm3 import __version__
-from hm3.cli import (bench, check, demo, evaluate, export, inspect, merge, predict, search,
-                     self_merge, serve)
+from hm3.cli import (
+    bench,
+    check,
+    demo,
+    evaluate,
+    export,
+    inspect,
+    merge,
+    predict,
+    search,
+    self_merge,
+    serve,
+)
 from hm3.errors import Hm3Error
 
 # name -> module, in the order `hm3 --help` lists them

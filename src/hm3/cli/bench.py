@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from hm3.cli.options import (ModelOptions, add_input, add_json_report, add_model_options,
-                             add_progress, write_json_report)
+from hm3.cli.options import (
+    ModelOptions,
+    add_input,
+    add_json_report,
+    add_model_options,
+    add_progress,
+    write_json_report,
+)
 
 HELP = "time the merged model against running its experts"
 

@@ -5,8 +5,14 @@ from __future__ import annotations
 import argparse
 
 from hm3.check import COUNTS  # loaded with `hm3` already: no cost to the parser
-from hm3.cli.options import (ModelOptions, add_json_report, add_limit, add_model_options,
-                             add_text_column, write_json_report)
+from hm3.cli.options import (
+    ModelOptions,
+    add_json_report,
+    add_limit,
+    add_model_options,
+    add_text_column,
+    write_json_report,
+)
 
 HELP = ("label-free pre-deployment check: does the merged model keep each expert's decisions on "
         "your texts? (exit 1 if not)")

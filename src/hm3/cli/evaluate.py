@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from hm3.cli.options import (ModelOptions, add_json_report, add_label_column, add_limit,
-                             add_model_options, add_text_column, write_json_report)
+from hm3.cli.options import (
+    ModelOptions,
+    add_json_report,
+    add_label_column,
+    add_limit,
+    add_model_options,
+    add_text_column,
+    write_json_report,
+)
 
 HELP = "score a merged model or one expert on labelled data"
 

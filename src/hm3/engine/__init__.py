@@ -11,8 +11,15 @@ The public `hm3.merge` (a function, `hm3.pipeline.merge`) runs a whole recipe th
 
 from hm3.engine.plan import TensorJob
 from hm3.engine.sources import Sources, open_sources, with_recipe
-from hm3.engine.stream import (TaskVectorSquares, job_inputs, merge_into, merge_job,
-                               merged_tensors, state_tensors, task_vector_norms)
+from hm3.engine.stream import (
+                               TaskVectorSquares,
+                               job_inputs,
+                               merge_into,
+                               merge_job,
+                               merged_tensors,
+                               state_tensors,
+                               task_vector_norms,
+)
 from hm3.engine.write import build_model, warn_implausible, write_model
 
 __all__ = ["Sources", "TaskVectorSquares", "TensorJob", "build_model", "job_inputs", "merge_into",

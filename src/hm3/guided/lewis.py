@@ -16,8 +16,13 @@ import torch
 from tqdm.auto import tqdm
 
 from hm3.engine import Sources
-from hm3.guided.calibration import (base_as_classifier, expert_classifier, layer_input_means,
-                                    linear_layers, once_per_batches)
+from hm3.guided.calibration import (
+    base_as_classifier,
+    expert_classifier,
+    layer_input_means,
+    linear_layers,
+    once_per_batches,
+)
 from hm3.recipe import Override, Recipe
 
 

@@ -35,10 +35,25 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from hm3.label_free.registry import (Step, fraction, non_negative, one_of, option, positive,
-                                     positive_int, register)
-from hm3.label_free.stream import (BlockCall, block_from, block_output, blocks_replaced,
-                                   find_blocks, first_block_calls, model_logits)
+from hm3.label_free.registry import (
+    Step,
+    fraction,
+    non_negative,
+    one_of,
+    option,
+    positive,
+    positive_int,
+    register,
+)
+from hm3.label_free.stream import (
+    BlockCall,
+    block_from,
+    block_output,
+    blocks_replaced,
+    find_blocks,
+    first_block_calls,
+    model_logits,
+)
 
 TRAIN = ("weights", "elementwise", "rows", "tensor")
 ROUTES = ("confident", "all")

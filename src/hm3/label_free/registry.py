@@ -15,7 +15,7 @@ import dataclasses
 import math
 from typing import Any, Callable, ClassVar
 
-from hm3.data.blocks import positive_int
+from hm3.data.blocks import positive_int  # noqa: F401  (re-exported: the steps import it from here)
 from hm3.errors import Hm3Error
 
 # Where a step runs in the merge: after the body is merged (and RegMean), before the heads'

@@ -6,8 +6,16 @@ study, its storage and the run), `report` (tables, best model, summary).
 """
 
 from hm3.search.report import SearchResult, format_summary, save_best, trial_rows, write_tables
-from hm3.search.space import (SAMPLERS, BetaSampler, SearchConfig, SearchSpace, is_density,
-                              make_sampler, trial_density, trial_recipe)
+from hm3.search.space import (
+                              SAMPLERS,
+                              BetaSampler,
+                              SearchConfig,
+                              SearchSpace,
+                              is_density,
+                              make_sampler,
+                              trial_density,
+                              trial_recipe,
+)
 from hm3.search.study import run_search, self_merge
 from hm3.search.trial import Objective, SplitScorer, TrialModel, expert_scores, mean_f1
 

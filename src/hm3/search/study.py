@@ -27,8 +27,16 @@ from hm3.model import MultiTaskClassifier
 from hm3.pipeline import calibrate, check_steps
 from hm3.plots import plot_search
 from hm3.recipe import Recipe, parse_recipe
-from hm3.search.report import (BEST_JSON, BEST_MODEL, PLOT, SearchResult, default_title,
-                               save_best, trial_rows, write_tables)
+from hm3.search.report import (
+    BEST_JSON,
+    BEST_MODEL,
+    PLOT,
+    SearchResult,
+    default_title,
+    save_best,
+    trial_rows,
+    write_tables,
+)
 from hm3.search.space import SearchConfig, make_sampler, trial_recipe
 from hm3.search.trial import Objective, SplitScorer, TrialModel, best_value, expert_scores
 

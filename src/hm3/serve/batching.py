@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 
 from hm3.errors import Hm3Error
 
+
 class TextFailed(Exception):
     """The model or its tokenizer could not take text `index` of a request (`cause` says why)."""
 
