@@ -7,5 +7,5 @@ from hm3.model import MultiTaskClassifier, load  # noqa: E402
 from hm3.pipeline import merge  # noqa: E402
 from hm3.recipe import Recipe, load_recipe, parse_recipe  # noqa: E402
 
-__all__ = ["Hm3Error", "Hm3Warning", "MultiTaskClassifier", "Recipe", "load", "load_recipe", "merge",
-           "parse_recipe"]
+__all__ = ["Hm3Error", "Hm3Warning", "MultiTaskClassifier", "Recipe", "load", "load_recipe",
+           "merge", "parse_recipe"]

@@ -48,8 +48,8 @@ def model_card(block: dict, scores: dict | None = None) -> str:
         lines.append(f"| {task['name']} | [{task['offset']}:{stop}) | {kind} | "
                      f"{', '.join(task['labels'])} | {sources.get(task['name'], '')} |")
     lines += ["", "## Method", "", f"- base: `{block.get('base')}`",
-              f"- method: `{block.get('method')}`, parameters `{json.dumps(block.get('parameters', {}))}`, "
-              f"seed {block.get('seed')}"]
+              f"- method: `{block.get('method')}`, "
+              f"parameters `{json.dumps(block.get('parameters', {}))}`, seed {block.get('seed')}"]
     norms = block.get("task_vector_norms", {})
     for expert in block.get("recipe", {}).get("experts", []):
         params = {k: v for k, v in expert.items() if k not in ("model", "task", "revision", "head")}

@@ -413,8 +413,8 @@ def format_check(report: dict) -> str:
                      f"{e['mean_abs_dp']:.3f}", "-" if calib is None else f"{calib:.1%}",
                      "-" if held is None else f"{held:.1%}"])
     header = ["task", "texts", "agreement", f"where expert >= {CONFIDENT:.0%} (texts)",
-              "weighted by confidence", f"surest {SUREST:.0%} (texts)", "minimum", "verdict", "drift", "mean |dp|",
-              "on calibration (optimistic)", "held out (k-fold)"]
+              "weighted by confidence", f"surest {SUREST:.0%} (texts)", "minimum", "verdict",
+              "drift", "mean |dp|", "on calibration (optimistic)", "held out (k-fold)"]
     lines = [format_table(header, rows)]
     for task, e in report["tasks"].items():
         if e["multi_label"]:

@@ -36,7 +36,8 @@ TORCH_DTYPES = {code: dtype for dtype, code in _DTYPE_CODES.items()}
 
 
 class Checkpoint:
-    """A model directory (local, or downloaded from the hub) whose tensors are read one at a time."""
+    """A model directory (local, or downloaded from the hub) whose tensors are read one at a
+    time."""
 
     def __init__(self, reference: str, revision: str | None = None, allow_pickle: bool = False):
         self.reference = reference
@@ -206,7 +207,8 @@ def read_config(path: Path) -> dict:
     try:
         return json.loads(file.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise Hm3Error(f"{path} has no config.json; is it a Hugging Face model directory?") from None
+        raise Hm3Error(f"{path} has no config.json; is it a Hugging Face model "
+                       "directory?") from None
     except ValueError as exc:
         raise Hm3Error(f"{file} is not valid JSON: {exc}") from None
 
@@ -374,7 +376,8 @@ class ShardedWriter:
         return handle
 
     def close(self) -> None:
-        """Check every planned tensor was written and write the shard index when there are shards."""
+        """Check every planned tensor was written and write the shard index when there are
+        shards."""
         missing = [names[n] for names, n in zip(self.shards, self._next) if n < len(names)]
         for handle in self._files:
             if handle is not None and not handle.closed:

@@ -1,4 +1,5 @@
-"""`hm3 demo`: the offline zoo's four experts merged with HM3, scored and timed against the experts."""
+"""`hm3 demo`: the offline zoo's four experts merged with HM3, scored and timed against the
+experts."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The merged multi-task classifier: one forward pass, then a softmax (or sigmoids) per task group."""
+"""The merged multi-task classifier: one forward pass, then a softmax (or sigmoids) per task
+group."""
 
 from __future__ import annotations
 
@@ -132,7 +133,8 @@ class MultiTaskClassifier:
                                         "probabilities": named}
                 else:
                     best = int(p.argmax())
-                    item[group.name] = {"label": group.labels[best], "score": round(float(p[best]), 6),
+                    item[group.name] = {"label": group.labels[best],
+                                        "score": round(float(p[best]), 6),
                                         "probabilities": named}
             if return_logits:
                 item["logits"] = [float(v) for v in logits[row]]

@@ -158,8 +158,9 @@ CALIBRATION_FORM = ("expected {texts: FILE} (the same unlabelled texts for every
 
 
 def parse_calibration_block(raw: Any, tasks: list[str]) -> CalibrationSpec | None:
-    """Validate a recipe's `calibration:` block (None when absent) for these tasks. `texts` is one source (shared by every task) or a mapping of
-    task to source; `shared` adds one source for every task beside the per-task ones."""
+    """Validate a recipe's `calibration:` block (None when absent) for these tasks. `texts` is one
+    source (shared by every task) or a mapping of task to source; `shared` adds one source for
+    every task beside the per-task ones."""
     if raw is None:
         return None
     where = "calibration"

@@ -104,7 +104,8 @@ def check_parameters(recipe: Recipe, jobs: list[TensorJob]) -> None:
             if sums_weights:
                 weights = [recipe.model_parameters(job.name, e)["weight"] for e in recipe.experts]
                 if abs(sum(weights)) < 1e-8:
-                    way_out = "" if method.isotropic else ", or set `parameters: {normalize: false}`"
+                    way_out = ("" if method.isotropic
+                               else ", or set `parameters: {normalize: false}`")
                     raise Hm3Error(f"{recipe.method} divides by the sum of the experts' weights, "
                                    f"which is 0 at {job.name} ({weights}); give weights that do "
                                    f"not cancel out{way_out}")

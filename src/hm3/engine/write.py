@@ -92,7 +92,8 @@ def merged_config(sources: Sources, out_dtypes: dict[str, torch.dtype],
         config["problem_type"] = "single_label_classification"
     else:
         config.pop("problem_type", None)  # mixed: no single loss fits; hm3 reads the groups
-    float_dtypes = {str(d).removeprefix("torch.") for d in out_dtypes.values() if d.is_floating_point}
+    float_dtypes = {str(d).removeprefix("torch.") for d in out_dtypes.values()
+                    if d.is_floating_point}
     if len(float_dtypes) == 1:
         config["dtype"] = float_dtypes.pop()
     config["hm3"] = {

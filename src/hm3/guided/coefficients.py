@@ -52,7 +52,8 @@ def expert_probabilities(logits: torch.Tensor, multi_label: bool) -> torch.Tenso
 
 
 class CoefficientMerge:
-    """The method's merge split into per-expert shares, with one coefficient per expert per block."""
+    """The method's merge split into per-expert shares, with one coefficient per expert per
+    block."""
 
     def __init__(self, model: torch.nn.Module, sources: Sources, progress: bool = False,
                  squares: TaskVectorSquares | None = None):
@@ -140,6 +141,7 @@ def fit_coefficients(model: torch.nn.Module, sources: Sources, batches: dict[str
             state[name].copy_(tensor)
     return {"blocks": merge.blocks,
             "coefficients": {spec.task: [round(float(v), 4) for v in row]
-                             for spec, row in zip(sources.recipe.experts, coefficients.detach().cpu())},
+                             for spec, row in zip(sources.recipe.experts,
+                                                  coefficients.detach().cpu())},
             "objective_before": round(before, 6), "objective_after": round(after, 6),
             **{k: v for k, v in config.__dict__.items()}}

@@ -31,7 +31,8 @@ def importance(model: torch.nn.Module, batches: Sequence[dict],
     """Wanda importance of each linear layer (by module name) over the batches."""
     mean_squares = layer_input_means(model, batches, lambda x: x.pow(2).sum(0), skip)
     layers = linear_layers(model, skip)
-    return {name: float((layer.weight.detach().double().cpu().abs() * mean_squares[name].sqrt()).norm())
+    return {name: float((layer.weight.detach().double().cpu().abs()
+                         * mean_squares[name].sqrt()).norm())
             for name, layer in layers.items()}
 
 
@@ -78,8 +79,8 @@ class LewisScores:
         self.scores = {}
         for spec, ckpt in bar:
             self.scores[spec.task] = (base[spec.task],
-                                      importance(expert_classifier(ckpt, device), batches[spec.task],
-                                                 skip))
+                                      importance(expert_classifier(ckpt, device),
+                                                 batches[spec.task], skip))
         self.tensor_names = {job.name for job in sources.jobs}
 
     def table(self, gamma: float, epsilon: float) -> dict[str, dict[str, float]]:

@@ -8,7 +8,8 @@ import torch
 
 
 def elect_sign(weighted_deltas: Sequence[torch.Tensor], rule: str = "sum") -> torch.Tensor:
-    """The elected sign (+1 or -1) per entry: of the summed deltas (`sum`) or of a sign vote (`count`).
+    """The elected sign (+1 or -1) per entry: of the summed deltas (`sum`) or of a sign vote
+    (`count`).
 
     Takes the models' weighted deltas as a list (or stacked along dim 0). A tie (zero) elects +1,
     as mergekit does.

@@ -68,7 +68,8 @@ CONSENSUS = Parameter("consensus", "sum", lambda v: v in ("sum", "count"), "'sum
 
 @dataclass(frozen=True)
 class MergeMethod:
-    """A task-vector merge: optional sparsifier, optional TIES consensus, then a (normalised) sum."""
+    """A task-vector merge: optional sparsifier, optional TIES consensus, then a (normalised)
+    sum."""
 
     name: str
     description: str
@@ -194,8 +195,8 @@ class MergeMethod:
             mixed.div_(divisor)
         return base + shared["lambda"] * mixed
 
-    def contributions(self, base: torch.Tensor, deltas: Iterable[torch.Tensor], weights: list[float],
-                      shared: dict[str, Any]) -> list[torch.Tensor]:
+    def contributions(self, base: torch.Tensor, deltas: Iterable[torch.Tensor],
+                      weights: list[float], shared: dict[str, Any]) -> list[torch.Tensor]:
         """Each model's share c_i of the merge, so that `combine` == base + sum(c_i): what
         learned coefficients scale. Holds N tensors at once (unlike `combine`)."""
         if self.isotropic:

@@ -45,7 +45,8 @@ def magnitude(tensor: torch.Tensor, density: float, rescale_rule: str | None = N
 def magnitude_outliers(tensor: torch.Tensor, density: float, gamma: float = 0.01,
                        rescale_rule: str | None = None,
                        generator: torch.Generator | None = None) -> torch.Tensor:
-    """Model Breadcrumbs: drop the `gamma` fraction largest entries, then the smallest, keeping `density`."""
+    """Model Breadcrumbs: drop the `gamma` fraction largest entries, then the smallest, keeping
+    `density`."""
     if density >= 1:
         return tensor
     numel = tensor.numel()

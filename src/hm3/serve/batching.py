@@ -1,12 +1,13 @@
 """Dynamic batching: texts from concurrent requests are gathered into one forward pass.
 
-A small asyncio micro-batcher rather than a library: the batching libraries on PyPI either
-belong to a serving framework (Ray Serve's `@serve.batch`) or are thin, little-kept wrappers; what a classifier server needs is ~60 lines: a queue of texts, one
-worker that takes up to `max_batch_size` of them (in turn from each waiting request) (waiting at most `max_wait_ms` for more once the
-first has arrived), runs the model in ONE worker thread so the event loop keeps accepting
-requests meanwhile, and hands each text its own result. While the model runs, new texts queue;
-with the default wait of 0 the next batch is what queued, taken as soon as the model is free:
-batches grow with the load and a lone request never waits (benchmarks/batch_wait_bench.py).
+A small asyncio micro-batcher rather than a library: the batching libraries on PyPI either belong to
+a serving framework (Ray Serve's `@serve.batch`) or are thin, little-kept wrappers; what a
+classifier server needs is ~60 lines: a queue of texts, one worker that takes up to `max_batch_size`
+of them (in turn from each waiting request) (waiting at most `max_wait_ms` for more once the first
+has arrived), runs the model in ONE worker thread so the event loop keeps accepting requests
+meanwhile, and hands each text its own result. While the model runs, new texts queue; with the
+default wait of 0 the next batch is what queued, taken as soon as the model is free: batches grow
+with the load and a lone request never waits (benchmarks/batch_wait_bench.py).
 """
 
 from __future__ import annotations

@@ -20,7 +20,8 @@ from hm3.errors import Hm3Error
 OVERHEAD_TOKENS = 16
 
 
-def length_buckets(lengths: Sequence[int], overhead_tokens: float = OVERHEAD_TOKENS) -> list[list[int]]:
+def length_buckets(lengths: Sequence[int],
+                   overhead_tokens: float = OVERHEAD_TOKENS) -> list[list[int]]:
     """Indices of `lengths` in sub-batches: sorted by length, consecutive, each padded to its own
     longest; the split minimises sum over sub-batches of (overhead_tokens + size * longest)."""
     if overhead_tokens < 0:

@@ -17,7 +17,8 @@ from typing import Callable
 LIVENESS = "/health"  # the one route open without a key: a process that answers is alive
 
 
-async def send_error(send, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+async def send_error(send, status: int, message: str,
+                     headers: dict[str, str] | None = None) -> None:
     """Answer with the app's error shape, straight on the ASGI `send`."""
     body = json.dumps({"error": message}).encode()
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]

@@ -160,7 +160,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add("--request-timeout", type=float, default=d.request_timeout, help="seconds a request may "
         f"wait for its answer (default {d.request_timeout:g}; then 504)")
     add("--header-timeout", type=float, default=d.header_timeout, help="seconds a client may take "
-        f"to send a request's headers (default {d.header_timeout:g}; then the connection is closed)")
+        f"to send a request's headers (default {d.header_timeout:g}; then the connection is "
+        "closed)")
     add("--body-timeout", type=float, default=d.body_timeout, help="seconds a client may take to "
         f"send a request's body (default {d.body_timeout:g}; then 408)")
     add("--policy", help="YAML/JSON: per task, the labels and threshold that flag a text (also "

@@ -60,8 +60,8 @@ def parse_policy(raw, groups: Sequence[TaskGroup], where: str = "policy") -> dic
             raise Hm3Error(f"{where}: {task}: expected {{flag: [labels], threshold: p}}")
         unknown = set(rule) - {"flag", "threshold"}
         if unknown:
-            raise Hm3Error(f"{where}: {task}: unknown key(s) {', '.join(sorted(map(str, unknown)))}; "
-                           "allowed: flag, threshold")
+            raise Hm3Error(f"{where}: {task}: unknown key(s) "
+                           f"{', '.join(sorted(map(str, unknown)))}; allowed: flag, threshold")
         flag = rule.get("flag")
         if isinstance(flag, str):
             flag = [flag]

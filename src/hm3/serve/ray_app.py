@@ -147,12 +147,14 @@ def serve_on_ray(model: str, options: ServeOptions = ServeOptions(), device: str
     `serve shutdown`). The HTTP server is Ray's proxy: --header-timeout, --forwarded-allow-ips
     and the JSON for malformed HTTP are `hm3 serve`'s own, not Ray's."""
     application = build(model, options, device, max_length)
-    host, port, replicas, address = options.host, options.port, options.replicas, options.ray_address
+    host, port = options.host, options.port
+    replicas, address = options.replicas, options.ray_address
     stop = threading.Event()
     if address is None:
         # Ray Serve gives its HTTP proxy 5 s to report ready and kills it after three misses; on
         # a small, busy machine starting Python workers takes longer (the environment wins)
-        for name in ("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S"):
+        for name in ("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S",
+                     "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S"):
             os.environ.setdefault(name, "60")
         ray.init(include_dashboard=False, configure_logging=False)
         # ray.init installs a SIGTERM handler that exits at once (status 15); from here on

@@ -45,8 +45,8 @@ def load_backend(model: str, backend: str | None = None, device: str | None = No
         if found == "torch":
             raise Hm3Error(f"{model} is a PyTorch model; export it first with `hm3 export {model} "
                            f"-o MODEL-{backend} --format {backend}`, then serve that folder")
-        raise Hm3Error(f"{model} is an {classifier.model.kind} export; serve it with --backend {found}, or serve "
-                       "the PyTorch model it was exported from")
+        raise Hm3Error(f"{model} is an {classifier.model.kind} export; serve it with --backend "
+                       f"{found}, or serve the PyTorch model it was exported from")
     return classifier
 
 

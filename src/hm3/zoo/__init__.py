@@ -10,5 +10,5 @@ from hm3.zoo.mpnet import MPNET_TASKS, build_mpnet_zoo
 from hm3.zoo.sources import LABELS, TASKS, load_examples
 from hm3.zoo.splits import SPLITS, split_examples
 
-__all__ = ["LABELS", "MPNET_TASKS", "SPLITS", "TASKS", "Zoo", "build_mpnet_zoo", "build_zoo", "load_examples",
-           "read_split", "split_examples"]
+__all__ = ["LABELS", "MPNET_TASKS", "SPLITS", "TASKS", "Zoo", "build_mpnet_zoo", "build_zoo",
+           "load_examples", "read_split", "split_examples"]

@@ -1,4 +1,5 @@
-"""Build a zoo once into a cache keyed by its recipe: data splits, then one fine-tuned expert per task.
+"""Build a zoo once into a cache keyed by its recipe: data splits, then one fine-tuned expert per
+task.
 
 One builder serves every zoo; a `ZooSpec` says what differs (base encoder, tasks, sources,
 sizes, training recipes). `MINILM_ZOO` is the demo's; `hm3.zoo.mpnet` defines the base-size one.
@@ -159,13 +160,15 @@ def zoo_recipe(spec: ZooSpec = MINILM_ZOO) -> dict:
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     """Where zoos are kept: `cache_dir`, else $HM3_CACHE, else ~/.cache/hm3."""
-    return Path(cache_dir or os.environ.get("HM3_CACHE") or Path.home() / ".cache" / "hm3").expanduser()
+    return Path(cache_dir or os.environ.get("HM3_CACHE")
+                or Path.home() / ".cache" / "hm3").expanduser()
 
 
 def zoo_dir(cache_dir: str | os.PathLike | None = None, spec: ZooSpec = MINILM_ZOO) -> Path:
     """Cache folder of a zoo's current recipe, under `cache_root(cache_dir)`."""
     recipe_json = json.dumps(zoo_recipe(spec), sort_keys=True)
-    return cache_root(cache_dir) / f"{spec.prefix}-{hashlib.sha256(recipe_json.encode()).hexdigest()[:12]}"
+    digest = hashlib.sha256(recipe_json.encode()).hexdigest()[:12]
+    return cache_root(cache_dir) / f"{spec.prefix}-{digest}"
 
 
 def build_zoo(
@@ -215,21 +218,24 @@ def build_zoo(
             with atomic_directory(experts[task], overwrite=True) as tmp:
                 _train_expert(spec, task, base, splits[task], tmp, progress)
         scores[task] = json.loads((experts[task] / SCORES_FILE).read_text())
-    return Zoo(base=base, experts=experts, splits=splits, labels={t: tuple(spec.labels[t]) for t in tasks},
-               scores=scores, multi_label=frozenset(spec.multi_label & set(tasks)))
+    return Zoo(base=base, experts=experts, splits=splits,
+               labels={t: tuple(spec.labels[t]) for t in tasks}, scores=scores,
+               multi_label=frozenset(spec.multi_label & set(tasks)))
 
 
 def read_split(path: str | os.PathLike) -> list[Example]:
     """(text, label) pairs of one split file written by `build_zoo`; a multi-label task's label
     is a tuple of names."""
     with open(path, encoding="utf-8") as file:
-        return [(row["text"], tuple(row["label"]) if isinstance(row["label"], list) else row["label"])
+        return [(row["text"],
+                 tuple(row["label"]) if isinstance(row["label"], list) else row["label"])
                 for row in map(json.loads, file)]
 
 
 def _write_splits(spec: ZooSpec, task: str, folder: Path) -> None:
     parts = split_examples(
-        spec.examples(task), spec.training.seed, max_train=spec.experts[task].max_train, **spec.split_sizes
+        spec.examples(task), spec.training.seed, max_train=spec.experts[task].max_train,
+        **spec.split_sizes
     )
     for name, examples in parts.items():
         with open(folder / f"{name}.jsonl", "w", encoding="utf-8") as file:

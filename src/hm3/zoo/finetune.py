@@ -71,7 +71,8 @@ def finetune(
     label_ids = {label: index for index, label in enumerate(labels)}
     torch.manual_seed(config.seed)  # seeds the new head's initialisation and dropout
     tokenizer = AutoTokenizer.from_pretrained(base)
-    with _transformers_warnings_silenced():  # its load report would only say that the new head is new
+    # its load report would only say that the new head is new
+    with _transformers_warnings_silenced():
         model = AutoModelForSequenceClassification.from_pretrained(
             base,
             num_labels=len(labels),
@@ -93,8 +94,10 @@ def finetune(
     weights = None if weights is None else weights.to(device)
 
     total_steps = config.epochs * math.ceil(len(texts) / config.batch_size)
-    optimizer = torch.optim.AdamW(_parameter_groups(model, config.weight_decay), lr=config.learning_rate)
-    schedule = get_linear_schedule_with_warmup(optimizer, round(config.warmup_ratio * total_steps), total_steps)
+    optimizer = torch.optim.AdamW(_parameter_groups(model, config.weight_decay),
+                                  lr=config.learning_rate)
+    schedule = get_linear_schedule_with_warmup(optimizer, round(config.warmup_ratio * total_steps),
+                                               total_steps)
     batch_order = torch.Generator().manual_seed(config.seed)
 
     model.train()
@@ -121,7 +124,8 @@ def finetune(
 
 def _encode(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int) -> dict:
     # Padding to the longest text in the batch, not to max_length, halves the cost of short texts.
-    return tokenizer(list(texts), truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+    return tokenizer(list(texts), truncation=True, max_length=max_length, padding=True,
+                     return_tensors="pt")
 
 
 @contextmanager
@@ -151,4 +155,5 @@ def _parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]
     decayed, exempt = [], []
     for name, parameter in model.named_parameters():
         (exempt if name.endswith("bias") or "LayerNorm" in name else decayed).append(parameter)
-    return [{"params": decayed, "weight_decay": weight_decay}, {"params": exempt, "weight_decay": 0.0}]
+    return [{"params": decayed, "weight_decay": weight_decay},
+            {"params": exempt, "weight_decay": 0.0}]

