@@ -223,5 +223,6 @@ def test_a_shared_sample_runs_the_merged_model_once_for_every_task(tiny, tmp_pat
     passes.clear()
     merge(recipe, tmp_path / "each", progress=False)
     assert passes == [2, 2]  # the head inputs once per task
-    once, each = (load_file(str(tmp_path / name / "model.safetensors")) for name in ("once", "each"))
+    once, each = (load_file(str(tmp_path / name / "model.safetensors"))
+                  for name in ("once", "each"))
     assert all(torch.equal(once[name], each[name]) for name in once)

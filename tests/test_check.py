@@ -300,7 +300,8 @@ def test_multi_label_task_is_scored_per_label_in_eval_search_and_cross_checks(fa
     assert set(entry["per_class"]) == set(TASKS["tags"])
     k = 1
     tp = int((truth[:, k] & predicted[:, k]).sum())
-    assert entry["per_class"]["spam"]["precision"] == pytest.approx(tp / max(predicted[:, k].sum(), 1))
+    assert entry["per_class"]["spam"]["precision"] == pytest.approx(
+        tp / max(predicted[:, k].sum(), 1))
     assert entry["per_class"]["spam"]["recall"] == pytest.approx(tp / truth[:, k].sum())
     sport = float((merged_logits[:, 2:5].argmax(1) == 1).mean())
     assert entry["cross_checks"]["topic"]["agreement"] == pytest.approx(sport)

@@ -55,7 +55,8 @@ def family_with_texts(root: Path, model_type: str = "bert", tasks=TASKS,
 
 
 def distill_merge(fam, out: Path, method="ties", parameters=None, **distill):
-    raw = recipe_dict(fam.base, fam.experts, method, parameters={"density": 0.3} if parameters is None else parameters,
+    raw = recipe_dict(fam.base, fam.experts, method,
+                      parameters={"density": 0.3} if parameters is None else parameters,
                       calibration=fam.calibration, distill={"texts": 24, "steps": 12,
                                                             "batch_size": 8, **distill})
     return merge(parse_recipe(raw), out, progress=False)

@@ -103,7 +103,8 @@ def test_openvino_int8_takes_exactly_the_minimum_of_calibration_texts(served_mod
 
     quantised = []
     monkeypatch.setattr(export, "_nncf_int8",
-                        lambda graph, _classifier, texts, _exclude: quantised.append(texts) or graph)
+                        lambda graph, _classifier, texts, _exclude:
+                        quantised.append(texts) or graph)
     texts = texts_for(1, export.MIN_CALIBRATION_TEXTS)
     with pytest.raises(Hm3Error, match=r"give at least 16 \(got 15\)"):
         export_openvino(served_model, tmp_path / "fewer", quantize="int8", calibration=texts[:-1])

@@ -291,7 +291,8 @@ def test_ties_in_chunks_is_bitwise_the_whole_tensor_merge(monkeypatch, options):
     w = torch.tensor(weights)
     values = torch.stack([d[i] for d in deltas]) * w
     sign = 1.0 if (values.sum() if options.get("consensus") != "count"
-                   else (torch.stack([d[i] for d in deltas]).sign() * w.sign()).sum()) >= 0 else -1.0
+                   else (torch.stack([d[i] for d in deltas]).sign() * w.sign()).sum()) >= 0 \
+        else -1.0
     agree = (values.sign() == sign) & (w != 0)
     total = values[agree].sum()
     if options.get("normalize", True):

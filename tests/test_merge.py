@@ -538,7 +538,8 @@ def test_bfloat16_experts_are_merged_not_copied(family, tmp_path):
     sentiment, topic = tensors(experts["sentiment"]), tensors(experts["topic"])
     name = "bert.encoder.layer.0.attention.self.query.weight"
     assert not torch.equal(sentiment[name], topic[name])
-    torch.testing.assert_close(got[name].float(), (sentiment[name].float() + topic[name].float()) / 2,
+    torch.testing.assert_close(got[name].float(),
+                               (sentiment[name].float() + topic[name].float()) / 2,
                                rtol=1e-2, atol=1e-2)
     # an integer tensor is copied from the first expert, dtype and values unchanged
     assert got["bert.embeddings.position_ids"].dtype == torch.int64

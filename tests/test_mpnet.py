@@ -102,6 +102,7 @@ def test_plain_merge_of_one_mpnet_expert_reproduces_it(family, tmp_path):
     model = hm3.load(tmp_path / "one", device="cpu")
     # the standardised head (spread_head) sums terms of ~500 into logits of ~3: its float32
     # rounding is that of the terms (conftest.float32_tolerance), not of the logits
-    np.testing.assert_allclose(model.logits(texts["tags"]), expert_logits(experts["tags"], texts["tags"]),
+    np.testing.assert_allclose(model.logits(texts["tags"]),
+                               expert_logits(experts["tags"], texts["tags"]),
                                rtol=0, atol=classifier_tolerance(model, texts["tags"]))
     assert model.groups[0].multi_label

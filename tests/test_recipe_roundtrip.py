@@ -1,6 +1,6 @@
-"""The recipe written beside a merged model reads back to the same recipe: `parse_recipe(r.to_dict())
-== r` over generated recipes that use every field (hypothesis), and relative `data:` paths
-written resolved."""
+"""The recipe written beside a merged model reads back to the same recipe:
+`parse_recipe(r.to_dict()) == r` over generated recipes that use every field (hypothesis), and
+relative `data:` paths written resolved."""
 
 from __future__ import annotations
 

