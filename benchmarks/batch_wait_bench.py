@@ -55,7 +55,8 @@ def main() -> None:
     for c, row in rows.items():
         cells = " | ".join(f"{m['texts_per_s']:.1f} ({m['p50_ms']:.0f}/{m['p99_ms']:.0f})"
                            for m in row["medians"].values())
-        print(f"| {c} | {cells} | {row['texts_per_s_b_over_a']:.2f}× | {row['p99_b_over_a']:.2f}× |")
+        print(f"| {c} | {cells} | {row['texts_per_s_b_over_a']:.2f}× | "
+              f"{row['p99_b_over_a']:.2f}× |")
 
 
 if __name__ == "__main__":

@@ -113,7 +113,8 @@ def summary(direct: list[list[float]], server: list[list[float]]) -> dict:
 
 def markdown(result: dict) -> str:
     header = ("| backend | direct p50 / p99 ms | server c=1 p50 / p99 ms | p99 ratio (pooled) | "
-              "p99 ratio per round: median (min–max) | p95 ratio | server's own cost p50 / p99 ms |")
+              "p99 ratio per round: median (min–max) | p95 ratio | "
+              "server's own cost p50 / p99 ms |")
     lines = [header, "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, row in result["backends"].items():
         rounds = row["p99_ratio_per_round"]

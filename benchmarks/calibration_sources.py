@@ -197,7 +197,8 @@ def run_row(zoo, splits: Splits, name: str, fields: dict, source: str | None) ->
 def fidelity_table(document: dict) -> str:
     """Per row with head steps and task: the merge's recorded agreement with the expert on its
     calibration texts (as fitted, and cross-fitted) beside `hm3 check`'s on validation texts."""
-    lines = ["| merge | task | on calibration, as fitted | held out (5-fold) | validation (hm3 check) |",
+    lines = ["| merge | task | on calibration, as fitted | held out (5-fold) "
+             "| validation (hm3 check) |",
              "| --- | --- | --- | --- | --- |"]
     for row in document["rows"]:
         for task, held in row.get("fidelity_held_out", {}).items():

@@ -7,7 +7,8 @@ baseline) is scored on the test split too, so test figures choose nothing.
 
   .venv/bin/python benchmarks/distill_variants.py --zoo mpnet --calibration per-task+unseen
   .venv/bin/python benchmarks/distill_variants.py --zoo mpnet --calibration per-task --limit 64
-  .venv/bin/python benchmarks/distill_variants.py --zoo mpnet --calibration shared+unseen --limit 1024
+  .venv/bin/python benchmarks/distill_variants.py --zoo mpnet --calibration shared+unseen \
+      --limit 1024
   .venv/bin/python benchmarks/distill_variants.py --zoo minilm
 Results: benchmarks/results/distill_variants.json (one entry per zoo and calibration).
 """

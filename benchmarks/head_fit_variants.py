@@ -136,7 +136,8 @@ def cross_entropy(strength: float, steps: int = 200):
             optimizer.zero_grad()
             logits = x @ rows.T
             if group.multi_label:
-                loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.sigmoid(z))
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(logits,
+                                                                            torch.sigmoid(z))
             else:
                 loss = -(torch.softmax(z, 1) * torch.log_softmax(logits, 1)).sum(1).mean()
             loss = loss + strength * scale * (rows - start).pow(2).sum() / len(x)

@@ -8,7 +8,8 @@ real zoo's weights do not travel to a machine without the zoo. Calibration texts
 `--texts-dir` holds one `calibration-*-TASK.txt` per task (e.g. those distill_variants.py
 writes), else random word sequences of the zoo's length.
 
-  python benchmarks/label_free_cost.py --config ~/.cache/hm3/bases/all-mpnet-base-v2-*/ --device cuda
+  python benchmarks/label_free_cost.py --config ~/.cache/hm3/bases/all-mpnet-base-v2-*/ \
+      --device cuda
 Results: benchmarks/results/label_free_cost.json, one entry per device.
 """
 
@@ -115,7 +116,8 @@ def main() -> None:
     wall = time.perf_counter() - started
     entry = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
              "device": torch.cuda.get_device_name() if args.device.startswith("cuda")
-             else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+             else (f"{platform.processor() or platform.machine()}, "
+                   f"{torch.get_num_threads()} threads"),
              "torch": torch.__version__, "experts": len(experts),
              "texts": {t: e["texts"] for t, e in report.guided["calibration"].items()},
              "max_length": args.max_length, "recipe": recipe.to_dict(),

@@ -67,7 +67,8 @@ def offline(model_path: str, texts: list[str], rounds: int, n_batches: int) -> d
     try:
         model = load(model_path, device="cpu", max_length=128)
         batches = [texts[i:i + 32] for i in range(0, 32 * n_batches, 32)]
-        run = {False: lambda b: model.predict(b, batch_size=32), True: lambda b: predict_by_length(model, b)}
+        run = {False: lambda b: model.predict(b, batch_size=32),
+               True: lambda b: predict_by_length(model, b)}
         answers = {split: [a for b in batches for a in run[split](b)] for split in (False, True)}
         rates = {name: [] for name in MODES}
         for _ in range(rounds):

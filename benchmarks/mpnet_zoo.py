@@ -23,11 +23,12 @@ expert on those test texts (no labels); `--report` plots the one against the oth
 tabulates the agreement the merge recorded on its calibration texts (as fitted, and held out
 from the head steps over 5 folds) against that test agreement.
 
-  .venv/bin/python benchmarks/mpnet_zoo.py                       # all stages (about an hour on 2 busy cores)
+  .venv/bin/python benchmarks/mpnet_zoo.py       # all stages (about an hour on 2 busy cores)
   .venv/bin/python benchmarks/mpnet_zoo.py --only plain streaming
-  .venv/bin/python benchmarks/mpnet_zoo.py --only heads-only --calibration off-task   # the wrong texts
+  .venv/bin/python benchmarks/mpnet_zoo.py --only heads-only --calibration off-task  # wrong texts
   .venv/bin/python benchmarks/mpnet_zoo.py --only heads-only --calibration per-task+unseen
-  .venv/bin/python benchmarks/mpnet_zoo.py --intervals "ROW=FOLDER"   # a kept merged model's intervals
+  .venv/bin/python benchmarks/mpnet_zoo.py --intervals "ROW=FOLDER"  # a kept merged model's
+                                                                     # intervals
   .venv/bin/python benchmarks/mpnet_zoo.py --report       # the table, and the check-vs-F1 plot
 """
 
@@ -249,7 +250,8 @@ def datasets(zoo, split: str) -> list[Dataset]:
     out = []
     for task, files in zoo.splits.items():
         rows = read_split(files[split])
-        out.append(Dataset(task, [t for t, _ in rows], [lab for _, lab in rows], source=str(files[split])))
+        out.append(Dataset(task, [t for t, _ in rows], [lab for _, lab in rows],
+                           source=str(files[split])))
     return out
 
 
@@ -282,7 +284,8 @@ def task_gap_intervals(folder: Path, zoo, resamples: int = 2000) -> dict:
         labels = list(range(len(group.labels)))
         draws = [f1_gap(truth, ours, theirs, labels, rng.integers(0, len(truth), len(truth)))
                  for _ in range(resamples)]
-        out[data.task] = {"gap": round(f1_gap(truth, ours, theirs, labels, np.arange(len(truth))), 4),
+        out[data.task] = {"gap": round(f1_gap(truth, ours, theirs, labels,
+                                              np.arange(len(truth))), 4),
                           "low": round(float(np.percentile(draws, 2.5)), 4),
                           "high": round(float(np.percentile(draws, 97.5)), 4),
                           # as `hm3 check` reports it, on the same test texts (no labels)
@@ -316,7 +319,8 @@ def merge_summary(folder: Path) -> dict:
     steps, their seconds and the coefficients' objective."""
     block = json.loads((folder / "config.json").read_text())["hm3"]
     guided = block.get("guided", {})
-    summary = {"task_vector_norms": {t: round(v, 5) for t, v in block.get("task_vector_norms", {}).items()},
+    summary = {"task_vector_norms": {t: round(v, 5)
+                                     for t, v in block.get("task_vector_norms", {}).items()},
                **{k: guided[k] for k in ("seconds", "cpu_seconds") if k in guided}}
     if "coefficients" in guided:
         summary["coefficients_objective"] = [guided["coefficients"].get("objective_before"),
@@ -349,7 +353,8 @@ def fidelity_table(rows: dict) -> str:
     if errors["fitted"]:
         lines.append("mean |figure - test|: as fitted "
                      f"{statistics.mean(errors['fitted']):.1%}, held out "
-                     f"{statistics.mean(errors['held_out']):.1%} over {len(errors['fitted'])} tasks")
+                     f"{statistics.mean(errors['held_out']):.1%} "
+                     f"over {len(errors['fitted'])} tasks")
     return "\n".join(lines)
 
 
@@ -365,7 +370,8 @@ def goals(rows: dict) -> dict:
     gaps = {t: round(test[t] - experts[t], 4) for t in experts}
     mean_gap = round(rows[best]["mean"]["test"] - rows["experts"]["mean"]["test"], 4)
     return {"picked_on_validation": best, "mean_gap_test": mean_gap, "task_gaps_test": gaps,
-            "within_1_point": mean_gap >= -0.01, "no_task_3_points_under": min(gaps.values()) >= -0.03}
+            "within_1_point": mean_gap >= -0.01,
+            "no_task_3_points_under": min(gaps.values()) >= -0.03}
 
 
 def table(rows: dict) -> str:
@@ -384,16 +390,20 @@ def table(rows: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="+", choices=STAGES, help="run only these stages")
-    parser.add_argument("--work", type=Path, help="folder for the merged models (default: a temporary one)")
+    parser.add_argument("--work", type=Path,
+                        help="folder for the merged models (default: a temporary one)")
     parser.add_argument("--calibration", default="per-task",
                         choices=("per-task", "off-task", "shared", "per-task+train", "train-128",
                                  "shared+train", "per-task+unseen", "shared+unseen"),
                         help="which unlabelled texts the label-free stages use (rows of other than "
                              "per-task texts are named with it and never picked)")
     parser.add_argument("--configs", nargs="+", choices=SWEEP,
-                        help="the sweep's configurations to run (default: those not in the results yet)")
-    parser.add_argument("--redo", action="store_true", help="rerun sweep rows already in the results")
-    parser.add_argument("--report", action="store_true", help="print the results as a table and stop")
+                        help="the sweep's configurations to run "
+                             "(default: those not in the results yet)")
+    parser.add_argument("--redo", action="store_true",
+                        help="rerun sweep rows already in the results")
+    parser.add_argument("--report", action="store_true",
+                        help="print the results as a table and stop")
     parser.add_argument("--intervals", nargs="+", metavar="ROW=FOLDER",
                         help="add the test-gap intervals of merged models kept from earlier runs "
                              "to their rows, and stop")
@@ -470,7 +480,8 @@ def main() -> None:
         for config in (args.configs or SWEEP) if stage == "sweep" else [stage]:
             method, parameters, extra = LABEL_FREE_CONFIGS.get(
                 config, (DEFAULT_METHOD, DEFAULT_PARAMETERS, {}))
-            name = config if not extra or args.calibration == "per-task" else f"{config} ({args.calibration})"
+            name = (config if not extra or args.calibration == "per-task"
+                    else f"{config} ({args.calibration})")
             if stage == "sweep" and name in rows and not args.redo:
                 continue
             print(f"-- {name}", flush=True)

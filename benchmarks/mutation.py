@@ -11,7 +11,8 @@ mutated function). The score per group goes to benchmarks/results/mutation_score
     python benchmarks/mutation.py heads --survivors      # re-run only the recorded survivors
                                                          # against the current tests
     python benchmarks/mutation.py heads --collect /tmp/mut  # record a kept run (even one stopped
-                                                         # part way: the mutants not run are counted)
+                                                         # part way: the mutants not run are
+                                                         # counted)
     python benchmarks/mutation.py --list                 # the groups and their test files
 
 Slow (minutes to hours per group on 2 cores): not part of the test suite or of CI.
@@ -42,7 +43,8 @@ GROUPS = {
                 ["tests/test_kernels.py", "tests/test_method_reference.py",
                  "tests/test_guided.py::test_contributions_add_up_to_the_combined_merge"]),
     "heads": (["src/hm3/heads.py"],
-              ["tests/test_heads.py", "tests/test_merge.py", "tests/test_method_reference.py", "tests/test_errors.py",
+              ["tests/test_heads.py", "tests/test_merge.py", "tests/test_method_reference.py",
+               "tests/test_errors.py",
                "tests/test_architectures.py"]),
     "merge": (["src/hm3/engine/*"],
               ["tests/test_merge_units.py", "tests/test_merge.py", "tests/test_method_reference.py",

@@ -83,7 +83,8 @@ def main() -> None:
     for name, row in result["offline"].items():
         x = result["x_torch"][name]
         print(f"| {name} | {row['batch32_texts_per_s']:.1f} ({x['batch32']:.2f}×) | "
-              f"{row['split32_texts_per_s']:.1f} ({x['split32']:.2f}×) | {row['one_text_ms']:.1f} |")
+              f"{row['split32_texts_per_s']:.1f} ({x['split32']:.2f}×) | "
+              f"{row['one_text_ms']:.1f} |")
 
 
 if __name__ == "__main__":

@@ -108,7 +108,8 @@ def main() -> None:
                          for way, runs in speed[name].items()},
                       "runs": {way: [round(r, 2) for r in runs]
                                for way, runs in speed[name].items()},
-                      "max_abs_logit_diff": float(np.abs(model.logits(texts[:64]) - reference).max())}
+                      "max_abs_logit_diff": float(
+                          np.abs(model.logits(texts[:64]) - reference).max())}
         for split, data in scored.items():
             report = evaluate(model, data, batch_size=32)
             rows[name][split] = {t: round(s["macro_f1"], 4) for t, s in report["tasks"].items()}

@@ -38,8 +38,10 @@ BUGS = {
         'sparsifier=sp.magnitude_outliers, consensus=False,', [REFERENCE]),
     "magnitude_turned_into_ties": (
         "src/hm3/methods/registry.py",
-        '"magnitude pruning of each task vector, then sum",\n                sparsifier=sp.magnitude,',
-        '"magnitude pruning of each task vector, then sum",\n                sparsifier=sp.magnitude,'
+        '"magnitude pruning of each task vector, then sum",\n'
+        '                sparsifier=sp.magnitude,',
+        '"magnitude pruning of each task vector, then sum",\n'
+        '                sparsifier=sp.magnitude,'
         ' consensus=True, default_normalize=True,', [REFERENCE]),
     "della_linear_normalising_by_default": (
         "src/hm3/methods/registry.py",
@@ -64,7 +66,8 @@ BUGS = {
         "src/hm3/guided/lewis.py", ".abs() * mean_squares[name].sqrt()).norm())",
         ".abs()).norm())", ["tests/test_guided_reference.py"]),
     "pruning_forced_off": (
-        "src/hm3/search/trial.py", "        if self.config.prune_fraction:\n            trial.report(",
+        "src/hm3/search/trial.py",
+        "        if self.config.prune_fraction:\n            trial.report(",
         "        if False:\n            trial.report(", ["tests/test_search_rules.py"]),
     "trial_seed_not_varied": (
         "src/hm3/search/trial.py",
@@ -139,7 +142,8 @@ BUGS = {
         ["tests/test_calibration.py"]),
     "card_recipe_loses_override_experts": (
         "src/hm3/recipe.py",
-        '                           **({"experts": list(o.experts)} if o.experts is not None else {})}',
+        '                           '
+        '**({"experts": list(o.experts)} if o.experts is not None else {})}',
         "                           }", ["tests/test_recipe_roundtrip.py", "tests/test_card.py"]),
     "csv_byte_order_mark_kept": (
         "src/hm3/data/tables.py", 'with path.open(newline="", encoding="utf-8-sig") as handle:',

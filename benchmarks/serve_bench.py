@@ -142,7 +142,8 @@ def main() -> None:
         demo = Path(args.model).parent / "report.json"
         if demo.is_file():
             result["accuracy"]["torch_from_demo_report"] = {
-                task: row["macro_f1"] for task, row in json.loads(demo.read_text())["merged"]["tasks"].items()}
+                task: row["macro_f1"]
+                for task, row in json.loads(demo.read_text())["merged"]["tasks"].items()}
         print(json.dumps(result["accuracy"]["mean_macro_f1"], indent=1), flush=True)
     texts = [text for rows in tests.values() for text, _ in rows]
     texts = [texts[i] for i in np.random.default_rng(0).permutation(len(texts))][:256]
@@ -390,7 +391,8 @@ def load_test(folders: list[Path], texts: list[str], args, pin: bool) -> dict:
                 "failures": sum(r["failures"] for r in runs),
                 "requests": sum(r["good"] + r["bad"] for r in runs),
                 "bad_requests": sum(r["bad"] for r in runs), "runs": runs}
-            print(f"{[f.name for f in folders]} c={concurrency}: {rows[str(concurrency)]['texts_per_s']:.1f} "
+            print(f"{[f.name for f in folders]} c={concurrency}: "
+                  f"{rows[str(concurrency)]['texts_per_s']:.1f} "
                   f"texts/s p50 {rows[str(concurrency)]['p50_ms']:.0f} ms "
                   f"p99 {rows[str(concurrency)]['p99_ms']:.0f} ms "
                   f"failures {rows[str(concurrency)]['failures']}", flush=True)
