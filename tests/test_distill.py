@@ -64,12 +64,17 @@ def distill_merge(fam, out: Path, method="ties", parameters=None, **distill):
 
 # --- the block stream ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("model_type", sorted(TINY))
-def test_blocks_run_one_at_a_time_give_the_models_own_hidden_states(tmp_path, model_type):
-    _, experts = build_family(tmp_path, {"topic": ["a", "b", "c"]}, model_type=model_type)
+def one_expert_and_batch(root: Path, model_type: str):
+    """A tiny expert of `model_type` and a tokenised batch of six texts."""
+    _, experts = build_family(root, {"topic": ["a", "b", "c"]}, model_type=model_type)
     model = AutoModelForSequenceClassification.from_pretrained(experts["topic"]).eval()
     tokenizer = AutoTokenizer.from_pretrained(experts["topic"])
-    batch = dict(tokenizer(random_texts(6, seed=3), padding=True, return_tensors="pt"))
+    return model, dict(tokenizer(random_texts(6, seed=3), padding=True, return_tensors="pt"))
+
+
+@pytest.mark.parametrize("model_type", sorted(TINY))
+def test_blocks_run_one_at_a_time_give_the_models_own_hidden_states(tmp_path, model_type):
+    model, batch = one_expert_and_batch(tmp_path, model_type)
     with torch.no_grad():
         expected = model(**batch, output_hidden_states=True).hidden_states
     _, blocks = find_blocks(model)
@@ -89,10 +94,7 @@ def test_blocks_run_one_at_a_time_give_the_models_own_hidden_states(tmp_path, mo
 
 @pytest.mark.parametrize("model_type", sorted(TINY))
 def test_the_tail_on_the_last_blocks_output_gives_the_models_logits(tmp_path, model_type):
-    _, experts = build_family(tmp_path, {"topic": ["a", "b", "c"]}, model_type=model_type)
-    model = AutoModelForSequenceClassification.from_pretrained(experts["topic"]).eval()
-    tokenizer = AutoTokenizer.from_pretrained(experts["topic"])
-    batch = dict(tokenizer(random_texts(6, seed=3), padding=True, return_tensors="pt"))
+    model, batch = one_expert_and_batch(tmp_path, model_type)
     prefix, blocks = find_blocks(model)
     (call,), _ = first_block_calls(model, blocks, [batch])
     with torch.no_grad():
