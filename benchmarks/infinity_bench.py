@@ -3,7 +3,7 @@ throughput only.
 
 infinity-emb serves a Hugging Face classifier through a `transformers` text-classification
 pipeline: ONE softmax over all K labels of the merged model, not one per task, so its answers are
-wrong for a multi-task model (see README, "Serve it"); only its speed is compared here. It runs
+wrong for a multi-task model (see docs/serving.md); only its speed is compared here. It runs
 from its own venv (`benchmarks/infinity_env.sh`, CPU torch pinned) so its dependencies
 (transformers 4.x, sentence-transformers, ...) stay out of hm3's.
 

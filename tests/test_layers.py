@@ -1,5 +1,5 @@
-"""The package's layers (README, "Development"): imports point down only, with no cycle, counting
-imports inside functions too."""
+"""The package's layers (docs/architecture.md, "The layers"): imports point down only, with no
+cycle, counting imports inside functions too."""
 
 import ast
 from pathlib import Path
@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-# Top to bottom, as drawn in the README; a module may import from its own row or any row below.
+# Top to bottom, as drawn in docs/architecture.md; a module may import from its own row or any
+# row below.
 ROWS = [
     ("hm3.cli", "hm3.demo", "hm3.serve"),
     ("hm3.export",),
