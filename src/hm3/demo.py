@@ -103,8 +103,8 @@ def run_demo(output: str | Path = "hm3-demo", cache_dir: str | Path | None = Non
     echo("")
     echo(format_bench(speed))
     echo("")
-    echo(f"merged model: {merged_dir.resolve()}  (try: hm3 predict {merged_dir} \"free prize, "
-         "text WIN now\")")
+    echo(f"merged model: {merged_dir.resolve()}  (try: hm3 predict {merged_dir} \"You have "
+         "won a £1000 cash prize. Call 09061701461 to claim now\")")
     echo(f"serve it: hm3 serve {merged_dir}  (POST /v1/classify, playground at "
          "http://127.0.0.1:8000/)")
     echo(f"report: {(output / 'report.json').resolve()}  ({report['seconds']:.0f}s in all)")
