@@ -101,13 +101,13 @@ def confident_agreement(group: TaskGroup, expert: np.ndarray, merged: np.ndarray
     there are none; a multi-label task's worst label, over the texts confident on that label)."""
     if group.multi_label:
         sure = np.maximum(expert, 1 - expert) >= CONFIDENT
-        same = (expert > group.threshold) == (merged > group.threshold)
+        same = _same_decision(group, expert, merged)
         counts = sure.sum(0)
         shares = [float(same[sure[:, k], k].mean()) for k in range(expert.shape[1]) if counts[k]]
         return {"confident_n": int(counts.min()),
                 "confident_agreement": min(shares) if shares else None}
     sure = expert.max(1) >= CONFIDENT
-    agree = expert.argmax(1) == merged.argmax(1)
+    agree = _same_decision(group, expert, merged)
     return {"confident_n": int(sure.sum()),
             "confident_agreement": float(agree[sure].mean()) if sure.any() else None}
 
@@ -121,7 +121,7 @@ def weighted_agreement(group: TaskGroup, expert: np.ndarray, merged: np.ndarray
     sure; a text the expert labels at chance counts for nothing. None when every weight is 0."""
     if group.multi_label:
         weight = np.abs(2 * expert - 1)
-        same = (expert > group.threshold) == (merged > group.threshold)
+        same = _same_decision(group, expert, merged)
         totals = weight.sum(0)
         shares = [float((weight[:, k] * same[:, k]).sum() / totals[k])
                   for k in range(expert.shape[1]) if totals[k] > 0]
@@ -131,7 +131,7 @@ def weighted_agreement(group: TaskGroup, expert: np.ndarray, merged: np.ndarray
     total = weight.sum()
     if total <= 0:
         return None
-    return float((weight * (expert.argmax(1) == merged.argmax(1))).sum() / total)
+    return float((weight * _same_decision(group, expert, merged)).sum() / total)
 
 
 def surest_agreement(group: TaskGroup, expert: np.ndarray, merged: np.ndarray,
@@ -143,15 +143,23 @@ def surest_agreement(group: TaskGroup, expert: np.ndarray, merged: np.ndarray,
     n = max(1, math.ceil(share * len(expert)))
     if group.multi_label:
         sureness = np.abs(2 * expert - 1)
-        same = (expert > group.threshold) == (merged > group.threshold)
+        same = _same_decision(group, expert, merged)
         shares = []
         for k in range(expert.shape[1]):
             top = np.argsort(-sureness[:, k], kind="stable")[:n]
             shares.append(float(same[top, k].mean()))
         return {"surest_n": n, "surest_agreement": min(shares)}
     top = np.argsort(-expert.max(1), kind="stable")[:n]
-    agree = expert.argmax(1) == merged.argmax(1)
+    agree = _same_decision(group, expert, merged)
     return {"surest_n": n, "surest_agreement": float(agree[top].mean())}
+
+
+def _same_decision(group: TaskGroup, expert: np.ndarray, merged: np.ndarray) -> np.ndarray:
+    """Where the merged model decides as the expert: per text, the same top label; for a
+    multi-label task per text and label, the same side of the task's threshold."""
+    if group.multi_label:
+        return (expert > group.threshold) == (merged > group.threshold)
+    return expert.argmax(1) == merged.argmax(1)
 
 
 def compare_logits(groups: Sequence[TaskGroup], expert_logits: Mapping[str, np.ndarray],

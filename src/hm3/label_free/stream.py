@@ -82,8 +82,7 @@ def first_block_calls(model: torch.nn.Module, blocks: torch.nn.ModuleList, batch
             batch = {k: v.to(device) for k, v in batch.items()}
             state["mask"] = batch["attention_mask"].bool()
             try:
-                out = model(**batch, use_cache=False) if _takes_cache(model) else model(**batch)
-                logits.append(out.logits.float())
+                logits.append(model_logits(model, batch))
             except _Stop:
                 pass
     finally:
