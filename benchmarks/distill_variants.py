@@ -68,6 +68,8 @@ def main() -> None:
     parser.add_argument("--calibration", default="per-task+unseen",
                         help="mpnet: mpnet_zoo.py's calibration modes; minilm: the demo's")
     parser.add_argument("--limit", type=int, help="calibration texts per task (shared: in all)")
+    parser.add_argument("--label", help="a name for this run, added to its results entry's key "
+                        "(a run after a change to the merge starts a fresh entry)")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="hm3-distill-"))
@@ -85,6 +87,8 @@ def main() -> None:
     if args.limit:
         raw["calibration"]["limit"] = args.limit
         key += f" limit {args.limit}"
+    if args.label:
+        key += f" {args.label}"
     max_length = raw["calibration"]["max_length"]
     sources = open_sources(parse_recipe(raw))
     started = time.perf_counter()

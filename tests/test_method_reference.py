@@ -163,8 +163,10 @@ def reference_merge(method: str, base_dir, experts: dict, consensus: str = "sum"
                                     [WEIGHTS[t] for t in tasks], consensus, role="head")
             continue
         stripped = name.partition(".")[2]
-        # head layers the base lacks (RoBERTa's classifier.dense) start from zeros
-        theta0 = base.get(name, base.get(stripped, np.zeros_like(first)))
+        # head layers the base lacks (RoBERTa's classifier.dense) start from the experts' mean
+        theta0 = base.get(name, base.get(stripped))
+        if theta0 is None:
+            theta0 = np.mean([m[name] for m in models], axis=0)
         deltas = [ref_sparsify(method, m[name] - theta0, DENSITY) for m in models]
         role = "matrix" if first.ndim == 2 and "embed" not in name else "other"
         out[name] = ref_combine(method, theta0, deltas, [WEIGHTS[t] for t in tasks], consensus,
@@ -236,7 +238,7 @@ def test_whole_heads_are_the_experts_rows_and_the_body_is_still_merged(bert, tmp
 
 
 @pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
-def test_head_layers_the_base_lacks_start_from_zeros(tmp_path, method):
+def test_head_layers_the_base_lacks_start_from_the_experts_mean(tmp_path, method):
     """RoBERTa's classifier.dense is in every expert but not in the bare base encoder."""
     base, experts = build_family(tmp_path / "models", TASKS, model_type="roberta",
                                  tokenizer=False)

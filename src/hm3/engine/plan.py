@@ -12,7 +12,8 @@ from hm3.heads import TaskGroup
 from hm3.methods import get_method
 from hm3.recipe import HeadNames, Recipe
 
-# Head layers a base encoder usually lacks: their task vector is the expert's whole weight.
+# Head layers a base encoder usually lacks: their task vectors are taken from the experts' mean
+# (`hm3.engine.stream.reference`).
 _HEAD_HIDDEN_PREFIXES = ("classifier.", "pre_classifier.", "head.", "pooler.", "score.")
 
 
@@ -22,7 +23,7 @@ class TensorJob:
 
     name: str
     shape: tuple[int, ...]
-    base_name: str | None  # None: the base lacks it (head layers); its value counts as zeros
+    base_name: str | None  # None: the base lacks it (head layers); the experts' mean stands in
     head_role: str | None = None  # "weight" or "bias" of the final projection, else None
     floating: bool = True
 

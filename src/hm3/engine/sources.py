@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+import torch
+
 from hm3.checkpoint import Checkpoint
 from hm3.engine.plan import TensorJob, check_parameters, plan_jobs
 from hm3.errors import Hm3Error
@@ -34,6 +36,21 @@ class Sources:
     @property
     def num_labels(self) -> int:
         return self.groups[-1].stop
+
+    def reference(self, job: TensorJob) -> torch.Tensor:
+        """What a tensor's task vectors are taken from: the base's tensor (float32), or, for a head
+        layer the base lacks (RoBERTa/MPNet `classifier.dense`, DistilBERT `pre_classifier`), the
+        experts' mean. Experts fine-tuned by one script usually start that layer from one random
+        init, so their mean is close to each of them (1.5-7% relative distance on the MPNet zoo),
+        while task vectors taken from zeros are the whole weights: TIES at density 0.2 then kept
+        22% of the layer's entries, 57% away from every expert (benchmarks/RESULTS.md, section
+        10)."""
+        if job.base_name is not None:
+            return self.base.tensor(job.base_name).float()
+        total = torch.zeros(job.shape)
+        for ckpt in self.experts:
+            total.add_(ckpt.tensor(job.name).float())
+        return total.div_(len(self.experts))
 
 
 def open_sources(recipe: Recipe) -> Sources:

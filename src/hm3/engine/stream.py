@@ -108,8 +108,7 @@ def weighted_sum(sources: Sources, job: TensorJob, method: MergeMethod,
     sum w_i (theta_i - base). Adds to `squares` when given."""
     recipe, shared = sources.recipe, sources.recipe.parameters
     measure = job.base_name is not None and squares is not None
-    base = (sources.base.tensor(job.base_name).float() if job.base_name
-            else torch.zeros(job.shape))
+    base = sources.reference(job)
     base_sq = float(base.pow(2).sum()) if measure else 0.0
     weights = [recipe.model_parameters(job.name, spec)["weight"] for spec in recipe.experts]
     out = torch.zeros(job.shape)
@@ -133,11 +132,7 @@ def job_inputs(sources: Sources, job: TensorJob, squares: TaskVectorSquares | No
     a method that needs no consensus holds one of them at once. Adds to `squares` when given,
     as the task vectors are consumed."""
     recipe = sources.recipe
-    if job.head_role is not None:
-        base = torch.zeros(job.shape)
-    else:
-        base = (sources.base.tensor(job.base_name).float() if job.base_name
-                else torch.zeros(job.shape))
+    base = torch.zeros(job.shape) if job.head_role is not None else sources.reference(job)
     weights = [recipe.model_parameters(job.name, spec)["weight"] for spec in recipe.experts]
     return base, _task_vectors(sources, job, base, squares), weights
 

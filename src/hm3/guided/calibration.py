@@ -100,14 +100,15 @@ def run_batches(model: torch.nn.Module, batches: Sequence[dict],
 
 
 def base_as_classifier(sources: Sources, device: str = "cpu") -> torch.nn.Module:
-    """The base's weights in the merged architecture; tensors the base lacks (the head) are 0."""
+    """The base's weights in the merged architecture; the final projection is 0 and a head layer
+    the base lacks is the experts' mean (what the merge takes task vectors from)."""
     model = build_model(sources).to(device)
     state = model.state_dict()
     with torch.no_grad():
         for job in sources.jobs:
             if job.name in state:
-                state[job.name].copy_(sources.base.tensor(job.base_name) if job.base_name
-                                      else torch.zeros(job.shape))
+                state[job.name].copy_(torch.zeros(job.shape) if job.head_role is not None
+                                      else sources.reference(job))
     return model
 
 

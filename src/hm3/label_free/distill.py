@@ -326,8 +326,7 @@ def _coefficient_shape(shape: torch.Size, train: str) -> tuple[int, ...]:
 
 def _task_vectors(name: str, sources, jobs: dict, device) -> list[torch.Tensor]:
     job = jobs.get(name)
-    base = (sources.base.tensor(job.base_name).float() if job is not None and job.base_name
-            else None)
+    base = sources.reference(job) if job is not None else None
     vectors = []
     for checkpoint in sources.experts:
         theta = checkpoint.tensor(name).float()
