@@ -40,7 +40,7 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 lint: setup
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks tools
 
 test-slow: setup setup-mpnet setup-ray
 	$(BIN)/python -m pytest -q -m slow
@@ -61,7 +61,7 @@ GROUPS ?=
 MUTATION_ARGS ?=
 mutation: setup
 	$(BIN)/pip install --quiet -e '.[mutation]'
-	nice -n 10 $(BIN)/python benchmarks/mutation.py $(GROUPS) $(MUTATION_ARGS)
+	nice -n 10 $(BIN)/python tools/mutation.py $(GROUPS) $(MUTATION_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist site src/*.egg-info .pytest_cache

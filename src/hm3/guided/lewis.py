@@ -31,7 +31,7 @@ def importance(model: torch.nn.Module, batches: Sequence[dict],
     """Wanda importance of each linear layer (by module name) over the batches."""
     mean_squares = layer_input_means(model, batches, lambda x: x.pow(2).sum(0), skip)
     layers = linear_layers(model, skip)
-    return {name: float((layer.weight.detach().double().cpu().abs() * mean_squares[name].sqrt()).norm())  # noqa: E501 (benchmarks/planted_bugs.py plants a bug in this line)
+    return {name: float((layer.weight.detach().double().cpu().abs() * mean_squares[name].sqrt()).norm())  # noqa: E501 (tools/planted_bugs.py plants a bug in this line)
             for name, layer in layers.items()}
 
 

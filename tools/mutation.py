@@ -5,15 +5,15 @@ Each group is mutated in a scratch copy of the repository (src/, tests/, pyproje
 runs only the relevant tests (mutmut then narrows them further to the tests that reach the
 mutated function). The score per group goes to benchmarks/results/mutation_score.json.
 
-    python benchmarks/mutation.py methods heads          # the groups to run (default: all)
-    python benchmarks/mutation.py heads --keep /tmp/mut  # keep the copy (/tmp/mut/heads) for
-                                                         # `mutmut show NAME` run inside it
-    python benchmarks/mutation.py heads --survivors      # re-run only the recorded survivors
-                                                         # against the current tests
-    python benchmarks/mutation.py heads --collect /tmp/mut  # record a kept run (even one stopped
-                                                         # part way: the mutants not run are
-                                                         # counted)
-    python benchmarks/mutation.py --list                 # the groups and their test files
+    python tools/mutation.py methods heads          # the groups to run (default: all)
+    python tools/mutation.py heads --keep /tmp/mut  # keep the copy (/tmp/mut/heads) for
+                                                    # `mutmut show NAME` run inside it
+    python tools/mutation.py heads --survivors      # re-run only the recorded survivors
+                                                    # against the current tests
+    python tools/mutation.py heads --collect /tmp/mut  # record a kept run (even one stopped
+                                                    # part way: the mutants not run are
+                                                    # counted)
+    python tools/mutation.py --list                 # the groups and their test files
 
 Slow (minutes to hours per group on 2 cores): not part of the test suite or of CI.
 """

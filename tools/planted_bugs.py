@@ -2,8 +2,8 @@
 should catch it (stopping at the first failure); print the test that failed (the bug is
 "killed") or that none did.
 
-    python benchmarks/planted_bugs.py              # every bug
-    python benchmarks/planted_bugs.py gamma magnitude_ties
+    python tools/planted_bugs.py              # every bug
+    python tools/planted_bugs.py gamma magnitude_ties
 
 A bug is a text replacement in one source file; the copy lives in a temporary folder, so the
 worktree is never touched. Slow-ish (a few minutes on 2 cores): not part of the suite.
