@@ -7,7 +7,7 @@ of them (in turn from each waiting request) (waiting at most `max_wait_ms` for m
 has arrived), runs the model in ONE worker thread so the event loop keeps accepting requests
 meanwhile, and hands each text its own result. While the model runs, new texts queue; with the
 default wait of 0 the next batch is what queued, taken as soon as the model is free: batches grow
-with the load and a lone request never waits (benchmarks/batch_wait_bench.py).
+with the load and a lone request never waits (benchmarks/RESULTS.md §6.5).
 """
 
 from __future__ import annotations
