@@ -30,13 +30,12 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from hm3.checkpoint import write_json_atomic
+from hm3.zoo import build_zoo
+
+from common import machine, mixed_texts, start_servers, stop_servers
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from hm3.checkpoint import write_json_atomic  # noqa: E402
-from hm3.zoo import build_zoo  # noqa: E402
-
-from serve_bench import machine, mixed_texts, start_servers, stop_servers  # noqa: E402
-
 RESULTS = HERE / "results" / "c1_latency.json"
 PERCENTILES = (50, 95, 99, 99.9)
 

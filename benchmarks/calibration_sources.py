@@ -36,7 +36,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.stats import pearsonr, spearmanr
 
 from hm3.check import compare_task
 from hm3.checkpoint import load_tokenizer, write_json_atomic
@@ -47,6 +46,8 @@ from hm3.pipeline import guided_model
 from hm3.recipe import parse_recipe
 from hm3.zoo import build_zoo, read_split
 from hm3.zoo.build import zoo_dir
+
+from common import agreement_correlations, plot_agreement
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "calibration_sources.json"
@@ -222,52 +223,9 @@ def correlations(document: dict) -> dict:
     return agreement_correlations(points(document))
 
 
-def agreement_correlations(data: list[tuple[str, str, float, float]]) -> dict:
-    """Pearson and Spearman correlation of agreement and macro-F1 change over (row, task,
-    agreement, change) points."""
-    if len(data) < 3:
-        return {}
-    agreement = np.array([p[2] for p in data])
-    delta = np.array([p[3] for p in data])
-    return {"points": len(data), "pearson": float(pearsonr(agreement, delta)[0]),
-            "spearman": float(spearmanr(agreement, delta)[0])}
-
-
 def plot(document: dict, path: Path) -> None:
     plot_agreement(points(document), path, "MiniLM zoo", "validation",
                    document.get("correlations") or {})
-
-
-def plot_agreement(data: list[tuple[str, str, float, float]], path: Path, zoo: str, split: str,
-                   stats: dict) -> None:
-    """Scatter `hm3 check`'s agreement against the macro-F1 change on `split`, a colour per task,
-    crosses for plain merges (rows named `plain...`)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 5))
-    tasks = list(dict.fromkeys(task for _, task, _, _ in data))
-    colours = dict(zip(tasks, plt.get_cmap("tab10").colors))
-    for name, task, agreement, delta in data:
-        plain = name.startswith("plain")
-        ax.scatter(agreement, delta, color=colours[task], marker="x" if plain else "o", alpha=0.75,
-                   label=f"{task}, {'plain merge' if plain else 'label-free merge'}")
-    title = f"{zoo}: hm3 check agreement vs labelled macro-F1 change"
-    if stats:
-        title += (f"\n{stats['points']} (merge, task) points; Pearson {stats['pearson']:.2f}, "
-                  f"Spearman {stats['spearman']:.2f}")
-    ax.set_title(title, fontsize=10)
-    ax.set_xlabel(f"argmax agreement with the expert on the task's {split} texts (no labels)")
-    ax.set_ylabel(f"{split} macro-F1, merged - expert")
-    ax.axhline(0, color="grey", lw=0.5)
-    ax.grid(alpha=0.3)
-    handles, labels = ax.get_legend_handles_labels()
-    unique = dict(zip(labels, handles))
-    ax.legend(unique.values(), unique.keys(), fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def table(document: dict) -> str:

@@ -24,7 +24,7 @@ from hm3.evaluate import evaluate
 from hm3.model import load
 from hm3.zoo import build_mpnet_zoo, build_zoo
 
-from mpnet_zoo import datasets
+from common import datasets
 
 RESULTS = Path(__file__).resolve().parent / "results" / "check_mixed_traffic.json"
 

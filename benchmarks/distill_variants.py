@@ -36,7 +36,8 @@ from hm3.pipeline import calibrate, head_steps
 from hm3.recipe import parse_recipe
 from hm3.zoo import build_mpnet_zoo, build_zoo
 
-from mpnet_zoo import HEAD_STEPS, datasets, recipe
+from common import datasets
+from mpnet_zoo import HEAD_STEPS, recipe
 
 RESULTS = Path(__file__).resolve().parent / "results" / "distill_variants.json"
 VARIANTS = {

@@ -21,13 +21,14 @@ from pathlib import Path
 import torch
 
 from hm3.checkpoint import load_tokenizer, write_json_atomic
-from hm3.data import Dataset
 from hm3.engine import build_model, merge_into, open_sources
 from hm3.evaluate import evaluate
 from hm3.model import MultiTaskClassifier, load
 from hm3.pipeline import guided_model
 from hm3.recipe import parse_recipe
-from hm3.zoo import build_zoo, read_split
+from hm3.zoo import build_zoo
+
+from common import datasets
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "guided_zoo.json"
@@ -67,15 +68,6 @@ CONFIGS = {
        for steps, extra in (("", {}), (" + align_heads + recentre",
                                        {"align_heads": {"ridge": 0.1}, "recentre": True}))},
 }
-
-
-def datasets(zoo, split: str) -> list[Dataset]:
-    out = []
-    for task, files in zoo.splits.items():
-        rows = read_split(files[split])
-        out.append(Dataset(task, [t for t, _ in rows], [lab for _, lab in rows],
-                           source=str(files[split])))
-    return out
 
 
 def run_config(zoo, name: str, extra: dict, validation, test) -> dict:

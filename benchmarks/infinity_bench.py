@@ -32,9 +32,9 @@ import numpy as np
 from hm3.checkpoint import write_json_atomic
 from hm3.zoo import build_zoo
 
+from common import free_port, machine, mixed_texts, stop_servers, wait_until_healthy
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from serve_bench import free_port, machine, mixed_texts, stop_servers  # noqa: E402
 
 RESULTS = HERE / "results" / "serve_infinity.json"
 VENV = HERE / ".venv-infinity"
@@ -45,18 +45,8 @@ def start(command: list[str], url: str, health: str) -> subprocess.Popen:
            "INFINITY_ANONYMOUS_USAGE_STATS": "0"}
     process = subprocess.Popen(["taskset", "-c", "0", *command], env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 900
-    while True:
-        if process.poll() is not None:
-            raise SystemExit(f"{command[0]} exited: {process.stderr.read()[-3000:]}")
-        try:
-            if httpx.get(url + health, timeout=2).status_code == 200:
-                return process
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            raise SystemExit(f"{url} did not start")
-        time.sleep(1)
+    wait_until_healthy(process, url, timeout_s=900, path=health)
+    return process
 
 
 async def one_run(url: str, body, texts: list[str], concurrency: int, requests: int) -> dict:

@@ -55,13 +55,13 @@ from sklearn.metrics import f1_score
 from hm3.check import compare_task
 from hm3.checkpoint import Checkpoint, write_json_atomic
 from hm3.data.calibration import text_key
-from hm3.evaluate import Dataset, evaluate, label_indices, predictions
+from hm3.evaluate import evaluate, label_indices, predictions
 from hm3.model import load
 from hm3.recipe import PRESETS
 from hm3.zoo import build_mpnet_zoo, read_split
 from hm3.zoo.mpnet import MPNET_RECIPES, MPNET_TRAINING, MPNET_ZOO
 
-from calibration_sources import agreement_correlations, plot_agreement
+from common import agreement_correlations, datasets, plot_agreement
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "mpnet_zoo.json"
@@ -244,15 +244,6 @@ def _memory(pid: int) -> dict[str, int]:
         return {}
     return {key: int(rest.split()[0]) for key, _, rest in (line.partition(":") for line in lines)
             if key in ("RssAnon", "RssFile")}
-
-
-def datasets(zoo, split: str) -> list[Dataset]:
-    out = []
-    for task, files in zoo.splits.items():
-        rows = read_split(files[split])
-        out.append(Dataset(task, [t for t, _ in rows], [lab for _, lab in rows],
-                           source=str(files[split])))
-    return out
 
 
 def scores_of(folder: Path, zoo, splits=("validation", "test")) -> dict:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -34,10 +33,9 @@ from hm3.onnx_model import OpenVinoSequenceClassifier
 from hm3.serve.buckets import predict_by_length
 from hm3.zoo import build_zoo
 
+from common import calibration_texts, datasets, machine, mixed_texts
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from guided_zoo import datasets  # noqa: E402
-from serve_bench import calibration_texts, machine, mixed_texts  # noqa: E402
 
 RESULTS = HERE / "results" / "openvino.json"
 MAX_LENGTH = 128  # as the demo scores

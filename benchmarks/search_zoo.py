@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import yaml
 
+from hm3.checkpoint import write_json_atomic
 from hm3.cli import main as hm3_main
 from hm3.data import load_data_block
 from hm3.evaluate import evaluate
@@ -209,7 +210,7 @@ def main() -> None:
             print(f"baselines {combo}: {json.dumps(summary['baselines'][combo])}", flush=True)
 
     SUMMARY.parent.mkdir(parents=True, exist_ok=True)
-    SUMMARY.write_text(json.dumps(summary, indent=2) + "\n")
+    write_json_atomic(SUMMARY, summary)
     print(f"summary: {SUMMARY}")
 
 

@@ -19,7 +19,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,8 @@ import httpx
 import numpy as np
 
 from hm3.checkpoint import write_json_atomic
+
+from common import free_port
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "serve_abuse.json"
@@ -49,12 +50,6 @@ def tiny_model(root: Path) -> Path:
     base, experts = build_family(root, SERVED_TASKS, multi_label=("tox",))
     merge(parse_recipe(recipe_dict(base, experts)), root / "merged", progress=False)
     return root / "merged"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start(model: Path) -> tuple[subprocess.Popen, str, int]:

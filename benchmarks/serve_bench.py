@@ -24,13 +24,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.metadata
 import importlib.util
 import json
 import os
-import platform
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -46,6 +42,8 @@ from hm3.export import HEAD_ONLY, export_onnx, export_openvino
 from hm3.model import load
 from hm3.zoo import build_zoo, read_split
 
+from common import calibration_texts, machine, start_servers, stop_servers
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "serve.json"
 CONCURRENCY = (1, 8, 32, 64)
@@ -59,21 +57,6 @@ CHOSEN_INT8 = "int8 per-channel, head + FFN-down fp32"
 # hm3 export --format openvino, f32 and int8 (NNCF, head + FFN-down fp32, ranges from 256 of the
 # zoo's calibration texts: what the merge calibrates on, never validation or test)
 OPENVINO = {"openvino f32": None, "openvino int8": "int8"}
-CALIBRATION_TEXTS = 256
-
-
-def mixed_texts(zoo, split: str = "test", count: int = 256, seed: int = 0) -> list[str]:
-    """`count` texts of every zoo task's `split`, shuffled together (seed 0: the benchmarks'
-    load and speed texts)."""
-    pool = [text for splits in zoo.splits.values() for text, _ in read_split(splits[split])]
-    return [pool[i] for i in np.random.default_rng(seed).permutation(len(pool))][:count]
-
-
-def calibration_texts(zoo) -> list[str]:
-    """256 of the zoo's calibration texts, the tasks mixed, as one traffic sample."""
-    return mixed_texts(zoo, "calibration", CALIBRATION_TEXTS, seed=1)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="/tmp/demo-before/merged", help="merged model folder")
@@ -169,29 +152,6 @@ def main() -> None:
     print(markdown(result))
 
 
-def machine() -> dict:
-    """The machine and the runtimes' versions: speed ratios between backends move with the CPU
-    (its vector units) and the libraries, so results say which they came from."""
-    cpu, flags = platform.processor() or platform.machine(), []
-    info = Path("/proc/cpuinfo")
-    if info.is_file():
-        lines = info.read_text().splitlines()
-        cpu = next((line.split(":", 1)[1].strip() for line in lines
-                    if line.startswith("model name")), cpu)
-        present = next((line.split(":", 1)[1].split() for line in lines
-                        if line.startswith("flags")), [])
-        flags = sorted(f for f in present if f.startswith(("avx512", "amx", "avx2", "avx_vnni")))
-    versions = {}
-    for package in ("torch", "onnxruntime", "openvino", "nncf", "transformers"):
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return {"cpu": cpu, "cpu_flags": flags, "cores": os.cpu_count(),
-            "python": platform.python_version(), "versions": versions,
-            "load_average_before": os.getloadavg()}
-
-
 def accuracy(folders: dict[str, Path], tests: dict[str, list]) -> dict:
     """Per model and task: macro-F1 on the test split and argmax agreement with ONNX fp32."""
     predictions, scores = {}, {}
@@ -285,58 +245,6 @@ print(json.dumps({name: {"batch32_texts_per_s": statistics.median(r["batch32"]),
                          "direct_texts": len(sent)}
                   for name, r in runs.items()}))
 '''
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_servers(folders: list[Path], pin: bool, max_wait_ms: float = 0.0,
-                  flags: tuple[str, ...] = ()) -> list[tuple[subprocess.Popen, str]]:
-    """`hm3 serve` for each folder (threads from $OMP_NUM_THREADS, default 1; on core 0 when
-    `pin`), once each is healthy."""
-    env = {"OMP_NUM_THREADS": "1", "HM3_ONNX_THREADS": "1", **os.environ}
-    servers = []
-    for folder in folders:
-        port = free_port()
-        command = [sys.executable, "-m", "hm3.cli", "serve", str(folder), "--port", str(port),
-                   "--max-batch-size", "32", "--max-wait-ms", f"{max_wait_ms:g}",
-                   "--max-length", "128", "--log-level", "error", "--device", "cpu", *flags]
-        process = subprocess.Popen((["taskset", "-c", "0"] if pin else []) + command, env=env,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        servers.append((process, f"http://127.0.0.1:{port}"))
-    for process, url in servers:
-        wait_until_healthy(process, url)
-    return servers
-
-
-def wait_until_healthy(process: subprocess.Popen, url: str, timeout_s: float = 300) -> None:
-    """Return once the server at `url` answers /health with 200; stop the benchmark if its
-    process exits or it does not come up within `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if process.poll() is not None:
-            raise SystemExit(f"server exited: {process.stderr.read()}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            raise SystemExit(f"{url} did not start")
-        time.sleep(0.5)
-
-
-def stop_servers(servers) -> None:
-    for process, _ in servers:
-        process.send_signal(signal.SIGTERM)
-    for process, _ in servers:
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            process.kill()
 
 
 async def one_run(urls: list[str], texts: list[str], concurrency: int, requests: int) -> dict:
