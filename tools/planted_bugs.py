@@ -79,20 +79,16 @@ BUGS = {
     "earlier_overrides_win": (
         "src/hm3/recipe.py", "for override in self.overrides:",
         "for override in reversed(self.overrides):", ["tests/test_recipe_mistakes.py"]),
-    "base_less_head_layers_from_expert_streamed": (
-        "src/hm3/engine/stream.py",
-        "        base = (sources.base.tensor(job.base_name).float() if job.base_name\n"
-        "                else torch.zeros(job.shape))\n    weights = [recipe",
-        "        base = (sources.base.tensor(job.base_name).float() if job.base_name\n"
-        "                else sources.experts[0].tensor(job.name).float())\n    weights = [recipe",
-        [REFERENCE]),
-    "base_less_head_layers_from_expert_summed": (
-        "src/hm3/engine/stream.py",
-        "    base = (sources.base.tensor(job.base_name).float() if job.base_name\n"
-        "            else torch.zeros(job.shape))\n    base_sq",
-        "    base = (sources.base.tensor(job.base_name).float() if job.base_name\n"
-        "            else sources.experts[0].tensor(job.name).float())\n    base_sq",
-        [REFERENCE]),
+    "base_less_head_layers_from_zeros": (
+        "src/hm3/engine/sources.py",
+        "        return total.div_(len(self.experts))\n",
+        "        return torch.zeros(job.shape)\n",
+        [REFERENCE, "tests/test_merge.py"]),
+    "base_less_head_layers_from_first_expert": (
+        "src/hm3/engine/sources.py",
+        "        return total.div_(len(self.experts))\n",
+        "        return self.experts[0].tensor(job.name).float()\n",
+        [REFERENCE, "tests/test_merge.py"]),
     "predict_does_nothing": (
         "src/hm3/cli/predict.py", "def run(args: argparse.Namespace) -> int:\n",
         "def run(args: argparse.Namespace) -> int:\n    return 0\n",
