@@ -143,7 +143,8 @@ def test_evaluate_checks_tasks_and_labels_before_any_forward_pass():
         evaluate(model, [Dataset("sentiment", ["t1"], ["good"])])
     with pytest.raises(Hm3Error, match="two datasets for task 'spam'"):
         evaluate(model, [Dataset("spam", ["t1"], ["ham"]), Dataset("spam", ["t2"], ["ham"])])
-    with pytest.raises(Hm3Error, match=r"x.csv expect.topic row 1: label 'weather'"):
+    with pytest.raises(Hm3Error, match=r"^x.csv: expect topic=weather: unknown label 'weather' "
+                       r"for task topic \(labels: "):
         evaluate(model, [Dataset("spam", ["t1"], ["ham"], "x.csv", expect={"topic": "weather"})])
     with pytest.raises(Hm3Error, match="row 2: label 'eggs'"):
         evaluate(model, [Dataset("topic", ["t1"], ["news"]),

@@ -285,6 +285,10 @@ def parse_recipe(raw: Any, root: Path | None = None) -> Recipe:
                        "`experts: [{model: MODEL, task: NAME}, ...]`")
     if not isinstance(raw, dict):
         raise Hm3Error("recipe must be a mapping with at least `base` and `experts`")
+    if "model" in raw and "base" not in raw:
+        raise Hm3Error("base: missing; the model the experts were fine-tuned from is `base:`, "
+                       "not `model:` (`model:` names each expert), e.g. "
+                       "`base: bert-base-uncased`")
     _reject_unknown(raw, _TOP_LEVEL, "recipe")
     raw = expand_preset(raw)
     if raw.get("base") is None:
