@@ -196,7 +196,8 @@ def test_load_dataset_reads_every_file_type(tmp_path, suffix):
 def test_bad_files_and_columns_say_what_to_do(tmp_path, monkeypatch):
     path = write(tmp_path / "sms.csv")
     with pytest.raises(Hm3Error, match=r"has no column 'text' \(columns: message, kind, id\); "
-                                       "name the right one with text_column"):
+                                       r"name the right one with --text-column \(text_column: in a "
+                                       r"recipe\)"):
         load_dataset(path, "spam")
     with pytest.raises(Hm3Error, match="has no column 'label'.*label_column"):
         load_dataset(path, "spam", text_column="message")
