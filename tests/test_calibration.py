@@ -226,3 +226,14 @@ def test_a_shared_sample_runs_the_merged_model_once_for_every_task(tiny, tmp_pat
     once, each = (load_file(str(tmp_path / name / "model.safetensors"))
                   for name in ("once", "each"))
     assert all(torch.equal(once[name], each[name]) for name in once)
+
+
+def test_calibration_texts_that_are_not_utf8_or_missing_say_so(tmp_path, monkeypatch):
+    monkeypatch.setattr("hm3.data.tables._hub_split",
+                        lambda *a: pytest.fail("looked up on the hub"))
+    latin = tmp_path / "traffic.txt"
+    latin.write_bytes("café crème\n".encode("latin-1"))
+    with pytest.raises(Hm3Error, match=r"traffic.txt is not UTF-8 text"):
+        load_calibration(parse({"texts": str(latin)}), TASKS)
+    with pytest.raises(Hm3Error, match=r"does not exist"):
+        load_calibration(parse({"texts": "./trafic/prompts"}), TASKS)

@@ -300,3 +300,94 @@ def test_bench_times_every_batch_size_and_warns_when_it_repeats_texts(tiny, tmp_
     assert lines[0].split()[0] == "batch"
     assert [ln.split()[0] for ln in lines if ln.split()[0].isdigit()] == ["2", "4", "8"]
     assert "bench" in captured.err  # the progress bar
+
+
+# --- bad input: one line on stderr, exit 2, nothing written ----------------------------------
+
+def one_error_line(capsys, *fragments: str) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("hm3: error: ") and err.count("\n") == 1, err
+    for fragment in fragments:
+        assert fragment in err, err
+    return err
+
+
+def test_files_that_are_not_utf8_are_one_error_line(tiny, tmp_path, capsys):
+    texts, data = tmp_path / "texts.txt", tmp_path / "topic.csv"
+    texts.write_bytes("café crème\n".encode("latin-1"))
+    data.write_bytes("text,label\ncafé,news\n".encode("latin-1"))
+    for argv in (["predict", str(tiny.merged), "--input", str(texts)],
+                 ["eval", str(tiny.merged), "--data", f"topic={data}"],
+                 ["check", str(tiny.merged), "--texts", str(texts)]):
+        assert main(argv) == 2
+        one_error_line(capsys, "is not UTF-8 text", "convert it to UTF-8")
+
+
+def test_predict_of_an_empty_input_file_says_the_file_has_no_texts(tiny, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    assert main(["predict", str(tiny.merged), "--input", str(empty)]) == 2
+    assert "give texts as arguments" not in one_error_line(capsys, "empty.txt has no texts")
+
+
+@pytest.mark.parametrize("device, message", [
+    ("tpu", "device 'tpu' is not a device torch knows"),
+    pytest.param("cuda", "this machine has no CUDA GPU", marks=pytest.mark.skipif(
+        torch.cuda.is_available(), reason="the machine has a GPU")),
+])
+def test_a_device_the_machine_lacks_is_refused_before_loading(tiny, capsys, monkeypatch, device,
+                                                              message):
+    monkeypatch.setattr("transformers.AutoModelForSequenceClassification.from_pretrained",
+                        lambda *a, **k: pytest.fail("loaded the model"))
+    assert main(["predict", str(tiny.merged), "good", "--device", device]) == 2
+    one_error_line(capsys, message)
+
+
+def test_a_typo_in_a_data_path_says_it_does_not_exist(tiny, capsys):
+    assert main(["eval", str(tiny.merged), "--data", "topic=./dta/topic"]) == 2
+    assert "Hugging Face" not in one_error_line(capsys, "does not exist")
+    assert main(["predict", "./exprts/topic", "good"]) == 2
+    one_error_line(capsys, "./exprts/topic does not exist")
+
+
+def test_eval_names_the_flags_of_a_bad_column_and_a_bad_expected_label(tiny, capsys):
+    data = f"sentiment={tiny.data['sentiment']}"
+    assert main(["eval", str(tiny.merged), "--data", data, "--text-column", "body"]) == 2
+    one_error_line(capsys, "no column 'body'", "--text-column")
+    assert main(["eval", str(tiny.merged), "--data", data, "--expect", "sentiment:topic=x"]) == 2
+    assert one_error_line(capsys).strip() == (
+        "hm3: error: --expect sentiment:topic=x: unknown label 'x' for task topic (labels: "
+        "news, sport, film)")
+
+
+def test_outputs_into_folders_that_do_not_exist_are_written_and_named(tiny, tmp_path, capsys):
+    out = tmp_path / "new" / "deeper" / "predictions.csv"
+    assert main(["predict", str(tiny.merged), "good", "bad", "--output", str(out)]) == 0
+    assert len(out.read_text().splitlines()) == 3
+    assert capsys.readouterr().err == f"hm3: wrote 2 predictions to {out}\n"
+    report = tmp_path / "reports" / "eval.json"
+    assert main(["eval", str(tiny.merged), "--data", f"topic={tiny.data['topic']}",
+                 "--json", str(report)]) == 0
+    assert json.loads(report.read_text())["tasks"]["topic"]["n"] == 24
+    assert capsys.readouterr().err == f"hm3: wrote the report to {report}\n"
+
+
+def test_an_output_that_cannot_be_written_is_one_error_line(tiny, tmp_path, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    assert main(["predict", str(tiny.merged), "good", "--output",
+                 str(tmp_path / "file" / "p.jsonl")]) == 2
+    one_error_line(capsys, "cannot write 1 prediction to")
+
+
+def test_predict_reads_stdin_and_writes_stdout_for_a_dash(tiny, capsys, monkeypatch):
+    import io
+
+    texts = ["good film today", "free money win"]
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(texts) + "\n"))
+    assert main(["predict", str(tiny.merged), "--input", "-", "--output", "-"]) == 0
+    captured = capsys.readouterr()
+    check_predictions(read_jsonl(captured.out), texts, tiny.merged)
+    assert captured.err == ""
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    assert main(["predict", str(tiny.merged), "--input", "-"]) == 2
+    one_error_line(capsys, "standard input (--input -) has no texts")

@@ -55,3 +55,73 @@ def test_a_short_csv_row_is_an_empty_text_error(tmp_path):
     path.write_text("id,text\n1,good film\n2\n")
     with pytest.raises(Hm3Error, match=r"row 2: 'text' is empty \(null\)"):
         read_texts(path)
+
+
+# --- files that are not what a reader expects: one line saying what to do ----------------------
+
+LATIN1 = "café crème\nhello\n".encode("latin-1")
+
+
+@pytest.mark.parametrize("name, data", [
+    ("texts.txt", LATIN1),
+    ("texts.csv", b"text,label\n" + "café,ham\n".encode("latin-1")),
+    ("texts.jsonl", '{"text": "café", "label": "ham"}\n'.encode("latin-1")),
+    ("texts.json", '[{"text": "café", "label": "ham"}]'.encode("latin-1")),
+])
+def test_a_file_that_is_not_utf8_says_so_and_how_to_convert_it(tmp_path, name, data):
+    path = tmp_path / name
+    path.write_bytes(data)
+    message = r"texts\.\w+ is not UTF-8 text \(byte 0xe9 at offset \d+\); convert it to UTF-8"
+    with pytest.raises(Hm3Error, match=message):
+        read_texts(path)
+    if name != "texts.txt":
+        with pytest.raises(Hm3Error, match=message):
+            load_dataset(path, "spam")
+
+
+@pytest.mark.parametrize("content", ["", "\n  \n\n"])
+def test_a_file_without_texts_says_it_has_none(tmp_path, content):
+    path = tmp_path / "texts.txt"
+    path.write_text(content)
+    with pytest.raises(Hm3Error, match=r"texts.txt has no texts"):
+        read_texts(path)
+    (tmp_path / "texts.jsonl").write_text(content)
+    with pytest.raises(Hm3Error, match=r"texts.jsonl has no texts"):
+        read_texts(tmp_path / "texts.jsonl")
+
+
+def test_texts_from_standard_input(monkeypatch):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("good film\n\nawful day\n"))
+    assert read_texts("-") == ["good film", "awful day"]
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    with pytest.raises(Hm3Error, match=r"^standard input \(--input -\) has no texts"):
+        read_texts("-")
+
+
+@pytest.mark.parametrize("spec", ["./dta/spam.csv", "./dta/spam", "../dta/spam", "data/dev/spam",
+                                  "~/no-such-folder-hm3/spam"])
+def test_a_path_that_does_not_exist_is_not_looked_up_on_the_hub(spec, monkeypatch):
+    monkeypatch.setattr("hm3.data.tables._hub_split",
+                        lambda *a: pytest.fail(f"{spec} was looked up on the hub"))
+    with pytest.raises(Hm3Error, match=r"^data file .*spam(\.csv)? does not exist; check the path"):
+        load_dataset(spec, "spam")
+
+
+def test_a_local_file_without_a_table_extension_is_not_a_hub_dataset(tmp_path, monkeypatch):
+    monkeypatch.setattr("hm3.data.tables._hub_split",
+                        lambda *a: pytest.fail("looked up on the hub"))
+    path = tmp_path / "spam-data"
+    path.write_text('{"text": "a", "label": "ham"}\n')
+    with pytest.raises(Hm3Error, match=r"spam-data: unknown file type \(none\); use one of "
+                       r"\.csv, \.tsv, \.jsonl, \.json, \.parquet"):
+        load_dataset(path, "spam")
+
+
+def test_a_missing_column_names_the_option_that_picks_it(tmp_path):
+    path = tmp_path / "spam.jsonl"
+    path.write_text('{"body": "a", "label": "ham"}\n')
+    with pytest.raises(Hm3Error, match=r"no column 'text' \(columns: body, label\); name the right "
+                       r"one with --text-column \(text_column: in a recipe\)"):
+        load_dataset(path, "spam")

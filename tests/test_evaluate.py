@@ -143,7 +143,8 @@ def test_evaluate_checks_tasks_and_labels_before_any_forward_pass():
         evaluate(model, [Dataset("sentiment", ["t1"], ["good"])])
     with pytest.raises(Hm3Error, match="two datasets for task 'spam'"):
         evaluate(model, [Dataset("spam", ["t1"], ["ham"]), Dataset("spam", ["t2"], ["ham"])])
-    with pytest.raises(Hm3Error, match=r"x.csv expect.topic row 1: label 'weather'"):
+    with pytest.raises(Hm3Error, match=r"^x.csv: expect topic=weather: unknown label 'weather' "
+                       r"for task topic \(labels: "):
         evaluate(model, [Dataset("spam", ["t1"], ["ham"], "x.csv", expect={"topic": "weather"})])
     with pytest.raises(Hm3Error, match="row 2: label 'eggs'"):
         evaluate(model, [Dataset("topic", ["t1"], ["news"]),
@@ -195,7 +196,8 @@ def test_load_dataset_reads_every_file_type(tmp_path, suffix):
 def test_bad_files_and_columns_say_what_to_do(tmp_path, monkeypatch):
     path = write(tmp_path / "sms.csv")
     with pytest.raises(Hm3Error, match=r"has no column 'text' \(columns: message, kind, id\); "
-                                       "name the right one with text_column"):
+                                       r"name the right one with --text-column \(text_column: in a "
+                                       r"recipe\)"):
         load_dataset(path, "spam")
     with pytest.raises(Hm3Error, match="has no column 'label'.*label_column"):
         load_dataset(path, "spam", text_column="message")

@@ -132,3 +132,15 @@ def test_each_probability_output_holds_its_own_tasks_when_tasks_are_not_in_name_
                                rtol=0, atol=1e-6)
     np.testing.assert_allclose(outputs["probabilities.sentiment"], softmax(logits[:, 3:5]),
                                rtol=0, atol=1e-6)
+
+
+def test_export_into_a_new_folder_prints_no_tracer_warnings(merged, tmp_path, capsys, recwarn):
+    """The tracer's "might not generalise" warnings are not the user's business: the export is
+    checked against PyTorch on texts of other lengths instead (and warns if that differs)."""
+    out = tmp_path / "not" / "yet" / "onnx"
+    assert main(["export", str(merged), "-o", str(out)]) == 0
+    captured = capsys.readouterr()
+    shown = [f"{w.category.__name__}: {w.message}" for w in recwarn
+             if not issubclass(w.category, DeprecationWarning)]  # Python hides those
+    assert shown == []
+    assert (out / "model.onnx").is_file() and f"-> {out}" in captured.out

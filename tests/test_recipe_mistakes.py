@@ -158,6 +158,9 @@ def test_label_free_steps_show_progress_from_their_first_step(fam, tmp_path, cap
     ({"experts": [{"model": "a", "task": "spam"}]},
      r"^base: missing; give the model the experts were fine-tuned from, e\.g\. "
      r"`base: bert-base-uncased`$"),
+    ({"model": "b", "experts": [{"model": "a", "task": "spam"}]},
+     r"^base: missing; the model the experts were fine-tuned from is `base:`, not `model:` "
+     r"\(`model:` names each expert\), e\.g\. `base: bert-base-uncased`$"),
     ({"base": {"revision": "main"}, "experts": [{"model": "a", "task": "spam"}]},
      r"^base: expected a local path or hub id, e\.g\. `base: bert-base-uncased` or "
      r"`base: \{model: bert-base-uncased, revision: main\}`, got \{'revision': 'main'\}$"),

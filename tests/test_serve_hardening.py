@@ -391,7 +391,10 @@ def test_every_error_is_json_and_every_request_is_counted(guarded):
     before = metrics(guarded)
     cases = [(httpx.get(guarded.url + "/nope", headers=AUTH), 404),
              (httpx.get(guarded.url + "/v1/classify", headers=AUTH), 405),
-             (post(guarded, content=b'{"texts": [', headers={**AUTH, "Content-Type": "x"}), 422),
+             (post(guarded, content=b'{"texts": [',
+                   headers={**AUTH, "Content-Type": "application/json"}), 422),
+             (post(guarded, content=b'{"texts": ["good"]}', headers={**AUTH, "Content-Type": "x"}),
+              415),
              (post(guarded, json={"texts": ["good"] * 9}), 413),
              (httpx.get(guarded.url + "/v1/tasks"), 401)]
     for response, status in cases:
@@ -401,7 +404,7 @@ def test_every_error_is_json_and_every_request_is_counted(guarded):
     status, body = status_and_json(raw(guarded.port, b"GARBAGE\r\n\r\n"))
     assert status == 400 and "malformed HTTP" in body["error"]
     after = metrics(guarded)
-    for status in ("401", "404", "405", "413", "422", "400"):
+    for status in ("401", "404", "405", "413", "415", "422", "400"):
         assert counted(after, "hm3_requests_total", status=status) > \
             counted(before, "hm3_requests_total", status=status), status
     # the latency histogram has every request the counter has (both exclude this scrape)

@@ -60,3 +60,27 @@ def test_a_request_of_exactly_max_texts_is_served_one_more_is_refused():
         answer = client.post("/v1/classify", json={"texts": ["a", "b", "c", "d"]})
         assert answer.status_code == 413
         assert "4 in one request, the limit is 3" in answer.json()["error"]
+
+
+@pytest.mark.parametrize("headers", [{}, {"Content-Type": "text/plain"},
+                                     {"Content-Type": "application/x-www-form-urlencoded"}])
+def test_a_body_not_sent_as_json_is_refused_saying_which_header_to_send(headers):
+    app = create_app(FakeClassifier(), ServeOptions(length_split=False))
+    with TestClient(app) as client:
+        answer = client.post("/v1/classify", content=b'{"texts": ["a"]}', headers=headers)
+        assert answer.status_code == 415
+        assert "Content-Type: application/json" in answer.json()["error"]
+        for content_type in ("application/json", "application/json; charset=utf-8"):
+            answer = client.post("/v1/classify", content=b'{"texts": ["a"]}',
+                                 headers={"Content-Type": content_type})
+            assert answer.status_code == 200, answer.text
+
+
+def test_a_policy_file_that_is_not_utf8_says_so(tmp_path):
+    from hm3 import Hm3Error
+    from hm3.serve.policy import load_policy
+
+    path = tmp_path / "policy.yaml"
+    path.write_bytes("spam:  # spam très sûr\n  flag: [spam]\n".encode("latin-1"))
+    with pytest.raises(Hm3Error, match=r"policy.yaml is not UTF-8 text \(byte 0xe8"):
+        load_policy(path, FakeClassifier.groups)

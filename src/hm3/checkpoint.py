@@ -17,6 +17,7 @@ from typing import Iterator, Sequence
 import torch
 from safetensors import SafetensorError, safe_open
 
+from hm3.data.tables import looks_like_path
 from hm3.errors import Hm3Error, Hm3Warning
 
 SAFE_INDEX = "model.safetensors.index.json"
@@ -189,7 +190,7 @@ def resolve(reference: str, revision: str | None = None, allow_pickle: bool = Fa
         return local.resolve()
     if local.exists():
         raise Hm3Error(f"{reference} is a file; pass the model's directory")
-    if reference.startswith((".", "/", "~")) or reference.count("/") > 1:
+    if looks_like_path(reference):
         raise Hm3Error(f"model directory {reference} does not exist")
     from huggingface_hub import snapshot_download  # lazy: only hub ids need the hub client
 
@@ -308,7 +309,9 @@ def _running(pid: int) -> bool:
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Write text to a temporary sibling, then rename it over `path`. The temporary name carries
-    the process id, so workers writing the same file never share one."""
+    the process id, so workers writing the same file never share one. Missing parent folders
+    are created, as for a model folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)

@@ -163,7 +163,18 @@ def _check(datasets: Sequence[Dataset], groups: dict[str, TaskGroup]) -> None:
         label_indices(groups[data.task], data.labels, data.source)
         for other, expected in data.expect.items():
             if other in groups:
-                label_indices(groups[other], [expected], f"{data.source} expect.{other}")
+                check_expected_label(groups[other], expected,
+                                     f"{data.source or data.task}: expect {other}={expected}")
+
+
+def check_expected_label(group: TaskGroup, expected: Any, where: str) -> None:
+    """A cross-check's label is one of `group`'s (a name, an id, or for a multi-label task a
+    list of them); `where` names the cross-check in the error."""
+    try:
+        label_indices(group, [expected])
+    except Hm3Error:
+        raise Hm3Error(f"{where}: unknown label {expected!r} for task {group.name} (labels: "
+                       f"{', '.join(group.labels)})") from None
 
 
 def _names(group: TaskGroup, expected: Any) -> str | list[str]:

@@ -184,6 +184,29 @@ def _short(value: Any, limit: int = 40) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+def check_device(device: str) -> str:
+    """`device` as torch names it, checked before anything loads: a name torch knows, on a
+    machine that has it."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise Hm3Error(f"device {device!r} is not a device torch knows; use cpu, cuda or "
+                       "cuda:N") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise Hm3Error(f"device {device}: this machine has no CUDA GPU that torch can use "
+                           f"(torch {torch.__version__}); leave --device out or use cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise Hm3Error(f"device {device}: this machine has {torch.cuda.device_count()} CUDA "
+                           f"GPU(s), numbered from 0")
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise Hm3Error(f"device {device}: MPS is not available here; leave --device out or use "
+                       "cpu")
+    elif parsed.type not in ("cpu", "cuda", "mps"):
+        raise Hm3Error(f"device {device!r}: hm3 runs on cpu, cuda or mps")
+    return str(parsed)
+
+
 def load(path: str | Path, task: str | None = None, device: str | None = None,
          revision: str | None = None, max_length: int | None = None,
          allow_pickle: bool = False) -> MultiTaskClassifier:
@@ -205,6 +228,7 @@ def load(path: str | Path, task: str | None = None, device: str | None = None,
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging
 
+    device = check_device(device) if device else None
     folder = resolve(str(path), revision, allow_pickle)
     exported = open_export(folder)  # an `hm3 export` folder; openvino_model.bin is no pickle
     if (exported is None and not allow_pickle and not any(folder.glob("*.safetensors"))

@@ -44,6 +44,7 @@ from hm3.guided.lewis import LewisScores
 from hm3.heads import TaskGroup
 from hm3.label_free import get_step
 from hm3.methods import get_method
+from hm3.model import check_device
 from hm3.recipe import Recipe
 
 
@@ -135,16 +136,7 @@ class Calibrated:
 
 def step_device(device: str | None) -> str:
     """Where the label-free steps run: `device` (checked), else the CPU."""
-    if device is None:
-        return "cpu"
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise Hm3Error(f"device: {device!r} is not a device; use cpu, cuda or cuda:N") from None
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise Hm3Error(f"device: {device} asked for, but this machine has no CUDA GPU that torch "
-                       "can use; leave --device out to run on the CPU")
-    return str(parsed)
+    return "cpu" if device is None else check_device(device)
 
 
 def calibrate(sources: Sources, held_out: dict[str, list[str]] | None = None,

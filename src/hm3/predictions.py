@@ -52,13 +52,16 @@ def prediction_table(groups: Sequence[TaskGroup], texts: Sequence[str], results:
     return buffer.getvalue()
 
 
+def format_predictions(path: str | Path, groups: Sequence[TaskGroup], texts: Sequence[str],
+                       results: Sequence[dict]) -> str:
+    """The predictions in the format the suffix of `path` names (`FORMATS`)."""
+    suffix = check_format(path).suffix.lower()
+    if suffix in (".csv", ".tsv"):
+        return prediction_table(groups, texts, results, "\t" if suffix == ".tsv" else ",")
+    return prediction_lines(texts, results)
+
+
 def write_predictions(path: str | Path, groups: Sequence[TaskGroup], texts: Sequence[str],
                       results: Sequence[dict]) -> None:
     """Write the predictions to `path` in the format its suffix names (`FORMATS`)."""
-    path = check_format(path)
-    suffix = path.suffix.lower()
-    if suffix in (".csv", ".tsv"):
-        text = prediction_table(groups, texts, results, "\t" if suffix == ".tsv" else ",")
-    else:
-        text = prediction_lines(texts, results)
-    write_text_atomic(path, text)
+    write_text_atomic(Path(path), format_predictions(path, groups, texts, results))

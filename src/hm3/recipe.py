@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from hm3.data.blocks import CalibrationSpec, parse_calibration_block, parse_data_block, positive_int
+from hm3.data.tables import read_utf8
 from hm3.errors import Hm3Error, Hm3Warning
 from hm3.label_free import get_step, step_names
 from hm3.mergekit_yaml import from_mergekit, is_mergekit
@@ -258,7 +259,7 @@ def _read_yaml(path: Path) -> Any:
     if not path.is_file():
         raise Hm3Error(f"recipe {path} does not exist; pass the path of a YAML recipe file")
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.safe_load(read_utf8(path))
     except yaml.YAMLError as exc:
         raise Hm3Error(f"recipe {path} is not valid YAML: {_yaml_problem(exc)}") from None
 
@@ -284,6 +285,10 @@ def parse_recipe(raw: Any, root: Path | None = None) -> Recipe:
                        "`experts: [{model: MODEL, task: NAME}, ...]`")
     if not isinstance(raw, dict):
         raise Hm3Error("recipe must be a mapping with at least `base` and `experts`")
+    if "model" in raw and "base" not in raw:
+        raise Hm3Error("base: missing; the model the experts were fine-tuned from is `base:`, "
+                       "not `model:` (`model:` names each expert), e.g. "
+                       "`base: bert-base-uncased`")
     _reject_unknown(raw, _TOP_LEVEL, "recipe")
     raw = expand_preset(raw)
     if raw.get("base") is None:

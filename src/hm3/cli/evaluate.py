@@ -37,9 +37,9 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from hm3.data import load_data_block
-    from hm3.data.items import check_expected_heads, data_block
+    from hm3.data.items import check_expected_heads, data_block, parse_expectation
     from hm3.errors import Hm3Error
-    from hm3.evaluate import evaluate, format_report, own_datasets
+    from hm3.evaluate import check_expected_label, evaluate, format_report, own_datasets
     from hm3.model import load
     from hm3.recipe import load_data_recipe
 
@@ -51,6 +51,9 @@ def run(args: argparse.Namespace) -> int:
     options = ModelOptions.from_args(args)
     model = load(args.model, task=args.task, **options.load_options())
     check_expected_heads(args.expect, model.tasks)
+    for item in args.expect:
+        other, label = parse_expectation(item)[1:]
+        check_expected_label(model.group(other), label, f"--expect {item}")
     datasets = load_data_block(data, root=Path(args.recipe).parent if args.recipe else None)
     report = evaluate(model, own_datasets(model.groups, datasets, args.model),
                       batch_size=options.batch_size)

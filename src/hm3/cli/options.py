@@ -7,11 +7,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 DEVICE_HELP = "cpu, cuda, ... (default: CUDA when available)"
 MAX_LENGTH_HELP = "truncate texts to this many tokens (default: the tokenizer's maximum)"
 ALLOW_PICKLE_HELP = "allow pickle .bin checkpoints (they can run arbitrary code)"
+STDIO = "-"  # as --input: standard input; as predict's --output: standard output
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,9 +83,20 @@ def add_json_report(parser: argparse.ArgumentParser, what: str = "report") -> No
 def write_json_report(path: str | None, report: dict) -> None:
     """Write `report` where `--json` asked (nothing without it)."""
     if path:
-        from hm3.checkpoint import write_text_atomic
+        write_output(path, json.dumps(report, indent=2) + "\n", "the report")
 
-        write_text_atomic(Path(path), json.dumps(report, indent=2) + "\n")
+
+def write_output(path: str, text: str, what: str) -> None:
+    """Write a command's output file (its missing folders created, as `merge -o` does) and say
+    on stderr what went where: stdout stays the command's own output."""
+    from hm3.checkpoint import write_text_atomic
+    from hm3.errors import Hm3Error
+
+    try:
+        write_text_atomic(Path(path), text)
+    except OSError as exc:
+        raise Hm3Error(f"cannot write {what} to {path}: {exc.strerror or exc}") from None
+    print(f"hm3: wrote {what} to {path}", file=sys.stderr)
 
 
 def add_overwrite(parser: argparse.ArgumentParser) -> None:

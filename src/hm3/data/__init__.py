@@ -8,8 +8,18 @@ from hm3.data.blocks import (
                              parse_data_block,
 )
 from hm3.data.calibration import Calibration, load_calibration, source_texts
-from hm3.data.tables import FILE_TYPES, Dataset, hub_texts, load_dataset, read_table, read_texts
+from hm3.data.tables import (
+    FILE_TYPES,
+    Dataset,
+    hub_texts,
+    load_dataset,
+    looks_like_path,
+    read_table,
+    read_texts,
+    read_utf8,
+)
 
 __all__ = ["FILE_TYPES", "Calibration", "CalibrationSpec", "Dataset", "hub_texts",
            "load_calibration", "load_data_block", "load_dataset", "parse_calibration_block",
-           "parse_data_block", "read_table", "read_texts", "source_texts"]
+           "looks_like_path", "parse_data_block", "read_table", "read_texts", "read_utf8",
+           "source_texts"]

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Sequence
 
 from hm3.data.blocks import CalibrationSpec
-from hm3.data.tables import FILE_TYPES, hub_texts, read_texts
+from hm3.data.tables import FILE_TYPES, hub_texts, looks_like_path, read_texts
 from hm3.errors import Hm3Error, Hm3Warning
 
 
@@ -26,7 +26,8 @@ def source_texts(source: dict) -> list[str]:
     """The texts of one calibration source: a local file, or a split of a Hugging Face dataset
     (`subset`, `split`, default "train"); labels are ignored either way."""
     path = Path(source["path"]).expanduser()
-    if path.suffix.lower() in (".txt", *FILE_TYPES) or path.exists():
+    if (path.suffix.lower() in (".txt", *FILE_TYPES) or path.exists()
+            or looks_like_path(source["path"])):
         if source.get("subset") or source.get("split"):
             raise Hm3Error(f"calibration {source['path']}: subset and split apply to Hugging Face "
                            "datasets only")

@@ -27,7 +27,7 @@ def data_block(data: Sequence[str] = (), expect: Sequence[str] = (), text_column
             raise Hm3Error(f"--data expects TASK=FILE, got {item!r}")
         out[task] = {"path": spec, "text_column": text_column, "label_column": label_column}
     for item in expect:
-        task, other, label = _expectation(item)
+        task, other, label = parse_expectation(item)
         if task not in out:
             raise Hm3Error(f"--expect {item}: no --data for task {task!r}")
         entry = _entry(out[task])
@@ -41,7 +41,7 @@ def check_expected_heads(expect: Sequence[str], tasks: Sequence[str]) -> None:
     """Every head `expect` names is one of the model's `tasks`: named on the command line, a typo
     must not pass as "no such head"."""
     for item in expect:
-        other = _expectation(item)[1]
+        other = parse_expectation(item)[1]
         if other not in tasks:
             raise Hm3Error(f"--expect {item}: the model has no task {other!r}; its tasks are "
                            f"{', '.join(tasks)}")
@@ -52,7 +52,8 @@ def _entry(entry: Any) -> dict[str, Any]:
     return {"path": entry} if isinstance(entry, str) else dict(entry)
 
 
-def _expectation(item: str) -> tuple[str, str, str]:
+def parse_expectation(item: str) -> tuple[str, str, str]:
+    """`TASK:OTHER=LABEL` as (TASK, OTHER, LABEL)."""
     head, sep, label = item.partition("=")
     task, colon, other = head.partition(":")
     if not (sep and colon and task and other and label):

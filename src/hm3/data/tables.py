@@ -4,8 +4,11 @@ plain text) and Hugging Face hub datasets."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
+import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +17,34 @@ from hm3.errors import Hm3Error
 
 FILE_TYPES = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
 INSTALL_DATA = "pip install 'hm3[data]'"
+STDIN = "-"  # read_texts' name for standard input
+# how the column options are named, on the command line and in a recipe
+COLUMN_OPTIONS = {"text_column": "--text-column (text_column: in a recipe)",
+                  "label_column": "--label-column (label_column: in a recipe)"}
+
+
+def looks_like_path(reference: str) -> bool:
+    """Whether `reference` is meant as a local path rather than a hub id: it starts with ./ ../ /
+    or ~, or has a separator a hub id (`org/name`) cannot have. Such a reference that does not
+    exist is a typo to report, not a name to look up on the hub."""
+    return (reference.startswith((".", "/", "~")) or reference.count("/") > 1
+            or (os.sep != "/" and os.sep in reference))
+
+
+def read_utf8(path: str | Path) -> str:
+    """The text of a UTF-8 file (a byte-order mark dropped); any other encoding is an error
+    saying how to convert it."""
+    path = Path(path)
+    return _decode(path.read_bytes(), str(path))
+
+
+def _decode(data: bytes, name: str) -> str:
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise Hm3Error(f"{name} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset "
+                       f"{exc.start}); convert it to UTF-8 first, e.g. `iconv -f latin1 -t utf-8`"
+                       ) from None
 
 
 @dataclass
@@ -60,7 +91,7 @@ def load_dataset(spec: str | Path, task: str, text_column: str = "text",
     """
     check_limit(limit, "limit")
     path = Path(spec).expanduser()
-    if path.suffix.lower() in FILE_TYPES or path.exists():
+    if path.suffix.lower() in FILE_TYPES or path.exists() or looks_like_path(str(spec)):
         if split is not None or subset is not None:
             raise Hm3Error(f"{spec}: split and subset apply to Hugging Face datasets only; "
                            "split a local file into one file per split")
@@ -74,17 +105,37 @@ def load_dataset(spec: str | Path, task: str, text_column: str = "text",
 
 def read_texts(path: str | Path, column: str = "text") -> list[str]:
     """The texts of a file, labels (if any) ignored: a .txt file holds one per line; a .jsonl
-    file one JSON string or object (with `column`) per line; any other table its `column`."""
+    file one JSON string or object (with `column`) per line; any other table its `column`.
+    `-` reads one text per line from standard input. No texts at all is an error."""
+    if str(path) == STDIN:
+        stream = getattr(sys.stdin, "buffer", None)
+        text = _decode(stream.read(), "standard input") if stream else sys.stdin.read()
+        return _some_texts(_lines(text), "standard input (--input -)")
     path = Path(path)
     if not path.is_file():
         raise Hm3Error(f"text file {path} does not exist; give a .txt file (one text per line) "
                        f"or a table ({', '.join(FILE_TYPES)})")
+    return _some_texts(_file_texts(path, column), str(path))
+
+
+def _lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def _some_texts(texts: list[str], name: str) -> list[str]:
+    if not texts:
+        raise Hm3Error(f"{name} has no texts (it is empty or holds only blank lines); give a "
+                       "file with at least one text")
+    return texts
+
+
+def _file_texts(path: Path, column: str) -> list[str]:
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return _lines(read_utf8(path))
     if suffix == ".jsonl":
         texts = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for number, line in enumerate(read_utf8(path).splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -98,12 +149,12 @@ def read_texts(path: str | Path, column: str = "text") -> list[str]:
                 texts.append(item)
             else:
                 raise Hm3Error(f"{path}:{number} has no text field {column!r}; name the column "
-                               "that holds the text (--text-column / text_column)")
+                               f"that holds the text with {COLUMN_OPTIONS['text_column']}")
         return texts
     rows = read_table(path)
     if rows and column not in rows[0]:
         raise Hm3Error(f"{path} has no column {column!r} (columns: {', '.join(map(str, rows[0]))});"
-                       " name the column that holds the text (--text-column / text_column)")
+                       f" name the column that holds the text with {COLUMN_OPTIONS['text_column']}")
     texts = []
     for number, row in enumerate(rows, 1):
         if column not in row:  # JSON rows need not share their keys
@@ -125,21 +176,21 @@ def read_table(path: str | Path) -> list[dict]:
     suffix = path.suffix.lower()
     if not path.is_file():
         raise Hm3Error(f"{path} is a folder; give a data file ({', '.join(FILE_TYPES)})"
-                       if path.is_dir() else f"data file {path} does not exist")
+                       if path.is_dir() else f"data file {path} does not exist; check the path")
     if suffix not in FILE_TYPES:
         raise Hm3Error(f"{path}: unknown file type {suffix or '(none)'}; use one of "
                        f"{', '.join(FILE_TYPES)}")
     if suffix in (".csv", ".tsv"):
         # utf-8-sig: spreadsheet exports often start with a byte-order mark.
-        with path.open(newline="", encoding="utf-8-sig") as handle:
-            return list(csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ","))
+        handle = io.StringIO(read_utf8(path), newline="")
+        return list(csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ","))
     if suffix == ".parquet":
         try:
             import pandas  # lazy: an optional extra, needed only for Parquet
             return pandas.read_parquet(path).to_dict("records")
         except ImportError:
             raise Hm3Error(f"reading {path} needs pandas and pyarrow: {INSTALL_DATA}") from None
-    text = path.read_text(encoding="utf-8")
+    text = read_utf8(path)
     if suffix == ".json":
         try:
             rows = json.loads(text)
@@ -175,7 +226,8 @@ def _columns(rows: list[dict], text_column: str, label_column: str,
     for column, option in ((text_column, "text_column"), (label_column, "label_column")):
         if column not in rows[0]:
             raise Hm3Error(f"{source} has no column {column!r} (columns: "
-                           f"{', '.join(map(str, rows[0]))}); name the right one with {option}")
+                           f"{', '.join(map(str, rows[0]))}); name the right one with "
+                           f"{COLUMN_OPTIONS[option]}")
     texts, labels = [], []
     for number, row in enumerate(rows, 1):
         text, label = row.get(text_column), row.get(label_column)
@@ -218,7 +270,8 @@ def _hub_columns(name: str, subset: str | None, split: str, text_column: str, la
     for column, option in ((text_column, "text_column"), (label_column, "label_column")):
         if column not in data.column_names:
             raise Hm3Error(f"{name} has no column {column!r} (columns: "
-                           f"{', '.join(data.column_names)}); name the right one with {option}")
+                           f"{', '.join(data.column_names)}); name the right one with "
+                           f"{COLUMN_OPTIONS[option]}")
     labels = _class_names(data.features[label_column], data[label_column])
     rows = [{text_column: text, label_column: label}
             for text, label in zip(data[text_column], labels)]

@@ -23,7 +23,7 @@ from hm3.data.tables import Dataset
 from hm3.engine import Sources, build_model, open_sources, with_recipe
 from hm3.errors import Hm3Error
 from hm3.label_free import get_step
-from hm3.model import MultiTaskClassifier
+from hm3.model import MultiTaskClassifier, check_device
 from hm3.pipeline import calibrate, check_steps
 from hm3.plots import plot_search
 from hm3.recipe import Recipe, parse_recipe
@@ -59,13 +59,14 @@ def run_search(recipe: Recipe, validation: Sequence[Dataset], test: Sequence[Dat
     test : datasets per task, scored only by a trial that sets a new best validation score.
     output : folder of the study database (by default), tables, plot and best model.
     """
+    device = (check_device(config.device) if config.device
+              else "cuda" if torch.cuda.is_available() else "cpu")
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     tasks = [e.task for e in recipe.experts]
     _check_tasks(tasks, validation, "validation")
     if test:
         _check_tasks(tasks, test, "test")
-    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     if recipe.guided.regmean:
         raise Hm3Error("regmean sets every linear layer in closed form, so the densities and "

@@ -177,7 +177,14 @@ def create_app(classifier, options: ServeOptions = ServeOptions(), name: str = "
                      "and report it if it persists")
 
     async def read(request: Request, schema: type[BaseModel]) -> BaseModel:
-        """The body parsed and checked against `schema` (422 naming the field otherwise)."""
+        """The body parsed and checked against `schema` (415 if not sent as JSON, 422 naming the
+        field otherwise)."""
+        example = '{"texts": ["..."]}' if schema is ClassifyRequest else '{"input": "..."}'
+        if not _is_json(request.headers.get("content-type", "")):
+            # curl -d sends a JSON body as a form unless told otherwise
+            raise Refused(415, f"the body must be JSON sent with the header `Content-Type: "
+                          f"application/json` (got {request.headers.get('content-type') or 'none'})"
+                          f"; send {example}")
         body = await request.body()
         try:
             if len(body) > PARSE_OFF_LOOP_BYTES:
@@ -185,7 +192,6 @@ def create_app(classifier, options: ServeOptions = ServeOptions(), name: str = "
             else:
                 data = json.loads(body)
         except (ValueError, RecursionError) as exc:
-            example = '{"texts": ["..."]}' if schema is ClassifyRequest else '{"input": "..."}'
             raise Refused(422, f"the body is not valid JSON ({exc}); send {example}") from None
         try:
             return schema.model_validate(data)
@@ -322,6 +328,13 @@ def create_app(classifier, options: ServeOptions = ServeOptions(), name: str = "
         return {"id": f"modr-{uuid.uuid4().hex}", "model": name, "results": results}
 
     return app
+
+
+def _is_json(content_type: str) -> bool:
+    """application/json, or a JSON type such as application/merge-patch+json (any charset)."""
+    media = content_type.split(";")[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/")
+                                           and media.endswith("+json"))
 
 
 def _problems(errors: list[dict]) -> tuple[str, list[dict]]:

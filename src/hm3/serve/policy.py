@@ -16,6 +16,7 @@ from typing import Sequence
 
 import yaml
 
+from hm3.data.tables import read_utf8
 from hm3.errors import Hm3Error
 from hm3.heads import TaskGroup
 
@@ -38,7 +39,7 @@ def load_policy(path: str | Path, groups: Sequence[TaskGroup]) -> dict[str, Task
     """Read and check a policy file against the model's tasks and labels."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(read_utf8(path))
     except OSError as exc:
         raise Hm3Error(f"cannot read the policy file {path}: {exc.strerror}") from None
     except yaml.YAMLError as exc:
