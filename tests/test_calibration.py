@@ -14,7 +14,7 @@ from hm3.check import CALIBRATION_TEXTS
 from hm3.cli import main
 from hm3.data import CalibrationSpec, calibration as calibration_module
 from hm3.data.calibration import load_calibration, text_hash
-from hm3.guided import align, calibration as guided_calibration
+from hm3.label_free import align_heads, calibration as label_free_calibration
 
 from conftest import build_family, recipe_dict
 
@@ -24,7 +24,7 @@ TASKS = ["a", "b", "c"]
 def parse(block: dict, tasks=TASKS) -> CalibrationSpec:
     experts = [{"model": f"/m/{t}", "task": t} for t in tasks]
     return parse_recipe({"base": "/m/base", "experts": experts, "recentre": True,
-                         "calibration": block}).guided.calibration
+                         "calibration": block}).label_free.calibration
 
 
 def test_one_file_is_shared_by_every_task():
@@ -61,7 +61,7 @@ def test_the_block_survives_the_recipe_round_trip(block):
     recipe = parse_recipe({"base": "/m/base", "experts": experts, "recentre": True,
                            "calibration": block})
     again = parse_recipe(recipe.to_dict())
-    assert again.guided.calibration == recipe.guided.calibration
+    assert again.label_free.calibration == recipe.label_free.calibration
 
 
 BAD = {
@@ -163,15 +163,15 @@ def test_cli_merge_with_one_shared_sample_records_what_each_task_used(tiny, tmp_
     assert f"shared calibration sample (read by every task): {Path(traffic_file).resolve()}" \
         in printed
     assert "on the calibration texts (optimistic" in printed
-    guided = json.loads((tmp_path / "out" / "config.json").read_text())["hm3"]["guided"]
+    label_free = json.loads((tmp_path / "out" / "config.json").read_text())["hm3"]["label_free"]
     for task in experts:
-        entry = guided["calibration"][task]
+        entry = label_free["calibration"][task]
         assert entry["sources"] == [{"path": str(Path(traffic_file).resolve()), "shared": True,
                                      "texts": 8}]
-        assert guided["fidelity"]["tasks"][task]["n"] == 8
-        assert guided["fidelity"]["held_out"]["tasks"][task]["n"] == 8
-    assert guided["fidelity"]["optimistic"] is True
-    assert guided["fidelity"]["held_out"]["folds"] == 5
+        assert label_free["fidelity"]["tasks"][task]["n"] == 8
+        assert label_free["fidelity"]["held_out"]["tasks"][task]["n"] == 8
+    assert label_free["fidelity"]["optimistic"] is True
+    assert label_free["fidelity"]["held_out"]["folds"] == 5
     assert "the same with the head steps fitted without each text (5-fold): sentiment " in printed
     recorded = json.loads((tmp_path / "out" / CALIBRATION_TEXTS).read_text())["tasks"]
     assert recorded == {task: [text_hash(t) for t in traffic] for task in experts}
@@ -187,8 +187,8 @@ def test_merge_drops_held_out_texts_from_the_shared_sample(tiny, tmp_path):
     with pytest.warns(Hm3Warning, match="1 also appear"):
         report = merge(recipe, tmp_path / "out", progress=False,
                        held_out={"topic": ["Bad film"]})
-    assert report.guided["calibration"]["sentiment"]["texts"] == 7
-    assert report.guided["calibration"]["topic"]["held_out_removed"] == 1
+    assert report.label_free.to_dict()["calibration"]["sentiment"]["texts"] == 7
+    assert report.label_free.to_dict()["calibration"]["topic"]["held_out_removed"] == 1
 
 
 def test_a_shared_sample_runs_the_merged_model_once_for_every_task(tiny, tmp_path, monkeypatch):
@@ -209,7 +209,7 @@ def test_a_shared_sample_runs_the_merged_model_once_for_every_task(tiny, tmp_pat
             return real(model, batches, before)
         monkeypatch.setattr(module, "run_batches", run)
 
-    counted(align)
+    counted(align_heads)
     counted(pipeline)
     merge(recipe, tmp_path / "once", progress=False)
     # head inputs: 8 texts in 2 batches, once; the fidelity report reads those inputs
@@ -218,7 +218,7 @@ def test_a_shared_sample_runs_the_merged_model_once_for_every_task(tiny, tmp_pat
     def every_task(batches, run):
         return {task: run(task_batches) for task, task_batches in batches.items()}
 
-    for module in (align, pipeline, guided_calibration):
+    for module in (align_heads, pipeline, label_free_calibration):
         monkeypatch.setattr(module, "once_per_batches", every_task)
     passes.clear()
     merge(recipe, tmp_path / "each", progress=False)

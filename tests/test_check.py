@@ -16,8 +16,8 @@ from hm3 import Hm3Error, Hm3Warning
 from hm3.check import compare_task, parse_thresholds
 from hm3.cli import main
 from hm3.evaluate import Dataset, evaluate
-from hm3.guided import align
 from hm3.heads import TaskGroup
+from hm3.label_free import align_heads
 from hm3.model import load
 from hm3.search import SplitScorer
 
@@ -82,8 +82,8 @@ def test_align_agreement_uses_the_groups_threshold():
     group = TaskGroup("t", ("x",), 0, multi_label=True, threshold=0.8)
     logits = torch.tensor([[0.5], [2.0]])   # sigmoid .62 (off at .8), .88 (on)
     target = torch.tensor([[1.0], [1.0]])   # sigmoid .73: off at .8
-    assert align._agreement(logits, target, group) == 0.5
-    assert align._agreement(logits, target, TaskGroup("t", ("x",), 0, True, 0.5)) == 1.0
+    assert align_heads._agreement(logits, target, group) == 0.5
+    assert align_heads._agreement(logits, target, TaskGroup("t", ("x",), 0, True, 0.5)) == 1.0
 
 
 # --- a merged family with a multi-label expert ---------------------------------------------------
@@ -323,10 +323,11 @@ def test_multi_label_head_steps_match_the_experts_on_off_rates(fam):
     merged = plain_logits(root / "merged", texts)[:, 5:8]
     expert = plain_logits(experts["tags"], texts)
     np.testing.assert_allclose((merged > 0).mean(0), (expert > 0).mean(0), atol=1 / 40 + 1e-9)
-    guided = json.loads((root / "merged" / "config.json").read_text())["hm3"]["guided"]
-    assert guided["recentre"]["tags"]["after"] == pytest.approx((merged > 0).mean(0), abs=1e-4)
+    label_free = json.loads((root / "merged" / "config.json").read_text())["hm3"]["label_free"]
+    assert label_free["recentre"]["tasks"]["tags"]["after"] == pytest.approx(
+        (merged > 0).mean(0), abs=1e-4)
     want = float(((merged > 0) == (expert > 0)).mean(0).min())
-    assert guided["fidelity"]["tasks"]["tags"]["agreement"] == pytest.approx(want, abs=1e-9)
+    assert label_free["fidelity"]["tasks"]["tags"]["agreement"] == pytest.approx(want, abs=1e-9)
 
 
 # --- counting the texts an expert is sure of (mixed traffic) --------------------------------

@@ -28,7 +28,7 @@ def test_demo_merges_scores_and_times_the_four_experts(tmp_path):
     calibration = report["label_free"]["calibration"]
     assert set(calibration) == set(report["experts"])
     assert all(0 < entry["texts"] <= 256 for entry in calibration.values())
-    for task, entry in report["label_free"]["recentre"].items():
+    for task, entry in report["label_free"]["recentre"]["tasks"].items():
         assert entry["after"] == pytest.approx(entry["target"], abs=2 / 256), task
     assert any("merged model:" in line for line in lines)
 

@@ -21,11 +21,10 @@ from hm3.label_free.stream import (
     first_block_calls,
     model_logits,
 )
-from hm3.pipeline import format_guided
 from hm3.search import SearchConfig, run_search
 
 from conftest import TINY, build_family, random_texts, recipe_dict, spread_head
-from test_guided import tensors  # the label-free tests' reader of a saved model's tensors
+from test_label_free import tensors  # the label-free tests' reader of a saved model's tensors
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread
 
@@ -141,7 +140,7 @@ def test_distilling_one_expert_into_itself_changes_nothing(tmp_path):
     plain = merge(parse_recipe(recipe_dict(fam.base, fam.experts, "linear")), tmp_path / "plain",
                   progress=False)
     report = distill_merge(fam, tmp_path / "out", method="linear", parameters={}, last="hidden")
-    entry = report.guided["distill"]
+    entry = report.label_free.to_dict()["distill"]
     # the merged body IS the expert: nothing to correct, and a zero gradient moves no weight
     assert entry["error_before"] == [0.0, 0.0] and entry["error_after"] == [0.0, 0.0]
     before, after = tensors(plain.path), tensors(report.path)
@@ -149,7 +148,7 @@ def test_distilling_one_expert_into_itself_changes_nothing(tmp_path):
     # matched on the logits: the heads' KL starts at rounding level, and a block with nothing
     # to correct is left as merged (Adam would turn rounding noise into full steps)
     logits = distill_merge(fam, tmp_path / "logits", method="linear", parameters={})
-    kl_before, kl_after = logits.guided["distill"]["logit_error"]
+    kl_before, kl_after = logits.label_free.to_dict()["distill"]["logit_error"]
     assert kl_before < NOTHING_TO_CORRECT and kl_after == kl_before
     after = tensors(logits.path)
     assert all(torch.equal(before[name], after[name]) for name in before)
@@ -160,11 +159,11 @@ def test_distilling_one_expert_into_itself_changes_nothing(tmp_path):
 def test_distill_lowers_every_blocks_error_to_the_experts(tmp_path, model_type):
     fam = family_with_texts(tmp_path, model_type)
     report = distill_merge(fam, tmp_path / "out", last="hidden")  # every block on hidden states
-    entry = report.guided["distill"]
+    entry = report.label_free.to_dict()["distill"]
     assert entry["blocks"] == 2 and entry["texts"] == {"sentiment": 24, "topic": 24, "tags": 24}
     assert all(after < before for before, after in zip(entry["error_before"],
                                                        entry["error_after"]))
-    assert "distill (" in format_guided(report.guided)
+    assert "distill (" in report.label_free.summary()
     assert "label-free steps: distill on unlabelled" in (report.path / "README.md").read_text()
 
 
@@ -173,7 +172,7 @@ def test_distill_lowers_every_blocks_error_to_the_experts(tmp_path, model_type):
 @pytest.mark.parametrize("last", ["logits", "both"])
 def test_the_last_block_matched_on_logits_lowers_the_heads_kl(tmp_path, model_type, last):
     fam = family_with_texts(tmp_path, model_type)
-    entry = distill_merge(fam, tmp_path / "out", last=last).guided["distill"]
+    entry = distill_merge(fam, tmp_path / "out", last=last).label_free.to_dict()["distill"]
     before, after = entry["logit_error"]
     if last == "both":  # what is trained: the last block's relative error plus the heads' KL
         before += entry["error_before"][-1]
@@ -186,7 +185,7 @@ def test_the_last_block_matched_on_logits_differs_from_hidden_states(tmp_path):
     fam = family_with_texts(tmp_path)
     hidden = distill_merge(fam, tmp_path / "hidden", last="hidden")
     logits = distill_merge(fam, tmp_path / "logits")  # the default
-    assert hidden.guided["distill"]["logit_error"] is None
+    assert hidden.label_free.to_dict()["distill"]["logit_error"] is None
     first, second = tensors(hidden.path), tensors(logits.path)
     prefix, last = "bert.encoder.layer.", "bert.encoder.layer.1."
     # the blocks before the last are distilled alike; the last one differently
@@ -198,7 +197,8 @@ def test_the_last_block_matched_on_logits_differs_from_hidden_states(tmp_path):
 @pytest.mark.parametrize("train", ["weights", "elementwise", "rows", "tensor"])
 def test_every_trained_form_lowers_the_error(tmp_path, train):
     fam = family_with_texts(tmp_path)
-    entry = distill_merge(fam, tmp_path / "out", train=train, last="hidden").guided["distill"]
+    report = distill_merge(fam, tmp_path / "out", train=train, last="hidden")
+    entry = report.label_free.to_dict()["distill"]
     assert entry["train"] == train
     assert all(after < before for before, after in zip(entry["error_before"],
                                                        entry["error_after"]))
@@ -213,13 +213,13 @@ def test_distill_is_deterministic(tmp_path):
 
 def test_a_shared_sample_is_routed_to_the_experts_confident_on_each_text(tmp_path):
     fam = family_with_texts(tmp_path, shared=True)
-    entry = distill_merge(fam, tmp_path / "routed", confidence=0.6).guided["distill"]
+    entry = distill_merge(fam, tmp_path / "routed", confidence=0.6).label_free.to_dict()["distill"]
     # the shared stream holds texts-per-task x tasks texts; each expert teaches the confident
     assert entry["texts"] == {"sentiment": 72, "topic": 72, "tags": 72}
     assert set(entry["routed"]) == set(TASKS)
     assert all(MIN_ROUTED <= n <= 72 for n in entry["routed"].values())
     assert len(set(entry["routed"].values())) > 1  # the experts are confident on different texts
-    everything = distill_merge(fam, tmp_path / "all", route="all").guided["distill"]
+    everything = distill_merge(fam, tmp_path / "all", route="all").label_free.to_dict()["distill"]
     assert everything["routed"] is None
     assert all(after < before for before, after in zip(everything["error_before"],
                                                        everything["error_after"]))
@@ -252,14 +252,14 @@ def small(tmp_path_factory):
 
 def test_distill_true_takes_the_declared_defaults_and_round_trips(small):
     recipe = parse_recipe(recipe_with(small, distill=True))
-    assert recipe.guided.step("distill") == DistillOptions()
+    assert recipe.label_free.step("distill") == DistillOptions()
     written = recipe.to_dict()
     assert written["distill"] == {"train": "weights", "texts": 64, "steps": 24, "lr": 0.02,
                                   "pull": 0.0, "batch_size": 8, "route": "confident",
                                   "confidence": 0.9, "last": "logits"}
     custom = parse_recipe(recipe_with(small, distill={"train": "rows", "steps": 3}))
     assert parse_recipe({**custom.to_dict(), "calibration": small.calibration}
-                        ).guided == custom.guided
+                        ).label_free == custom.label_free
 
 
 @pytest.mark.parametrize("block, message", [
@@ -314,17 +314,18 @@ def test_the_label_free_preset_expands_and_the_recipes_own_keys_win(small):
     preset = PRESETS["label-free"]
     assert recipe.method == preset["method"]
     assert all(e.parameters["density"] == 0.5 for e in recipe.experts)
-    assert recipe.guided.heads == preset["heads"] and recipe.guided.recentre is True
-    assert recipe.guided.align_heads is not None
-    assert recipe.guided.step("distill") == DistillOptions()
+    assert recipe.label_free.heads == preset["heads"]
+    assert recipe.label_free.step("recentre") is not None
+    assert recipe.label_free.step("align_heads") is not None
+    assert recipe.label_free.step("distill") == DistillOptions()
     without = parse_recipe({"preset": "label-free", **recipe_with(small, distill=False)})
-    assert without.guided.step("distill") is None
+    assert without.label_free.step("distill") is None
     written = recipe.to_dict()
     assert "preset" not in written and written["distill"] == get_step("distill").to_dict(
-        recipe.guided.step("distill"))
+        recipe.label_free.step("distill"))
     # what the merged model records re-creates the same recipe without the preset
     again = parse_recipe({**written, "calibration": small.calibration})
-    assert again.guided == recipe.guided and again.experts == recipe.experts
+    assert again.label_free == recipe.label_free and again.experts == recipe.experts
 
 
 @pytest.mark.parametrize("raw, message", [

@@ -14,11 +14,11 @@ ROWS = [
     ("hm3.export",),
     ("hm3.search",),
     ("hm3.pipeline",),
-    ("hm3.guided",),
+    ("hm3.label_free",),  # the label-free steps (their registry sits lower, with the recipe)
     ("hm3.zoo",),
     ("hm3.model", "hm3.evaluate", "hm3.check", "hm3.bench", "hm3.onnx_model", "hm3.predictions"),
     ("hm3.engine", "hm3.heads", "hm3.checkpoint", "hm3.card"),
-    ("hm3.recipe", "hm3.mergekit_yaml", "hm3.data", "hm3.label_free"),
+    ("hm3.recipe", "hm3.mergekit_yaml", "hm3.data", "hm3.label_free.registry"),
     ("hm3.methods",),
     ("hm3.errors", "hm3.table", "hm3.plots"),
 ]
@@ -33,10 +33,11 @@ def modules() -> dict[str, Path]:
 
 
 def row(module: str) -> int | None:
-    for index, names in enumerate(ROWS):
-        if any(module == name or module.startswith(name + ".") for name in names):
-            return index
-    return None
+    """The row of the most specific name that covers `module` (`hm3.label_free.registry`
+    before `hm3.label_free`)."""
+    matches = [(len(name), index) for index, names in enumerate(ROWS) for name in names
+               if module == name or module.startswith(name + ".")]
+    return max(matches)[1] if matches else None
 
 
 def imports(module: str, file: Path, known: dict[str, Path]) -> set[str]:

@@ -111,7 +111,7 @@ def test_merge_keeps_the_recipes_own_test_data_out_of_calibration_and_says_so(fa
     with pytest.warns(Hm3Warning, match="calibration texts of topic: 11 also appear in the "
                                         "held-out"):
         report = merge(hm3.load_recipe(recipe_path), tmp_path / "out", progress=False)
-    provenance = report.guided["calibration"]
+    provenance = report.label_free.to_dict()["calibration"]
     assert provenance["topic"]["held_out_removed"] == 11
     assert provenance["topic"]["texts"] == len(calibration) - 11
     # a text any task is scored on is held out of every task's calibration

@@ -5,6 +5,7 @@ relative `data:` paths written resolved."""
 from __future__ import annotations
 
 import warnings
+from dataclasses import fields
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -28,6 +29,22 @@ SHARED_VALUES = {"normalize": st.booleans(), "lambda": st.sampled_from([0.5, 1.0
 
 def _some_of(specs, values) -> st.SearchStrategy[dict]:
     return st.fixed_dictionaries({}, optional={p.name: values[p.name] for p in specs})
+
+
+def step_blocks() -> dict[str, st.SearchStrategy]:
+    """Per registered step, its recipe blocks: `true`, or some of its options at their declared
+    defaults; a few steps also with other values."""
+    blocks = {name: st.just(True) | st.fixed_dictionaries({}, optional={
+        f.name: st.just(f.default) for f in fields(get_step(name).options)})
+        for name in step_names()}
+    blocks.update({
+        "recentre": st.booleans(),
+        "lewis": blocks["lewis"] | st.just({"gamma": 0.2, "epsilon": 0.7}),
+        "align_heads": blocks["align_heads"] | st.fixed_dictionaries(
+            {"ridge": st.sampled_from([0.1, 1.0, "auto"])}),
+        "distill": blocks["distill"] | st.just({"steps": 3, "lr": 0.01}),
+    })
+    return blocks
 
 
 @st.composite
@@ -73,15 +90,8 @@ def recipes(draw) -> dict:
     for key, strategy in optional.items():
         if draw(st.booleans()):
             raw[key] = draw(strategy)
-    steps = {
-        "recentre": st.booleans(),
-        "lewis": st.just(True) | st.fixed_dictionaries({"gamma": st.just(0.2),
-                                                        "epsilon": st.just(0.7)}),
-        "align_heads": st.just(True) | st.fixed_dictionaries(
-            {"ridge": st.sampled_from([0.1, 1.0, "auto"])}),
-        "regmean" if draw(st.booleans()) else "coefficients": st.just(True),
-        **{name: st.just(True) | st.just({"steps": 3, "lr": 0.01}) for name in step_names()},
-    }
+    steps = step_blocks()
+    del steps["regmean" if draw(st.booleans()) else "coefficients"]  # the two cannot combine
     chosen = {key: draw(strategy) for key, strategy in steps.items() if draw(st.booleans())}
     if chosen:
         raw.update(chosen)
@@ -108,17 +118,14 @@ def test_a_recipe_written_out_reads_back_equal(raw):
 def test_every_registered_step_and_field_is_generated():
     """The generator above covers the registry's steps and the recipe's fields (a field added
     to the recipe without a generator here would go unchecked)."""
-    from dataclasses import fields
-
-    from hm3.recipe import Guided, Recipe
+    from hm3.recipe import LabelFree, Recipe
 
     covered = {"base", "experts", "method", "parameters", "dtype", "seed", "overrides",
-               "base_revision", "allow_pickle", "max_shard_size", "data", "guided", "data_root"}
+               "base_revision", "allow_pickle", "max_shard_size", "data", "label_free",
+               "data_root"}
     assert {f.name for f in fields(Recipe)} == covered
-    guided = {"heads", "calibration", "recentre", "lewis", "regmean", "coefficients",
-              "align_heads", "steps"}
-    assert {f.name for f in fields(Guided)} == guided
-    assert all(get_step(name).parse({"steps": 3, "lr": 0.01}) for name in step_names())
+    assert {f.name for f in fields(LabelFree)} == {"heads", "calibration", "steps"}
+    assert set(step_blocks()) == set(step_names())
 
 
 def test_relative_data_paths_are_written_resolved_against_the_recipe(tmp_path):

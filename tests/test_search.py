@@ -376,7 +376,7 @@ def test_search_samples_lewis_gamma_and_epsilon_and_saves_what_it_scored(case):
     gamma, epsilon = sorted((best["params"]["lewis_a"], best["params"]["lewis_b"]))
     assert best["recipe"]["lewis"] == {"gamma": gamma, "epsilon": epsilon}
     config = json.loads((case.out / "best-model" / "config.json").read_text())
-    densities = [d for table in config["hm3"]["guided"]["lewis"]["densities"].values()
+    densities = [d for table in config["hm3"]["label_free"]["lewis"]["densities"].values()
                  for d in table.values()]
     assert min(densities) == pytest.approx(gamma, abs=1e-4)
     assert max(densities) == pytest.approx(epsilon, abs=1e-4)
@@ -412,15 +412,16 @@ def test_search_refits_heads_on_every_trial_and_saves_what_it_scored(case):
     # The saved model is the best trial's: heads refitted on the same texts, the same score.
     best = refit.best
     config = json.loads((case.out / "refit" / "best-model" / "config.json").read_text())
-    guided = config["hm3"]["guided"]
-    assert set(guided) >= {"align_heads", "recentre"}
-    assert guided["calibration"]["topic"]["held_out_removed"] == 1
-    assert best["guided"] == guided  # best.json and the summary say which texts were used
+    label_free = config["hm3"]["label_free"]
+    assert set(label_free) >= {"align_heads", "recentre"}
+    assert label_free["calibration"]["topic"]["held_out_removed"] == 1
+    assert best["label_free"] == label_free  # best.json and the summary say which texts were used
     summary = format_summary(refit)
     assert "calibration texts: sentiment 20, topic 20" in summary and "align_heads topic" in summary
     trial = next(r for r in rows["refit"] if r["number"] == best["trial"])
     assert {task: trial[f"agreement/{task}"] for task in TASKS} == {
-        task: entry["agreement_after"] for task, entry in guided["align_heads"]["tasks"].items()}
+        task: entry["agreement_after"]
+        for task, entry in label_free["align_heads"]["tasks"].items()}
     model = hm3.load(case.out / "refit" / "best-model", device="cpu")
     assert evaluate(model, validation)["mean_macro_f1"] == pytest.approx(best["validation_mean"],
                                                                          abs=1e-9)

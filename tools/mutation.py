@@ -41,7 +41,7 @@ RESULTS = ROOT / "benchmarks" / "results" / "mutation_score.json"
 GROUPS = {
     "methods": (["src/hm3/methods/*"],
                 ["tests/test_kernels.py", "tests/test_method_reference.py",
-                 "tests/test_guided.py::test_contributions_add_up_to_the_combined_merge"]),
+                 "tests/test_label_free.py::test_contributions_add_up_to_the_combined_merge"]),
     "heads": (["src/hm3/heads.py"],
               ["tests/test_heads.py", "tests/test_merge.py", "tests/test_method_reference.py",
                "tests/test_errors.py",
@@ -55,9 +55,9 @@ GROUPS = {
     "model": (["src/hm3/model.py"],
               ["tests/test_model.py", "tests/test_merge.py", "tests/test_evaluate.py",
                "tests/test_export.py::test_load_predicts_from_the_export_like_the_torch_model"]),
-    "guided": (["src/hm3/guided/*"],
-               ["tests/test_guided_units.py", "tests/test_guided.py",
-                "tests/test_guided_reference.py"]),
+    "label_free": (["src/hm3/label_free/*"],
+               ["tests/test_label_free_units.py", "tests/test_label_free.py",
+                "tests/test_label_free_reference.py"]),
     "metrics": (["src/hm3/evaluate.py"], ["tests/test_metrics.py", "tests/test_evaluate.py"]),
 }
 # A mutant counts as killed when a test fails or hangs past mutmut's timeout (as mutmut scores).

@@ -59,12 +59,12 @@ BUGS = {
         '    MergeMethod("magnitude", "magnitude pruning of each task vector, then sum",\n'
         '                sparsifier=sp.magnitude, reference=TIES),\n', '', [REFERENCE]),
     "regmean_identity_grams": (
-        "src/hm3/guided/regmean.py", "grams = [handle.get_tensor(name) for handle in handles]",
+        "src/hm3/label_free/regmean.py", "grams = [handle.get_tensor(name) for handle in handles]",
         "grams = [torch.eye(handle.get_tensor(name).shape[0], dtype=torch.float64) "
-        "for handle in handles]", ["tests/test_guided_reference.py"]),
+        "for handle in handles]", ["tests/test_label_free_reference.py"]),
     "lewis_without_activations": (
-        "src/hm3/guided/lewis.py", ".abs() * mean_squares[name].sqrt()).norm())",
-        ".abs()).norm())", ["tests/test_guided_reference.py"]),
+        "src/hm3/label_free/lewis.py", ".abs() * mean_squares[name].sqrt()).norm())",
+        ".abs()).norm())", ["tests/test_label_free_reference.py"]),
     "pruning_forced_off": (
         "src/hm3/search/trial.py",
         "        if self.config.prune_fraction:\n            trial.report(",

@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from hm3.checkpoint import write_text_atomic
-from hm3.label_free import step_names
+from hm3.label_free.registry import CONFIG_KEY, saved_report, step_names
 
 CARD_FILE = "README.md"
 RECIPE_FILE = "hm3_recipe.yaml"
@@ -56,15 +56,15 @@ def model_card(block: dict, scores: dict | None = None) -> str:
         norm = norms.get(expert["task"])
         lines.append(f"- {expert['task']}: `{expert['model']}`, parameters `{json.dumps(params)}`"
                      + (f", task vector {norm:.2%} of the base's norm" if norm is not None else ""))
-    guided = block.get("guided")
-    if guided:
-        steps = [key for key in ("lewis", "regmean", "coefficients", *step_names(),
-                                 "align_heads", "recentre") if key in guided]
+    label_free = saved_report(block)
+    if label_free:
+        steps = [key for key in step_names() if key in label_free]
         texts = ", ".join(f"{task} {entry['texts']}"
-                          for task, entry in guided.get("calibration", {}).items())
+                          for task, entry in label_free.get("calibration", {}).items())
         lines.append(f"- label-free steps: {', '.join(steps) or 'none'} on unlabelled "
-                     f"calibration texts ({texts}); figures in config.json under `hm3.guided`")
-        held_out = guided.get("fidelity", {}).get("held_out")
+                     f"calibration texts ({texts}); figures in config.json under "
+                     f"`hm3.{CONFIG_KEY}`")
+        held_out = label_free.get("fidelity", {}).get("held_out")
         if held_out:
             shares = ", ".join(f"{task} {entry['agreement']:.1%}"
                                for task, entry in held_out["tasks"].items())

@@ -18,6 +18,7 @@ from hm3.checkpoint import read_config, resolve
 from hm3.data.calibration import text_hash
 from hm3.errors import Hm3Error, Hm3Warning
 from hm3.heads import TaskGroup
+from hm3.label_free.registry import saved_report
 from hm3.model import MultiTaskClassifier, group_probabilities, load, task_groups
 from hm3.table import format_table
 
@@ -267,7 +268,7 @@ def check_model(model: str | Path, texts: Sequence[str], experts: Sequence[str] 
     report["model"], report["experts"] = str(model), paths
     overlap = calibration_overlap(folder, texts)
     report["calibration_overlap"] = overlap
-    fidelity = (block.get("guided") or {}).get("fidelity")
+    fidelity = (saved_report(block) or {}).get("fidelity")
     if fidelity:
         report["calibration_figures"] = fidelity["tasks"]
         if "held_out" in fidelity:  # merges by earlier hm3 versions have none

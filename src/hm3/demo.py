@@ -89,11 +89,10 @@ def run_demo(output: str | Path = "hm3-demo", cache_dir: str | Path | None = Non
     texts = [text for d in datasets for text in d.texts][:bench_texts]
     speed = benchmark(merged, list(experts.values()), texts, repeats=3, warmup=1)
 
+    steps = merged_report.label_free.to_dict() if merged_report.label_free else {}
     report = {"recipe": recipe.to_dict(), "merged": scores,
-              "label_free": {k: merged_report.guided[k] for k in ("calibration", "recentre",
-                                                                   "distill", "seconds",
-                                                                   "cpu_seconds")
-                             if k in merged_report.guided},
+              "label_free": {k: steps[k] for k in ("calibration", "recentre", "distill",
+                                                   "seconds", "cpu_seconds") if k in steps},
               "experts": {t: r["tasks"][t] for t, r in expert_reports.items()},
               "bench": speed, "seconds": round(time.perf_counter() - started, 1),
               "merged_model": str(merged_dir.resolve())}

@@ -1,17 +1,18 @@
-"""A recipe, end to end: plan -> LEWIS -> merge -> RegMean or coefficients -> registered steps
-(`hm3.label_free`, e.g. distill) -> head steps -> write.
+"""A recipe, end to end: plan -> the label-free steps stage by stage (`hm3.label_free`: LEWIS
+densities -> the merge, or learned coefficients -> RegMean, distill -> align_heads, recentre)
+-> write.
 
 `merge` (the public `hm3.merge`) writes a model folder; the search's trials run `merge_in_memory`
-on a preloaded model; both run the same steps in the same order.
+on a preloaded model; both run the same steps in the same order, through the step registry.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -27,23 +28,21 @@ from hm3.engine import (
     open_sources,
     state_tensors,
     warn_implausible,
-    with_recipe,
     write_model,
 )
-from hm3.errors import Hm3Error, Hm3Warning
-from hm3.guided import align, coefficients as coef, cross_fit, recentre, regmean
-from hm3.guided.calibration import (
+from hm3.errors import Hm3Warning
+from hm3.heads import TaskGroup
+from hm3.label_free.calibration import (
     calibration_batches,
     experts_logits,
     head_modules,
     once_per_batches,
     run_batches,
-    tokenize,
 )
-from hm3.guided.lewis import LewisScores
-from hm3.heads import TaskGroup
-from hm3.label_free import get_step
-from hm3.methods import get_method
+from hm3.label_free.heads_stage import FOLDS, head_inputs, head_logits, head_rows, held_out_figures
+from hm3.label_free.lewis import LewisScores
+from hm3.label_free.registry import CONFIG_KEY, STAGES, StepRun
+from hm3.label_free.steps import get_step, step_names
 from hm3.model import check_device
 from hm3.recipe import Recipe
 
@@ -57,7 +56,73 @@ class MergeReport:
     tensors: int
     seconds: float
     task_vector_norms: dict[str, float]
-    guided: dict | None = None  # what the label-free steps did, when the recipe asked for any
+    label_free: LabelFreeReport | None = None  # what the label-free steps did, if any ran
+
+
+@dataclass
+class LabelFreeReport:
+    """What the label-free steps of a merge did, as config.json's `hm3.label_free` holds it
+    (`to_dict`; `from_dict` reads it back, from models of earlier versions too)."""
+
+    heads: str
+    calibration: dict  # per task, the texts read and where from (`Calibration.provenance`)
+    max_length: int
+    steps: dict[str, Any]  # each step's report, by name, in run order
+    fidelity: dict | None = None  # the merged model against the experts on the calibration texts
+    cpu_seconds: float = 0.0
+    seconds: float = 0.0
+    # sha256 prefixes of each task's calibration texts: written beside config.json, not in it
+    calibration_hashes: dict[str, list[str]] = field(default_factory=dict, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"heads": self.heads, "calibration": self.calibration,
+                               "max_length": self.max_length}
+        out.update({name: get_step(name).report_dict(report)
+                    for name, report in self.steps.items()})
+        if self.fidelity is not None:
+            out["fidelity"] = self.fidelity
+        return {**out, "cpu_seconds": self.cpu_seconds, "seconds": self.seconds}
+
+    @classmethod
+    def from_dict(cls, entry: dict[str, Any]) -> LabelFreeReport:
+        return cls(entry.get("heads", "whole"), entry.get("calibration", {}),
+                   entry.get("max_length", 0),
+                   {name: get_step(name).read_report(entry[name]) for name in step_names()
+                    if name in entry},
+                   entry.get("fidelity"), entry.get("cpu_seconds", 0.0), entry.get("seconds", 0.0))
+
+    def summary(self) -> str:
+        """A few lines on what the label-free steps did (for the command line)."""
+        texts = ", ".join(f"{task} {entry['texts']}" for task, entry in self.calibration.items())
+        lines = [f"label-free steps ({self.seconds:.0f}s): heads {self.heads}; "
+                 f"calibration texts: {texts}"]
+        shared = {s["path"] for entry in self.calibration.values()
+                  for s in entry.get("sources", []) if s["shared"] and s["texts"]}
+        if shared:
+            lines.append(f"  shared calibration sample (read by every task): {', '.join(shared)}")
+        lines.extend(f"  {line}" for report in self.steps.values()
+                     for line in report.summary().splitlines())
+        if self.fidelity:
+            figures = ", ".join(f"{task} {entry['agreement']:.1%}"
+                                for task, entry in self.fidelity["tasks"].items())
+            lines.append(f"  agreement with the experts on the calibration texts (optimistic, "
+                         f"fitted there; run `hm3 check` on other texts): {figures}")
+            held_out = self.fidelity.get("held_out")
+            if held_out:
+                figures = ", ".join(f"{task} {entry['agreement']:.1%}"
+                                    for task, entry in held_out["tasks"].items())
+                lines.append(f"  the same with the head steps fitted without each text "
+                             f"({held_out['folds']}-fold): {figures}")
+        return "\n".join(lines)
+
+
+@dataclass
+class StepsDone:
+    """What `merge_in_memory`'s label-free steps did: each step's report by name, in run order,
+    and, with `held_out_folds`, the head steps' cross-fitted figures."""
+
+    reports: dict[str, Any] = field(default_factory=dict)
+    held_out: dict | None = None
 
 
 def merge(recipe: Recipe, output: str | Path, overwrite: bool = False,
@@ -67,8 +132,8 @@ def merge(recipe: Recipe, output: str | Path, overwrite: bool = False,
 
     The directory appears only when the merge has succeeded (it is built in a temporary
     sibling and renamed), so an interrupted merge never leaves a complete-looking folder.
-    When the recipe asks for label-free steps (`recentre`, `lewis`, `regmean`,
-    `coefficients`, `align_heads`), the merge runs in memory first, on `device` (default: the
+    When the recipe asks for label-free steps (`hm3.label_free`: lewis, coefficients, regmean,
+    distill, align_heads, recentre), the merge runs in memory first, on `device` (default: the
     CPU); `held_out` gives each task's validation / test texts, which are then kept out of the
     calibration texts.
     """
@@ -78,29 +143,27 @@ def merge(recipe: Recipe, output: str | Path, overwrite: bool = False,
     sources = open_sources(recipe)
     squares = TaskVectorSquares.zeros(len(sources.experts))  # filled by whichever path merges
     report = tensors = None
-    hashes = None
-    if recipe.guided.calibration is not None and not recipe.guided.needs_model:
-        warnings.warn("the recipe's `calibration:` texts are not used: no step reads them (add "
-                      "lewis, regmean, coefficients, align_heads or recentre, or drop the block)",
+    if recipe.label_free.calibration is not None and not recipe.label_free.needs_model:
+        warnings.warn(f"the recipe's `calibration:` texts are not used: no step reads them (add "
+                      f"{', '.join(step_names()[:-1])} or {step_names()[-1]}, or drop the block)",
                       Hm3Warning, stacklevel=2)
-    if recipe.guided.needs_model:
+    if recipe.label_free.needs_model:
         if held_out is None:  # what the model will be scored on is never calibration text
             held_out = recipe_held_out(recipe)
-        model, sources, report = guided_model(sources, progress, held_out, device=device,
-                                              squares=squares)
+        model, sources, report = label_free_model(sources, progress, held_out, device=device,
+                                                  squares=squares)
         tensors = state_tensors(model, sources)
-        hashes = report.pop("calibration_hashes")
     with atomic_directory(output, overwrite=overwrite) as staging:
-        if hashes:  # hashes of the texts, not the texts: `hm3 check` warns when given them
+        if report is not None and report.calibration_hashes:
+            # hashes of the texts, not the texts: `hm3 check` warns when given them
             write_json_atomic(staging / CALIBRATION_TEXTS,
                               {"hash": "sha256 of the case-folded, whitespace-collapsed text, "
-                               "first 16 hex digits", "tasks": hashes})
-        norms = write_model(sources, staging, tensors, {"guided": report} if report else None,
+                               "first 16 hex digits", "tasks": report.calibration_hashes})
+        norms = write_model(sources, staging, tensors,
+                            {CONFIG_KEY: report.to_dict()} if report else None,
                             progress=progress, squares=squares)
-        if report is not None and "lewis" in report:
-            from hm3.plots import plot_densities  # lazy: matplotlib is slow to import
-
-            plot_densities(report["lewis"], staging / "lewis_densities.png")
+        for name, done in (report.steps.items() if report else ()):
+            get_step(name).write_files(done, staging)
     warn_implausible(norms)
     return MergeReport(Path(output).resolve(), sources.groups, len(sources.jobs),
                        time.perf_counter() - start, norms, report)
@@ -151,13 +214,11 @@ def calibrate(sources: Sources, held_out: dict[str, list[str]] | None = None,
     `device`: where the experts run (default: the CPU).
     """
     device = step_device(device)
-    guided = sources.recipe.guided
+    needs = {need for name, _ in sources.recipe.label_free.steps for need in get_step(name).needs}
     if lewis_scores is None:
-        lewis_scores = bool(guided.lewis)
+        lewis_scores = "lewis_scores" in needs
     if expert_logits is None:
-        expert_logits = bool(guided.coefficients or guided.align_heads or guided.recentre
-                             or any(get_step(name).needs_expert_logits
-                                    for name, _ in guided.steps))
+        expert_logits = "expert_logits" in needs
     calibration, tokenizer, batches = calibration_batches(sources, held_out, calibration)
     # The experts run once, for every step that matches them (coefficients and the head steps).
     logits = experts_logits(sources, batches, progress, device) if expert_logits else None
@@ -169,83 +230,101 @@ def calibrate(sources: Sources, held_out: dict[str, list[str]] | None = None,
 def check_steps(sources: Sources) -> None:
     """Fail before any work when the recipe's label-free steps cannot run on this head or with
     this method."""
-    if sources.recipe.guided.recentre and sources.heads[0].bias is None:
-        raise Hm3Error(f"recentre shifts the head's biases, and {sources.heads[0].weight} has "
-                       "none; drop `recentre` from the recipe (align_heads works without)")
-    if sources.recipe.guided.coefficients and get_method(sources.recipe.method).isotropic:
-        raise Hm3Error(f"coefficients scale each expert's share of the merge, and "
-                       f"{sources.recipe.method} has none (it flattens the summed task vector's "
-                       "spectrum); use another method or drop `coefficients`")
+    for name, options in sources.recipe.label_free.steps:
+        get_step(name).check(sources, options)
 
 
 def merge_in_memory(model: torch.nn.Module, sources: Sources, calibrated: Calibrated | None,
                     progress: bool = False, held_out_folds: int = 0,
                     head_inputs: dict | None = None, squares: TaskVectorSquares | None = None
-                    ) -> tuple[Sources, dict]:
-    """Merge `sources.recipe` into `model`'s weights with its label-free steps: LEWIS densities,
-    the method's merge (or learned coefficients), RegMean, the registered steps (distill), then
-    the head steps. Returns the sources as finally merged (with LEWIS's overrides) and what each
-    step did; with `held_out_folds`, also the head steps' cross-fitted figures (`head_steps`).
-    `head_inputs`, when given, receives what the head steps read (per task, the final
-    projection's inputs), so the caller can score the heads without another pass. `squares`,
-    when given, receives each expert's task-vector size from the merge (or the coefficients'
-    shares of it)."""
-    guided = sources.recipe.guided
-    if guided.needs_model and calibrated is None:
+                    ) -> tuple[Sources, StepsDone]:
+    """Merge `sources.recipe` into `model`'s weights with its label-free steps, stage by stage
+    (`STAGES`): the densities steps (LEWIS), the merge (the method's, or a merge-stage step's:
+    learned coefficients), the body steps (RegMean, distill), the head steps (`head_steps`).
+    Returns the sources as finally merged (with LEWIS's overrides) and what each step did; with
+    `held_out_folds`, also the head steps' cross-fitted figures. `head_inputs`, when given,
+    receives what the head steps read (per task, the final projection's inputs), so the caller
+    can score the heads without another pass. `squares`, when given, receives each expert's
+    task-vector size from the merge (or the coefficients' shares of it)."""
+    steps = sources.recipe.label_free.steps
+    if steps and calibrated is None:
         raise ValueError("the recipe's label-free steps need `calibrate(sources)` first")
-    report: dict = {}
-    if guided.lewis:
-        recipe = calibrated.lewis.apply(sources.recipe)
-        sources = with_recipe(sources, recipe)
-        table = calibrated.lewis.table(guided.lewis.gamma, guided.lewis.epsilon)
-        report["lewis"] = {"gamma": guided.lewis.gamma, "epsilon": guided.lewis.epsilon,
-                           "densities": {t: {k: round(v, 4) for k, v in d.items()}
-                                         for t, d in table.items()}}
-    if guided.coefficients:
-        report["coefficients"] = _fit_coefficients(model, sources, calibrated, progress, squares)
-    else:
-        merge_into(model, sources, progress=progress, squares=squares)
-    if guided.regmean:
-        layers = regmean.apply_regmean(model, sources, calibrated.batches, guided.regmean.alpha,
-                                       head_modules(sources), progress)
-        report["regmean"] = {"alpha": guided.regmean.alpha, "layers": len(layers)}
-    for name, options in guided.steps:  # the registry's steps (hm3.label_free), in order
-        done = get_step(name).apply(model, sources, calibrated, options, progress)
-        report[name] = {**dataclasses.asdict(done), "summary": done.summary()}
-    if guided.align_heads or guided.recentre:
-        report.update(head_steps(model, sources, calibrated.batches, calibrated.expert_logits,
-                                 held_out_folds, head_inputs))
-    return sources, report
+    run = StepRun(model, sources, calibrated, progress, squares)
+    done = StepsDone()
+    for stage in STAGES:
+        asked = [(name, options) for name, options in steps if get_step(name).stage == stage]
+        if stage == "heads":
+            if asked:
+                _heads_stage(run, asked, done, held_out_folds, head_inputs)
+            continue
+        if stage == "merge" and not asked:  # no step merges the body: the method does
+            merge_into(run.model, run.sources, progress=progress, squares=squares)
+        for name, options in asked:
+            done.reports[name] = get_step(name).apply(run, options)
+    return run.sources, done
 
 
-def guided_model(sources: Sources, progress: bool = False,
-                 held_out: dict[str, list[str]] | None = None,
-                 calibration: Calibration | None = None, device: str | None = None,
-                 squares: TaskVectorSquares | None = None):
+def head_steps(model: torch.nn.Module, sources: Sources, calibrated: Calibrated,
+               held_out_folds: int = 0, inputs_out: dict | None = None) -> StepsDone:
+    """The recipe's head steps on `model` (align_heads, then recentre), from one forward pass
+    over the calibration batches; returns what each step did. With `held_out_folds` (k), also
+    `held_out`: each task's agreement, drift and mean |dp| against its expert on the
+    calibration texts, each text scored by head steps fitted on the other k - 1 folds
+    (`hm3.label_free.heads_stage`): what the head steps do on texts they were not fitted to."""
+    done = StepsDone()
+    asked = [(name, options) for name, options in sources.recipe.label_free.steps
+             if get_step(name).stage == "heads"]
+    if asked:
+        _heads_stage(StepRun(model, sources, calibrated), asked, done, held_out_folds,
+                     inputs_out)
+    return done
+
+
+def _heads_stage(run: StepRun, asked: list[tuple[str, Any]], done: StepsDone, folds: int,
+                 inputs_out: dict | None) -> None:
+    run.head_inputs = head_inputs(run.model, run.sources, run.calibrated.batches)  # one pass
+    if inputs_out is not None:
+        inputs_out.update(run.head_inputs)
+    starts = ({group.name: head_rows(run.model, run.sources, group)
+               for group in run.sources.groups}
+              if folds else {})  # the rows before the steps, for cross-fitting
+    ran = []
+    for name, options in asked:
+        step = get_step(name)
+        done.reports[name] = step.apply(run, options)
+        ran.append((step, options, done.reports[name]))
+    if folds:
+        done.held_out = held_out_figures(run.sources.groups, run.head_inputs,
+                                         run.calibrated.expert_logits, starts, ran, folds)
+
+
+def label_free_model(sources: Sources, progress: bool = False,
+                     held_out: dict[str, list[str]] | None = None,
+                     calibration: Calibration | None = None, device: str | None = None,
+                     squares: TaskVectorSquares | None = None
+                     ) -> tuple[torch.nn.Module, Sources, LabelFreeReport]:
     """Run the recipe's label-free steps on a fresh model; returns (model, sources as finally
     merged, report). `held_out`, `calibration` and `device` as for `calibrate`; `squares` as
     for `merge_in_memory`."""
     started = time.process_time(), time.perf_counter()
     check_steps(sources)
     calibrated = calibrate(sources, held_out, calibration, progress=progress, device=device)
-    report: dict = {"heads": sources.recipe.guided.heads,
-                    "calibration": calibrated.calibration.provenance,
-                    "max_length": sources.recipe.guided.calibration.max_length}
     model = build_model(sources).to(calibrated.device)
     inputs: dict = {}
-    sources, steps = merge_in_memory(model, sources, calibrated, progress, cross_fit.FOLDS,
-                                     inputs, squares)
-    held_out = steps.pop("held_out", None)
-    report.update(steps)
-    report["fidelity"] = calibration_fidelity(model, sources, calibrated, inputs or None)
-    if held_out:
-        report["fidelity"]["held_out"] = held_out
-        warn_low_held_out(held_out, shared_tasks(report["calibration"]))
-    report["calibration_hashes"] = {task: [text_hash(t) for t in texts]
-                                    for task, texts in calibrated.calibration.texts.items()}
-    report["cpu_seconds"] = round(time.process_time() - started[0], 1)
-    report["seconds"] = round(time.perf_counter() - started[1], 1)
-    return model, sources, report
+    sources, done = merge_in_memory(model, sources, calibrated, progress, FOLDS, inputs,
+                                    squares)
+    provenance = calibrated.calibration.provenance
+    fidelity = calibration_fidelity(model, sources, calibrated, inputs or None)
+    if done.held_out:
+        fidelity["held_out"] = done.held_out
+        warn_low_held_out(done.held_out, shared_tasks(provenance))
+    hashes = {task: [text_hash(t) for t in texts]
+              for task, texts in calibrated.calibration.texts.items()}
+    return model, sources, LabelFreeReport(
+        sources.recipe.label_free.heads, provenance,
+        sources.recipe.label_free.calibration.max_length, done.reports, fidelity,
+        round(time.process_time() - started[0], 1), round(time.perf_counter() - started[1], 1),
+        hashes)
 
 
 def shared_tasks(provenance: dict) -> set[str]:
@@ -281,7 +360,7 @@ def calibration_fidelity(model: torch.nn.Module, sources: Sources, calibrated: C
         expert_logits = experts_logits(sources, calibrated.batches, device=calibrated.device)
     if head_inputs:
         merged = {task: z.float() for task, z in
-                  align.head_logits(model, sources, head_inputs).items()}
+                  head_logits(model, sources, head_inputs).items()}
     else:
         logits = once_per_batches(calibrated.batches,
                                   lambda batches: run_batches(model, batches))
@@ -294,114 +373,3 @@ def calibration_fidelity(model: torch.nn.Module, sources: Sources, calibrated: C
                     "run `hm3 check` on texts the merge has not seen",
             "tasks": {t: {k: e[k] for k in ("n", "agreement", "drift", "mean_abs_dp")}
                       for t, e in tasks.items()}}
-
-
-def _fit_coefficients(model: torch.nn.Module, sources: Sources, calibrated: Calibrated,
-                      progress: bool, squares: TaskVectorSquares | None) -> dict:
-    config = sources.recipe.guided.coefficients
-    spec = sources.recipe.guided.calibration
-    tasks = [e.task for e in sources.recipe.experts]
-    fit_batches = {task: tokenize(calibrated.tokenizer, calibrated.calibration.texts[task],
-                                  spec.max_length, config.batch_size) for task in tasks}
-    groups = {g.name: g for g in sources.groups}
-    # The experts' logits on the calibration texts, cut into the fit's batches (both keep the
-    # texts' order).
-    targets = {task: [coef.expert_probabilities(z, groups[task].multi_label)
-                      for z in calibrated.expert_logits[task].split(config.batch_size)]
-               for task in tasks}
-    return coef.fit_coefficients(model, sources, fit_batches, targets, config, progress, squares)
-
-
-def head_steps(model: torch.nn.Module, sources: Sources, batches: dict[str, list[dict]],
-               expert_logits: dict[str, torch.Tensor], held_out_folds: int = 0,
-               inputs_out: dict | None = None) -> dict:
-    """The recipe's head steps on `model` (align_heads, then recentre), from one forward pass
-    over the calibration batches; returns what each step did. With `held_out_folds` (k), also
-    `held_out`: each task's agreement, drift and mean |dp| against its expert on the
-    calibration texts, each text scored by head steps fitted on the other k - 1 folds
-    (`hm3.guided.cross_fit`): what the head steps do on texts they were not fitted to."""
-    guided, report = sources.recipe.guided, {}
-    inputs = align.head_inputs(model, sources, batches)  # the one forward pass
-    if inputs_out is not None:
-        inputs_out.update(inputs)
-    starts = ({group.name: align.head_rows(model, sources, group) for group in sources.groups}
-              if held_out_folds else {})  # the rows before the steps, for cross-fitting
-    if guided.align_heads:
-        report["align_heads"] = align.align_heads(model, sources, inputs, expert_logits,
-                                                  guided.align_heads.ridge)
-    if guided.recentre:
-        report["recentre"] = recentre.recentre_heads(
-            model, sources, align.head_logits(model, sources, inputs), expert_logits)
-    if held_out_folds:
-        report["held_out"] = _held_out_figures(sources, inputs, expert_logits, starts,
-                                               report.get("align_heads"), held_out_folds)
-    return report
-
-
-def _held_out_figures(sources: Sources, inputs: dict[str, torch.Tensor],
-                      expert_logits: dict[str, torch.Tensor], starts: dict[str, torch.Tensor],
-                      aligned: dict | None, folds: int) -> dict:
-    """`compare_logits`'s figures of the head steps cross-fitted over `folds` folds."""
-    ridges = None
-    if aligned is not None:
-        ridges = {task: entry.get("ridge", aligned["ridge"])
-                  for task, entry in aligned["tasks"].items()}
-    logits = cross_fit.cross_fitted_logits(sources.groups, inputs, expert_logits, starts, ridges,
-                                           bool(sources.recipe.guided.recentre), folds)
-    groups = [group for group in sources.groups if group.name in logits]
-    tasks = compare_logits(groups, {t: expert_logits[t].numpy() for t in logits},
-                           {t: z.numpy() for t, z in logits.items()})
-    return {"folds": folds,
-            "note": f"each calibration text scored by head steps fitted on the other {folds - 1} "
-                    f"of {folds} folds; the body's label-free steps saw every text",
-            "tasks": {t: {k: e[k] for k in ("n", "agreement", "drift", "mean_abs_dp")}
-                      for t, e in tasks.items()}}
-
-
-def format_guided(report: dict) -> str:
-    """A few lines on what the label-free steps did (for the command line)."""
-    texts = ", ".join(f"{task} {entry['texts']}" for task, entry in report["calibration"].items())
-    lines = [f"label-free steps ({report['seconds']:.0f}s): heads {report['heads']}; "
-             f"calibration texts: {texts}"]
-    shared = {s["path"] for entry in report["calibration"].values()
-              for s in entry.get("sources", []) if s["shared"] and s["texts"]}
-    if shared:
-        lines.append(f"  shared calibration sample (read by every task): {', '.join(shared)}")
-    if "lewis" in report:
-        lewis_ = report["lewis"]
-        lines.append(f"  lewis: layer densities in [{lewis_['gamma']}, {lewis_['epsilon']}] "
-                     "(table in config.json, plot lewis_densities.png)")
-    if "coefficients" in report:
-        fit = report["coefficients"]
-        lines.append(f"  coefficients: {len(fit['blocks'])} blocks x {len(fit['coefficients'])} "
-                     f"experts, KL to the experts {fit['objective_before']:.4f} -> "
-                     f"{fit['objective_after']:.4f}")
-    if "regmean" in report:
-        lines.append(f"  regmean: {report['regmean']['layers']} linear layers "
-                     f"(alpha {report['regmean']['alpha']})")
-    lines.extend(f"  {entry['summary']}" for entry in report.values()
-                 if isinstance(entry, dict) and "summary" in entry)
-    if "align_heads" in report:
-        for task, entry in report["align_heads"]["tasks"].items():
-            chosen = f" (ridge {entry['ridge']} by cross-validation)" if "ridge" in entry else ""
-            lines.append(f"  align_heads {task}: agreement with the expert "
-                         f"{entry['agreement_before']:.1%} -> {entry['agreement_after']:.1%}"
-                         f"{chosen}")
-    if "fidelity" in report:
-        figures = ", ".join(f"{task} {entry['agreement']:.1%}"
-                            for task, entry in report["fidelity"]["tasks"].items())
-        lines.append(f"  agreement with the experts on the calibration texts (optimistic, "
-                     f"fitted there; run `hm3 check` on other texts): {figures}")
-        held_out = report["fidelity"].get("held_out")
-        if held_out:
-            figures = ", ".join(f"{task} {entry['agreement']:.1%}"
-                                for task, entry in held_out["tasks"].items())
-            lines.append(f"  the same with the head steps fitted without each text "
-                         f"({held_out['folds']}-fold): {figures}")
-    if "recentre" in report:
-        for task, entry in report["recentre"].items():
-            gap = max(abs(b - t) for b, t in zip(entry["before"], entry["target"]))
-            done = max(abs(a - t) for a, t in zip(entry["after"], entry["target"]))
-            lines.append(f"  recentre {task}: largest label-share gap to the expert "
-                         f"{gap:.1%} -> {done:.1%}")
-    return "\n".join(lines)

@@ -1,11 +1,12 @@
-"""The recipe schema: what to merge and how (base, experts, method, parameters, overrides) and the
-label-free steps' blocks (`heads`, `recentre`, `lewis`, `regmean`, `coefficients`, `align_heads`),
-validated before any tensor is read. The `data:` and `calibration:` blocks are `hm3.data`'s."""
+"""The recipe schema: what to merge and how (base, experts, method, parameters, overrides), the
+head mode and the label-free steps' blocks (`lewis`, `coefficients`, `regmean`, `distill`,
+`align_heads`, `recentre`: each read and written from its step's declaration in
+`hm3.label_free`), validated before any tensor is read. The `data:` and `calibration:` blocks are
+`hm3.data`'s."""
 
 from __future__ import annotations
 
 import fnmatch
-import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,10 +14,10 @@ from typing import Any
 
 import yaml
 
-from hm3.data.blocks import CalibrationSpec, parse_calibration_block, parse_data_block, positive_int
+from hm3.data.blocks import CalibrationSpec, parse_calibration_block, parse_data_block
 from hm3.data.tables import read_utf8
 from hm3.errors import Hm3Error, Hm3Warning
-from hm3.label_free import get_step, step_names
+from hm3.label_free.registry import get_step, step_names
 from hm3.mergekit_yaml import from_mergekit, is_mergekit
 from hm3.methods.registry import get_method
 
@@ -24,10 +25,8 @@ DTYPES = ("float32", "float16", "bfloat16")
 HEAD_MODES = ("whole", "merge")
 DEFAULT_SHARD_SIZE = 2 * 10**9  # bytes per weights file: "2GB"
 DEFAULT_HEADS = "whole"  # measured at least as good as merging the rows (benchmarks/RESULTS.md)
-GUIDED_KEYS = ("heads", "calibration", "recentre", "lewis", "regmean", "coefficients",
-               "align_heads", *step_names())
-_TOP_LEVEL = {"base", "experts", "method", "parameters", "dtype", "seed", "overrides", "head",
-              "allow_pickle", "max_shard_size", "data", "preset", *GUIDED_KEYS}
+_RECIPE_KEYS = {"base", "experts", "method", "parameters", "dtype", "seed", "overrides", "head",
+                "allow_pickle", "max_shard_size", "data", "preset", "heads", "calibration"}
 # `preset: NAME` fills in these keys; a key the recipe gives itself wins. What each holds was
 # picked on validation splits (benchmarks/RESULTS.md, "The recommended recipe").
 PRESETS: dict[str, dict[str, Any]] = {
@@ -77,75 +76,40 @@ class Override:
 
 # --- label-free steps ----------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Lewis:
-    """LEWIS layer-wise densities, min-max scaled into [gamma, epsilon]."""
-
-    gamma: float = 0.3
-    epsilon: float = 0.8
+def top_level_keys() -> set[str]:
+    """Every key a recipe may hold: its own and one per registered label-free step. (A function:
+    the steps register when `hm3` is imported, after this module.)"""
+    return _RECIPE_KEYS | set(step_names())
 
 
 @dataclass(frozen=True)
-class RegMean:
-    """RegMean for linear layers; `alpha` scales the Grams' off-diagonal entries (1 keeps them:
-    measured best on the zoo, against 0.9 and 0.5)."""
-
-    alpha: float = 1.0
-
-
-@dataclass(frozen=True)
-class AlignHeads:
-    """Closed-form refit of each task's head rows toward its expert's logits (ridge to the rows
-    as merged). `ridge: auto` picks it per task by cross-validation on the calibration texts."""
-
-    ridge: float | str = 0.1  # measured better than 1.0 on the zoo
-
-
-@dataclass(frozen=True)
-class Coefficients:
-    """AdaMerging-style coefficients, one per expert per block, fitted by matching the experts."""
-
-    steps: int = 40
-    lr: float = 0.05
-    low: float = 0.0
-    high: float = 1.5
-    batch_size: int = 16
-
-
-@dataclass(frozen=True)
-class Guided:
-    """The label-free steps a recipe asks for."""
+class LabelFree:
+    """The head mode, the calibration texts and the label-free steps a recipe asks for."""
 
     heads: str = DEFAULT_HEADS
     calibration: CalibrationSpec | None = None
-    recentre: bool = False
-    lewis: Lewis | None = None
-    regmean: RegMean | None = None
-    coefficients: Coefficients | None = None
-    align_heads: AlignHeads | None = None
     # the registry's steps (`hm3.label_free`) the recipe asks for: (name, options), in run order
     steps: tuple[tuple[str, Any], ...] = ()
 
     @property
     def needs_model(self) -> bool:
         """Whether the merge must run the model on calibration texts (in memory)."""
-        return bool(self.recentre or self.lewis or self.regmean or self.coefficients
-                    or self.align_heads or self.steps)
+        return bool(self.steps)
 
     def step(self, name: str) -> Any:
         """The options of registered step `name`, or None when the recipe does not ask for it."""
         return dict(self.steps).get(name)
 
+    def with_step(self, name: str, options: Any) -> LabelFree:
+        """These steps with `name`'s options set (added in its run order when not asked for)."""
+        asked = {**dict(self.steps), name: options}
+        return LabelFree(self.heads, self.calibration,
+                         tuple((n, asked[n]) for n in step_names() if n in asked))
+
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"heads": self.heads}
         if self.calibration:
             out["calibration"] = self.calibration.to_dict()
-        if self.recentre:
-            out["recentre"] = True
-        for name in ("lewis", "regmean", "coefficients", "align_heads"):
-            block = getattr(self, name)
-            if block is not None:
-                out[name] = dict(block.__dict__)
         for name, options in self.steps:
             out[name] = get_step(name).to_dict(options)
         return out
@@ -168,7 +132,7 @@ class Recipe:
     allow_pickle: bool = False
     max_shard_size: int = DEFAULT_SHARD_SIZE
     data: dict[str, Any] = field(default_factory=dict)
-    guided: Guided = field(default_factory=Guided)
+    label_free: LabelFree = field(default_factory=LabelFree)
     data_root: str | None = None  # the recipe's folder: relative `data:` paths start there
 
     def model_parameters(self, tensor_name: str, expert: Expert) -> dict[str, float]:
@@ -203,7 +167,7 @@ class Recipe:
         }
         if self.data:
             out["data"] = resolve_data_paths(self.data, self.data_root)
-        return {**out, **self.guided.to_dict()}
+        return {**out, **self.label_free.to_dict()}
 
 
 def _expert_dict(expert: Expert) -> dict[str, Any]:
@@ -279,7 +243,7 @@ def parse_recipe(raw: Any, root: Path | None = None) -> Recipe:
     expert_where = None
     if is_mergekit(raw):
         raw, expert_where = from_mergekit(
-            raw, _TOP_LEVEL, lambda model: _model_reference(model, "model", root)[0])
+            raw, top_level_keys(), lambda model: _model_reference(model, "model", root)[0])
     if raw is None:
         raise Hm3Error("the recipe is empty: write at least `base: MODEL` and "
                        "`experts: [{model: MODEL, task: NAME}, ...]`")
@@ -289,7 +253,7 @@ def parse_recipe(raw: Any, root: Path | None = None) -> Recipe:
         raise Hm3Error("base: missing; the model the experts were fine-tuned from is `base:`, "
                        "not `model:` (`model:` names each expert), e.g. "
                        "`base: bert-base-uncased`")
-    _reject_unknown(raw, _TOP_LEVEL, "recipe")
+    _reject_unknown(raw, top_level_keys(), "recipe")
     raw = expand_preset(raw)
     if raw.get("base") is None:
         raise Hm3Error("base: missing; give the model the experts were fine-tuned from, e.g. "
@@ -375,16 +339,16 @@ def parse_recipe(raw: Any, root: Path | None = None) -> Recipe:
     data = raw.get("data") or {}
     if data:
         parse_data_block(data, tasks)  # validated now, read by `hm3 eval` and `hm3 search`
-    guided = parse_guided(raw, tasks)
-    if guided.calibration and root is not None:
-        for source in guided.calibration.all_sources():
+    label_free = parse_label_free(raw, tasks)
+    if label_free.calibration and root is not None:
+        for source in label_free.calibration.all_sources():
             candidate = (root / source["path"]).expanduser()
             if candidate.exists():
                 source["path"] = str(candidate.resolve())
     return Recipe(base=base, base_revision=base_revision, experts=tuple(experts),
                   method=method.name, parameters=shared, dtype=dtype, seed=seed,
                   overrides=overrides, allow_pickle=allow_pickle,
-                  max_shard_size=max_shard_size, data=data, guided=guided,
+                  max_shard_size=max_shard_size, data=data, label_free=label_free,
                   data_root=str(root) if root is not None else None)
 
 
@@ -486,86 +450,23 @@ def _reject_unknown(mapping: dict, allowed: set[str], where: str) -> None:
                        f"allowed: {', '.join(sorted(allowed))}")
 
 
-def parse_guided(raw: dict, tasks: list[str]) -> Guided:
-    """Read the label-free blocks of a recipe mapping (absent ones keep their defaults)."""
+def parse_label_free(raw: dict, tasks: list[str]) -> LabelFree:
+    """Read the head mode, the calibration block and the label-free steps' blocks of a recipe
+    mapping (each step's from its declaration; `false` or absent: not asked for)."""
     heads = raw.get("heads", DEFAULT_HEADS)
     if heads not in HEAD_MODES:
         raise Hm3Error(f"heads: expected 'whole' (copy each task's head rows from its expert) or "
                        f"'merge' (merge them like the body), got {heads!r}")
-    recentre = raw.get("recentre", False)
-    if not isinstance(recentre, bool):
-        raise Hm3Error(f"recentre: expected true or false, got {recentre!r}")
-    lewis = _block(raw, "lewis", Lewis, {"gamma": _unit, "epsilon": _unit})
-    if lewis and not lewis.gamma <= lewis.epsilon:
-        raise Hm3Error(f"lewis: gamma ({lewis.gamma}) must not exceed epsilon ({lewis.epsilon}); "
-                       "densities are scaled into [gamma, epsilon]")
-    if lewis and lewis.gamma <= 0:
-        raise Hm3Error("lewis.gamma: expected a density in (0, 1], got 0; a layer needs to keep "
-                       "some of its task vector")
-    regmean = _block(raw, "regmean", RegMean, {"alpha": _unit})
-    coefficients = _block(raw, "coefficients", Coefficients,
-                          {"steps": positive_int, "lr": _positive, "low": _finite,
-                           "high": _finite, "batch_size": positive_int})
-    if coefficients and not coefficients.low < coefficients.high:
-        raise Hm3Error(f"coefficients: low ({coefficients.low}) must be below high "
-                       f"({coefficients.high})")
-    align_heads = _block(raw, "align_heads", AlignHeads, {"ridge": _ridge})
-    if regmean and coefficients:
-        raise Hm3Error("regmean and coefficients cannot be combined: RegMean solves the linear "
-                       "layers in closed form, which leaves no task vectors to weigh; keep one")
-    calibration = parse_calibration_block(raw.get("calibration"), tasks)
     steps = tuple((name, get_step(name).parse(raw[name])) for name in step_names()
                   if raw.get(name) not in (None, False))
-    guided = Guided(heads, calibration, recentre, lewis, regmean, coefficients, align_heads,
-                    steps)
-    if guided.needs_model and calibration is None:
-        wanted = [k for k in ("recentre", "lewis", "regmean", "coefficients", "align_heads",
-                              *step_names()) if raw.get(k)]
-        raise Hm3Error(f"{', '.join(wanted)}: needs unlabelled texts: add a `calibration:` block, "
+    asked = [name for name, _ in steps]
+    for name in asked:
+        for other, why in get_step(name).conflicts.items():
+            if other in asked:
+                raise Hm3Error(f"{name} and {other} cannot be combined: {why}; keep one")
+    calibration = parse_calibration_block(raw.get("calibration"), tasks)
+    if steps and calibration is None:
+        raise Hm3Error(f"{', '.join(asked)}: needs unlabelled texts: add a `calibration:` block, "
                        "e.g. `calibration: {texts: traffic.txt}` (the same texts for every "
                        "task) or `{texts: {TASK: texts.txt, ...}}` (a file per task)")
-    return guided
-
-
-def _block(raw: dict, name: str, cls, checks: dict) -> Any:
-    value = raw.get(name)
-    if value is None or value is False:
-        return None
-    if value is True:
-        return cls()
-    if not isinstance(value, dict):
-        raise Hm3Error(f"{name}: expected true or a mapping of its options "
-                       f"({', '.join(checks)})")
-    unknown = sorted(set(value) - set(checks))
-    if unknown:
-        raise Hm3Error(f"{name}: unknown option(s) {', '.join(unknown)}; allowed: "
-                       f"{', '.join(checks)}")
-    return cls(**{key: checks[key](v, f"{name}.{key}") for key, v in value.items()})
-
-
-def _finite(value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise Hm3Error(f"{where}: expected a finite number, got {value!r}")
-    return float(value)
-
-
-def _unit(value: Any, where: str) -> float:
-    value = _finite(value, where)
-    if not 0 <= value <= 1:
-        raise Hm3Error(f"{where}: expected a number in [0, 1], got {value!r}")
-    return value
-
-
-def _ridge(value: Any, where: str) -> float | str:
-    if value == "auto":
-        return value
-    if isinstance(value, str):
-        raise Hm3Error(f"{where}: expected a positive number or 'auto', got {value!r}")
-    return _positive(value, where)
-
-
-def _positive(value: Any, where: str) -> float:
-    value = _finite(value, where)
-    if value <= 0:
-        raise Hm3Error(f"{where}: expected a positive number, got {value!r}")
-    return value
+    return LabelFree(heads, calibration, steps)

@@ -15,8 +15,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from hm3.checkpoint import read_config, resolve
+    from hm3.label_free.registry import saved_report
     from hm3.model import task_groups
-    from hm3.pipeline import format_guided
+    from hm3.pipeline import LabelFreeReport
 
     config = read_config(resolve(args.model))
     block = config.get("hm3")
@@ -38,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
               f"{', '.join(group.labels)}")
         if group.name in sources:
             print(f"  {'':<16} from {sources[group.name]}")
-    if block and block.get("guided"):
-        print(format_guided(block["guided"]))
+    label_free = saved_report(block)  # `guided` in models merged by earlier versions
+    if label_free:
+        print(LabelFreeReport.from_dict(label_free).summary())
     return 0

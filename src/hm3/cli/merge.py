@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hm3.pipeline import format_guided, merge
+    from hm3.pipeline import merge
     from hm3.recipe import load_recipe
 
     recipe = load_recipe(args.recipe)
@@ -40,6 +40,6 @@ def run(args: argparse.Namespace) -> int:
     for group in report.groups:
         kind = "multi-label" if group.multi_label else "single-label"
         print(f"  {group.name:<16} {kind:<12} {', '.join(group.labels)}")
-    if report.guided:
-        print(format_guided(report.guided))
+    if report.label_free:
+        print(report.label_free.summary())
     return 0

@@ -81,7 +81,7 @@ def merge_job(sources: Sources, job: TensorJob,
     the method's merge of the experts' task vectors."""
     if not job.floating:
         return sources.experts[0].tensor(job.name)
-    if job.head_role is not None and sources.recipe.guided.heads == "whole":
+    if job.head_role is not None and sources.recipe.label_free.heads == "whole":
         return whole_head(sources, job)
     method = get_method(sources.recipe.method)
     if (method.sparsifier is None and not method.consensus and not method.isotropic

@@ -1,10 +1,9 @@
-"""Label-free steps as an ordered registry (`registry.py`): each step one module that declares
-its options and registers itself. A step is a function of what it is handed (the model in
-memory, the merge's opened sources, the calibration texts) and imports nothing of the engine,
-so the recipe can read every step's options from here. `distill` is the first; the older steps
-(LEWIS, RegMean, coefficients, head alignment, re-centring) still live in `hm3.guided`."""
+"""Label-free steps: each a module that declares its options and registers itself in the ordered
+registry (`registry.py`); `steps.py` imports them in their run order. A step is a function of
+what the pipeline hands it (the model in memory, the merge's opened sources, the calibration
+texts and what was computed on them, `calibration.py`). This package's `__init__` imports only
+the registry, so the recipe can read it without the steps (which import the engine)."""
 
-from hm3.label_free import distill  # noqa: F401  (registers the step)
-from hm3.label_free.registry import Step, get_step, register, step_names
+from hm3.label_free.registry import STAGES, Step, StepRun, get_step, register, step_names
 
-__all__ = ["Step", "get_step", "register", "step_names"]
+__all__ = ["STAGES", "Step", "StepRun", "get_step", "register", "step_names"]

@@ -37,13 +37,13 @@ from tqdm.auto import tqdm
 
 from hm3.label_free.registry import (
     Step,
+    StepRun,
     fraction,
     non_negative,
     one_of,
     option,
     positive,
     positive_int,
-    register,
 )
 from hm3.label_free.stream import (
     BlockCall,
@@ -121,16 +121,16 @@ class _Stream:
 
 
 class Distill(Step):
+    """The experts distilled into the merged body, block by block (body stage)."""
+
     name = "distill"
     options = DistillOptions
+    report = DistillReport
+    stage = "body"
     reference = "https://arxiv.org/abs/2502.12706"
 
-    def apply(self, model, sources, calibrated, options: DistillOptions,
-              progress: bool = False) -> DistillReport:
-        return distill_body(model, sources, calibrated, options, progress)
-
-
-register(Distill())
+    def apply(self, run: StepRun, options: DistillOptions) -> DistillReport:
+        return distill_body(run.model, run.sources, run.calibrated, options, run.progress)
 
 
 def distill_body(model: torch.nn.Module, sources, calibrated, options: DistillOptions,
@@ -142,7 +142,7 @@ def distill_body(model: torch.nn.Module, sources, calibrated, options: DistillOp
     prefix, blocks = find_blocks(model)
     groups = {group.name: group for group in sources.groups}
     tasks = list(groups)
-    streams = _streams(calibrated, tasks, options, sources.recipe.guided.calibration.max_length)
+    streams = _streams(calibrated, tasks, options, sources.recipe.label_free.calibration.max_length)
     stream_of = {task: stream for stream in streams for task in stream.tasks}
     model.eval()
     for stream in streams:

@@ -1,26 +1,49 @@
 """The label-free step registry: each step declares its name, its options (one frozen dataclass
 whose fields carry their defaults and checks), what it needs, where in the merge it runs and
 whether a search may run it per trial; the recipe reads and writes its block from that one
-declaration, and the pipeline runs the registered steps in the order of `STAGES`.
+declaration, and the pipeline runs the registered steps stage by stage, in the order of `STAGES`.
 
 A new step is one module that subclasses `Step` and calls `register`, plus its import in
-`hm3/label_free/__init__.py`. This module imports nothing of hm3's but its errors and
-hm3.data's integer check, so the recipe (at the bottom of the layers) can read the steps'
-options.
+`hm3/label_free/steps.py` (the order of those imports is the order of the steps within a stage).
+This module imports nothing of hm3's but its errors and hm3.data's integer check, so the recipe
+(at the bottom of the layers) can read the steps' options; the steps themselves sit above the
+engine and register when `hm3` is imported.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
 from hm3.data.blocks import positive_int  # noqa: F401  (re-exported: the steps import it from here)
 from hm3.errors import Hm3Error
 
-# Where a step runs in the merge: after the body is merged (and RegMean), before the heads'
-# refit; more stages come as steps move here from hm3.guided.
-STAGES = ("body",)
+# Where a step runs in the merge, in this order:
+# - densities: before the body is merged, setting per-tensor merge parameters (LEWIS);
+# - merge: the body merge itself, in place of the recipe method's (learned coefficients); the
+#   method merges when no step of this stage is asked for;
+# - body: on the merged body (RegMean, distill);
+# - heads: on each task's head rows, from one pass over the calibration texts (align_heads,
+#   recentre); the pipeline then cross-fits them to report held-out figures (`cross_fit.py`).
+STAGES = ("densities", "merge", "body", "heads")
+# What a step may need computed before it runs (`hm3.pipeline.calibrate`): the experts' logits on
+# the calibration texts, LEWIS's layer importances.
+NEEDS = ("expert_logits", "lewis_scores")
+# Where a merged model's config.json records what the label-free steps did (under `hm3`);
+# models merged by earlier versions have it under `guided`.
+CONFIG_KEY = "label_free"
+_OLD_CONFIG_KEYS = ("guided",)
+
+
+def saved_report(block: dict | None) -> dict | None:
+    """What the label-free steps did, from a merged model's `hm3` config block (None: none ran)."""
+    block = block or {}
+    for key in (CONFIG_KEY, *_OLD_CONFIG_KEYS):
+        if block.get(key):
+            return block[key]
+    return None
 
 
 # --- option checks: each takes (value, where) and returns the value or raises ----------------
@@ -37,6 +60,12 @@ def non_negative(value: Any, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
             or value < 0:
         raise Hm3Error(f"{where}: expected a number of at least 0, got {value!r}")
+    return float(value)
+
+
+def finite(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise Hm3Error(f"{where}: expected a finite number, got {value!r}")
     return float(value)
 
 
@@ -61,33 +90,76 @@ def option(default: Any, check: Callable[[Any, str], Any], help: str) -> Any:
 
 # --- steps ----------------------------------------------------------------------------------------
 
+@dataclass
+class StepRun:
+    """What the pipeline hands a step: the model in memory (the merged model, once the body is
+    merged), the merge's opened sources, the calibration (`hm3.pipeline.Calibrated`), and, for
+    the steps that need them, where the merge records each expert's task-vector size
+    (`squares`) and the head's inputs on each task's texts (`head_inputs`, heads stage). A
+    densities step may replace `sources` (the recipe with its per-tensor parameters)."""
+
+    model: Any
+    sources: Any
+    calibrated: Any
+    progress: bool = False
+    squares: Any = None
+    head_inputs: dict | None = None
+
+
+@dataclass
+class HeadFit:
+    """One task's head as the heads steps leave it in a cross-fitting fold: its rows
+    (rows x columns [+ 1 for the bias], float64) and a shift added to its logits (or None)."""
+
+    rows: Any
+    shift: Any = None
+
+
 class Step:
     """A label-free step. Subclasses set the class attributes and implement `apply`.
 
     name : the recipe key (`distill: {...}`).
     options : a frozen dataclass of the step's options, each declared with `option(...)`.
+    report : the dataclass `apply` returns; it has `summary()` (a line, or lines, for the
+        command line) and is written to config.json by `report_dict`.
     stage : where it runs, one of `STAGES`.
-    needs_expert_logits : whether it reads the experts' logits on the calibration texts.
-    per_trial : whether a search may run it on every trial (False: too slow; the search refuses
-        a recipe with it, and the user adds it to the best recipe afterwards).
+    needs : what of `NEEDS` it reads.
+    per_trial : whether a search may run it on every trial (False: the search refuses a recipe
+        with it, saying `search_refusal`).
+    conflicts : other steps it cannot run with, each with the reason.
     reference : the paper or page the step follows.
     """
 
     name: ClassVar[str]
     options: ClassVar[type]
+    report: ClassVar[type]
     stage: ClassVar[str] = "body"
-    needs_expert_logits: ClassVar[bool] = False
+    needs: ClassVar[tuple[str, ...]] = ()
     per_trial: ClassVar[bool] = False
+    search_refusal: ClassVar[str] = ("would run again on every trial (minutes each); search "
+                                     "without it, then add it to the best recipe (best.json) and "
+                                     "run `hm3 merge`")
+    conflicts: ClassVar[dict[str, str]] = {}
     reference: ClassVar[str] = ""
 
-    def apply(self, model, sources, calibrated, options, progress: bool = False):
-        """Change `model` in place; return a report (a dataclass with `summary()`)."""
+    def apply(self, run: StepRun, options: Any) -> Any:
+        """Change `run.model` in place (a densities step: `run.sources`); return a report."""
+        raise NotImplementedError
+
+    def check(self, sources: Any, options: Any) -> None:
+        """Fail before any work when the step cannot run on these sources (head, method)."""
+
+    def refit_fold(self, options: Any, report: Any, group: Any, inputs: Any, targets: Any,
+                   train: Any, fit: HeadFit) -> None:
+        """Heads stage: the step fitted on the texts `train` (a mask) only, applied to `fit` in
+        place; `inputs` the head's inputs on the task's texts, `targets` its expert's logits,
+        `report` what `apply` did (e.g. the ridge it chose)."""
         raise NotImplementedError
 
     def parse(self, raw: Any) -> Any:
         """The step's options from its recipe block (`true` or a mapping), checked."""
         if raw is True:
-            return self.options()
+            return self.validate(self.options())
         if not isinstance(raw, dict):
             raise Hm3Error(f"{self.name}: expected true or a mapping of its options "
                            f"({', '.join(self.option_names())})")
@@ -108,8 +180,21 @@ class Step:
         return [f.name for f in dataclasses.fields(self.options)]
 
     @staticmethod
-    def to_dict(options: Any) -> dict[str, Any]:
+    def to_dict(options: Any) -> Any:
+        """The step's recipe block for `options`."""
         return dataclasses.asdict(options)
+
+    def report_dict(self, report: Any) -> dict[str, Any]:
+        """The report as written to config.json: its fields and its summary."""
+        return {**dataclasses.asdict(report), "summary": report.summary()}
+
+    def write_files(self, report: Any, folder: Any) -> None:
+        """Files the step adds to the merged model's folder (a plot, say); none by default."""
+
+    def read_report(self, entry: dict[str, Any]) -> Any:
+        """A report from what `report_dict` wrote (for `hm3 inspect`)."""
+        names = {f.name for f in dataclasses.fields(self.report)}
+        return self.report(**{key: value for key, value in entry.items() if key in names})
 
 
 _STEPS: dict[str, Step] = {}
@@ -121,6 +206,8 @@ def register(step: Step) -> Step:
         raise ValueError(f"a label-free step named {step.name!r} is already registered")
     if step.stage not in STAGES:
         raise ValueError(f"step {step.name}: stage {step.stage!r} is not one of {STAGES}")
+    if set(step.needs) - set(NEEDS):
+        raise ValueError(f"step {step.name}: needs {step.needs}, not all of {NEEDS}")
     _STEPS[step.name] = step
     return step
 
@@ -132,7 +219,8 @@ def get_step(name: str) -> Step:
         raise KeyError(f"unknown label-free step {name!r}; known: {', '.join(_STEPS)}") from None
 
 
-def step_names() -> tuple[str, ...]:
-    """Registered steps in the order they run (by stage, then registration)."""
-    return tuple(name for stage in STAGES for name, step in _STEPS.items()
-                 if step.stage == stage)
+def step_names(stage: str | None = None) -> tuple[str, ...]:
+    """Registered steps in the order they run (by stage, then registration); with `stage`,
+    that stage's only."""
+    return tuple(name for each in STAGES if stage in (None, each)
+                 for name, step in _STEPS.items() if step.stage == each)

@@ -14,7 +14,8 @@ import optuna
 from optuna.trial import TrialState
 
 from hm3.checkpoint import write_json_atomic, write_text_atomic
-from hm3.pipeline import format_guided, merge
+from hm3.label_free.registry import CONFIG_KEY, saved_report
+from hm3.pipeline import LabelFreeReport, merge
 from hm3.recipe import Recipe
 from hm3.search.space import SearchConfig, trial_density, trial_recipe
 from hm3.search.trial import TRIAL_RECORD, SplitScorer, TrialModel
@@ -108,7 +109,8 @@ def save_best(study: optuna.Study, recipe: Recipe, output: Path, experts: dict,
         "test_mean": float(np.mean(list(test.values()))) if test else None, "test": test,
         "experts": experts, "model": str((output / BEST_MODEL).resolve()),
         "recipe": best_recipe.to_dict(),
-        "guided": report.guided,  # the label-free steps of the written model, texts used
+        # the label-free steps of the written model, texts used
+        CONFIG_KEY: report.label_free.to_dict() if report.label_free else None,
     }
     write_json_atomic(record_path, record)
     return record
@@ -140,6 +142,7 @@ def format_summary(result: SearchResult) -> str:
         params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                            for k, v in best["params"].items())
         lines.append(f"best: trial {best['trial']} ({params}, seed {best['seed']})")
-    if best.get("guided"):
-        lines.append(format_guided(best["guided"]))
+    label_free = saved_report(best)  # `guided` in the best.json of earlier versions
+    if label_free:
+        lines.append(LabelFreeReport.from_dict(label_free).summary())
     return "\n".join(lines)

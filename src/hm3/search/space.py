@@ -15,8 +15,9 @@ import optuna
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 
 from hm3.errors import Hm3Error
+from hm3.label_free.lewis import LewisOptions
 from hm3.methods import get_method
-from hm3.recipe import Lewis, Recipe
+from hm3.recipe import Recipe
 
 SAMPLERS = ("beta", "tpe", "cmaes", "random")
 
@@ -117,12 +118,12 @@ def trial_recipe(recipe: Recipe, params: dict[str, Any], seed: int) -> Recipe:
             own["density"] = min(max(own["density"], epsilon + DELLA_MARGIN),
                                  1 - epsilon - DELLA_MARGIN)
         experts.append(dataclasses.replace(expert, parameters=own))
-    guided = recipe.guided
+    label_free = recipe.label_free
     if "lewis_a" in params:
         low, high = sorted((params["lewis_a"], params["lewis_b"]))
-        guided = dataclasses.replace(guided, lewis=Lewis(gamma=low, epsilon=high))
+        label_free = label_free.with_step("lewis", LewisOptions(gamma=low, epsilon=high))
     return dataclasses.replace(recipe, method=method.name, parameters=shared,
-                               experts=tuple(experts), seed=seed, guided=guided)
+                               experts=tuple(experts), seed=seed, label_free=label_free)
 
 
 def trial_density(params: dict[str, Any]) -> float | None:

@@ -22,7 +22,7 @@ from hm3.checkpoint import load_tokenizer
 from hm3.data.tables import Dataset
 from hm3.engine import Sources, build_model, open_sources, with_recipe
 from hm3.errors import Hm3Error
-from hm3.label_free import get_step
+from hm3.label_free.steps import get_step
 from hm3.model import MultiTaskClassifier, check_device
 from hm3.pipeline import calibrate, check_steps
 from hm3.plots import plot_search
@@ -68,28 +68,18 @@ def run_search(recipe: Recipe, validation: Sequence[Dataset], test: Sequence[Dat
     if test:
         _check_tasks(tasks, test, "test")
 
-    if recipe.guided.regmean:
-        raise Hm3Error("regmean sets every linear layer in closed form, so the densities and "
-                       "weights a search samples would not matter; search without it")
-    if recipe.guided.coefficients:
-        raise Hm3Error("coefficients would be fitted again on every trial (minutes each); "
-                       "search without them, then add them to the best recipe (best.json) and "
-                       "run `hm3 merge`")
-    slow = [name for name, _ in recipe.guided.steps if not get_step(name).per_trial]
-    if slow:
-        raise Hm3Error(f"{', '.join(slow)} would run again on every trial (minutes each); search "
-                       "without it, then add it to the best recipe (best.json) and run "
-                       "`hm3 merge`")
+    for name, _ in recipe.label_free.steps:
+        if not get_step(name).per_trial:
+            raise Hm3Error(f"{name} {get_step(name).search_refusal}")
     sources = open_sources(recipe)
     check_steps(sources)
     # Calibration texts never include a text the trials are scored on.
     held_out = {task: [text for dataset in (*validation, *(test or [])) if dataset.task == task
                        for text in dataset.texts] for task in tasks}
-    wants_lewis = bool(recipe.guided.lewis or config.space.lewis_range)
-    wants_heads = bool(recipe.guided.align_heads or recipe.guided.recentre)
-    calibrated = (calibrate(sources, held_out, lewis_scores=wants_lewis,
-                            expert_logits=wants_heads, device=device)
-                  if wants_lewis or wants_heads else None)
+    # the search varies LEWIS's range when asked to, with or without the recipe's `lewis`
+    calibrated = (calibrate(sources, held_out, lewis_scores=True if config.space.lewis_range
+                            else None, device=device)
+                  if recipe.label_free.steps or config.space.lewis_range else None)
     for method in config.space.methods:  # incompatible overrides fail now, not at trial 1
         with_recipe(sources, trial_recipe(recipe, {"method": method}, recipe.seed))
     for checkpoint in (sources.base, *sources.experts):

@@ -131,12 +131,12 @@ class TrialModel:
     def merge(self, recipe: Recipe) -> dict[str, float] | None:
         """Merge `recipe` into the model; with head steps, returns each task's argmax agreement
         with its expert on the calibration texts after align_heads (None without it)."""
-        _, report = merge_in_memory(self.classifier.model, with_recipe(self.sources, recipe),
-                                    self.calibrated)
-        if "align_heads" not in report:
+        _, done = merge_in_memory(self.classifier.model, with_recipe(self.sources, recipe),
+                                  self.calibrated)
+        aligned = done.reports.get("align_heads")
+        if aligned is None:
             return None
-        return {task: entry["agreement_after"]
-                for task, entry in report["align_heads"]["tasks"].items()}
+        return {task: entry["agreement_after"] for task, entry in aligned.tasks.items()}
 
 
 @dataclass

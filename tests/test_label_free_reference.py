@@ -28,7 +28,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one
 def fam(tmp_path_factory):
     """Three experts that moved well away from the base (noise 0.035), and calibration texts per
     task drawn from different parts of the vocabulary, so each expert sees other inputs."""
-    root = tmp_path_factory.mktemp("guided-ref")
+    root = tmp_path_factory.mktemp("label-free-ref")
     base, experts = build_family(root, TASKS, noise=0.035)
     texts, files = {}, {}
     for i, task in enumerate(TASKS):
@@ -89,7 +89,7 @@ def test_lewis_densities_follow_the_wanda_importance_moves_of_each_expert(fam, t
     gamma, epsilon = 0.2, 0.9
     raw = recipe_dict(base, experts, "ties", lewis={"gamma": gamma, "epsilon": epsilon},
                       calibration={"texts": files, "batch_size": 7})
-    report = merge(parse_recipe(raw), tmp_path / "out", progress=False).guided
+    report = merge(parse_recipe(raw), tmp_path / "out", progress=False).label_free.to_dict()
     tokenizer = AutoTokenizer.from_pretrained(experts["sentiment"])
     base_model = load(base, num_labels=8)  # the head is not scored: its rows do not matter
     base_w = weights(base_model)

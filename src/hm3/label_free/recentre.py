@@ -1,22 +1,27 @@
-"""Label-free bias re-centring: shift each task's head biases so that the merged model's
+"""`recentre`: shift each task's head biases so that the merged model's
 predicted-label distribution on unlabelled texts matches its expert's (the cure for a task that
 collapses to one class after merging).
 
 Single-label task: the shift b solves min_b mean_i tau * logsumexp((z_i + b) / tau) - t.b, a
 convex problem whose gradient is (soft label histogram) - t; annealing tau towards 0 makes the
 hard (argmax) histogram match t. Multi-label task: each label's bias is set so that the same
-fraction of texts clears the threshold as with the expert.
+fraction of texts clears the threshold as with the expert. Heads stage, after align_heads.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from hm3.engine import Sources
+from hm3.errors import Hm3Error
 from hm3.heads import TaskGroup
+from hm3.label_free.heads_stage import head_logits
+from hm3.label_free.registry import HeadFit, Step, StepRun
 
 TEMPERATURES = (1.0, 0.3, 0.1, 0.03, 0.01, 0.003)
 
@@ -117,3 +122,69 @@ def recentre_heads(model: torch.nn.Module, sources: Sources, merged_logits: dict
         bias[group.offset:group.stop] += torch.tensor(result["shift"]).to(bias)
         out[group.name] = result
     return out
+
+
+@dataclass(frozen=True)
+class RecentreOptions:
+    """`recentre` has no options: the recipe says `recentre: true`."""
+
+
+@dataclass
+class RecentreReport:
+    """What `recentre` did: per task, the bias shift and the predicted-label distribution
+    before, after and of the expert (`target`)."""
+
+    tasks: dict[str, dict]
+
+    def summary(self) -> str:
+        lines = []
+        for task, entry in self.tasks.items():
+            gap = max(abs(b - t) for b, t in zip(entry["before"], entry["target"]))
+            done = max(abs(a - t) for a, t in zip(entry["after"], entry["target"]))
+            lines.append(f"recentre {task}: largest label-share gap to the expert "
+                         f"{gap:.1%} -> {done:.1%}")
+        return "\n".join(lines)
+
+
+class Recentre(Step):
+    """Each task's head biases shifted to its expert's label distribution (heads stage)."""
+
+    name = "recentre"
+    options = RecentreOptions
+    report = RecentreReport
+    stage = "heads"
+    needs = ("expert_logits",)
+    per_trial = True
+
+    def parse(self, raw: Any) -> RecentreOptions:
+        if raw is not True:
+            raise Hm3Error(f"recentre: expected true or false, got {raw!r}")
+        return RecentreOptions()
+
+    @staticmethod
+    def to_dict(options: RecentreOptions) -> bool:
+        return True
+
+    def check(self, sources: Sources, options: RecentreOptions) -> None:
+        if sources.heads[0].bias is None:
+            raise Hm3Error(f"recentre shifts the head's biases, and {sources.heads[0].weight} "
+                           "has none; drop `recentre` from the recipe (align_heads works without)")
+
+    def apply(self, run: StepRun, options: RecentreOptions) -> RecentreReport:
+        merged = head_logits(run.model, run.sources, run.head_inputs)
+        return RecentreReport(recentre_heads(run.model, run.sources, merged,
+                                             run.calibrated.expert_logits))
+
+    def read_report(self, entry: dict) -> RecentreReport:
+        # models merged before the report had `tasks` hold the tasks at the top
+        return RecentreReport(entry["tasks"] if "tasks" in entry else entry)
+
+    def refit_fold(self, options: RecentreOptions, report: RecentreReport, group,
+                   inputs: torch.Tensor, targets: torch.Tensor, train: torch.Tensor,
+                   fit: HeadFit) -> None:
+        fitted = inputs @ fit.rows.T
+        if fit.shift is not None:
+            fitted = fitted + fit.shift
+        shift = torch.tensor(recentre(fitted[train].numpy(), targets[train].numpy(),
+                                      group)["shift"], dtype=torch.float64)
+        fit.shift = shift if fit.shift is None else fit.shift + shift

@@ -16,7 +16,7 @@ import hm3
 from hm3 import Hm3Error, Hm3Warning, merge, parse_recipe
 from hm3.cli import main
 from hm3.data import CalibrationSpec, load_calibration
-from hm3.guided import align, lewis, recentre, regmean
+from hm3.label_free import align_heads, lewis, recentre, regmean
 from hm3.methods import METHODS
 
 from conftest import build_family, random_texts, recipe_dict, spread_head
@@ -45,7 +45,7 @@ def expert_logits(folder: Path, texts: list[str]) -> torch.Tensor:
 def fam(tmp_path_factory):
     """Base and three experts (two single-label, one multi-label) with spread heads, and a
     calibration file of distinct texts per task."""
-    root = tmp_path_factory.mktemp("guided")
+    root = tmp_path_factory.mktemp("label-free")
     base, experts = build_family(root, TASKS, multi_label=MULTI_LABEL)
     texts = {}
     for i, (task, folder) in enumerate(experts.items()):
@@ -83,9 +83,9 @@ def linear_weights(folder: Path) -> list[str]:
             and not name.startswith("classifier")]
 
 
-def guided_block(folder: Path) -> dict:
+def label_free_block(folder: Path) -> dict:
     """What a merged model's config records of its label-free steps."""
-    return json.loads((folder / "config.json").read_text())["hm3"]["guided"]
+    return json.loads((folder / "config.json").read_text())["hm3"]["label_free"]
 
 
 def label_rates(logits: np.ndarray, multi_label: bool) -> np.ndarray:
@@ -127,8 +127,8 @@ def test_recentred_merge_predicts_each_label_as_often_as_its_expert(fam, tmp_pat
     report = run_merge(fam, out, recentre=True, **extra)
     plain = tmp_path / "plain"
     run_merge(fam, plain, **extra)
-    record = guided_block(out)["recentre"]
-    assert report.guided["recentre"] == record
+    record = label_free_block(out)["recentre"]["tasks"]
+    assert report.label_free.steps["recentre"].tasks == record
     model = hm3.load(out, device="cpu")
     collapsed = 0
     for task, folder in fam.experts.items():
@@ -186,7 +186,7 @@ def test_lewis_merge_uses_its_densities_per_layer_and_expert(fam, tmp_path, monk
     out = tmp_path / "lewis"
     run_merge(fam, out, parameters={"density": 0.5}, lewis={"gamma": 0.3, "epsilon": 0.8})
     assert (out / "lewis_densities.png").stat().st_size > 0
-    block = guided_block(out)["lewis"]
+    block = label_free_block(out)["lewis"]
     assert (block["gamma"], block["epsilon"]) == (0.3, 0.8)
     table = block["densities"]
     assert set(table) == set(fam.experts)
@@ -276,7 +276,7 @@ def test_regmean_merge_of_one_expert_returns_its_linear_weights(fam, tmp_path):
     report = run_merge(fam, out, experts=one, parameters={"density": 0.5}, regmean=True)
     got, want = tensors(out), tensors(fam.experts["topic"])
     linear = linear_weights(fam.experts["topic"])
-    assert len(linear) == report.guided["regmean"]["layers"] == 13
+    assert len(linear) == report.label_free.to_dict()["regmean"]["layers"] == 13
     for name in linear:
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-5, msg=name)
     # everything else kept the recipe's merge: at density 0.5 a layer norm is trimmed
@@ -292,7 +292,7 @@ def test_coefficients_lower_the_objective_and_leave_the_heads_whole(fam, tmp_pat
     run_merge(fam, fitted, coefficients={"steps": 15, "lr": 0.05}, **extra)
     plain = tmp_path / "plain"
     run_merge(fam, plain, **extra)
-    block = guided_block(fitted)["coefficients"]
+    block = label_free_block(fitted)["coefficients"]
     assert block["objective_after"] < block["objective_before"]
     assert set(block["coefficients"]) == set(fam.experts)
     assert all(len(row) == len(block["blocks"]) for row in block["coefficients"].values())
@@ -327,8 +327,8 @@ def test_coefficients_fit_every_block_when_the_checkpoints_hold_a_tensor_the_mod
     settings = dict(coefficients={"steps": 2, "lr": 0.05}, parameters={"density": 0.5})
     run_merge(old, tmp_path / "with", **settings)
     run_merge(fam, tmp_path / "without", **settings)
-    with_buffer = guided_block(tmp_path / "with")["coefficients"]
-    without = guided_block(tmp_path / "without")["coefficients"]
+    with_buffer = label_free_block(tmp_path / "with")["coefficients"]
+    without = label_free_block(tmp_path / "without")["coefficients"]
     assert len(without["blocks"]) > 3
     assert with_buffer["blocks"] == without["blocks"]
     assert with_buffer["coefficients"] == without["coefficients"]
@@ -338,14 +338,15 @@ def test_coefficients_stay_within_their_bounds(fam, tmp_path):
     out = tmp_path / "bounded"
     report = run_merge(fam, out, experts={t: fam.experts[t] for t in ("sentiment", "topic")},
                        coefficients={"steps": 2, "lr": 1.0, "low": 0.9, "high": 1.1})
-    values = [v for row in report.guided["coefficients"]["coefficients"].values() for v in row]
+    values = [v for row in report.label_free.steps["coefficients"].coefficients.values()
+              for v in row]
     assert all(0.9 <= v <= 1.1 for v in values)
     assert any(v in (0.9, 1.1) for v in values)  # a step of lr 1 must have hit a bound
 
 
 @pytest.mark.parametrize("step", [{"regmean": True}, {"coefficients": {"steps": 1}}],
                          ids=["regmean", "coefficients"])
-def test_guided_merges_record_task_vector_norms_like_a_plain_merge(fam, tmp_path, step):
+def test_label_free_merges_record_task_vector_norms_like_a_plain_merge(fam, tmp_path, step):
     # The coefficient path builds its own shares of the merge; it must still measure the norms.
     two = {t: fam.experts[t] for t in ("sentiment", "topic")}
     plain = run_merge(fam, tmp_path / "plain", experts=two)
@@ -411,7 +412,7 @@ BAD = {
 
 
 @pytest.mark.parametrize("case", BAD)
-def test_bad_guided_blocks_are_refused_before_anything_is_written(fam, tmp_path, case):
+def test_bad_label_free_blocks_are_refused_before_anything_is_written(fam, tmp_path, case):
     extra, message = BAD[case]
     extra = dict(extra)
     drop = extra.pop("drop_task", None)
@@ -510,11 +511,11 @@ def test_fit_rows_recovers_an_exact_linear_map_and_shrinks_toward_the_start():
     truth = torch.randn(3, 6, generator=generator, dtype=torch.float64)
     start = torch.randn(3, 6, generator=generator, dtype=torch.float64)
     targets = features @ truth.T
-    torch.testing.assert_close(align.fit_rows(features, targets, start, 1e-10), truth,
+    torch.testing.assert_close(align_heads.fit_rows(features, targets, start, 1e-10), truth,
                                rtol=0, atol=1e-6)
-    torch.testing.assert_close(align.fit_rows(features, targets, start, 1e8), start,
+    torch.testing.assert_close(align_heads.fit_rows(features, targets, start, 1e8), start,
                                rtol=0, atol=1e-5)
-    middle = align.fit_rows(features, targets, start, 1.0)
+    middle = align_heads.fit_rows(features, targets, start, 1.0)
     assert 0 < float((middle - truth).norm()) < float((start - truth).norm())
 
 
@@ -523,7 +524,7 @@ def test_aligned_heads_match_the_experts_logits_better_and_touch_only_the_head(f
     extra = dict(experts=two, parameters={"density": 0.5})
     report = run_merge(fam, tmp_path / "aligned", align_heads={"ridge": 0.01}, **extra)
     plain = run_merge(fam, tmp_path / "plain", **extra)
-    for task, entry in report.guided["align_heads"]["tasks"].items():
+    for task, entry in report.label_free.to_dict()["align_heads"]["tasks"].items():
         assert entry["mse_after"] < entry["mse_before"], task
         assert entry["agreement_after"] >= entry["agreement_before"], task
     aligned, merged = tensors(report.path), tensors(plain.path)
@@ -554,7 +555,7 @@ def test_cli_merge_and_inspect_summarise_the_label_free_steps(fam, tmp_path, cap
             assert f"recentre {task}: largest label-share gap to the expert" in text
             assert f"align_heads {task}: agreement with the expert" in text
     held_out = json.loads((tmp_path / "out" / "config.json").read_text())[
-        "hm3"]["guided"]["fidelity"]["held_out"]
+        "hm3"]["label_free"]["fidelity"]["held_out"]
     shares = ", ".join(f"{task} {held_out['tasks'][task]['agreement']:.1%}" for task in fam.experts)
     assert f"head steps fitted without each text (5-fold): {shares}" in merged
     card = (tmp_path / "out" / "README.md").read_text()
@@ -595,23 +596,23 @@ def test_ridge_auto_cross_validates_on_the_calibration_texts(texts, features, st
     x = rng.normal(size=(texts, features))
     start = np.zeros((3, features))
     z = x @ (0.3 * rng.normal(size=(3, features))).T + 0.5 * rng.normal(size=(texts, 3))
-    chosen, errors = align.choose_ridge(torch.from_numpy(x), torch.from_numpy(z),
+    chosen, errors = align_heads.choose_ridge(torch.from_numpy(x), torch.from_numpy(z),
                                         torch.from_numpy(start))
-    assert list(errors) == list(align.RIDGES)
+    assert list(errors) == list(align_heads.RIDGES)
     for ridge in (0.01, 1.0):
-        assert errors[ridge] == pytest.approx(numpy_cv_error(x, z, start, ridge, align.FOLDS),
+        assert errors[ridge] == pytest.approx(numpy_cv_error(x, z, start, ridge, align_heads.FOLDS),
                                               rel=1e-9)
     assert errors[chosen] == min(errors.values())
-    assert (chosen >= 0.3) if strong else (chosen == min(align.RIDGES))
+    assert (chosen >= 0.3) if strong else (chosen == min(align_heads.RIDGES))
 
 
 def test_ridge_auto_records_each_tasks_choice(fam, tmp_path, capsys):
     two = {t: fam.experts[t] for t in ("sentiment", "topic")}
     report = run_merge(fam, tmp_path / "auto", experts=two, align_heads={"ridge": "auto"})
-    block = report.guided["align_heads"]
+    block = report.label_free.to_dict()["align_heads"]
     assert block["ridge"] == "auto"
     for task, entry in block["tasks"].items():
-        assert entry["ridge"] in align.RIDGES
+        assert entry["ridge"] in align_heads.RIDGES
         errors = {float(r): e for r, e in entry["cv_mse"].items()}
         assert errors[entry["ridge"]] == min(errors.values()), task
     fixed = run_merge(fam, tmp_path / "fixed", experts=two,

@@ -150,7 +150,7 @@ def calibration_batches(sources: Sources, held_out: dict[str, list[str]] | None 
                         calibration: Calibration | None = None):
     """The recipe's calibration texts (read unless given), the tokenizer, and each task's texts
     tokenised into batches."""
-    spec = sources.recipe.guided.calibration
+    spec = sources.recipe.label_free.calibration
     if spec is None:
         raise Hm3Error("this needs unlabelled texts: add a `calibration:` block to the recipe, "
                        "e.g. `calibration: {texts: traffic.txt}` (every task reads it) or "
@@ -160,7 +160,7 @@ def calibration_batches(sources: Sources, held_out: dict[str, list[str]] | None 
         calibration = load_calibration(spec, tasks, held_out)
     tokenizer = load_tokenizer([sources.base.path, *(e.path for e in sources.experts)],
                                missing="no tokenizer found next to the base or the experts; "
-                               "guided merging needs one to run the calibration texts")
+                               "the label-free steps need one to run the calibration texts")
     # Tasks that read the very same texts (one shared sample) share one list of batches, so a
     # model that serves every task runs over them once (`once_per_batches`).
     batches: dict[str, list[dict]] = {}

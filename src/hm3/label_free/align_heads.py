@@ -1,4 +1,4 @@
-"""Head alignment: each task's head rows refitted in closed form so that, on that task's
+"""`align_heads`: each task's head rows refitted in closed form so that, on that task's
 unlabelled texts, the merged model's logits match its expert's.
 
 The merged body changes the features the head reads; with X the merged model's head inputs on a
@@ -10,18 +10,81 @@ and W0 the head rows as merged, the rows become the ridge regression toward W0
 solved exactly (no gradient steps). With few texts the ridge keeps the rows near the expert's.
 `ridge: auto` picks it per task from RIDGES by k-fold cross-validation on the task's own
 calibration texts: the ridge whose rows, fitted without a fold, best predict the expert's logits
-on that fold (no labels; texts with more features than texts need a stronger pull).
+on that fold (no labels; texts with more features than texts need a stronger pull). Heads stage,
+before recentre.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 
-from hm3.guided.calibration import input_hooks, once_per_batches, run_batches
-from hm3.guided.regmean import ridge_toward
+from hm3.errors import Hm3Error
+from hm3.label_free.heads_stage import head_rows
+from hm3.label_free.registry import HeadFit, Step, StepRun, option, positive
+from hm3.label_free.regmean import ridge_toward
 
 RIDGES = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)  # what `ridge: auto` chooses from
 FOLDS = 5
+
+
+def ridge_or_auto(value: Any, where: str) -> float | str:
+    if value == "auto":
+        return value
+    if isinstance(value, str):
+        raise Hm3Error(f"{where}: expected a positive number or 'auto', got {value!r}")
+    return positive(value, where)
+
+
+@dataclass(frozen=True)
+class AlignHeadsOptions:
+    """Options of the `align_heads` step."""
+
+    ridge: float | str = option(0.1, ridge_or_auto, "pull toward the rows as merged (0.1 "
+                                "measured better than 1.0 on the zoo), or `auto`: per task by "
+                                "cross-validation on the calibration texts")
+
+
+@dataclass
+class AlignHeadsReport:
+    """What `align_heads` did: the ridge asked for and, per task, the mean squared error and
+    argmax agreement of the merged logits with the expert's before and after (with `ridge:
+    auto`, also the ridge chosen and each ridge's cross-validated error)."""
+
+    ridge: float | str
+    tasks: dict[str, dict]
+
+    def summary(self) -> str:
+        lines = []
+        for task, entry in self.tasks.items():
+            chosen = f" (ridge {entry['ridge']} by cross-validation)" if "ridge" in entry else ""
+            lines.append(f"align_heads {task}: agreement with the expert "
+                         f"{entry['agreement_before']:.1%} -> {entry['agreement_after']:.1%}"
+                         f"{chosen}")
+        return "\n".join(lines)
+
+
+class AlignHeads(Step):
+    """Each task's head rows refitted in closed form toward its expert's logits (heads stage)."""
+
+    name = "align_heads"
+    options = AlignHeadsOptions
+    report = AlignHeadsReport
+    stage = "heads"
+    needs = ("expert_logits",)
+    per_trial = True
+
+    def apply(self, run: StepRun, options: AlignHeadsOptions) -> AlignHeadsReport:
+        return AlignHeadsReport(**align_heads(run.model, run.sources, run.head_inputs,
+                                              run.calibrated.expert_logits, options.ridge))
+
+    def refit_fold(self, options: AlignHeadsOptions, report: AlignHeadsReport, group,
+                   inputs: torch.Tensor, targets: torch.Tensor, train: torch.Tensor,
+                   fit: HeadFit) -> None:
+        ridge = report.tasks[group.name].get("ridge", report.ridge)  # `auto`: the one chosen
+        fit.rows = fit_rows(inputs[train], targets[train], fit.rows, ridge)
 
 
 def fit_rows(features: torch.Tensor, targets: torch.Tensor, start: torch.Tensor,
@@ -53,44 +116,6 @@ def choose_ridge(features: torch.Tensor, targets: torch.Tensor, start: torch.Ten
         errors[ridge] = total / z.numel()
     best = min(errors.values())
     return max(r for r, e in errors.items() if e <= best * (1 + 1e-9)), errors
-
-
-def head_inputs(model: torch.nn.Module, sources, batches: dict[str, list[dict]]
-                ) -> dict[str, torch.Tensor]:
-    """What the head's final projection reads on each task's texts (one forward pass per task,
-    one for all tasks that share their texts), float64 on the CPU, with a column of ones
-    appended when the head has a bias: the head's logits are then `inputs @ [weight | bias].T`,
-    so refitting and re-centring need no further pass."""
-    head_name = sources.heads[0].weight.rsplit(".", 1)[0]
-
-    def inputs(task_batches: list[dict]) -> torch.Tensor:
-        seen: list[torch.Tensor] = []
-        with input_hooks({head_name: model.get_submodule(head_name)},
-                         lambda _name, x: seen.append(x)) as set_batch:
-            run_batches(model, task_batches, set_batch)
-        x = torch.cat(seen).cpu()
-        if sources.heads[0].bias is not None:
-            x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
-        return x
-
-    return once_per_batches({g.name: batches[g.name] for g in sources.groups}, inputs)
-
-
-def head_rows(model: torch.nn.Module, sources, group) -> torch.Tensor:
-    """A task's head rows as one (rows, columns [+ 1 for the bias]) float64 matrix."""
-    state = model.state_dict()
-    rows = slice(group.offset, group.stop)
-    weight = state[sources.heads[0].weight][rows].double().cpu()
-    if sources.heads[0].bias is None:
-        return weight
-    return torch.cat([weight, state[sources.heads[0].bias][rows, None].double().cpu()], dim=1)
-
-
-def head_logits(model: torch.nn.Module, sources, inputs: dict[str, torch.Tensor]
-                ) -> dict[str, torch.Tensor]:
-    """Each task's logits (its own rows) from its head inputs and the head as it is now."""
-    return {group.name: inputs[group.name] @ head_rows(model, sources, group).T
-            for group in sources.groups}
 
 
 @torch.no_grad()

@@ -1,17 +1,19 @@
-"""Learned merge coefficients (AdaMerging-style, label-free; Yang et al. 2023, "AdaMerging:
-Adaptive Model Merging for Multi-Task Learning", arXiv:2310.02575): one coefficient per expert per
-transformer block scales that expert's share of the recipe method's merge,
+"""`coefficients`: learned merge coefficients (AdaMerging-style; Yang et al. 2023,
+"AdaMerging: Adaptive Model Merging for Multi-Task Learning", arXiv:2310.02575): one coefficient
+per expert per transformer block scales that expert's share of the recipe method's merge,
 
     theta_block = base_block + sum_i lambda[i, block] * share_i,block,
 
 fitted on unlabelled texts so that, on each task's texts, the merged model's probabilities for
 that task's group match its expert's (KL to the expert, over that group only). All coefficients
 start at 1 (the method's own merge) and stay clamped in [low, high]; heads are left as merged.
+The step is the merge stage: it merges the body in place of the recipe method's plain merge.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -20,9 +22,82 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from hm3.engine import Sources, TaskVectorSquares, job_inputs, merge_job
+from hm3.errors import Hm3Error
 from hm3.heads import TaskGroup
+from hm3.label_free.calibration import tokenize
+from hm3.label_free.registry import Step, StepRun, finite, option, positive, positive_int
 from hm3.methods import get_method
-from hm3.recipe import Coefficients
+
+
+@dataclass(frozen=True)
+class CoefficientsOptions:
+    """Options of the `coefficients` step."""
+
+    steps: int = option(40, positive_int, "Adam steps")
+    lr: float = option(0.05, positive, "Adam's learning rate")
+    low: float = option(0.0, finite, "the smallest coefficient")
+    high: float = option(1.5, finite, "the largest coefficient")
+    batch_size: int = option(16, positive_int, "texts per task in each step")
+
+
+@dataclass
+class CoefficientsReport:
+    """What `coefficients` did: the blocks, each expert's coefficient per block, the KL to the
+    experts before and after (on the first batch of every task), and the options it ran with."""
+
+    blocks: list[str]
+    coefficients: dict[str, list[float]]
+    objective_before: float
+    objective_after: float
+    steps: int
+    lr: float
+    low: float
+    high: float
+    batch_size: int
+
+    def summary(self) -> str:
+        return (f"coefficients: {len(self.blocks)} blocks x {len(self.coefficients)} experts, "
+                f"KL to the experts {self.objective_before:.4f} -> {self.objective_after:.4f}")
+
+
+class Coefficients(Step):
+    """AdaMerging-style coefficients fitted to the experts' outputs (merge stage)."""
+
+    name = "coefficients"
+    options = CoefficientsOptions
+    report = CoefficientsReport
+    stage = "merge"
+    needs = ("expert_logits",)
+    search_refusal = ("would be fitted again on every trial (minutes each); search without "
+                      "them, then add them to the best recipe (best.json) and run `hm3 merge`")
+    reference = "https://arxiv.org/abs/2310.02575"
+
+    def validate(self, options: CoefficientsOptions) -> CoefficientsOptions:
+        if not options.low < options.high:
+            raise Hm3Error(f"coefficients: low ({options.low}) must be below high "
+                           f"({options.high})")
+        return options
+
+    def check(self, sources: Sources, options: CoefficientsOptions) -> None:
+        if get_method(sources.recipe.method).isotropic:
+            raise Hm3Error(f"coefficients scale each expert's share of the merge, and "
+                           f"{sources.recipe.method} has none (it flattens the summed task "
+                           "vector's spectrum); use another method or drop `coefficients`")
+
+    def apply(self, run: StepRun, options: CoefficientsOptions) -> CoefficientsReport:
+        sources, calibrated = run.sources, run.calibrated
+        spec = sources.recipe.label_free.calibration
+        tasks = [e.task for e in sources.recipe.experts]
+        batches = {task: tokenize(calibrated.tokenizer, calibrated.calibration.texts[task],
+                                  spec.max_length, options.batch_size) for task in tasks}
+        groups = {g.name: g for g in sources.groups}
+        # The experts' logits on the calibration texts, cut into the fit's batches (both keep the
+        # texts' order).
+        targets = {task: [expert_probabilities(z, groups[task].multi_label)
+                          for z in calibrated.expert_logits[task].split(options.batch_size)]
+                   for task in tasks}
+        return CoefficientsReport(**fit_coefficients(run.model, sources, batches, targets,
+                                                     options, run.progress, run.squares))
 
 _BLOCK = re.compile(r"\.(?:layer|layers|h|block|blocks)\.(\d+)\.")
 
@@ -98,7 +173,7 @@ def _block_order(block: str) -> tuple[int, int]:
 
 
 def fit_coefficients(model: torch.nn.Module, sources: Sources, batches: dict[str, list[dict]],
-                     targets: dict[str, list[torch.Tensor]], config: Coefficients,
+                     targets: dict[str, list[torch.Tensor]], config: CoefficientsOptions,
                      progress: bool = False, squares: TaskVectorSquares | None = None) -> dict:
     """Fit the coefficients, write the merged weights into `model`, and return the table and
     the objective before and after (on the first batch of every task). With `squares`, adds

@@ -1,7 +1,8 @@
-"""RegMean (Jin et al. 2023, "Dataless Knowledge Fusion by Merging Weights of Language Models",
-arXiv:2212.09849): each linear layer merged in closed form from the experts' input
+"""`regmean`: RegMean (Jin et al. 2023, "Dataless Knowledge Fusion by Merging Weights of
+Language Models", arXiv:2212.09849): each linear layer merged in closed form from the experts' input
 Gram matrices on unlabelled texts, W* = (sum_i G_i)^-1 sum_i G_i W_i, with G_i's off-diagonal
-entries scaled by alpha. Everything else keeps the recipe method's merge.
+entries scaled by alpha. Everything else keeps the recipe method's merge (body stage: after the
+merge, before distill).
 
 Memory: one expert's Grams are collected at a time and spilled to a temporary safetensors
 file; the solve then reads one layer's Grams from every expert at a time.
@@ -10,6 +11,7 @@ file; the solve then reads one layer's Grams from every expert at a time.
 from __future__ import annotations
 
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -19,9 +21,53 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from hm3.engine import Sources
-from hm3.guided.calibration import expert_classifier, layer_input_means, linear_layers
+from hm3.label_free.calibration import (
+    expert_classifier,
+    head_modules,
+    layer_input_means,
+    linear_layers,
+)
+from hm3.label_free.registry import Step, StepRun, fraction, option
 
 RIDGE = 1e-6  # relative to the Grams' mean diagonal
+
+
+@dataclass(frozen=True)
+class RegMeanOptions:
+    """Options of the `regmean` step."""
+
+    alpha: float = option(1.0, fraction, "scale of the Grams' off-diagonal entries (1 keeps "
+                          "them: measured best on the zoo, against 0.9 and 0.5)")
+
+
+@dataclass
+class RegMeanReport:
+    """What `regmean` did: its alpha and the number of linear layers it solved."""
+
+    alpha: float
+    layers: int
+
+    def summary(self) -> str:
+        return f"regmean: {self.layers} linear layers (alpha {self.alpha})"
+
+
+class RegMean(Step):
+    """Every linear layer of the body solved in closed form from the experts' Grams."""
+
+    name = "regmean"
+    options = RegMeanOptions
+    report = RegMeanReport
+    stage = "body"
+    search_refusal = ("sets every linear layer in closed form, so the densities and weights a "
+                      "search samples would not matter; search without it")
+    conflicts = {"coefficients": "RegMean solves the linear layers in closed form, which leaves "
+                                 "no task vectors to weigh"}
+    reference = "https://arxiv.org/abs/2212.09849"
+
+    def apply(self, run: StepRun, options: RegMeanOptions) -> RegMeanReport:
+        layers = apply_regmean(run.model, run.sources, run.calibrated.batches, options.alpha,
+                               head_modules(run.sources), run.progress)
+        return RegMeanReport(options.alpha, len(layers))
 
 
 def gram_matrices(model: torch.nn.Module, batches: Sequence[dict],

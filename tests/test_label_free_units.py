@@ -16,8 +16,16 @@ import torch
 from transformers import AutoTokenizer
 
 from hm3.errors import Hm3Error, Hm3Warning
-from hm3.guided import align, calibration, coefficients, cross_fit, lewis, recentre, regmean
 from hm3.heads import TaskGroup
+from hm3.label_free import (
+    align_heads,
+    calibration,
+    coefficients,
+    heads_stage,
+    lewis,
+    recentre,
+    regmean,
+)
 from hm3.pipeline import shared_tasks, warn_low_held_out
 from hm3.recipe import Override
 
@@ -132,9 +140,9 @@ def test_align_agreement_is_argmax_or_each_labels_side_of_the_threshold():
     single = TaskGroup("t", ("a", "b"), 0)
     logits = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 2.0], [3.0, 0.0]])
     target = torch.tensor([[2.0, 0.0], [2.0, 0.0], [0.0, 5.0], [0.0, 1.0]])
-    assert align._agreement(logits, target, single) == 0.5
+    assert align_heads._agreement(logits, target, single) == 0.5
     multi = TaskGroup("t", ("a", "b"), 0, multi_label=True, threshold=0.8)  # logit cut log 4
-    assert align._agreement(logits, target, multi) == 5 / 8
+    assert align_heads._agreement(logits, target, multi) == 5 / 8
 
 
 def test_ridge_toward_solves_the_regularised_normal_equations():
@@ -282,6 +290,19 @@ def _features(n: int, columns: int, seed: int = 0) -> torch.Tensor:
     return torch.cat([x, torch.ones(n, 1, dtype=torch.float64)], dim=1)
 
 
+def fold_steps(ridge: float | None = None, recentred: bool = False) -> list:
+    """The head steps as `cross_fitted_logits` takes them: align_heads with `ridge` (None:
+    without), then recentre if `recentred`."""
+    steps = []
+    if ridge is not None:
+        steps.append((align_heads.AlignHeads(), align_heads.AlignHeadsOptions(ridge),
+                      align_heads.AlignHeadsReport(ridge, {"t": {}})))
+    if recentred:
+        steps.append((recentre.Recentre(), recentre.RecentreOptions(),
+                      recentre.RecentreReport({})))
+    return steps
+
+
 def test_cross_fitted_logits_of_a_text_come_from_rows_fitted_without_its_fold():
     group = TaskGroup("t", ("a", "b", "c"), 0)
     x = _features(23, 6)
@@ -289,15 +310,15 @@ def test_cross_fitted_logits_of_a_text_come_from_rows_fitted_without_its_fold():
     target = x @ torch.randn(3, 7, generator=g, dtype=torch.float64).T \
         + 0.3 * torch.randn(23, 3, generator=g, dtype=torch.float64)
     start = torch.randn(3, 7, generator=g, dtype=torch.float64)
-    out = cross_fit.cross_fitted_logits([group], {"t": x}, {"t": target}, {"t": start},
-                                        {"t": 0.1}, recentre_heads=False, folds=5)["t"]
+    out = heads_stage.cross_fitted_logits([group], {"t": x}, {"t": target}, {"t": start},
+                                          fold_steps(ridge=0.1), folds=5)["t"]
     for fold in range(5):
         held = torch.zeros(23, dtype=torch.bool)
         held[fold::5] = True
-        rows = align.fit_rows(x[~held], target[~held], start, 0.1)
+        rows = align_heads.fit_rows(x[~held], target[~held], start, 0.1)
         assert torch.allclose(out[held], x[held] @ rows.T, atol=1e-10)
     # not the rows fitted on every text: those predict their own texts more closely
-    everything = x @ align.fit_rows(x, target, start, 0.1).T
+    everything = x @ align_heads.fit_rows(x, target, start, 0.1).T
     assert (everything - target).pow(2).mean() < (out - target).pow(2).mean()
 
 
@@ -307,8 +328,8 @@ def test_cross_fitted_recentre_shifts_by_what_the_other_folds_ask():
     target = torch.tensor([[1.0, 0.0]] * 5 + [[0.0, 1.0]] * 5, dtype=torch.float64)
     start = torch.zeros(2, 4, dtype=torch.float64)
     start[0, -1] = 2.0  # label a always wins before the shift
-    out = cross_fit.cross_fitted_logits([group], {"t": x}, {"t": target}, {"t": start}, None,
-                                        recentre_heads=True, folds=2)["t"]
+    out = heads_stage.cross_fitted_logits([group], {"t": x}, {"t": target}, {"t": start},
+                                          fold_steps(recentred=True), folds=2)["t"]
     for fold in range(2):
         held = torch.zeros(10, dtype=torch.bool)
         held[fold::2] = True
@@ -323,9 +344,9 @@ def test_with_more_columns_than_texts_the_fit_is_perfect_on_its_texts_but_not_he
     g = torch.Generator().manual_seed(2)
     target = torch.randn(30, 2, generator=g, dtype=torch.float64)  # nothing to learn
     start = torch.zeros(2, 61, dtype=torch.float64)
-    fitted = x @ align.fit_rows(x, target, start, 1e-6).T
-    held = cross_fit.cross_fitted_logits([group], {"t": x}, {"t": target}, {"t": start},
-                                         {"t": 1e-6}, recentre_heads=False)["t"]
+    fitted = x @ align_heads.fit_rows(x, target, start, 1e-6).T
+    held = heads_stage.cross_fitted_logits([group], {"t": x}, {"t": target}, {"t": start},
+                                           fold_steps(ridge=1e-6))["t"]
     agree = lambda z: float((z.argmax(1) == target.argmax(1)).double().mean())  # noqa: E731
     assert agree(fitted) == 1.0
     assert agree(held) < 0.8
@@ -334,8 +355,9 @@ def test_with_more_columns_than_texts_the_fit_is_perfect_on_its_texts_but_not_he
 def test_a_task_with_one_text_has_no_cross_fitted_logits():
     group = TaskGroup("t", ("a", "b"), 0)
     x = _features(1, 3)
-    out = cross_fit.cross_fitted_logits([group], {"t": x}, {"t": torch.zeros(1, 2)},
-                                        {"t": torch.zeros(2, 4, dtype=torch.float64)}, None, True)
+    out = heads_stage.cross_fitted_logits([group], {"t": x}, {"t": torch.zeros(1, 2)},
+                                          {"t": torch.zeros(2, 4, dtype=torch.float64)},
+                                          fold_steps(recentred=True))
     assert out == {}
 
 
