@@ -51,7 +51,7 @@ docs: setup
 	$(BIN)/pip install --quiet -e '.[docs]'
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
-# Mutation testing (mutmut) of methods/, heads.py, engine/, model.py, guided/ and the metrics,
+# Mutation testing (mutmut) of methods/, heads.py, engine/, model.py, label_free/ and the metrics,
 # each group against its own test files: hours on 2 cores, so not part of `test` or CI.
 # `make mutation GROUPS="methods heads"` runs some; the score lands in
 # benchmarks/results/mutation_score.json.

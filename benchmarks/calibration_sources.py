@@ -42,7 +42,7 @@ from hm3.checkpoint import load_tokenizer, write_json_atomic
 from hm3.engine import build_model, merge_into, open_sources
 from hm3.evaluate import score_task
 from hm3.model import MultiTaskClassifier, group_probabilities, load
-from hm3.pipeline import guided_model
+from hm3.pipeline import label_free_model
 from hm3.recipe import parse_recipe
 from hm3.zoo import build_zoo, read_split
 from hm3.zoo.build import zoo_dir
@@ -172,10 +172,10 @@ def run_row(zoo, splits: Splits, name: str, fields: dict, source: str | None) ->
         cpu, wall = time.process_time(), time.perf_counter()
         sources = open_sources(recipe)
         report = None
-        if recipe.guided.needs_model:
+        if recipe.label_free.needs_model:
             held = {t: [x for s in ("validation", "test") for x, _ in splits.data[s][t]]
                     for t in splits.tasks}
-            model, sources, report = guided_model(sources, progress=False, held_out=held)
+            model, sources, report = label_free_model(sources, progress=False, held_out=held)
         else:
             model = build_model(sources)
             merge_into(model, sources, progress=False)

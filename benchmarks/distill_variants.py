@@ -120,7 +120,7 @@ def main() -> None:
             row["distill"] = {"error_before": report.error_before,
                               "error_after": report.error_after, "routed": report.routed}
             row["distill_seconds"] = report.seconds
-        head_steps(model, sources, calibrated.batches, calibrated.expert_logits)
+        head_steps(model, sources, calibrated)
         row["seconds"] = round(time.perf_counter() - started, 1)
         best = max((r["mean"]["validation"] for r in entry["rows"].values()), default=-1.0)
         row["scores"] = {"validation": f1s(classifier, splits["validation"])}

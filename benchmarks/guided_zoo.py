@@ -24,7 +24,7 @@ from hm3.checkpoint import load_tokenizer, write_json_atomic
 from hm3.engine import build_model, merge_into, open_sources
 from hm3.evaluate import evaluate
 from hm3.model import MultiTaskClassifier, load
-from hm3.pipeline import guided_model
+from hm3.pipeline import label_free_model
 from hm3.recipe import parse_recipe
 from hm3.zoo import build_zoo
 
@@ -81,9 +81,9 @@ def run_config(zoo, name: str, extra: dict, validation, test) -> dict:
     cpu, wall = time.process_time(), time.perf_counter()
     sources = open_sources(recipe)
     report = None
-    if recipe.guided.needs_model:
+    if recipe.label_free.needs_model:
         held = {d.task: d.texts for d in [*validation, *test]}
-        model, sources, report = guided_model(sources, progress=True, held_out=held)
+        model, sources, report = label_free_model(sources, progress=True, held_out=held)
     else:
         model = build_model(sources)
         merge_into(model, sources, progress=False)
@@ -97,7 +97,8 @@ def run_config(zoo, name: str, extra: dict, validation, test) -> dict:
             "mean": {k: sum(v.values()) / len(v) for k, v in scores.items()},
             "merge_cpu_minutes": round(merge_cpu / 60, 2),
             "merge_wall_minutes": round(merge_wall / 60, 2),
-            "guided": {k: v for k, v in (report or {}).items()
+            # (`guided`: the key of every row in results/guided_zoo.json)
+            "guided": {k: v for k, v in (report.to_dict() if report else {}).items()
                        if k in ("recentre", "coefficients", "regmean", "calibration")}}
 
 

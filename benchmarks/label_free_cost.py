@@ -119,11 +119,11 @@ def main() -> None:
              else (f"{platform.processor() or platform.machine()}, "
                    f"{torch.get_num_threads()} threads"),
              "torch": torch.__version__, "experts": len(experts),
-             "texts": {t: e["texts"] for t, e in report.guided["calibration"].items()},
+             "texts": {t: e["texts"] for t, e in report.label_free.calibration.items()},
              "max_length": args.max_length, "recipe": recipe.to_dict(),
              "wall_seconds": round(wall, 1),
-             "label_free_seconds": report.guided["seconds"],
-             "distill_seconds": report.guided["distill"]["seconds"],
+             "label_free_seconds": report.label_free.seconds,
+             "distill_seconds": report.label_free.steps["distill"].seconds,
              "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
     if args.device.startswith("cuda"):
         entry["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)

@@ -56,6 +56,7 @@ from hm3.check import compare_task
 from hm3.checkpoint import Checkpoint, write_json_atomic
 from hm3.data.calibration import text_key
 from hm3.evaluate import evaluate, label_indices, predictions
+from hm3.label_free.registry import saved_report
 from hm3.model import load
 from hm3.recipe import PRESETS
 from hm3.zoo import build_mpnet_zoo, read_split
@@ -309,14 +310,14 @@ def merge_summary(folder: Path) -> dict:
     """What the merge recorded: each expert's relative task-vector norm and, for label-free
     steps, their seconds and the coefficients' objective."""
     block = json.loads((folder / "config.json").read_text())["hm3"]
-    guided = block.get("guided", {})
+    label_free = saved_report(block) or {}
     summary = {"task_vector_norms": {t: round(v, 5)
                                      for t, v in block.get("task_vector_norms", {}).items()},
-               **{k: guided[k] for k in ("seconds", "cpu_seconds") if k in guided}}
-    if "coefficients" in guided:
-        summary["coefficients_objective"] = [guided["coefficients"].get("objective_before"),
-                                             guided["coefficients"].get("objective_after")]
-    fidelity = guided.get("fidelity")
+               **{k: label_free[k] for k in ("seconds", "cpu_seconds") if k in label_free}}
+    if "coefficients" in label_free:
+        summary["coefficients_objective"] = [label_free["coefficients"].get("objective_before"),
+                                             label_free["coefficients"].get("objective_after")]
+    fidelity = label_free.get("fidelity")
     if fidelity:  # agreement with each expert on the calibration texts: as fitted, held out
         summary["calibration_agreement"] = {t: e["agreement"] for t, e in fidelity["tasks"].items()}
         if "held_out" in fidelity:

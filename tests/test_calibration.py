@@ -14,7 +14,7 @@ from hm3.check import CALIBRATION_TEXTS
 from hm3.cli import main
 from hm3.data import CalibrationSpec, calibration as calibration_module
 from hm3.data.calibration import load_calibration, text_hash
-from hm3.label_free import align_heads, calibration as label_free_calibration
+from hm3.label_free import calibration as label_free_calibration, heads_stage
 
 from conftest import build_family, recipe_dict
 
@@ -209,7 +209,7 @@ def test_a_shared_sample_runs_the_merged_model_once_for_every_task(tiny, tmp_pat
             return real(model, batches, before)
         monkeypatch.setattr(module, "run_batches", run)
 
-    counted(align_heads)
+    counted(heads_stage)
     counted(pipeline)
     merge(recipe, tmp_path / "once", progress=False)
     # head inputs: 8 texts in 2 batches, once; the fidelity report reads those inputs
@@ -218,7 +218,7 @@ def test_a_shared_sample_runs_the_merged_model_once_for_every_task(tiny, tmp_pat
     def every_task(batches, run):
         return {task: run(task_batches) for task, task_batches in batches.items()}
 
-    for module in (align_heads, pipeline, label_free_calibration):
+    for module in (heads_stage, pipeline, label_free_calibration):
         monkeypatch.setattr(module, "once_per_batches", every_task)
     passes.clear()
     merge(recipe, tmp_path / "each", progress=False)

@@ -22,7 +22,7 @@ from hm3.label_free.registry import saved_report
 from hm3.model import MultiTaskClassifier, group_probabilities, load, task_groups
 from hm3.table import format_table
 
-CALIBRATION_TEXTS = "calibration_texts.json"  # beside a guided merge's config.json
+CALIBRATION_TEXTS = "calibration_texts.json"  # beside a label-free merge's config.json
 DEFAULT_MIN_AGREEMENT = 0.9
 # On mixed traffic a text outside a task's domain gets an arbitrary label from its expert;
 # texts the expert is this sure of (top probability; each label's on/off probability for a
