@@ -2,6 +2,8 @@
 runs them, the distillation lowers each block's error to the experts on every architecture,
 shared samples routed to confident experts, and the recipe's `distill:` block."""
 
+import dataclasses
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,9 +13,9 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from hm3 import Hm3Error, merge, parse_recipe
 from hm3.data import Dataset
-from hm3.label_free import get_step, step_names
+from hm3.label_free import STAGES, get_step, registry, step_names
 from hm3.label_free.distill import MIN_ROUTED, NOTHING_TO_CORRECT, DistillOptions, _routed
-from hm3.label_free.registry import Step, register
+from hm3.label_free.registry import Step, option, positive, register, saved_report
 from hm3.label_free.stream import (
     block_output,
     blocks_replaced,
@@ -21,6 +23,7 @@ from hm3.label_free.stream import (
     first_block_calls,
     model_logits,
 )
+from hm3.pipeline import LabelFreeReport
 from hm3.search import SearchConfig, run_search
 
 from conftest import TINY, build_family, random_texts, recipe_dict, spread_head
@@ -302,6 +305,76 @@ def test_the_registry_refuses_a_second_step_of_one_name():
         register(Again())
     with pytest.raises(KeyError, match="unknown label-free step 'nothing'"):
         get_step("nothing")
+
+
+def test_the_steps_run_stage_by_stage_in_registration_order():
+    assert STAGES == ("densities", "merge", "body", "heads")
+    assert step_names() == ("lewis", "coefficients", "regmean", "distill", "align_heads",
+                            "recentre")
+    assert [get_step(name).stage for name in step_names()] == [
+        "densities", "merge", "body", "body", "heads", "heads"]
+    assert step_names("heads") == ("align_heads", "recentre")
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeOptions:
+    scale: float = option(1.0, positive, "a number the probe records")
+
+
+@dataclasses.dataclass
+class ProbeReport:
+    scale: float
+    stages_before: list[str]
+
+    def summary(self) -> str:
+        return f"probe: scale {self.scale} after {', '.join(self.stages_before)}"
+
+
+class Probe(Step):
+    """A body step that records which steps ran before it (the registry's run order)."""
+
+    name = "probe"
+    options = ProbeOptions
+    report = ProbeReport
+    stage = "body"
+    ran: list[str] = []
+
+    def apply(self, run, options: ProbeOptions) -> ProbeReport:
+        assert run.model is not None and run.sources.recipe.label_free.step("probe") == options
+        return ProbeReport(options.scale, [n for n in step_names() if n in Probe.ran])
+
+
+def test_a_new_step_is_its_declaration_and_registration_alone(small, tmp_path, monkeypatch):
+    """A step the pipeline and the recipe know nothing of runs in its stage, its block is read
+    and written from its declaration, and its report lands in config.json with its summary."""
+    monkeypatch.setitem(registry._STEPS, "probe", Probe())
+    for name in ("lewis", "align_heads"):  # record what ran before the probe
+        step = get_step(name)
+        monkeypatch.setattr(step, "apply", lambda run, options, step=step, real=step.apply: (
+            Probe.ran.append(step.name), real(run, options))[1])
+    Probe.ran.clear()
+    recipe = parse_recipe(recipe_with(small, lewis=True, align_heads=True, probe={"scale": 2}))
+    assert recipe.to_dict()["probe"] == {"scale": 2.0}
+    with pytest.raises(Hm3Error, match=r"probe.scale: expected a positive number"):
+        parse_recipe(recipe_with(small, probe={"scale": 0}))
+    report = merge(recipe, tmp_path / "out", progress=False)
+    assert report.label_free.steps["probe"] == ProbeReport(2.0, ["lewis"])  # before the heads
+    assert list(report.label_free.steps) == ["lewis", "probe", "align_heads"]
+    assert "  probe: scale 2.0 after lewis" in report.label_free.summary()
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())["hm3"]["label_free"]
+    assert saved["probe"] == {"scale": 2.0, "stages_before": ["lewis"],
+                              "summary": "probe: scale 2.0 after lewis"}
+
+
+def test_what_earlier_versions_saved_under_guided_is_still_read():
+    old = {"heads": "whole", "calibration": {"spam": {"texts": 3, "sources": []}},
+           "recentre": {"spam": {"shift": [0.1, -0.1], "target": [0.5, 0.5],
+                                 "before": [1.0, 0.0], "after": [0.5, 0.5]}},
+           "regmean": {"alpha": 1.0, "layers": 12}, "seconds": 4.0}
+    assert saved_report({"guided": old}) is old and saved_report({}) is None
+    summary = LabelFreeReport.from_dict(old).summary()
+    assert "regmean: 12 linear layers (alpha 1.0)" in summary
+    assert "recentre spam: largest label-share gap to the expert 50.0% -> 0.0%" in summary
 
 
 # --- the recommended recipe -------------------------------------------------------------------
