@@ -187,14 +187,12 @@ def check(merged: MultiTaskClassifier,
           texts: Sequence[str], batch_size: int = 32) -> dict:
     """Compare `merged` with each task's expert on `texts` (no labels needed).
 
-    Parameters
-    ----------
-    merged : the merged model (`hm3.load(path)`).
-    experts : task -> that task's expert (`hm3.load(path, task=TASK)`), or a function that
-        loads it (then one expert is in memory at a time); its labels must be the merged
-        task's, in the same order. Tasks without an expert are listed as unchecked.
-    texts : unlabelled texts that were NOT used to calibrate the merge (see
-        `calibration_overlap`).
+    `merged`: the merged model (`hm3.load(path)`).
+    `experts`: task -> that task's expert (`hm3.load(path, task=TASK)`), or a function that
+    loads it (then one expert is in memory at a time); its labels must be the merged task's, in
+    the same order. Tasks without an expert are listed as unchecked.
+    `texts`: unlabelled texts that were NOT used to calibrate the merge (see
+    `calibration_overlap`).
 
     Returns a JSON-able dict: {"texts": n, "tasks": {task: compare_task(...)}, "unchecked":
     [tasks]}. Add verdicts with `verdicts`.
@@ -232,15 +230,13 @@ def check_model(model: str | Path, texts: Sequence[str], experts: Sequence[str] 
     labels compared with the merged tasks' before any forward pass, `check`, `verdicts`, and
     what the merge records of its calibration (a warning when `texts` were calibration texts).
 
-    Parameters
-    ----------
-    model : the merged model (directory or hub id).
-    texts : unlabelled texts NOT used for calibration.
-    experts : `[TASK=]PATH` items (see `expert_paths`); default: the sources the model records.
-    min_agreement : `SHARE` / `TASK=SHARE` items (see `parse_thresholds`).
-    max_drift, count : as for `verdicts`.
-    batch_size, device, max_length, allow_pickle : how the models are loaded and run
-        (`hm3.load`).
+    `model`: the merged model (directory or hub id).
+    `texts`: unlabelled texts NOT used for calibration.
+    `experts`: `[TASK=]PATH` items (see `expert_paths`); default: the sources the model records.
+    `min_agreement`: `SHARE` / `TASK=SHARE` items (see `parse_thresholds`).
+    `max_drift`, `count`: as for `verdicts`.
+    `batch_size`, `device`, `max_length`, `allow_pickle`: how the models are loaded and run
+    (`hm3.load`).
 
     Returns `verdicts`'s dict, with "model", "experts" (task -> path), "calibration_overlap"
     and, where the merge recorded them, "calibration_figures" and "calibration_held_out".
