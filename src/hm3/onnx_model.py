@@ -85,10 +85,8 @@ class ExportedClassifier:
 class OnnxSequenceClassifier(ExportedClassifier):
     """An ONNX Runtime session with the call interface of a transformers sequence classifier.
 
-    Parameters
-    ----------
-    folder : an `hm3 export` folder (model.onnx, hm3_onnx.json, config.json, tokenizer files).
-    threads : intra-op threads (default: $HM3_ONNX_THREADS, else ONNX Runtime's own choice).
+    `folder`: an `hm3 export` folder (model.onnx, hm3_onnx.json, config.json, tokenizer files).
+    `threads`: intra-op threads (default: $HM3_ONNX_THREADS, else ONNX Runtime's own choice).
     """
 
     backend = "onnx"
@@ -124,12 +122,10 @@ class OpenVinoSequenceClassifier(ExportedClassifier):
     OpenVINO would otherwise compute in bf16 and the scores would drift from the model's.
     An int8 export (`hm3 export --format openvino --quantize int8`) runs its int8 layers as such.
 
-    Parameters
-    ----------
-    folder : an `hm3 export --format openvino` folder (openvino_model.xml/.bin, hm3_onnx.json,
-        config.json, tokenizer files).
-    threads : inference threads (default: $HM3_ONNX_THREADS, else OpenVINO's own choice).
-    precision : "f32" (default) or "bf16" (faster on CPUs with bf16 units; scores move).
+    `folder`: an `hm3 export --format openvino` folder (openvino_model.xml/.bin, hm3_onnx.json,
+    config.json, tokenizer files).
+    `threads`: inference threads (default: $HM3_ONNX_THREADS, else OpenVINO's own choice).
+    `precision`: "f32" (default) or "bf16" (faster on CPUs with bf16 units; scores move).
     """
 
     backend = "openvino"
