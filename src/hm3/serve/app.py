@@ -105,15 +105,13 @@ def create_app(classifier, options: ServeOptions = ServeOptions(), name: str = "
                batcher: Callable = MicroBatcher) -> FastAPI:
     """The ASGI app serving `classifier` (an `hm3.model.MultiTaskClassifier`).
 
-    Parameters
-    ----------
-    options : the server's settings (batching, limits, timeouts, access; see `ServeOptions`).
-    name, backend : reported by /health and /v1/tasks.
-    policy : per-task rules; when given, every answer says which tasks fired (`flagged`), and
-        POST /v1/moderations answers with them.
-    batcher : what gathers texts into batches: called as (run, max_batch_size, max_wait_ms,
-        on_batch), it has `start`, `stop` and `submit(texts)` (`MicroBatcher`; the Ray Serve
-        deployment passes one over `@serve.batch`).
+    `options`: the server's settings (batching, limits, timeouts, access; see `ServeOptions`).
+    `name`, `backend`: reported by /health and /v1/tasks.
+    `policy`: per-task rules; when given, every answer says which tasks fired (`flagged`), and
+    POST /v1/moderations answers with them.
+    `batcher`: what gathers texts into batches: called as (run, max_batch_size, max_wait_ms,
+    on_batch), it has `start`, `stop` and `submit(texts)` (`MicroBatcher`; the Ray Serve
+    deployment passes one over `@serve.batch`).
     """
     options.check()
     policy = policy or {}
