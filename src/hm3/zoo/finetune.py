@@ -53,20 +53,17 @@ def finetune(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Fine-tune the whole base encoder plus a new classification head on `train`.
 
-    Parameters
-    ----------
-    base : directory of the base encoder (any BERT-like checkpoint with a tokenizer).
-    train : (text, label name) pairs; every label must be in `labels`. For a multi-label task each
-        label is a tuple of names (possibly empty).
-    labels : label names in head order.
-    config : hyperparameters and seed; on one machine, the same config and data give the same model.
-    multi_label : train one sigmoid per label (binary cross-entropy) and save the model with
-        `problem_type: multi_label_classification`; else one softmax over the labels.
-    device : where to train; the model comes back on the CPU.
+    `base`: directory of the base encoder (any BERT-like checkpoint with a tokenizer).
+    `train`: (text, label name) pairs; every label must be in `labels`. For a multi-label task
+    each label is a tuple of names (possibly empty).
+    `labels`: label names in head order.
+    `config`: hyperparameters and seed; on one machine, the same config and data give the same
+    model.
+    `multi_label`: train one sigmoid per label (binary cross-entropy) and save the model with
+    `problem_type: multi_label_classification`; else one softmax over the labels.
+    `device`: where to train; the model comes back on the CPU.
 
-    Returns
-    -------
-    (model in eval mode, its tokenizer), ready for `save_pretrained`.
+    Returns (model in eval mode, its tokenizer), ready for `save_pretrained`.
     """
     label_ids = {label: index for index, label in enumerate(labels)}
     torch.manual_seed(config.seed)  # seeds the new head's initialisation and dropout

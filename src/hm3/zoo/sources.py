@@ -59,13 +59,10 @@ def base_model_dir() -> Path:
 def load_examples(task: str) -> list[tuple[str, str]]:
     """All (text, label) pairs of a task, deduplicated, in the source's own order.
 
-    Parameters
-    ----------
-    task : one of `TASKS`.
+    `task`: one of `TASKS`.
 
-    Returns
-    -------
-    list of (text, label name); a text that occurs with two different labels is dropped.
+    Returns a list of (text, label name); a text that occurs with two different labels is
+    dropped.
     """
     if task not in _READERS:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")

@@ -43,19 +43,15 @@ def split_examples(
 ) -> dict[str, list[Example]]:
     """Split examples into disjoint train, validation, test and calibration sets.
 
-    Parameters
-    ----------
-    examples : deduplicated (text, label) pairs.
-    seed : the same seed always gives the same split.
-    n_validation, n_test, n_calibration : requested sizes; each is cut to a fifth of the data
-        when the data is too small, so that training keeps the larger part.
-    max_train : cap on the training set (a stratified sample of what remains); None keeps all.
+    `examples`: deduplicated (text, label) pairs.
+    `seed`: the same seed always gives the same split.
+    `n_validation`, `n_test`, `n_calibration`: requested sizes; each is cut to a fifth of the
+    data when the data is too small, so that training keeps the larger part.
+    `max_train`: cap on the training set (a stratified sample of what remains); None keeps all.
 
-    Returns
-    -------
-    dict with keys `SPLITS`, each a list of (text, label). Draws are stratified by label where
-    every label has at least two examples. Calibration is meant for label-free methods; it keeps
-    its labels only so that every split has one format.
+    Returns a dict with keys `SPLITS`, each a list of (text, label). Draws are stratified by
+    label where every label has at least two examples. Calibration is meant for label-free
+    methods; it keeps its labels only so that every split has one format.
     """
     cap = len(examples) // 5
     test, pool = _draw(list(examples), min(n_test, cap), seed)
