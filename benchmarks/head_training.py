@@ -1,0 +1,159 @@
+"""Ways to fit the merged heads on a fixed merged body, from the features
+`head_training_features.py` cached: the ridge refit of the final projection (`align_heads`) at
+several strengths or chosen per task (`auto`), each with and without `recentre`, against
+training the head by gradient steps on the KL divergence to each expert's probabilities (the
+final projection alone, or with the shared hidden layer; pulled toward the rows as merged),
+every variant scored on the validation and test splits with its agreement with the experts.
+
+  .venv/bin/python benchmarks/head_training.py /tmp/hm3-head-features.pt [quick]
+(`quick`: the ridge rows only). Prints one line per variant; RESULTS.md section 10 quotes them.
+"""
+
+import json
+import sys
+
+import numpy as np
+import torch
+
+from hm3.evaluate import score_task
+from hm3.heads import TaskGroup
+from hm3.label_free.align_heads import choose_ridge, fit_rows
+from hm3.label_free.recentre import recentre
+from hm3.model import group_probabilities
+
+path = sys.argv[1] if len(sys.argv) > 1 else "/tmp/hm3-head-features.pt"
+d = torch.load(path, weights_only=False)
+X, E, labels, head = d["X"], d["E"], d["labels"], d["head"]
+groups = [TaskGroup.from_dict(g) for g in d["groups"]]
+tasks = [g.name for g in groups]
+D = "bert.pooler.dense" if "bert.pooler.dense.weight" in head else "classifier.dense"
+OUT = "classifier" if "classifier.weight" in head else "classifier.out_proj"
+W1, b1 = head[f"{D}.weight"].double(), head[f"{D}.bias"].double()
+W2, b2 = head[f"{OUT}.weight"].double(), head[f"{OUT}.bias"].double()
+local = {g.name: TaskGroup(g.name, g.labels, 0, g.multi_label, g.threshold) for g in groups}
+rows = {g.name: slice(g.offset, g.stop) for g in groups}
+
+
+def logits(W1, b1, W2, b2, split, t):
+    h = torch.tanh(X[split][t].double() @ W1.T + b1)
+    return h @ W2[rows[t]].T + b2[rows[t]]
+
+
+def do_recentre(W1, b1, W2, b2):
+    b2 = b2.clone()
+    for t in tasks:
+        z = logits(W1, b1, W2, b2, "calibration", t).detach().numpy()
+        b2[rows[t]] += torch.tensor(
+            recentre(z, E["calibration"][t].double().numpy(), local[t])["shift"]
+        ).double()
+    return b2
+
+
+def score(W1, b1, W2, b2, name):
+    out, agree = {}, {}
+    for s in ("validation", "test"):
+        for t in tasks:
+            z = logits(W1, b1, W2, b2, s, t).detach().numpy()
+            p = group_probabilities(z, [local[t]])[t]
+            pe = group_probabilities(E[s][t].double().numpy(), [local[t]])[t]
+            out.setdefault(s, {})[t] = round(score_task(local[t], labels[s][t], p)["macro_f1"], 4)
+            if local[t].multi_label:
+                a = ((p > local[t].threshold) == (pe > local[t].threshold)).mean()
+            else:
+                a = (p.argmax(1) == pe.argmax(1)).mean()
+            agree.setdefault(s, {})[t] = round(float(a), 3)
+    mean = {s: round(float(np.mean(list(v.values()))), 4) for s, v in out.items()}
+    am = {s: round(float(np.mean(list(v.values()))), 3) for s, v in agree.items()}
+    print(
+        f"{name:45s} val {mean['validation']:.4f} test {mean['test']:.4f} agree {am} "
+        f"test {json.dumps(out['test'])}",
+        flush=True,
+    )
+    return mean
+
+
+def experts():
+    out = {}
+    for s in ("validation", "test"):
+        out[s] = {
+            t: round(
+                score_task(
+                    local[t],
+                    labels[s][t],
+                    group_probabilities(E[s][t].double().numpy(), [local[t]])[t],
+                )["macro_f1"],
+                4,
+            )
+            for t in tasks
+        }
+    print(
+        "experts",
+        {s: round(float(np.mean(list(v.values()))), 4) for s, v in out.items()},
+        json.dumps(out["test"]),
+    )
+
+
+def align(W1, b1, W2, b2, ridge):
+    W2, b2 = W2.clone(), b2.clone()
+    for t in tasks:
+        h = torch.tanh(X["calibration"][t].double() @ W1.T + b1)
+        x = torch.cat([h, torch.ones(len(h), 1, dtype=h.dtype)], 1)
+        start = torch.cat([W2[rows[t]], b2[rows[t], None]], 1)
+        chosen = (
+            choose_ridge(x, E["calibration"][t].double(), start)[0] if ridge == "auto" else ridge
+        )
+        fitted = fit_rows(x, E["calibration"][t].double(), start, chosen)
+        W2[rows[t]], b2[rows[t]] = fitted[:, :-1], fitted[:, -1]
+    return W2, b2
+
+
+def kl_train(W1, b1, W2, b2, steps, lr, pull, train_dense=True, temperature=1.0):
+    p = [torch.nn.Parameter(v.clone().float()) for v in (W1, b1, W2, b2)]
+    start = [v.detach().clone() for v in p]
+    scale = [float(v.pow(2).mean()) or 1.0 for v in start]
+    opt = torch.optim.Adam(p if train_dense else p[2:], lr=lr)
+    Xc = {t: X["calibration"][t].float() for t in tasks}
+    Ec = {t: E["calibration"][t].float() for t in tasks}
+    for step in range(steps):
+        opt.zero_grad()
+        loss = 0
+        for t in tasks:
+            h = torch.tanh(Xc[t] @ p[0].T + p[1])
+            z = h @ p[2][rows[t]].T + p[3][rows[t]]
+            if local[t].multi_label:
+                loss = loss + torch.nn.functional.binary_cross_entropy_with_logits(
+                    z / temperature, torch.sigmoid(Ec[t] / temperature)
+                )
+            else:
+                loss = loss + torch.nn.functional.kl_div(
+                    torch.log_softmax(z / temperature, 1),
+                    torch.log_softmax(Ec[t] / temperature, 1),
+                    log_target=True,
+                    reduction="batchmean",
+                )
+        loss = loss / len(tasks)
+        reg = sum(((a - b).pow(2).mean() / s) for a, b, s in zip(p, start, scale))
+        (loss + pull * reg).backward()
+        opt.step()
+    return [v.detach().double() for v in p]
+
+
+experts()
+score(W1, b1, W2, b2, "heads as merged")
+b = do_recentre(W1, b1, W2, b2)
+score(W1, b1, W2, b, "recentre only")
+for ridge in (0.1, 0.2, 0.3, 0.5, 1.0, "auto"):
+    A2, a2 = align(W1, b1, W2, b2, ridge)
+    score(W1, b1, A2, a2, f"align {ridge} (no recentre)")
+    score(W1, b1, A2, do_recentre(W1, b1, A2, a2), f"align {ridge} + recentre")
+for train_dense in () if len(sys.argv) > 2 else (True, False):
+    for lr, steps in ((1e-3, 200), (3e-3, 300)):
+        for pull in (0.0, 0.1, 1.0):
+            V = kl_train(W1, b1, W2, b2, steps, lr, pull, train_dense)
+            score(
+                V[0],
+                V[1],
+                V[2],
+                do_recentre(*V),
+                f"KL {'dense+out' if train_dense else 'out'} lr{lr} s{steps} pull{pull} +rc",
+            )

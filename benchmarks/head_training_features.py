@@ -1,0 +1,95 @@
+"""What a merge's head reads, cached for `head_training.py`: the body merged once (TIES 0.2,
+heads whole; with `distill`, the `distill` step's default on it), then the input of the head's
+hidden layer (MPNet `classifier.dense`, BERT `pooler.dense`) on every task's calibration,
+validation and test texts, with each expert's logits on the same texts.
+
+  .venv/bin/python benchmarks/head_training_features.py [minilm] [distill]
+Writes /tmp/hm3-head-features[-minilm][-distill].pt (MPNet zoo, 171-640 unseen texts per task;
+`minilm`: the MiniLM zoo with the demo's calibration).
+"""
+
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from hm3.engine import build_model, merge_into, open_sources
+from hm3.label_free.calibration import expert_classifier
+from hm3.label_free.distill import DistillOptions, distill_body
+from hm3.model import MultiTaskClassifier
+from hm3.pipeline import calibrate
+from hm3.recipe import parse_recipe
+from hm3.zoo import build_mpnet_zoo
+
+from mpnet_zoo import HEAD_STEPS, datasets, recipe
+
+DISTILL = "distill" in sys.argv
+MINILM = "minilm" in sys.argv
+work = Path(tempfile.mkdtemp())
+if MINILM:
+    from hm3.demo import demo_recipe
+    from hm3.zoo import build_zoo
+
+    zoo = build_zoo(progress=False)
+    raw = {**demo_recipe(zoo), "coefficients": None}
+else:
+    zoo = build_mpnet_zoo(progress=False)
+    raw = recipe(zoo, list(zoo.experts), HEAD_STEPS, "per-task+unseen", work)
+held = {
+    t: [x for s in ("validation", "test") for d in datasets(zoo, s) if d.task == t for x in d.texts]
+    for t in zoo.experts
+}
+sources = open_sources(parse_recipe(raw))
+cal = calibrate(sources, held, progress=True)
+model = build_model(sources)
+merge_into(model, sources, progress=True)
+if DISTILL:
+    distill_body(model, sources, cal, DistillOptions(train="weights", lr=0.02), progress=True)
+max_length = raw["calibration"]["max_length"]
+clf = MultiTaskClassifier(model, cal.tokenizer, sources.groups, max_length)
+splits = {s: {d.task: d for d in datasets(zoo, s)} for s in ("validation", "test")}
+DENSE = "bert.pooler.dense" if MINILM else "classifier.dense"
+dense = model.get_submodule(DENSE)
+
+
+def inputs_on(texts):
+    seen = []
+    h = dense.register_forward_hook(lambda m, i, o: seen.append(i[0].detach()))
+    clf.logits(texts)
+    h.remove()
+    # the classifier runs the texts sorted by length: put the rows back in input order
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    out = torch.empty(len(texts), seen[0].shape[1])
+    out[order] = torch.cat(seen).float()
+    return out
+
+
+texts = {"calibration": {t: cal.calibration.texts[t] for t in zoo.experts}}
+texts.update({s: {t: splits[s][t].texts for t in zoo.experts} for s in splits})
+labels = {s: {t: splits[s][t].labels for t in zoo.experts} for s in splits}
+X = {s: {t: inputs_on(texts[s][t]) for t in zoo.experts} for s in texts}
+E = {s: {} for s in texts}
+for spec, ck in zip(sources.recipe.experts, sources.experts):
+    g = [
+        type(g)(g.name, g.labels, 0, g.multi_label, g.threshold)
+        for g in sources.groups
+        if g.name == spec.task
+    ]
+    ec = MultiTaskClassifier(expert_classifier(ck), cal.tokenizer, g, max_length)
+    for s in texts:
+        E[s][spec.task] = torch.tensor(ec.logits(texts[s][spec.task]))
+state = {
+    k: v.clone() for k, v in model.state_dict().items() if k.startswith(("classifier.", DENSE))
+}
+torch.save(
+    {
+        "X": X,
+        "E": E,
+        "labels": labels,
+        "head": state,
+        "groups": [g.to_dict() for g in sources.groups],
+    },
+    f"/tmp/hm3-head-features{'-minilm' if MINILM else ''}{'-distill' if DISTILL else ''}.pt",
+)
+print("saved")
