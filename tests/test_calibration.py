@@ -237,3 +237,18 @@ def test_calibration_texts_that_are_not_utf8_or_missing_say_so(tmp_path, monkeyp
         load_calibration(parse({"texts": str(latin)}), TASKS)
     with pytest.raises(Hm3Error, match=r"does not exist"):
         load_calibration(parse({"texts": "./trafic/prompts"}), TASKS)
+
+
+def test_a_task_with_few_calibration_texts_is_warned_about(tmp_path):
+    """Under FEW_TEXTS texts a task gets a warning naming it and its count; at FEW_TEXTS, none."""
+    few = calibration_module.FEW_TEXTS
+    short = write(tmp_path / "short.txt", [f"text number {i}" for i in range(few - 1)])
+    enough = write(tmp_path / "enough.txt", [f"other text {i}" for i in range(few)])
+    spec = CalibrationSpec({"a": {"path": short, "text_column": "text"},
+                            "b": {"path": enough, "text_column": "text"}}, limit=1024)
+    with pytest.warns(Hm3Warning) as record:
+        load_calibration(spec, ["a", "b"], {})
+    messages = [str(w.message) for w in record if issubclass(w.category, Hm3Warning)]
+    assert messages == [f"calibration texts of a: only {few - 1}; label-free steps fitted to "
+                        f"fewer than {few} texts lose points (at base size give 500 or more of "
+                        "the task's own domain; see docs/calibration.md)"]

@@ -13,6 +13,11 @@ from hm3.data.blocks import CalibrationSpec
 from hm3.data.tables import FILE_TYPES, hub_texts, looks_like_path, read_texts
 from hm3.errors import Hm3Error, Hm3Warning
 
+# Under this many calibration texts a task is warned about: on the MPNet zoo the label-free merge
+# lost 4.5-5.9 points with 64 texts per task against 2.1-2.4 with 171-640 (benchmarks/RESULTS.md
+# section 10), and the docs ask for several hundred per task.
+FEW_TEXTS = 128
+
 
 @dataclass
 class Calibration:
@@ -88,6 +93,11 @@ def load_calibration(spec: CalibrationSpec, tasks: Sequence[str],
         if dropped:
             warnings.warn(f"calibration texts of {task}: {dropped} also appear in the held-out "
                           "(validation or test) data and were left out", Hm3Warning, stacklevel=2)
+        if len(kept) < FEW_TEXTS:
+            warnings.warn(f"calibration texts of {task}: only {len(kept)}; label-free steps fitted "
+                          f"to fewer than {FEW_TEXTS} texts lose points (at base size give 500 or "
+                          "more of the task's own domain; see docs/calibration.md)", Hm3Warning,
+                          stacklevel=2)
         out[task] = kept
         digest = hashlib.sha256("\n".join(kept).encode()).hexdigest()[:16]
         provenance[task] = {"path": " + ".join(u["path"] for u in used if u["texts"]),
