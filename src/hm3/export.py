@@ -39,7 +39,16 @@ from hm3.checkpoint import (
 from hm3.errors import Hm3Error, Hm3Warning
 from hm3.heads import TaskGroup
 from hm3.model import load
-from hm3.onnx_model import LAYOUT_FILE, ONNX_FILE, OPENVINO_FILE, ExportedClassifier, open_export
+from hm3.onnx_model import (
+    DEFAULT_PRECISION,
+    LAYOUT_FILE,
+    ONNX_FILE,
+    OPENVINO_FILE,
+    ExportedClassifier,
+    check_precision,
+    describe_precision,
+    open_export,
+)
 
 OPSET = 17
 FP32_TOLERANCE = 1e-3  # an fp32 export differs from PyTorch by ~1e-7; more means a wrong graph
@@ -91,7 +100,8 @@ def export_onnx(model: str | Path, output: str | Path, quantize: str | None = No
     `allow_pickle`: read a model whose weights exist only as pickle `.bin` files (`hm3.load`).
 
     Returns a dict: path, file, megabytes, max_abs_diff (largest difference of any task
-    probability from the PyTorch model's on sample texts), quantized.
+    probability from the PyTorch model's on sample texts), quantized, precision (what the
+    export computed at in that check: f32 for ONNX).
     """
     if quantize not in (None, "int8"):
         raise Hm3Error(f"--quantize supports int8, got {quantize!r}")
@@ -110,7 +120,7 @@ def export_onnx(model: str | Path, output: str | Path, quantize: str | None = No
 def export_openvino(model: str | Path, output: str | Path, quantize: str | None = None,
                     calibration: Sequence[str] | None = None, overwrite: bool = False,
                     exclude: tuple[str, ...] = FP32_NODES, max_length: int | None = None,
-                    allow_pickle: bool = False) -> dict:
+                    allow_pickle: bool = False, precision: str | None = None) -> dict:
     """Export `model` to an OpenVINO folder (openvino_model.xml/.bin) at `output`.
 
     The graph is the ONNX export's (per-task probabilities inside), converted by OpenVINO and
@@ -121,9 +131,13 @@ def export_openvino(model: str | Path, output: str | Path, quantize: str | None 
     when `hm3.load` runs the folder; default: the tokenizer's maximum. Calibrate at the length
     you serve at: ranges measured on 512-token texts cost a task 1.1 points served at 128
     (benchmarks/RESULTS.md §6.7). `allow_pickle`: as for `export_onnx`.
+    `precision`: the inference precision the folder runs at when loaded ("f32", "bf16" or
+    "auto", resolved on the machine that loads it; `hm3.load` and `hm3 serve` can override it);
+    default: f32. The check against PyTorch runs at it.
 
-    Returns the same dict as `export_onnx`.
+    Returns the same dict as `export_onnx`, "precision" being what the check ran at here.
     """
+    check_precision(precision)
     if quantize not in (None, "int8"):
         raise Hm3Error(f"--quantize supports int8, got {quantize!r}")
     texts = [text for text in (calibration or []) if text.strip()]
@@ -146,7 +160,7 @@ def export_openvino(model: str | Path, output: str | Path, quantize: str | None 
         ov.save_model(graph, str(staging / OPENVINO_FILE), compress_to_fp16=False)
 
     return _export(model, output, overwrite, OPENVINO_FILE, convert, max_length, allow_pickle, {
-        "format": "openvino", "quantized": quantize,
+        "format": "openvino", "quantized": quantize, "precision": precision or DEFAULT_PRECISION,
         "calibration_texts": len(texts) if quantize else None,
         "fp32_nodes": list(exclude) if quantize else None})
 
@@ -189,14 +203,16 @@ def _export(model, output, overwrite: bool, file: str, convert, max_length: int 
             "source": str(model), "file": file, "inputs": input_names, "outputs": outputs,
             "opset": OPSET, **layout, "max_length": classifier.max_length,
             "tasks": [g.to_dict() for g in groups]})
-        diff = _max_difference(classifier, open_export(staging), groups)
-        if not layout["quantized"] and diff > FP32_TOLERANCE:
+        exported = open_export(staging)
+        diff = _max_difference(classifier, exported, groups)
+        if not layout["quantized"] and exported.precision == "f32" and diff > FP32_TOLERANCE:
             warnings.warn(Hm3Warning(
                 f"the export's probabilities differ from PyTorch's by up to {diff:.2g} on sample "
                 "texts; check it on your own texts before you deploy it"), stacklevel=2)
         size = sum(path.stat().st_size for path in staging.glob(Path(file).stem + ".*"))
     return {"path": str(Path(output).resolve()), "file": file, "megabytes": size / 2**20,
-            "max_abs_diff": diff, "quantized": layout["quantized"]}
+            "max_abs_diff": diff, "quantized": layout["quantized"],
+            "precision": describe_precision(exported)}
 
 
 def _nncf_int8(graph, classifier, texts: list[str], exclude: tuple[str, ...]):

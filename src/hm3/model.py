@@ -205,7 +205,7 @@ def check_device(device: str) -> str:
 
 def load(path: str | Path, task: str | None = None, device: str | None = None,
          revision: str | None = None, max_length: int | None = None,
-         allow_pickle: bool = False) -> MultiTaskClassifier:
+         allow_pickle: bool = False, precision: str | None = None) -> MultiTaskClassifier:
     """Load a merged model (or any single HF sequence classifier) from a directory or hub id.
 
     An `hm3 export` folder loads too: it then runs on ONNX Runtime or OpenVINO (CPU).
@@ -217,6 +217,10 @@ def load(path: str | Path, task: str | None = None, device: str | None = None,
     export, the length it was exported for).
     `allow_pickle`: load a model whose weights exist only as pickle `.bin` files (pickle can run
     arbitrary code, so this is refused by default, as in `hm3.merge`).
+    `precision`: for an OpenVINO export, "f32", "bf16" or "auto" (bf16 where the CPU has bf16
+    units; `hm3.onnx_model.choose_precision`); default: what the export recorded, else f32.
+    PyTorch models and ONNX exports compute in f32: "f32" and "auto" leave them so, "bf16" is
+    refused.
     """
     # Lazy: transformers takes seconds to import; `import hm3` and `hm3 merge` do without it.
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -224,7 +228,10 @@ def load(path: str | Path, task: str | None = None, device: str | None = None,
 
     device = check_device(device) if device else None
     folder = resolve(str(path), revision, allow_pickle)
-    exported = open_export(folder)  # an `hm3 export` folder; openvino_model.bin is no pickle
+    exported = open_export(folder, precision)  # openvino_model.bin is no pickle
+    if exported is None and precision == "bf16":
+        raise Hm3Error(f"{path} is a PyTorch model, which hm3 runs in f32; bf16 is for OpenVINO "
+                       f"exports (hm3 export {path} -o FOLDER --format openvino)")
     if (exported is None and not allow_pickle and not any(folder.glob("*.safetensors"))
             and any(folder.glob("*.bin"))):
         raise pickle_refused(str(path), "allow_pickle=True in Python")

@@ -5,6 +5,12 @@ classifier answers (`model(**tokenizer(texts, return_tensors="pt")).logits`), so
 `hm3.model.MultiTaskClassifier`, and with it predict / eval / bench / serve, uses an export
 unchanged. The graph's own per-task probability outputs are for other consumers of the file; hm3
 reads its logits and applies the same group softmax / sigmoid as for a PyTorch model.
+
+Precision: ONNX Runtime and PyTorch compute in f32. OpenVINO computes at the precision it is
+given: "f32" (hm3's default), "bf16" (faster on CPUs with AVX-512 BF16 or AMX; scores move), or
+"auto", resolved at load by `choose_precision` from the capabilities OpenVINO reports for the CPU
+it runs on. int8 is not chosen here: it needs a quantised export (`--quantize int8`), whose int8
+layers run as int8 at either precision.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ ONNX_FILE = "model.onnx"
 OPENVINO_FILE = "openvino_model.xml"  # and its weights, openvino_model.bin
 LAYOUT_FILE = "hm3_onnx.json"  # inputs, outputs, tasks and how the graph was made
 THREADS_ENV = "HM3_ONNX_THREADS"  # intra-op threads of either runtime (default: its own choice)
+PRECISIONS = ("auto", "f32", "bf16")
+DEFAULT_PRECISION = "f32"  # bf16 cost a zoo task 0.5-0.6 points (benchmarks/RESULTS.md §6.7)
 
 
 def is_onnx_folder(folder: Path) -> bool:
@@ -34,11 +42,37 @@ def is_openvino_folder(folder: Path) -> bool:
     return (Path(folder) / OPENVINO_FILE).is_file() and (Path(folder) / LAYOUT_FILE).is_file()
 
 
-def open_export(folder: Path) -> "ExportedClassifier | None":
-    """The runtime for an `hm3 export` folder, or None when `folder` is not one."""
+def choose_precision(capabilities) -> str:
+    """The inference precision "auto" stands for on a CPU with these OpenVINO
+    `OPTIMIZATION_CAPABILITIES`: "bf16" where "BF16" is listed, else "f32"."""
+    return "bf16" if "BF16" in capabilities else "f32"
+
+
+def cpu_capabilities() -> list[str]:
+    """What OpenVINO reports this machine's CPU computes well (`OPTIMIZATION_CAPABILITIES`)."""
+    import openvino as ov
+
+    return list(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+
+
+def check_precision(precision: str | None) -> None:
+    if precision is not None and precision not in PRECISIONS:
+        raise Hm3Error(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+
+
+def open_export(folder: Path, precision: str | None = None) -> "ExportedClassifier | None":
+    """The runtime for an `hm3 export` folder, or None when `folder` is not one.
+
+    `precision`: OpenVINO's inference precision (see `PRECISIONS`; default: the one the export
+    recorded, else "f32"). ONNX Runtime computes in f32: "bf16" is refused there.
+    """
+    check_precision(precision)
     if is_openvino_folder(folder):
-        return OpenVinoSequenceClassifier(folder)
+        return OpenVinoSequenceClassifier(folder, precision=precision)
     if is_onnx_folder(folder):
+        if precision == "bf16":
+            raise Hm3Error(f"{folder} is an ONNX export, which runs in f32; export with "
+                           "--format openvino to run it in bf16")
         return OnnxSequenceClassifier(folder)
     return None
 
@@ -48,6 +82,8 @@ class ExportedClassifier:
 
     backend = "?"
     kind = "?"  # for messages: "an ONNX export"
+    precision = "f32"  # the precision it computes at, reported by `hm3 serve` and `hm3 export`
+    detected: list[str] | None = None  # the CPU capabilities "auto" was resolved from
 
     def __init__(self, folder: str | Path):
         folder = Path(folder)
@@ -118,20 +154,24 @@ class OnnxSequenceClassifier(ExportedClassifier):
 class OpenVinoSequenceClassifier(ExportedClassifier):
     """An OpenVINO compiled model with the call interface of a transformers sequence classifier.
 
-    Compiled for latency (one stream) at f32 inference precision: on CPUs with bf16 units
-    OpenVINO would otherwise compute in bf16 and the scores would drift from the model's.
-    An int8 export (`hm3 export --format openvino --quantize int8`) runs its int8 layers as such.
+    Compiled for latency (one stream) at the inference precision asked for, f32 by default: on
+    CPUs with bf16 units OpenVINO would otherwise compute in bf16 and the scores would drift
+    from the model's. An int8 export (`--quantize int8`) runs its int8 layers as such.
 
     `folder`: an `hm3 export --format openvino` folder (openvino_model.xml/.bin, hm3_onnx.json,
     config.json, tokenizer files).
     `threads`: inference threads (default: $HM3_ONNX_THREADS, else OpenVINO's own choice).
-    `precision`: "f32" (default) or "bf16" (faster on CPUs with bf16 units; scores move).
+    `precision`: "f32", "bf16" (faster on CPUs with bf16 units; scores move) or "auto" (bf16
+    where OpenVINO lists BF16 for this CPU, else f32: `choose_precision`); default: the one the
+    export recorded (`hm3 export --precision`), else f32. `self.precision` is the one used.
     """
 
     backend = "openvino"
     kind = "OpenVINO"
 
-    def __init__(self, folder: str | Path, threads: int | None = None, precision: str = "f32"):
+    def __init__(self, folder: str | Path, threads: int | None = None,
+                 precision: str | None = None):
+        check_precision(precision)
         try:
             import openvino as ov
         except ImportError:
@@ -139,6 +179,11 @@ class OpenVinoSequenceClassifier(ExportedClassifier):
                            "(pip install 'hm3[openvino]') to run it") from None
 
         super().__init__(folder)
+        precision = precision or self.layout.get("precision") or DEFAULT_PRECISION
+        if precision == "auto":
+            self.detected = cpu_capabilities()
+            precision = choose_precision(self.detected)
+        self.precision = precision
         settings = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1,
                     "INFERENCE_PRECISION_HINT": precision}
         threads = threads or _threads()
@@ -159,6 +204,16 @@ class OpenVinoSequenceClassifier(ExportedClassifier):
             request = self._requests.request = self.compiled.create_infer_request()
         result = request.infer(feed)
         return {name: result[self.output_ports[name]] for name in names or self.output_ports}
+
+
+def describe_precision(model) -> str:
+    """What `model` (a transformers model or an export) computes at, for a log line or summary:
+    "bf16 (auto: this CPU lists BF16)", "f32"."""
+    precision = getattr(model, "precision", "f32")
+    detected = getattr(model, "detected", None)
+    if detected is None:
+        return precision
+    return f"{precision} (auto: this CPU {'lists' if 'BF16' in detected else 'lacks'} BF16)"
 
 
 def _threads() -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from hm3.cli.options import add_model_options, add_overwrite, add_text_column
+from hm3.cli.options import add_model_options, add_overwrite, add_precision, add_text_column
 
 HELP = ("export a model to ONNX or OpenVINO, per-task probabilities in the graph (needs the "
         "onnx / openvino extra)")
@@ -22,6 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "unlabelled texts like your traffic (.txt one per line, .jsonl, or a "
                         "table's --text-column); a few hundred are enough")
     add_text_column(parser, help="the column of --calibration's table (default: text)")
+    add_precision(parser, "with --format openvino: the inference precision the folder runs at, "
+                  "recorded in it (hm3 serve --precision overrides): f32 (default), bf16, or "
+                  "auto (bf16 where the serving CPU has bf16 units, else f32; resolved at load)")
     add_overwrite(parser)
     # the export is traced and checked on the CPU, a whole batch at once
     add_model_options(parser, batch_size=None, device=None, max_length="cut texts to this many "
@@ -40,12 +43,17 @@ def run(args: argparse.Namespace) -> int:
         if args.calibration:
             raise Hm3Error("--calibration is for --format openvino --quantize int8 (ONNX "
                            "Runtime's int8 quantises activations on the fly, without texts)")
+        if args.precision:
+            raise Hm3Error("--precision is for --format openvino (ONNX Runtime computes in f32)")
         report = export_onnx(args.model, args.output, quantize=args.quantize, **options)
     else:
         texts = read_texts(args.calibration, args.text_column) if args.calibration else None
         report = export_openvino(args.model, args.output, quantize=args.quantize,
-                                 calibration=texts, **options)
+                                 calibration=texts, precision=args.precision, **options)
     print(f"exported {args.model} -> {report['path']} ({report['file']}, "
           f"{report['megabytes']:.1f} MB{', int8' if args.quantize else ''}); "
           f"largest difference from PyTorch on sample texts: {report['max_abs_diff']:.2g}")
+    if args.format == "openvino":
+        again = "; auto is resolved again where it is loaded" if args.precision == "auto" else ""
+        print(f"runs at {report['precision']} precision here{again}")
     return 0

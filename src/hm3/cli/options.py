@@ -18,20 +18,22 @@ STDIO = "-"  # as --input: standard input; as predict's --output: standard outpu
 
 @dataclasses.dataclass(frozen=True)
 class ModelOptions:
-    """How a command loads its models: `--device`, `--max-length`, `--batch-size` and
-    `--allow-pickle` (a command without one of them reads the default here)."""
+    """How a command loads its models: `--device`, `--max-length`, `--batch-size`,
+    `--allow-pickle` and `--precision` (a command without one of them reads the default here)."""
 
     device: str | None = None
     max_length: int | None = None
     batch_size: int = 32
     allow_pickle: bool = False
+    precision: str | None = None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ModelOptions:
         return cls(**{f.name: getattr(args, f.name, f.default) for f in dataclasses.fields(cls)})
 
     def load_options(self) -> dict:
-        """The keyword arguments of `hm3.model.load` these options set."""
+        """The keyword arguments of `hm3.model.load` these options set (`precision`, which only
+        `hm3 serve` and `hm3 export` take, apart)."""
         return {"device": self.device, "max_length": self.max_length,
                 "allow_pickle": self.allow_pickle}
 
@@ -49,6 +51,11 @@ def add_model_options(parser: argparse.ArgumentParser, *, batch_size: int | None
     if device is not None:
         parser.add_argument("--device", help=device)
     parser.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP)
+
+
+def add_precision(parser: argparse.ArgumentParser, help: str) -> None:
+    """`--precision {auto,f32,bf16}`: an OpenVINO export's inference precision."""
+    parser.add_argument("--precision", choices=["auto", "f32", "bf16"], help=help)
 
 
 def add_text_column(parser: argparse.ArgumentParser,

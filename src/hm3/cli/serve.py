@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from hm3.cli.options import ModelOptions, add_model_options
+from hm3.cli.options import ModelOptions, add_model_options, add_precision
 from hm3.serve.options import ServeOptions, add_serve_arguments
 
 HELP = ("serve a model over HTTP: POST /v1/classify, a playground page at /, /metrics (needs the "
@@ -20,6 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "export)")
     add_serve_arguments(parser)
     add_model_options(parser, batch_size=None)  # --max-batch-size: the server batches requests
+    add_precision(parser, "an OpenVINO export's inference precision: f32, bf16 (faster on CPUs "
+                  "with bf16 units; scores move), or auto (bf16 where OpenVINO lists BF16 for "
+                  "this CPU, else f32); default: what `hm3 export --precision` recorded, else f32")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -37,9 +40,11 @@ def run(args: argparse.Namespace) -> int:
         except ImportError as exc:
             raise Hm3Error(f"--ray needs Ray Serve ({exc}); install it with "
                            "pip install 'hm3[ray]'") from None
-        serve_on_ray(args.model, options, device=model.device, max_length=model.max_length)
+        serve_on_ray(args.model, options, device=model.device, max_length=model.max_length,
+                     precision=model.precision)
         return 0
     from hm3.serve.server import serve
 
-    serve(args.model, options, device=model.device, max_length=model.max_length)
+    serve(args.model, options, device=model.device, max_length=model.max_length,
+          precision=model.precision)
     return 0

@@ -106,7 +106,8 @@ def create_app(classifier, options: ServeOptions = ServeOptions(), name: str = "
     """The ASGI app serving `classifier` (an `hm3.model.MultiTaskClassifier`).
 
     `options`: the server's settings (batching, limits, timeouts, access; see `ServeOptions`).
-    `name`, `backend`: reported by /health and /v1/tasks.
+    `name`, `backend`: reported by /health, /ready and /v1/tasks, with the precision the model
+    computes at (`precision`: "f32", or "bf16" for an OpenVINO export run so).
     `policy`: per-task rules; when given, every answer says which tasks fired (`flagged`), and
     POST /v1/moderations answers with them.
     `batcher`: what gathers texts into batches: called as (run, max_batch_size, max_wait_ms,
@@ -115,6 +116,7 @@ def create_app(classifier, options: ServeOptions = ServeOptions(), name: str = "
     """
     options.check()
     policy = policy or {}
+    precision = getattr(classifier.model, "precision", "f32")
     metrics = Metrics()
     groups = {g.name: g for g in classifier.groups}
     if options.length_split:
@@ -250,7 +252,7 @@ def create_app(classifier, options: ServeOptions = ServeOptions(), name: str = "
     @app.get("/health")
     async def health():
         """Liveness: the process answers (no key needed). Readiness is /ready."""
-        return {"status": "ok", "model": name, "backend": backend}
+        return {"status": "ok", "model": name, "backend": backend, "precision": precision}
 
     @app.get("/ready")
     async def ready():
@@ -258,11 +260,12 @@ def create_app(classifier, options: ServeOptions = ServeOptions(), name: str = "
         if not state["ready"]:
             raise Refused(503, "not ready: warming up or shutting down",
                           headers={"Retry-After": "1"})
-        return {"status": "ready", "model": name, "backend": backend}
+        return {"status": "ready", "model": name, "backend": backend, "precision": precision}
 
     @app.get("/v1/tasks")
     async def tasks():
-        return {"model": name, "backend": backend, "max_length": classifier.max_length,
+        return {"model": name, "backend": backend, "precision": precision,
+                "max_length": classifier.max_length,
                 "max_batch_size": options.max_batch_size,
                 "limits": {"max_texts": options.max_texts, "max_chars": options.max_chars,
                            "max_body_bytes": options.body_limit},

@@ -79,9 +79,10 @@ class Hm3Deployment:
     replica) with the very `ServeOptions` of `hm3 serve`."""
 
     def __init__(self, model: str, options: ServeOptions = ServeOptions(),
-                 device: str | None = None, max_length: int | None = None):
+                 device: str | None = None, max_length: int | None = None,
+                 precision: str | None = None):
         self.options = options.check()
-        self.classifier = load_checked(model, options.backend, device, max_length)
+        self.classifier = load_checked(model, options.backend, device, max_length, precision)
         self.rules = load_policy(options.policy, self.classifier.groups) if options.policy else None
         self.name = Path(model.rstrip("/")).name or model
 
@@ -92,7 +93,7 @@ class Hm3Deployment:
 
 
 def build(model: str, options: ServeOptions = ServeOptions(), device: str | None = None,
-          max_length: int | None = None):
+          max_length: int | None = None, precision: str | None = None):
     """The Ray Serve application: `options.replicas` copies of `Hm3Deployment`, each reserving
     `options.replica_cpus` CPUs (its torch threads follow Ray's OMP_NUM_THREADS)."""
     options = dataclasses.replace(options, ray=True).check()
@@ -104,7 +105,7 @@ def build(model: str, options: ServeOptions = ServeOptions(), device: str | None
     return Hm3Deployment.options(
         num_replicas=options.replicas,
         ray_actor_options={"num_cpus": options.replica_cpus}).bind(model, options, device,
-                                                                   max_length)
+                                                                   max_length, precision)
 
 
 def app_builder(args: dict):
@@ -140,13 +141,13 @@ def _typed(field: dataclasses.Field, value: str):
 
 
 def serve_on_ray(model: str, options: ServeOptions = ServeOptions(), device: str | None = None,
-                 max_length: int | None = None) -> None:
+                 max_length: int | None = None, precision: str | None = None) -> None:
     """Deploy on Ray Serve. With no `options.ray_address`, start a local one-node Ray instance,
     serve until SIGINT / SIGTERM, then shut it down; with one (`auto`, `ray://...`), deploy on
     that cluster and return (the application keeps running there: `serve status`,
     `serve shutdown`). The HTTP server is Ray's proxy: --header-timeout, --forwarded-allow-ips
     and the JSON for malformed HTTP are `hm3 serve`'s own, not Ray's."""
-    application = build(model, options, device, max_length)
+    application = build(model, options, device, max_length, precision)
     host, port = options.host, options.port
     replicas, address = options.replicas, options.ray_address
     stop = threading.Event()

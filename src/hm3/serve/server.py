@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import uvicorn
@@ -20,6 +21,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from hm3.errors import Hm3Error
 from hm3.model import load
+from hm3.onnx_model import describe_precision
 from hm3.serve.app import WARM_UP_TEXT, create_app
 from hm3.serve.options import BACKENDS, ServeOptions
 from hm3.serve.policy import load_policy
@@ -29,12 +31,12 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "voca
 
 
 def load_backend(model: str, backend: str | None = None, device: str | None = None,
-                 max_length: int | None = None):
+                 max_length: int | None = None, precision: str | None = None):
     """`hm3.load(model)`, checking that the folder is of the backend asked for."""
     if backend is not None and backend not in BACKENDS:
         raise Hm3Error(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     try:
-        classifier = load(model, device=device, max_length=max_length)
+        classifier = load(model, device=device, max_length=max_length, precision=precision)
     except Hm3Error:
         raise
     except Exception as exc:  # noqa: BLE001 - corrupt files raise anything; say it in one line
@@ -51,9 +53,9 @@ def load_backend(model: str, backend: str | None = None, device: str | None = No
 
 
 def load_checked(model: str, backend: str | None = None, device: str | None = None,
-                 max_length: int | None = None):
+                 max_length: int | None = None, precision: str | None = None):
     """`load_backend`, then `check_model`: a model that would fail its first request fails here."""
-    classifier = load_backend(model, backend, device, max_length)
+    classifier = load_backend(model, backend, device, max_length, precision)
     check_model(classifier, model)
     return classifier
 
@@ -168,14 +170,17 @@ def guarded_protocol(header_timeout: float, on_reject=None) -> type:
 
 
 def serve(model: str, options: ServeOptions = ServeOptions(), device: str | None = None,
-          max_length: int | None = None) -> None:
-    """Serve `model` until SIGTERM / SIGINT (see `hm3.serve.app.create_app` for the API)."""
+          max_length: int | None = None, precision: str | None = None) -> None:
+    """Serve `model` until SIGTERM / SIGINT (see `hm3.serve.app.create_app` for the API).
+    `precision`: an OpenVINO export's inference precision (`hm3.load`'s)."""
     options.check()
-    classifier = load_checked(model, options.backend, device, max_length)
+    classifier = load_checked(model, options.backend, device, max_length, precision)
     rules = load_policy(options.policy, classifier.groups) if options.policy else None
     name = Path(model.rstrip("/")).name or model
-    app = create_app(classifier, options, name=name,
-                     backend=getattr(classifier.model, "backend", "torch"), policy=rules)
+    backend = getattr(classifier.model, "backend", "torch")
+    print(f"hm3 serve: {name} on {backend} at {describe_precision(classifier.model)} precision",
+          file=sys.stderr, flush=True)
+    app = create_app(classifier, options, name=name, backend=backend, policy=rules)
     metrics = app.state.metrics
     protocol = guarded_protocol(options.header_timeout,
                                 lambda status: metrics.record_request("other", status, 0.0))
