@@ -11,7 +11,12 @@ runs a batch), tokenisation included, one thread each, A B C ... rounds, medians
 to one core. Accuracy: macro-F1 per task on the zoo's validation and test splits, and the largest
 logit difference from PyTorch. Writes benchmarks/results/openvino.json.
 
+`--precision-only`: PyTorch, the OpenVINO f32 export at f32 and at bf16, and what
+`--precision auto` resolves to on this CPU (`hm3.onnx_model.choose_precision`), test splits only;
+writes benchmarks/results/openvino_precision.json.
+
   taskset -c 0 .venv/bin/python benchmarks/openvino_bench.py --model hm3-demo/merged   # ~8 min
+  taskset -c 0 .venv/bin/python benchmarks/openvino_bench.py --precision-only   # ~4 min
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from hm3.checkpoint import write_json_atomic
 from hm3.evaluate import evaluate
 from hm3.export import HEAD_ONLY, export_onnx, export_openvino
 from hm3.model import load
-from hm3.onnx_model import OpenVinoSequenceClassifier
+from hm3.onnx_model import choose_precision, cpu_capabilities
 from hm3.serve.buckets import predict_by_length
 from hm3.zoo import build_zoo
 
@@ -38,6 +43,7 @@ from common import calibration_texts, datasets, machine, mixed_texts
 HERE = Path(__file__).resolve().parent
 
 RESULTS = HERE / "results" / "openvino.json"
+PRECISION_RESULTS = HERE / "results" / "openvino_precision.json"
 MAX_LENGTH = 128  # as the demo scores
 
 
@@ -46,8 +52,12 @@ def main() -> None:
     parser.add_argument("--model", default="hm3-demo/merged")
     parser.add_argument("--work", default="/tmp/hm3-openvino-bench")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--output", default=str(RESULTS))
+    parser.add_argument("--output", help=f"default {RESULTS.name}, or {PRECISION_RESULTS.name} "
+                        "with --precision-only")
+    parser.add_argument("--precision-only", action="store_true",
+                        help="only PyTorch against OpenVINO f32 and bf16, on the test splits")
     args = parser.parse_args()
+    args.output = args.output or str(PRECISION_RESULTS if args.precision_only else RESULTS)
     torch.set_num_threads(1)
     os.environ["HM3_ONNX_THREADS"] = "1"
     work = Path(args.work)
@@ -66,6 +76,8 @@ def main() -> None:
         "openvino int8, head only fp32": lambda out: export_openvino(
             args.model, out, quantize="int8", calibration=calibration, overwrite=True,
             exclude=HEAD_ONLY, max_length=MAX_LENGTH)}
+    if args.precision_only:
+        exports = {"openvino f32": exports["openvino f32"]}
     torch_model = load(args.model, device="cpu", max_length=MAX_LENGTH)
     models, export_seconds = {"torch": torch_model}, {}
     for name, export in exports.items():
@@ -74,11 +86,13 @@ def main() -> None:
         export(folder)
         export_seconds[name] = round(time.perf_counter() - started, 1)
         models[name] = load(folder, max_length=MAX_LENGTH)
-    bf16 = load(work / "openvino-f32", max_length=MAX_LENGTH)
-    bf16.model = OpenVinoSequenceClassifier(work / "openvino-f32", threads=1, precision="bf16")
-    models["openvino f32 export at bf16 precision"] = bf16
+    models["openvino f32 export at bf16 precision"] = load(
+        work / "openvino-f32", max_length=MAX_LENGTH, precision="bf16")
     texts = mixed_texts(zoo)
+    capabilities = cpu_capabilities()
     result = {"machine": machine(), "model": args.model, "max_length": MAX_LENGTH,
+              "openvino_cpu_capabilities": capabilities,
+              "auto_resolves_to": choose_precision(capabilities),
               "threads": 1, "calibration_texts": len(calibration), "export_seconds": export_seconds,
               "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
     reference = torch_model.logits(texts[:64])
@@ -97,7 +111,8 @@ def main() -> None:
                 speed[name]["padded"].append(padded)
                 speed[name]["sub-batches"].append(len(texts) / (time.perf_counter() - started))
     torch_rate = {way: statistics.median(runs) for way, runs in speed["torch"].items()}
-    scored = {split: datasets(zoo, split) for split in ("validation", "test")}  # read once
+    splits = ("test",) if args.precision_only else ("validation", "test")
+    scored = {split: datasets(zoo, split) for split in splits}  # read once
     rows = {}
     for name, model in models.items():
         rows[name] = {**{f"{way}_texts_per_s": round(statistics.median(runs), 2)
