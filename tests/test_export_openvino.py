@@ -18,6 +18,7 @@ from hm3.bench import SAMPLE_TEXTS  # noqa: E402
 from hm3.cli import main  # noqa: E402
 from hm3.errors import Hm3Error  # noqa: E402
 from hm3.export import export_onnx, export_openvino  # noqa: E402
+from hm3.onnx_model import choose_precision, cpu_capabilities, describe_precision  # noqa: E402
 
 from conftest import (  # noqa: E402
     SERVED_TASKS as TASKS,
@@ -29,6 +30,11 @@ from conftest import (  # noqa: E402
     texts_for,
 )
 
+# bf16 keeps 8 significant bits: each rounding is within 2^-8 relative. Over the tiny model's few
+# layers the logits stay within a few such steps of f32 (on the scale of the largest logit), and
+# the probabilities within a few hundredths; 4 steps of margin for the sums' rounding order.
+BF16_STEPS = 4 * 2.0 ** -8
+BF16_PROBABILITIES = 0.02
 TEXTS = ["good film", "bad news today", "free money win call phone now", "hello",
          "what market vote sport great awful who where"]
 
@@ -142,9 +148,12 @@ def test_openvino_export_served_under_concurrent_load(served_model, exported):
     import httpx
 
     folder, _ = exported
-    srv = Server(folder, "--backend", "openvino", "--max-batch-size", "8")
+    srv = Server(folder, "--backend", "openvino", "--max-batch-size", "8", "--precision", "auto")
+    chosen = choose_precision(cpu_capabilities())  # whichever this CPU gives: the server says it
     try:
-        assert httpx.get(srv.url + "/health").json()["backend"] == "openvino"
+        health = httpx.get(srv.url + "/health").json()
+        assert health["backend"] == "openvino" and health["precision"] == chosen
+        assert httpx.get(srv.url + "/v1/tasks").json()["precision"] == chosen
         texts = texts_for(0, 24)
         expected = load(served_model, device="cpu").predict(texts)
 
@@ -160,9 +169,10 @@ def test_openvino_export_served_under_concurrent_load(served_model, exported):
             for task in TASKS:
                 assert got[task]["label"] == want[task]["label"]
                 assert got[task]["probabilities"] == pytest.approx(want[task]["probabilities"],
-                                                                   abs=1e-4)
+                                                                   abs=BF16_PROBABILITIES)
     finally:
         srv.stop()
+    assert f"on openvino at {chosen} (auto: this CPU" in srv.process.stderr.read()
 
 
 @pytest.mark.numeric
@@ -181,3 +191,51 @@ def test_every_architecture_exports_to_both_runtimes(tmp_path, model_type):
         assert model.model.backend == runtime
         np.testing.assert_allclose(model.logits(TEXTS), want, rtol=0, atol=tolerance,
                                    err_msg=runtime)
+
+
+def test_choose_precision_follows_the_cpu_capabilities():
+    assert choose_precision(["BF16", "WINOGRAD", "FP32", "INT8", "BIN", "EXPORT_IMPORT"]) == "bf16"
+    assert choose_precision(["FP32", "INT8", "BIN"]) == "f32"  # VNNI but no bf16: int8 is an export
+    assert choose_precision(["FP16", "FP32"]) == "f32"  # a CPU with fp16 units only
+    assert choose_precision([]) == "f32"
+
+
+@pytest.mark.numeric
+def test_auto_precision_is_what_the_cpu_reports_and_stays_near_f32(exported):
+    folder, _ = exported
+    f32, auto = load(folder), load(folder, precision="auto")
+    capabilities = cpu_capabilities()
+    assert f32.model.precision == "f32" and f32.model.detected is None
+    assert auto.model.precision == choose_precision(capabilities) in ("f32", "bf16")
+    assert auto.model.detected == capabilities
+    assert describe_precision(auto.model).startswith(f"{auto.model.precision} (auto: this CPU")
+    want, got = f32.logits(TEXTS), auto.logits(TEXTS)
+    np.testing.assert_allclose(got, want, rtol=0, atol=BF16_STEPS * np.abs(want).max())
+    # bf16 asked for outright: the same bound (where the CPU lacks bf16 units OpenVINO runs f32)
+    bf16 = load(folder, precision="bf16")
+    assert bf16.model.precision == "bf16" and bf16.model.detected is None
+    np.testing.assert_allclose(bf16.logits(TEXTS), want, rtol=0,
+                               atol=BF16_STEPS * np.abs(want).max())
+
+
+def test_export_records_the_precision_and_says_what_it_ran_at(served_model, tmp_path, capsys):
+    out = tmp_path / "auto"
+    assert main(["export", str(served_model), "-o", str(out), "--format", "openvino",
+                 "--precision", "auto"]) == 0
+    chosen = choose_precision(cpu_capabilities())
+    summary = capsys.readouterr().out
+    assert f"runs at {chosen} (auto: this CPU" in summary and "resolved again" in summary
+    assert json.loads((out / "hm3_onnx.json").read_text())["precision"] == "auto"
+    assert load(out).model.precision == chosen  # the recorded default, resolved at load
+    assert load(out, precision="f32").model.precision == "f32"  # overridden
+    assert main(["export", str(served_model), "-o", str(tmp_path / "onnx"),
+                 "--precision", "bf16"]) == 2
+    assert "--precision is for --format openvino" in capsys.readouterr().err
+
+
+def test_bf16_is_refused_where_hm3_computes_in_f32(served_model):
+    with pytest.raises(Hm3Error, match="is a PyTorch model, which hm3 runs in f32"):
+        load(served_model, precision="bf16")
+    with pytest.raises(Hm3Error, match="precision must be one of auto, f32, bf16, got 'fp16'"):
+        load(served_model, precision="fp16")
+    assert load(served_model, device="cpu", precision="auto").tasks == list(TASKS)
