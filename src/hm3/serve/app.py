@@ -101,13 +101,14 @@ class Refused(Exception):
 
 
 def create_app(classifier, options: ServeOptions = ServeOptions(), name: str = "model",
-               backend: str = "torch", policy: dict[str, TaskRule] | None = None,
+               backend: str = "torch", precision: str = "f32",
+               policy: dict[str, TaskRule] | None = None,
                batcher: Callable = MicroBatcher) -> FastAPI:
     """The ASGI app serving `classifier` (an `hm3.model.MultiTaskClassifier`).
 
     `options`: the server's settings (batching, limits, timeouts, access; see `ServeOptions`).
-    `name`, `backend`: reported by /health, /ready and /v1/tasks, with the precision the model
-    computes at (`precision`: "f32", or "bf16" for an OpenVINO export run so).
+    `name`, `backend`, `precision` (what the model computes at: "f32", or "bf16" for an OpenVINO
+    export run so): reported by /health, /ready and /v1/tasks.
     `policy`: per-task rules; when given, every answer says which tasks fired (`flagged`), and
     POST /v1/moderations answers with them.
     `batcher`: what gathers texts into batches: called as (run, max_batch_size, max_wait_ms,
@@ -116,7 +117,6 @@ def create_app(classifier, options: ServeOptions = ServeOptions(), name: str = "
     """
     options.check()
     policy = policy or {}
-    precision = getattr(classifier.model, "precision", "f32")
     metrics = Metrics()
     groups = {g.name: g for g in classifier.groups}
     if options.length_split:

@@ -89,6 +89,7 @@ class Hm3Deployment:
     def __serve_build_asgi_app__(self):
         return create_app(self.classifier, self.options, name=self.name,
                           backend=getattr(self.classifier.model, "backend", "torch"),
+                          precision=getattr(self.classifier.model, "precision", "f32"),
                           policy=self.rules, batcher=RayBatcher)
 
 

@@ -180,7 +180,8 @@ def serve(model: str, options: ServeOptions = ServeOptions(), device: str | None
     backend = getattr(classifier.model, "backend", "torch")
     print(f"hm3 serve: {name} on {backend} at {describe_precision(classifier.model)} precision",
           file=sys.stderr, flush=True)
-    app = create_app(classifier, options, name=name, backend=backend, policy=rules)
+    app = create_app(classifier, options, name=name, backend=backend,
+                     precision=getattr(classifier.model, "precision", "f32"), policy=rules)
     metrics = app.state.metrics
     protocol = guarded_protocol(options.header_timeout,
                                 lambda status: metrics.record_request("other", status, 0.0))
