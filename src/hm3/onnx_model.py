@@ -31,7 +31,7 @@ OPENVINO_FILE = "openvino_model.xml"  # and its weights, openvino_model.bin
 LAYOUT_FILE = "hm3_onnx.json"  # inputs, outputs, tasks and how the graph was made
 THREADS_ENV = "HM3_ONNX_THREADS"  # intra-op threads of either runtime (default: its own choice)
 PRECISIONS = ("auto", "f32", "bf16")
-DEFAULT_PRECISION = "f32"  # bf16 cost a zoo task 0.5-0.6 points (benchmarks/RESULTS.md §6.7)
+DEFAULT_PRECISION = "f32"  # bf16 cost a zoo task 0.41-0.58 points (benchmarks/RESULTS.md §6.7)
 
 
 def is_onnx_folder(folder: Path) -> bool:
