@@ -112,18 +112,20 @@ def build(model: str, options: ServeOptions = ServeOptions(), device: str | None
 def app_builder(args: dict):
     """For Ray's own CLI and config files: `serve run hm3.serve.ray_app:app_builder model=PATH
     replicas=2 max_batch_size=32 ...` (values arrive as strings; the names are `ServeOptions`'
-    fields, plus model, device and max_length; lists such as api_keys are comma-separated)."""
+    fields, plus model, device, max_length and precision; lists such as api_keys are
+    comma-separated)."""
     args = dict(args)
     if "model" not in args:
         raise Hm3Error("app_builder needs model=PATH (a model folder every Ray node can read)")
     known = {f.name: f for f in dataclasses.fields(ServeOptions)}
-    unknown = set(args) - set(known) - {"model", "device", "max_length"}
+    unknown = set(args) - set(known) - {"model", "device", "max_length", "precision"}
     if unknown:
         raise Hm3Error(f"app_builder: unknown argument(s) {', '.join(sorted(unknown))}; known: "
-                       f"model, device, max_length, {', '.join(known)}")
+                       f"model, device, max_length, precision, {', '.join(known)}")
     values = {name: _typed(known[name], value) for name, value in args.items() if name in known}
     max_length = int(args["max_length"]) if args.get("max_length") else None
-    return build(args["model"], ServeOptions(**values), args.get("device"), max_length)
+    return build(args["model"], ServeOptions(**values), args.get("device"), max_length,
+                 args.get("precision"))
 
 
 def _typed(field: dataclasses.Field, value: str):
