@@ -57,6 +57,8 @@ VARIANTS = {
     # the last block matched on what the heads make of it (the experts' logits), or on both
     "distill weights, lr 0.02, last logits": {"train": "weights", "lr": 0.02, "last": "logits"},
     "distill weights, lr 0.02, last both": {"train": "weights", "lr": 0.02, "last": "both"},
+    # four times the steps: does a block fitted closer (benchmarks/distill_steps.py) score higher?
+    "distill weights, lr 0.02, 96 steps": {"train": "weights", "lr": 0.02, "steps": 96},
     "distill weights, lr 0.05, 256 texts": {"train": "weights", "lr": 0.05, "texts": 256},
     "distill weights, lr 0.02, 256 texts, 48 steps": {"train": "weights", "lr": 0.02,
                                                       "texts": 256, "steps": 48},
