@@ -372,6 +372,17 @@ def test_a_task_under_the_minimum_held_out_agreement_is_warned_about():
         warn_low_held_out(held_out, shared={"sentiment"})  # a shared sample spans other domains
 
 
+def test_a_shared_sample_task_far_under_is_warned_about_with_its_own_bar():
+    held_out = {"tasks": {"spam": {"agreement": 0.95}, "sentiment": {"agreement": 0.5}}}
+    with pytest.warns(Hm3Warning, match=r"less than 60% of the shared calibration sample for "
+                                        r"sentiment 50\.0%: texts outside") as record:
+        warn_low_held_out(held_out, shared={"sentiment"})
+    assert len(record) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_low_held_out(held_out, shared={"sentiment"}, shared_minimum=0.5)  # 50% is not < 50%
+
+
 def test_shared_tasks_are_those_reading_a_shared_sample_with_texts_in_it():
     provenance = {"a": {"sources": [{"path": "t.txt", "shared": True, "texts": 8}]},
                   "b": {"sources": [{"path": "b.txt", "shared": False, "texts": 8},
