@@ -143,8 +143,8 @@ BUGS = {
         '**({"experts": list(o.experts)} if o.experts is not None else {})}',
         "                           }", ["tests/test_recipe_roundtrip.py", "tests/test_card.py"]),
     "csv_byte_order_mark_kept": (
-        "src/hm3/data/tables.py", 'with path.open(newline="", encoding="utf-8-sig") as handle:',
-        'with path.open(newline="", encoding="utf-8") as handle:', ["tests/test_data_tables.py"]),
+        "src/hm3/data/tables.py", '        return data.decode("utf-8-sig")',
+        '        return data.decode("utf-8")', ["tests/test_data_tables.py"]),
 }
 
 
