@@ -41,10 +41,10 @@ def benchmark(merged, experts: Sequence, texts: Sequence[str],
     `repeats` rounds is kept. Every batch holds exactly `batch_size` texts: texts are cycled to fill
     one batch when there are fewer, and a ragged last batch is dropped.
 
-    `merged`, `experts`: `MultiTaskClassifier`s (anything with `.model`, `.encode(texts)`,
+    - `merged`, `experts`: `MultiTaskClassifier`s (anything with `.model`, `.encode(texts)`,
     `.device`).
-    `threads`: torch CPU threads for the run (default: leave as set); restored afterwards.
-    `progress`: show a progress bar over the rounds.
+    - `threads`: torch CPU threads for the run (default: leave as set); restored afterwards.
+    - `progress`: show a progress bar over the rounds.
 
     Returns a JSON-able dict with one row per batch size: batches, merged_ms and experts_ms (median
     per batch; experts_ms is the median of the per-round totals), expert_ms (each expert's median),

@@ -39,7 +39,7 @@ COUNTS = ("all", "confident", "weighted", "surest")  # which texts a verdict cou
 def compare_task(group: TaskGroup, expert: np.ndarray, merged: np.ndarray) -> dict:
     """How far the merged model's decisions on one task are from its expert's, on the same texts.
 
-    `expert`, `merged`: probabilities (n, K) of the task's labels (a softmax per text, or a
+    - `expert`, `merged`: probabilities (n, K) of the task's labels (a softmax per text, or a
     sigmoid per label for a multi-label task). Returns a JSON-able dict:
 
     - single-label: `agreement` (share of texts with the expert's argmax), `drift` (total
@@ -187,11 +187,11 @@ def check(merged: MultiTaskClassifier,
           texts: Sequence[str], batch_size: int = 32) -> dict:
     """Compare `merged` with each task's expert on `texts` (no labels needed).
 
-    `merged`: the merged model (`hm3.load(path)`).
-    `experts`: task -> that task's expert (`hm3.load(path, task=TASK)`), or a function that
+    - `merged`: the merged model (`hm3.load(path)`).
+    - `experts`: task -> that task's expert (`hm3.load(path, task=TASK)`), or a function that
     loads it (then one expert is in memory at a time); its labels must be the merged task's, in
     the same order. Tasks without an expert are listed as unchecked.
-    `texts`: unlabelled texts that were NOT used to calibrate the merge (see
+    - `texts`: unlabelled texts that were NOT used to calibrate the merge (see
     `calibration_overlap`).
 
     Returns a JSON-able dict: {"texts": n, "tasks": {task: compare_task(...)}, "unchecked":
@@ -230,12 +230,12 @@ def check_model(model: str | Path, texts: Sequence[str], experts: Sequence[str] 
     labels compared with the merged tasks' before any forward pass, `check`, `verdicts`, and
     what the merge records of its calibration (a warning when `texts` were calibration texts).
 
-    `model`: the merged model (directory or hub id).
-    `texts`: unlabelled texts NOT used for calibration.
-    `experts`: `[TASK=]PATH` items (see `expert_paths`); default: the sources the model records.
-    `min_agreement`: `SHARE` / `TASK=SHARE` items (see `parse_thresholds`).
-    `max_drift`, `count`: as for `verdicts`.
-    `batch_size`, `device`, `max_length`, `allow_pickle`: how the models are loaded and run
+    - `model`: the merged model (directory or hub id).
+    - `texts`: unlabelled texts NOT used for calibration.
+    - `experts`: `[TASK=]PATH` items (see `expert_paths`); default: the sources the model records.
+    - `min_agreement`: `SHARE` / `TASK=SHARE` items (see `parse_thresholds`).
+    - `max_drift`, `count`: as for `verdicts`.
+    - `batch_size`, `device`, `max_length`, `allow_pickle`: how the models are loaded and run
     (`hm3.load`).
 
     Returns `verdicts`'s dict, with "model", "experts" (task -> path), "calibration_overlap"

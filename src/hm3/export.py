@@ -92,12 +92,12 @@ def export_onnx(model: str | Path, output: str | Path, quantize: str | None = No
                 allow_pickle: bool = False) -> dict:
     """Export `model` (merged model, single classifier or hub id) to an ONNX folder at `output`.
 
-    `quantize`: None (fp32) or "int8" (dynamic quantisation of the MatMul weights).
-    `exclude`: with int8, keep nodes whose name matches any of these regular expressions in fp32.
-    `per_channel`: with int8, one scale per output channel (else one per tensor).
-    `max_length`: the token length `hm3.load` cuts texts to when it runs the export (recorded);
+    - `quantize`: None (fp32) or "int8" (dynamic quantisation of the MatMul weights).
+    - `exclude`: with int8, keep nodes whose name matches any of these regular expressions in fp32.
+    - `per_channel`: with int8, one scale per output channel (else one per tensor).
+    - `max_length`: the token length `hm3.load` cuts texts to when it runs the export (recorded);
     default: the tokenizer's maximum.
-    `allow_pickle`: read a model whose weights exist only as pickle `.bin` files (`hm3.load`).
+    - `allow_pickle`: read a model whose weights exist only as pickle `.bin` files (`hm3.load`).
 
     Returns a dict: path, file, megabytes, max_abs_diff (largest difference of any task
     probability from the PyTorch model's on sample texts), quantized, precision (what the

@@ -103,11 +103,11 @@ class MultiTaskClassifier:
                 tasks: str | Sequence[str] | None = None) -> dict | list[dict]:
         """Each task's label(s) and probabilities for one text or for a list of texts.
 
-        `texts`: one string (gives one result, a dict) or a list of strings (a list of dicts,
+        - `texts`: one string (gives one result, a dict) or a list of strings (a list of dicts,
         in input order).
-        `batch_size`: texts per forward pass.
-        `return_logits`: add the raw logits (all tasks') under "logits".
-        `tasks`: answer only these tasks, in this order (default: all), as the server's `tasks`.
+        - `batch_size`: texts per forward pass.
+        - `return_logits`: add the raw logits (all tasks') under "logits".
+        - `tasks`: answer only these tasks, in this order (default: all), as the server's `tasks`.
 
         Returns {task: {"label", "probabilities"}} per text: for a single-label task "label" is
         the most probable label and "score" its probability; for a multi-label task "label" is
@@ -210,14 +210,14 @@ def load(path: str | Path, task: str | None = None, device: str | None = None,
 
     An `hm3 export` folder loads too: it then runs on ONNX Runtime or OpenVINO (CPU).
 
-    `path`: directory or hub id of the model.
-    `task`: task name for a plain single-task classifier (default: the folder name).
-    `device`: "cpu", "cuda", ...; default: CUDA when available.
-    `max_length`: truncate texts to this many tokens (default: the tokenizer's maximum; for an
+    - `path`: directory or hub id of the model.
+    - `task`: task name for a plain single-task classifier (default: the folder name).
+    - `device`: "cpu", "cuda", ...; default: CUDA when available.
+    - `max_length`: truncate texts to this many tokens (default: the tokenizer's maximum; for an
     export, the length it was exported for).
-    `allow_pickle`: load a model whose weights exist only as pickle `.bin` files (pickle can run
+    - `allow_pickle`: load a model whose weights exist only as pickle `.bin` files (pickle can run
     arbitrary code, so this is refused by default, as in `hm3.merge`).
-    `precision`: for an OpenVINO export, "f32", "bf16" or "auto" (bf16 where the CPU has bf16
+    - `precision`: for an OpenVINO export, "f32", "bf16" or "auto" (bf16 where the CPU has bf16
     units; `hm3.onnx_model.choose_precision`); default: what the export recorded, else f32.
     PyTorch models and ONNX exports compute in f32: "f32" and "auto" leave them so, "bf16" is
     refused.

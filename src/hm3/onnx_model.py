@@ -63,7 +63,7 @@ def check_precision(precision: str | None) -> None:
 def open_export(folder: Path, precision: str | None = None) -> "ExportedClassifier | None":
     """The runtime for an `hm3 export` folder, or None when `folder` is not one.
 
-    `precision`: OpenVINO's inference precision (see `PRECISIONS`; default: the one the export
+    - `precision`: OpenVINO's inference precision (see `PRECISIONS`; default: the one the export
     recorded, else "f32"). ONNX Runtime computes in f32: "bf16" is refused there.
     """
     check_precision(precision)
@@ -121,8 +121,8 @@ class ExportedClassifier:
 class OnnxSequenceClassifier(ExportedClassifier):
     """An ONNX Runtime session with the call interface of a transformers sequence classifier.
 
-    `folder`: an `hm3 export` folder (model.onnx, hm3_onnx.json, config.json, tokenizer files).
-    `threads`: intra-op threads (default: $HM3_ONNX_THREADS, else ONNX Runtime's own choice).
+    - `folder`: an `hm3 export` folder (model.onnx, hm3_onnx.json, config.json, tokenizer files).
+    - `threads`: intra-op threads (default: $HM3_ONNX_THREADS, else ONNX Runtime's own choice).
     """
 
     backend = "onnx"
@@ -158,10 +158,10 @@ class OpenVinoSequenceClassifier(ExportedClassifier):
     CPUs with bf16 units OpenVINO would otherwise compute in bf16 and the scores would drift
     from the model's. An int8 export (`--quantize int8`) runs its int8 layers as such.
 
-    `folder`: an `hm3 export --format openvino` folder (openvino_model.xml/.bin, hm3_onnx.json,
+    - `folder`: an `hm3 export --format openvino` folder (openvino_model.xml/.bin, hm3_onnx.json,
     config.json, tokenizer files).
-    `threads`: inference threads (default: $HM3_ONNX_THREADS, else OpenVINO's own choice).
-    `precision`: "f32", "bf16" (faster on CPUs with bf16 units; scores move) or "auto" (bf16
+    - `threads`: inference threads (default: $HM3_ONNX_THREADS, else OpenVINO's own choice).
+    - `precision`: "f32", "bf16" (faster on CPUs with bf16 units; scores move) or "auto" (bf16
     where OpenVINO lists BF16 for this CPU, else f32: `choose_precision`); default: the one the
     export recorded (`hm3 export --precision`), else f32. `self.precision` is the one used.
     """

@@ -209,9 +209,9 @@ def calibrate(sources: Sources, held_out: dict[str, list[str]] | None = None,
     """Read and tokenise the calibration texts, run the experts on them and measure LEWIS
     importances, each only if asked (default: if the recipe's steps need it).
 
-    `held_out`: each task's validation / test texts, kept out of the calibration texts.
-    `calibration`: texts already read (else read from the recipe's `calibration` block).
-    `device`: where the experts run (default: the CPU).
+    - `held_out`: each task's validation / test texts, kept out of the calibration texts.
+    - `calibration`: texts already read (else read from the recipe's `calibration` block).
+    - `device`: where the experts run (default: the CPU).
     """
     device = step_device(device)
     needs = {need for name, _ in sources.recipe.label_free.steps for need in get_step(name).needs}

@@ -20,10 +20,10 @@ def plot_search(rows: Sequence[dict], experts: dict[str, dict], path: str | Path
     density; mark the test scores of the trials that set a new best; draw each expert's
     validation F1, and the experts' mean on validation and test, as horizontal lines.
 
-    `rows`: trial rows as `hm3.search.trial_rows` gives them (state, value, density, new_best,
+    - `rows`: trial rows as `hm3.search.trial_rows` gives them (state, value, density, new_best,
     test_mean, params such as `density/TASK`).
-    `experts`: {task: {"validation": F1, "test": F1}}.
-    `path`: the PNG to write (atomically).
+    - `experts`: {task: {"validation": F1, "test": F1}}.
+    - `path`: the PNG to write (atomically).
     """
     # Figure + Agg canvas, not pyplot: no global backend or figure state is touched.
     figure = Figure(figsize=(10, 5), dpi=120)

@@ -14,9 +14,9 @@ def data_block(data: Sequence[str] = (), expect: Sequence[str] = (), text_column
     """`block` (a recipe's `data:` block, or none) with the tasks of `data` added or replaced,
     the cross-checks of `expect` added, and every task cut to its first `limit` examples.
 
-    `data`: `TASK=FILE` items; FILE is a CSV / JSONL / Parquet file or hub dataset id.
-    `expect`: `TASK:OTHER=LABEL` items; TASK must be in `block` or `data`.
-    `text_column`, `label_column`: the columns of the files `data` names.
+    - `data`: `TASK=FILE` items; FILE is a CSV / JSONL / Parquet file or hub dataset id.
+    - `expect`: `TASK:OTHER=LABEL` items; TASK must be in `block` or `data`.
+    - `text_column`, `label_column`: the columns of the files `data` names.
     """
     out: dict[str, Any] = dict(block or {})
     for item in data:

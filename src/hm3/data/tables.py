@@ -79,13 +79,13 @@ def load_dataset(spec: str | Path, task: str, text_column: str = "text",
                  expect: dict[str, Any] | None = None, subset: str | None = None) -> Dataset:
     """Labelled texts from a local file or a Hugging Face dataset.
 
-    `spec`: a .csv / .tsv / .jsonl / .json (list of objects) / .parquet file, or a hub dataset
+    - `spec`: a .csv / .tsv / .jsonl / .json (list of objects) / .parquet file, or a hub dataset
     id (needs `datasets`; `subset` is its configuration, `split` defaults to "test").
-    `task`: the task the labels belong to.
-    `text_column`, `label_column`: where the text and the label are. Labels are names (or
+    - `task`: the task the labels belong to.
+    - `text_column`, `label_column`: where the text and the label are. Labels are names (or
     integer ids) of the task's labels; a hub ClassLabel column is turned into names.
-    `limit`: keep only the first `limit` examples.
-    `expect`: cross-checks, {other_task: label every text should get there}.
+    - `limit`: keep only the first `limit` examples.
+    - `expect`: cross-checks, {other_task: label every text should get there}.
     """
     check_limit(limit, "limit")
     path = Path(spec).expanduser()

@@ -118,16 +118,16 @@ class HeadFit:
 class Step:
     """A label-free step. Subclasses set the class attributes and implement `apply`.
 
-    `name`: the recipe key (`distill: {...}`).
-    `options`: a frozen dataclass of the step's options, each declared with `option(...)`.
-    `report`: the dataclass `apply` returns; it has `summary()` (a line, or lines, for the
+    - `name`: the recipe key (`distill: {...}`).
+    - `options`: a frozen dataclass of the step's options, each declared with `option(...)`.
+    - `report`: the dataclass `apply` returns; it has `summary()` (a line, or lines, for the
     command line) and is written to config.json by `report_dict`.
-    `stage`: where it runs, one of `STAGES`.
-    `needs`: what of `NEEDS` it reads.
-    `per_trial`: whether a search may run it on every trial (False: the search refuses a recipe
+    - `stage`: where it runs, one of `STAGES`.
+    - `needs`: what of `NEEDS` it reads.
+    - `per_trial`: whether a search may run it on every trial (False: the search refuses a recipe
     with it, saying `search_refusal`).
-    `conflicts`: other steps it cannot run with, each with the reason.
-    `reference`: the paper or page the step follows.
+    - `conflicts`: other steps it cannot run with, each with the reason.
+    - `reference`: the paper or page the step follows.
     """
 
     name: ClassVar[str]

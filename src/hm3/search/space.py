@@ -33,12 +33,12 @@ class SearchSpace:
     expert; `weight/TASK`; `lambda`. Density and lambda are sampled only for methods that
     take them.
 
-    `methods`: merge methods to choose from (the paper: dare_ties alone).
-    `density_range`: densities are sampled in [low, high], 0 < low <= high <= 1.
-    `per_expert_density`: one density per expert instead of one for all.
-    `weight_range`: when set, one weight per expert is sampled in this range.
-    `lambda_range`: when set, the task-vector scale lambda is sampled in this range.
-    `lewis_range`: when set, LEWIS's gamma and epsilon are sampled in this range (two draws, the
+    - `methods`: merge methods to choose from (the paper: dare_ties alone).
+    - `density_range`: densities are sampled in [low, high], 0 < low <= high <= 1.
+    - `per_expert_density`: one density per expert instead of one for all.
+    - `weight_range`: when set, one weight per expert is sampled in this range.
+    - `lambda_range`: when set, the task-vector scale lambda is sampled in this range.
+    - `lewis_range`: when set, LEWIS's gamma and epsilon are sampled in this range (two draws, the
     smaller is gamma); the recipe needs a `calibration` block.
     """
 
@@ -191,22 +191,22 @@ def make_sampler(name: str, alpha: float, beta: float, seed: int) -> optuna.samp
 class SearchConfig:
     """How to search.
 
-    `trials`: finished (complete or pruned) trials the study should hold in total, over every
+    - `trials`: finished (complete or pruned) trials the study should hold in total, over every
     run and worker; a rerun runs only the missing ones.
-    `space`: what each trial samples (`SearchSpace`).
-    `sampler`: "beta" (the paper's), "tpe", "cmaes" or "random".
-    `alpha`, `beta`: the Beta prior of the densities (beta sampler, and CMA-ES's fallback).
-    `seed`: the sampler's seed.
-    `vary_merge_seed`: merge trial k with seed recipe.seed + k, so that every trial draws its own
+    - `space`: what each trial samples (`SearchSpace`).
+    - `sampler`: "beta" (the paper's), "tpe", "cmaes" or "random".
+    - `alpha`, `beta`: the Beta prior of the densities (beta sampler, and CMA-ES's fallback).
+    - `seed`: the sampler's seed.
+    - `vary_merge_seed`: merge trial k with seed recipe.seed + k, so that every trial draws its own
     DARE masks (the paper's setting); False keeps the recipe's seed for every trial (then masks
     at two densities are nested and the scatter shows the density alone).
-    `prune_fraction`: score this share of each validation set first and prune the trial when its
+    - `prune_fraction`: score this share of each validation set first and prune the trial when its
     score there is not in the top `prune_keep` percent of finished trials'.
-    `prune_startup`: finished trials before pruning starts.
-    `batch_size`, `max_length`, `device`: inference settings (`max_length`: the tokenizer's
+    - `prune_startup`: finished trials before pruning starts.
+    - `batch_size`, `max_length`, `device`: inference settings (`max_length`: the tokenizer's
     default).
-    `storage`: an Optuna RDB URL (default sqlite:///OUTPUT/study.db).
-    `study_name`: default: derived from the recipe, data and search settings, so the same command
+    - `storage`: an Optuna RDB URL (default sqlite:///OUTPUT/study.db).
+    - `study_name`: default: derived from the recipe, data and search settings, so the same command
     resumes the same study.
     """
 

@@ -52,10 +52,10 @@ def run_search(recipe: Recipe, validation: Sequence[Dataset], test: Sequence[Dat
     """Search merge parameters for `recipe`'s experts; write the trials table, the plot and the
     best merged model (with its scores) under `output`.
 
-    `recipe`: base, experts, and what trials keep (overrides, dtype, seed, method-wide params).
-    `validation`: one dataset per expert task: the trials are scored on these.
-    `test`: datasets per task, scored only by a trial that sets a new best validation score.
-    `output`: folder of the study database (by default), tables, plot and best model.
+    - `recipe`: base, experts, and what trials keep (overrides, dtype, seed, method-wide params).
+    - `validation`: one dataset per expert task: the trials are scored on these.
+    - `test`: datasets per task, scored only by a trial that sets a new best validation score.
+    - `output`: folder of the study database (by default), tables, plot and best model.
     """
     device = (check_device(config.device) if config.device
               else "cuda" if torch.cuda.is_available() else "cpu")

@@ -106,12 +106,12 @@ def create_app(classifier, options: ServeOptions = ServeOptions(), name: str = "
                batcher: Callable = MicroBatcher) -> FastAPI:
     """The ASGI app serving `classifier` (an `hm3.model.MultiTaskClassifier`).
 
-    `options`: the server's settings (batching, limits, timeouts, access; see `ServeOptions`).
+    - `options`: the server's settings (batching, limits, timeouts, access; see `ServeOptions`).
     `name`, `backend`, `precision` (what the model computes at: "f32", or "bf16" for an OpenVINO
     export run so): reported by /health, /ready and /v1/tasks.
-    `policy`: per-task rules; when given, every answer says which tasks fired (`flagged`), and
+    - `policy`: per-task rules; when given, every answer says which tasks fired (`flagged`), and
     POST /v1/moderations answers with them.
-    `batcher`: what gathers texts into batches: called as (run, max_batch_size, max_wait_ms,
+    - `batcher`: what gathers texts into batches: called as (run, max_batch_size, max_wait_ms,
     on_batch), it has `start`, `stop` and `submit(texts)` (`MicroBatcher`; the Ray Serve
     deployment passes one over `@serve.batch`).
     """

@@ -74,12 +74,12 @@ class MicroBatcher:
     A batch takes the waiting requests' texts in turn, one text from each request at a time, so
     a request of a few texts is not queued behind every text of a large one.
 
-    `run`: classifies a list of texts, returning one result per text (called in a worker
+    - `run`: classifies a list of texts, returning one result per text (called in a worker
     thread).
-    `max_batch_size`: most texts in one call of `run`.
-    `max_wait_ms`: how long the first text of a batch waits for others to join it (0: no wait;
+    - `max_batch_size`: most texts in one call of `run`.
+    - `max_wait_ms`: how long the first text of a batch waits for others to join it (0: no wait;
     the batch is whatever queued while the previous batch ran).
-    `on_batch`: called with (batch size, seconds) after every batch, e.g. to record metrics.
+    - `on_batch`: called with (batch size, seconds) after every batch, e.g. to record metrics.
     """
 
     def __init__(self, run: Callable[[list[str]], list], max_batch_size: int = 32,

@@ -25,26 +25,26 @@ DEFAULT_BODY_BYTES = 2 * 1024 * 1024
 class ServeOptions:
     """How `hm3 serve` runs. Every limit is on what is actually read or queued.
 
-    `host`, `port`: where to listen.
-    `backend`: check the model folder is of this kind (torch, onnx, openvino; None: any).
-    `max_batch_size`, `max_wait_ms`: dynamic batching (`hm3.serve.batching.MicroBatcher`).
-    `max_texts`, `max_chars`: per request (413 beyond).
-    `max_body_bytes`: bytes of request body read at most (413 as soon as more arrive); None:
+    - `host`, `port`: where to listen.
+    - `backend`: check the model folder is of this kind (torch, onnx, openvino; None: any).
+    - `max_batch_size`, `max_wait_ms`: dynamic batching (`hm3.serve.batching.MicroBatcher`).
+    - `max_texts`, `max_chars`: per request (413 beyond).
+    - `max_body_bytes`: bytes of request body read at most (413 as soon as more arrive); None:
     2 MB, or more when `max_chars` needs it (`body_limit`).
-    `max_queued_texts`: texts accepted but not yet answered, all clients together; a request
+    - `max_queued_texts`: texts accepted but not yet answered, all clients together; a request
     that would go over gets 503 with Retry-After.
-    `request_timeout`: seconds a request may wait for its answer (504 after).
-    `header_timeout`: seconds a connection may take to send a request's headers (then closed).
-    `body_timeout`: seconds a request may take to send its body (408 after).
-    `policy`: path of the guard-rail policy file (`hm3.serve.policy`).
-    `drain_seconds`: on SIGTERM, how long in-flight requests may take to finish.
-    `log_level`: uvicorn's.
-    `length_split`: run batches in length-sorted sub-batches (`hm3.serve.buckets`).
-    `api_keys`: bearer keys; when any, every route but /health needs one (401).
-    `cors_allow_origins`: origins allowed to call from a browser (none: CORS off).
-    `forwarded_allow_ips`: peers whose X-Forwarded-For / -Proto are trusted (none: no one).
-    `docs`: serve /docs (Swagger UI, which loads its assets from a CDN) and /redoc.
-    `ray`, `replicas`, `replica_cpus`, `ray_address`: Ray Serve (`hm3.serve.ray_app`).
+    - `request_timeout`: seconds a request may wait for its answer (504 after).
+    - `header_timeout`: seconds a connection may take to send a request's headers (then closed).
+    - `body_timeout`: seconds a request may take to send its body (408 after).
+    - `policy`: path of the guard-rail policy file (`hm3.serve.policy`).
+    - `drain_seconds`: on SIGTERM, how long in-flight requests may take to finish.
+    - `log_level`: uvicorn's.
+    - `length_split`: run batches in length-sorted sub-batches (`hm3.serve.buckets`).
+    - `api_keys`: bearer keys; when any, every route but /health needs one (401).
+    - `cors_allow_origins`: origins allowed to call from a browser (none: CORS off).
+    - `forwarded_allow_ips`: peers whose X-Forwarded-For / -Proto are trusted (none: no one).
+    - `docs`: serve /docs (Swagger UI, which loads its assets from a CDN) and /redoc.
+    - `ray`, `replicas`, `replica_cpus`, `ray_address`: Ray Serve (`hm3.serve.ray_app`).
     """
 
     host: str = "127.0.0.1"

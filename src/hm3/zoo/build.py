@@ -61,16 +61,16 @@ class ExpertRecipe:
 class ZooSpec:
     """What one zoo is made of; its `recipe()` hash names the cache folder.
 
-    `prefix`: cache folder name before the hash.
-    `tasks`, `labels`: the experts' tasks and their label names in head order.
-    `experts`: task -> how much data and how long to train.
-    `training`: shared hyperparameters (an expert's recipe overrides epochs and learning rate).
-    `split_sizes`: validation / test / calibration sizes, as `split_examples` takes them.
-    `sources`: installed version of every distribution the zoo reads.
-    `examples`: task -> its deduplicated (text, label) pairs.
-    `base`: cache root -> folder of the base encoder every expert starts from (θ_0).
-    `multi_label`: tasks whose label is a tuple of names, trained and scored with sigmoids.
-    `extra`: further fields that change what a build produces (kept in the recipe).
+    - `prefix`: cache folder name before the hash.
+    - `tasks`, `labels`: the experts' tasks and their label names in head order.
+    - `experts`: task -> how much data and how long to train.
+    - `training`: shared hyperparameters (an expert's recipe overrides epochs and learning rate).
+    - `split_sizes`: validation / test / calibration sizes, as `split_examples` takes them.
+    - `sources`: installed version of every distribution the zoo reads.
+    - `examples`: task -> its deduplicated (text, label) pairs.
+    - `base`: cache root -> folder of the base encoder every expert starts from (θ_0).
+    - `multi_label`: tasks whose label is a tuple of names, trained and scored with sigmoids.
+    - `extra`: further fields that change what a build produces (kept in the recipe).
     """
 
     prefix: str
@@ -131,15 +131,15 @@ MINILM_ZOO = ZooSpec(
 class Zoo:
     """A built zoo.
 
-    `base`: directory of the base encoder every expert was fine-tuned from (θ_0).
-    `experts`: task -> Hugging Face model directory (loads with
+    - `base`: directory of the base encoder every expert was fine-tuned from (θ_0).
+    - `experts`: task -> Hugging Face model directory (loads with
     AutoModelForSequenceClassification).
-    `splits`: task -> split name -> JSONL file with one {"text", "label"} object per line (a
+    - `splits`: task -> split name -> JSONL file with one {"text", "label"} object per line (a
     multi-label task's label is a list of names).
-    `labels`: task -> label names in head order.
-    `scores`: task -> {"validation": {...}, "test": {...}, "train_seconds": s}; each split holds
+    - `labels`: task -> label names in head order.
+    - `scores`: task -> {"validation": {...}, "test": {...}, "train_seconds": s}; each split holds
     the expert's macro_f1, accuracy and n, measured when it was built.
-    `multi_label`: the tasks whose experts are multi-label.
+    - `multi_label`: the tasks whose experts are multi-label.
     """
 
     base: Path
@@ -176,10 +176,10 @@ def build_zoo(
 ) -> Zoo:
     """Build (or reuse from the cache) the data splits and fine-tuned experts of `tasks`.
 
-    `cache_dir`: where zoos are kept; see `cache_root`. Only what is missing is built.
-    `progress`: show a progress bar while fine-tuning.
-    `tasks`: subset of the zoo's tasks to build; all by default.
-    `spec`: which zoo; the MiniLM demo zoo by default.
+    - `cache_dir`: where zoos are kept; see `cache_root`. Only what is missing is built.
+    - `progress`: show a progress bar while fine-tuning.
+    - `tasks`: subset of the zoo's tasks to build; all by default.
+    - `spec`: which zoo; the MiniLM demo zoo by default.
 
     Returns a `Zoo` with the paths of everything built. Each split folder and each expert folder
     is written under a temporary name and renamed into place when complete, so an interrupted

@@ -53,15 +53,15 @@ def finetune(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Fine-tune the whole base encoder plus a new classification head on `train`.
 
-    `base`: directory of the base encoder (any BERT-like checkpoint with a tokenizer).
-    `train`: (text, label name) pairs; every label must be in `labels`. For a multi-label task
+    - `base`: directory of the base encoder (any BERT-like checkpoint with a tokenizer).
+    - `train`: (text, label name) pairs; every label must be in `labels`. For a multi-label task
     each label is a tuple of names (possibly empty).
-    `labels`: label names in head order.
-    `config`: hyperparameters and seed; on one machine, the same config and data give the same
+    - `labels`: label names in head order.
+    - `config`: hyperparameters and seed; on one machine, the same config and data give the same
     model.
-    `multi_label`: train one sigmoid per label (binary cross-entropy) and save the model with
+    - `multi_label`: train one sigmoid per label (binary cross-entropy) and save the model with
     `problem_type: multi_label_classification`; else one softmax over the labels.
-    `device`: where to train; the model comes back on the CPU.
+    - `device`: where to train; the model comes back on the CPU.
 
     Returns (model in eval mode, its tokenizer), ready for `save_pretrained`.
     """

@@ -59,7 +59,7 @@ def base_model_dir() -> Path:
 def load_examples(task: str) -> list[tuple[str, str]]:
     """All (text, label) pairs of a task, deduplicated, in the source's own order.
 
-    `task`: one of `TASKS`.
+    - `task`: one of `TASKS`.
 
     Returns a list of (text, label name); a text that occurs with two different labels is
     dropped.

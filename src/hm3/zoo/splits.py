@@ -43,11 +43,11 @@ def split_examples(
 ) -> dict[str, list[Example]]:
     """Split examples into disjoint train, validation, test and calibration sets.
 
-    `examples`: deduplicated (text, label) pairs.
-    `seed`: the same seed always gives the same split.
-    `n_validation`, `n_test`, `n_calibration`: requested sizes; each is cut to a fifth of the
+    - `examples`: deduplicated (text, label) pairs.
+    - `seed`: the same seed always gives the same split.
+    - `n_validation`, `n_test`, `n_calibration`: requested sizes; each is cut to a fifth of the
     data when the data is too small, so that training keeps the larger part.
-    `max_train`: cap on the training set (a stratified sample of what remains); None keeps all.
+    - `max_train`: cap on the training set (a stratified sample of what remains); None keeps all.
 
     Returns a dict with keys `SPLITS`, each a list of (text, label). Draws are stratified by
     label where every label has at least two examples. Calibration is meant for label-free
