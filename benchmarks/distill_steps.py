@@ -11,12 +11,13 @@ import time
 from pathlib import Path
 
 import hm3.label_free.distill as distill
+from hm3.demo import held_out_texts
 from hm3.engine import build_model, merge_into, open_sources
 from hm3.pipeline import calibrate
 from hm3.recipe import parse_recipe
 from hm3.zoo import build_mpnet_zoo
 
-from mpnet_zoo import HEAD_STEPS, datasets, recipe
+from mpnet_zoo import HEAD_STEPS, recipe
 
 real = distill.find_blocks
 
@@ -29,10 +30,7 @@ def first_two(model):
 distill.find_blocks = first_two
 zoo = build_mpnet_zoo(progress=False)
 raw = recipe(zoo, list(zoo.experts), HEAD_STEPS, "per-task+unseen", Path(tempfile.mkdtemp()))
-held = {
-    t: [x for s in ("validation", "test") for d in datasets(zoo, s) if d.task == t for x in d.texts]
-    for t in zoo.experts
-}
+held = held_out_texts(zoo)
 sources = open_sources(parse_recipe(raw))
 cal = calibrate(sources, held, expert_logits=False, lewis_scores=False)
 model = build_model(sources)

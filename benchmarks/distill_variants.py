@@ -79,14 +79,12 @@ def main() -> None:
     if args.zoo == "mpnet":
         zoo = build_mpnet_zoo(progress=True)
         raw = recipe(zoo, list(zoo.experts), HEAD_STEPS, args.calibration, work)
-        held = {t: [x for s in ("validation", "test") for d in datasets(zoo, s) if d.task == t
-                    for x in d.texts] for t in zoo.experts}
         key = f"mpnet {args.calibration}"
     else:
         zoo = build_zoo(progress=True)
         raw = {**demo_recipe(zoo), "coefficients": None}
-        held = held_out_texts(zoo)
         key = "minilm demo"
+    held = held_out_texts(zoo)
     if args.limit:
         raw["calibration"]["limit"] = args.limit
         key += f" limit {args.limit}"

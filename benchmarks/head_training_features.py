@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from hm3.demo import held_out_texts
 from hm3.engine import build_model, merge_into, open_sources
 from hm3.label_free.calibration import expert_classifier
 from hm3.label_free.distill import DistillOptions, distill_body
@@ -22,7 +23,8 @@ from hm3.pipeline import calibrate
 from hm3.recipe import parse_recipe
 from hm3.zoo import build_mpnet_zoo
 
-from mpnet_zoo import HEAD_STEPS, datasets, recipe
+from common import datasets
+from mpnet_zoo import HEAD_STEPS, recipe
 
 DISTILL = "distill" in sys.argv
 MINILM = "minilm" in sys.argv
@@ -36,10 +38,7 @@ if MINILM:
 else:
     zoo = build_mpnet_zoo(progress=False)
     raw = recipe(zoo, list(zoo.experts), HEAD_STEPS, "per-task+unseen", work)
-held = {
-    t: [x for s in ("validation", "test") for d in datasets(zoo, s) if d.task == t for x in d.texts]
-    for t in zoo.experts
-}
+held = held_out_texts(zoo)
 sources = open_sources(parse_recipe(raw))
 cal = calibrate(sources, held, progress=True)
 model = build_model(sources)
