@@ -347,24 +347,20 @@ def warn_low_held_out(held_out: dict, shared: set[str] = frozenset(),
     (`hm3 check`'s default): on other texts of their domain the merge is likely to do no better.
     Tasks in `shared` read a shared sample with texts from every domain, so their agreement there
     says less about their own: they are warned about under `shared_minimum`, and told so."""
-    low = {task: entry["agreement"] for task, entry in held_out["tasks"].items()
-           if entry["agreement"] < minimum and task not in shared}
-    if low:
-        listed = ", ".join(f"{task} {share:.1%}" for task, share in low.items())
-        warnings.warn(f"held out from the head steps, the merged model agrees with the expert on "
-                      f"less than {minimum:.0%} of calibration texts for {listed}: more "
-                      "calibration texts of those tasks' own domain may help; run `hm3 check` "
-                      "on other texts before deploying", Hm3Warning, stacklevel=2)
-    low_shared = {task: entry["agreement"] for task, entry in held_out["tasks"].items()
-                  if entry["agreement"] < shared_minimum and task in shared}
-    if low_shared:
-        listed = ", ".join(f"{task} {share:.1%}" for task, share in low_shared.items())
-        warnings.warn(f"held out from the head steps, the merged model agrees with the expert on "
-                      f"less than {shared_minimum:.0%} of the shared calibration sample for "
-                      f"{listed}: texts outside a task's domain count there too, but this is "
-                      "low; run `hm3 check` on texts of those tasks' own domain before "
-                      "deploying, or calibrate them on such texts (`texts: {TASK: FILE}`)",
-                      Hm3Warning, stacklevel=2)
+    bars = ((False, minimum, "calibration texts",
+             "more calibration texts of those tasks' own domain may help; run `hm3 check` on "
+             "other texts before deploying"),
+            (True, shared_minimum, "the shared calibration sample",
+             "texts outside a task's domain count there too, but this is low; run `hm3 check` "
+             "on texts of those tasks' own domain before deploying, or calibrate them on such "
+             "texts (`texts: {TASK: FILE}`)"))
+    for in_shared, bar, where, advice in bars:
+        low = [f"{task} {entry['agreement']:.1%}" for task, entry in held_out["tasks"].items()
+               if entry["agreement"] < bar and (task in shared) == in_shared]
+        if low:
+            warnings.warn(f"held out from the head steps, the merged model agrees with the expert "
+                          f"on less than {bar:.0%} of {where} for {', '.join(low)}: {advice}",
+                          Hm3Warning, stacklevel=2)
 
 
 def calibration_fidelity(model: torch.nn.Module, sources: Sources, calibrated: Calibrated,
