@@ -52,6 +52,8 @@ VARIANTS = {
     "distill elementwise": {"train": "elementwise"},
     "distill tensor": {"train": "tensor"},
     "distill weights, route all": {"train": "weights", "route": "all"},
+    # one shared sample: every text taught by every expert, against the default (confident)
+    "distill weights, lr 0.02, route all": {"train": "weights", "lr": 0.02, "route": "all"},
     # More texts at the same number of steps: each text seen about once, not three times.
     "distill weights, lr 0.02, 256 texts": {"train": "weights", "lr": 0.02, "texts": 256},
     # the last block matched on what the heads make of it (the experts' logits), or on both
