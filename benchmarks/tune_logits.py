@@ -1,0 +1,124 @@
+"""Does training the merged model end to end on the experts' logits help after the preset? The
+preset merge (TIES, distill, head steps) built in memory, then the last `--blocks` blocks and
+the heads trained by Adam so that each task's logits match its expert's on that task's
+calibration texts (KL, tasks weighted the same), the head steps rerun, every variant scored on
+validation (test only for a new best).
+
+  .venv/bin/python benchmarks/tune_logits.py --zoo minilm --blocks 2 --steps 30 --lr 1e-5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from hm3.demo import demo_recipe, held_out_texts
+from hm3.engine import build_model, open_sources
+from hm3.evaluate import evaluate
+from hm3.label_free.distill import _kl
+from hm3.label_free.stream import find_blocks, model_logits
+from hm3.model import MultiTaskClassifier
+from hm3.pipeline import calibrate, head_steps, merge_in_memory
+from hm3.recipe import PRESETS, parse_recipe
+from hm3.zoo import build_mpnet_zoo, build_zoo
+
+from common import datasets
+from mpnet_zoo import recipe
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--zoo", choices=("mpnet", "minilm"), default="minilm")
+    parser.add_argument("--blocks", type=int, nargs="+", default=[2])
+    parser.add_argument("--steps", type=int, nargs="+", default=[30])
+    parser.add_argument("--lr", type=float, nargs="+", default=[1e-5])
+    parser.add_argument("--best", type=float, default=None)
+    args = parser.parse_args()
+    if args.zoo == "mpnet":
+        zoo = build_mpnet_zoo(progress=True)
+        preset = {k: v for k, v in PRESETS["label-free"].items()
+                  if k not in ("method", "parameters")}
+        raw = recipe(zoo, list(zoo.experts), preset, "per-task+unseen",
+                     Path(tempfile.mkdtemp()))
+    else:
+        zoo = build_zoo(progress=True)
+        raw = demo_recipe(zoo)
+    sources = open_sources(parse_recipe(raw))
+    calibrated = calibrate(sources, held_out_texts(zoo), progress=True)
+    model = build_model(sources)
+    sources, _ = merge_in_memory(model, sources, calibrated, progress=True)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    clf = MultiTaskClassifier(model, calibrated.tokenizer, sources.groups,
+                              raw["calibration"]["max_length"])
+    splits = {s: datasets(zoo, s) for s in ("validation", "test")}
+
+    def score(split):
+        report = evaluate(clf, splits[split])["tasks"]
+        return {t: round(r["macro_f1"], 4) for t, r in report.items()}
+
+    val = score("validation")
+    best = args.best if args.best is not None else sum(val.values()) / len(val)
+    print(f"preset: validation {sum(val.values()) / len(val):.4f} {json.dumps(val)}", flush=True)
+    groups = {g.name: g for g in sources.groups}
+    for blocks in args.blocks:
+        for steps in args.steps:
+            for lr in args.lr:
+                model.load_state_dict(start)
+                started = time.perf_counter()
+                tune(model, calibrated, groups, blocks, steps, lr)
+                tuned = score("validation")
+                head_steps(model, sources, calibrated)
+                refit = score("validation")
+                row = {"tuned": tuned, "tuned+head steps": refit}
+                for name, scores in list(row.items()):
+                    mean = sum(scores.values()) / len(scores)
+                    if mean > best:
+                        best = mean
+                        row[name + " test"] = score("test")  # after the refit only if best
+                means = {k: round(sum(v.values()) / len(v), 4) for k, v in row.items()}
+                print(f"blocks {blocks} steps {steps} lr {lr} "
+                      f"({time.perf_counter() - started:.0f}s): {json.dumps(means)} "
+                      f"{json.dumps(row)}", flush=True)
+
+
+def tune(model, calibrated, groups, blocks: int, steps: int, lr: float) -> None:
+    _, layers = find_blocks(model)
+    trained = [p for layer in list(layers)[len(layers) - blocks:] for p in layer.parameters()]
+    head = [p for n, p in model.named_parameters()
+            if n.startswith(("classifier", "pooler")) or ".pooler." in n]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in trained + head:
+        p.requires_grad_(True)
+    optimiser = torch.optim.Adam(trained + head, lr=lr)
+    tasks = list(calibrated.batches)
+    offsets = {}
+    for task in tasks:
+        sizes = [len(b["input_ids"]) for b in calibrated.batches[task]]
+        offsets[task] = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+    model.train(False)
+    for step in range(steps):
+        optimiser.zero_grad()
+        loss = 0.0
+        for task in tasks:
+            batches = calibrated.batches[task]
+            b = step % len(batches)
+            logits = model_logits(model, batches[b])
+            target = calibrated.expert_logits[task][offsets[task][b]:offsets[task][b + 1]]
+            group = groups[task]
+            rows = torch.ones(len(logits), dtype=torch.bool)
+            loss = loss + _kl(logits[:, group.offset:group.stop], target, rows,
+                              group.multi_label) / len(tasks)
+        loss.backward()
+        optimiser.step()
+    for p in model.parameters():
+        p.requires_grad_(True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""The package's top level: what `import hm3` offers, and what it costs."""
+
+import subprocess
+import sys
+
+import pytest
+
+import hm3
+
+
+@pytest.mark.parametrize("name", hm3.__all__)
+def test_every_public_name_resolves_to_the_object_of_its_module(name):
+    module = __import__(hm3._EXPORTS[name], fromlist=[name])
+    assert getattr(hm3, name) is getattr(module, name)
+
+
+def test_the_public_names_are_the_lazy_exports():
+    assert sorted(hm3.__all__) == sorted(hm3._EXPORTS)
+    assert set(hm3.__all__) <= set(dir(hm3))
+
+
+def test_an_unknown_name_is_an_attribute_error():
+    with pytest.raises(AttributeError, match="no attribute 'nonexistent'"):
+        hm3.nonexistent  # noqa: B018
+
+
+def test_importing_hm3_does_not_import_torch():
+    code = "import sys, hm3; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
