@@ -51,7 +51,12 @@ def main() -> None:
     sources = open_sources(parse_recipe(raw))
     calibrated = calibrate(sources, held_out_texts(zoo), progress=True)
     model = build_model(sources)
-    sources, _ = merge_in_memory(model, sources, calibrated, progress=True)
+    cache = Path(tempfile.gettempdir()) / f"hm3-tune-logits-{args.zoo}.pt"
+    if cache.is_file():  # the preset merge of an earlier run (delete the file to redo it)
+        model.load_state_dict(torch.load(cache))
+    else:
+        merge_in_memory(model, sources, calibrated, progress=True)
+        torch.save(model.state_dict(), cache)
     start = {k: v.clone() for k, v in model.state_dict().items()}
     clf = MultiTaskClassifier(model, calibrated.tokenizer, sources.groups,
                               raw["calibration"]["max_length"])
