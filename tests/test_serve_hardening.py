@@ -33,32 +33,41 @@ POLICY = ("sentiment: {flag: [positive], threshold: 0.0}\n"
           "tox: {flag: [insult, threat], threshold: 0.5}\n")
 
 
-@pytest.fixture(scope="module")
-def guarded(served_model, tmp_path_factory):
+def start_guarded(served_model, folder: Path, *extra: str) -> Server:
     """A server with keys (one from the environment), CORS for one origin, a policy, small
-    per-request limits and short header / body timeouts."""
-    policy = tmp_path_factory.mktemp("policy") / "policy.yaml"
+    per-request limits and short header / body timeouts; `extra` flags after these (`--ray`)."""
+    policy = folder / "policy.yaml"
     policy.write_text(POLICY)
     old = os.environ.get("HM3_API_KEYS")
     os.environ["HM3_API_KEYS"] = ENV_KEY
     try:
-        srv = Server(served_model, "--api-key", KEY, "--policy", str(policy), "--max-texts", "8",
-                     "--max-chars", "400", "--header-timeout", "1", "--body-timeout", "1.5",
-                     "--cors-allow-origin", ORIGIN, "--max-wait-ms", "5")
+        return Server(served_model, "--api-key", KEY, "--policy", str(policy), "--max-texts", "8",
+                      "--max-chars", "400", "--header-timeout", "1", "--body-timeout", "1.5",
+                      "--cors-allow-origin", ORIGIN, "--max-wait-ms", "5", *extra)
     finally:
         if old is None:
             del os.environ["HM3_API_KEYS"]
         else:
             os.environ["HM3_API_KEYS"] = old
+
+
+def start_slow(served_model, *extra: str) -> Server:
+    """A server whose batches wait 2 s for company: requests queue, time out, are abandoned."""
+    return Server(served_model, "--max-wait-ms", "2000", "--max-batch-size", "256",
+                  "--max-texts", "8", "--max-queued-texts", "8", "--request-timeout", "1",
+                  "--docs", *extra)
+
+
+@pytest.fixture(scope="module")
+def guarded(served_model, tmp_path_factory):
+    srv = start_guarded(served_model, tmp_path_factory.mktemp("policy"))
     yield srv
     srv.stop()
 
 
 @pytest.fixture(scope="module")
 def slow(served_model):
-    """A server whose batches wait 2 s for company: requests queue, time out, are abandoned."""
-    srv = Server(served_model, "--max-wait-ms", "2000", "--max-batch-size", "256",
-                 "--max-texts", "8", "--max-queued-texts", "8", "--request-timeout", "1", "--docs")
+    srv = start_slow(served_model)
     yield srv
     srv.stop()
 
@@ -401,16 +410,23 @@ def test_every_error_is_json_and_every_request_is_counted(guarded):
         assert response.status_code == status
         assert response.headers["content-type"] == "application/json"
         assert isinstance(response.json()["error"], str)
-    status, body = status_and_json(raw(guarded.port, b"GARBAGE\r\n\r\n"))
-    assert status == 400 and "malformed HTTP" in body["error"]
     after = metrics(guarded)
-    for status in ("401", "404", "405", "413", "415", "422", "400"):
+    for status in ("401", "404", "405", "413", "415", "422"):
         assert counted(after, "hm3_requests_total", status=status) > \
             counted(before, "hm3_requests_total", status=status), status
     # the latency histogram has every request the counter has (both exclude this scrape)
     assert counted(after, "hm3_request_seconds_count") == counted(after, "hm3_requests_total")
     assert re.search(r"^# TYPE hm3_requests_total counter$", after, re.M)
     assert re.search(r"^# TYPE hm3_texts_total counter$", after, re.M)
+
+
+def test_malformed_http_gets_json_and_is_counted(guarded):
+    before = metrics(guarded)
+    status, body = status_and_json(raw(guarded.port, b"GARBAGE\r\n\r\n"))
+    assert status == 400 and "malformed HTTP" in body["error"]
+    after = metrics(guarded)
+    assert counted(after, "hm3_requests_total", status="400") == \
+        counted(before, "hm3_requests_total", status="400") + 1
 
 
 # 6. access ----------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ Serve is not installed. The argument checks below are fast and stay in the defau
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import signal
 import subprocess
@@ -25,6 +26,9 @@ from hm3.cli import main
 from conftest import SERVED_TASKS as TASKS, free_port, texts_for
 
 httpx = pytest.importorskip("httpx")
+import test_serve_hardening as hardening  # noqa: E402
+
+RAY = ("--ray", "--replica-cpus", "0.5")  # one replica: /metrics is that replica's
 
 
 def test_replicas_without_ray_is_refused(tmp_path, capsys):
@@ -193,3 +197,53 @@ def metric(text: str, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.split()[1])
     return 0.0
+
+
+# Issue 21's items 1-7 under Ray Serve: the plain server's own tests (test_serve_hardening.py),
+# run against `hm3 serve --ray` through Ray's proxy. Left out are the HTTP server's own duties,
+# which under Ray are its proxy's: header timeouts, the JSON body of a 400 for malformed HTTP, and
+# not waiting at SIGTERM for a client still sending (see the tests after these).
+
+@pytest.fixture(scope="module")
+def guarded(served_model, tmp_path_factory):
+    pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install 'hm3[ray]')")
+    srv = hardening.start_guarded(served_model, tmp_path_factory.mktemp("policy"), *RAY)
+    yield srv
+    assert srv.stop() == 0, srv.output()[-4000:]
+
+
+@pytest.fixture(scope="module")
+def slow(served_model):
+    pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install 'hm3[ray]')")
+    srv = hardening.start_slow(served_model, *RAY)
+    yield srv
+    assert srv.stop() == 0, srv.output()[-4000:]
+
+
+def on_ray(test):
+    """`test` of test_serve_hardening.py, collected here too (slow) with this module's servers."""
+
+    @functools.wraps(test)
+    def run(*args, **kwargs):
+        return test(*args, **kwargs)
+
+    return pytest.mark.slow(run)
+
+
+for _test in (
+        hardening.test_a_text_the_model_cannot_take_fails_only_its_own_request,  # 1
+        hardening.test_a_chunked_body_is_cut_off_at_the_limit,  # 2
+        hardening.test_a_declared_size_over_the_limit_is_refused_before_the_body,
+        hardening.test_emoji_within_max_chars_fit_the_default_body_limit,
+        hardening.test_repeated_task_names_are_answered_once,
+        hardening.test_a_full_queue_answers_503_with_retry_after,  # 3
+        hardening.test_a_request_past_its_timeout_gets_504_and_its_texts_are_dropped,
+        hardening.test_work_for_a_client_that_left_is_not_computed,
+        hardening.test_a_body_sent_too_slowly_gets_408,
+        hardening.test_ready_after_warm_up_health_is_liveness,  # 4
+        hardening.test_every_error_is_json_and_every_request_is_counted,  # 5
+        hardening.test_every_route_but_liveness_needs_a_key,  # 6
+        hardening.test_cors_only_for_the_allowed_origin_and_docs_only_with_the_flag,
+        hardening.test_moderations_through_the_openai_client,  # 7
+        hardening.test_moderations_without_a_policy_say_how_to_get_one):
+    globals()[_test.__name__] = on_ray(_test)
