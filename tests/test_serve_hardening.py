@@ -52,10 +52,11 @@ def start_guarded(served_model, folder: Path, *extra: str) -> Server:
 
 
 def start_slow(served_model, *extra: str) -> Server:
-    """A server whose batches wait 2 s for company: requests queue, time out, are abandoned."""
+    """A server whose batches wait 2 s for company: requests queue, time out, are abandoned;
+    it trusts forwarded headers from 127.0.0.1 (the tests' own address)."""
     return Server(served_model, "--max-wait-ms", "2000", "--max-batch-size", "256",
                   "--max-texts", "8", "--max-queued-texts", "8", "--request-timeout", "1",
-                  "--docs", *extra)
+                  "--docs", "--forwarded-allow-ips", "127.0.0.1", *extra)
 
 
 @pytest.fixture(scope="module")
@@ -457,6 +458,26 @@ def test_cors_only_for_the_allowed_origin_and_docs_only_with_the_flag(guarded, s
     assert "access-control-allow-origin" not in off.headers
     assert httpx.get(guarded.url + "/docs", headers=AUTH).status_code == 404
     assert httpx.get(slow.url + "/docs").status_code == 200
+
+
+def test_forwarded_headers_are_trusted_only_from_the_allowed_ips(guarded, slow):
+    forwarded = {"X-Forwarded-Proto": "https", "X-Forwarded-For": "203.0.113.9"}
+    # a redirect (the trailing slash) is built from the scheme the server believes
+    untrusted = httpx.get(guarded.url + "/v1/tasks/", headers={**AUTH, **forwarded})
+    assert untrusted.status_code == 307
+    assert untrusted.headers["location"] == guarded.url + "/v1/tasks"
+    trusted = httpx.get(slow.url + "/v1/tasks/", headers=forwarded)
+    assert trusted.headers["location"] == slow.url.replace("http:", "https:") + "/v1/tasks"
+
+
+def test_a_kept_alive_connection_left_idle_is_closed(guarded):
+    with socket.create_connection(("127.0.0.1", guarded.port)) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.settimeout(10)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        started = time.monotonic()
+        assert read_all(sock, 15) == b""  # closed by the server, not by our 15 s
+    assert time.monotonic() - started < 10  # uvicorn's keep-alive, or --header-timeout on Ray
 
 
 # 7. the OpenAI moderation API ---------------------------------------------------------------

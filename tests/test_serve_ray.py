@@ -51,6 +51,33 @@ def test_app_builder_checks_its_arguments():
 
 
 
+def test_what_cannot_serve_is_refused_before_ray_starts(served_model, tmp_path, capsys):
+    pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install 'hm3[ray]')")
+    import ray
+
+    no_tokenizer = hardening.copy_model(served_model, tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"):
+        (no_tokenizer / name).unlink()
+    assert "has no tokenizer files" in hardening.refused(capsys, str(no_tokenizer), "--ray")
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("spam: {flag: [spam]}\n")
+    assert "spam" in hardening.refused(capsys, str(served_model), "--ray", "--policy", str(policy))
+    assert not ray.is_initialized()
+
+
+def test_the_deployment_leaves_backpressure_and_draining_to_hm3s_options():
+    pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install 'hm3[ray]')")
+    from hm3.serve.options import ServeOptions
+    from hm3.serve.ray_app import ONGOING_HEADROOM, build
+
+    application = build("m", ServeOptions(max_queued_texts=300, drain_seconds=7, replicas=3))
+    config = application._bound_deployment._deployment_config
+    assert config.num_replicas == 3
+    assert config.max_ongoing_requests == 300 + ONGOING_HEADROOM
+    assert config.max_queued_requests == 300
+    assert config.graceful_shutdown_timeout_s == 7
+
+
 def test_a_first_signal_asks_for_a_clean_stop_a_second_interrupts():
     pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install 'hm3[ray]')")
     import threading
@@ -244,6 +271,8 @@ for _test in (
         hardening.test_every_error_is_json_and_every_request_is_counted,  # 5
         hardening.test_every_route_but_liveness_needs_a_key,  # 6
         hardening.test_cors_only_for_the_allowed_origin_and_docs_only_with_the_flag,
+        hardening.test_forwarded_headers_are_trusted_only_from_the_allowed_ips,
+        hardening.test_a_kept_alive_connection_left_idle_is_closed,
         hardening.test_moderations_through_the_openai_client,  # 7
         hardening.test_moderations_without_a_policy_say_how_to_get_one):
     globals()[_test.__name__] = on_ray(_test)
