@@ -276,3 +276,10 @@ for _test in (
         hardening.test_moderations_through_the_openai_client,  # 7
         hardening.test_moderations_without_a_policy_say_how_to_get_one):
     globals()[_test.__name__] = on_ray(_test)
+
+
+@pytest.mark.slow
+def test_sigterm_does_not_wait_for_a_client_still_sending(served_model):
+    pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install 'hm3[ray]')")
+    # shutting Serve and the local Ray instance down takes about 10 s of its own here
+    assert hardening.stop_while_a_client_sends(served_model, *RAY) < 40  # not the 60 s drain
