@@ -82,11 +82,11 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def serving_pids(pid: int, ray: bool) -> list[int]:
-    """The processes that serve: `pid` itself, or under Ray its descendants that are Serve's
-    replica or HTTP proxy (Ray's workers, started by the raylet the command started)."""
+def serving_pids(pid: int, ray: bool) -> dict[str, int]:
+    """The processes that serve, by title: `pid` itself, or under Ray its descendants that are
+    Serve's replica or HTTP proxy (Ray's workers, started by the raylet the command started)."""
     if not ray:
-        return [pid]
+        return {"hm3 serve": pid}
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -94,7 +94,7 @@ def serving_pids(pid: int, ray: bool) -> list[int]:
         except OSError:
             continue
         children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
+    found, todo = {}, [pid]
     while todo:
         for child in children.get(todo.pop(), []):
             todo.append(child)
@@ -103,7 +103,7 @@ def serving_pids(pid: int, ray: bool) -> list[int]:
             except OSError:
                 continue
             if title.startswith((b"ray::ServeReplica", b"ray::ProxyActor")):
-                found.append(child)
+                found[title.decode(errors="replace").split()[0]] = child
     return found
 
 
@@ -234,8 +234,12 @@ def main() -> None:
             process, url, port = start(model, extra)
             try:
                 runs[name] = asyncio.run(run(url, port, args.seconds, args.clients, attacks))
-                runs[name]["peak_rss_mb"] = round(sum(
-                    peak_rss_mb(pid) for pid in serving_pids(process.pid, args.ray)), 1)
+                peaks = {title: peak_rss_mb(pid)
+                         for title, pid in serving_pids(process.pid, args.ray).items()}
+                runs[name]["peak_rss_mb"] = round(sum(peaks.values()), 1)
+                if args.ray:
+                    runs[name]["peak_rss_mb_by_process"] = {t: round(v, 1)
+                                                            for t, v in peaks.items()}
                 runs[name]["health_after"] = httpx.get(url + "/health", timeout=10).status_code
             finally:
                 process.send_signal(signal.SIGTERM)
