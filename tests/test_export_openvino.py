@@ -172,7 +172,7 @@ def test_openvino_export_served_under_concurrent_load(served_model, exported):
                                                                    abs=BF16_PROBABILITIES)
     finally:
         srv.stop()
-    assert f"on openvino at {chosen} (auto: this CPU" in srv.process.stderr.read()
+    assert f"on openvino at {chosen} (auto: this CPU" in srv.output()
 
 
 @pytest.mark.numeric

@@ -120,6 +120,8 @@ class ReadBody:
                 await send_error(send, 408, f"the request body took over {self.timeout:g} s to "
                                  "arrive; send it at once", {"Connection": "close"})
                 return None
+            except Exception:  # noqa: BLE001 - the connection is gone (Ray's proxy stopping)
+                return None
             if message["type"] == "http.disconnect":
                 return None  # the client left (or the server is stopping): no one to answer
             chunk = message.get("body", b"")

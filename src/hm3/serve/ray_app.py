@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 import os
 import signal
 import threading
@@ -34,6 +35,7 @@ from hm3.serve.policy import load_policy
 from hm3.serve.server import load_checked
 
 APP_NAME = "hm3"
+ONGOING_HEADROOM = 64  # requests a replica takes beyond --max-queued-texts: refused, or being read
 
 
 class RayBatcher:
@@ -72,7 +74,7 @@ class RayBatcher:
         return results
 
 
-@serve.deployment(name=APP_NAME, max_ongoing_requests=256)
+@serve.deployment(name=APP_NAME)
 @serve.ingress()
 class Hm3Deployment:
     """One replica: the model loaded and checked once, `create_app` as its ingress (built in the
@@ -105,6 +107,12 @@ def build(model: str, options: ServeOptions = ServeOptions(), device: str | None
         options = dataclasses.replace(options, policy=str(Path(options.policy).resolve()))
     return Hm3Deployment.options(
         num_replicas=options.replicas,
+        # the app's own queue bound (--max-queued-texts, 503 with Retry-After) decides, not
+        # Ray's: a replica takes every request the app could queue, and a little more to refuse
+        max_ongoing_requests=options.max_queued_texts + ONGOING_HEADROOM,
+        # and what waits in front of full replicas is bounded too (Ray's 503 with Retry-After)
+        max_queued_requests=options.max_queued_texts,
+        graceful_shutdown_timeout_s=options.drain_seconds,
         ray_actor_options={"num_cpus": options.replica_cpus}).bind(model, options, device,
                                                                    max_length, precision)
 
@@ -145,21 +153,34 @@ def _typed(field: dataclasses.Field, value: str):
 
 def serve_on_ray(model: str, options: ServeOptions = ServeOptions(), device: str | None = None,
                  max_length: int | None = None, precision: str | None = None) -> None:
-    """Deploy on Ray Serve. With no `options.ray_address`, start a local one-node Ray instance,
-    serve until SIGINT / SIGTERM, then shut it down; with one (`auto`, `ray://...`), deploy on
-    that cluster and return (the application keeps running there: `serve status`,
-    `serve shutdown`). The HTTP server is Ray's proxy: --header-timeout, --forwarded-allow-ips
-    and the JSON for malformed HTTP are `hm3 serve`'s own, not Ray's."""
+    """Deploy on Ray Serve. With no `options.ray_address`, check the model here first (one
+    line and exit 2 for what cannot serve, before Ray starts), start a local one-node Ray
+    instance, serve until SIGINT / SIGTERM, then shut it down; with one (`auto`, `ray://...`),
+    deploy on that cluster and return (the application keeps running there: `serve status`,
+    `serve shutdown`).
+
+    The HTTP server is Ray's proxy, so what belongs to it is set where Ray allows:
+    --forwarded-allow-ips through the environment of the local instance (uvicorn's
+    FORWARDED_ALLOW_IPS; Ray's own default trusts 127.0.0.1), --header-timeout as the idle time
+    of a kept-alive connection. A fresh connection that sends nothing, malformed HTTP (Ray's
+    plain-text 400) and a client still sending at SIGTERM are the proxy's own (docs/serving.md).
+    """
     application = build(model, options, device, max_length, precision)
     host, port = options.host, options.port
     replicas, address = options.replicas, options.ray_address
     stop = threading.Event()
     if address is None:
+        classifier = load_checked(model, options.backend, device, max_length, precision)
+        if options.policy:
+            load_policy(options.policy, classifier.groups)
+        del classifier  # the replicas load their own
         # Ray Serve gives its HTTP proxy 5 s to report ready and kills it after three misses; on
         # a small, busy machine starting Python workers takes longer (the environment wins)
         for name in ("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S",
                      "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S"):
             os.environ.setdefault(name, "60")
+        # the proxy's uvicorn reads it (an empty list trusts no one, as `hm3 serve` does)
+        os.environ["FORWARDED_ALLOW_IPS"] = ",".join(options.forwarded_allow_ips)
         ray.init(include_dashboard=False, configure_logging=False)
         # ray.init installs a SIGTERM handler that exits at once (status 15); from here on
         # SIGTERM asks for the clean stop below, also while the deployment is still starting
@@ -168,7 +189,8 @@ def serve_on_ray(model: str, options: ServeOptions = ServeOptions(), device: str
     else:
         ray.init(address=address)
     try:
-        serve.start(http_options={"host": host, "port": port})
+        serve.start(http_options={"host": host, "port": port,
+                                  "keep_alive_timeout_s": math.ceil(options.header_timeout)})
         try:
             serve.run(application, name=APP_NAME, route_prefix="/")
         except RuntimeError as exc:  # a replica failed to start: say why, briefly
@@ -182,7 +204,7 @@ def serve_on_ray(model: str, options: ServeOptions = ServeOptions(), device: str
             signal.signal(sig, lambda *_: _stop_or_interrupt(stop))
         while not stop.wait(0.5):
             pass
-        serve.shutdown()  # replicas finish in-flight requests first
+        serve.shutdown()  # replicas finish in-flight requests first (--drain-seconds)
     finally:
         if address is None:
             ray.shutdown()
