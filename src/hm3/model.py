@@ -82,16 +82,40 @@ class MultiTaskClassifier:
     def logits(self, texts: str | Sequence[str], batch_size: int = 32) -> np.ndarray:
         """Raw logits (n_texts, K); one string counts as a batch of one. Texts are batched by
         length, results come back in input order."""
+        return self._run(texts, batch_size, embed=False)[0]
+
+    @torch.inference_mode()
+    def logits_and_embeddings(self, texts: Sequence[str], batch_size: int = 32
+                              ) -> tuple[np.ndarray, np.ndarray]:
+        """Raw logits (n_texts, K) and, from the same forward pass, each text's embedding: the
+        encoder's last hidden state averaged over its non-padding tokens (n_texts, hidden).
+        PyTorch models only (an exported ONNX / OpenVINO model gives logits alone)."""
+        if not isinstance(self.model, torch.nn.Module):
+            raise Hm3Error("embeddings need the PyTorch model; give the merged or expert folder, "
+                           "not an exported one")
+        return self._run(texts, batch_size, embed=True)
+
+    def _run(self, texts: str | Sequence[str], batch_size: int, embed: bool
+             ) -> tuple[np.ndarray, np.ndarray | None]:
         texts, _ = as_texts(texts)
         if batch_size < 1:
             raise Hm3Error(f"batch_size must be at least 1, got {batch_size}")
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         out = np.zeros((len(texts), self.groups[-1].stop), dtype=np.float32)
+        pooled = None
         for start in range(0, len(texts), batch_size):
             index = order[start:start + batch_size]
             batch = self.encode([texts[i] for i in index]).to(self.device)
-            out[index] = self.model(**batch).logits.float().cpu().numpy()
-        return out
+            extra = {"output_hidden_states": True} if embed else {}
+            result = self.model(**batch, **extra)
+            out[index] = result.logits.float().cpu().numpy()
+            if embed:
+                mask = batch["attention_mask"].unsqueeze(-1).to(result.hidden_states[-1].dtype)
+                mean = (result.hidden_states[-1] * mask).sum(1) / mask.sum(1).clamp(min=1)
+                if pooled is None:
+                    pooled = np.zeros((len(texts), mean.shape[-1]), dtype=np.float32)
+                pooled[index] = mean.float().cpu().numpy()
+        return out, pooled
 
     def predict_proba(self, texts: str | Sequence[str],
                       batch_size: int = 32) -> dict[str, np.ndarray]:
