@@ -2,11 +2,13 @@
 a deployment's traffic is), each merged model checked against its experts on it, counting every
 text, only the texts each expert is sure of (`--count confident`), each text weighted by its
 expert's confidence (`--count weighted`), the quarter of texts each expert is surest of
-(`--count surest`) or the texts typical of each task's calibration split in its expert's
-embedding space (`--count typical`); beside each task's test macro-F1 change (merged minus
-expert, on the task's own test split) and, as the study's ceiling, the agreement on the task's
-own test texts (`own`: what a perfect typicality would count). A verdict should fail a task 3
-or more points under its expert and pass one within 1 point.
+(`--count surest`), the texts typical of each task's calibration split in its expert's
+embedding space (`--count typical`; `typical, base space`: the same in the base model's space,
+for the record) or the texts whose 10 nearest calibration texts of all tasks, in the base
+model's space, are mostly the task's (`--count domain`); beside each task's test macro-F1
+change (merged minus expert, on the task's own test split) and, as the study's ceiling, the
+agreement on the task's own test texts (`own`: what a perfect typicality would count). A
+verdict should fail a task 3 or more points under its expert and pass one within 1 point.
 
   .venv/bin/python benchmarks/check_mixed_traffic.py --zoo minilm NAME=FOLDER ...
 Results: benchmarks/results/check_mixed_traffic.json (one entry per zoo and model). The experts'
@@ -26,10 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
-from hm3.check import compare_task, typical_texts
+from hm3.check import compare_task, domain_texts, typical_texts
 from hm3.checkpoint import write_json_atomic
 from hm3.evaluate import score_task
-from hm3.model import group_probabilities, load
+from hm3.model import embed_texts, group_probabilities, load
 from hm3.zoo import build_mpnet_zoo, build_zoo, read_split
 
 from common import datasets
@@ -40,7 +42,9 @@ MINIMUMS = (0.9, 0.95)
 # key in a task's row -> the `--count` it stands for (`own` is the study's ceiling, no option)
 COUNTED = {"agreement": "all", "confident_agreement": "confident",
            "weighted_agreement": "weighted", "surest_agreement": "surest",
-           "typical_agreement": "typical", "own_agreement": "own (ceiling)"}
+           "typical_agreement": "typical", "base_typical_agreement": "typical, base space",
+           "domain_agreement": "domain",
+           "own_agreement": "own (ceiling)"}
 
 
 def main() -> None:
@@ -60,6 +64,8 @@ def main() -> None:
     references = {task: [t for t, _ in read_split(files["calibration"])]
                   for task, files in zoo.splits.items()}
     experts = expert_outputs(zoo, args.zoo, texts, references, max_length, owner, labels)
+    base = base_outputs(zoo, args.zoo, texts, references, max_length)
+    domains = domain_texts(base[next(iter(base))][0], {task: base[task][1] for task in base})
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     for item in args.models:
         name, _, folder = item.partition("=")
@@ -67,15 +73,24 @@ def main() -> None:
         rows = {}
         for task, (group, probs, embedded, refs, f1) in experts.items():
             typical = typical_texts(embedded, refs)
+            in_base = typical_texts(base[task][0], base[task][1])
             own = owner == task
             entry = compare_task(group, probs, merged["probs"][task], typical)
+            by_base = compare_task(group, probs, merged["probs"][task], in_base)
+            by_domain = compare_task(group, probs, merged["probs"][task], domain=domains[task])
             mine = compare_task(group, probs[own], merged["probs"][task][own])
             rows[task] = {"f1_change": round(merged["f1"][task] - f1, 4),
                           **{key: _round(entry.get(key)) for key in COUNTED if key in entry},
+                          "base_typical_agreement": _round(by_base["typical_agreement"]),
+                          "domain_agreement": _round(by_domain["domain_agreement"]),
                           "own_agreement": round(mine["agreement"], 4),
                           "confident_n": entry["confident_n"], "surest_n": entry["surest_n"],
                           "typical_n": entry["typical_n"],
-                          "typical_own": int((typical & own).sum()), "own_n": int(own.sum())}
+                          "typical_own": int((typical & own).sum()),
+                          "base_typical_n": by_base["typical_n"],
+                          "base_typical_own": int((in_base & own).sum()),
+                          "domain_n": by_domain["domain_n"],
+                          "domain_own": int((domains[task] & own).sum()), "own_n": int(own.sum())}
             print(name, task, rows[task], flush=True)
         results[f"{args.zoo} {name}"] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                                          "texts": len(texts), "model": folder, "tasks": rows}
@@ -101,6 +116,22 @@ def expert_outputs(zoo, name: str, texts: list[str], references: dict[str, list[
         probs = group_probabilities(saved["logits"][:n], [group])[task]
         out[task] = (group, probs, saved["embedded"][:n], saved["embedded"][n:],
                      _f1(group, probs, owner == task, labels))
+    return out
+
+
+def base_outputs(zoo, name: str, texts: list[str], references: dict[str, list[str]],
+                 max_length: int) -> dict:
+    """task -> (embeddings of `texts`, of the task's references) by the zoo's base encoder,
+    cached."""
+    every = texts + [t for task in zoo.experts for t in references[task]]
+    cache = CACHE / f"{name}-base-{_key(zoo.base, every, [])}.npy"
+    if not cache.is_file():
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        np.save(cache, embed_texts(zoo.base, every, max_length=max_length))
+    embedded, out, start = np.load(cache), {}, len(texts)
+    for task in zoo.experts:
+        out[task] = (embedded[:len(texts)], embedded[start:start + len(references[task])])
+        start += len(references[task])
     return out
 
 

@@ -577,7 +577,7 @@ def test_check_counts_the_texts_typical_of_each_tasks_calibration_texts(fam, tmp
         assert entry["verdict_counted"] == (f"on the {typical.sum()} texts typical of the "
                                             "task's 40 texts")
         assert f"{task}: the verdict counted on the {typical.sum()} texts typical" in out
-        assert f"{task}: typical of its 40 known texts, from the merge's calibration" in out
+        assert f"{task}: 40 texts known to be from it, from the merge's calibration" in out
         offset += len(labels)
     assert "verdict (on the texts typical of each task's known texts): pass" in out
     # texts given for one task replace the recorded ones for that task only
@@ -619,3 +619,68 @@ def test_counting_typical_texts_of_a_merge_without_calibration_texts_needs_task_
             "calibration texts of its own for sentiment, topic, tags: give --task-texts "
             "TASK=FILE for each") in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_domain_texts_go_to_the_task_holding_most_of_their_nearest_known_texts():
+    from hm3.check import domain_texts
+
+    def at(*degrees):
+        radians = np.radians(degrees)
+        return np.stack([np.cos(radians), np.sin(radians)], 1)
+
+    known = {"a": at(0, 5, 10), "b": at(80, 85, 90)}
+    # 2 deg: a's three, then b's 80 -> 3 of 4 a; 88 deg: 3 of 4 b; 45 deg: 10 and 80 (35 deg
+    # off), 5 and 85 (40 off) -> 2 and 2, no majority: in neither domain
+    out = domain_texts(at(2, 88, 45), known, k=4)
+    assert out["a"].tolist() == [True, False, False]
+    assert out["b"].tolist() == [False, True, False]
+    # k = 1: the nearest known text alone decides (30 deg: 10 is nearest)
+    assert domain_texts(at(30), known, k=1)["a"].tolist() == [True]
+    with pytest.raises(Hm3Error, match="need texts known to be from at least 2 tasks"):
+        domain_texts(at(2), {"a": known["a"]})
+
+
+def test_check_counts_the_texts_in_each_tasks_domain_by_the_base_models_space(fam, tmp_path,
+                                                                            capsys):
+    """`--count domain`: each check text placed by its 10 nearest calibration texts of every
+    task, in the base model's space (computed here with plain transformers), and each task's
+    verdict on the texts of its domain."""
+    from transformers import AutoModel
+
+    from hm3.check import domain_texts
+
+    root, base, experts, texts = fam
+    code, out, err = run_check([str(root / "merged"), "--texts", str(root / "check.txt"),
+                                "--count", "domain", "--min-agreement", "0", "--json",
+                                str(tmp_path / "d.json")], capsys)
+    assert code == 0, err
+    report = json.loads((tmp_path / "d.json").read_text())
+    assert report["counted"] == "domain"
+    known = {task: (root / f"{task}.txt").read_text().splitlines() for task in TASKS}
+    every = texts + [t for task in TASKS for t in known[task]]
+    model, tokenizer = AutoModel.from_pretrained(base).eval(), AutoTokenizer.from_pretrained(base)
+    with torch.no_grad():
+        batch = tokenizer(every, padding=True, return_tensors="pt")
+        hidden = model(**batch).last_hidden_state.double()
+    mask = batch["attention_mask"].unsqueeze(-1).double()
+    embedded = ((hidden * mask).sum(1) / mask.sum(1)).numpy()
+    references, start = {}, len(texts)
+    for task in TASKS:
+        references[task] = embedded[start:start + 40]
+        start += 40
+    domains = domain_texts(embedded[:len(texts)], references)
+    merged = plain_logits(root / "merged", texts)
+    offset = 0
+    for task, labels in TASKS.items():
+        entry, mine = report["tasks"][task], domains[task]
+        assert entry["domain_n"] == mine.sum() and "typical_n" not in entry
+        if mine.any():
+            ours = merged[:, offset:offset + len(labels)][mine]
+            theirs = plain_logits(experts[task], texts)[mine]
+            want = (((ours > 0) == (theirs > 0)).mean(0).min() if task == "tags"
+                    else (ours.argmax(1) == theirs.argmax(1)).mean())
+            assert entry["verdict_agreement"] == pytest.approx(want, abs=1e-9)
+            assert entry["verdict_counted"] == f"on the {mine.sum()} texts in the task's domain"
+        offset += len(labels)
+    assert sum(d.sum() for d in domains.values()) > 0
+    assert "verdict (on the texts in each task's domain, by their nearest known texts)" in out

@@ -22,7 +22,7 @@ from hm3.data.calibration import source_texts, text_hash
 from hm3.errors import Hm3Error, Hm3Warning
 from hm3.heads import TaskGroup
 from hm3.label_free.registry import saved_report
-from hm3.model import MultiTaskClassifier, group_probabilities, load, task_groups
+from hm3.model import MultiTaskClassifier, embed_texts, group_probabilities, load, task_groups
 from hm3.table import format_table
 
 CALIBRATION_TEXTS = "calibration_texts.json"  # beside a label-free merge's config.json
@@ -41,19 +41,24 @@ SUREST = 0.25
 TYPICAL_K = 10
 TYPICAL_LEVEL = 0.1
 TYPICAL_REFERENCES = 512  # of a task's recorded calibration texts, the first these many
-COUNTS = ("all", "confident", "weighted", "surest", "typical")  # which texts a verdict counts
+# A text is in a task's domain when more than half of its `DOMAIN_K` nearest texts known to be
+# from some task (every task's, in the base encoder's space) are that task's: a kNN classifier
+# of domains, which unlike `typical` also knows what the other tasks' texts look like.
+DOMAIN_K = 10
+COUNTS = ("all", "confident", "weighted", "surest", "typical", "domain")  # texts a verdict counts
 
 
 # --- the figures ---------------------------------------------------------------------------------
 
 def compare_task(group: TaskGroup, expert: np.ndarray, merged: np.ndarray,
-                 typical: np.ndarray | None = None) -> dict:
+                 typical: np.ndarray | None = None, domain: np.ndarray | None = None) -> dict:
     """How far the merged model's decisions on one task are from its expert's, on the same texts.
 
     - `expert`, `merged`: probabilities (n, K) of the task's labels (a softmax per text, or a
     sigmoid per label for a multi-label task).
-    - `typical`: optional boolean mask of the texts typical of the task (`typical_texts`); adds
-    `typical_agreement`.
+    - `typical`, `domain`: optional boolean masks of the texts typical of the task
+    (`typical_texts`) and of those in its domain (`domain_texts`); add `typical_n` and
+    `typical_agreement`, `domain_n` and `domain_agreement`.
 
     Returns a JSON-able dict:
 
@@ -82,6 +87,8 @@ def compare_task(group: TaskGroup, expert: np.ndarray, merged: np.ndarray,
                  **surest_agreement(group, expert, merged)}
     if typical is not None:
         out.update(typical_agreement(group, expert, merged, typical))
+    if domain is not None:
+        out.update(typical_agreement(group, expert, merged, domain, "domain"))
     if group.multi_label:
         on_e, on_m = expert > group.threshold, merged > group.threshold
         per_label = (on_e == on_m).mean(0)
@@ -207,19 +214,42 @@ def typical_texts(embeddings: np.ndarray, references: np.ndarray, k: int = TYPIC
     return typicality(embeddings, references, k) >= np.quantile(own, level)
 
 
+def domain_texts(embeddings: np.ndarray, references: Mapping[str, np.ndarray],
+                 k: int = DOMAIN_K) -> dict[str, np.ndarray]:
+    """Each text's domain, from its `k` nearest texts (cosine) among the texts known to be from
+    each task: the task that holds more than half of them; a text with no such task is in
+    none. Returns task -> boolean mask over `embeddings`' rows.
+
+    - `embeddings`: (n, d), the texts to place; `references`: task -> (m_task, d), texts known
+    to be from that task, in the same space (at least two tasks).
+    """
+    if len(references) < 2:
+        raise Hm3Error("domains: need texts known to be from at least 2 tasks, got "
+                       f"{len(references)}; with one task, count `typical` texts instead")
+    tasks = list(references)
+    pool = np.concatenate([np.asarray(references[t], np.float64) for t in tasks])
+    owner = np.repeat(np.arange(len(tasks)), [len(references[t]) for t in tasks])
+    unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)  # noqa: E731
+    similarity = unit(np.asarray(embeddings, np.float64)) @ unit(pool).T
+    k = min(k, len(pool))
+    nearest = owner[np.argsort(-similarity, axis=1, kind="stable")[:, :k]]
+    return {task: (nearest == i).sum(1) > k / 2 for i, task in enumerate(tasks)}
+
+
 def typical_agreement(group: TaskGroup, expert: np.ndarray, merged: np.ndarray,
-                      typical: np.ndarray) -> dict:
-    """The agreement on the texts `typical` marks (see `typical_texts`): `typical_n` texts and
-    `typical_agreement` (None when there are none; a multi-label task's worst label)."""
+                      typical: np.ndarray, name: str = "typical") -> dict:
+    """The agreement on the texts `typical` marks (see `typical_texts`, `domain_texts`):
+    `{name}_n` texts and `{name}_agreement` (None when there are none; a multi-label task's
+    worst label)."""
     typical = np.asarray(typical, bool)
     if typical.shape != (len(expert),):
-        raise Hm3Error(f"task {group.name!r}: the typical-text mask must have one entry per text "
-                       f"({len(expert)}), got shape {typical.shape}")
+        raise Hm3Error(f"task {group.name!r}: the {name}-text mask must have one entry per "
+                       f"text ({len(expert)}), got shape {typical.shape}")
     same = _same_decision(group, expert, merged)[typical]
     if not typical.any():
-        return {"typical_n": 0, "typical_agreement": None}
+        return {f"{name}_n": 0, f"{name}_agreement": None}
     share = same.mean(0).min() if group.multi_label else same.mean()
-    return {"typical_n": int(typical.sum()), "typical_agreement": float(share)}
+    return {f"{name}_n": int(typical.sum()), f"{name}_agreement": float(share)}
 
 
 def _same_decision(group: TaskGroup, expert: np.ndarray, merged: np.ndarray) -> np.ndarray:
@@ -252,7 +282,8 @@ def _named(group: TaskGroup, values: np.ndarray) -> dict[str, float]:
 def check(merged: MultiTaskClassifier,
           experts: Mapping[str, MultiTaskClassifier | Callable[[], MultiTaskClassifier]],
           texts: Sequence[str], batch_size: int = 32,
-          task_texts: Mapping[str, Sequence[str]] | None = None) -> dict:
+          task_texts: Mapping[str, Sequence[str]] | None = None,
+          embed: Callable[[list[str]], np.ndarray] | None = None) -> dict:
     """Compare `merged` with each task's expert on `texts` (no labels needed).
 
     - `merged`: the merged model (`hm3.load(path)`).
@@ -264,6 +295,10 @@ def check(merged: MultiTaskClassifier,
     - `task_texts`: optional task -> texts known to be from that task (e.g. its calibration
     texts); each such task's entry also gets the agreement on the check texts typical of them,
     in its expert's embedding space (`typical_texts`), and `typical_references` (how many).
+    - `embed`: optional function from texts to embeddings (e.g. `hm3.model.embed_texts` with
+    the merge's base model); with `task_texts` for every checked task it places each text in
+    a task's domain or none (`domain_texts`, in that space) and each entry gets the agreement
+    on the texts of its domain INSTEAD of the typical texts.
 
     Returns a JSON-able dict: {"texts": n, "tasks": {task: compare_task(...)}, "unchecked":
     [tasks]}. Add verdicts with `verdicts`.
@@ -286,13 +321,26 @@ def check(merged: MultiTaskClassifier,
         if isinstance(expert, MultiTaskClassifier):
             check_expert_groups(groups[task], expert.groups)
     merged_probs = merged.predict_proba(texts, batch_size=batch_size)
+    domains = None
+    if embed is not None:
+        missing = [task for task in experts if task not in task_texts]
+        if missing:
+            raise Hm3Error(f"domains: no texts known to be from {', '.join(missing)}; give "
+                           "texts of every checked task")
+        known = [t for task in experts for t in task_texts[task]]
+        embedded = embed(texts + known)
+        start, references = len(texts), {}
+        for task in experts:
+            references[task] = embedded[start:start + len(task_texts[task])]
+            start += len(task_texts[task])
+        domains = domain_texts(embedded[:len(texts)], references)
     tasks = {}
     for task, expert in experts.items():
         if not isinstance(expert, MultiTaskClassifier):
             expert = expert()
             check_expert_groups(groups[task], expert.groups)
         typical = None
-        if task in task_texts:
+        if task in task_texts and domains is None:
             refs = task_texts[task]
             logits, embedded = expert.logits_and_embeddings(texts + refs, batch_size)
             typical = typical_texts(embedded[:len(texts)], embedded[len(texts):])
@@ -300,8 +348,9 @@ def check(merged: MultiTaskClassifier,
         else:
             expert_probs = expert.predict_proba(texts, batch_size=batch_size)
         tasks[task] = compare_task(groups[task], expert_probs[expert.groups[0].name],
-                                   merged_probs[task], typical)
-        if typical is not None:
+                                   merged_probs[task], typical,
+                                   None if domains is None else domains[task])
+        if task in task_texts:
             tasks[task]["typical_references"] = len(task_texts[task])
     tasks = {task: tasks[task] for task in groups if task in tasks}  # the model's order
     return {"texts": len(texts), "tasks": tasks,
@@ -326,8 +375,10 @@ def check_model(model: str | Path, texts: Sequence[str], experts: Sequence[str] 
     - `batch_size`, `device`, `max_length`, `allow_pickle`: how the models are loaded and run
     (`hm3.load`).
     - `task_texts`: task -> texts known to be from the task, for `count="typical"` (see
-    `check`); tasks not given read the per-task calibration texts the merge's recipe records
-    (the first `TYPICAL_REFERENCES`), and a task with neither is an error.
+    `check`) and `count="domain"` (then the texts are placed in the merge's base model's
+    embedding space, `domain_texts`); tasks not given read the per-task calibration texts the
+    merge's recipe records (the first `TYPICAL_REFERENCES`), and a task with neither is an
+    error.
 
     Returns `verdicts`'s dict, with "model", "experts" (task -> path), "calibration_overlap",
     "task_texts" (task -> how many texts and where from, when typicality was counted) and,
@@ -353,10 +404,17 @@ def check_model(model: str | Path, texts: Sequence[str], experts: Sequence[str] 
                for task, path in paths.items()}
     texts = list(texts)
     known = dict(task_texts or {})
-    if count == "typical" or known:
-        known, sources = reference_texts(folder, known, list(paths))
-    report = verdicts(check(merged, loaders, texts, batch_size, known), thresholds, max_drift,
-                      count)
+    sources = {task: "--task-texts" for task in known}
+    if count in ("typical", "domain"):
+        known, sources = reference_texts(folder, known, list(paths), count)
+    embed = None
+    if count == "domain":
+        if len(paths) < 2:
+            raise Hm3Error("--count domain tells the checked tasks' texts apart and needs at "
+                           "least 2 of them; with one expert use --count typical")
+        embed = functools.partial(embed_texts, block["base"], batch_size=batch_size, **options)
+    report = verdicts(check(merged, loaders, texts, batch_size, known, embed), thresholds,
+                      max_drift, count)
     report["model"], report["experts"] = str(model), paths
     if known:
         report["task_texts"] = {task: {"texts": len(known[task]), "from": sources[task]}
@@ -378,7 +436,8 @@ def check_model(model: str | Path, texts: Sequence[str], experts: Sequence[str] 
 
 
 def reference_texts(folder: str | Path, given: Mapping[str, Sequence[str]],
-                    tasks: Sequence[str]) -> tuple[dict[str, list[str]], dict[str, str]]:
+                    tasks: Sequence[str], count: str = "typical"
+                    ) -> tuple[dict[str, list[str]], dict[str, str]]:
     """Each task's texts known to be from it: `given`, else the first `TYPICAL_REFERENCES` of
     the per-task calibration texts the merge's recipe (`hm3_recipe.yaml` in `folder`) records.
     Returns (task -> texts, task -> where they came from); a task with neither is an error."""
@@ -400,7 +459,7 @@ def reference_texts(folder: str | Path, given: Mapping[str, Sequence[str]],
             sources[task] = f"the merge's calibration texts ({recorded[task]['path']})"
     missing = [task for task in tasks if task not in texts]
     if missing:
-        raise Hm3Error(f"--count typical needs texts known to be from each task, and the merge "
+        raise Hm3Error(f"--count {count} needs texts known to be from each task, and the merge "
                        f"records no calibration texts of its own for {', '.join(missing)}: give "
                        "--task-texts TASK=FILE for each")
     return texts, sources
@@ -512,8 +571,11 @@ def verdicts(report: dict, min_agreement: Mapping[str, float],
             refs = entry.get("typical_references")
             which = (f"agreement on the {entry['typical_n']} texts typical of the task"
                      + (f"'s {refs} texts" if refs else ""))
-        elif count == "typical" and "typical_n" not in entry:
-            raise Hm3Error(f"count typical: task {task!r} has no texts known to be from it; "
+        elif count == "domain" and entry.get("domain_agreement") is not None:
+            agreement = entry["domain_agreement"]
+            which = (f"agreement on the {entry['domain_n']} texts in the task's domain")
+        if count in ("typical", "domain") and f"{count}_n" not in entry:
+            raise Hm3Error(f"count {count}: task {task!r} has no texts known to be from it; "
                            "give them (--task-texts TASK=FILE) or count another way")
         entry["verdict_agreement"] = agreement
         entry["verdict_counted"] = (which.removeprefix("agreement ") if which != "agreement"
@@ -549,18 +611,20 @@ def format_check(report: dict) -> str:
         held = (report.get("calibration_held_out") or {}).get(task, {}).get("agreement")
         sure, weighted = e.get("confident_agreement"), e.get("weighted_agreement")
         surest, typical = e.get("surest_agreement"), e.get("typical_agreement")
+        domain = e.get("domain_agreement")
         rows.append([task, e["n"], f"{e['agreement']:.1%}",
                      "-" if sure is None else f"{sure:.1%} ({e['confident_n']})",
                      "-" if weighted is None else f"{weighted:.1%}",
                      "-" if surest is None else f"{surest:.1%} ({e['surest_n']})",
                      "-" if typical is None else f"{typical:.1%} ({e['typical_n']})",
+                     "-" if domain is None else f"{domain:.1%} ({e['domain_n']})",
                      f"{e['min_agreement']:.1%}",
                      "pass" if e["passed"] else "FAIL", f"{e['drift']:.3f}",
                      f"{e['mean_abs_dp']:.3f}", "-" if calib is None else f"{calib:.1%}",
                      "-" if held is None else f"{held:.1%}"])
     header = ["task", "texts", "agreement", f"where expert >= {CONFIDENT:.0%} (texts)",
               "weighted by confidence", f"surest {SUREST:.0%} (texts)",
-              "typical of the task (texts)", "minimum", "verdict",
+              "typical of the task (texts)", "in its domain (texts)", "minimum", "verdict",
               "drift", "mean |dp|", "on calibration (optimistic)", "held out (k-fold)"]
     lines = [format_table(header, rows)]
     for task, e in report["tasks"].items():
@@ -581,7 +645,8 @@ def format_check(report: dict) -> str:
         for reason in e.get("reasons", []):
             lines.append(f"{task}: FAIL: {reason}")
     for task, known in (report.get("task_texts") or {}).items():
-        lines.append(f"{task}: typical of its {known['texts']} known texts, from {known['from']}")
+        lines.append(f"{task}: {known['texts']} texts known to be from it, from "
+                     f"{known['from']}")
     if report.get("unchecked"):
         lines.append(f"not checked (no expert given): {', '.join(report['unchecked'])}")
     failed = [t for t, e in report["tasks"].items() if not e["passed"]]
@@ -589,6 +654,7 @@ def format_check(report: dict) -> str:
                "weighted": "each text weighted by its expert's confidence",
                "surest": f"on the {SUREST:.0%} of texts each expert is surest of",
                "typical": "on the texts typical of each task's known texts",
+               "domain": "on the texts in each task's domain, by their nearest known texts",
                "all": "on every text"}.get(report.get("counted", "all"))
     lines.append(f"verdict ({counted}): "
                  f"{'FAIL (' + ', '.join(failed) + ')' if failed else 'pass'}: "

@@ -35,14 +35,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="texts the verdict counts: every text (default), those the "
                         "expert is at least 90%% sure of, every text weighted by the "
                         "expert's confidence, the quarter of texts the expert is surest of, "
-                        "or the texts typical of each task (as close, in its expert's "
-                        "embedding space, to texts known to be from the task as those are to "
-                        "each other; see --task-texts). The last four are for mixed traffic, "
-                        "where other tasks' texts get arbitrary labels from an expert")
+                        "the texts typical of each task (as close, in its expert's embedding "
+                        "space, to texts known to be from the task as those are to each "
+                        "other), or the texts in each task's domain (most of their 10 nearest "
+                        "known texts of all tasks, in the base model's space, are the task's). "
+                        "The last five are for mixed traffic, where other tasks' texts get "
+                        "arbitrary labels from an expert; typical and domain need --task-texts "
+                        "or the merge's recorded calibration texts")
     parser.add_argument("--task-texts", nargs="+", default=[], metavar="TASK=FILE",
                         help="texts known to be from a task (e.g. a sample of its traffic), "
-                        "for --count typical: default, the per-task calibration texts the "
-                        "merge records")
+                        "for --count typical / domain; default: the per-task calibration texts "
+                        "the merge records")
     parser.add_argument("--max-drift", type=float, metavar="TVD",
                         help="also fail a task whose label shares move further than this (total "
                         "variation distance, 0..1)")
