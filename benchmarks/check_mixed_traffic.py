@@ -51,6 +51,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--zoo", choices=("minilm", "mpnet"), default="minilm")
     parser.add_argument("--max-length", type=int)
+    parser.add_argument("--per-task", type=int, metavar="N",
+                        help="check on the first N texts of each task in the shuffled sample "
+                        "(cheaper); the test macro-F1 changes then come from this model's "
+                        "full-sample entry already in the results")
     parser.add_argument("models", nargs="*", metavar="NAME=FOLDER")
     args = parser.parse_args()
     zoo = build_mpnet_zoo(progress=False) if args.zoo == "mpnet" else build_zoo(progress=False)
@@ -61,15 +65,22 @@ def main() -> None:
     random.Random(0).shuffle(traffic)
     texts, owner = [t for t, _, _ in traffic], np.array([task for _, task, _ in traffic])
     labels = [label for _, _, label in traffic]
+    keep = np.arange(len(texts))
+    if args.per_task:
+        keep = np.concatenate([np.flatnonzero(owner == data.task)[:args.per_task]
+                               for data in test])
+        keep.sort()
     references = {task: [t for t, _ in read_split(files["calibration"])]
                   for task, files in zoo.splits.items()}
-    experts = expert_outputs(zoo, args.zoo, texts, references, max_length, owner, labels)
-    base = base_outputs(zoo, args.zoo, texts, references, max_length)
+    experts = expert_outputs(zoo, args.zoo, texts, references, max_length, owner, labels, keep)
+    base = base_outputs(zoo, args.zoo, texts, references, max_length, keep)
+    texts, owner, labels = [texts[i] for i in keep], owner[keep], [labels[i] for i in keep]
     domains = domain_texts(base[next(iter(base))][0], {task: base[task][1] for task in base})
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     for item in args.models:
         name, _, folder = item.partition("=")
         merged = merged_outputs(folder, args.zoo, texts, max_length, owner, labels)
+        full = results.get(f"{args.zoo} {name}", {}).get("tasks", {})
         rows = {}
         for task, (group, probs, embedded, refs, f1) in experts.items():
             typical = typical_texts(embedded, refs)
@@ -79,7 +90,12 @@ def main() -> None:
             by_base = compare_task(group, probs, merged["probs"][task], in_base)
             by_domain = compare_task(group, probs, merged["probs"][task], domain=domains[task])
             mine = compare_task(group, probs[own], merged["probs"][task][own])
-            rows[task] = {"f1_change": round(merged["f1"][task] - f1, 4),
+            change = merged["f1"][task] - f1
+            if args.per_task:
+                if task not in full or full[task].get("texts_per_task"):
+                    raise SystemExit(f"--per-task: no full-sample F1 change of {name}/{task}")
+                change = full[task]["f1_change"]
+            rows[task] = {"f1_change": round(change, 4),
                           **{key: _round(entry.get(key)) for key in COUNTED if key in entry},
                           "base_typical_agreement": _round(by_base["typical_agreement"]),
                           "domain_agreement": _round(by_domain["domain_agreement"]),
@@ -93,44 +109,70 @@ def main() -> None:
                           "domain_own": int((domains[task] & own).sum()), "own_n": int(own.sum())}
             print(name, task, rows[task], flush=True)
         results[f"{args.zoo} {name}"] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                                         "texts": len(texts), "model": folder, "tasks": rows}
+                                         "texts": len(texts), "model": folder, "tasks": rows,
+                                         **({"texts_per_task": args.per_task,
+                                             "f1_change": "from the full-sample run"}
+                                            if args.per_task else {})}
         write_json_atomic(RESULTS, results)
     print(json.dumps(outcomes(results), indent=1))
 
 
 def expert_outputs(zoo, name: str, texts: list[str], references: dict[str, list[str]],
-                   max_length: int, owner: np.ndarray, labels: list) -> dict:
-    """task -> (group, probabilities on `texts`, embeddings of `texts`, embeddings of the task's
-    references, test macro-F1 on the task's own texts among `texts`), from each expert, cached."""
+                   max_length: int, owner: np.ndarray, labels: list, keep: np.ndarray) -> dict:
+    """task -> (group, probabilities on `texts[keep]`, their embeddings, embeddings of the
+    task's references, macro-F1 on the task's own texts among them), from each expert, cached
+    (a cache of every text serves any `keep`)."""
     out = {}
     for task, path in zoo.experts.items():
-        cache = CACHE / f"{name}-expert-{task}-{_key(path, texts, references[task])}.npz"
         group = load(path, task=task, max_length=max_length).groups[0]
-        if not cache.is_file():
+        rows, cache = _cached(f"{name}-expert-{task}", path, texts, references[task], keep)
+        if cache.suffix != ".npz":
+            cache = cache.with_suffix(".npz")
             expert = load(path, task=task, max_length=max_length)
-            logits, embedded = expert.logits_and_embeddings(texts + references[task])
-            cache.parent.mkdir(parents=True, exist_ok=True)
+            logits, embedded = expert.logits_and_embeddings(
+                [texts[i] for i in keep] + references[task])
             np.savez(cache, logits=logits, embedded=embedded)
         saved = np.load(cache)
-        n = len(texts)
-        probs = group_probabilities(saved["logits"][:n], [group])[task]
-        out[task] = (group, probs, saved["embedded"][:n], saved["embedded"][n:],
-                     _f1(group, probs, owner == task, labels))
+        n = len(saved["logits"]) - len(references[task])
+        probs = group_probabilities(saved["logits"][rows], [group])[task]
+        out[task] = (group, probs, saved["embedded"][rows], saved["embedded"][n:],
+                     _f1(group, probs, owner[keep] == task, [labels[i] for i in keep]))
     return out
 
 
+def _cached(prefix: str, source, texts: list[str], refs: list[str], keep: np.ndarray):
+    """(rows to read, cache file) for `texts[keep]`: the cache of every text if there is one,
+    else that of `keep` (a file to write when its suffix is not .npz / .npy yet)."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    for suffix in (".npz", ".npy"):
+        every = CACHE / f"{prefix}-{_key(source, texts, refs)}{suffix}"
+        if every.is_file():
+            return keep, every
+    if len(keep) == len(texts):
+        return keep, CACHE / f"{prefix}-{_key(source, texts, refs)}.new"
+    part = CACHE / f"{prefix}-{_key(source, [texts[i] for i in keep], refs)}"
+    for suffix in (".npz", ".npy"):
+        if part.with_suffix(suffix).is_file():
+            return np.arange(len(keep)), part.with_suffix(suffix)
+    return np.arange(len(keep)), part.with_suffix(".new")
+
+
 def base_outputs(zoo, name: str, texts: list[str], references: dict[str, list[str]],
-                 max_length: int) -> dict:
-    """task -> (embeddings of `texts`, of the task's references) by the zoo's base encoder,
-    cached."""
-    every = texts + [t for task in zoo.experts for t in references[task]]
-    cache = CACHE / f"{name}-base-{_key(zoo.base, every, [])}.npy"
-    if not cache.is_file():
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        np.save(cache, embed_texts(zoo.base, every, max_length=max_length))
-    embedded, out, start = np.load(cache), {}, len(texts)
+                 max_length: int, keep: np.ndarray) -> dict:
+    """task -> (embeddings of `texts[keep]`, of the task's references) by the zoo's base
+    encoder, cached."""
+    known = [t for task in zoo.experts for t in references[task]]
+    # the key of every text and the references as one list (as the first runs wrote it)
+    rows, cache = _cached(f"{name}-base", zoo.base, texts + known, [],
+                          np.concatenate([keep, len(texts) + np.arange(len(known))]))
+    if cache.suffix != ".npy":
+        cache = cache.with_suffix(".npy")
+        np.save(cache, embed_texts(zoo.base, [texts[i] for i in keep] + known,
+                                   max_length=max_length))
+    embedded = np.load(cache)[rows]
+    out, start = {}, len(keep)
     for task in zoo.experts:
-        out[task] = (embedded[:len(texts)], embedded[start:start + len(references[task])])
+        out[task] = (embedded[:len(keep)], embedded[start:start + len(references[task])])
         start += len(references[task])
     return out
 
