@@ -545,8 +545,9 @@ def verdicts(report: dict, min_agreement: Mapping[str, float],
     the largest label-share drift allowed); sets `passed` for the whole report. `count`: the
     agreement on every text (`all`), on the texts the expert is confident on (`confident`),
     with each text weighted by the expert's confidence (`weighted`), on the quarter of texts
-    the expert is surest of (`surest`), or on the texts typical of the texts known to be from
-    the task (`typical`, which needs `check`'s `task_texts`): the last four for mixed traffic,
+    the expert is surest of (`surest`), on the texts typical of the texts known to be from
+    the task (`typical`, which needs `check`'s `task_texts`), or on the texts in the task's
+    domain (`domain`, which needs `task_texts` and `embed`): the last five for mixed traffic,
     where other tasks' texts get arbitrary labels from an expert (a task with no such text
     falls back to all). The report says which (`counted`), and each task which texts
     (`verdict_counted`)."""
