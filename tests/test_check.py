@@ -452,3 +452,235 @@ def test_a_multi_label_task_is_compared_at_its_own_threshold():
     assert report["flips"] == [] and report["drift"] == 0.0
     assert report["expert_shares"] == {"insult": 0.75, "threat": 0.25}
     assert report["weighted_agreement"] == report["confident_agreement"] == 1.0
+
+
+# --- counting the texts typical of each task (mixed traffic) ------------------------------------
+
+def test_typicality_is_the_mean_cosine_to_the_nearest_references_by_hand():
+    from hm3.check import typicality
+
+    references = np.array([[1.0, 0.0], [0.0, 2.0]])  # the x and y axes (lengths do not count)
+    texts = np.array([[3.0, 0.0], [1.0, 1.0], [-1.0, 0.0]])
+    # nearest reference: 1, cos 45 deg, 0 (y axis at 90 deg beats -x at 180 deg)
+    assert typicality(texts, references, k=1) == pytest.approx([1.0, 0.5 ** 0.5, 0.0])
+    # both references: (1 + 0) / 2, cos 45 deg twice, (-1 + 0) / 2
+    assert typicality(texts, references, k=2) == pytest.approx([0.5, 0.5 ** 0.5, -0.5])
+    assert typicality(texts, references, k=5) == pytest.approx([0.5, 0.5 ** 0.5, -0.5])
+    # leave one out: each reference against the other only
+    assert typicality(references, references, k=3, leave_one_out=True) == pytest.approx([0, 0])
+
+
+def test_typical_texts_keep_texts_as_close_as_the_references_are_to_each_other():
+    from hm3.check import typical_texts
+
+    # references at 0, 10, 20, 30 degrees: each one's nearest other is 10 degrees away
+    angles = np.radians([0, 10, 20, 30])
+    references = np.stack([np.cos(angles), np.sin(angles)], 1)
+    # texts 5 deg from their nearest reference (at 5 and 35 deg), 15 deg (45) and 60 deg (90)
+    texts = np.stack([np.cos(np.radians([5, 35, 45, 90])), np.sin(np.radians([5, 35, 45, 90]))], 1)
+    # threshold: cos 10 deg (every reference's own typicality at k=1)
+    assert typical_texts(texts, references, k=1, level=0.1).tolist() == [True, True, False,
+                                                                         False]
+    with pytest.raises(Hm3Error, match="need at least 2 texts known to be from the task"):
+        typical_texts(texts, references[:1])
+
+
+def test_typical_agreement_counts_only_the_typical_texts_and_the_verdict_says_so():
+    from hm3.check import compare_task, format_check, typical_agreement, verdicts
+
+    group = TaskGroup("topic", ("a", "b"), 0)
+    expert = np.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3], [0.6, 0.4], [0.3, 0.7]])
+    merged = np.array([[0.8, 0.2], [0.1, 0.9], [0.2, 0.8], [0.4, 0.6], [0.2, 0.8]])
+    typical = np.array([True, True, False, False, True])  # the three texts kept; 2, 3 flipped
+    entry = compare_task(group, expert, merged, typical)
+    assert entry["agreement"] == pytest.approx(3 / 5)
+    assert entry["typical_n"] == 3 and entry["typical_agreement"] == 1.0
+    entry["typical_references"] = 40
+    report = verdicts({"tasks": {"topic": dict(entry)}}, {"topic": 0.9}, count="typical")
+    assert report["counted"] == "typical" and report["tasks"]["topic"]["passed"] is True
+    assert report["tasks"]["topic"]["verdict_counted"] == ("on the 3 texts typical of the "
+                                                           "task's 40 texts")
+    assert "verdict (on the texts typical of each task" in format_check(report)
+    assert verdicts({"tasks": {"topic": dict(entry)}}, {"topic": 0.9}, count="all")[
+        "tasks"]["topic"]["passed"] is False
+    # the flipped texts typical instead: 1 of 3 agrees
+    flipped = compare_task(group, expert, merged, np.array([True, False, True, True, False]))
+    failed = verdicts({"tasks": {"topic": flipped}}, {"topic": 0.9}, count="typical")
+    assert "agreement on the 3 texts typical of the task 33.3% < 90.0%" in failed["tasks"][
+        "topic"]["reasons"][0]
+    # no typical text: None, and the verdict falls back to every text
+    none = compare_task(group, expert, merged, np.zeros(5, bool))
+    assert none["typical_n"] == 0 and none["typical_agreement"] is None
+    fallback = verdicts({"tasks": {"topic": none}}, {"topic": 0.5}, count="typical")
+    assert fallback["tasks"]["topic"]["verdict_agreement"] == pytest.approx(3 / 5)
+    # a multi-label task: its worst label on the typical texts
+    tags = TaskGroup("tags", ("x", "y"), 0, multi_label=True)
+    out = typical_agreement(tags, np.array([[0.9, 0.9], [0.1, 0.9], [0.9, 0.1]]),
+                            np.array([[0.8, 0.2], [0.2, 0.8], [0.1, 0.1]]),
+                            np.array([True, True, False]))
+    assert out == {"typical_n": 2, "typical_agreement": 0.5}  # x 2 of 2, y 1 of 2
+    with pytest.raises(Hm3Error, match="one entry per text"):
+        typical_agreement(group, expert, merged, np.ones(4, bool))
+
+
+def test_counting_typical_texts_without_any_known_task_texts_is_an_error():
+    from hm3.check import compare_task, verdicts
+
+    group = TaskGroup("topic", ("a", "b"), 0)
+    entry = compare_task(group, np.array([[0.9, 0.1]]), np.array([[0.8, 0.2]]))
+    with pytest.raises(Hm3Error, match="no texts known to be from it; give them "
+                       r"\(--task-texts TASK=FILE\)"):
+        verdicts({"tasks": {"topic": entry}}, {"topic": 0.9}, count="typical")
+
+
+@torch.no_grad()
+def plain_embeddings(folder: Path, texts: list[str]) -> np.ndarray:
+    """The last hidden state averaged over non-padding tokens, with plain transformers."""
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    hidden = model(**batch, output_hidden_states=True).hidden_states[-1].double()
+    mask = batch["attention_mask"].unsqueeze(-1).double()
+    return ((hidden * mask).sum(1) / mask.sum(1)).numpy()
+
+
+def test_check_counts_the_texts_typical_of_each_tasks_calibration_texts(fam, tmp_path, capsys):
+    """`--count typical` without --task-texts: each task's typical texts are judged against
+    the 40 calibration texts the merge records, in its expert's embedding space (computed here
+    with plain transformers), and the verdict counts those texts only."""
+    from hm3.check import typical_texts
+
+    root, _, experts, texts = fam
+    code, out, err = run_check([str(root / "merged"), "--texts", str(root / "check.txt"),
+                                "--count", "typical", "--min-agreement", "0", "--json",
+                                str(tmp_path / "t.json")], capsys)
+    assert code == 0, err
+    report = json.loads((tmp_path / "t.json").read_text())
+    assert report["counted"] == "typical"
+    merged = plain_logits(root / "merged", texts)
+    offset = 0
+    for task, labels in TASKS.items():
+        known = (root / f"{task}.txt").read_text().splitlines()
+        assert report["task_texts"][task] == {
+            "texts": 40, "from": f"the merge's calibration texts ({root / f'{task}.txt'})"}
+        embedded = plain_embeddings(experts[task], texts + known)
+        typical = typical_texts(embedded[:len(texts)], embedded[len(texts):])
+        entry = report["tasks"][task]
+        assert 0 < typical.sum() < len(texts)  # the test means something
+        assert entry["typical_n"] == typical.sum()
+        mine = merged[:, offset:offset + len(labels)][typical]
+        theirs = plain_logits(experts[task], texts)[typical]
+        want = (((mine > 0) == (theirs > 0)).mean(0).min() if task == "tags"
+                else (mine.argmax(1) == theirs.argmax(1)).mean())
+        assert entry["typical_agreement"] == pytest.approx(want, abs=1e-9)
+        assert entry["verdict_agreement"] == entry["typical_agreement"]
+        assert entry["verdict_counted"] == (f"on the {typical.sum()} texts typical of the "
+                                            "task's 40 texts")
+        assert f"{task}: the verdict counted on the {typical.sum()} texts typical" in out
+        assert f"{task}: 40 texts known to be from it, from the merge's calibration" in out
+        offset += len(labels)
+    assert "verdict (on the texts typical of each task's known texts): pass" in out
+    # texts given for one task replace the recorded ones for that task only
+    (tmp_path / "topic.txt").write_text("\n".join(texts[:10]) + "\n")
+    code, _, err = run_check([str(root / "merged"), "--texts", str(root / "check.txt"),
+                              "--count", "typical", "--task-texts",
+                              f"topic={tmp_path / 'topic.txt'}", "--min-agreement", "0",
+                              "--json", str(tmp_path / "u.json")], capsys)
+    assert code == 0, err
+    given = json.loads((tmp_path / "u.json").read_text())["task_texts"]
+    assert given["topic"] == {"texts": 10, "from": "--task-texts"}
+    assert given["sentiment"]["texts"] == 40
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--task-texts", "topic"], "--task-texts: expected TASK=FILE, got 'topic'"),
+    (["--task-texts", "nope={check}"], "--task-texts: no checked task 'nope'"),
+    (["--task-texts", "topic={check}", "topic={check}"], "two files for task 'topic'"),
+])
+def test_bad_task_texts_exit_2_with_one_line(fam, capsys, extra, message):
+    root = fam[0]
+    extra = [e.format(check=root / "check.txt") for e in extra]
+    code, out, err = run_check([str(root / "merged"), "--texts", str(root / "check.txt"),
+                                "--count", "typical", *extra], capsys)
+    assert code == 2 and out == ""
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_counting_typical_texts_of_a_merge_without_calibration_texts_needs_task_texts(
+        fam, tmp_path, capsys):
+    root = fam[0]
+    bare = tmp_path / "bare"
+    shutil.copytree(root / "merged", bare)
+    (bare / "hm3_recipe.yaml").unlink()
+    code, out, err = run_check([str(bare), "--texts", str(root / "check.txt"), "--count",
+                                "typical"], capsys)
+    assert code == 2 and out == ""
+    assert ("--count typical needs texts known to be from each task, and the merge records no "
+            "calibration texts of its own for sentiment, topic, tags: give --task-texts "
+            "TASK=FILE for each") in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_domain_texts_go_to_the_task_holding_most_of_their_nearest_known_texts():
+    from hm3.check import domain_texts
+
+    def at(*degrees):
+        radians = np.radians(degrees)
+        return np.stack([np.cos(radians), np.sin(radians)], 1)
+
+    known = {"a": at(0, 5, 10), "b": at(80, 85, 90)}
+    # 2 deg: a's three, then b's 80 -> 3 of 4 a; 88 deg: 3 of 4 b; 45 deg: 10 and 80 (35 deg
+    # off), 5 and 85 (40 off) -> 2 and 2, no majority: in neither domain
+    out = domain_texts(at(2, 88, 45), known, k=4)
+    assert out["a"].tolist() == [True, False, False]
+    assert out["b"].tolist() == [False, True, False]
+    # k = 1: the nearest known text alone decides (30 deg: 10 is nearest)
+    assert domain_texts(at(30), known, k=1)["a"].tolist() == [True]
+    with pytest.raises(Hm3Error, match="need texts known to be from at least 2 tasks"):
+        domain_texts(at(2), {"a": known["a"]})
+
+
+def test_check_counts_the_texts_in_each_tasks_domain_by_the_base_models_space(fam, tmp_path,
+                                                                            capsys):
+    """`--count domain`: each check text placed by its 10 nearest calibration texts of every
+    task, in the base model's space (computed here with plain transformers), and each task's
+    verdict on the texts of its domain."""
+    from transformers import AutoModel
+
+    from hm3.check import domain_texts
+
+    root, base, experts, texts = fam
+    code, out, err = run_check([str(root / "merged"), "--texts", str(root / "check.txt"),
+                                "--count", "domain", "--min-agreement", "0", "--json",
+                                str(tmp_path / "d.json")], capsys)
+    assert code == 0, err
+    report = json.loads((tmp_path / "d.json").read_text())
+    assert report["counted"] == "domain"
+    known = {task: (root / f"{task}.txt").read_text().splitlines() for task in TASKS}
+    every = texts + [t for task in TASKS for t in known[task]]
+    model, tokenizer = AutoModel.from_pretrained(base).eval(), AutoTokenizer.from_pretrained(base)
+    with torch.no_grad():
+        batch = tokenizer(every, padding=True, return_tensors="pt")
+        hidden = model(**batch).last_hidden_state.double()
+    mask = batch["attention_mask"].unsqueeze(-1).double()
+    embedded = ((hidden * mask).sum(1) / mask.sum(1)).numpy()
+    references, start = {}, len(texts)
+    for task in TASKS:
+        references[task] = embedded[start:start + 40]
+        start += 40
+    domains = domain_texts(embedded[:len(texts)], references)
+    merged = plain_logits(root / "merged", texts)
+    offset = 0
+    for task, labels in TASKS.items():
+        entry, mine = report["tasks"][task], domains[task]
+        assert entry["domain_n"] == mine.sum() and "typical_n" not in entry
+        if mine.any():
+            ours = merged[:, offset:offset + len(labels)][mine]
+            theirs = plain_logits(experts[task], texts)[mine]
+            want = (((ours > 0) == (theirs > 0)).mean(0).min() if task == "tags"
+                    else (ours.argmax(1) == theirs.argmax(1)).mean())
+            assert entry["verdict_agreement"] == pytest.approx(want, abs=1e-9)
+            assert entry["verdict_counted"] == f"on the {mine.sum()} texts in the task's domain"
+        offset += len(labels)
+    assert sum(d.sum() for d in domains.values()) > 0
+    assert "verdict (on the texts in each task's domain, by their nearest known texts)" in out

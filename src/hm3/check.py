@@ -13,13 +13,16 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
+import yaml
 
+from hm3.card import RECIPE_FILE
 from hm3.checkpoint import read_config, resolve
-from hm3.data.calibration import text_hash
+from hm3.data.blocks import parse_calibration_block
+from hm3.data.calibration import source_texts, text_hash
 from hm3.errors import Hm3Error, Hm3Warning
 from hm3.heads import TaskGroup
 from hm3.label_free.registry import saved_report
-from hm3.model import MultiTaskClassifier, group_probabilities, load, task_groups
+from hm3.model import MultiTaskClassifier, embed_texts, group_probabilities, load, task_groups
 from hm3.table import format_table
 
 CALIBRATION_TEXTS = "calibration_texts.json"  # beside a label-free merge's config.json
@@ -31,16 +34,33 @@ CONFIDENT = 0.9
 # An expert that is never that sure (many labels, soft training) still has texts it is SURER
 # of than of others: the share of the texts it is surest of, whatever its confidence there.
 SUREST = 0.25
-COUNTS = ("all", "confident", "weighted", "surest")  # which texts a verdict counts, and how much
+# A text is typical of a task when its nearest texts known to be from the task (`TYPICAL_K`, in
+# the expert's embedding space) are as close as they are for all but the least typical
+# `TYPICAL_LEVEL` of those texts themselves: a conformal test that keeps ~90% of the task's own
+# texts whatever the encoder's scale, and needs no text of the other tasks.
+TYPICAL_K = 10
+TYPICAL_LEVEL = 0.1
+TYPICAL_REFERENCES = 512  # of a task's recorded calibration texts, the first these many
+# A text is in a task's domain when more than half of its `DOMAIN_K` nearest texts known to be
+# from some task (every task's, in the base encoder's space) are that task's: a kNN classifier
+# of domains, which unlike `typical` also knows what the other tasks' texts look like.
+DOMAIN_K = 10
+COUNTS = ("all", "confident", "weighted", "surest", "typical", "domain")  # texts a verdict counts
 
 
 # --- the figures ---------------------------------------------------------------------------------
 
-def compare_task(group: TaskGroup, expert: np.ndarray, merged: np.ndarray) -> dict:
+def compare_task(group: TaskGroup, expert: np.ndarray, merged: np.ndarray,
+                 typical: np.ndarray | None = None, domain: np.ndarray | None = None) -> dict:
     """How far the merged model's decisions on one task are from its expert's, on the same texts.
 
     - `expert`, `merged`: probabilities (n, K) of the task's labels (a softmax per text, or a
-    sigmoid per label for a multi-label task). Returns a JSON-able dict:
+    sigmoid per label for a multi-label task).
+    - `typical`, `domain`: optional boolean masks of the texts typical of the task
+    (`typical_texts`) and of those in its domain (`domain_texts`); add `typical_n` and
+    `typical_agreement`, `domain_n` and `domain_agreement`.
+
+    Returns a JSON-able dict:
 
     - single-label: `agreement` (share of texts with the expert's argmax), `drift` (total
       variation distance between the two predicted-label histograms, 0..1), `expert_shares`
@@ -65,6 +85,10 @@ def compare_task(group: TaskGroup, expert: np.ndarray, merged: np.ndarray) -> di
                  **confident_agreement(group, expert, merged),
                  "weighted_agreement": weighted_agreement(group, expert, merged),
                  **surest_agreement(group, expert, merged)}
+    if typical is not None:
+        out.update(typical_agreement(group, expert, merged, typical))
+    if domain is not None:
+        out.update(typical_agreement(group, expert, merged, domain, "domain"))
     if group.multi_label:
         on_e, on_m = expert > group.threshold, merged > group.threshold
         per_label = (on_e == on_m).mean(0)
@@ -155,6 +179,79 @@ def surest_agreement(group: TaskGroup, expert: np.ndarray, merged: np.ndarray,
     return {"surest_n": n, "surest_agreement": float(agree[top].mean())}
 
 
+def typicality(embeddings: np.ndarray, references: np.ndarray, k: int = TYPICAL_K,
+               leave_one_out: bool = False) -> np.ndarray:
+    """How typical each text is of a set of reference texts: the mean cosine similarity of its
+    embedding to its `k` nearest references (fewer when there are fewer).
+
+    - `embeddings`: (n, d), the texts to score; `references`: (m, d), texts known to be from
+    the task, in the same space.
+    - `leave_one_out`: `embeddings` ARE the references; each is scored against the others.
+    """
+    def unit(x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, np.float64)
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+    similarity = unit(embeddings) @ unit(references).T
+    if leave_one_out:
+        np.fill_diagonal(similarity, -np.inf)
+    k = max(1, min(k, references.shape[0] - int(leave_one_out)))
+    nearest = -np.sort(-similarity, axis=1)[:, :k]
+    return nearest.mean(1)
+
+
+def typical_texts(embeddings: np.ndarray, references: np.ndarray, k: int = TYPICAL_K,
+                  level: float = TYPICAL_LEVEL) -> np.ndarray:
+    """Which texts are typical of the task the references come from: those whose `typicality`
+    is at least the `level` quantile of the references' own (each against the others), so that
+    about 1 - `level` of the task's texts pass and texts of other domains mostly do not.
+    Returns a boolean mask over `embeddings`' rows."""
+    references = np.asarray(references, np.float64)
+    if references.shape[0] < 2:
+        raise Hm3Error(f"typical texts: need at least 2 texts known to be from the task, got "
+                       f"{references.shape[0]}")
+    own = typicality(references, references, k, leave_one_out=True)
+    return typicality(embeddings, references, k) >= np.quantile(own, level)
+
+
+def domain_texts(embeddings: np.ndarray, references: Mapping[str, np.ndarray],
+                 k: int = DOMAIN_K) -> dict[str, np.ndarray]:
+    """Each text's domain, from its `k` nearest texts (cosine) among the texts known to be from
+    each task: the task that holds more than half of them; a text with no such task is in
+    none. Returns task -> boolean mask over `embeddings`' rows.
+
+    - `embeddings`: (n, d), the texts to place; `references`: task -> (m_task, d), texts known
+    to be from that task, in the same space (at least two tasks).
+    """
+    if len(references) < 2:
+        raise Hm3Error("domains: need texts known to be from at least 2 tasks, got "
+                       f"{len(references)}; with one task, count `typical` texts instead")
+    tasks = list(references)
+    pool = np.concatenate([np.asarray(references[t], np.float64) for t in tasks])
+    owner = np.repeat(np.arange(len(tasks)), [len(references[t]) for t in tasks])
+    unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)  # noqa: E731
+    similarity = unit(np.asarray(embeddings, np.float64)) @ unit(pool).T
+    k = min(k, len(pool))
+    nearest = owner[np.argsort(-similarity, axis=1, kind="stable")[:, :k]]
+    return {task: (nearest == i).sum(1) > k / 2 for i, task in enumerate(tasks)}
+
+
+def typical_agreement(group: TaskGroup, expert: np.ndarray, merged: np.ndarray,
+                      typical: np.ndarray, name: str = "typical") -> dict:
+    """The agreement on the texts `typical` marks (see `typical_texts`, `domain_texts`):
+    `{name}_n` texts and `{name}_agreement` (None when there are none; a multi-label task's
+    worst label)."""
+    typical = np.asarray(typical, bool)
+    if typical.shape != (len(expert),):
+        raise Hm3Error(f"task {group.name!r}: the {name}-text mask must have one entry per "
+                       f"text ({len(expert)}), got shape {typical.shape}")
+    same = _same_decision(group, expert, merged)[typical]
+    if not typical.any():
+        return {f"{name}_n": 0, f"{name}_agreement": None}
+    share = same.mean(0).min() if group.multi_label else same.mean()
+    return {f"{name}_n": int(typical.sum()), f"{name}_agreement": float(share)}
+
+
 def _same_decision(group: TaskGroup, expert: np.ndarray, merged: np.ndarray) -> np.ndarray:
     """Where the merged model decides as the expert: per text, the same top label; for a
     multi-label task per text and label, the same side of the task's threshold."""
@@ -184,7 +281,9 @@ def _named(group: TaskGroup, values: np.ndarray) -> dict[str, float]:
 
 def check(merged: MultiTaskClassifier,
           experts: Mapping[str, MultiTaskClassifier | Callable[[], MultiTaskClassifier]],
-          texts: Sequence[str], batch_size: int = 32) -> dict:
+          texts: Sequence[str], batch_size: int = 32,
+          task_texts: Mapping[str, Sequence[str]] | None = None,
+          embed: Callable[[list[str]], np.ndarray] | None = None) -> dict:
     """Compare `merged` with each task's expert on `texts` (no labels needed).
 
     - `merged`: the merged model (`hm3.load(path)`).
@@ -193,13 +292,27 @@ def check(merged: MultiTaskClassifier,
     the same order. Tasks without an expert are listed as unchecked.
     - `texts`: unlabelled texts that were NOT used to calibrate the merge (see
     `calibration_overlap`).
+    - `task_texts`: optional task -> texts known to be from that task (e.g. its calibration
+    texts); each such task's entry also gets the agreement on the check texts typical of them,
+    in its expert's embedding space (`typical_texts`), and `typical_references` (how many).
+    - `embed`: optional function from texts to embeddings (e.g. `hm3.model.embed_texts` with
+    the merge's base model); with `task_texts` for every checked task it places each text in
+    a task's domain or none (`domain_texts`, in that space) and each entry gets the agreement
+    on the texts of its domain INSTEAD of the typical texts.
 
     Returns a JSON-able dict: {"texts": n, "tasks": {task: compare_task(...)}, "unchecked":
     [tasks]}. Add verdicts with `verdicts`.
     """
     texts = list(texts)
+    task_texts = {task: list(refs) for task, refs in (task_texts or {}).items()}
     if not texts:
         raise Hm3Error("no texts to check on; give a file with one text per line (or a table)")
+    for task, refs in task_texts.items():
+        if task not in experts:
+            raise Hm3Error(f"texts given for task {task!r}, which has no expert to check")
+        if len(refs) < 2:
+            raise Hm3Error(f"task {task!r}: need at least 2 texts known to be from it to tell "
+                           f"which check texts are typical of it, got {len(refs)}")
     groups = {g.name: g for g in merged.groups}
     for task, expert in experts.items():
         if task not in groups:
@@ -208,14 +321,37 @@ def check(merged: MultiTaskClassifier,
         if isinstance(expert, MultiTaskClassifier):
             check_expert_groups(groups[task], expert.groups)
     merged_probs = merged.predict_proba(texts, batch_size=batch_size)
+    domains = None
+    if embed is not None:
+        missing = [task for task in experts if task not in task_texts]
+        if missing:
+            raise Hm3Error(f"domains: no texts known to be from {', '.join(missing)}; give "
+                           "texts of every checked task")
+        known = [t for task in experts for t in task_texts[task]]
+        embedded = embed(texts + known)
+        start, references = len(texts), {}
+        for task in experts:
+            references[task] = embedded[start:start + len(task_texts[task])]
+            start += len(task_texts[task])
+        domains = domain_texts(embedded[:len(texts)], references)
     tasks = {}
     for task, expert in experts.items():
         if not isinstance(expert, MultiTaskClassifier):
             expert = expert()
             check_expert_groups(groups[task], expert.groups)
-        expert_probs = expert.predict_proba(texts, batch_size=batch_size)
+        typical = None
+        if task in task_texts and domains is None:
+            refs = task_texts[task]
+            logits, embedded = expert.logits_and_embeddings(texts + refs, batch_size)
+            typical = typical_texts(embedded[:len(texts)], embedded[len(texts):])
+            expert_probs = group_probabilities(logits[:len(texts)], expert.groups)
+        else:
+            expert_probs = expert.predict_proba(texts, batch_size=batch_size)
         tasks[task] = compare_task(groups[task], expert_probs[expert.groups[0].name],
-                                   merged_probs[task])
+                                   merged_probs[task], typical,
+                                   None if domains is None else domains[task])
+        if task in task_texts:
+            tasks[task]["typical_references"] = len(task_texts[task])
     tasks = {task: tasks[task] for task in groups if task in tasks}  # the model's order
     return {"texts": len(texts), "tasks": tasks,
             "unchecked": [task for task in groups if task not in experts]}
@@ -225,7 +361,8 @@ def check(merged: MultiTaskClassifier,
 def check_model(model: str | Path, texts: Sequence[str], experts: Sequence[str] | None = None,
                 min_agreement: Sequence[str] = (), max_drift: float | None = None,
                 count: str = "all", batch_size: int = 32, device: str | None = None,
-                max_length: int | None = None, allow_pickle: bool = False) -> dict:
+                max_length: int | None = None, allow_pickle: bool = False,
+                task_texts: Mapping[str, Sequence[str]] | None = None) -> dict:
     """The whole check of a merged model folder (`hm3 check`): its experts found and their
     labels compared with the merged tasks' before any forward pass, `check`, `verdicts`, and
     what the merge records of its calibration (a warning when `texts` were calibration texts).
@@ -237,9 +374,15 @@ def check_model(model: str | Path, texts: Sequence[str], experts: Sequence[str] 
     - `max_drift`, `count`: as for `verdicts`.
     - `batch_size`, `device`, `max_length`, `allow_pickle`: how the models are loaded and run
     (`hm3.load`).
+    - `task_texts`: task -> texts known to be from the task, for `count="typical"` (see
+    `check`) and `count="domain"` (then the texts are placed in the merge's base model's
+    embedding space, `domain_texts`); tasks not given read the per-task calibration texts the
+    merge's recipe records (the first `TYPICAL_REFERENCES`), and a task with neither is an
+    error.
 
-    Returns `verdicts`'s dict, with "model", "experts" (task -> path), "calibration_overlap"
-    and, where the merge recorded them, "calibration_figures" and "calibration_held_out".
+    Returns `verdicts`'s dict, with "model", "experts" (task -> path), "calibration_overlap",
+    "task_texts" (task -> how many texts and where from, when typicality was counted) and,
+    where the merge recorded them, "calibration_figures" and "calibration_held_out".
     """
     if max_drift is not None and not 0 <= max_drift <= 1:
         raise Hm3Error(f"--max-drift: expected a distance in [0, 1], got {max_drift}")
@@ -260,8 +403,22 @@ def check_model(model: str | Path, texts: Sequence[str], experts: Sequence[str] 
     loaders = {task: functools.partial(load, path, task=task, **options)
                for task, path in paths.items()}
     texts = list(texts)
-    report = verdicts(check(merged, loaders, texts, batch_size), thresholds, max_drift, count)
+    known = dict(task_texts or {})
+    sources = {task: "--task-texts" for task in known}
+    if count in ("typical", "domain"):
+        known, sources = reference_texts(folder, known, list(paths), count)
+    embed = None
+    if count == "domain":
+        if len(paths) < 2:
+            raise Hm3Error("--count domain tells the checked tasks' texts apart and needs at "
+                           "least 2 of them; with one expert use --count typical")
+        embed = functools.partial(embed_texts, block["base"], batch_size=batch_size, **options)
+    report = verdicts(check(merged, loaders, texts, batch_size, known, embed), thresholds,
+                      max_drift, count)
     report["model"], report["experts"] = str(model), paths
+    if known:
+        report["task_texts"] = {task: {"texts": len(known[task]), "from": sources[task]}
+                                for task in known}
     overlap = calibration_overlap(folder, texts)
     report["calibration_overlap"] = overlap
     fidelity = (saved_report(block) or {}).get("fidelity")
@@ -276,6 +433,36 @@ def check_model(model: str | Path, texts: Sequence[str], experts: Sequence[str] 
                       "on them is optimistic; check on texts the merge has not seen", Hm3Warning,
                       stacklevel=2)
     return report
+
+
+def reference_texts(folder: str | Path, given: Mapping[str, Sequence[str]],
+                    tasks: Sequence[str], count: str = "typical"
+                    ) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """Each task's texts known to be from it: `given`, else the first `TYPICAL_REFERENCES` of
+    the per-task calibration texts the merge's recipe (`hm3_recipe.yaml` in `folder`) records.
+    Returns (task -> texts, task -> where they came from); a task with neither is an error."""
+    unknown = sorted(set(given) - set(tasks))
+    if unknown:
+        raise Hm3Error(f"--task-texts: no checked task {', '.join(map(repr, unknown))}; tasks "
+                       f"are {', '.join(tasks)}")
+    texts = {task: list(given[task]) for task in tasks if task in given}
+    sources = {task: "--task-texts" for task in texts}
+    recipe = Path(folder) / RECIPE_FILE
+    recorded = {}
+    if recipe.is_file():
+        raw = (yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}).get("calibration")
+        spec = parse_calibration_block(raw, list(tasks)) if raw else None
+        recorded = spec.sources if spec else {}
+    for task in tasks:
+        if task not in texts and task in recorded:
+            texts[task] = source_texts(recorded[task])[:TYPICAL_REFERENCES]
+            sources[task] = f"the merge's calibration texts ({recorded[task]['path']})"
+    missing = [task for task in tasks if task not in texts]
+    if missing:
+        raise Hm3Error(f"--count {count} needs texts known to be from each task, and the merge "
+                       f"records no calibration texts of its own for {', '.join(missing)}: give "
+                       "--task-texts TASK=FILE for each")
+    return texts, sources
 
 
 def expert_paths(items: Sequence[str] | None, block: Mapping, tasks: Sequence[str]
@@ -356,11 +543,14 @@ def verdicts(report: dict, min_agreement: Mapping[str, float],
              max_drift: float | None = None, count: str = "all") -> dict:
     """Mark each checked task passed or failed against its minimum agreement (and, if given,
     the largest label-share drift allowed); sets `passed` for the whole report. `count`: the
-    agreement on every text (`all`), on the texts the expert is confident on (`confident`), or
-    with each text weighted by the expert's confidence (`weighted`), or on the quarter of texts
-    the expert is surest of (`surest`): the last three for mixed traffic, where other tasks'
-    texts get arbitrary labels from an expert (a task with no confident text falls back to
-    all); the report says which (`counted`)."""
+    agreement on every text (`all`), on the texts the expert is confident on (`confident`),
+    with each text weighted by the expert's confidence (`weighted`), on the quarter of texts
+    the expert is surest of (`surest`), on the texts typical of the texts known to be from
+    the task (`typical`, which needs `check`'s `task_texts`), or on the texts in the task's
+    domain (`domain`, which needs `task_texts` and `embed`): the last five for mixed traffic,
+    where other tasks' texts get arbitrary labels from an expert (a task with no such text
+    falls back to all). The report says which (`counted`), and each task which texts
+    (`verdict_counted`)."""
     if count not in COUNTS:
         raise Hm3Error(f"count: expected one of {', '.join(COUNTS)}, got {count!r}")
     report["counted"] = count
@@ -377,7 +567,20 @@ def verdicts(report: dict, min_agreement: Mapping[str, float],
         elif count == "surest" and entry.get("surest_agreement") is not None:
             agreement = entry["surest_agreement"]
             which = f"agreement on the {entry['surest_n']} texts the expert is surest of"
+        elif count == "typical" and entry.get("typical_agreement") is not None:
+            agreement = entry["typical_agreement"]
+            refs = entry.get("typical_references")
+            which = (f"agreement on the {entry['typical_n']} texts typical of the task"
+                     + (f"'s {refs} texts" if refs else ""))
+        elif count == "domain" and entry.get("domain_agreement") is not None:
+            agreement = entry["domain_agreement"]
+            which = (f"agreement on the {entry['domain_n']} texts in the task's domain")
+        if count in ("typical", "domain") and f"{count}_n" not in entry:
+            raise Hm3Error(f"count {count}: task {task!r} has no texts known to be from it; "
+                           "give them (--task-texts TASK=FILE) or count another way")
         entry["verdict_agreement"] = agreement
+        entry["verdict_counted"] = (which.removeprefix("agreement ") if which != "agreement"
+                                    else f"on all {entry['n']} texts")
         if agreement < min_agreement[task]:
             reasons.append(f"{which} {agreement:.1%} < {min_agreement[task]:.1%}")
         if max_drift is not None:
@@ -408,17 +611,21 @@ def format_check(report: dict) -> str:
         calib = (report.get("calibration_figures") or {}).get(task, {}).get("agreement")
         held = (report.get("calibration_held_out") or {}).get(task, {}).get("agreement")
         sure, weighted = e.get("confident_agreement"), e.get("weighted_agreement")
-        surest = e.get("surest_agreement")
+        surest, typical = e.get("surest_agreement"), e.get("typical_agreement")
+        domain = e.get("domain_agreement")
         rows.append([task, e["n"], f"{e['agreement']:.1%}",
                      "-" if sure is None else f"{sure:.1%} ({e['confident_n']})",
                      "-" if weighted is None else f"{weighted:.1%}",
                      "-" if surest is None else f"{surest:.1%} ({e['surest_n']})",
+                     "-" if typical is None else f"{typical:.1%} ({e['typical_n']})",
+                     "-" if domain is None else f"{domain:.1%} ({e['domain_n']})",
                      f"{e['min_agreement']:.1%}",
                      "pass" if e["passed"] else "FAIL", f"{e['drift']:.3f}",
                      f"{e['mean_abs_dp']:.3f}", "-" if calib is None else f"{calib:.1%}",
                      "-" if held is None else f"{held:.1%}"])
     header = ["task", "texts", "agreement", f"where expert >= {CONFIDENT:.0%} (texts)",
-              "weighted by confidence", f"surest {SUREST:.0%} (texts)", "minimum", "verdict",
+              "weighted by confidence", f"surest {SUREST:.0%} (texts)",
+              "typical of the task (texts)", "in its domain (texts)", "minimum", "verdict",
               "drift", "mean |dp|", "on calibration (optimistic)", "held out (k-fold)"]
     lines = [format_table(header, rows)]
     for task, e in report["tasks"].items():
@@ -434,14 +641,21 @@ def format_check(report: dict) -> str:
                            for lab in e["expert_shares"])
         lines.append(f"{task}: flips {'; '.join(parts) or 'none'}; shares expert->merged "
                      f"{shares}")
+        if report.get("counted", "all") != "all" and "verdict_counted" in e:
+            lines.append(f"{task}: the verdict counted {e['verdict_counted']}")
         for reason in e.get("reasons", []):
             lines.append(f"{task}: FAIL: {reason}")
+    for task, known in (report.get("task_texts") or {}).items():
+        lines.append(f"{task}: {known['texts']} texts known to be from it, from "
+                     f"{known['from']}")
     if report.get("unchecked"):
         lines.append(f"not checked (no expert given): {', '.join(report['unchecked'])}")
     failed = [t for t, e in report["tasks"].items() if not e["passed"]]
     counted = {"confident": "on the texts each expert is sure of",
                "weighted": "each text weighted by its expert's confidence",
                "surest": f"on the {SUREST:.0%} of texts each expert is surest of",
+               "typical": "on the texts typical of each task's known texts",
+               "domain": "on the texts in each task's domain, by their nearest known texts",
                "all": "on every text"}.get(report.get("counted", "all"))
     lines.append(f"verdict ({counted}): "
                  f"{'FAIL (' + ', '.join(failed) + ')' if failed else 'pass'}: "

@@ -82,16 +82,39 @@ class MultiTaskClassifier:
     def logits(self, texts: str | Sequence[str], batch_size: int = 32) -> np.ndarray:
         """Raw logits (n_texts, K); one string counts as a batch of one. Texts are batched by
         length, results come back in input order."""
+        return self._run(texts, batch_size, embed=False)[0]
+
+    @torch.inference_mode()
+    def logits_and_embeddings(self, texts: Sequence[str], batch_size: int = 32
+                              ) -> tuple[np.ndarray, np.ndarray]:
+        """Raw logits (n_texts, K) and, from the same forward pass, each text's embedding: the
+        encoder's last hidden state averaged over its non-padding tokens (n_texts, hidden).
+        PyTorch models only (an exported ONNX / OpenVINO model gives logits alone)."""
+        if not isinstance(self.model, torch.nn.Module):
+            raise Hm3Error("embeddings need the PyTorch model; give the merged or expert folder, "
+                           "not an exported one")
+        return self._run(texts, batch_size, embed=True)
+
+    def _run(self, texts: str | Sequence[str], batch_size: int, embed: bool
+             ) -> tuple[np.ndarray, np.ndarray | None]:
         texts, _ = as_texts(texts)
         if batch_size < 1:
             raise Hm3Error(f"batch_size must be at least 1, got {batch_size}")
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         out = np.zeros((len(texts), self.groups[-1].stop), dtype=np.float32)
+        pooled = None
         for start in range(0, len(texts), batch_size):
             index = order[start:start + batch_size]
             batch = self.encode([texts[i] for i in index]).to(self.device)
-            out[index] = self.model(**batch).logits.float().cpu().numpy()
-        return out
+            extra = {"output_hidden_states": True} if embed else {}
+            result = self.model(**batch, **extra)
+            out[index] = result.logits.float().cpu().numpy()
+            if embed:
+                mean = mean_pooled(result.hidden_states[-1], batch["attention_mask"])
+                if pooled is None:
+                    pooled = np.zeros((len(texts), mean.shape[-1]), dtype=np.float32)
+                pooled[index] = mean.float().cpu().numpy()
+        return out, pooled
 
     def predict_proba(self, texts: str | Sequence[str],
                       batch_size: int = 32) -> dict[str, np.ndarray]:
@@ -151,6 +174,46 @@ class MultiTaskClassifier:
         if unknown:
             raise Hm3Error(f"tasks: unknown task(s) {', '.join(map(repr, unknown))}; {known}")
         return [self.group(name) for name in dict.fromkeys(names)]
+
+
+def mean_pooled(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Each text's hidden states (batch, tokens, d) averaged over its non-padding tokens."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+@torch.inference_mode()
+def embed_texts(path: str | Path, texts: Sequence[str], batch_size: int = 32,
+                max_length: int | None = None, device: str | None = None,
+                allow_pickle: bool = False) -> np.ndarray:
+    """Each text's embedding by an encoder (e.g. the base model a merge started from): its last
+    hidden state averaged over non-padding tokens, (n_texts, hidden).
+
+    - `path`: directory or hub id of any transformers encoder (a classifier's head is unused).
+    - `batch_size`, `max_length`, `device`, `allow_pickle`: as for `load`.
+    """
+    from transformers import AutoModel, AutoTokenizer
+
+    folder = resolve(str(path), None, allow_pickle)
+    try:
+        model = AutoModel.from_pretrained(folder, use_safetensors=None if allow_pickle
+                                          else True).eval()
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as exc:
+        raise Hm3Error(f"cannot load {path} as an encoder: {exc}") from None
+    model.to(check_device(device) if device else ("cuda" if torch.cuda.is_available()
+                                                  else "cpu"))
+    texts = list(texts)
+    limit = max_length or _max_length(tokenizer, model.config)
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    out = np.zeros((len(texts), model.config.hidden_size), dtype=np.float32)
+    for start in range(0, len(texts), batch_size):
+        index = order[start:start + batch_size]
+        batch = tokenizer([texts[i] for i in index], truncation=True, max_length=limit,
+                          padding=True, return_tensors="pt").to(model.device)
+        out[index] = mean_pooled(model(**batch).last_hidden_state,
+                                 batch["attention_mask"]).float().cpu().numpy()
+    return out
 
 
 def as_texts(texts: Any) -> tuple[list[str], bool]:

@@ -34,9 +34,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--count", choices=COUNTS, default="all",
                         help="texts the verdict counts: every text (default), those the "
                         "expert is at least 90%% sure of, every text weighted by the "
-                        "expert's confidence, or the quarter of texts the expert is surest of "
-                        "(for mixed traffic, where other tasks' texts get arbitrary labels "
-                        "from an expert)")
+                        "expert's confidence, the quarter of texts the expert is surest of, "
+                        "the texts typical of each task (as close, in its expert's embedding "
+                        "space, to texts known to be from the task as those are to each "
+                        "other), or the texts in each task's domain (most of their 10 nearest "
+                        "known texts of all tasks, in the base model's space, are the task's). "
+                        "The last five are for mixed traffic, where other tasks' texts get "
+                        "arbitrary labels from an expert; typical and domain need --task-texts "
+                        "or the merge's recorded calibration texts")
+    parser.add_argument("--task-texts", nargs="+", default=[], metavar="TASK=FILE",
+                        help="texts known to be from a task (e.g. a sample of its traffic), "
+                        "for --count typical / domain; default: the per-task calibration texts "
+                        "the merge records")
     parser.add_argument("--max-drift", type=float, metavar="TVD",
                         help="also fail a task whose label shares move further than this (total "
                         "variation distance, 0..1)")
@@ -54,9 +63,18 @@ def run(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise Hm3Error(f"--limit: expected a positive number of texts, got {args.limit}")
     texts = read_texts(Path(args.texts), args.text_column)[:args.limit]
+    known = {}
+    for item in args.task_texts:
+        task, sep, path = item.partition("=")
+        if not sep or not task or not path:
+            raise Hm3Error(f"--task-texts: expected TASK=FILE, got {item!r}")
+        if task in known:
+            raise Hm3Error(f"--task-texts: two files for task {task!r}; give one per task")
+        known[task] = read_texts(Path(path), args.text_column)
     options = ModelOptions.from_args(args)
     report = check_model(args.model, texts, args.experts, args.min_agreement, args.max_drift,
-                         args.count, batch_size=options.batch_size, **options.load_options())
+                         args.count, batch_size=options.batch_size, **options.load_options(),
+                         task_texts=known)
     print(format_check(report))
     write_json_report(args.json_out, report)
     return 0 if report["passed"] else 1
