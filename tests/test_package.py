@@ -28,3 +28,18 @@ def test_importing_hm3_does_not_import_torch():
     code = "import sys, hm3; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_the_command_line_parser_loads_without_torch():
+    """`hm3 --help` and a mistyped command answer without waiting for torch."""
+    code = ("import sys; from hm3.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_the_check_commands_counts_are_the_libraries():
+    from hm3.check import COUNTS
+    from hm3.cli.check import COUNTS as CLI_COUNTS
+
+    assert CLI_COUNTS == COUNTS
