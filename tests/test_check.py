@@ -544,6 +544,19 @@ def plain_embeddings(folder: Path, texts: list[str]) -> np.ndarray:
     return ((hidden * mask).sum(1) / mask.sum(1)).numpy()
 
 
+def counted_report(root, count: str, tmp_path, capsys) -> tuple[dict, str]:
+    """The JSON report and printed output of `hm3 check` on the family's check texts with
+    `--count count` (every task passes: minimum agreement 0), after checking that the report
+    says what it counted."""
+    code, out, err = run_check([str(root / "merged"), "--texts", str(root / "check.txt"),
+                                "--count", count, "--min-agreement", "0", "--json",
+                                str(tmp_path / f"{count}.json")], capsys)
+    assert code == 0, err
+    report = json.loads((tmp_path / f"{count}.json").read_text())
+    assert report["counted"] == count
+    return report, out
+
+
 def test_check_counts_the_texts_typical_of_each_tasks_calibration_texts(fam, tmp_path, capsys):
     """`--count typical` without --task-texts: each task's typical texts are judged against
     the 40 calibration texts the merge records, in its expert's embedding space (computed here
@@ -551,12 +564,7 @@ def test_check_counts_the_texts_typical_of_each_tasks_calibration_texts(fam, tmp
     from hm3.check import typical_texts
 
     root, _, experts, texts = fam
-    code, out, err = run_check([str(root / "merged"), "--texts", str(root / "check.txt"),
-                                "--count", "typical", "--min-agreement", "0", "--json",
-                                str(tmp_path / "t.json")], capsys)
-    assert code == 0, err
-    report = json.loads((tmp_path / "t.json").read_text())
-    assert report["counted"] == "typical"
+    report, out = counted_report(root, "typical", tmp_path, capsys)
     merged = plain_logits(root / "merged", texts)
     offset = 0
     for task, labels in TASKS.items():
@@ -650,12 +658,7 @@ def test_check_counts_the_texts_in_each_tasks_domain_by_the_base_models_space(fa
     from hm3.check import domain_texts
 
     root, base, experts, texts = fam
-    code, out, err = run_check([str(root / "merged"), "--texts", str(root / "check.txt"),
-                                "--count", "domain", "--min-agreement", "0", "--json",
-                                str(tmp_path / "d.json")], capsys)
-    assert code == 0, err
-    report = json.loads((tmp_path / "d.json").read_text())
-    assert report["counted"] == "domain"
+    report, out = counted_report(root, "domain", tmp_path, capsys)
     known = {task: (root / f"{task}.txt").read_text().splitlines() for task in TASKS}
     every = texts + [t for task in TASKS for t in known[task]]
     model, tokenizer = AutoModel.from_pretrained(base).eval(), AutoTokenizer.from_pretrained(base)
