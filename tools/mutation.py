@@ -59,6 +59,24 @@ GROUPS = {
                ["tests/test_label_free_units.py", "tests/test_label_free.py",
                 "tests/test_label_free_reference.py"]),
     "metrics": (["src/hm3/evaluate.py"], ["tests/test_metrics.py", "tests/test_evaluate.py"]),
+    # What a user's result passes through after the merge (issue 25).
+    "recipe": (["src/hm3/recipe.py"],
+               ["tests/test_recipe_roundtrip.py", "tests/test_recipe_mergekit.py",
+                "tests/test_recipe_mistakes.py"]),
+    "card": (["src/hm3/card.py"], ["tests/test_card_units.py", "tests/test_card.py"]),
+    "check": (["src/hm3/check.py"], ["tests/test_check.py"]),
+    "data": (["src/hm3/data/*"],
+             ["tests/test_data_items.py", "tests/test_data_tables.py",
+              "tests/test_calibration.py"]),
+    "pipeline": (["src/hm3/pipeline.py"],
+                 ["tests/test_calibration.py", "tests/test_label_free_units.py",
+                  "tests/test_recipe_mistakes.py"]),
+    "export": (["src/hm3/export.py"], ["tests/test_export.py", "tests/test_export_openvino.py"]),
+    "onnx_model": (["src/hm3/onnx_model.py"],
+                   ["tests/test_export_openvino.py", "tests/test_export.py"]),
+    "serve": (["src/hm3/serve/*"],
+              ["tests/test_serve_units.py", "tests/test_serve_buckets.py",
+               "tests/test_serve_hardening.py", "tests/test_serve.py"]),
 }
 # A mutant counts as killed when a test fails or hangs past mutmut's timeout (as mutmut scores).
 CAUGHT = {"killed", "timeout", "segfault", "caught by type check"}

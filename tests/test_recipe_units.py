@@ -1,0 +1,186 @@
+"""The recipe schema's small pieces, each on hand-written input: reading a recipe file, YAML
+errors on one line, hub ids against paths, overrides limited to experts, the `data:`-only file
+of `hm3 eval --recipe`, and the label-free steps' lookup."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from hm3.errors import Hm3Error
+from hm3.label_free import get_step
+from hm3.recipe import (
+    LabelFree,
+    Override,
+    _looks_like_hub_id,
+    _yaml_problem,
+    load_data_recipe,
+    load_recipe,
+    parse_recipe,
+    resolve_data_paths,
+)
+
+EXPERTS = [{"model": "org/tone", "task": "tone"}, {"model": "org/tags", "task": "tags"}]
+
+
+def _recipe(**extra) -> dict:
+    return {"base": "org/base", "experts": [dict(e) for e in EXPERTS], **extra}
+
+
+@pytest.mark.parametrize("name, hub", [
+    ("bert-base-uncased", True), ("org/model", True), ("org/model/more", False),
+    ("/org/model", False), ("~/model", False), ("org/", False), ("/model", False), ("", False)])
+def test_a_hub_id_is_a_name_or_owner_slash_name(name, hub):
+    assert _looks_like_hub_id(name) is hub
+
+
+def test_a_model_path_that_cannot_be_a_hub_id_is_read_from_the_recipes_folder(tmp_path):
+    """`./x` and `a/b/c` are paths: found under the recipe's folder, they are made absolute. A
+    bare name or `owner/name` is taken as a hub id even where such a folder exists there."""
+    (tmp_path / "experts" / "tone" / "v1").mkdir(parents=True)
+    (tmp_path / "base").mkdir()
+    raw = _recipe(base="./base")
+    raw["experts"][0]["model"] = "experts/tone/v1"
+    raw["experts"][1]["model"] = "./missing"
+    recipe = parse_recipe(raw, root=tmp_path)
+    assert recipe.base == str(tmp_path / "base")
+    assert recipe.experts[0].model == str(tmp_path / "experts" / "tone" / "v1")
+    assert recipe.experts[1].model == "./missing"  # not there: left for the loader to report
+    raw = _recipe(base="base")
+    raw["experts"][0]["model"] = "experts/tone"
+    recipe = parse_recipe(raw, root=tmp_path)
+    assert recipe.base == "base" and recipe.experts[0].model == "experts/tone"
+
+
+def test_a_hub_id_that_is_also_a_folder_name_elsewhere_stays_a_hub_id(tmp_path):
+    recipe = parse_recipe(_recipe(), root=tmp_path)
+    assert recipe.base == "org/base" and recipe.experts[0].model == "org/tone"
+
+
+def test_an_override_for_one_expert_applies_to_that_experts_tensors_only():
+    recipe = parse_recipe(_recipe(method="ties", parameters={"density": 0.5}, overrides=[
+        {"pattern": "*.layer.0.*", "density": 0.9, "experts": "tags"},
+        {"pattern": "*.bias", "weight": 2.0}]))
+    assert recipe.overrides == (
+        Override(pattern="*.layer.0.*", parameters={"density": 0.9}, experts=("tags",)),
+        Override(pattern="*.bias", parameters={"weight": 2.0}, experts=None))
+    tone, tags = recipe.experts
+    assert recipe.model_parameters("enc.layer.0.w", tags) == {"weight": 1.0, "density": 0.9}
+    assert recipe.model_parameters("enc.layer.0.w", tone) == {"weight": 1.0, "density": 0.5}
+    assert recipe.model_parameters("enc.layer.0.bias", tone) == {"weight": 2.0, "density": 0.5}
+    assert recipe.model_parameters("enc.layer.1.w", tags) == {"weight": 1.0, "density": 0.5}
+
+
+def test_an_override_pattern_matches_the_whole_name_case_sensitively():
+    override = Override(pattern="enc.*.w", parameters={})
+    assert override.applies("enc.layer.w", "t")
+    assert not override.applies("Enc.layer.w", "t")
+    assert not override.applies("x.enc.layer.w", "t")
+
+
+@pytest.mark.parametrize("item, message", [
+    ("*.bias", r"^overrides\[0\]: expected \{pattern: GLOB, density: \.\.\., weight: \.\.\.\}$"),
+    ({"density": 0.5}, r"^overrides\[0\]: expected \{pattern"),
+    ({"pattern": "*", "experts": ["tone", "nope", "also"]},
+     r"^overrides\[0\]\.experts: unknown task\(s\) also, nope; known tasks are tags, tone$"),
+    ({"pattern": "*", "colour": 1}, r"^overrides\[0\]: unknown field\(s\) colour; allowed: "),
+])
+def test_a_bad_override_names_its_index_and_what_is_wrong(item, message):
+    with pytest.raises(Hm3Error, match=message):
+        parse_recipe(_recipe(overrides=[item]))
+
+
+def test_the_second_bad_override_is_named_by_its_own_index():
+    with pytest.raises(Hm3Error, match=r"^overrides\[1\]\.experts: unknown task\(s\) x;"):
+        parse_recipe(_recipe(overrides=[{"pattern": "*"}, {"pattern": "*", "experts": "x"}]))
+
+
+def test_yaml_errors_are_one_line_with_the_place_counted_from_one(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text("base: a\n  experts: b\n")
+    with pytest.raises(Hm3Error) as caught:
+        load_recipe(path)
+    assert str(caught.value) == (f"recipe {path} is not valid YAML: mapping values are not "
+                                 "allowed here at line 2, column 10")
+
+
+def test_a_yaml_error_without_a_place_is_its_message_on_one_line():
+    assert _yaml_problem(yaml.YAMLError("first line\n   second   line ")) == \
+        "first line second line"
+    # a mark but no problem: the whole message, on one line
+    marked = yaml.MarkedYAMLError(context="while here", problem="",
+                                  problem_mark=yaml.Mark("x", 0, 3, 4, None, None))
+    assert _yaml_problem(marked) == 'while here in "x", line 4, column 5'
+
+
+def test_a_missing_recipe_file_is_named(tmp_path):
+    path = tmp_path / "nope.yaml"
+    with pytest.raises(Hm3Error, match="^recipe .*nope.yaml does not exist; pass the path of a "
+                                       "YAML recipe file$"):
+        load_recipe(path)
+    (tmp_path / "folder.yaml").mkdir()
+    with pytest.raises(Hm3Error, match="does not exist"):
+        load_recipe(tmp_path / "folder.yaml")
+
+
+def test_a_recipe_file_reads_relative_paths_from_its_folder(tmp_path):
+    (tmp_path / "base").mkdir()
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(_recipe(base="./base")))
+    recipe = load_recipe(path)
+    assert recipe.base == str(tmp_path / "base") and recipe.data_root == str(tmp_path)
+
+
+def test_a_data_only_file_is_its_validated_data_block(tmp_path):
+    path = tmp_path / "data.yaml"
+    path.write_text("data:\n  tone: tone.jsonl\n  tags: {path: tags.csv, limit: 5}\n")
+    assert load_data_recipe(path) == {"tone": "tone.jsonl", "tags": {"path": "tags.csv",
+                                                                     "limit": 5}}
+    path.write_text("data:\n  tone: {path: tone.jsonl, colour: red}\n")
+    with pytest.raises(Hm3Error, match=r"^data\.tone: unknown field\(s\) colour"):
+        load_data_recipe(path)
+
+
+def test_a_whole_recipe_gives_its_data_block_checked_against_its_tasks(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(_recipe(data={"tone": "t.jsonl"})))
+    assert load_data_recipe(path) == {"tone": "t.jsonl"}
+    path.write_text(yaml.safe_dump(_recipe(data={"other": "t.jsonl"})))
+    with pytest.raises(Hm3Error, match="other"):
+        load_data_recipe(path)
+    path.write_text("data: {tone: t.jsonl}\nseed: 1\n")  # not data alone: a recipe, no base
+    with pytest.raises(Hm3Error, match="^base: missing"):
+        load_data_recipe(path)
+    path.write_text("- data\n")
+    with pytest.raises(Hm3Error, match="^recipe must be a mapping"):
+        load_data_recipe(path)
+
+
+def test_relative_data_paths_that_exist_under_the_root_are_made_absolute(tmp_path):
+    for name in ("t.jsonl", "v.jsonl", "w.jsonl"):
+        (tmp_path / name).write_text("{}\n")
+    data = {"a": "t.jsonl", "b": {"path": "missing.jsonl", "validation": "v.jsonl"},
+            "c": {"path": "/abs/x.jsonl", "validation": {"path": "w.jsonl", "split": "x"}},
+            "d": {"path": "t.jsonl", "validation": {"split": "validation"}}}
+    assert resolve_data_paths(data, str(tmp_path)) == {
+        "a": str(tmp_path / "t.jsonl"),
+        "b": {"path": "missing.jsonl", "validation": str(tmp_path / "v.jsonl")},
+        "c": {"path": "/abs/x.jsonl",
+              "validation": {"path": str(tmp_path / "w.jsonl"), "split": "x"}},
+        "d": {"path": str(tmp_path / "t.jsonl"), "validation": {"split": "validation"}}}
+    assert resolve_data_paths(data, None) == data
+
+
+def test_a_step_not_asked_for_is_none_and_with_step_keeps_the_run_order():
+    align = get_step("align_heads").parse({"ridge": 0.1})
+    recentre = get_step("recentre").parse(True)
+    lewis = get_step("lewis").parse(True)
+    steps = LabelFree(heads="merge", steps=(("align_heads", align), ("recentre", recentre)))
+    assert steps.step("lewis") is None and steps.step("recentre") == recentre
+    added = steps.with_step("lewis", lewis)
+    assert added.steps == (("lewis", lewis), ("align_heads", align), ("recentre", recentre))
+    assert added.heads == "merge" and added.calibration is None
+    changed = added.with_step("align_heads", get_step("align_heads").parse({"ridge": 0.5}))
+    assert [name for name, _ in changed.steps] == ["lewis", "align_heads", "recentre"]
+    assert changed.step("align_heads") == get_step("align_heads").parse({"ridge": 0.5})
+    assert steps.steps == (("align_heads", align), ("recentre", recentre))  # a new one each time
