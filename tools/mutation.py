@@ -61,10 +61,11 @@ GROUPS = {
     "metrics": (["src/hm3/evaluate.py"], ["tests/test_metrics.py", "tests/test_evaluate.py"]),
     # What a user's result passes through after the merge (issue 25).
     "recipe": (["src/hm3/recipe.py"],
-               ["tests/test_recipe_roundtrip.py", "tests/test_recipe_mergekit.py",
+               ["tests/test_recipe_units.py", "tests/test_recipe_roundtrip.py",
+                "tests/test_recipe_mergekit.py",
                 "tests/test_recipe_mistakes.py"]),
     "card": (["src/hm3/card.py"], ["tests/test_card_units.py", "tests/test_card.py"]),
-    "check": (["src/hm3/check.py"], ["tests/test_check.py"]),
+    "check": (["src/hm3/check.py"], ["tests/test_check_units.py", "tests/test_check.py"]),
     "data": (["src/hm3/data/*"],
              ["tests/test_data_items.py", "tests/test_data_tables.py",
               "tests/test_calibration.py"]),
