@@ -184,3 +184,22 @@ def test_a_step_not_asked_for_is_none_and_with_step_keeps_the_run_order():
     assert [name for name, _ in changed.steps] == ["lewis", "align_heads", "recentre"]
     assert changed.step("align_heads") == get_step("align_heads").parse({"ridge": 0.5})
     assert steps.steps == (("align_heads", align), ("recentre", recentre))  # a new one each time
+
+
+@pytest.mark.parametrize("value, size", [
+    (1048576, 1048576), ("1048576", 1048576), ("2GB", 2 * 10**9), ("500MB", 5 * 10**8),
+    (" 2gb ", 2 * 10**9), ("1.5GB", 15 * 10**8), ("3KB", 3000), ("10B", 10), ("1KiB", 1024),
+    ("2MiB", 2 * 2**20), ("1GiB", 2**30), ("2 GB", 2 * 10**9)])
+def test_shard_sizes_in_bytes_or_with_a_unit(value, size):
+    assert parse_recipe(_recipe(max_shard_size=value)).max_shard_size == size
+
+
+@pytest.mark.parametrize("value", [0, -5, True, "0", "GB", "2TB", "0.5B", "two", None, 1.5])
+def test_a_shard_size_that_is_not_a_positive_size_is_refused(value):
+    with pytest.raises(Hm3Error, match=r"^max_shard_size: expected a positive size such as 2GB "
+                                       rf"or 500MB, got {value!r}$".replace("(", r"\(")):
+        parse_recipe(_recipe(max_shard_size=value))
+
+
+def test_the_default_shard_size_is_two_gigabytes():
+    assert parse_recipe(_recipe()).max_shard_size == 2 * 10**9
