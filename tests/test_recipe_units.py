@@ -90,6 +90,14 @@ def test_a_bad_override_names_its_index_and_what_is_wrong(item, message):
         parse_recipe(_recipe(overrides=[item]))
 
 
+def test_a_bad_override_value_is_named_by_the_override_and_the_field():
+    with pytest.raises(Hm3Error, match=r"^overrides\[0\]\.density: expected a number in "
+                                       r"\(0, 1\], got 1\.5$"):
+        parse_recipe(_recipe(overrides=[{"pattern": "*", "density": 1.5}]))
+    with pytest.raises(Hm3Error, match=r"^overrides\[1\]\.weight: expected a finite number"):
+        parse_recipe(_recipe(overrides=[{"pattern": "*"}, {"pattern": "*", "weight": "x"}]))
+
+
 def test_the_second_bad_override_is_named_by_its_own_index():
     with pytest.raises(Hm3Error, match=r"^overrides\[1\]\.experts: unknown task\(s\) x;"):
         parse_recipe(_recipe(overrides=[{"pattern": "*"}, {"pattern": "*", "experts": "x"}]))
@@ -184,6 +192,14 @@ def test_a_step_not_asked_for_is_none_and_with_step_keeps_the_run_order():
     assert [name for name, _ in changed.steps] == ["lewis", "align_heads", "recentre"]
     assert changed.step("align_heads") == get_step("align_heads").parse({"ridge": 0.5})
     assert steps.steps == (("align_heads", align), ("recentre", recentre))  # a new one each time
+
+
+def test_with_step_keeps_the_calibration_block():
+    recipe = parse_recipe(_recipe(recentre=True, calibration={"texts": "traffic.txt",
+                                                               "limit": 9}))
+    added = recipe.label_free.with_step("align_heads", get_step("align_heads").parse(True))
+    assert added.calibration == recipe.label_free.calibration and added.calibration.limit == 9
+    assert [name for name, _ in added.steps] == ["align_heads", "recentre"]
 
 
 @pytest.mark.parametrize("value, size", [
