@@ -1,4 +1,5 @@
-"""Mutation testing of the engine and the label-free steps with mutmut, one module group at a time.
+"""Mutation testing with mutmut, one module group at a time: the engine, the label-free steps, and
+what a result passes through after the merge (recipe, card, check, data, pipeline, export, serve).
 
 Each group is mutated in a scratch copy of the repository (src/, tests/, pyproject.toml) whose
 `[tool.mutmut]` section names that group's files and the test files that guard it, so a mutant
