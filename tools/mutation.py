@@ -1,5 +1,7 @@
-"""Mutation testing with mutmut, one module group at a time: the engine, the label-free steps, and
-what a result passes through after the merge (recipe, card, check, data, pipeline, export, serve).
+"""Mutation testing with mutmut, one module group at a time.
+
+The groups cover the engine, the label-free steps, and what a result passes through after the
+merge (recipe, card, check, data, pipeline, export, serve).
 
 Each group is mutated in a scratch copy of the repository (src/, tests/, pyproject.toml) whose
 `[tool.mutmut]` section names that group's files and the test files that guard it, so a mutant
