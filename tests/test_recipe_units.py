@@ -219,3 +219,13 @@ def test_a_shard_size_that_is_not_a_positive_size_is_refused(value):
 
 def test_the_default_shard_size_is_two_gigabytes():
     assert parse_recipe(_recipe()).max_shard_size == 2 * 10**9
+
+
+def test_the_head_mode_is_read_whole_by_default_and_checked():
+    assert parse_recipe(_recipe()).label_free.heads == "whole"
+    assert parse_recipe(_recipe(heads="merge")).label_free.heads == "merge"
+    assert parse_recipe(_recipe(heads="merge")).to_dict()["heads"] == "merge"
+    with pytest.raises(Hm3Error, match=r"^heads: expected 'whole' \(copy each task's head rows "
+                                       r"from its expert\) or 'merge' \(merge them like the "
+                                       r"body\), got 'sum'$"):
+        parse_recipe(_recipe(heads="sum"))
