@@ -139,3 +139,31 @@ def test_write_card_writes_the_recipe_as_yaml_in_its_order_and_the_card(tmp_path
     assert "x/é" in text  # unicode kept as written
     assert yaml.safe_load(text) == recipe
     assert (tmp_path / "README.md").read_text() == model_card(block, {"tone": 1.0})
+
+
+def test_the_card_tells_how_to_read_the_logits():
+    """The one instruction a user of the plain model needs, stated where it is read."""
+    text = " ".join(model_card(_block()).split())
+    assert ("Its logits are one block per task: take a softmax per block (a sigmoid per label "
+            "for multi-label tasks), never one softmax over all of them.") in text
+
+
+def test_the_front_matter_is_tight_and_every_heading_stands_in_its_own_paragraph():
+    lines = model_card(_block(), scores={"tone": 0.5}).splitlines()
+    close = lines.index("---", 1)
+    assert lines[0] == "---" and all(line.strip() for line in lines[1:close])
+    assert lines[close + 1] == ""
+    headings = [i for i, line in enumerate(lines) if line.startswith("#")]
+    assert [lines[i] for i in headings] == [
+        "# 2-task classifier merged with hm3", "## Tasks", "## Method", "## Scores", "## Use"]
+    for i in headings:
+        assert lines[i - 1] == "" and lines[i + 1] == ""
+
+
+def test_a_block_without_sources_or_version_still_makes_a_card():
+    block = _block()
+    del block["sources"], block["version"]
+    card = model_card(block)
+    assert "| tone | [0:2) | single-label | neg, pos |  |" in card
+    assert "None" not in card
+    assert _front(card)["base_model"] == ["org/base-model"]
