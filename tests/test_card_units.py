@@ -167,3 +167,14 @@ def test_a_block_without_sources_or_version_still_makes_a_card():
     assert "| tone | [0:2) | single-label | neg, pos |  |" in card
     assert "None" not in card
     assert _front(card)["base_model"] == ["org/base-model"]
+
+
+def test_the_tables_are_markdown_tables_with_their_header_rows():
+    lines = model_card(_block(), scores={"tone": 0.5}).splitlines()
+    tasks = lines.index("## Tasks")
+    assert lines[tasks + 2:tasks + 4] == ["| task | logits | kind | labels | merged from |",
+                                          "| --- | --- | --- | --- | --- |"]
+    assert lines[tasks + 4].startswith("| tone |") and lines[tasks + 6] == ""
+    scores = lines.index("## Scores")
+    assert lines[scores + 2:scores + 5] == ["| task | macro-F1 |", "| --- | --- |",
+                                           "| tone | 0.5000 |"]
