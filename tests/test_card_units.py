@@ -178,3 +178,15 @@ def test_the_tables_are_markdown_tables_with_their_header_rows():
     scores = lines.index("## Scores")
     assert lines[scores + 2:scores + 5] == ["| task | macro-F1 |", "| --- | --- |",
                                            "| tone | 0.5000 |"]
+
+
+def test_a_minimal_block_of_an_earlier_version_still_makes_a_card():
+    """Only the tasks: no sources, parameters, recipe, norms; a label-free report without
+    calibration or fidelity figures (the card reads each with a default)."""
+    block = {"tasks": [{"name": "tone", "offset": 0, "labels": ["neg", "pos"]}],
+             "label_free": {"recentre": {}}}
+    lines = model_card(block).splitlines()
+    assert "- method: `None`, parameters `{}`, seed None" in lines
+    assert ("- label-free steps: recentre on unlabelled calibration texts (); figures in "
+            "config.json under `hm3.label_free`") in lines
+    assert not any(line.startswith("- tone:") for line in lines)  # no experts recorded
