@@ -190,3 +190,18 @@ def test_a_minimal_block_of_an_earlier_version_still_makes_a_card():
     assert ("- label-free steps: recentre on unlabelled calibration texts (); figures in "
             "config.json under `hm3.label_free`") in lines
     assert not any(line.startswith("- tone:") for line in lines)  # no experts recorded
+
+
+def test_each_paragraph_and_code_block_of_the_card_stands_apart():
+    lines = model_card(_block(), scores={"tone": 0.5}).splitlines()
+    starts = ("The full recipe is in `hm3_recipe.yaml`", "With hm3 (", "Serve it: `hm3 serve ",
+              "With plain transformers", "A text-classification pipeline", "```python")
+    for start in starts:
+        at = next(i for i, line in enumerate(lines) if line.startswith(start))
+        assert lines[at - 1] == "", start
+    for at in (i for i, line in enumerate(lines) if line == "```"):  # each block's end
+        assert lines[at + 1] == ""
+    assert lines.count("```python") == 2 and lines.count("```") == 2
+    assert "(POST /v1/classify)" in lines[next(i for i, line in enumerate(lines)
+                                               if line.startswith("Serve it"))]
+    assert model_card(_block()).endswith(".\n")
