@@ -202,6 +202,6 @@ def test_each_paragraph_and_code_block_of_the_card_stands_apart():
     for at in (i for i, line in enumerate(lines) if line == "```"):  # each block's end
         assert lines[at + 1] == ""
     assert lines.count("```python") == 2 and lines.count("```") == 2
-    assert "(POST /v1/classify)" in lines[next(i for i, line in enumerate(lines)
-                                               if line.startswith("Serve it"))]
+    # the command and the route are hm3's own: `hm3 serve MODEL --port N`, POST /v1/classify
+    assert "Serve it: `hm3 serve PATH --port 8000` (POST /v1/classify)." in lines
     assert model_card(_block()).endswith(".\n")
