@@ -12,6 +12,7 @@ import pytest
 from hm3.check import (
     CALIBRATION_TEXTS,
     calibration_overlap,
+    check,
     check_expert_groups,
     compare_logits,
     compare_task,
@@ -22,6 +23,7 @@ from hm3.check import (
 from hm3.data.calibration import text_hash
 from hm3.errors import Hm3Error
 from hm3.heads import TaskGroup
+from hm3.model import MultiTaskClassifier
 
 
 def _report() -> dict:
@@ -217,3 +219,62 @@ def test_compare_logits_turns_each_tasks_own_logits_into_probabilities():
 def test_probabilities_of_the_wrong_shape_or_none_are_refused(expert, merged, message):
     with pytest.raises(Hm3Error, match=message):
         compare_task(TaskGroup("tone", ("neg", "pos"), 0), expert, merged)
+
+
+# --- check(): models given as objects or as loaders, stand-ins with fixed probabilities --------
+
+class Fixed(MultiTaskClassifier):
+    """A classifier whose probabilities are given: `probs` task -> (n, K) rows, one per text."""
+
+    def __init__(self, groups, probs):
+        self.groups, self.probs, self.calls = groups, probs, []
+
+    def predict_proba(self, texts, batch_size=32):
+        self.calls.append((list(texts), batch_size))
+        return {task: np.asarray(rows[:len(texts)], float) for task, rows in self.probs.items()}
+
+
+TONE = TaskGroup("tone", ("neg", "pos"), 0)
+TAGS = TaskGroup("tags", ("p", "q"), 2, multi_label=True)
+EXTRA = TaskGroup("extra", ("a", "b"), 4)
+TEXTS = ["one", "two", "three"]
+
+
+def _merged() -> Fixed:
+    return Fixed([TONE, TAGS, EXTRA], {"tone": [[.9, .1], [.2, .8], [.6, .4]],
+                                       "tags": [[.9, .1], [.2, .7], [.6, .6]],
+                                       "extra": [[.5, .5]] * 3})
+
+
+def test_check_compares_each_expert_in_the_models_task_order_and_lists_the_rest():
+    tone = Fixed([TaskGroup("tone", ("neg", "pos"), 0)], {"tone": [[.8, .2], [.3, .7], [.3, .7]]})
+    tags = Fixed([TaskGroup("tags", ("p", "q"), 0, multi_label=True)],
+                 {"tags": [[.9, .1], [.2, .7], [.6, .6]]})
+    merged = _merged()
+    loaded = []
+    report = check(merged, {"tags": tags, "tone": lambda: loaded.append(1) or tone}, TEXTS,
+                   batch_size=5)
+    assert list(report) == ["texts", "tasks", "unchecked"]
+    assert report["texts"] == 3 and report["unchecked"] == ["extra"]
+    assert list(report["tasks"]) == ["tone", "tags"]
+    assert report["tasks"]["tone"]["agreement"] == pytest.approx(2 / 3)  # the third text flips
+    assert report["tasks"]["tags"]["agreement"] == 1.0
+    assert loaded == [1]
+    assert merged.calls == [(TEXTS, 5)] and tone.calls == [(TEXTS, 5)] and tags.calls == [
+        (TEXTS, 5)]
+
+
+def test_check_refuses_no_texts_an_unknown_task_and_wrong_experts_before_running_the_model():
+    merged = _merged()
+    with pytest.raises(Hm3Error, match=r"^no texts to check on; give a file with one text per "
+                                       r"line \(or a table\)$"):
+        check(merged, {}, [])
+    with pytest.raises(Hm3Error, match=r"^expert for 'mood': the merged model has no such task; "
+                                       r"its tasks are tone, tags, extra$"):
+        check(merged, {"mood": Fixed([TONE], {})}, TEXTS)
+    wrong = Fixed([TaskGroup("tone", ("pos", "neg"), 0)], {"tone": [[.5, .5]] * 3})
+    with pytest.raises(Hm3Error, match="^expert for 'tone' has labels pos, neg"):
+        check(merged, {"tone": wrong}, TEXTS)
+    assert merged.calls == []  # refused before any forward pass
+    with pytest.raises(Hm3Error, match="^expert for 'tone' has labels pos, neg"):
+        check(merged, {"tone": lambda: wrong}, TEXTS)  # a loaded expert is checked too
