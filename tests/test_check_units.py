@@ -279,3 +279,30 @@ def test_check_refuses_no_texts_an_unknown_task_and_wrong_experts_before_running
     assert merged.calls == []  # refused before any forward pass
     with pytest.raises(Hm3Error, match="^expert for 'tone' has labels pos, neg"):
         check(merged, {"tone": lambda: wrong}, TEXTS)  # a loaded expert is checked too
+
+
+def test_an_expert_exactly_at_the_confidence_level_is_sure():
+    tone = TaskGroup("tone", ("neg", "pos"), 0)
+    out = compare_task(tone, np.array([[0.9, 0.1], [0.6, 0.4]]), np.array([[0.2, 0.8]] * 2))
+    assert (out["confident_n"], out["confident_agreement"]) == (1, 0.0)
+    tags = TaskGroup("tags", ("p",), 0, multi_label=True)
+    out = compare_task(tags, np.array([[0.9], [0.6]]), np.array([[0.2], [0.7]]))
+    assert (out["confident_n"], out["confident_agreement"]) == (1, 0.0)
+
+
+def test_a_label_the_expert_is_never_sure_of_weighs_nothing_in_the_weighted_agreement():
+    """q at 0.5 on every text: weight |2p - 1| = 0, left out (not 0/0); p: weights .8 and .2,
+    the first text agrees: 0.8 / 1.0."""
+    tags = TaskGroup("tags", ("q", "p"), 0, multi_label=True)
+    expert = np.array([[0.5, 0.9], [0.5, 0.6]])
+    merged = np.array([[0.9, 0.8], [0.1, 0.4]])
+    assert compare_task(tags, expert, merged)["weighted_agreement"] == pytest.approx(0.8)
+    assert compare_task(tags, np.full((2, 2), 0.5), merged)["weighted_agreement"] is None
+
+
+def test_a_report_without_its_count_says_every_text_and_names_every_failed_task():
+    report = verdicts(_report(), {"a": 1.0, "b": 1.0})
+    del report["counted"]
+    assert format_check(report).splitlines()[-1] == (
+        "verdict (on every text): FAIL (a, b): 0 of 2 tasks keep their expert's decisions "
+        "within the thresholds")
