@@ -306,3 +306,37 @@ def test_a_report_without_its_count_says_every_text_and_names_every_failed_task(
     assert format_check(report).splitlines()[-1] == (
         "verdict (on every text): FAIL (a, b): 0 of 2 tasks keep their expert's decisions "
         "within the thresholds")
+
+
+@pytest.mark.parametrize("expert, merged", [
+    # sureness |2p - 1|: .9 .2 .4 .6, the first text (sure it is off) is the surest; it flips
+    ([0.05, 0.6, 0.7, 0.8], [0.9, 0.6, 0.7, 0.8]),
+    # .4 .2 .98 .6: the third (sure it is on); it flips
+    ([0.3, 0.6, 0.99, 0.2], [0.3, 0.6, 0.1, 0.2]),
+])
+def test_the_surest_texts_of_a_label_are_those_farthest_from_one_half(expert, merged):
+    tags = TaskGroup("tags", ("p",), 0, multi_label=True)
+    out = compare_task(tags, np.array(expert)[:, None], np.array(merged)[:, None])
+    assert (out["surest_n"], out["surest_agreement"]) == (1, 0.0)
+
+
+@pytest.mark.parametrize("expert, merged", [(0.5, 0.4), (0.4, 0.5)])
+def test_a_probability_exactly_at_the_threshold_is_off(expert, merged):
+    tags = TaskGroup("tags", ("p",), 0, multi_label=True, threshold=0.5)
+    out = compare_task(tags, np.array([[expert]]), np.array([[merged]]))
+    assert out["surest_agreement"] == 1.0 and out["agreement"] == 1.0
+
+
+def test_one_text_the_expert_is_fairly_sure_of_gives_a_weighted_agreement():
+    """Weight (0.8 - 1/2) / (1 - 1/2) = 0.6: under one in all, still a figure."""
+    tone = TaskGroup("tone", ("neg", "pos"), 0)
+    out = compare_task(tone, np.array([[0.8, 0.2]]), np.array([[0.7, 0.3]]))
+    assert out["weighted_agreement"] == 1.0
+
+
+def test_label_shares_are_reported_to_four_decimals():
+    tone = TaskGroup("tone", ("neg", "pos"), 0)
+    out = compare_task(tone, np.array([[0.8, 0.2], [0.3, 0.7], [0.4, 0.6]]),
+                       np.array([[0.8, 0.2]] * 3))
+    assert out["expert_shares"] == {"neg": 0.3333, "pos": 0.6667}
+    assert out["merged_shares"] == {"neg": 1.0, "pos": 0.0}
