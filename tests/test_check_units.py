@@ -340,3 +340,18 @@ def test_label_shares_are_reported_to_four_decimals():
                        np.array([[0.8, 0.2]] * 3))
     assert out["expert_shares"] == {"neg": 0.3333, "pos": 0.6667}
     assert out["merged_shares"] == {"neg": 1.0, "pos": 0.0}
+
+
+def test_flips_are_listed_most_frequent_first():
+    group = TaskGroup("s", ("a", "b"), 0)
+    a, b = [0.9, 0.1], [0.1, 0.9]
+    out = compare_task(group, np.array([b, a, a, a]), np.array([a, b, b, a]))
+    assert out["flips"] == [{"from": "a", "to": "b", "count": 2},
+                            {"from": "b", "to": "a", "count": 1}]
+
+
+def test_an_expert_path_may_hold_an_equals_sign_and_a_block_may_record_no_sources():
+    assert expert_paths(["tone=/m/a=b"], BLOCK, ["tone"]) == {"tone": "/m/a=b"}
+    with pytest.raises(Hm3Error, match="^the model records no expert for tone;"):
+        expert_paths(None, {}, ["tone"])
+    assert expert_paths(["tone=/m/t"], {}, ["tone"]) == {"tone": "/m/t"}
