@@ -452,3 +452,18 @@ def test_a_multi_label_task_is_compared_at_its_own_threshold():
     assert report["flips"] == [] and report["drift"] == 0.0
     assert report["expert_shares"] == {"insult": 0.75, "threat": 0.25}
     assert report["weighted_agreement"] == report["confident_agreement"] == 1.0
+
+
+def test_check_model_from_python_with_its_defaults(fam):
+    """`hm3.check.check_model` as a library call: every text counted, each recorded expert
+    loaded; a largest drift of exactly 1 is allowed (and fails nothing); over 1 is refused."""
+    from hm3.check import check_model
+
+    root, _, experts, texts = fam
+    report = check_model(root / "merged", texts[:16])
+    assert report["counted"] == "all" and list(report["tasks"]) == list(TASKS)
+    assert report["experts"] == {task: str(folder) for task, folder in experts.items()}
+    loose = check_model(root / "merged", texts[:16], min_agreement=["0"], max_drift=1.0)
+    assert loose["passed"] and all(e["max_drift"] == 1.0 for e in loose["tasks"].values())
+    with pytest.raises(Hm3Error, match=r"^--max-drift: expected a distance in \[0, 1\], got 1\.5$"):
+        check_model(root / "merged", texts[:16], max_drift=1.5)

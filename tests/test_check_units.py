@@ -19,6 +19,7 @@ from hm3.check import (
     compare_task,
     expert_paths,
     format_check,
+    parse_thresholds,
     verdicts,
 )
 from hm3.data.calibration import text_hash
@@ -355,3 +356,8 @@ def test_an_expert_path_may_hold_an_equals_sign_and_a_block_may_record_no_source
     with pytest.raises(Hm3Error, match="^the model records no expert for tone;"):
         expert_paths(None, {}, ["tone"])
     assert expert_paths(["tone=/m/t"], {}, ["tone"]) == {"tone": "/m/t"}
+
+
+def test_a_threshold_for_an_unknown_task_lists_the_tasks():
+    with pytest.raises(Hm3Error, match=r"^--min-agreement c=0\.5: no task 'c'; tasks are a, b$"):
+        parse_thresholds(["c=0.5"], ["a", "b"])
