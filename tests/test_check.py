@@ -467,3 +467,23 @@ def test_check_model_from_python_with_its_defaults(fam):
     assert loose["passed"] and all(e["max_drift"] == 1.0 for e in loose["tasks"].values())
     with pytest.raises(Hm3Error, match=r"^--max-drift: expected a distance in \[0, 1\], got 1\.5$"):
         check_model(root / "merged", texts[:16], max_drift=1.5)
+
+
+def test_check_model_loads_every_model_with_the_options_given(fam, monkeypatch):
+    """The merged model and each expert (as its task) load with the same device, max_length and
+    allow_pickle: an expert truncated otherwise than the merged model would disagree for that
+    reason alone."""
+    import hm3.check
+
+    root, _, experts, texts = fam
+    calls = []
+    real = hm3.check.load
+    monkeypatch.setattr(hm3.check, "load",
+                        lambda path, **options: calls.append((str(path), options))
+                        or real(path, **options))
+    hm3.check.check_model(root / "merged", texts[:4], max_length=7, device="cpu",
+                          allow_pickle=False, batch_size=2)
+    options = {"device": "cpu", "max_length": 7, "allow_pickle": False}
+    assert calls == [(str(root / "merged"), options),
+                     *((str(folder), {"task": task, **options})
+                       for task, folder in experts.items())]
