@@ -463,6 +463,7 @@ def test_check_model_from_python_with_its_defaults(fam):
     report = check_model(root / "merged", texts[:16])
     assert report["counted"] == "all" and list(report["tasks"]) == list(TASKS)
     assert report["experts"] == {task: str(folder) for task, folder in experts.items()}
+    assert report["model"] == str(root / "merged")
     loose = check_model(root / "merged", texts[:16], min_agreement=["0"], max_drift=1.0)
     assert loose["passed"] and all(e["max_drift"] == 1.0 for e in loose["tasks"].values())
     with pytest.raises(Hm3Error, match=r"^--max-drift: expected a distance in \[0, 1\], got 1\.5$"):
