@@ -368,3 +368,31 @@ def test_blocks_reads_through_the_one_loader(monkeypatch):
     monkeypatch.setattr(blocks, "load_dataset", lambda **spec: seen.append(spec) or spec)
     load_data_block({"a": {"path": "/abs/a.jsonl", "limit": 2}})
     assert seen == [{"spec": "/abs/a.jsonl", "task": "a", "limit": 2, "expect": {}}]
+
+
+def test_hub_texts_read_the_subset_and_split_asked_for(fake_hub):
+    assert tables.hub_texts("org/sst", "en", "dev", "text") == ["good", "bad", "fine"]
+    assert fake_hub == [("org/sst", "en", "dev")]
+
+
+def test_a_hub_row_without_a_label_is_named_by_the_dataset(fake_hub, monkeypatch):
+    split = FakeSplit({"text": ["good", "bad"], "label": ["pos", None]}, {"label": object()})
+    monkeypatch.setattr(tables, "_hub_split", lambda name, subset, split_name: split)
+    with pytest.raises(Hm3Error, match=r"^org/gaps row 2: no label in 'label'$"):
+        load_dataset("org/gaps", "t")
+
+
+def test_data_items_split_at_the_first_equals_sign():
+    from hm3.data.items import data_block, parse_expectation
+
+    assert data_block(["topic=a=b.csv"]) == {"topic": {"path": "a=b.csv", "text_column": "text",
+                                                       "label_column": "label"}}
+    assert parse_expectation("spam:topic=a=b") == ("spam", "topic", "a=b")
+
+
+def test_a_data_block_without_a_root_reads_relative_paths_as_given(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.jsonl").write_text('{"text": "t", "label": "x"}\n')
+    assert [d.source for d in load_data_block({"a": "a.jsonl"})] == ["a.jsonl"]
+    with pytest.raises(Hm3Error, match=r"^data\.a: unknown task 'a'; known tasks are b$"):
+        load_data_block({"a": "a.jsonl"}, tasks=["b"])
