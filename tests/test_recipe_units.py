@@ -12,7 +12,6 @@ from hm3.label_free import get_step
 from hm3.recipe import (
     LabelFree,
     Override,
-    _looks_like_hub_id,
     _yaml_problem,
     load_data_recipe,
     load_recipe,
@@ -27,29 +26,25 @@ def _recipe(**extra) -> dict:
     return {"base": "org/base", "experts": [dict(e) for e in EXPERTS], **extra}
 
 
-@pytest.mark.parametrize("name, hub", [
-    ("bert-base-uncased", True), ("org/model", True), ("org/model/more", False),
-    ("/org/model", False), ("~/model", False), ("org/", False), ("/model", False), ("", False)])
-def test_a_hub_id_is_a_name_or_owner_slash_name(name, hub):
-    assert _looks_like_hub_id(name) is hub
-
-
-def test_a_model_path_that_cannot_be_a_hub_id_is_read_from_the_recipes_folder(tmp_path):
-    """`./x` and `a/b/c` are paths: found under the recipe's folder, they are made absolute. A
-    bare name or `owner/name` is taken as a hub id even where such a folder exists there."""
+def test_a_relative_model_path_under_the_recipes_folder_is_read_from_there(tmp_path):
+    """docs/recipe.md: "A relative path (of the base, an expert, ...) that exists under the
+    recipe's own folder is read from there; otherwise it is taken as given". `owner/name` and a
+    bare name are such paths too when the folder is there (a recipe beside `experts/tone`)."""
     (tmp_path / "experts" / "tone" / "v1").mkdir(parents=True)
+    (tmp_path / "experts" / "tags").mkdir(parents=True)
     (tmp_path / "base").mkdir()
-    raw = _recipe(base="./base")
+    raw = _recipe(base="base")
     raw["experts"][0]["model"] = "experts/tone/v1"
-    raw["experts"][1]["model"] = "./missing"
+    raw["experts"][1]["model"] = "experts/tags"
     recipe = parse_recipe(raw, root=tmp_path)
     assert recipe.base == str(tmp_path / "base")
     assert recipe.experts[0].model == str(tmp_path / "experts" / "tone" / "v1")
-    assert recipe.experts[1].model == "./missing"  # not there: left for the loader to report
-    raw = _recipe(base="base")
-    raw["experts"][0]["model"] = "experts/tone"
+    assert recipe.experts[1].model == str(tmp_path / "experts" / "tags")
+    raw = _recipe(base="./base")
+    raw["experts"][0]["model"] = "./missing"
     recipe = parse_recipe(raw, root=tmp_path)
-    assert recipe.base == "base" and recipe.experts[0].model == "experts/tone"
+    assert recipe.base == str(tmp_path / "base")
+    assert recipe.experts[0].model == "./missing"  # not there: left for the loader to report
 
 
 def test_a_hub_id_that_is_also_a_folder_name_elsewhere_stays_a_hub_id(tmp_path):
