@@ -396,3 +396,16 @@ def test_a_data_block_without_a_root_reads_relative_paths_as_given(tmp_path, mon
     assert [d.source for d in load_data_block({"a": "a.jsonl"})] == ["a.jsonl"]
     with pytest.raises(Hm3Error, match=r"^data\.a: unknown task 'a'; known tasks are b$"):
         load_data_block({"a": "a.jsonl"}, tasks=["b"])
+
+
+def test_unknown_fields_are_all_listed_with_what_is_allowed():
+    with pytest.raises(Hm3Error, match=r"^data\.a: unknown field\(s\) colour, size; allowed: "
+                                       r"path, subset, split, text_column, label_column, limit, "
+                                       r"expect, validation$"):
+        parse_data_block({"a": {"path": "x", "size": 1, "colour": 2}})
+    with pytest.raises(Hm3Error, match=r"^data\.a\.validation: unknown field\(s\) colour, "
+                                       r"expect; allowed: path,"):
+        parse_data_block({"a": {"path": "x", "validation": {"expect": 1, "colour": 2}}})
+    with pytest.raises(Hm3Error, match=r"^data: expected a mapping of task name to dataset, e\.g\. "
+                                       r"`data: \{spam: splits/spam/test\.jsonl\}`$"):
+        parse_data_block("x.jsonl")
