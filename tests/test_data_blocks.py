@@ -409,3 +409,49 @@ def test_unknown_fields_are_all_listed_with_what_is_allowed():
     with pytest.raises(Hm3Error, match=r"^data: expected a mapping of task name to dataset, e\.g\. "
                                        r"`data: \{spam: splits/spam/test\.jsonl\}`$"):
         parse_data_block("x.jsonl")
+
+
+def test_every_held_out_text_left_out_is_counted(tmp_path):
+    (tmp_path / "a.txt").write_text("one\ntwo\nthree\nfour\n")
+    spec = CalibrationSpec({"a": {"path": str(tmp_path / "a.txt"), "text_column": "text"}})
+    with pytest.warns(Hm3Warning, match="^calibration texts of a: 2 also appear in the held-out"):
+        got = load_calibration(spec, ["a"], {"a": ["TWO"], "b": ["four"]})
+    assert got.texts["a"] == ["one", "three"] and got.provenance["a"]["held_out_removed"] == 2
+
+
+def test_a_local_source_reads_its_column_and_refuses_a_subset(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"body": "from body", "text": "from text"}\n')
+    assert source_texts({"path": str(path), "text_column": "body"}) == ["from body"]
+    with pytest.raises(Hm3Error, match="subset and split apply to Hugging Face datasets only"):
+        source_texts({"path": str(path), "text_column": "text", "subset": "en"})
+
+
+def test_a_limit_of_one_keeps_one_row(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"text": "a", "label": "x"}\n{"text": "b", "label": "y"}\n')
+    assert load_dataset(path, "t", limit=1).texts == ["a"]
+
+
+def test_a_missing_file_named_with_a_table_suffix_is_not_looked_up_on_the_hub(tmp_path,
+                                                                             monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tables, "_hub_split", lambda *a: pytest.fail("looked up on the hub"))
+    for name in ("spam.csv", "spam.JSONL"):
+        with pytest.raises(Hm3Error, match=f"^data file {name} does not exist"):
+            load_dataset(name, "spam")
+
+
+def test_a_quoted_csv_field_keeps_its_own_line_breaks(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_bytes(b'text,label\r\n"two\r\nlines",x\r\n')
+    assert read_texts(path) == ["two\r\nlines"]
+
+
+def test_calibration_lengths_and_columns_are_checked_by_name():
+    with pytest.raises(Hm3Error, match=r"^calibration\.max_length: expected a positive integer, "
+                                       r"got 0$"):
+        parse_calibration_block({"texts": "t.txt", "max_length": 0}, ["a"])
+    with pytest.raises(Hm3Error, match=r"^calibration\.texts\.a\.text_column: expected a string, "
+                                       r"got 3$"):
+        parse_calibration_block({"texts": {"a": {"path": "a.txt", "text_column": 3}}}, ["a"])
