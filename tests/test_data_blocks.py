@@ -455,3 +455,26 @@ def test_calibration_lengths_and_columns_are_checked_by_name():
     with pytest.raises(Hm3Error, match=r"^calibration\.texts\.a\.text_column: expected a string, "
                                        r"got 3$"):
         parse_calibration_block({"texts": {"a": {"path": "a.txt", "text_column": 3}}}, ["a"])
+
+
+def test_standard_input_is_read_as_utf8_bytes_its_byte_order_mark_dropped(monkeypatch):
+    import io
+
+    stdin = types.SimpleNamespace(buffer=io.BytesIO("\ufeffgood film\n\ncafé\n".encode("utf-8")),
+                                  read=lambda: pytest.fail("read as text"))
+    monkeypatch.setattr("sys.stdin", stdin)
+    assert read_texts("-") == ["good film", "café"]
+    monkeypatch.setattr("sys.stdin", types.SimpleNamespace(buffer=io.BytesIO(b"caf\xe9\n")))
+    with pytest.raises(Hm3Error, match=r"^standard input is not UTF-8 text \(byte 0xe9"):
+        read_texts("-")
+
+
+def test_a_task_that_read_two_sources_records_both(tmp_path):
+    (tmp_path / "a.txt").write_text("own text\n")
+    (tmp_path / "t.txt").write_text("shared text\n")
+    own, shared = str(tmp_path / "a.txt"), str(tmp_path / "t.txt")
+    spec = CalibrationSpec({"a": {"path": own, "text_column": "text"}},
+                           shared={"path": shared, "text_column": "text"})
+    with pytest.warns(Hm3Warning, match="only 2"):
+        got = load_calibration(spec, ["a"])
+    assert got.provenance["a"]["path"] == f"{own} + {shared}"
