@@ -105,9 +105,10 @@ def test_relative_paths_are_taken_from_the_root_only_where_the_file_is(tmp_path,
     (tmp_path / "other").mkdir()
     got = load_data_block({"a": "a.jsonl"}, root=tmp_path / "other")  # not there: as written
     assert [d.source for d in got] == ["a.jsonl"]
-    got = load_data_block({"a": {"path": "a.jsonl", "validation": "a.jsonl"}},
+    (tmp_path / "dev.jsonl").write_text('{"text": "dev text", "label": "x"}\n')
+    got = load_data_block({"a": {"path": "a.jsonl", "validation": "dev.jsonl"}},
                           root=tmp_path / "other", part="validation")
-    assert got[0].texts == ["t"]
+    assert got[0].texts == ["dev text"]
 
 
 # --- calibration: the block ----------------------------------------------------------------------
