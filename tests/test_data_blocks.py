@@ -415,8 +415,11 @@ def test_unknown_fields_are_all_listed_with_what_is_allowed():
 def test_every_held_out_text_left_out_is_counted(tmp_path):
     (tmp_path / "a.txt").write_text("one\ntwo\nthree\nfour\n")
     spec = CalibrationSpec({"a": {"path": str(tmp_path / "a.txt"), "text_column": "text"}})
-    with pytest.warns(Hm3Warning, match="^calibration texts of a: 2 also appear in the held-out"):
+    with pytest.warns(Hm3Warning) as caught:
         got = load_calibration(spec, ["a"], {"a": ["TWO"], "b": ["four"]})
+    assert [str(w.message).split(";")[0] for w in caught] == [
+        "calibration texts of a: 2 also appear in the held-out (validation or test) data and "
+        "were left out", "calibration texts of a: only 2"]
     assert got.texts["a"] == ["one", "three"] and got.provenance["a"]["held_out_removed"] == 2
 
 
