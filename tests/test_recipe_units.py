@@ -224,3 +224,15 @@ def test_the_head_mode_is_read_whole_by_default_and_checked():
                                        r"from its expert\) or 'merge' \(merge them like the "
                                        r"body\), got 'sum'$"):
         parse_recipe(_recipe(heads="sum"))
+
+
+def test_label_free_steps_need_a_calibration_block_and_no_conflicting_step():
+    with pytest.raises(Hm3Error, match=r"^align_heads, recentre: needs unlabelled texts: add a "
+                                       r"`calibration:` block, e\.g\. `calibration: \{texts: "
+                                       r"traffic\.txt\}`"):
+        parse_recipe(_recipe(recentre=True, align_heads=True))
+    with pytest.raises(Hm3Error, match=r"^regmean and coefficients cannot be combined: RegMean "
+                                       r"solves the linear layers in closed form, which leaves no "
+                                       r"task vectors to weigh; keep one$"):
+        parse_recipe(_recipe(regmean=True, coefficients=True,
+                             calibration={"texts": "t.txt"}))
