@@ -488,3 +488,21 @@ def test_check_model_loads_every_model_with_the_options_given(fam, monkeypatch):
     assert calls == [(str(root / "merged"), options),
                      *((str(folder), {"task": task, **options})
                        for task, folder in experts.items())]
+
+
+def test_a_pickle_only_expert_is_checked_only_with_allow_pickle(fam, tmp_path):
+    """An expert saved as pytorch_model.bin alone: refused by default (a pickle can run code),
+    checked like its safetensors copy with `allow_pickle=True`."""
+    from hm3.check import check_model
+
+    root, _, experts, texts = fam
+    pickled = tmp_path / "sentiment"
+    shutil.copytree(experts["sentiment"], pickled)
+    torch.save(load_file(pickled / "model.safetensors"), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    items = [f"sentiment={pickled}"]
+    with pytest.raises(Hm3Error, match="pickle"):
+        check_model(root / "merged", texts[:8], experts=items)
+    got = check_model(root / "merged", texts[:8], experts=items, allow_pickle=True)
+    want = check_model(root / "merged", texts[:8], experts=[f"sentiment={experts['sentiment']}"])
+    assert got["tasks"]["sentiment"]["agreement"] == want["tasks"]["sentiment"]["agreement"]
