@@ -236,3 +236,43 @@ def test_label_free_steps_need_a_calibration_block_and_no_conflicting_step():
                                        r"task vectors to weigh; keep one$"):
         parse_recipe(_recipe(regmean=True, coefficients=True,
                              calibration={"texts": "t.txt"}))
+
+
+def test_head_names_for_every_expert_or_one_and_their_bias_checked():
+    from hm3.recipe import HeadNames
+
+    raw = _recipe(head={"weight": "out.w"})
+    raw["experts"][1]["head"] = {"weight": "cls.w", "bias": "cls.b"}
+    recipe = parse_recipe(raw)
+    assert recipe.experts[0].head == HeadNames("out.w", None)
+    assert recipe.experts[1].head == HeadNames("cls.w", "cls.b")
+    assert parse_recipe(recipe.to_dict()).experts == recipe.experts
+    raw["experts"][1]["head"] = {"weight": "cls.w", "bias": 3}
+    with pytest.raises(Hm3Error, match=r"^experts\[1\]\.head\.bias: expected a tensor name or "
+                                       "nothing$"):
+        parse_recipe(raw)
+    with pytest.raises(Hm3Error, match=r"^head: expected \{weight: TENSOR_NAME, bias: "
+                                       r"TENSOR_NAME\}, got \{'bias': 'b'\}$"):
+        parse_recipe(_recipe(head={"bias": "b"}))
+
+
+def test_a_preset_fills_in_what_the_recipe_leaves_out():
+    recipe = parse_recipe(_recipe(preset="label-free", calibration={"texts": "t.txt"},
+                                  parameters={"density": 0.5}))
+    assert recipe.method == "ties" and recipe.label_free.heads == "whole"
+    assert recipe.experts[0].parameters["density"] == 0.5  # the recipe's own key wins
+    assert [name for name, _ in recipe.label_free.steps] == ["distill", "align_heads",
+                                                             "recentre"]
+    assert parse_recipe(_recipe(preset="label-free", calibration={"texts": "t.txt"})
+                        ).experts[0].parameters["density"] == 0.2
+    assert "preset" not in recipe.to_dict()  # the expansion is recorded, not the name
+    with pytest.raises(Hm3Error, match="^preset: expected one of label-free, got 'fast'$"):
+        parse_recipe(_recipe(preset="fast", calibration={"texts": "t.txt"}))
+    with pytest.raises(Hm3Error, match="^preset label-free runs label-free steps that read "
+                                       "unlabelled texts: add a `calibration:` block"):
+        parse_recipe(_recipe(preset="label-free"))
+
+
+def test_a_shard_size_of_one_byte_is_one_byte():
+    assert parse_recipe(_recipe(max_shard_size=1)).max_shard_size == 1
+    assert parse_recipe(_recipe(max_shard_size="1B")).max_shard_size == 1
