@@ -276,3 +276,20 @@ def test_a_preset_fills_in_what_the_recipe_leaves_out():
 def test_a_shard_size_of_one_byte_is_one_byte():
     assert parse_recipe(_recipe(max_shard_size=1)).max_shard_size == 1
     assert parse_recipe(_recipe(max_shard_size="1B")).max_shard_size == 1
+
+
+def test_a_model_that_is_not_a_path_or_hub_id_is_named_by_its_field():
+    with pytest.raises(Hm3Error, match=r"^base: expected a local path or hub id, e\.g\. `base: "
+                                       r"bert-base-uncased` or .*, got 3$"):
+        parse_recipe(_recipe(base=3))
+    raw = _recipe()
+    raw["experts"][1]["model"] = " "
+    with pytest.raises(Hm3Error, match=r"^experts\[1\]\.model: expected a local path or hub id, "
+                                       r"e\.g\. `model: bert-base-uncased`, got ' '$"):
+        parse_recipe(raw)
+
+
+def test_every_unknown_field_is_listed_with_the_allowed_ones():
+    with pytest.raises(Hm3Error, match=r"^recipe: unknown field\(s\) colour, size; allowed: "
+                                       r"align_heads, allow_pickle, base, calibration,"):
+        parse_recipe(_recipe(size=1, colour=2))
