@@ -293,3 +293,50 @@ def test_every_unknown_field_is_listed_with_the_allowed_ones():
     with pytest.raises(Hm3Error, match=r"^recipe: unknown field\(s\) colour, size; allowed: "
                                        r"align_heads, allow_pickle, base, calibration,"):
         parse_recipe(_recipe(size=1, colour=2))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"experts": "org/tone"}, r"^experts: expected a non-empty list of \{model: PATH_OR_HUB_ID, "
+                              r"task: NAME\}$"),
+    ({"experts": []}, r"^experts: expected a non-empty list"),
+    ({"parameters": [1]}, r"^parameters: expected a mapping such as \{lambda: 1\.0, normalize: "
+                          r"true\}$"),
+    ({"parameters": {"density": 2}}, r"^parameters\.density: expected a number in \(0, 1\]"),
+    ({"parameters": {"lambda": "x"}}, r"^parameters\.lambda: "),
+    ({"colour": 1}, r"^recipe: unknown field\(s\) colour;"),
+])
+def test_a_malformed_top_level_field_is_named(change, message):
+    with pytest.raises(Hm3Error, match=message):
+        parse_recipe(_recipe(**change))
+
+
+@pytest.mark.parametrize("expert, message", [
+    ({"model": "org/x", "task": 5}, r"^experts\[1\]\.task: expected a non-empty name without "
+                                    r"'/', got 5$"),
+    ({"model": "org/x", "task": ""}, r"^experts\[1\]\.task: expected a non-empty name"),
+    ({"model": "org/x", "task": "a/b"}, r"^experts\[1\]\.task: expected a non-empty name"),
+    ({"task": "tags"}, r"^experts\[1\] \(task tags\): no `model:`; add `model: PATH_OR_HUB_ID`"),
+    ({"task": 3}, r"^experts\[1\]: no `model:`"),
+    ({"model": "org/tags/"}, r"^experts\[1\] \(org/tags/\): no `task:`; add `task: NAME`, the "
+                             r"name of its group of labels in the merged model \(e\.g\. `task: "
+                             r"tags`\)$"),
+    ({"model": "/"}, r"\(e\.g\. `task: NAME`\)$"),
+    (3, r"^experts\[1\]: expected a mapping such as `\{model: PATH_OR_HUB_ID, task: NAME\}`, "
+        r"got 3$"),
+    ("org/tags", r"^experts\[1\]: expected a mapping such as `\{model: org/tags, task: NAME\}`"),
+    ({"model": "org/x", "task": "t", "size": 1}, r"^experts\[1\]: unknown field\(s\) size;"),
+    ({"model": "org/x", "task": "t", "density": 3}, r"^experts\[1\]\.density: expected"),
+])
+def test_a_malformed_expert_is_named_by_its_index(expert, message):
+    raw = _recipe()
+    raw["experts"][1] = expert
+    with pytest.raises(Hm3Error, match=message):
+        parse_recipe(raw)
+
+
+def test_model_without_base_says_base_is_the_field():
+    with pytest.raises(Hm3Error, match="^base: missing; the model the experts were fine-tuned "
+                                       "from is `base:`, not `model:`"):
+        parse_recipe({"model": "org/base", "experts": EXPERTS})
+    with pytest.raises(Hm3Error, match="^base: missing; give the model"):
+        parse_recipe({"base": None, "experts": EXPERTS})
