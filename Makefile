@@ -51,8 +51,10 @@ docs: setup
 	$(BIN)/pip install --quiet -e '.[docs]'
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
-# Mutation testing (mutmut) of methods/, heads.py, engine/, model.py, label_free/ and the metrics,
-# each group against its own test files: hours on 2 cores, so not part of `test` or CI.
+# Mutation testing (mutmut) of methods/, heads.py, engine/, model.py, label_free/, the metrics,
+# and what a result passes through after the merge: recipe.py, card.py, check.py, data/,
+# pipeline.py, export.py, onnx_model.py and serve/; each group against its own test files: hours
+# on 2 cores, so not part of `test` or CI.
 # `make mutation GROUPS="methods heads"` runs some; the score lands in
 # benchmarks/results/mutation_score.json.
 # MUTATION_ARGS="--keep DIR" keeps each copy for `mutmut show NAME`; "--survivors" re-runs only

@@ -687,3 +687,56 @@ def test_check_counts_the_texts_in_each_tasks_domain_by_the_base_models_space(fa
         offset += len(labels)
     assert sum(d.sum() for d in domains.values()) > 0
     assert "verdict (on the texts in each task's domain, by their nearest known texts)" in out
+
+def test_check_model_from_python_with_its_defaults(fam):
+    """`hm3.check.check_model` as a library call: every text counted, each recorded expert
+    loaded; a largest drift of exactly 1 is allowed (and fails nothing); over 1 is refused."""
+    from hm3.check import check_model
+
+    root, _, experts, texts = fam
+    report = check_model(root / "merged", texts[:16])
+    assert report["counted"] == "all" and list(report["tasks"]) == list(TASKS)
+    assert report["experts"] == {task: str(folder) for task, folder in experts.items()}
+    assert report["model"] == str(root / "merged")
+    loose = check_model(root / "merged", texts[:16], min_agreement=["0"], max_drift=1.0)
+    assert loose["passed"] and all(e["max_drift"] == 1.0 for e in loose["tasks"].values())
+    with pytest.raises(Hm3Error, match=r"^--max-drift: expected a distance in \[0, 1\], got 1\.5$"):
+        check_model(root / "merged", texts[:16], max_drift=1.5)
+
+
+def test_check_model_loads_every_model_with_the_options_given(fam, monkeypatch):
+    """The merged model and each expert (as its task) load with the same device, max_length and
+    allow_pickle: an expert truncated otherwise than the merged model would disagree for that
+    reason alone."""
+    import hm3.check
+
+    root, _, experts, texts = fam
+    calls = []
+    real = hm3.check.load
+    monkeypatch.setattr(hm3.check, "load",
+                        lambda path, **options: calls.append((str(path), options))
+                        or real(path, **options))
+    hm3.check.check_model(root / "merged", texts[:4], max_length=7, device="cpu",
+                          allow_pickle=False, batch_size=2)
+    options = {"device": "cpu", "max_length": 7, "allow_pickle": False}
+    assert calls == [(str(root / "merged"), options),
+                     *((str(folder), {"task": task, **options})
+                       for task, folder in experts.items())]
+
+
+def test_a_pickle_only_expert_is_checked_only_with_allow_pickle(fam, tmp_path):
+    """An expert saved as pytorch_model.bin alone: refused by default (a pickle can run code),
+    checked like its safetensors copy with `allow_pickle=True`."""
+    from hm3.check import check_model
+
+    root, _, experts, texts = fam
+    pickled = tmp_path / "sentiment"
+    shutil.copytree(experts["sentiment"], pickled)
+    torch.save(load_file(pickled / "model.safetensors"), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    items = [f"sentiment={pickled}"]
+    with pytest.raises(Hm3Error, match="pickle"):
+        check_model(root / "merged", texts[:8], experts=items)
+    got = check_model(root / "merged", texts[:8], experts=items, allow_pickle=True)
+    want = check_model(root / "merged", texts[:8], experts=[f"sentiment={experts['sentiment']}"])
+    assert got["tasks"]["sentiment"]["agreement"] == want["tasks"]["sentiment"]["agreement"]

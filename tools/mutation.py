@@ -1,4 +1,7 @@
-"""Mutation testing of the engine and the label-free steps with mutmut, one module group at a time.
+"""Mutation testing with mutmut, one module group at a time.
+
+The groups cover the engine, the label-free steps, and what a result passes through after the
+merge (recipe, card, check, data, pipeline, export, serve).
 
 Each group is mutated in a scratch copy of the repository (src/, tests/, pyproject.toml) whose
 `[tool.mutmut]` section names that group's files and the test files that guard it, so a mutant
@@ -10,6 +13,9 @@ mutated function). The score per group goes to benchmarks/results/mutation_score
                                                     # `mutmut show NAME` run inside it
     python tools/mutation.py heads --survivors      # re-run only the recorded survivors
                                                     # against the current tests
+    python tools/mutation.py card --survivors --tests tests/test_card_units.py
+                                                    # ... against the test files added since
+                                                    # only (the survivors passed the others)
     python tools/mutation.py heads --collect /tmp/mut  # record a kept run (even one stopped
                                                     # part way: the mutants not run are
                                                     # counted)
@@ -59,13 +65,37 @@ GROUPS = {
                ["tests/test_label_free_units.py", "tests/test_label_free.py",
                 "tests/test_label_free_reference.py"]),
     "metrics": (["src/hm3/evaluate.py"], ["tests/test_metrics.py", "tests/test_evaluate.py"]),
+    # What a user's result passes through after the merge (issue 25).
+    "recipe": (["src/hm3/recipe.py"],
+               ["tests/test_recipe_units.py", "tests/test_recipe_roundtrip.py",
+                "tests/test_recipe_mergekit.py",
+                "tests/test_recipe_mistakes.py"]),
+    "card": (["src/hm3/card.py"], ["tests/test_card_units.py", "tests/test_card.py"]),
+    "check": (["src/hm3/check.py"], ["tests/test_check_units.py", "tests/test_check.py"]),
+    "data": (["src/hm3/data/*"],
+             ["tests/test_data_items.py", "tests/test_data_tables.py",
+              "tests/test_evaluate.py::test_load_dataset_reads_every_file_type",
+              "tests/test_evaluate.py::test_bad_files_and_columns_say_what_to_do",
+              "tests/test_evaluate.py::"
+              "test_data_block_is_validated_then_loaded_from_the_recipe_folder",
+              "tests/test_data_blocks.py", "tests/test_calibration.py"]),
+    "pipeline": (["src/hm3/pipeline.py"],
+                 ["tests/test_pipeline_units.py", "tests/test_label_free_units.py",
+                  "tests/test_merge_units.py",
+                  "tests/test_calibration.py", "tests/test_recipe_mistakes.py"]),
+    "export": (["src/hm3/export.py"], ["tests/test_export.py", "tests/test_export_openvino.py"]),
+    "onnx_model": (["src/hm3/onnx_model.py"],
+                   ["tests/test_export_openvino.py", "tests/test_export.py"]),
+    "serve": (["src/hm3/serve/*"],
+              ["tests/test_serve_units.py", "tests/test_serve_buckets.py",
+               "tests/test_serve_hardening.py", "tests/test_serve.py"]),
 }
 # A mutant counts as killed when a test fails or hangs past mutmut's timeout (as mutmut scores).
 CAUGHT = {"killed", "timeout", "segfault", "caught by type check"}
 
 
-def config_section(group: str) -> str:
-    files, tests = GROUPS[group]
+def config_section(group: str, tests: list[str] | None = None) -> str:
+    files, tests = GROUPS[group][0], tests or GROUPS[group][1]
     quoted = lambda items: "[" + ", ".join(f'"{x}"' for x in items) + "]"  # noqa: E731
     return ("[tool.mutmut]\n"
             'source_paths = ["src/"]\n'
@@ -74,13 +104,13 @@ def config_section(group: str) -> str:
             'pytest_add_cli_args = ["-q", "-p", "no:cacheprovider", "-x"]\n')
 
 
-def scratch_copy(group: str, folder: Path) -> None:
+def scratch_copy(group: str, folder: Path, tests: list[str] | None = None) -> None:
     shutil.copytree(ROOT / "src", folder / "src", ignore=shutil.ignore_patterns("__pycache__",
                                                                              "*.egg-info"))
     shutil.copytree(ROOT / "tests", folder / "tests", ignore=shutil.ignore_patterns("__pycache__"))
     text = (ROOT / "pyproject.toml").read_text()
     text = re.sub(r"\n\[tool\.mutmut\][^\[]*", "\n", text)
-    (folder / "pyproject.toml").write_text(text + "\n" + config_section(group))
+    (folder / "pyproject.toml").write_text(text + "\n" + config_section(group, tests))
 
 
 def statuses(folder: Path) -> dict[str, str]:
@@ -115,9 +145,11 @@ def run_mutmut(group: str, folder: Path, children: int, names: list[str]) -> flo
     return time.perf_counter() - started
 
 
-def run_group(group: str, children: int, keep: Path | None, survivors_of: dict | None) -> dict:
+def run_group(group: str, children: int, keep: Path | None, survivors_of: dict | None,
+              tests: list[str] | None = None) -> dict:
     """Mutate `group` and run its tests; with `survivors_of` (the group's recorded entry) only
-    its surviving mutants run, against the current tests, and the entry is updated."""
+    its surviving mutants run, against the current tests (or only `tests`: the test files
+    added since, when the others are unchanged), and the entry is updated."""
     names = survivors_of["surviving"] if survivors_of else []
     with tempfile.TemporaryDirectory(prefix=f"hm3-mutation-{group}-") as scratch:
         folder = Path(scratch)
@@ -125,7 +157,7 @@ def run_group(group: str, children: int, keep: Path | None, survivors_of: dict |
             folder = keep / group
             shutil.rmtree(folder, ignore_errors=True)
             folder.mkdir(parents=True)
-        scratch_copy(group, folder)
+        scratch_copy(group, folder, tests)
         seconds = run_mutmut(group, folder, children, names)
         status = statuses(folder)
     if not survivors_of:
@@ -140,7 +172,8 @@ def run_group(group: str, children: int, keep: Path | None, survivors_of: dict |
     entry["tests"] = GROUPS[group][1]
     entry["counts"] = {"killed": entry["killed"], "not killed": len(still)}
     entry.setdefault("reruns", []).append({"mutants": len(names), "killed": len(names) - len(still),
-                                           "seconds": round(seconds)})
+                                           "seconds": round(seconds),
+                                           **({"tests": tests} if tests else {})})
     return entry
 
 
@@ -151,6 +184,9 @@ def main() -> int:
     parser.add_argument("--keep", type=Path, help="keep each group's scratch copy in KEEP/GROUP")
     parser.add_argument("--survivors", action="store_true",
                         help="re-run only the surviving mutants recorded for each group")
+    parser.add_argument("--tests", nargs="+", metavar="TEST",
+                        help="with --survivors: run them against these test files only (those "
+                             "added since the run; the survivors passed the unchanged ones)")
     parser.add_argument("--collect", type=Path, metavar="KEEP",
                         help="record the runs kept in KEEP/GROUP without running anything")
     parser.add_argument("--list", action="store_true", help="show the groups and exit")
@@ -170,7 +206,8 @@ def main() -> int:
         elif args.survivors:
             if group not in results or not results[group].get("complete"):
                 parser.error(f"{group}: no complete run recorded to take the survivors from")
-            results[group] = run_group(group, args.children, args.keep, results[group])
+            results[group] = run_group(group, args.children, args.keep, results[group],
+                                       args.tests)
         else:
             results[group] = run_group(group, args.children, args.keep, None)
         RESULTS.parent.mkdir(parents=True, exist_ok=True)

@@ -400,16 +400,13 @@ def _model_reference(item: Any, where: str, root: Path | None) -> tuple[str, str
                            f"or `base: {{model: bert-base-uncased, revision: main}}`, got {item!r}")
         raise Hm3Error(f"{where}.model: expected a local path or hub id, e.g. "
                        f"`model: bert-base-uncased`, got {model!r}")
-    if root is not None and (model.startswith(".") or not _looks_like_hub_id(model)):
+    # A folder under the recipe's own wins over a hub id of the same spelling (docs/recipe.md):
+    # `experts/tone` beside the recipe is that folder, from whatever directory hm3 runs in.
+    if root is not None:
         candidate = (root / model).expanduser()
         if candidate.exists():
             model = str(candidate.resolve())
     return model, revision
-
-
-def _looks_like_hub_id(name: str) -> bool:
-    parts = name.split("/")
-    return len(parts) <= 2 and all(parts) and not name.startswith(("/", "~"))
 
 
 def _head_names(raw: Any, where: str) -> HeadNames | None:
