@@ -80,11 +80,10 @@ def main() -> None:
                 head_steps(model, sources, calibrated)
                 refit = score("validation")
                 row = {"tuned": tuned, "tuned+head steps": refit}
-                for name, scores in list(row.items()):
-                    mean = sum(scores.values()) / len(scores)
-                    if mean > best:
-                        best = mean
-                        row[name + " test"] = score("test")  # after the refit only if best
+                mean = sum(refit.values()) / len(refit)
+                if mean > best:  # the model as it stands now: the refitted one
+                    best = mean
+                    row["tuned+head steps test"] = score("test")
                 means = {k: round(sum(v.values()) / len(v), 4) for k, v in row.items()}
                 print(f"blocks {blocks} steps {steps} lr {lr} "
                       f"({time.perf_counter() - started:.0f}s): {json.dumps(means)} "
