@@ -188,16 +188,19 @@ def typicality(embeddings: np.ndarray, references: np.ndarray, k: int = TYPICAL_
     the task, in the same space.
     - `leave_one_out`: `embeddings` ARE the references; each is scored against the others.
     """
-    def unit(x: np.ndarray) -> np.ndarray:
-        x = np.asarray(x, np.float64)
-        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-    similarity = unit(embeddings) @ unit(references).T
+    similarity = _unit_rows(embeddings) @ _unit_rows(references).T
     if leave_one_out:
         np.fill_diagonal(similarity, -np.inf)
     k = max(1, min(k, references.shape[0] - int(leave_one_out)))
     nearest = -np.sort(-similarity, axis=1)[:, :k]
     return nearest.mean(1)
+
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    """The rows of `x` scaled to length 1 (float64), for cosine similarities; a zero row stays
+    zero."""
+    x = np.asarray(x, np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def typical_texts(embeddings: np.ndarray, references: np.ndarray, k: int = TYPICAL_K,
@@ -229,8 +232,7 @@ def domain_texts(embeddings: np.ndarray, references: Mapping[str, np.ndarray],
     tasks = list(references)
     pool = np.concatenate([np.asarray(references[t], np.float64) for t in tasks])
     owner = np.repeat(np.arange(len(tasks)), [len(references[t]) for t in tasks])
-    unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)  # noqa: E731
-    similarity = unit(np.asarray(embeddings, np.float64)) @ unit(pool).T
+    similarity = _unit_rows(embeddings) @ _unit_rows(pool).T
     k = min(k, len(pool))
     nearest = owner[np.argsort(-similarity, axis=1, kind="stable")[:, :k]]
     return {task: (nearest == i).sum(1) > k / 2 for i, task in enumerate(tasks)}
