@@ -179,12 +179,19 @@ def test_a_source_is_a_file_by_its_suffix_or_path_else_a_hub_dataset(tmp_path, m
     assert len(asked) == 2
 
 
-def test_each_tasks_record_names_the_sources_that_gave_texts_and_hashes_them(tmp_path):
-    (tmp_path / "a.txt").write_text("x one\n  \nx two\n")
-    (tmp_path / "t.txt").write_text("x one\n")
+def own_and_shared(tmp_path, own_text: str, shared_text: str):
+    """Task a's own text file and a shared one, with these contents: (own path, shared path,
+    the calibration spec reading both)."""
+    (tmp_path / "a.txt").write_text(own_text)
+    (tmp_path / "t.txt").write_text(shared_text)
     own, shared = str(tmp_path / "a.txt"), str(tmp_path / "t.txt")
     spec = CalibrationSpec({"a": {"path": own, "text_column": "text"}},
                            shared={"path": shared, "text_column": "text"})
+    return own, shared, spec
+
+
+def test_each_tasks_record_names_the_sources_that_gave_texts_and_hashes_them(tmp_path):
+    own, shared, spec = own_and_shared(tmp_path, "x one\n  \nx two\n", "x one\n")
     with pytest.warns(Hm3Warning, match=r"^calibration texts of a: only 2; label-free steps "
                                         "fitted to fewer than 128 texts lose points"):
         got = load_calibration(spec, ["a"])
@@ -474,11 +481,7 @@ def test_standard_input_is_read_as_utf8_bytes_its_byte_order_mark_dropped(monkey
 
 
 def test_a_task_that_read_two_sources_records_both(tmp_path):
-    (tmp_path / "a.txt").write_text("own text\n")
-    (tmp_path / "t.txt").write_text("shared text\n")
-    own, shared = str(tmp_path / "a.txt"), str(tmp_path / "t.txt")
-    spec = CalibrationSpec({"a": {"path": own, "text_column": "text"}},
-                           shared={"path": shared, "text_column": "text"})
+    own, shared, spec = own_and_shared(tmp_path, "own text\n", "shared text\n")
     with pytest.warns(Hm3Warning, match="only 2"):
         got = load_calibration(spec, ["a"])
     assert got.provenance["a"]["path"] == f"{own} + {shared}"
