@@ -201,8 +201,7 @@ def embed_texts(path: str | Path, texts: Sequence[str], batch_size: int = 32,
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as exc:
         raise Hm3Error(f"cannot load {path} as an encoder: {exc}") from None
-    model.to(check_device(device) if device else ("cuda" if torch.cuda.is_available()
-                                                  else "cpu"))
+    model.to(pick_device(device))
     texts = list(texts)
     limit = max_length or _max_length(tokenizer, model.config)
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
@@ -266,6 +265,14 @@ def check_device(device: str) -> str:
     return str(parsed)
 
 
+def pick_device(device: str | None) -> str:
+    """Where a model runs: `device` (checked, `check_device`) when given, else CUDA where this
+    machine has it, else the CPU."""
+    if device:
+        return check_device(device)
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def load(path: str | Path, task: str | None = None, device: str | None = None,
          revision: str | None = None, max_length: int | None = None,
          allow_pickle: bool = False, precision: str | None = None) -> MultiTaskClassifier:
@@ -289,7 +296,7 @@ def load(path: str | Path, task: str | None = None, device: str | None = None,
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging
 
-    device = check_device(device) if device else None
+    device = pick_device(device)
     folder = resolve(str(path), revision, allow_pickle)
     exported = open_export(folder, precision)  # openvino_model.bin is no pickle
     if exported is None and precision == "bf16":
@@ -300,7 +307,6 @@ def load(path: str | Path, task: str | None = None, device: str | None = None,
         raise pickle_refused(str(path), "allow_pickle=True in Python")
     config = read_config(folder)
     groups = task_groups(config, task, str(path))
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     bars = logging.is_progress_bar_enabled()
     logging.disable_progress_bar()  # a library call prints nothing of its own
     try:

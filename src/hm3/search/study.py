@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Sequence
 
 import optuna
-import torch
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
@@ -23,7 +22,7 @@ from hm3.data.tables import Dataset
 from hm3.engine import Sources, build_model, open_sources, with_recipe
 from hm3.errors import Hm3Error
 from hm3.label_free.steps import get_step
-from hm3.model import MultiTaskClassifier, check_device
+from hm3.model import MultiTaskClassifier, pick_device
 from hm3.pipeline import calibrate, check_steps
 from hm3.plots import plot_search
 from hm3.recipe import Recipe, parse_recipe
@@ -57,8 +56,7 @@ def run_search(recipe: Recipe, validation: Sequence[Dataset], test: Sequence[Dat
     - `test`: datasets per task, scored only by a trial that sets a new best validation score.
     - `output`: folder of the study database (by default), tables, plot and best model.
     """
-    device = (check_device(config.device) if config.device
-              else "cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(config.device)
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     tasks = [e.task for e in recipe.experts]
