@@ -1,8 +1,8 @@
 """Does training the merged model end to end on the experts' logits help after the preset? The
-preset merge (TIES, distill, head steps) built in memory, then the last `--blocks` blocks and
-the heads trained by Adam so that each task's logits match its expert's on that task's
-calibration texts (KL, tasks weighted the same), the head steps rerun, every variant scored on
-validation (test only for a new best).
+preset merge (TIES, distill, head steps) built in memory, then the `tune` step
+(`hm3.label_free.tune`: the last `--blocks` blocks, 0 for all, and everything after them trained
+by Adam so that each task's logits match its expert's on that task's calibration texts), the
+head steps rerun, every variant scored on validation (test only for a new best).
 
   .venv/bin/python benchmarks/tune_logits.py --zoo minilm --blocks 2 --steps 30 --lr 1e-5
 """
@@ -20,8 +20,7 @@ import torch
 from hm3.demo import demo_recipe, held_out_texts
 from hm3.engine import build_model, open_sources
 from hm3.evaluate import evaluate
-from hm3.label_free.distill import _kl
-from hm3.label_free.stream import find_blocks, model_logits
+from hm3.label_free.tune import TuneOptions, tune_model
 from hm3.model import MultiTaskClassifier
 from hm3.pipeline import calibrate, head_steps, merge_in_memory
 from hm3.recipe import PRESETS, parse_recipe
@@ -69,13 +68,13 @@ def main() -> None:
     val = score("validation")
     best = args.best if args.best is not None else sum(val.values()) / len(val)
     print(f"preset: validation {sum(val.values()) / len(val):.4f} {json.dumps(val)}", flush=True)
-    groups = {g.name: g for g in sources.groups}
     for blocks in args.blocks:
         for steps in args.steps:
             for lr in args.lr:
                 model.load_state_dict(start)
                 started = time.perf_counter()
-                tune(model, calibrated, groups, blocks, steps, lr)
+                tune_model(model, sources.groups, calibrated,
+                           TuneOptions(steps=steps, lr=lr, blocks=blocks))
                 tuned = score("validation")
                 head_steps(model, sources, calibrated)
                 refit = score("validation")
@@ -88,40 +87,6 @@ def main() -> None:
                 print(f"blocks {blocks} steps {steps} lr {lr} "
                       f"({time.perf_counter() - started:.0f}s): {json.dumps(means)} "
                       f"{json.dumps(row)}", flush=True)
-
-
-def tune(model, calibrated, groups, blocks: int, steps: int, lr: float) -> None:
-    _, layers = find_blocks(model)
-    trained = [p for layer in list(layers)[len(layers) - blocks:] for p in layer.parameters()]
-    head = [p for n, p in model.named_parameters()
-            if n.startswith(("classifier", "pooler")) or ".pooler." in n]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in trained + head:
-        p.requires_grad_(True)
-    optimiser = torch.optim.Adam(trained + head, lr=lr)
-    tasks = list(calibrated.batches)
-    offsets = {}
-    for task in tasks:
-        sizes = [len(b["input_ids"]) for b in calibrated.batches[task]]
-        offsets[task] = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
-    model.train(False)
-    for step in range(steps):
-        optimiser.zero_grad()
-        loss = 0.0
-        for task in tasks:
-            batches = calibrated.batches[task]
-            b = step % len(batches)
-            logits = model_logits(model, batches[b])
-            target = calibrated.expert_logits[task][offsets[task][b]:offsets[task][b + 1]]
-            group = groups[task]
-            rows = torch.ones(len(logits), dtype=torch.bool)
-            loss = loss + _kl(logits[:, group.offset:group.stop], target, rows,
-                              group.multi_label) / len(tasks)
-        loss.backward()
-        optimiser.step()
-    for p in model.parameters():
-        p.requires_grad_(True)
 
 
 if __name__ == "__main__":

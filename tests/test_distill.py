@@ -308,11 +308,11 @@ def test_the_registry_refuses_a_second_step_of_one_name():
 
 
 def test_the_steps_run_stage_by_stage_in_registration_order():
-    assert STAGES == ("densities", "merge", "body", "heads")
+    assert STAGES == ("densities", "merge", "body", "heads", "joint")
     assert step_names() == ("lewis", "coefficients", "regmean", "distill", "align_heads",
-                            "recentre")
+                            "recentre", "tune")
     assert [get_step(name).stage for name in step_names()] == [
-        "densities", "merge", "body", "body", "heads", "heads"]
+        "densities", "merge", "body", "body", "heads", "heads", "joint"]
     assert step_names("heads") == ("align_heads", "recentre")
 
 

@@ -1,6 +1,6 @@
 """A recipe, end to end: plan -> the label-free steps stage by stage (`hm3.label_free`: LEWIS
-densities -> the merge, or learned coefficients -> RegMean, distill -> align_heads, recentre)
--> write.
+densities -> the merge, or learned coefficients -> RegMean, distill -> align_heads, recentre
+-> tune, then align_heads and recentre again) -> write.
 
 `merge` (the public `hm3.merge`) writes a model folder; the search's trials run `merge_in_memory`
 on a preloaded model; both run the same steps in the same order, through the step registry.
@@ -240,7 +240,8 @@ def merge_in_memory(model: torch.nn.Module, sources: Sources, calibrated: Calibr
                     ) -> tuple[Sources, StepsDone]:
     """Merge `sources.recipe` into `model`'s weights with its label-free steps, stage by stage
     (`STAGES`): the densities steps (LEWIS), the merge (the method's, or a merge-stage step's:
-    learned coefficients), the body steps (RegMean, distill), the head steps (`head_steps`).
+    learned coefficients), the body steps (RegMean, distill), the head steps (`head_steps`),
+    the joint steps (tune) and then the head steps again.
     Returns the sources as finally merged (with LEWIS's overrides) and what each step did; with
     `held_out_folds`, also the head steps' cross-fitted figures. `head_inputs`, when given,
     receives what the head steps read (per task, the final projection's inputs), so the caller
@@ -251,16 +252,20 @@ def merge_in_memory(model: torch.nn.Module, sources: Sources, calibrated: Calibr
         raise ValueError("the recipe's label-free steps need `calibrate(sources)` first")
     run = StepRun(model, sources, calibrated, progress, squares)
     done = StepsDone()
+    heads = [(name, options) for name, options in steps if get_step(name).stage == "heads"]
+    joint = any(get_step(name).stage == "joint" for name, _ in steps)
     for stage in STAGES:
         asked = [(name, options) for name, options in steps if get_step(name).stage == stage]
         if stage == "heads":
-            if asked:
-                _heads_stage(run, asked, done, held_out_folds, head_inputs)
+            if asked:  # cross-fitted after the joint steps' refit when they run
+                _heads_stage(run, asked, done, 0 if joint else held_out_folds, head_inputs)
             continue
         if stage == "merge" and not asked:  # no step merges the body: the method does
             merge_into(run.model, run.sources, progress=progress, squares=squares)
         for name, options in asked:
             done.reports[name] = get_step(name).apply(run, options)
+        if stage == "joint" and asked and heads:  # the heads refitted on the body they left
+            _heads_stage(run, heads, done, held_out_folds, head_inputs)
     return run.sources, done
 
 

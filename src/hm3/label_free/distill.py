@@ -46,19 +46,20 @@ from hm3.label_free.registry import (
     positive_int,
 )
 from hm3.label_free.stream import (
+    NOTHING_TO_CORRECT,
     BlockCall,
     block_from,
     block_output,
     blocks_replaced,
     find_blocks,
     first_block_calls,
+    logit_kl,
     model_logits,
 )
 
 TRAIN = ("weights", "elementwise", "rows", "tensor")
 ROUTES = ("confident", "all")
 LAST = ("hidden", "logits", "both")
-NOTHING_TO_CORRECT = 1e-7  # a block's starting error (relative) or KL at rounding level
 MIN_ROUTED = 16  # a task whose expert is confident on fewer texts keeps its most confident ones
 
 
@@ -252,7 +253,7 @@ class _Tail:
         total = torch.zeros((), device=logits.device)
         for task in stream.tasks:
             group = self.groups[task]
-            total = total + _kl(logits[:, group.offset:group.stop],
+            total = total + logit_kl(logits[:, group.offset:group.stop],
                                 self.expert_logits[task][b], self.rows[task][b],
                                 group.multi_label)
         return total
@@ -262,24 +263,6 @@ class _Tail:
         """The tasks' mean KL on each stream's first batch (as `_error`)."""
         kls = [float(self.loss(stream, 0, weights)) / len(stream.tasks) for stream in streams]
         return sum(kls) / len(kls)
-
-
-def _kl(logits: torch.Tensor, target: torch.Tensor, rows: torch.Tensor, multi_label: bool
-        ) -> torch.Tensor:
-    """KL(expert || merged) per text, averaged over the `rows` that count: over the labels'
-    softmax, or each label's on/off probability (summed over labels) for a multi-label task."""
-    if not bool(rows.any()):
-        return logits.sum() * 0
-    logits, target = logits[rows], target[rows].to(logits.device)
-    if multi_label:
-        p = torch.sigmoid(target)
-        kl = (p * (torch.nn.functional.logsigmoid(target) - torch.nn.functional.logsigmoid(logits))
-              + (1 - p) * (torch.nn.functional.logsigmoid(-target)
-                           - torch.nn.functional.logsigmoid(-logits))).sum(-1)
-    else:
-        p = torch.softmax(target, -1)
-        kl = (p * (torch.log_softmax(target, -1) - torch.log_softmax(logits, -1))).sum(-1)
-    return kl.mean()
 
 
 class _Correction:

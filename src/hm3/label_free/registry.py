@@ -26,8 +26,10 @@ from hm3.errors import Hm3Error
 #   method merges when no step of this stage is asked for;
 # - body: on the merged body (RegMean, distill);
 # - heads: on each task's head rows, from one pass over the calibration texts (align_heads,
-#   recentre); the pipeline then cross-fits them to report held-out figures (`cross_fit.py`).
-STAGES = ("densities", "merge", "body", "heads")
+#   recentre); the pipeline then cross-fits them to report held-out figures (`heads_stage.py`);
+# - joint: on the whole model with its heads fitted (tune); the heads steps then run again on
+#   what it left.
+STAGES = ("densities", "merge", "body", "heads", "joint")
 # What a step may need computed before it runs (`hm3.pipeline.calibrate`): the experts' logits on
 # the calibration texts, LEWIS's layer importances.
 NEEDS = ("expert_logits", "lewis_scores")
@@ -73,6 +75,12 @@ def fraction(value: Any, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
         raise Hm3Error(f"{where}: expected a number in [0, 1], got {value!r}")
     return float(value)
+
+
+def non_negative_int(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise Hm3Error(f"{where}: expected a whole number of at least 0, got {value!r}")
+    return value
 
 
 def one_of(*choices: str) -> Callable[[Any, str], str]:

@@ -17,6 +17,9 @@ import torch
 from torch.func import functional_call
 
 _HIDDEN_KEYS = ("hidden_states", "hidden_state", "x", "hidden")
+# An error (relative) or KL at rounding level: nothing for a step to correct. Adam would rescale
+# the gradient of rounding noise into steps of its full learning rate, so the steps stop there.
+NOTHING_TO_CORRECT = 1e-7
 
 
 @dataclass
@@ -159,3 +162,24 @@ def block_from(template: torch.nn.Module, prefix: str, checkpoint) -> torch.nn.M
             if full in checkpoint:
                 tensor.copy_(checkpoint.tensor(full))
     return block
+
+
+def logit_kl(logits: torch.Tensor, target: torch.Tensor, rows: torch.Tensor | None,
+             multi_label: bool) -> torch.Tensor:
+    """KL(expert || merged) per text, averaged over the `rows` that count (None: every text):
+    over the labels' softmax, or each label's on/off probability (summed over labels) for a
+    multi-label task. `logits` the merged model's on one task's labels, `target` its expert's."""
+    if rows is not None:
+        if not bool(rows.any()):
+            return logits.sum() * 0
+        logits, target = logits[rows], target[rows]
+    target = target.to(logits.device)
+    if multi_label:
+        p = torch.sigmoid(target)
+        kl = (p * (torch.nn.functional.logsigmoid(target) - torch.nn.functional.logsigmoid(logits))
+              + (1 - p) * (torch.nn.functional.logsigmoid(-target)
+                           - torch.nn.functional.logsigmoid(-logits))).sum(-1)
+    else:
+        p = torch.softmax(target, -1)
+        kl = (p * (torch.log_softmax(target, -1) - torch.log_softmax(logits, -1))).sum(-1)
+    return kl.mean()
