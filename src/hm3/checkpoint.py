@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import re
 import shutil
@@ -173,7 +174,7 @@ class Checkpoint:
 
     def _checked(self, name: str, value: torch.Tensor) -> torch.Tensor:
         # A sum is finite only if every entry is (cheap); the elementwise check only to confirm.
-        if value.is_floating_point() and not torch.isfinite(value.sum()) \
+        if value.is_floating_point() and not math.isfinite(value.sum()) \
                 and not torch.isfinite(value).all():
             raise Hm3Error(f"{self.reference}: tensor {name} contains NaN or Inf; "
                            "this checkpoint is broken, re-export or re-download it")

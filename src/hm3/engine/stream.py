@@ -120,7 +120,7 @@ def weighted_sum(sources: Sources, job: TensorJob, method: MergeMethod,
     out = torch.empty(job.shape)
     flat = out.view(-1)
     size = min(CHUNK, flat.numel())
-    base, theta, delta = torch.empty(size), torch.empty(size), torch.empty(size)
+    base, theta = torch.empty(size), torch.empty(size)
     tau_sq, base_sq = [0.0] * len(weights), 0.0
     for start in range(0, flat.numel(), CHUNK):
         part = flat[start:start + CHUNK]
@@ -132,7 +132,7 @@ def weighted_sum(sources: Sources, job: TensorJob, method: MergeMethod,
         for i, (weight, ckpt) in enumerate(zip(weights, sources.experts)):
             ckpt.read_into(job.name, theta[:n], start)
             if measure:
-                tau_sq[i] += squared_norm(torch.sub(theta[:n], base[:n], out=delta[:n]))
+                tau_sq[i] += float(torch.dist(theta[:n], base[:n])) ** 2
             part.add_(theta[:n], alpha=weight)
         if method.mean_of_models:
             part.div_(divisor)
@@ -170,12 +170,17 @@ def _task_vectors(sources: Sources, job: TensorJob, base: torch.Tensor,
             sparse = method.sparsify(ckpt.tensor(job.name).float(), params, shared, generator)
             yield expand_head(sparse, sources.groups[i].offset, sources.num_labels)
             continue
-        # Read into a tensor of this merge's own (a preloaded checkpoint's must not change),
-        # which becomes the task vector in place.
-        delta = ckpt.read_into(job.name, torch.empty(job.shape).view(-1)).view(job.shape)
-        delta.sub_(base)
+        # Read in parts into a tensor of this merge's own (a preloaded checkpoint's must not
+        # change), each part made the task vector and measured while it is in the CPU's cache.
+        delta = torch.empty(job.shape)
+        flat, reference = delta.view(-1), base.view(-1)
+        tau_sq = 0.0
+        for start in range(0, flat.numel(), CHUNK):
+            part = ckpt.read_into(job.name, flat[start:start + CHUNK], start)
+            part.sub_(reference[start:start + CHUNK])
+            tau_sq += squared_norm(part) if measure else 0.0
         if measure:
-            squares.add(i, squared_norm(delta), base_sq)
+            squares.add(i, tau_sq, base_sq)
         yield method.sparsify(delta, params, shared, generator)
 
 

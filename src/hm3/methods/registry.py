@@ -41,7 +41,7 @@ from hm3.methods.packed import Packed
 from hm3.methods.spectrum import isotropic
 
 RESCALE_RULES = ("density", *sp.RESCALE_NORMS)
-CHUNK = 1 << 20  # entries TIES's consensus works on at once (4 MiB of float32 per temporary)
+CHUNK = 1 << 16  # entries TIES's consensus works on at once (256 KiB of float32 per temporary)
 
 
 @dataclass(frozen=True)
