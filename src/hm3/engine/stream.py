@@ -181,7 +181,9 @@ def _task_vectors(sources: Sources, job: TensorJob, base: torch.Tensor,
             tau_sq += squared_norm(part) if measure else 0.0
         if measure:
             squares.add(i, tau_sq, base_sq)
-        yield method.sparsify(delta, params, shared, generator)
+        sparse = method.sparsify(delta, params, shared, generator)
+        del delta, flat  # the consumer may hold `sparse` while the next one is built
+        yield sparse
 
 
 def squared_norm(tensor: torch.Tensor) -> float:
