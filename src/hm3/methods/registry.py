@@ -238,7 +238,6 @@ def _disjoint_sum(base: torch.Tensor, deltas: Iterable[torch.Tensor], weights: l
     sum near 0 elects the same sign as mergekit's."""
     signs = [math.copysign(1.0, x) if x else 0.0 for x in weights]
     packed = [Packed(delta) for delta in deltas]  # each dense delta freed once packed
-    plus, minus = (torch.tensor(value, dtype=base.dtype) for value in (1.0, -1.0))
     merged = torch.zeros_like(base)
     out, reference = merged.view(-1), base.reshape(-1)
     for start in range(0, out.numel(), CHUNK):
@@ -250,8 +249,7 @@ def _disjoint_sum(base: torch.Tensor, deltas: Iterable[torch.Tensor], weights: l
                 score.add_(part * weight)
             else:
                 score.add_(part.sign(), alpha=sign)
-        elected = torch.where(score >= 0, plus, minus)  # a tie elects +1
-        del score
+        elected = score.sign_().add_(0.5).sign_()  # +1 where score >= 0 (a tie elects +1)
         divisor = torch.zeros_like(elected)
         chunk = out[start:stop]
         for part, weight, sign in zip(parts, weights, signs):
@@ -262,7 +260,7 @@ def _disjoint_sum(base: torch.Tensor, deltas: Iterable[torch.Tensor], weights: l
             chunk.addcmul_(part, agree, value=weight)
             divisor.add_(agree, alpha=weight)
         if shared["normalize"]:
-            chunk.div_(divisor.masked_fill_(divisor == 0, 1))
+            chunk.div_(divisor.add_(divisor == 0))  # 1 where no expert agrees
         chunk.mul_(shared["lambda"]).add_(reference[start:stop])
     return merged
 
