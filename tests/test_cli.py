@@ -391,3 +391,22 @@ def test_predict_reads_stdin_and_writes_stdout_for_a_dash(tiny, capsys, monkeypa
     monkeypatch.setattr("sys.stdin", io.StringIO(""))
     assert main(["predict", str(tiny.merged), "--input", "-"]) == 2
     one_error_line(capsys, "standard input (--input -) has no texts")
+
+
+def test_merge_never_imports_transformers_which_is_quiet_once_a_command_does(tiny, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(recipe_dict(tiny.base, tiny.experts, "linear")))
+    script = (
+        "import sys\n"
+        "from hm3.cli import main\n"
+        f"assert main(['merge', {str(recipe)!r}, '-o', {str(tmp_path / 'out')!r}, "
+        "'--no-progress']) == 0\n"
+        "print('transformers' in sys.modules)\n"
+        "from transformers.utils import logging\n"
+        "print(logging.get_verbosity() == logging.ERROR, logging.is_progress_bar_enabled())\n")
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS")}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env={**env, "PYTHONPATH": SRC}, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-2:] == ["False", "True False"], done.stdout

@@ -131,3 +131,55 @@ def test_task_vector_squares_add_up_per_expert():
     squares.add(1, 2.0, 8.0)
     squares.add(1, 0.5, 1.0)
     assert squares == TaskVectorSquares([0.0, 2.5], [0.0, 9.0])
+
+
+def test_parts_of_a_tensor_are_read_into_the_callers_buffer_converted(tmp_path):
+    from safetensors.torch import save_file
+
+    from hm3.checkpoint import Checkpoint
+
+    stored = {"w": torch.randn(7, 5), "brain": torch.randn(6, 4).bfloat16()}
+    (tmp_path / "safe").mkdir()
+    save_file(stored, tmp_path / "safe" / "model.safetensors")
+    (tmp_path / "pickled").mkdir()
+    torch.save({k: v.t().contiguous().t() for k, v in stored.items()},  # not contiguous
+               tmp_path / "pickled" / "pytorch_model.bin")
+    for folder in ("safe", "pickled"):
+        (tmp_path / folder / "config.json").write_text("{}")
+    for ckpt in (Checkpoint(str(tmp_path / "safe")),
+                 Checkpoint(str(tmp_path / "pickled"), allow_pickle=True)):
+        for _ in ("from the file", "preloaded"):
+            buffer = torch.full((9,), -1.0)
+            for name, want in stored.items():
+                flat = want.float().reshape(-1)
+                for start in (0, 4, flat.numel() - 9):
+                    got = ckpt.read_into(name, buffer, start)
+                    assert got.data_ptr() == buffer.data_ptr()
+                    assert torch.equal(got, flat[start:start + 9]), (ckpt.path, name, start)
+            ckpt.preload()
+    with pytest.raises(ValueError, match="has 35 entries"):
+        Checkpoint(str(tmp_path / "safe")).read_into("w", torch.empty(9), 30)
+
+
+def test_a_weighted_sum_in_parts_equals_it_whole(monkeypatch, tmp_path):
+    """linear and task arithmetic run CHUNK entries at a time: any chunk size, the same bits."""
+    from hm3 import merge, parse_recipe
+    from hm3.checkpoint import Checkpoint
+    from hm3.engine import stream
+
+    from conftest import build_family, recipe_dict
+
+    base, experts = build_family(tmp_path / "models", {"a": ["x", "y"], "b": ["u", "v", "w"]},
+                                 tokenizer=False)
+    default = stream.CHUNK
+    for method in ("linear", "task_arithmetic"):
+        outs = []
+        for chunk in (default, 7):
+            monkeypatch.setattr(stream, "CHUNK", chunk)
+            recipe = recipe_dict(base, experts, method)
+            recipe["experts"][1]["weight"] = 0.7
+            outs.append(tmp_path / f"{method}-{chunk}")
+            merge(parse_recipe(recipe), outs[-1], progress=False)
+        whole, parts = (Checkpoint(str(out)) for out in outs)
+        for name in whole.keys():
+            assert torch.equal(whole.tensor(name), parts.tensor(name)), (method, name)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import re
 import shutil
 import struct
 import tempfile
 import warnings
+import weakref
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -46,7 +48,7 @@ class Checkpoint:
         self.config = read_config(self.path)
         self._files: dict[str, Path] = {}  # tensor name -> file holding it
         self._handles: dict[Path, object] = {}
-        self._layouts: dict[Path, tuple[int, dict]] = {}  # file -> (data start, header)
+        self._readers: dict[Path, SafetensorsReader] = {}
         self._pickled: dict[Path, dict[str, torch.Tensor]] = {}
         self._memory: dict[str, torch.Tensor] | None = None  # filled by `preload`
         self._index(allow_pickle)
@@ -123,57 +125,108 @@ class Checkpoint:
             self._memory = {name: self.tensor(name) for name in self.keys()}
 
     def tensor(self, name: str) -> torch.Tensor:
-        """Read one tensor (from disk unless preloaded); NaN or Inf is an error."""
+        """Read one tensor (from disk unless preloaded), in memory of its own unless preloaded;
+        NaN or Inf is an error."""
         if self._memory is not None:
             return self._memory[name]
+        if self._files[name].suffix != ".safetensors":
+            return self._checked(name, self._load_pickle(self._files[name])[name])
+        shape, dtype = self.shape(name), TORCH_DTYPES.get(self.dtype(name))
+        if dtype is None:  # a dtype outside TORCH_DTYPES (e.g. float8): safetensors reads it
+            return self._checked(name, self._stored(name))
+        value = torch.empty(shape, dtype=dtype)
+        self.read_into(name, value.view(-1))
+        return value
+
+    def read_into(self, name: str, out: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Fill `out` (one dimension, contiguous) with entries start, start + 1, ... of the
+        flattened tensor `name`, converted to out's dtype, and return it: a merge streams a
+        tensor in parts through buffers it reuses, never allocating one per read. Read with
+        plain file reads (`SafetensorsReader`); NaN or Inf is an error."""
+        stop = start + out.numel()
+        if self._memory is not None:
+            return out.copy_(self._memory[name].reshape(-1)[start:stop])
         file = self._files[name]
         try:
-            if file.suffix == ".safetensors":
-                handle = self._open(file)  # validates the file once
-                value = read_tensor(file, name, self._layouts)
-                if value is None:  # a dtype outside TORCH_DTYPES (e.g. float8)
-                    value = handle.get_tensor(name)
-            else:
-                value = self._load_pickle(file)[name]
+            if file.suffix != ".safetensors":
+                stored = self._load_pickle(file)[name].reshape(-1)
+                return self._checked(name, out.copy_(stored[start:stop]))
+            self._open(file)  # validates the file once
+            if file not in self._readers:
+                self._readers[file] = SafetensorsReader(file)
+            reader = self._readers[file]
+            stored = TORCH_DTYPES.get(reader.header[name]["dtype"])
+            if stored is None:
+                return self._checked(name, out.copy_(self._stored(name).reshape(-1)[start:stop]))
+            target = out if stored == out.dtype else torch.empty(out.numel(), dtype=stored)
+            reader.read(name, target, start)
+            if target is not out:
+                out.copy_(target)
         except (SafetensorError, OSError) as exc:
             raise Hm3Error(f"cannot read tensor {name} from {file}: {exc}") from None
+        return self._checked(name, out)
+
+    def _stored(self, name: str) -> torch.Tensor:
+        try:
+            return self._open(self._files[name]).get_tensor(name)
+        except (SafetensorError, OSError) as exc:
+            raise Hm3Error(f"cannot read tensor {name} from {self._files[name]}: {exc}") from None
+
+    def _checked(self, name: str, value: torch.Tensor) -> torch.Tensor:
         # A sum is finite only if every entry is (cheap); the elementwise check only to confirm.
-        if value.is_floating_point() and not torch.isfinite(value.sum()) \
+        if value.is_floating_point() and not math.isfinite(value.sum()) \
                 and not torch.isfinite(value).all():
             raise Hm3Error(f"{self.reference}: tensor {name} contains NaN or Inf; "
                            "this checkpoint is broken, re-export or re-download it")
         return value
 
 
-def read_tensor(file: Path, name: str, layouts: dict[Path, tuple[int, dict]]
-                ) -> torch.Tensor | None:
-    """One tensor of a safetensors file, read with plain file reads into memory of its own.
+class SafetensorsReader:
+    """A safetensors file whose tensors are read with plain file reads into memory the caller
+    owns (safetensors format: an 8-byte little-endian header size, a JSON header of dtype /
+    shape / data_offsets, then the data).
 
     Not through a memory map: a mapped file's pages count in the process's resident memory for
     as long as the mapping lives, so a merge reading eight base-size experts that way grows by a
-    whole checkpoint per expert (RESULTS.md §7), where reading holds only the tensor itself.
-    None for a dtype outside `TORCH_DTYPES` (the caller reads those through safetensors).
-    `layouts` caches each file's parsed header (safetensors format: an 8-byte little-endian
-    header size, a JSON header of dtype / shape / data_offsets, then the data)."""
-    if file not in layouts:
-        with open(file, "rb") as handle:
-            (size,) = struct.unpack("<Q", handle.read(8))
-            layouts[file] = (8 + size, json.loads(handle.read(size)))
-    start, header = layouts[file]
-    entry = header[name]
-    begin, end = entry["data_offsets"]
-    if entry["dtype"] not in TORCH_DTYPES:
-        return None
-    dtype, shape = TORCH_DTYPES[entry["dtype"]], entry["shape"]
-    tensor = torch.empty(shape, dtype=dtype)
-    data = tensor.view(-1).view(torch.uint8).numpy()  # the tensor's own bytes, filled in place
-    if len(data) != end - begin:
-        raise OSError(f"tensor {name}: {end - begin} bytes stored for shape {shape}")
-    with open(file, "rb", buffering=0) as handle:
-        handle.seek(start + begin)
-        if handle.readinto(data) != len(data):
-            raise OSError(f"the file ends inside tensor {name}")
-    return tensor
+    whole checkpoint per expert (RESULTS.md §7), where reading holds only what it reads into."""
+
+    def __init__(self, file: Path):
+        self.file = file
+        self._fd = os.open(file, os.O_RDONLY)
+        weakref.finalize(self, os.close, self._fd)  # closed with the reader
+        size = bytearray(8)
+        self._pread(size, 0, "the header")
+        header = bytearray(struct.unpack("<Q", size)[0])
+        self._pread(header, 8, "the header")
+        self.header = json.loads(header)
+        self._data_start = 8 + len(header)
+
+    def read(self, name: str, out: torch.Tensor, start: int = 0) -> None:
+        """Fill `out` (one dimension, contiguous, the stored dtype) with entries start, start + 1,
+        ... of tensor `name` as stored."""
+        entry = self.header[name]
+        begin, end = entry["data_offsets"]
+        size = out.element_size()
+        count = 1
+        for dim in entry["shape"]:
+            count *= dim
+        if (end - begin) != count * size:
+            raise OSError(f"tensor {name}: {end - begin} bytes stored for shape {entry['shape']}")
+        if start + out.numel() > count:
+            raise ValueError(f"tensor {name} has {count} entries, asked for {start} to "
+                             f"{start + out.numel()}")
+        if out.numel():
+            self._pread(out.view(torch.uint8).numpy(), self._data_start + begin + start * size,
+                        f"tensor {name}")
+
+    def _pread(self, buffer, offset: int, what: str) -> None:
+        # One read returns at most about 2 GiB on Linux: large tensors take several.
+        view, done = memoryview(buffer).cast("B"), 0
+        while done < len(view):
+            got = os.preadv(self._fd, [view[done:]], offset + done)
+            if not got:
+                raise OSError(f"the file ends inside {what}")
+            done += got
 
 
 def pickle_refused(reference: str, option: str) -> Hm3Error:

@@ -83,8 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _quiet_transformers() -> None:
-    """hm3 prints its own progress; transformers' per-load bars and reports are noise here."""
-    from transformers.utils import logging  # lazy, as the commands' imports
+    """hm3 prints its own progress; transformers' per-load bars and reports are noise here.
 
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
+    Importing transformers takes a second, and a merge to disk never needs it: unless it (or
+    the hub client) is imported already, it is told through the variables it reads when a
+    command imports it."""
+    if "transformers" in sys.modules or "huggingface_hub" in sys.modules:
+        from transformers.utils import logging
+
+        logging.set_verbosity_error()
+        logging.disable_progress_bar()
+        return
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -37,20 +37,27 @@ class Sources:
     def num_labels(self) -> int:
         return self.groups[-1].stop
 
-    def reference(self, job: TensorJob) -> torch.Tensor:
+    def reference(self, job: TensorJob, out: torch.Tensor | None = None,
+                  start: int = 0) -> torch.Tensor:
         """What a tensor's task vectors are taken from: the base's tensor (float32), or, for a head
         layer the base lacks (RoBERTa/MPNet `classifier.dense`, DistilBERT `pre_classifier`), the
         experts' mean. Experts fine-tuned by one script usually start that layer from one random
         init, so their mean is close to each of them (1.5-7% relative distance on the MPNet zoo),
         while task vectors taken from zeros are the whole weights: TIES at density 0.2 then kept
         22% of the layer's entries, 57% away from every expert (benchmarks/RESULTS.md, section
-        10)."""
+        10). With `out` (float32, one dimension), fills it with entries start, start + 1, ... of
+        the flattened reference instead (`Checkpoint.read_into`)."""
+        whole = out is None
+        flat = torch.empty(job.shape).view(-1) if whole else out
         if job.base_name is not None:
-            return self.base.tensor(job.base_name).float()
-        total = torch.zeros(job.shape)
-        for ckpt in self.experts:
-            total.add_(ckpt.tensor(job.name).float())
-        return total.div_(len(self.experts))
+            self.base.read_into(job.base_name, flat, start)
+        else:
+            flat.zero_()
+            part = torch.empty_like(flat)
+            for ckpt in self.experts:
+                flat.add_(ckpt.read_into(job.name, part, start))
+            flat.div_(len(self.experts))
+        return flat.view(job.shape) if whole else flat
 
 
 def open_sources(recipe: Recipe) -> Sources:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable
 
@@ -43,8 +44,19 @@ def write_model(sources: Sources, folder: Path,
         tensors = merged_tensors(sources, progress=progress, squares=squares)
     writer = ShardedWriter(folder, {job.name: (job.shape, out_dtypes[job.name])
                                     for job in sources.jobs}, recipe.max_shard_size)
-    for name, tensor in tensors:
-        writer.write(name, tensor.to(out_dtypes[name]))
+    # Each tensor is written by a second thread while the next one is merged: a file write
+    # releases the GIL, so on two cores the copy into the page cache and the merge overlap.
+    # Memory holds the tensor being written and the one being merged.
+    with ThreadPoolExecutor(max_workers=1) as background:
+        writing = None
+        for name, tensor in tensors:
+            tensor = tensor.to(out_dtypes[name])
+            if writing is not None:
+                writing.result()
+            writing = background.submit(writer.write, name, tensor)
+            del tensor
+        if writing is not None:
+            writing.result()
     writer.close()
     norms = task_vector_norms(sources, squares) if squares is not None else {}
     config = merged_config(sources, out_dtypes, norms)

@@ -19,9 +19,9 @@ TIES (Yadav et al. 2023), step by step, for one tensor, and where each step live
      on whole tensors, used by `MergeMethod.contributions`);
   3. disjoint mean: per entry, sum_i w_i tau_i over the experts whose w_i tau_i has the elected
      sign, divided by the sum of their weights when `normalize` (`_disjoint_sum`);
-  4. theta = theta_0 + lambda * that (`MergeMethod.combine`).
+  4. theta = theta_0 + lambda * that (`_disjoint_sum`; `MergeMethod.combine` without consensus).
 dare_ties, breadcrumbs_ties and della are the same with another step 1 (their sparsifier).
-`_disjoint_sum` runs steps 2 and 3 on CHUNK entries at a time over the trimmed vectors kept as
+`_disjoint_sum` runs steps 2 to 4 on CHUNK entries at a time over the trimmed vectors kept as
 their non-zero entries (`packed.Packed`): that is all that differs from the paper's form.
 """
 
@@ -41,7 +41,7 @@ from hm3.methods.packed import Packed
 from hm3.methods.spectrum import isotropic
 
 RESCALE_RULES = ("density", *sp.RESCALE_NORMS)
-CHUNK = 1 << 20  # entries TIES's consensus works on at once (4 MiB of float32 per temporary)
+CHUNK = 1 << 16  # entries TIES's consensus works on at once (256 KiB of float32 per temporary)
 
 
 @dataclass(frozen=True)
@@ -173,8 +173,7 @@ class MergeMethod:
         """
         w = torch.tensor(weights, dtype=base.dtype)
         if self.consensus:
-            mixed = _disjoint_sum(base, deltas, w.tolist(), shared)
-            return mixed.mul_(shared["lambda"]).add_(base)
+            return _disjoint_sum(base, deltas, w.tolist(), shared)
         total_weight = w.sum()
         mixed = torch.zeros_like(base)
         for i, delta in enumerate(deltas):
@@ -230,16 +229,17 @@ class MergeMethod:
 
 def _disjoint_sum(base: torch.Tensor, deltas: Iterable[torch.Tensor], weights: list[float],
                   shared: dict[str, Any]) -> torch.Tensor:
-    """TIES's consensus step: per entry, the weighted sum of the deltas whose sign (of w * delta)
-    is the elected one (divided by their weights' sum if `normalize`). Each delta is packed to
-    its non-zero entries as it comes (`Packed`: a trimmed delta takes a fraction of its tensor),
-    and the sums run CHUNK entries at a time, so the sign score, elected signs, divisor and
-    temporaries stay small whatever the tensor. The weighted delta is rounded before it is
-    summed (not a fused multiply-add), so a sum near 0 elects the same sign as mergekit's."""
+    """TIES's steps 2 to 4: per entry, the weighted sum of the deltas whose sign (of w * delta)
+    is the elected one (divided by their weights' sum if `normalize`), times lambda, plus the
+    base. Each delta is packed to its non-zero entries as it comes (`Packed`: a trimmed delta
+    takes a fraction of its tensor), and the steps run CHUNK entries at a time, so the sign
+    score, elected signs, divisor and temporaries stay small whatever the tensor, in the CPU's
+    cache. The weighted delta is rounded before it is summed (not a fused multiply-add), so a
+    sum near 0 elects the same sign as mergekit's."""
     signs = [math.copysign(1.0, x) if x else 0.0 for x in weights]
     packed = [Packed(delta) for delta in deltas]  # each dense delta freed once packed
-    mixed = torch.zeros_like(base)
-    out = mixed.view(-1)
+    merged = torch.zeros_like(base)
+    out, reference = merged.view(-1), base.reshape(-1)
     for start in range(0, out.numel(), CHUNK):
         stop = min(start + CHUNK, out.numel())
         parts = [delta.part(start, stop) for delta in packed]
@@ -249,18 +249,20 @@ def _disjoint_sum(base: torch.Tensor, deltas: Iterable[torch.Tensor], weights: l
                 score.add_(part * weight)
             else:
                 score.add_(part.sign(), alpha=sign)
-        elected = (score >= 0).to(base.dtype).mul_(2).sub_(1)  # a tie elects +1
-        del score
+        elected = score.sign_().add_(0.5).sign_()  # +1 where score >= 0 (a tie elects +1)
         divisor = torch.zeros_like(elected)
+        chunk = out[start:stop]
         for part, weight, sign in zip(parts, weights, signs):
             if not sign:
                 continue  # weight 0: sign(w * delta) is never the elected sign
-            agree = part.sign().mul_(sign).eq_(elected)  # 1 where w * delta has it
-            out[start:stop].addcmul_(part, agree, value=weight)
+            agree = part.sign()
+            agree = (agree.neg_() if sign < 0 else agree).eq_(elected)  # 1 where w * delta has it
+            chunk.addcmul_(part, agree, value=weight)
             divisor.add_(agree, alpha=weight)
         if shared["normalize"]:
-            out[start:stop].div_(divisor.masked_fill_(divisor == 0, 1))
-    return mixed
+            chunk.div_(divisor.add_(divisor == 0))  # 1 where no expert agrees
+        chunk.mul_(shared["lambda"]).add_(reference[start:stop])
+    return merged
 
 
 def _registry(*methods: MergeMethod) -> dict[str, MergeMethod]:
