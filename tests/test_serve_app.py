@@ -154,9 +154,12 @@ def test_classify_without_a_policy_has_no_verdicts_and_answers_every_task():
     app = create_app(Fake(), options())
 
     async def scenario(client):
-        return (await client.post("/v1/classify", json={"texts": ["buy now"]})).json()
+        return [(await client.post("/v1/classify", json={"texts": ["buy now"]})).json(),
+                (await client.get("/health")).json()]
 
-    assert run(app, scenario) == {"model": "model", "results": [answer("buy now")]}
+    classified, health = run(app, scenario)
+    assert classified == {"model": "model", "results": [answer("buy now")]}
+    assert health == {"status": "ok", "model": "model", "backend": "torch", "precision": "f32"}
 
 
 def test_unknown_tasks_are_named_with_the_models_tasks():
@@ -280,6 +283,28 @@ def test_invalid_json_is_refused_with_an_example():
                                      '{"input": "..."}')
 
 
+def test_a_large_body_is_parsed_as_well():
+    app = create_app(Fake(), options(max_chars=100_000))
+    text = "buy " + "x" * 70_000  # over the 64 KiB parsed in a worker thread
+
+    async def scenario(client):
+        return await client.post("/v1/classify", json={"texts": [text, "plain"]})
+
+    response = run(app, scenario)
+    assert response.status_code == 200
+    assert response.json()["results"] == [answer(text), answer("plain")]
+
+
+def test_a_body_without_a_content_type_is_refused():
+    app = create_app(Fake(), options())
+
+    async def scenario(client):
+        return await client.post("/v1/classify", content=b'{"texts": ["a"]}')
+
+    response = run(app, scenario)
+    assert response.status_code == 415 and "(got none)" in response.json()["error"]
+
+
 def test_json_media_types():
     assert _is_json("application/json")
     assert _is_json(" Application/JSON ; charset=utf-8")
@@ -332,13 +357,15 @@ def test_a_full_queue_answers_503_and_the_queue_empties_again():
         busy = await client.post("/v1/classify", json={"texts": ["c", "d"]})
         fits = asyncio.ensure_future(client.post("/v1/classify", json={"texts": ["e"]}))
         await asyncio.sleep(0.05)
+        full = await client.post("/v1/classify", json={"texts": ["h"]})  # 2 + 1 queued
         fake.gate.set()
         done = [await first, await fits]
         after = await client.post("/v1/classify", json={"texts": ["f", "g"]})
         metrics = (await client.get("/metrics")).text
-        return busy, done, after, metrics
+        return busy, full, done, after, metrics
 
-    busy, done, after, metrics = run(app, scenario)
+    busy, full, done, after, metrics = run(app, scenario)
+    assert full.status_code == 503 and "(3 texts queued" in full.json()["error"]
     assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
     assert busy.json()["error"] == ("the server is busy (2 texts queued, the limit is 3); retry "
                                     "shortly")
@@ -405,6 +432,10 @@ def test_metrics_count_texts_batches_and_requests():
     assert "hm3_texts_total 4.0" in metrics  # the warm-up text and three
     assert "hm3_batch_size_count 2.0" in metrics and "hm3_batch_size_sum 4.0" in metrics
     assert "hm3_batch_seconds_count 2.0" in metrics
+    assert 'hm3_batch_size_bucket{le="1.0"} 1.0' in metrics  # the warm-up batch
+    assert 'hm3_batch_size_bucket{le="4.0"} 2.0' in metrics
+    assert 'hm3_batch_size_bucket{le="256.0"} 2.0' in metrics
+    assert 'hm3_request_seconds_bucket{le="30.0"} 1.0' in metrics
     assert 'hm3_requests_total{route="/v1/classify",status="200"} 1.0' in metrics
     assert "hm3_request_seconds_count 1.0" in metrics
 
@@ -426,6 +457,42 @@ def test_length_split_runs_sub_batches_and_answers_in_order():
     assert body["results"] == [answer(t) for t in texts]
     # lengths 1, 16 (cut at max_length), 2, 16: two short, two long sub-batches
     assert fake.calls[1:] == [(["buy", "buy idiot"], 2), ([texts[1], texts[3]], 2)]
+
+
+class Measured:
+    """A classifier for `predict_by_length`: token lengths are word counts (cut at
+    `max_length`); records each tokenizer and predict call."""
+
+    max_length = 16
+
+    def __init__(self):
+        self.tokenized, self.calls = [], []
+
+    def tokenizer(self, texts, truncation, max_length, verbose):
+        self.tokenized.append((list(texts), truncation, max_length))
+        return {"input_ids": [[0] * min(len(t.split()), max_length) for t in texts]}
+
+    def predict(self, texts, batch_size):
+        self.calls.append((list(texts), batch_size))
+        return [t.upper() for t in texts]
+
+
+def test_predict_by_length_measures_only_what_it_can_split():
+    from hm3.serve.buckets import predict_by_length
+
+    fake = Measured()
+    assert predict_by_length(fake, []) == [] and fake.calls == [] and fake.tokenized == []
+    assert predict_by_length(fake, ["one"]) == ["ONE"]
+    assert fake.calls == [(["one"], 1)] and fake.tokenized == []
+    # lengths 1 and 16 (20 words cut at 16): one pass 16 + 2 * 16 = 48 beats 17 + 32 = 49
+    fake = Measured()
+    texts = ["short", "w " * 20]
+    assert predict_by_length(fake, texts) == [t.upper() for t in texts]
+    assert fake.tokenized == [(texts, True, 16)] and fake.calls == [(texts, 2)]
+    fake = Measured()  # with no cost per pass, each length its own pass
+    assert predict_by_length(fake, texts[::-1], overhead_tokens=0) == [t.upper()
+                                                                       for t in texts[::-1]]
+    assert fake.calls == [(["short"], 1), (["w " * 20], 1)]
 
 
 def test_api_keys_guard_every_route_but_liveness():
@@ -457,8 +524,18 @@ def test_cors_and_docs_only_when_asked():
 
     app = create_app(Fake(), options(cors_allow_origins=("http://a.example",), docs=True))
     allowed = preflight(app, "http://a.example")
+    assert allowed.status_code == 200
     assert allowed.headers["access-control-allow-origin"] == "http://a.example"
-    assert "POST" in allowed.headers["access-control-allow-methods"]
+    assert {"GET", "POST"} <= set(allowed.headers["access-control-allow-methods"].split(", "))
+    assert {"authorization", "content-type"} <= {
+        h.strip().lower() for h in allowed.headers["access-control-allow-headers"].split(",")}
+
+    async def keyed_get(client):
+        return await client.options("/v1/tasks", headers={
+            "Origin": "http://a.example", "Access-Control-Request-Method": "GET",
+            "Access-Control-Request-Headers": "Authorization"})
+
+    assert run(app, keyed_get).status_code == 200
     assert "access-control-allow-origin" not in preflight(app, "http://b.example").headers
 
     async def pages(client):
@@ -472,7 +549,9 @@ def test_cors_and_docs_only_when_asked():
     async def schema(client):
         return (await client.get("/openapi.json")).json()
 
-    body = run(closed, schema)["paths"]["/v1/classify"]["post"]["requestBody"]
+    document = run(closed, schema)
+    assert document["info"]["title"] == "hm3" and "multi-task" in document["info"]["description"]
+    body = document["paths"]["/v1/classify"]["post"]["requestBody"]
     assert body["required"] is True
     assert "texts" in body["content"]["application/json"]["schema"]["properties"]
 
@@ -671,8 +750,14 @@ def test_observe_records_route_and_status_whatever_answers():
 
 
 def test_wait_for_disconnect_returns_on_disconnect_only():
-    receive = events({"type": "http.request", "body": b""}, {"type": "other"})
-    asyncio.run(asyncio.wait_for(wait_for_disconnect(receive), 5))  # returns after both
+    given = []
+
+    async def receive():
+        given.append(len(given))
+        return {"type": "http.disconnect" if len(given) == 3 else "http.request", "body": b""}
+
+    asyncio.run(asyncio.wait_for(wait_for_disconnect(receive), 5))
+    assert given == [0, 1, 2]  # read past the other events, up to the disconnect
 
 
 # --- options and flags -----------------------------------------------------------------------
@@ -771,6 +856,26 @@ def test_every_flag_reaches_its_option():
         ServeOptions.from_args(parsed("--max-texts", "0"), environ={})
 
 
+def test_the_help_gives_each_flags_default():
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    helps = {action.dest: action.help for action in parser._actions}
+    defaults = ServeOptions()
+    for name in ("host", "port", "max_batch_size", "max_texts", "max_chars", "max_queued_texts",
+                 "request_timeout", "header_timeout", "body_timeout", "drain_seconds",
+                 "replicas", "replica_cpus"):
+        value = getattr(defaults, name)
+        shown = f"{value:g}" if isinstance(value, float) else str(value)
+        assert f"default {shown}" in helps[name], name
+    assert "default 0" in helps["max_wait_ms"] and "default 2 MB" in helps["max_body_bytes"]
+    assert "HM3_API_KEYS" in helps["api_keys"]
+    for name in ("backend", "policy", "length_split", "cors_allow_origins",
+                 "forwarded_allow_ips", "docs", "ray", "ray_address"):
+        assert helps[name], name
+    with pytest.raises(SystemExit):  # an unknown level is refused by the parser
+        parser.parse_args(["--log-level", "loud"])
+
+
 def test_api_keys_from_the_environment_alone():
     assert ServeOptions.from_args(parsed(), environ={"HM3_API_KEYS": "k1,k2"}).api_keys == \
         ("k1", "k2")
@@ -816,6 +921,11 @@ def test_a_bad_policy_says_what_is_wrong(raw, message):
     with pytest.raises(Hm3Error) as error:
         parse_policy(raw, GROUPS)
     assert str(error.value).startswith(message)
+
+
+def test_the_example_of_an_empty_policy_is_the_first_tasks_last_label():
+    with pytest.raises(Hm3Error, match=r"e\.g\. `topic: \{flag: \[sport\]\}`$"):
+        parse_policy(None, [TaskGroup("topic", ("news", "film", "sport"), 0)])
 
 
 def test_a_policy_file_is_read_and_its_errors_name_it(tmp_path):
@@ -883,6 +993,9 @@ def test_the_tokenizer_must_fit_the_embeddings():
         "tokenizer")
     check_model(Loaded(vocab=100, tokens=100), "m")
     check_model(Loaded(vocab=None, tokens=1000), "m")
+    bare = Loaded()
+    bare.model.config = SimpleNamespace()  # a config without either size is not checked
+    check_model(bare, "m")
 
 
 def test_max_length_must_fit_the_positions():
@@ -965,6 +1078,10 @@ def test_load_backend_checks_the_kind_of_folder(monkeypatch):
 def test_load_checked_refuses_what_check_model_refuses(monkeypatch, tmp_path):
     from hm3.serve import server
 
+    calls = []
+    monkeypatch.setattr(server, "load", lambda model, **kwargs: calls.append(kwargs) or Loaded())
+    assert isinstance(server.load_checked("m", "torch", "cpu", 8, "bf16"), Loaded)
+    assert calls == [{"device": "cpu", "max_length": 8, "precision": "bf16"}]
     monkeypatch.setattr(server, "load", lambda model, **kwargs: Loaded(tokens=101))
     with pytest.raises(Hm3Error, match="the tokenizer has 101 tokens"):
         server.load_checked("m")
@@ -990,7 +1107,7 @@ def test_serve_runs_uvicorn_with_the_options(monkeypatch, tmp_path, capsys):
     policy.write_text("spam: {flag: spam, threshold: 0.7}\n")
     chosen = ServeOptions(host="0.0.0.0", port=1234, backend="onnx", log_level="warning",
                           drain_seconds=7, forwarded_allow_ips=("10.0.0.1",), header_timeout=3,
-                          policy=str(policy), length_split=False)
+                          policy=str(policy), length_split=False, max_texts=7)
     server.serve("some/dir/m/", chosen, device="cpu", max_length=8, precision="auto")
     assert loaded == [("some/dir/m/", "onnx", "cpu", 8, "auto")]
     assert capsys.readouterr().err == ("hm3 serve: m on onnx at bf16 (auto: this CPU lists BF16) "
@@ -1007,9 +1124,31 @@ def test_serve_runs_uvicorn_with_the_options(monkeypatch, tmp_path, capsys):
     tasks = run(config.app, scenario)
     assert (tasks["model"], tasks["backend"], tasks["precision"]) == ("m", "onnx", "bf16")
     assert tasks["tasks"][0]["policy"] == {"flag": ["spam"], "threshold": 0.7}
+    assert tasks["limits"]["max_texts"] == 7  # the options reach the app
 
+    # what answers before the app (a late or malformed request) is counted in its metrics
+    protocol = config.http.__new__(config.http)
+    protocol._send_raw = lambda status, body: None
+    protocol.send_400_response("bad")
+    delays = []
+    protocol.loop = SimpleNamespace(call_later=lambda delay, call: delays.append(delay))
+    protocol.transport = SimpleNamespace(is_closing=lambda: False)
+    protocol._header_timer = None
+    protocol._arm_header_timer()
+    assert delays == [3]  # --header-timeout
+
+    async def metrics(client):
+        return (await client.get("/metrics")).text
+
+    assert 'hm3_requests_total{route="other",status="400"} 1.0' in run(config.app, metrics)
+
+    fake.model = SimpleNamespace()  # a PyTorch model: no backend or precision of its own
     server.serve("m", ServeOptions())
     assert configs[1].proxy_headers is False
+    tasks = run(configs[1].app, scenario)
+    assert (tasks["model"], tasks["backend"], tasks["precision"]) == ("m", "torch", "f32")
+    assert tasks["limits"]["max_texts"] == 256 and "policy" not in tasks["tasks"][0]
+    assert capsys.readouterr().err == "hm3 serve: m on torch at f32 precision\n"
     with pytest.raises(Hm3Error, match="--port must be in"):
         server.serve("m", ServeOptions(port=-1))
     assert len(loaded) == 2

@@ -223,8 +223,9 @@ def main() -> int:
         if args.collect:
             results[group] = summary(group, statuses(args.collect / group), None)
         elif args.survivors:
-            if group not in results or not results[group].get("complete"):
-                parser.error(f"{group}: no complete run recorded to take the survivors from")
+            # a partial run's survivors too: the mutants it did not run stay not run
+            if group not in results or "surviving" not in results[group]:
+                parser.error(f"{group}: no run recorded to take the survivors from")
             results[group] = run_group(group, args.children, args.keep, results[group],
                                        args.tests)
         else:
