@@ -579,6 +579,100 @@ def test_the_page_is_served():
     assert "v1/tasks" in page.text  # it asks the API for the tasks
 
 
+# --- the micro-batcher ------------------------------------------------------------------------
+
+def test_batching_settings_are_checked():
+    from hm3.serve.batching import MicroBatcher, check_batching
+
+    check_batching(1, 0.0)
+    with pytest.raises(Hm3Error, match="^max_batch_size must be at least 1, got 0$"):
+        check_batching(0, 0.0)
+    with pytest.raises(Hm3Error, match="^max_wait_ms must be 0 or more, got -0.5$"):
+        MicroBatcher(lambda texts: texts, 4, -0.5)
+
+
+def batched(scenario, *args, **kwargs):
+    """`scenario(batcher, batches)` with a started MicroBatcher over an upper-casing model that
+    records each batch; the batcher stopped after."""
+    from hm3.serve.batching import MicroBatcher
+
+    batches = []
+
+    def model(texts):
+        batches.append(list(texts))
+        return [t.upper() for t in texts]
+
+    async def main():
+        batcher = MicroBatcher(model, *args, **kwargs)
+        await batcher.start()
+        try:
+            return await scenario(batcher, batches)
+        finally:
+            await batcher.stop()
+
+    return asyncio.run(main())
+
+
+def test_the_default_batch_is_32_texts_and_nothing_waits():
+    async def scenario(batcher, batches):
+        texts = [f"t{i}" for i in range(40)]
+        assert await batcher.submit(texts) == [t.upper() for t in texts]
+        return batches
+
+    assert [len(b) for b in batched(scenario)] == [32, 8]
+
+
+def test_a_lone_text_waits_for_mates_until_the_deadline_and_a_full_batch_does_not():
+    import time
+
+    async def lone(batcher, batches):
+        start = time.perf_counter()
+        assert await batcher.submit(["a"]) == ["A"]
+        return time.perf_counter() - start
+
+    assert batched(lone, max_batch_size=2, max_wait_ms=300) >= 0.25
+
+    async def pair(batcher, batches):
+        start = time.perf_counter()
+        first = asyncio.ensure_future(batcher.submit(["a"]))
+        await asyncio.sleep(0.05)
+        assert await batcher.submit(["b"]) == ["B"] and await first == ["A"]
+        return time.perf_counter() - start, batches
+
+    seconds, batches = batched(pair, max_batch_size=2, max_wait_ms=5000)
+    assert seconds < 2.5 and batches == [["a", "b"]]  # full at two: no wait for the deadline
+
+
+def test_submit_is_refused_unless_the_batcher_runs():
+    from hm3.serve.batching import MicroBatcher
+
+    gate = threading.Event()
+
+    def model(texts):
+        assert gate.wait(10)
+        return texts
+
+    async def main():
+        batcher = MicroBatcher(model)
+        await batcher.stop()  # never started: nothing to stop
+        with pytest.raises(Hm3Error, match="^the batcher is not running$"):
+            await batcher.submit(["a"])
+        await batcher.start()
+        running = asyncio.ensure_future(batcher.submit(["a"]))
+        await asyncio.sleep(0.05)
+        stopping = asyncio.ensure_future(batcher.stop())
+        await asyncio.sleep(0.05)
+        with pytest.raises(Hm3Error, match="^the batcher is not running$"):
+            await batcher.submit(["b"])  # stopping: the worker still finishes "a"
+        gate.set()
+        await stopping
+        with pytest.raises(Hm3Error, match="^the batcher is not running$"):
+            await batcher.submit(["c"])
+        return await running
+
+    assert asyncio.run(main()) == ["a"]
+
+
 # --- the guards, called as ASGI apps ---------------------------------------------------------
 
 def events(*messages, wait: float = 0.0):
@@ -747,6 +841,10 @@ def test_observe_records_route_and_status_whatever_answers():
         with pytest.raises(ValueError):
             asyncio.run(observe(app)({"type": "http", "path": "/ok"}, events(), Sent()))
     assert recorded == [("/ok", 201), ("other", 201), ("/ok", 499), ("/ok", 500), ("/ok", 201)]
+    timed = []
+    asyncio.run(Observe(answers, lambda *a: timed.append(a[2]), frozenset())(
+        {"type": "http", "path": "/"}, events(), Sent()))
+    assert 0 <= timed[0] < 5  # seconds the request took
 
 
 def test_wait_for_disconnect_returns_on_disconnect_only():
