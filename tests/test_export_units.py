@@ -115,6 +115,10 @@ def test_an_onnx_folder_runs_like_a_transformers_classifier(tmp_path):
     np.testing.assert_allclose(outputs["probabilities.spam"], softmax(LOGITS[:, :2]), rtol=1e-6)
     with pytest.raises(Hm3Error, match="^the exported model needs inputs attention_mask$"):
         model.run(input_ids=np.array(IDS))
+    feed = {"input_ids": np.array(IDS), "attention_mask": np.array(MASK)}
+    named = model.outputs(feed, ["probabilities.spam"])  # only the outputs named, by name
+    assert list(named) == ["probabilities.spam"]
+    np.testing.assert_allclose(named["probabilities.spam"], softmax(LOGITS[:, :2]), rtol=1e-6)
 
 
 def test_a_folder_is_an_export_only_with_its_graph_and_layout(tmp_path):
@@ -189,6 +193,9 @@ def test_an_openvino_folder_runs_at_the_precision_asked_or_recorded(tmp_path, mo
                                   LOGITS)
     outputs = model.run(input_ids=np.array(IDS), attention_mask=np.array(MASK))
     assert sorted(outputs) == ["logits", "probabilities.spam"]
+    named = model.outputs({"input_ids": np.array(IDS), "attention_mask": np.array(MASK)},
+                          ["probabilities.spam"])
+    assert list(named) == ["probabilities.spam"]
     np.testing.assert_allclose(outputs["probabilities.spam"], softmax(LOGITS[:, :2]), rtol=1e-6)
     compiled = model.compiled
     assert str(compiled.get_property("PERFORMANCE_HINT")) == "LATENCY"
@@ -214,8 +221,10 @@ def test_each_thread_has_its_own_openvino_request(tmp_path):
 
     def work():
         model(input_ids=IDS, attention_mask=MASK)
+        first = model._requests.request
         model(input_ids=IDS, attention_mask=MASK)
-        requests.append(model._requests.request)
+        assert model._requests.request is first  # each thread reuses its own
+        requests.append(first)
 
     threads = [threading.Thread(target=work) for _ in range(2)]
     for thread in threads:
