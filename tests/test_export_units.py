@@ -215,6 +215,12 @@ def test_an_openvino_folder_runs_at_the_precision_asked_or_recorded(tmp_path, mo
     assert open_export(ov_folder).compiled.get_property("INFERENCE_NUM_THREADS") == 1
 
 
+def test_an_openvino_folder_opened_directly_checks_the_precision_too(tmp_path):
+    folder = to_openvino(write_folder(tmp_path / "onnx"))
+    with pytest.raises(Hm3Error, match=r"^precision must be one of auto, f32, bf16, got 'fp16'$"):
+        onnx_model.OpenVinoSequenceClassifier(folder, precision="fp16")
+
+
 def test_each_thread_has_its_own_openvino_request(tmp_path):
     model = open_export(to_openvino(write_folder(tmp_path / "onnx")))
     requests = []
@@ -294,35 +300,45 @@ def test_the_task_layout_is_written_into_the_graph(tmp_path):
 
 
 def body_and_head_graph() -> onnx.ModelProto:
-    """x -> MatMul named as a body layer -> MatMul named as the head."""
+    """x -> a MatMul and a Gemm named as body layers -> a Gemm named as the head."""
     rng = np.random.default_rng(0)
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])
     inits = [helper.make_tensor(name, TensorProto.FLOAT, [8, 8],
                                 rng.normal(size=64).astype(np.float32).tolist())
-             for name in ("body_w", "head_w")]
+             for name in ("body_w", "inner_w", "head_w")]
+    inits += [helper.make_tensor(name, TensorProto.FLOAT, [8], [0.1] * 8)
+              for name in ("inner_b", "head_b")]
     nodes = [helper.make_node("MatMul", ["x", "body_w"], ["h"], name="/layer.0/attention/MatMul"),
-             helper.make_node("MatMul", ["h", "head_w"], ["y"], name="/classifier/MatMul")]
+             helper.make_node("Gemm", ["h", "inner_w", "inner_b"], ["g"],
+                              name="/layer.0/intermediate/dense/Gemm"),
+             helper.make_node("Gemm", ["g", "head_w", "head_b"], ["y"], name="/classifier/Gemm")]
     return helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits),
                              opset_imports=[helper.make_opsetid("", 17)])
 
 
-@pytest.mark.parametrize("per_channel", [True, False])
+def integer_nodes(path: Path) -> list[str]:
+    return [node.name for node in onnx.load(str(path)).graph.node
+            if node.op_type == "MatMulInteger"]
+
+
+@pytest.mark.parametrize("per_channel", [True, False, None])
 def test_int8_quantises_the_body_and_keeps_the_matched_nodes_fp32(tmp_path, per_channel):
     source, target = tmp_path / "fp32.onnx", tmp_path / "int8.onnx"
     onnx.save(body_and_head_graph(), str(source))
-    kept = export.quantize_int8(source, target, per_channel=per_channel)
-    assert kept == ["/classifier/MatMul"]
+    if per_channel is None:  # the default: one scale per output channel
+        kept = export.quantize_int8(source, target)
+    else:
+        kept = export.quantize_int8(source, target, per_channel=per_channel)
+    assert kept == ["/classifier/Gemm"]
+    quantised = integer_nodes(target)
+    # both body layers, the Gemm too (rewritten as NAME_MatMul + NAME_Add first); not the head
+    assert len(quantised) == 2 and not any("classifier" in name for name in quantised)
     graph = onnx.load(str(target)).graph
-    ops = {node.name: node.op_type for node in graph.node}
-    assert ops["/classifier/MatMul"] == "MatMul"  # fp32
-    assert "MatMulInteger" in ops.values()  # the body layer, int8
     scales = [i for i in graph.initializer if i.name.startswith("body_w") and "scale" in i.name]
-    assert [list(s.dims) for s in scales] == ([[8]] if per_channel else [[]])
+    assert [list(s.dims) for s in scales] == ([[]] if per_channel is False else [[8]])
     nothing_kept = export.quantize_int8(source, tmp_path / "all.onnx", exclude=())
-    assert nothing_kept == []
-    ops = [node.op_type for node in onnx.load(str(tmp_path / "all.onnx")).graph.node]
-    assert ops.count("MatMulInteger") == 2
+    assert nothing_kept == [] and len(integer_nodes(tmp_path / "all.onnx")) == 3
 
 
 def test_export_options_are_checked_before_the_model_is_read(tmp_path):
@@ -375,3 +391,38 @@ def test_an_exporter_failure_names_it(tmp_path):
     with pytest.raises(Hm3Error, match="^torch.onnx could not export this model: .*cannot trace"):
         export._torch_export(Fails(), (torch.ones(1, 2),), tmp_path / "x.onnx", ["x"], ["y"],
                              {"x": {0: "batch"}})
+
+
+def test_nncf_is_given_every_calibration_text_in_batches_of_16(monkeypatch):
+    """NNCF stood in for: what it is given is tested (an int8 export calibrated on no data at
+    all still lands within the export test's bound on the tiny model)."""
+    nncf = pytest.importorskip("nncf")
+    seen = {}
+
+    def quantize(graph, dataset, **kwargs):
+        seen["items"] = list(dataset.get_inference_data())
+        seen.update(kwargs)
+        return "quantised"
+
+    monkeypatch.setattr(nncf, "quantize", quantize)
+    graph = SimpleNamespace(inputs=[SimpleNamespace(get_any_name=lambda n=n: n)
+                                    for n in ("input_ids", "attention_mask")])
+    encoded = []
+
+    def encode(texts):
+        encoded.append(list(texts))
+        return {"input_ids": torch.tensor([[len(t)] for t in texts]),
+                "attention_mask": torch.ones(len(texts), 1, dtype=torch.long),
+                "token_type_ids": torch.zeros(len(texts), 1, dtype=torch.long)}
+
+    texts = [f"t{i}" for i in range(35)]
+    classifier = SimpleNamespace(encode=encode)
+    assert export._nncf_int8(graph, classifier, texts, ("classifier", r"ffn/lin2")) == "quantised"
+    assert encoded == [texts[:16], texts[16:32], texts[32:]]
+    assert [sorted(item) for item in seen["items"]] == [["attention_mask", "input_ids"]] * 3
+    assert isinstance(seen["items"][0]["input_ids"], np.ndarray)
+    np.testing.assert_array_equal(seen["items"][2]["input_ids"], [[3], [3], [3]])
+    assert seen["subset_size"] == 35 and seen["model_type"] == nncf.ModelType.TRANSFORMER
+    scope = seen["ignored_scope"]
+    assert scope.patterns == [".*(?:classifier).*", ".*(?:ffn/lin2).*"]
+    assert scope.validate is False
