@@ -377,10 +377,30 @@ def test_an_export_or_a_task_named_logits_is_refused(tmp_path, monkeypatch):
     fake_load(monkeypatch, groups=[TaskGroup("logits", ("a", "b"), 0)])
     with pytest.raises(Hm3Error, match="^a task named 'logits' would clash"):
         export.export_onnx("m", tmp_path / "out")
+    fake_load(monkeypatch)
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
-    with pytest.raises(Hm3Error):  # an existing folder is not overwritten unasked
+    with pytest.raises(Hm3Error, match="already exists"):  # not overwritten unasked
         export.export_onnx("m", tmp_path / "full")
+
+
+def test_the_layout_records_how_the_graph_was_made(tmp_path, monkeypatch):
+    recorded = []
+    monkeypatch.setattr(export, "_export", lambda model, output, overwrite, file, convert,
+                        max_length, allow_pickle, layout: recorded.append(
+                            (overwrite, file, layout)))
+    export.export_onnx("m", tmp_path / "a")
+    export.export_onnx("m", tmp_path / "b", quantize="int8")
+    pytest.importorskip("openvino")
+    export.export_openvino("m", tmp_path / "c")
+    assert recorded == [
+        (False, "model.onnx", {"format": "onnx", "quantized": None, "per_channel": None,
+                               "fp32_nodes": None}),
+        (False, "model.onnx", {"format": "onnx", "quantized": "int8", "per_channel": True,
+                               "fp32_nodes": list(export.FP32_NODES)}),
+        (False, "openvino_model.xml", {"format": "openvino", "quantized": None,
+                                       "precision": "f32", "calibration_texts": None,
+                                       "fp32_nodes": None})]
 
 
 def test_an_exporter_failure_names_it(tmp_path):
