@@ -1,0 +1,448 @@
+"""Export pieces on their own, in seconds: the runtimes of `hm3.onnx_model` on a hand-built ONNX
+graph whose logits are sums of the token ids and of the attention mask (so every answer is known
+by hand), the precision rules, and `hm3.export`'s checks, wrapper, metadata, int8 node choice and
+difference measure with stand-ins for the model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+from onnx import TensorProto, helper  # noqa: E402
+
+from hm3 import export, onnx_model  # noqa: E402
+from hm3.errors import Hm3Error  # noqa: E402
+from hm3.heads import TaskGroup  # noqa: E402
+from hm3.onnx_model import (  # noqa: E402
+    OnnxSequenceClassifier,
+    _numpy,
+    choose_precision,
+    describe_precision,
+    is_onnx_folder,
+    is_openvino_folder,
+    open_export,
+)
+
+GROUPS = [TaskGroup("spam", ("ham", "spam"), 0),
+          TaskGroup("tox", ("insult", "threat"), 2, multi_label=True)]
+# logits = [sum(ids), sum(mask)] @ W
+W = np.array([[1.0, 0.0, 2.0, 0.0], [0.0, 1.0, 0.0, -1.0]], dtype=np.float32)
+
+
+def tiny_graph() -> onnx.ModelProto:
+    """input_ids, attention_mask -> logits ([sum ids, sum mask] @ W, a MatMul named like a
+    classifier head) and probabilities.spam (a softmax of the first two logits)."""
+    ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])
+    mask = helper.make_tensor_value_info("attention_mask", TensorProto.INT64,
+                                         ["batch", "sequence"])
+    logits = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4])
+    spam = helper.make_tensor_value_info("probabilities.spam", TensorProto.FLOAT, ["batch", 2])
+    nodes = [
+        helper.make_node("Cast", ["input_ids"], ["ids_f"], to=TensorProto.FLOAT),
+        helper.make_node("Cast", ["attention_mask"], ["mask_f"], to=TensorProto.FLOAT),
+        helper.make_node("ReduceSum", ["ids_f", "axes"], ["ids_sum"], keepdims=1),
+        helper.make_node("ReduceSum", ["mask_f", "axes"], ["mask_sum"], keepdims=1),
+        helper.make_node("Concat", ["ids_sum", "mask_sum"], ["features"], axis=1),
+        helper.make_node("MatMul", ["features", "W"], ["logits"], name="/classifier/MatMul"),
+        helper.make_node("Slice", ["logits", "start", "end", "axes"], ["spam_logits"]),
+        helper.make_node("Softmax", ["spam_logits"], ["probabilities.spam"], axis=1),
+    ]
+    inits = [helper.make_tensor("axes", TensorProto.INT64, [1], [1]),
+             helper.make_tensor("start", TensorProto.INT64, [1], [0]),
+             helper.make_tensor("end", TensorProto.INT64, [1], [2]),
+             helper.make_tensor("W", TensorProto.FLOAT, W.shape, W.ravel().tolist())]
+    graph = helper.make_graph(nodes, "tiny", [ids, mask], [logits, spam], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def write_folder(folder: Path, layout: dict | None = None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    onnx.save(tiny_graph(), str(folder / "model.onnx"))
+    (folder / "config.json").write_text(json.dumps({"model_type": "tiny", "vocab_size": 9}))
+    (folder / "hm3_onnx.json").write_text(json.dumps(
+        {"inputs": ["input_ids", "attention_mask"], **(layout or {})}))
+    return folder
+
+
+def to_openvino(folder: Path, layout: dict | None = None) -> Path:
+    ov = pytest.importorskip("openvino")
+    out = folder.parent / (folder.name + "-ov")
+    out.mkdir()
+    ov.save_model(ov.convert_model(str(folder / "model.onnx")), str(out / "openvino_model.xml"),
+                  compress_to_fp16=False)
+    shutil.copy(folder / "config.json", out / "config.json")
+    (out / "hm3_onnx.json").write_text(json.dumps({"inputs": [], **(layout or {})}))
+    return out
+
+
+IDS = [[3, 4, 0], [5, 0, 0]]
+MASK = [[1, 1, 0], [1, 0, 0]]
+# by hand: features [[7, 2], [5, 1]] @ W
+LOGITS = np.array([[7, 2, 14, -2], [5, 1, 10, -1]], dtype=np.float32)
+
+
+def softmax(z):
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+# --- hm3.onnx_model --------------------------------------------------------------------------
+
+def test_an_onnx_folder_runs_like_a_transformers_classifier(tmp_path):
+    folder = write_folder(tmp_path / "onnx")
+    model = open_export(folder)
+    assert isinstance(model, OnnxSequenceClassifier)
+    assert (model.backend, model.kind, model.precision) == ("onnx", "ONNX", "f32")
+    assert model.eval() is model and model.to("cuda") is model
+    assert model.device == torch.device("cpu") and model.config.vocab_size == 9
+    assert model.input_names == ["input_ids", "attention_mask"]
+    answer = model(input_ids=torch.tensor(IDS, dtype=torch.int32), attention_mask=MASK,
+                   token_type_ids=torch.zeros(2, 3))  # inputs the graph lacks are left out
+    assert isinstance(answer.logits, torch.Tensor)
+    np.testing.assert_array_equal(answer.logits.numpy(), LOGITS)
+    outputs = model.run(input_ids=np.array(IDS), attention_mask=np.array(MASK))
+    assert list(outputs) == ["logits", "probabilities.spam"]
+    np.testing.assert_allclose(outputs["probabilities.spam"], softmax(LOGITS[:, :2]), rtol=1e-6)
+    with pytest.raises(Hm3Error, match="^the exported model needs inputs attention_mask$"):
+        model.run(input_ids=np.array(IDS))
+    feed = {"input_ids": np.array(IDS), "attention_mask": np.array(MASK)}
+    named = model.outputs(feed, ["probabilities.spam"])  # only the outputs named, by name
+    assert list(named) == ["probabilities.spam"]
+    np.testing.assert_allclose(named["probabilities.spam"], softmax(LOGITS[:, :2]), rtol=1e-6)
+
+
+def test_a_folder_is_an_export_only_with_its_graph_and_layout(tmp_path):
+    folder = write_folder(tmp_path / "onnx")
+    assert is_onnx_folder(folder) and not is_openvino_folder(folder)
+    (folder / "hm3_onnx.json").unlink()
+    assert not is_onnx_folder(folder) and open_export(folder) is None
+    (folder / "hm3_onnx.json").mkdir()  # a folder of that name is not the file
+    assert not is_onnx_folder(folder)
+    assert open_export(tmp_path) is None
+
+
+def test_onnx_runs_in_f32_only_and_precisions_are_checked(tmp_path):
+    folder = write_folder(tmp_path / "onnx")
+    with pytest.raises(Hm3Error) as error:
+        open_export(folder, precision="bf16")
+    assert str(error.value) == (f"{folder} is an ONNX export, which runs in f32; export with "
+                                "--format openvino to run it in bf16")
+    assert open_export(folder, precision="f32").precision == "f32"
+    assert open_export(folder, precision="auto").precision == "f32"
+    with pytest.raises(Hm3Error, match=r"^precision must be one of auto, f32, bf16, got 'fp16'$"):
+        open_export(folder, precision="fp16")
+
+
+def test_threads_come_from_the_argument_or_the_environment(tmp_path, monkeypatch):
+    folder = write_folder(tmp_path / "onnx")
+    threads = lambda model: model.session.get_session_options().intra_op_num_threads  # noqa: E731
+    assert threads(OnnxSequenceClassifier(folder, threads=3)) == 3
+    monkeypatch.setenv("HM3_ONNX_THREADS", "2")
+    assert threads(OnnxSequenceClassifier(folder)) == 2
+    assert onnx_model._threads() == 2
+    monkeypatch.setenv("HM3_ONNX_THREADS", "")
+    assert onnx_model._threads() == 0
+    monkeypatch.delenv("HM3_ONNX_THREADS")
+    assert onnx_model._threads() == 0
+    options = OnnxSequenceClassifier(folder).session.get_session_options()
+    assert options.graph_optimization_level.name == "ORT_ENABLE_ALL"
+    assert OnnxSequenceClassifier(folder).session.get_providers() == ["CPUExecutionProvider"]
+
+
+def test_a_corrupt_graph_is_named(tmp_path):
+    folder = write_folder(tmp_path / "onnx")
+    (folder / "model.onnx").write_bytes(b"not a graph")
+    with pytest.raises(Hm3Error, match=f"^cannot load {folder / 'model.onnx'} with ONNX Runtime: "):
+        open_export(folder)
+
+
+def test_numpy_inputs_are_int64():
+    for value in (torch.tensor([[1, 2]], dtype=torch.int32), [[1, 2]], np.array([[1, 2]])):
+        got = _numpy(value)
+        assert isinstance(got, np.ndarray) and got.dtype == np.int64
+        np.testing.assert_array_equal(got, [[1, 2]])
+
+
+def test_describe_precision_says_where_auto_came_from():
+    assert describe_precision(SimpleNamespace()) == "f32"
+    assert describe_precision(SimpleNamespace(precision="bf16")) == "bf16"
+    assert describe_precision(SimpleNamespace(precision="bf16", detected=["FP32", "BF16"])) == \
+        "bf16 (auto: this CPU lists BF16)"
+    assert describe_precision(SimpleNamespace(precision="f32", detected=["FP32"])) == \
+        "f32 (auto: this CPU lacks BF16)"
+    assert choose_precision(("FP32", "BF16")) == "bf16" and choose_precision(["BF"]) == "f32"
+
+
+def test_an_openvino_folder_runs_at_the_precision_asked_or_recorded(tmp_path, monkeypatch):
+    ov_folder = to_openvino(write_folder(tmp_path / "onnx"))
+    model = open_export(ov_folder)
+    assert (model.backend, model.kind, model.precision, model.detected) == \
+        ("openvino", "OpenVINO", "f32", None)
+    assert sorted(model.input_names) == ["attention_mask", "input_ids"]
+    np.testing.assert_array_equal(model(input_ids=IDS, attention_mask=MASK).logits.numpy(),
+                                  LOGITS)
+    outputs = model.run(input_ids=np.array(IDS), attention_mask=np.array(MASK))
+    assert sorted(outputs) == ["logits", "probabilities.spam"]
+    named = model.outputs({"input_ids": np.array(IDS), "attention_mask": np.array(MASK)},
+                          ["probabilities.spam"])
+    assert list(named) == ["probabilities.spam"]
+    np.testing.assert_allclose(outputs["probabilities.spam"], softmax(LOGITS[:, :2]), rtol=1e-6)
+    compiled = model.compiled
+    assert str(compiled.get_property("PERFORMANCE_HINT")) == "LATENCY"
+    assert compiled.get_property("NUM_STREAMS") == 1
+    assert open_export(ov_folder, precision="bf16").precision == "bf16"
+    monkeypatch.setattr(onnx_model, "cpu_capabilities", lambda: ["FP32", "BF16"])
+    auto = open_export(ov_folder, precision="auto")
+    assert (auto.precision, auto.detected) == ("bf16", ["FP32", "BF16"])
+    monkeypatch.setattr(onnx_model, "cpu_capabilities", lambda: ["FP32", "INT8"])
+    assert open_export(ov_folder, precision="auto").precision == "f32"
+    (ov_folder / "hm3_onnx.json").write_text(json.dumps({"precision": "auto"}))
+    assert open_export(ov_folder).precision == "f32"  # the recorded "auto", resolved here
+    assert open_export(ov_folder, precision="bf16").precision == "bf16"  # asked for wins
+    (ov_folder / "hm3_onnx.json").write_text(json.dumps({"precision": "bf16"}))
+    assert open_export(ov_folder).precision == "bf16"
+    monkeypatch.setenv("HM3_ONNX_THREADS", "1")
+    assert open_export(ov_folder).compiled.get_property("INFERENCE_NUM_THREADS") == 1
+
+
+def test_an_openvino_folder_opened_directly_checks_the_precision_too(tmp_path):
+    folder = to_openvino(write_folder(tmp_path / "onnx"))
+    with pytest.raises(Hm3Error, match=r"^precision must be one of auto, f32, bf16, got 'fp16'$"):
+        onnx_model.OpenVinoSequenceClassifier(folder, precision="fp16")
+
+
+def test_each_thread_has_its_own_openvino_request(tmp_path):
+    model = open_export(to_openvino(write_folder(tmp_path / "onnx")))
+    requests = []
+
+    def work():
+        model(input_ids=IDS, attention_mask=MASK)
+        first = model._requests.request
+        model(input_ids=IDS, attention_mask=MASK)
+        assert model._requests.request is first  # each thread reuses its own
+        requests.append(first)
+
+    threads = [threading.Thread(target=work) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    work()
+    assert len({id(r) for r in requests}) == 3
+
+
+def test_a_corrupt_openvino_graph_is_named(tmp_path):
+    folder = to_openvino(write_folder(tmp_path / "onnx"))
+    (folder / "openvino_model.xml").write_text("<net>")
+    with pytest.raises(Hm3Error, match=f"^cannot load {folder / 'openvino_model.xml'} with "
+                                       "OpenVINO: "):
+        open_export(folder)
+
+
+# --- hm3.export ------------------------------------------------------------------------------
+
+class Logits(torch.nn.Module):
+    """A stand-in classifier: the logits are given, the inputs checked by name."""
+
+    def __init__(self, logits: torch.Tensor):
+        super().__init__()
+        self.logits = logits
+        self.seen = None
+
+    def forward(self, **inputs):
+        self.seen = inputs
+        return SimpleNamespace(logits=self.logits)
+
+
+def test_the_wrapper_gives_each_task_its_softmax_or_sigmoids():
+    logits = torch.tensor([[1.0, 3.0, 0.0, -2.0], [2.0, 2.0, 4.0, 1.0]])
+    model = Logits(logits)
+    wrapper = export.ProbabilityHead(model, GROUPS, ["input_ids", "attention_mask"])
+    assert wrapper.training is False
+    ids, mask = torch.ones(2, 3), torch.zeros(2, 3)
+    out = wrapper(ids, mask)
+    assert model.seen["input_ids"] is ids and model.seen["attention_mask"] is mask
+    assert len(out) == 3 and out[0] is logits
+    np.testing.assert_allclose(out[1].numpy(), softmax(logits[:, :2].numpy()), rtol=1e-6)
+    np.testing.assert_allclose(out[2].numpy(), 1 / (1 + np.exp(-logits[:, 2:].numpy())),
+                               rtol=1e-6)
+    assert export.output_names(GROUPS) == ["logits", "probabilities.spam", "probabilities.tox"]
+
+
+def test_the_difference_is_over_the_task_probabilities_only():
+    logits = torch.tensor([[1.0, 3.0, 0.0, -2.0]])
+    classifier = SimpleNamespace(model=Logits(logits),
+                                 encode=lambda texts: {"input_ids": torch.ones(1, 2)})
+    spam = softmax(logits[:, :2].numpy())
+    tox = 1 / (1 + np.exp(-logits[:, 2:].numpy()))
+    got = {"logits": logits.numpy() + 5.0, "probabilities.spam": spam + [[0.0, 0.01]],
+           "probabilities.tox": tox - [[0.003, 0.0]]}
+    exported = SimpleNamespace(run=lambda **batch: got)
+    assert export._max_difference(classifier, exported, GROUPS) == pytest.approx(0.01, abs=1e-7)
+
+
+def test_the_task_layout_is_written_into_the_graph(tmp_path):
+    path = tmp_path / "g.onnx"
+    onnx.save(tiny_graph(), str(path))
+    export._add_metadata(path, GROUPS)
+    props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert json.loads(props["hm3_tasks"]) == [g.to_dict() for g in GROUPS]
+
+
+def body_and_head_graph() -> onnx.ModelProto:
+    """x -> a MatMul and a Gemm named as body layers -> a Gemm named as the head."""
+    rng = np.random.default_rng(0)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])
+    inits = [helper.make_tensor(name, TensorProto.FLOAT, [8, 8],
+                                rng.normal(size=64).astype(np.float32).tolist())
+             for name in ("body_w", "inner_w", "head_w")]
+    inits += [helper.make_tensor(name, TensorProto.FLOAT, [8], [0.1] * 8)
+              for name in ("inner_b", "head_b")]
+    nodes = [helper.make_node("MatMul", ["x", "body_w"], ["h"], name="/layer.0/attention/MatMul"),
+             helper.make_node("Gemm", ["h", "inner_w", "inner_b"], ["g"],
+                              name="/layer.0/intermediate/dense/Gemm"),
+             helper.make_node("Gemm", ["g", "head_w", "head_b"], ["y"], name="/classifier/Gemm")]
+    return helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits),
+                             opset_imports=[helper.make_opsetid("", 17)])
+
+
+def integer_nodes(path: Path) -> list[str]:
+    return [node.name for node in onnx.load(str(path)).graph.node
+            if node.op_type == "MatMulInteger"]
+
+
+@pytest.mark.parametrize("per_channel", [True, False, None])
+def test_int8_quantises_the_body_and_keeps_the_matched_nodes_fp32(tmp_path, per_channel):
+    source, target = tmp_path / "fp32.onnx", tmp_path / "int8.onnx"
+    onnx.save(body_and_head_graph(), str(source))
+    if per_channel is None:  # the default: one scale per output channel
+        kept = export.quantize_int8(source, target)
+    else:
+        kept = export.quantize_int8(source, target, per_channel=per_channel)
+    assert kept == ["/classifier/Gemm"]
+    quantised = integer_nodes(target)
+    # both body layers, the Gemm too (rewritten as NAME_MatMul + NAME_Add first); not the head
+    assert len(quantised) == 2 and not any("classifier" in name for name in quantised)
+    graph = onnx.load(str(target)).graph
+    scales = [i for i in graph.initializer if i.name.startswith("body_w") and "scale" in i.name]
+    assert [list(s.dims) for s in scales] == ([[]] if per_channel is False else [[8]])
+    nothing_kept = export.quantize_int8(source, tmp_path / "all.onnx", exclude=())
+    assert nothing_kept == [] and len(integer_nodes(tmp_path / "all.onnx")) == 3
+
+
+def test_export_options_are_checked_before_the_model_is_read(tmp_path):
+    missing = tmp_path / "no-model"
+    with pytest.raises(Hm3Error, match=r"^--quantize supports int8, got 'int4'$"):
+        export.export_onnx(missing, tmp_path / "out", quantize="int4")
+    pytest.importorskip("openvino")
+    with pytest.raises(Hm3Error, match=r"^--quantize supports int8, got 'int4'$"):
+        export.export_openvino(missing, tmp_path / "out", quantize="int4")
+    with pytest.raises(Hm3Error, match=r"^precision must be one of auto, f32, bf16"):
+        export.export_openvino(missing, tmp_path / "out", precision="f16")
+    texts = [f"text {i}" for i in range(15)] + ["  ", ""]
+    with pytest.raises(Hm3Error, match=r"give at least 16 \(got 15\)"):
+        export.export_openvino(missing, tmp_path / "out", quantize="int8", calibration=texts)
+    with pytest.raises(Hm3Error, match=r"give at least 16 \(got 0\)"):
+        export.export_openvino(missing, tmp_path / "out", quantize="int8")
+    with pytest.raises(Hm3Error, match="^calibration texts are for --quantize int8 only$"):
+        export.export_openvino(missing, tmp_path / "out", calibration=["a"])
+
+
+def fake_load(monkeypatch, backend="torch", groups=GROUPS):
+    classifier = SimpleNamespace(model=SimpleNamespace(backend=backend, kind="ONNX"),
+                                 groups=groups)
+    calls = []
+    monkeypatch.setattr(export, "load", lambda *args, **kwargs: calls.append((args, kwargs))
+                        or classifier)
+    return calls
+
+
+def test_an_export_or_a_task_named_logits_is_refused(tmp_path, monkeypatch):
+    calls = fake_load(monkeypatch, backend="onnx")
+    with pytest.raises(Hm3Error, match="^m is already an ONNX export; export the PyTorch model "
+                                       "instead$"):
+        export.export_onnx("m", tmp_path / "out", max_length=9, allow_pickle=True)
+    assert calls == [(("m",), {"device": "cpu", "max_length": 9, "allow_pickle": True})]
+    fake_load(monkeypatch, groups=[TaskGroup("logits", ("a", "b"), 0)])
+    with pytest.raises(Hm3Error, match="^a task named 'logits' would clash"):
+        export.export_onnx("m", tmp_path / "out")
+    fake_load(monkeypatch)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    with pytest.raises(Hm3Error, match="already exists"):  # not overwritten unasked
+        export.export_onnx("m", tmp_path / "full")
+
+
+def test_the_layout_records_how_the_graph_was_made(tmp_path, monkeypatch):
+    recorded = []
+    monkeypatch.setattr(export, "_export", lambda model, output, overwrite, file, convert,
+                        max_length, allow_pickle, layout: recorded.append(
+                            (overwrite, file, layout)))
+    export.export_onnx("m", tmp_path / "a")
+    export.export_onnx("m", tmp_path / "b", quantize="int8")
+    pytest.importorskip("openvino")
+    export.export_openvino("m", tmp_path / "c")
+    assert recorded == [
+        (False, "model.onnx", {"format": "onnx", "quantized": None, "per_channel": None,
+                               "fp32_nodes": None}),
+        (False, "model.onnx", {"format": "onnx", "quantized": "int8", "per_channel": True,
+                               "fp32_nodes": list(export.FP32_NODES)}),
+        (False, "openvino_model.xml", {"format": "openvino", "quantized": None,
+                                       "precision": "f32", "calibration_texts": None,
+                                       "fp32_nodes": None})]
+
+
+def test_an_exporter_failure_names_it(tmp_path):
+    class Fails(torch.nn.Module):
+        def forward(self, x):
+            raise RuntimeError("cannot trace this")
+
+    with pytest.raises(Hm3Error, match="^torch.onnx could not export this model: .*cannot trace"):
+        export._torch_export(Fails(), (torch.ones(1, 2),), tmp_path / "x.onnx", ["x"], ["y"],
+                             {"x": {0: "batch"}})
+
+
+def test_nncf_is_given_every_calibration_text_in_batches_of_16(monkeypatch):
+    """NNCF stood in for: what it is given is tested (an int8 export calibrated on no data at
+    all still lands within the export test's bound on the tiny model)."""
+    nncf = pytest.importorskip("nncf")
+    seen = {}
+
+    def quantize(graph, dataset, **kwargs):
+        seen["items"] = list(dataset.get_inference_data())
+        seen.update(kwargs)
+        return "quantised"
+
+    monkeypatch.setattr(nncf, "quantize", quantize)
+    graph = SimpleNamespace(inputs=[SimpleNamespace(get_any_name=lambda n=n: n)
+                                    for n in ("input_ids", "attention_mask")])
+    encoded = []
+
+    def encode(texts):
+        encoded.append(list(texts))
+        return {"input_ids": torch.tensor([[len(t)] for t in texts]),
+                "attention_mask": torch.ones(len(texts), 1, dtype=torch.long),
+                "token_type_ids": torch.zeros(len(texts), 1, dtype=torch.long)}
+
+    texts = [f"t{i}" for i in range(35)]
+    classifier = SimpleNamespace(encode=encode)
+    assert export._nncf_int8(graph, classifier, texts, ("classifier", r"ffn/lin2")) == "quantised"
+    assert encoded == [texts[:16], texts[16:32], texts[32:]]
+    assert [sorted(item) for item in seen["items"]] == [["attention_mask", "input_ids"]] * 3
+    assert isinstance(seen["items"][0]["input_ids"], np.ndarray)
+    np.testing.assert_array_equal(seen["items"][2]["input_ids"], [[3], [3], [3]])
+    assert seen["subset_size"] == 35 and seen["model_type"] == nncf.ModelType.TRANSFORMER
+    scope = seen["ignored_scope"]
+    assert scope.patterns == [".*(?:classifier).*", ".*(?:ffn/lin2).*"]
+    assert scope.validate is False
