@@ -128,3 +128,24 @@ def test_bad_tune_options_are_named(tmp_path, block, message):
     with pytest.raises(Hm3Error, match=message):
         parse_recipe(recipe_dict(fam.base, fam.experts, "ties", calibration=fam.calibration,
                                  tune=block))
+
+
+def test_the_body_is_merged_before_the_heads_and_not_again_after_them(tmp_path, monkeypatch):
+    """The method merges once, in its stage: the head steps find the merged body, and no later
+    stage (joint included, when no step asks for it) merges over what they fitted."""
+    fam = family_with_texts(tmp_path, multi_label=())
+    plain = tensors(merge(parse_recipe(recipe_dict(fam.base, fam.experts, "ties",
+                                                   parameters={"density": 0.3})),
+                          tmp_path / "plain", progress=False).path)
+    seen = {}
+    step = get_step("align_heads")
+    monkeypatch.setattr(step, "apply", lambda run, options, real=step.apply: (
+        seen.update({k: v.clone() for k, v in run.model.state_dict().items()}),
+        real(run, options))[1])
+    raw = recipe_dict(fam.base, fam.experts, "ties", parameters={"density": 0.3},
+                      calibration=fam.calibration, **HEAD_STEPS)
+    after = tensors(merge(parse_recipe(raw), tmp_path / "heads", progress=False).path)
+    body = [name for name in plain if not name.startswith("classifier.")]
+    assert body and all(torch.equal(seen[name], plain[name]) for name in body)
+    assert all(torch.equal(after[name], plain[name]) for name in body)
+    assert not torch.equal(after["classifier.weight"], plain["classifier.weight"])
