@@ -207,9 +207,7 @@ class SafetensorsReader:
         entry = self.header[name]
         begin, end = entry["data_offsets"]
         size = out.element_size()
-        count = 1
-        for dim in entry["shape"]:
-            count *= dim
+        count = math.prod(entry["shape"])
         if (end - begin) != count * size:
             raise OSError(f"tensor {name}: {end - begin} bytes stored for shape {entry['shape']}")
         if start + out.numel() > count:
