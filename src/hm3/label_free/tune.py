@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 from tqdm.auto import tqdm
@@ -154,8 +155,5 @@ def _streams(groups, batches: dict[str, list[dict]]) -> list[_Stream]:
             same.tasks.append(group)
             continue
         sizes = [len(b["input_ids"]) for b in batches[group.name]]
-        offsets = [0]
-        for size in sizes:
-            offsets.append(offsets[-1] + size)
-        streams.append(_Stream([group], batches[group.name], offsets))
+        streams.append(_Stream([group], batches[group.name], [0, *accumulate(sizes)]))
     return streams
