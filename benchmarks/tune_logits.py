@@ -2,7 +2,8 @@
 preset merge (TIES, distill, head steps) built in memory, then the `tune` step
 (`hm3.label_free.tune`: the last `--blocks` blocks, 0 for all, and everything after them trained
 by Adam so that each task's logits match its expert's on that task's calibration texts), the
-head steps rerun, every variant scored on validation (test only for a new best).
+head steps rerun, every variant scored on validation (test only for a new best). `--teach all`:
+every expert teaches on every task's calibration texts, not only its own.
 
   .venv/bin/python benchmarks/tune_logits.py --zoo minilm --blocks 2 --steps 30 --lr 1e-5
 """
@@ -36,6 +37,7 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, nargs="+", default=[2])
     parser.add_argument("--steps", type=int, nargs="+", default=[30])
     parser.add_argument("--lr", type=float, nargs="+", default=[1e-5])
+    parser.add_argument("--teach", nargs="+", default=["own"], choices=("own", "all"))
     parser.add_argument("--best", type=float, default=None)
     args = parser.parse_args()
     if args.zoo == "mpnet":
@@ -70,11 +72,11 @@ def main() -> None:
     print(f"preset: validation {sum(val.values()) / len(val):.4f} {json.dumps(val)}", flush=True)
     for blocks in args.blocks:
         for steps in args.steps:
-            for lr in args.lr:
+            for lr, teach in ((lr, teach) for lr in args.lr for teach in args.teach):
                 model.load_state_dict(start)
                 started = time.perf_counter()
-                tune_model(model, sources.groups, calibrated,
-                           TuneOptions(steps=steps, lr=lr, blocks=blocks))
+                tune_model(model, sources, calibrated,
+                           TuneOptions(steps=steps, lr=lr, blocks=blocks, teach=teach))
                 tuned = score("validation")
                 head_steps(model, sources, calibrated)
                 refit = score("validation")
@@ -84,7 +86,7 @@ def main() -> None:
                     best = mean
                     row["tuned+head steps test"] = score("test")
                 means = {k: round(sum(v.values()) / len(v), 4) for k, v in row.items()}
-                print(f"blocks {blocks} steps {steps} lr {lr} "
+                print(f"blocks {blocks} steps {steps} lr {lr} teach {teach} "
                       f"({time.perf_counter() - started:.0f}s): {json.dumps(means)} "
                       f"{json.dumps(row)}", flush=True)
 

@@ -4,12 +4,16 @@ sample taught in one pass; its recipe block."""
 
 import pytest
 import torch
+import yaml
 from test_distill import ENCODERS_WITH_HIDDEN_HEAD, TASKS, family_with_texts
 
 from hm3 import Hm3Error, merge, parse_recipe
+from hm3.engine import open_sources
 from hm3.label_free import get_step, step_names
+from hm3.label_free.calibration import expert_classifier, run_batches
 from hm3.label_free.stream import NOTHING_TO_CORRECT
-from hm3.label_free.tune import TuneOptions, _streams
+from hm3.label_free.tune import TuneOptions, _streams, _taught_by_all
+from hm3.pipeline import calibrate
 
 from conftest import recipe_dict
 from test_label_free import tensors
@@ -96,7 +100,8 @@ def test_a_shared_sample_is_one_stream_taught_by_every_expert(tmp_path):
     shared = [{"input_ids": torch.zeros(2, 3)}, {"input_ids": torch.zeros(3, 3)}]
     own = [{"input_ids": torch.zeros(4, 3)}]
     groups = [type("G", (), {"name": n})() for n in ("a", "b", "c")]
-    streams = _streams(groups, {"a": shared, "b": own, "c": shared})
+    logits = {n: torch.zeros(1) for n in "abc"}
+    streams = _streams(groups, {"a": shared, "b": own, "c": shared}, logits)
     assert [[g.name for g in s.tasks] for s in streams] == [["a", "c"], ["b"]]
     assert [s.offsets for s in streams] == [[0, 2, 5], [0, 4]]
 
@@ -114,7 +119,7 @@ def test_tune_runs_last_and_its_block_round_trips(tmp_path):
     recipe = parse_recipe(recipe_dict(fam.base, fam.experts, "ties",
                                       calibration=fam.calibration, tune=True))
     assert recipe.label_free.step("tune") == TuneOptions()
-    assert recipe.to_dict()["tune"] == {"steps": 48, "lr": 1e-5, "blocks": 0}
+    assert recipe.to_dict()["tune"] == {"steps": 48, "lr": 1e-5, "blocks": 0, "teach": "own"}
 
 
 @pytest.mark.parametrize("block, message", [
@@ -122,6 +127,7 @@ def test_tune_runs_last_and_its_block_round_trips(tmp_path):
     ({"blocks": 1.5}, r"tune.blocks: expected a whole number of at least 0, got 1.5"),
     ({"lr": 0}, r"tune.lr: expected a positive number"),
     ({"steps": 0}, r"tune.steps: expected a positive integer, got 0"),
+    ({"teach": "some"}, r"tune.teach: expected one of own, all, got 'some'"),
 ])
 def test_bad_tune_options_are_named(tmp_path, block, message):
     fam = family_with_texts(tmp_path, multi_label=())
@@ -149,3 +155,55 @@ def test_the_body_is_merged_before_the_heads_and_not_again_after_them(tmp_path, 
     assert body and all(torch.equal(seen[name], plain[name]) for name in body)
     assert all(torch.equal(after[name], plain[name]) for name in body)
     assert not torch.equal(after["classifier.weight"], plain["classifier.weight"])
+
+
+# --- every expert teaching on every task's texts (`teach: all`) -------------------------------
+
+def calibrated_family(fam):
+    sources = open_sources(parse_recipe(recipe_dict(fam.base, fam.experts, "ties",
+                                                    calibration=fam.calibration, tune=True)))
+    return sources, calibrate(sources)
+
+
+def test_teach_all_gives_every_stream_every_experts_logits_on_its_texts(tmp_path):
+    fam = family_with_texts(tmp_path, multi_label=())
+    sources, calibrated = calibrated_family(fam)
+    own = _streams(sources.groups, calibrated.batches, calibrated.expert_logits)
+    streams = _taught_by_all(own, sources, "cpu", progress=False)
+    names = [g.name for g in sources.groups]
+    assert len(streams) == len(names) == 3
+    for stream, task in zip(streams, names):
+        assert [g.name for g in stream.tasks] == names
+        assert stream.batches is calibrated.batches[task]
+        assert stream.targets[task] is calibrated.expert_logits[task]  # not run again
+    for spec, checkpoint in zip(sources.recipe.experts, sources.experts):
+        expert = expert_classifier(checkpoint)
+        with torch.no_grad():
+            for stream in streams:
+                expected = run_batches(expert, stream.batches)
+                assert stream.targets[spec.task].shape == expected.shape
+                torch.testing.assert_close(stream.targets[spec.task], expected, rtol=0, atol=0)
+    assert [[g.name for g in s.tasks] for s in own] == [[n] for n in names]  # left as they were
+
+
+def test_teach_all_on_a_shared_sample_runs_no_expert_again(tmp_path, monkeypatch):
+    fam = family_with_texts(tmp_path, multi_label=(), shared=True)
+    sources, calibrated = calibrated_family(fam)
+    own = _streams(sources.groups, calibrated.batches, calibrated.expert_logits)
+    monkeypatch.setattr("hm3.label_free.tune.expert_classifier",
+                        lambda *a: pytest.fail("an expert was run again"))
+    assert _taught_by_all(own, sources, "cpu", progress=False) is own
+
+
+def test_teach_all_tunes_on_the_other_tasks_texts_too(tmp_path):
+    fam = family_with_texts(tmp_path)  # one task multi-label
+    alone = tune_merge(fam, tmp_path / "own", heads=False)
+    taught = tune_merge(fam, tmp_path / "all", heads=False, teach="all")
+    entry = taught.label_free.to_dict()["tune"]
+    assert entry["kl_after"] < entry["kl_before"]
+    # the first batches' KL now also counts every expert on the other tasks' texts
+    assert entry["kl_before"] != alone.label_free.to_dict()["tune"]["kl_before"]
+    first, second = tensors(alone.path), tensors(taught.path)
+    assert any(not torch.equal(first[name], second[name]) for name in first)
+    written = yaml.safe_load((taught.path / "hm3_recipe.yaml").read_text())
+    assert written["tune"]["teach"] == "all"

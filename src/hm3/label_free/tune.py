@@ -10,6 +10,11 @@ the KL divergence from each expert's logits to the merged model's logits for tha
 every task's calibration texts, in turn. Tasks that read one shared sample are all taught on
 every text of it (one forward pass for all of them). The embeddings are not trained.
 
+With `teach: all` every expert teaches on every task's calibration texts, not only its own: the
+experts run once more over the other tasks' texts, and each step's batch of a task's texts is
+matched to every expert's logits on it. A merge should reproduce each expert on any text, and
+the other tasks' texts multiply what each expert teaches on.
+
 Training many weights on a few hundred texts per task can fit those texts rather than the task,
 so the defaults are small steps (lr 1e-5) for few steps (48), picked on validation
 (benchmarks/RESULTS.md §10, where the measurements on both zoos are).
@@ -24,7 +29,16 @@ from itertools import accumulate
 import torch
 from tqdm.auto import tqdm
 
-from hm3.label_free.registry import Step, StepRun, non_negative_int, option, positive, positive_int
+from hm3.label_free.calibration import expert_classifier, run_batches
+from hm3.label_free.registry import (
+    Step,
+    StepRun,
+    non_negative_int,
+    one_of,
+    option,
+    positive,
+    positive_int,
+)
 from hm3.label_free.stream import NOTHING_TO_CORRECT, find_blocks, logit_kl, model_logits
 
 
@@ -36,6 +50,9 @@ class TuneOptions:
     lr: float = option(1e-5, positive, "Adam's learning rate")
     blocks: int = option(0, non_negative_int,
                          "the last N blocks trained with the heads (0: every block)")
+    teach: str = option("own", one_of("own", "all"),
+                        "whose texts each expert teaches on: its task's own (own) or every "
+                        "task's (all; the experts run over the others' texts first)")
 
 
 @dataclass
@@ -68,26 +85,29 @@ class Tune(Step):
     needs = ("expert_logits",)
 
     def apply(self, run: StepRun, options: TuneOptions) -> TuneReport:
-        return tune_model(run.model, run.sources.groups, run.calibrated, options, run.progress)
+        return tune_model(run.model, run.sources, run.calibrated, options, run.progress)
 
 
 @dataclass
 class _Stream:
-    """Calibration batches read by one or more tasks, and where each batch's texts are in the
-    experts' logits."""
+    """Calibration batches, the tasks taught on them with their experts' logits on every text,
+    and where each batch's texts are in those logits."""
 
     tasks: list
     batches: list[dict]
     offsets: list[int]
+    targets: dict[str, torch.Tensor]
 
 
-def tune_model(model: torch.nn.Module, groups, calibrated, options: TuneOptions,
+def tune_model(model: torch.nn.Module, sources, calibrated, options: TuneOptions,
                progress: bool = False) -> TuneReport:
-    """Train `model` in place (see the module docstring). `groups`: the merge's task groups;
-    `calibrated`: the calibration batches and the experts' logits on them."""
+    """Train `model` in place (see the module docstring). `sources`: the merge's experts and
+    task groups; `calibrated`: the calibration batches and the experts' logits on them."""
     started = time.perf_counter()
-    streams = _streams(groups, calibrated.batches)
-    targets = calibrated.expert_logits
+    groups = sources.groups
+    streams = _streams(groups, calibrated.batches, calibrated.expert_logits)
+    if options.teach == "all":
+        streams = _taught_by_all(streams, sources, calibrated.device, progress)
     stack = find_blocks(model)[1]
     blocks = len(stack) if options.blocks == 0 else min(options.blocks, len(stack))
     trained = trained_parameters(model, blocks)
@@ -95,13 +115,14 @@ def tune_model(model: torch.nn.Module, groups, calibrated, options: TuneOptions,
     def loss(stream: _Stream, index: int) -> torch.Tensor:
         logits = model_logits(model, stream.batches[index])
         rows = slice(stream.offsets[index], stream.offsets[index + 1])
-        return sum(logit_kl(logits[:, g.offset:g.stop], targets[g.name][rows], None,
+        return sum(logit_kl(logits[:, g.offset:g.stop], stream.targets[g.name][rows], None,
                             g.multi_label) for g in stream.tasks)
 
     def first_batches_kl() -> float:
         with torch.no_grad():
-            return float(sum(loss(s, 0) for s in streams)) / len(groups)
+            return float(sum(loss(s, 0) for s in streams)) / weight
 
+    weight = sum(len(s.tasks) for s in streams)  # every (task, text) pair counts the same
     was_training = model.training
     model.eval()  # no dropout: the experts' logits were taken without it
     before = first_batches_kl()
@@ -117,7 +138,7 @@ def tune_model(model: torch.nn.Module, groups, calibrated, options: TuneOptions,
             for step in tqdm(range(steps), desc="tune", unit="step", disable=not progress):
                 optimiser.zero_grad()
                 for stream in streams:  # gradients add up over the tasks, one graph at a time
-                    (loss(stream, step % len(stream.batches)) / len(groups)).backward()
+                    (loss(stream, step % len(stream.batches)) / weight).backward()
                 optimiser.step()
     finally:
         for p, grad in frozen.items():
@@ -146,14 +167,39 @@ def trained_parameters(model: torch.nn.Module, blocks: int) -> list[torch.nn.Par
     return out
 
 
-def _streams(groups, batches: dict[str, list[dict]]) -> list[_Stream]:
+def _streams(groups, batches: dict[str, list[dict]], logits: dict[str, torch.Tensor]
+             ) -> list[_Stream]:
     """One stream per list of batches (tasks that share one sample share a stream)."""
     streams: list[_Stream] = []
     for group in groups:
         same = next((s for s in streams if s.batches is batches[group.name]), None)
-        if same is not None:
-            same.tasks.append(group)
-            continue
-        sizes = [len(b["input_ids"]) for b in batches[group.name]]
-        streams.append(_Stream([group], batches[group.name], [0, *accumulate(sizes)]))
+        if same is None:
+            sizes = [len(b["input_ids"]) for b in batches[group.name]]
+            same = _Stream([], batches[group.name], [0, *accumulate(sizes)], {})
+            streams.append(same)
+        same.tasks.append(group)
+        same.targets[group.name] = logits[group.name]
     return streams
+
+
+def _taught_by_all(streams: list[_Stream], sources, device: str, progress: bool
+                   ) -> list[_Stream]:
+    """The streams with every task taught on each: each expert run (one in memory at a time)
+    over the streams its task does not read."""
+    groups = sources.groups
+    pairs = list(zip(sources.recipe.experts, sources.experts))
+    missing = sum(len(streams) - sum(spec.task in s.targets for s in streams) for spec, _ in pairs)
+    if not missing:
+        return streams
+    out = [_Stream(list(groups), s.batches, s.offsets, dict(s.targets)) for s in streams]
+    for spec, checkpoint in tqdm(pairs, desc="tune: experts on the other tasks' texts",
+                                 unit="expert", disable=not progress):
+        others = [s for s in out if spec.task not in s.targets]
+        if not others:
+            continue
+        expert = expert_classifier(checkpoint, device)
+        with torch.no_grad():
+            for stream in others:
+                stream.targets[spec.task] = run_batches(expert, stream.batches)
+        del expert
+    return out
