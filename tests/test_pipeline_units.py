@@ -1,25 +1,41 @@
-"""The pipeline's bookkeeping without a merge: the label-free report as config.json holds it and
-as the command line prints it, the held-out texts a recipe names, where the steps run."""
+"""The pipeline's bookkeeping: the label-free report as config.json holds it and as the command
+line prints it, the held-out texts a recipe names, where the steps run; the stages in order with
+stand-in steps (what merges when, what each step is handed); and, on a tiny model, the head steps
+alone against the merge's own, `calibrate` and what `label_free_model` reports."""
 
 from __future__ import annotations
 
 import json
+import time
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from hm3 import pipeline
+from hm3.data.calibration import Calibration, text_hash
+from hm3.engine import TaskVectorSquares, build_model, merge_into, open_sources
+from hm3.errors import Hm3Error, Hm3Warning
+from hm3.label_free.heads_stage import FOLDS
+from hm3.label_free.lewis import LewisScores
 from hm3.label_free.recentre import RecentreReport
 from hm3.pipeline import (
     LabelFreeReport,
     StepsDone,
+    calibrate,
+    calibration_fidelity,
     check_steps,
     head_steps,
+    label_free_model,
     merge_in_memory,
     recipe_held_out,
     step_device,
+    warn_low_held_out,
 )
 from hm3.recipe import parse_recipe
+
+from conftest import WORDS, build_family, logits_tolerance, random_texts, recipe_dict
 
 CALIBRATION = {"tone": {"texts": 40, "sources": [
                    {"path": "tone.txt", "shared": False, "texts": 30},
@@ -251,3 +267,187 @@ def test_each_step_checks_its_own_options_before_any_work(monkeypatch):
     check_steps(sources)
     assert events == [("check", "lewis", "as given", "lewis options"),
                       ("check", "recentre", "as given", "recentre options")]
+
+
+# --- the steps on a tiny model ----------------------------------------------------------------
+
+TASKS = {"sentiment": ["negative", "positive"], "topic": ["news", "sport", "film"]}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny family and a recipe with both head steps: sentiment reads 12 texts of its own (the
+    limit), topic 12 of a shared sample; heads merged like the body, texts cut at 24 tokens."""
+    root = tmp_path_factory.mktemp("pipeline")
+    base, experts = build_family(root, TASKS)
+    texts = random_texts(36, seed=5)
+    (root / "own.txt").write_text("\n".join(texts[:12]) + "\n")
+    (root / "traffic.txt").write_text("\n".join(texts[12:]) + "\n")
+    raw = recipe_dict(base, experts, "ties", parameters={"density": 0.5}, heads="merge",
+                      align_heads=True, recentre=True,
+                      calibration={"texts": {"sentiment": str(root / "own.txt")},
+                                   "shared": str(root / "traffic.txt"), "limit": 12,
+                                   "max_length": 24, "batch_size": 5})
+    return SimpleNamespace(root=root, base=base, experts=experts, texts=texts, raw=raw)
+
+
+def test_head_steps_on_the_merged_model_do_what_the_merge_in_memory_does(tiny, one_thread):
+    sources = open_sources(parse_recipe(tiny.raw))
+    with pytest.warns(Hm3Warning, match="only 12"):  # few texts: fine for a tiny model
+        calibrated = calibrate(sources)
+    by_hand = build_model(sources)
+    merge_into(by_hand, sources)
+    merged = {name: tensor.clone() for name, tensor in by_hand.state_dict().items()}
+    inputs_by_hand: dict = {}
+    by_hand_done = head_steps(by_hand, sources, calibrated, held_out_folds=3,
+                              inputs_out=inputs_by_hand)
+    model, inputs = build_model(sources), {}
+    _, done = merge_in_memory(model, sources, calibrated, held_out_folds=3, head_inputs=inputs)
+    assert list(done.reports) == ["align_heads", "recentre"]
+    assert by_hand_done.reports == done.reports and by_hand_done.held_out == done.held_out
+    assert done.held_out["folds"] == 3 and set(done.held_out["tasks"]) == set(TASKS)
+    assert set(inputs) == set(TASKS)
+    assert all(torch.equal(inputs_by_hand[task], inputs[task]) for task in TASKS)
+    state = model.state_dict()
+    assert all(torch.equal(by_hand.state_dict()[name], state[name]) for name in state)
+    head = sources.heads[0]
+    assert not torch.equal(state[head.weight], merged[head.weight])  # the steps refitted it
+    assert all(torch.equal(state[name], merged[name]) for name in state
+               if not name.startswith("classifier."))  # ... and nothing of the body
+    # the fidelity block: from the head inputs as from a pass of the whole model, the experts'
+    # logits recomputed when not kept
+    from_inputs = calibration_fidelity(model, sources, calibrated, inputs)
+    assert {key: from_inputs[key] for key in ("texts", "optimistic", "note")} == {
+        "texts": "calibration", "optimistic": True,
+        "note": "measured on the texts the label-free steps were fitted to, so optimistic; run "
+                "`hm3 check` on texts the merge has not seen"}
+    whole_pass = calibration_fidelity(model, sources, replace(calibrated, expert_logits=None))
+    for task in TASKS:
+        assert from_inputs["tasks"][task]["n"] == 12
+        assert from_inputs["tasks"][task] == pytest.approx(whole_pass["tasks"][task], abs=1e-5)
+
+
+def test_calibrate_reads_given_texts_with_the_experts_tokenizer_and_runs_only_what_is_asked(
+        tiny, one_thread, capfd):
+    from transformers import AutoModelForSequenceClassification
+
+    sources = open_sources(parse_recipe(tiny.raw))
+    expert = AutoModelForSequenceClassification.from_pretrained(tiny.experts["sentiment"]).eval()
+    given = Calibration({"sentiment": ["good film", "bad film today", "free money"],
+                         "topic": ["sport news"]}, {"sentiment": {"texts": 3},
+                                                    "topic": {"texts": 1}})
+    capfd.readouterr()
+    calibrated = calibrate(sources, calibration=given, device="cpu:0")
+    assert capfd.readouterr().err == ""  # no progress bars unless asked for
+    assert calibrated.calibration is given and calibrated.device == "cpu:0"
+    vocabulary = {word: i for i, word in enumerate(WORDS, start=5)}
+    assert calibrated.tokenizer("good film")["input_ids"] == [
+        2, vocabulary["good"], vocabulary["film"], 3]
+    assert [len(b["input_ids"]) for b in calibrated.batches["sentiment"]] == [3]
+    assert calibrated.lewis is None  # no step of the recipe needs LEWIS's importances
+    # the logits come in the batches' order: the texts by length
+    encoded = calibrated.tokenizer(["good film", "free money", "bad film today"], padding=True,
+                                   return_tensors="pt")
+    with torch.no_grad():
+        expected = expert(**encoded).logits
+    assert calibrated.expert_logits["sentiment"].shape == (3, 2)
+    assert calibrated.expert_logits["topic"].shape == (1, 3)
+    assert torch.allclose(calibrated.expert_logits["sentiment"], expected,
+                          atol=logits_tolerance(expert, **encoded), rtol=0)
+    bare = calibrate(sources, calibration=given, expert_logits=False)
+    assert bare.expert_logits is None and bare.lewis is None and bare.device == "cpu"
+    scored = calibrate(sources, calibration=given, expert_logits=False, lewis_scores=True)
+    assert isinstance(scored.lewis, LewisScores) and scored.expert_logits is None
+    with_lewis = open_sources(parse_recipe({**tiny.raw, "lewis": {}}))
+    assert isinstance(calibrate(with_lewis, calibration=given, expert_logits=False).lewis,
+                      LewisScores)  # the recipe's steps need them: measured by default
+    assert capfd.readouterr().err == ""
+    with pytest.warns(Hm3Warning, match="1 also appear"):
+        read = calibrate(sources, held_out={"sentiment": [tiny.texts[12].upper()]},
+                         expert_logits=False)
+    assert read.calibration.texts["topic"] == tiny.texts[13:25]  # held out of every task
+
+
+def test_label_free_model_reports_the_recipe_the_calibration_and_the_task_vectors(
+        tiny, one_thread, monkeypatch, capfd):
+    """The report holds the recipe's head mode and max_length, where each task's texts came from
+    and their hashes; the held-out warning is told which tasks read the shared sample; the task
+    vectors' sizes reach the caller as a plain merge measures them."""
+    sources = open_sources(parse_recipe(tiny.raw))
+    told = []
+    monkeypatch.setattr(pipeline, "warn_low_held_out",
+                        lambda held_out, shared: told.append((held_out, shared)))
+    squares = TaskVectorSquares.zeros(2)
+    capfd.readouterr()
+    started = time.process_time(), time.perf_counter()
+    with pytest.warns(Hm3Warning, match="only 12"):
+        model, final, report = label_free_model(sources, squares=squares,
+                                                held_out={"topic": [tiny.texts[12]]})
+    cpu, wall = time.process_time() - started[0], time.perf_counter() - started[1]
+    assert capfd.readouterr().err == ""  # no progress bars unless asked for
+    # the seconds recorded, to a tenth, are those of the call
+    assert isinstance(report.cpu_seconds, float) and isinstance(report.seconds, float)
+    assert 0 < report.cpu_seconds <= cpu + 0.05 and 0 < report.seconds <= wall + 0.05
+    assert report.cpu_seconds == round(report.cpu_seconds, 1)
+    assert report.seconds == round(report.seconds, 1)
+    assert final.recipe == sources.recipe
+    assert (report.heads, report.max_length) == ("merge", 24)
+    own, traffic = str(tiny.root / "own.txt"), str(tiny.root / "traffic.txt")
+    assert {task: (entry["path"], entry["texts"], entry["sources"])
+            for task, entry in report.calibration.items()} == {
+        "sentiment": (own, 12, [{"path": own, "shared": False, "texts": 12},
+                                {"path": traffic, "shared": True, "texts": 0}]),
+        "topic": (traffic, 12, [{"path": traffic, "shared": True, "texts": 12}])}
+    assert report.calibration["topic"]["held_out_removed"] == 1
+    assert report.calibration_hashes == {
+        "sentiment": [text_hash(t) for t in tiny.texts[:12]],
+        "topic": [text_hash(t) for t in tiny.texts[13:25]]}
+    assert list(report.steps) == ["align_heads", "recentre"]
+    assert report.fidelity["held_out"]["folds"] == FOLDS
+    assert told == [(report.fidelity["held_out"], {"topic"})]
+    plain = TaskVectorSquares.zeros(2)
+    merge_into(build_model(sources), sources, squares=plain)
+    assert squares.tau == pytest.approx(plain.tau) and squares.base == pytest.approx(plain.base)
+    assert min(squares.tau) > 0
+    given = Calibration({"sentiment": tiny.texts[:6], "topic": tiny.texts[6:12]},
+                        {"sentiment": {"texts": 6}, "topic": {"texts": 6}})
+    told.clear()
+    _, _, report = label_free_model(sources, calibration=given)
+    assert report.calibration == given.provenance
+    assert report.calibration_hashes["topic"] == [text_hash(t) for t in tiny.texts[6:12]]
+    assert told[0][1] == set()  # no task read a shared sample
+
+
+# --- reports of earlier versions, the held-out warnings' words, a recipe's own tasks -------------
+
+def test_a_report_of_an_earlier_version_without_sources_reads_and_summarises():
+    report = LabelFreeReport.from_dict({"heads": "merge", "calibration": {"tone": {"texts": 5}},
+                                        "max_length": 32})
+    assert (report.heads, report.max_length) == ("merge", 32)
+    assert report.summary() == "label-free steps (0s): heads merge; calibration texts: tone 5"
+
+
+def test_the_held_out_warnings_name_every_low_task_with_its_bar_and_what_to_do():
+    held_out = {"tasks": {"tone": {"agreement": 0.8}, "spam": {"agreement": 0.5},
+                          "topic": {"agreement": 0.7}, "tags": {"agreement": 0.55},
+                          "lang": {"agreement": 0.95}}}
+    with pytest.warns(Hm3Warning) as record:
+        warn_low_held_out(held_out, shared={"topic", "tags", "lang"})
+    assert [str(w.message) for w in record] == [
+        "held out from the head steps, the merged model agrees with the expert on less than "
+        "90% of calibration texts for tone 80.0%, spam 50.0%: more calibration texts of those "
+        "tasks' own domain may help; run `hm3 check` on other texts before deploying",
+        "held out from the head steps, the merged model agrees with the expert on less than "
+        "60% of the shared calibration sample for tags 55.0%: texts outside a task's domain "
+        "count there too, but this is low; run `hm3 check` on texts of those tasks' own domain "
+        "before deploying, or calibrate them on such texts (`texts: {TASK: FILE}`)"]
+
+
+def test_a_recipe_changed_in_code_has_its_data_tasks_checked_again(tmp_path):
+    """`recipe_held_out` reads the data block against the recipe's tasks: a block naming another
+    task (put there after parsing) is an error, not texts held out for nobody."""
+    (tmp_path / "c.jsonl").write_text(json.dumps({"text": "c test", "label": "x"}) + "\n")
+    recipe = parse_recipe({"base": "org/base", "experts": [
+        {"model": "org/a", "task": "a"}, {"model": "org/b", "task": "b"}]}, root=tmp_path)
+    with pytest.raises(Hm3Error, match=r"^data\.c: unknown task 'c'; known tasks are a, b$"):
+        recipe_held_out(replace(recipe, data={"c": "c.jsonl"}))
