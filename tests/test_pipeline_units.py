@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from hm3 import pipeline
+from hm3.check import CALIBRATION_TEXTS
 from hm3.data.calibration import Calibration, text_hash
 from hm3.engine import TaskVectorSquares, build_model, merge_into, open_sources
 from hm3.errors import Hm3Error, Hm3Warning
@@ -28,6 +31,7 @@ from hm3.pipeline import (
     check_steps,
     head_steps,
     label_free_model,
+    merge,
     merge_in_memory,
     recipe_held_out,
     step_device,
@@ -451,3 +455,50 @@ def test_a_recipe_changed_in_code_has_its_data_tasks_checked_again(tmp_path):
         {"model": "org/a", "task": "a"}, {"model": "org/b", "task": "b"}]}, root=tmp_path)
     with pytest.raises(Hm3Error, match=r"^data\.c: unknown task 'c'; known tasks are a, b$"):
         recipe_held_out(replace(recipe, data={"c": "c.jsonl"}))
+
+
+def test_merge_writes_the_steps_model_and_reports_what_it_wrote(tiny, tmp_path, one_thread,
+                                                                  capfd):
+    """A label-free merge writes the model its steps left (the body as the plain merge's, the
+    head refitted), the hashes of its calibration texts, and reports its folder, tensor count,
+    seconds and each expert's task-vector size as the plain merge measures it."""
+    steps = ("align_heads", "recentre", "calibration")
+    plain_recipe = parse_recipe({k: v for k, v in tiny.raw.items() if k not in steps})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no calibration block, nothing to warn about
+        plain = merge(plain_recipe, tmp_path / "plain", progress=False)
+    capfd.readouterr()
+    started = time.perf_counter()
+    with pytest.warns(Hm3Warning, match="only 12"):
+        report = merge(parse_recipe(tiny.raw), tmp_path / "steps", progress=False)
+    wall = time.perf_counter() - started
+    assert capfd.readouterr().err == ""
+    assert report.path == (tmp_path / "steps").resolve() and 0 < report.seconds <= wall
+    written = load_file(str(tmp_path / "steps" / "model.safetensors"))
+    assert report.tensors == plain.tensors == len(written)
+    plain_written = load_file(str(tmp_path / "plain" / "model.safetensors"))
+    sources = open_sources(parse_recipe(tiny.raw))
+    with pytest.warns(Hm3Warning, match="only 12"):
+        model, _, _ = label_free_model(sources)
+    head = sources.heads[0]
+    assert torch.equal(written[head.weight], model.state_dict()[head.weight])
+    assert not torch.equal(written[head.weight], plain_written[head.weight])
+    assert all(torch.equal(written[name], plain_written[name]) for name in written
+               if not name.startswith("classifier."))
+    # |expert - base| / |base| over the base's tensors, from the files
+    base = load_file(str(tiny.base / "model.safetensors"))
+    by_hand = {}
+    for task, folder in tiny.experts.items():
+        expert = load_file(str(folder / "model.safetensors"))
+        tau = sum(float((expert[f"bert.{name}"] - base[name]).double().pow(2).sum())
+                  for name in base)
+        by_hand[task] = (tau / sum(float(t.double().pow(2).sum()) for t in base.values())) ** 0.5
+    assert plain.task_vector_norms == pytest.approx(by_hand, rel=1e-4)
+    assert report.task_vector_norms == pytest.approx(by_hand, rel=1e-4)
+    assert json.loads((tmp_path / "steps" / CALIBRATION_TEXTS).read_text()) == {
+        "hash": "sha256 of the case-folded, whitespace-collapsed text, first 16 hex digits",
+        "tasks": report.label_free.calibration_hashes}
+    with pytest.raises(Hm3Error, match="already exists"):
+        merge(plain_recipe, tmp_path / "plain", progress=False)
+    again = merge(plain_recipe, tmp_path / "plain", overwrite=True, progress=False)
+    assert again.task_vector_norms == plain.task_vector_norms
