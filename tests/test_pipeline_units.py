@@ -500,5 +500,7 @@ def test_merge_writes_the_steps_model_and_reports_what_it_wrote(tiny, tmp_path, 
         "tasks": report.label_free.calibration_hashes}
     with pytest.raises(Hm3Error, match="already exists"):
         merge(plain_recipe, tmp_path / "plain", progress=False)
-    again = merge(plain_recipe, tmp_path / "plain", overwrite=True, progress=False)
+    capfd.readouterr()
+    again = merge(plain_recipe, tmp_path / "plain", overwrite=True)
     assert again.task_vector_norms == plain.task_vector_norms
+    assert "merging" in capfd.readouterr().err  # progress shown unless turned off
