@@ -91,7 +91,10 @@ def test_a_calibration_block_no_step_uses_is_warned_about(fam, tmp_path):
     texts.write_text("good film\nfree money\n")
     raw = recipe_dict(base, experts, "ties",
                       calibration={"texts": {task: str(texts) for task in TASKS}})
-    with pytest.warns(Hm3Warning, match="calibration.*not used"):
+    with pytest.warns(Hm3Warning, match=r"^the recipe's `calibration:` texts are not used: no "
+                                        r"step reads them \(add lewis, coefficients, regmean, "
+                                        r"distill, align_heads, recentre or tune, or drop the "
+                                        r"block\)$"):
         merge(parse_recipe(raw), tmp_path / "out", progress=False)
 
 
@@ -111,6 +114,7 @@ def test_merge_keeps_the_recipes_own_test_data_out_of_calibration_and_says_so(fa
     with pytest.warns(Hm3Warning, match="calibration texts of topic: 11 also appear in the "
                                         "held-out"):
         report = merge(hm3.load_recipe(recipe_path), tmp_path / "out", progress=False)
+    assert (tmp_path / "out" / "lewis_densities.png").exists()  # the step's own file
     provenance = report.label_free.to_dict()["calibration"]
     assert provenance["topic"]["held_out_removed"] == 11
     assert provenance["topic"]["texts"] == len(calibration) - 11
