@@ -221,18 +221,21 @@ def main() -> int:
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     for group in args.groups or list(GROUPS):
         if args.collect:
-            results[group] = summary(group, statuses(args.collect / group), None)
+            entry = summary(group, statuses(args.collect / group), None)
         elif args.survivors:
             # a partial run's survivors too: the mutants it did not run stay not run
             if group not in results or "surviving" not in results[group]:
                 parser.error(f"{group}: no run recorded to take the survivors from")
-            results[group] = run_group(group, args.children, args.keep, results[group],
-                                       args.tests)
+            entry = run_group(group, args.children, args.keep, results[group], args.tests)
         else:
-            results[group] = run_group(group, args.children, args.keep, None)
+            entry = run_group(group, args.children, args.keep, None)
+        if entry["score"] is None:  # mutmut stopped before any mutant (its output says why)
+            print(f"{group}: no mutant was run, so nothing is recorded; mutmut's output above "
+                  f"says why (often: a test fails on the unmutated code)", file=sys.stderr)
+            return 1
+        results[group] = entry
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-        entry = results[group]
         print(f"{group}: {entry['killed']} of {entry['run']} mutants run killed "
               f"(score {entry['score']:.1%}; {entry['mutants']} mutants in all); "
               f"{len(entry['surviving'])} not killed")

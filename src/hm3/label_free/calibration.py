@@ -129,8 +129,8 @@ def expert_classifier(checkpoint, device: str = "cpu") -> torch.nn.Module:
 
 def experts_logits(sources: Sources, batches: dict[str, list[dict]], progress: bool = False,
                    device: str = "cpu") -> dict[str, torch.Tensor]:
-    """Each expert's logits on its task's batches, in text order, on the CPU (one expert in
-    memory at a time, run on `device`)."""
+    """Each expert's logits on its task's batches, in the batches' order (their texts sorted by
+    length), on the CPU (one expert in memory at a time, run on `device`)."""
     out = {}
     pairs = list(zip(sources.recipe.experts, sources.experts))
     for spec, checkpoint in tqdm(pairs, desc="experts on calibration texts", unit="expert",
