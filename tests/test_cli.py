@@ -4,6 +4,7 @@ writes against values computed here with plain transformers, numpy and scikit-le
 from __future__ import annotations
 
 import csv
+import gc
 import json
 import os
 import random
@@ -410,3 +411,27 @@ def test_merge_never_imports_transformers_which_is_quiet_once_a_command_does(tin
                           env={**env, "PYTHONPATH": SRC}, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-2:] == ["False", "True False"], done.stdout
+
+
+# --- start-up --------------------------------------------------------------------------------
+
+def test_a_command_imports_torch_with_the_collector_paused_and_freezes_it(tmp_path):
+    """In a fresh process, `main` imports torch with the cyclic collector off, freezes what the
+    import made (later collections skip it) and turns the collector back on."""
+    script = (
+        "import gc, sys\n"
+        "from hm3.cli import main\n"
+        "assert 'torch' not in sys.modules\n"
+        f"code = main(['merge', {str(tmp_path / 'missing.yaml')!r}, '-o', {str(tmp_path)!r}])\n"
+        "print(code, gc.isenabled(), gc.get_freeze_count() > 100_000, 'torch' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, check=True)
+    assert done.stdout.split() == ["2", "True", "True", "True"], done.stderr
+    assert "missing.yaml" in done.stderr
+
+
+def test_a_process_that_has_torch_freezes_nothing_of_its_own(tmp_path):
+    frozen = gc.get_freeze_count()
+    assert main(["merge", str(tmp_path / "missing.yaml"), "-o", str(tmp_path / "out")]) == 2
+    assert gc.get_freeze_count() == frozen and gc.isenabled()
