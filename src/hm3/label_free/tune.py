@@ -112,6 +112,7 @@ def tune_model(model: torch.nn.Module, sources, calibrated, options: TuneOptions
     stack = find_blocks(model)[1]
     blocks = len(stack) if options.blocks == 0 else min(options.blocks, len(stack))
     trained = trained_parameters(model, blocks)
+    weight = sum(len(s.tasks) for s in streams)  # every (task, text) pair counts the same
 
     def loss(stream: _Stream, index: int) -> torch.Tensor:
         logits = model_logits(model, stream.batches[index])
@@ -123,7 +124,6 @@ def tune_model(model: torch.nn.Module, sources, calibrated, options: TuneOptions
         with torch.no_grad():
             return float(sum(loss(s, 0) for s in streams)) / weight
 
-    weight = sum(len(s.tasks) for s in streams)  # every (task, text) pair counts the same
     was_training = model.training
     model.eval()  # no dropout: the experts' logits were taken without it
     before = first_batches_kl()
@@ -187,12 +187,10 @@ def _taught_by_all(streams: list[_Stream], sources, device: str, progress: bool
                    ) -> list[_Stream]:
     """The streams with every task taught on each: each expert run (one in memory at a time)
     over the streams its task does not read."""
-    groups = sources.groups
     pairs = list(zip(sources.recipe.experts, sources.experts))
-    missing = sum(len(streams) - sum(spec.task in s.targets for s in streams) for spec, _ in pairs)
-    if not missing:
+    if all(spec.task in s.targets for s in streams for spec, _ in pairs):
         return streams
-    out = [_Stream(list(groups), s.batches, s.offsets, dict(s.targets)) for s in streams]
+    out = [_Stream(list(sources.groups), s.batches, s.offsets, dict(s.targets)) for s in streams]
     for spec, checkpoint in tqdm(pairs, desc="tune: experts on the other tasks' texts",
                                  unit="expert", disable=not progress):
         others = [s for s in out if spec.task not in s.targets]
