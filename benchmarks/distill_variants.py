@@ -10,6 +10,10 @@ baseline) is scored on the test split too, so test figures choose nothing.
   .venv/bin/python benchmarks/distill_variants.py --zoo mpnet --calibration shared+unseen \
       --limit 1024
   .venv/bin/python benchmarks/distill_variants.py --zoo minilm
+  .venv/bin/python benchmarks/distill_variants.py --zoo minilm --augment 2 --drop 0.15
+`--augment K`: every calibration file gets K copies of each of its texts with words dropped at
+random (`--drop`, the chance per word; seeded): more texts on which the experts teach, near
+their task's own, at no cost in labels.
 Results: benchmarks/results/distill_variants.json (one entry per zoo and calibration).
 """
 
@@ -19,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import resource
 import tempfile
 import time
@@ -27,6 +32,7 @@ from pathlib import Path
 import torch
 
 from hm3.checkpoint import write_json_atomic
+from hm3.data.tables import read_texts
 from hm3.demo import demo_recipe, held_out_texts
 from hm3.engine import build_model, merge_into, open_sources
 from hm3.evaluate import evaluate
@@ -76,6 +82,9 @@ def main() -> None:
     parser.add_argument("--label", help="a name for this run, added to its results entry's key "
                         "(a run after a change to the merge starts a fresh entry)")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--augment", type=int, default=0,
+                        help="copies of every calibration text with words dropped")
+    parser.add_argument("--drop", type=float, default=0.15, help="each word's chance to go")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="hm3-distill-"))
     if args.zoo == "mpnet":
@@ -90,6 +99,9 @@ def main() -> None:
     if args.limit:
         raw["calibration"]["limit"] = args.limit
         key += f" limit {args.limit}"
+    if args.augment:
+        augment(raw["calibration"], args.augment, args.drop, work)
+        key += f" augment {args.augment} drop {args.drop}"
     if args.label:
         key += f" {args.label}"
     max_length = raw["calibration"]["max_length"]
@@ -142,6 +154,34 @@ def main() -> None:
     entry["experts_mean"] = expert_mean
     save(key, entry)
     print(f"experts: {expert_mean}; picked on validation: {picked} {rows[picked]['mean']}")
+
+
+def augment(calibration: dict, copies: int, drop: float, work: Path) -> None:
+    """Rewrite the recipe's calibration files (one per task, or one shared) with `copies` of
+    every text after its originals, each word dropped with chance `drop` (see `dropped`);
+    the limit grows to keep them all."""
+    files = calibration["texts"]
+    named = files if isinstance(files, dict) else {"shared": files}
+    out = {}
+    for name, path in named.items():
+        texts = [" ".join(text.split()) for text in read_texts(path)]
+        rng = random.Random(f"{name} {copies} {drop}")
+        extra = [dropped(text, drop, rng) for _ in range(copies) for text in texts]
+        out[name] = work / f"augmented-{name}.txt"
+        out[name].write_text("\n".join(texts + extra) + "\n")
+    calibration["texts"] = ({k: str(v) for k, v in out.items()} if isinstance(files, dict)
+                            else str(out["shared"]))
+    calibration["limit"] = calibration["limit"] * (copies + 1)
+
+
+def dropped(text: str, drop: float, rng: random.Random) -> str:
+    """`text` with each word dropped with chance `drop`; at least one word dropped and one kept
+    (a text of one word stays as it is)."""
+    words = text.split()
+    kept = [i for i in range(len(words)) if rng.random() >= drop]
+    if len(kept) == len(words) > 1:
+        kept.remove(rng.randrange(len(words)))
+    return " ".join(words[i] for i in kept) if kept else rng.choice(words)
 
 
 def save(key: str, entry: dict) -> None:
