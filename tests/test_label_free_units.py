@@ -25,6 +25,7 @@ from hm3.label_free import (
     lewis,
     recentre,
     regmean,
+    stream,
 )
 from hm3.pipeline import shared_tasks, warn_low_held_out
 from hm3.recipe import Override
@@ -56,34 +57,32 @@ def test_blocks_are_ordered_embeddings_then_layers_by_number_then_the_rest():
         "embeddings", "layer.0", "layer.2", "layer.10", "other"]
 
 
-def test_group_kl_is_the_kl_from_the_expert_on_the_groups_columns_only():
-    group = TaskGroup("t", ("a", "b"), 1)
-    # column 0 belongs to another task and must not matter
-    logits = torch.tensor([[50.0, 0.0, math.log(3)], [-50.0, 0.0, 0.0]])
-    target = torch.tensor([[0.5, 0.5], [0.9, 0.1]])
-    # merged p: [1/4, 3/4] and [1/2, 1/2]; KL(t || p) per row, then the mean over rows
+def test_logit_kl_is_the_kl_from_the_expert_softmax_averaged_over_the_rows_that_count():
+    logits = torch.tensor([[0.0, math.log(3)], [0.0, 0.0], [9.0, -9.0]])
+    target = torch.tensor([[0.0, 0.0], [math.log(9), 0.0], [0.0, 0.0]])  # p [.5 .5], [.9 .1]
+    # merged p: [1/4, 3/4] and [1/2, 1/2]; KL(expert || merged) per row, mean over counted rows
     first = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
     second = 0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5)
-    got = coefficients.group_kl(logits, target, group)
+    counted = torch.tensor([True, True, False])
+    got = stream.logit_kl(logits, target, counted, multi_label=False)
     assert float(got) == pytest.approx((first + second) / 2, rel=1e-5)
+    every = stream.logit_kl(logits, target, None, multi_label=False)
+    assert float(every) > float(got)  # the third row's KL counts only without `rows`
 
 
-def test_group_kl_of_a_multi_label_group_sums_bernoulli_kls_over_labels():
-    group = TaskGroup("t", ("a", "b"), 0, multi_label=True)
+def test_logit_kl_of_a_multi_label_group_sums_bernoulli_kls_over_labels():
     logits = torch.tensor([[0.0, math.log(4)], [0.0, 0.0]])
-    target = torch.tensor([[0.8, 0.8], [0.0, 0.5]])  # 0 is clamped to 1e-7
+    target = torch.tensor([[math.log(4), math.log(4)], [-30.0, 0.0]])  # p .8 .8; ~0 .5
     bernoulli = lambda t, p: t * math.log(t / p) + (1 - t) * math.log((1 - t) / (1 - p))  # noqa
-    rows = [bernoulli(0.8, 0.5) + bernoulli(0.8, 0.8), bernoulli(1e-7, 0.5) + 0.0]
-    got = coefficients.group_kl(logits, target, group)
-    assert float(got) == pytest.approx(sum(rows) / 2, rel=1e-4)
+    rows = [bernoulli(0.8, 0.5) + bernoulli(0.8, 0.8), bernoulli(1 / (1 + math.exp(30)), 0.5)]
+    got = stream.logit_kl(logits, target, None, multi_label=True)
+    assert float(got) == pytest.approx(sum(rows) / 2, rel=1e-5)
 
 
-def test_expert_probabilities_are_sigmoids_or_a_softmax():
-    logits = torch.tensor([[0.0, math.log(3)]])
-    torch.testing.assert_close(coefficients.expert_probabilities(logits, True),
-                               torch.tensor([[0.5, 0.75]]))
-    torch.testing.assert_close(coefficients.expert_probabilities(logits, False),
-                               torch.tensor([[0.25, 0.75]]))
+def test_logit_kl_over_no_counted_row_is_zero_and_keeps_the_graph():
+    logits = torch.zeros(2, 3, requires_grad=True)
+    got = stream.logit_kl(logits, torch.ones(2, 3), torch.tensor([False, False]), False)
+    assert float(got) == 0.0 and got.requires_grad
 
 
 def test_recentre_reports_target_before_and_after_for_a_single_label_group():

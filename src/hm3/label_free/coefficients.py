@@ -17,15 +17,14 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from hm3.engine import Sources, TaskVectorSquares, job_inputs, merge_job
 from hm3.errors import Hm3Error
-from hm3.heads import TaskGroup
 from hm3.label_free.calibration import tokenize
 from hm3.label_free.registry import Step, StepRun, finite, option, positive, positive_int
+from hm3.label_free.stream import logit_kl
 from hm3.methods import get_method
 
 
@@ -90,11 +89,9 @@ class Coefficients(Step):
         tasks = [e.task for e in sources.recipe.experts]
         batches = {task: tokenize(calibrated.tokenizer, calibrated.calibration.texts[task],
                                   spec.max_length, options.batch_size) for task in tasks}
-        groups = {g.name: g for g in sources.groups}
         # The experts' logits on the calibration texts, cut into the fit's batches (both keep the
         # texts' order).
-        targets = {task: [expert_probabilities(z, groups[task].multi_label)
-                          for z in calibrated.expert_logits[task].split(options.batch_size)]
+        targets = {task: list(calibrated.expert_logits[task].split(options.batch_size))
                    for task in tasks}
         return CoefficientsReport(**fit_coefficients(run.model, sources, batches, targets,
                                                      options, run.progress, run.squares))
@@ -108,22 +105,6 @@ def block_of(name: str) -> str:
     if match:
         return f"layer.{int(match.group(1))}"
     return "embeddings" if "embed" in name or name.startswith("wte") or ".wte" in name else "other"
-
-
-def group_kl(logits: torch.Tensor, target: torch.Tensor, group: TaskGroup) -> torch.Tensor:
-    """KL(expert || merged) on one task's group: a softmax over the group's logits only (per-label
-    Bernoulli KL for a multi-label task). `target` holds the expert's probabilities."""
-    z = logits[:, group.offset:group.stop]
-    if group.multi_label:
-        log_p, log_not = F.logsigmoid(z), F.logsigmoid(-z)
-        t = target.clamp(1e-7, 1 - 1e-7)
-        kl = t * (t.log() - log_p) + (1 - t) * ((1 - t).log() - log_not)
-        return kl.sum(1).mean()
-    return F.kl_div(F.log_softmax(z, dim=1), target, reduction="batchmean")
-
-
-def expert_probabilities(logits: torch.Tensor, multi_label: bool) -> torch.Tensor:
-    return torch.sigmoid(logits) if multi_label else torch.softmax(logits, dim=1)
 
 
 class CoefficientMerge:
@@ -192,7 +173,9 @@ def fit_coefficients(model: torch.nn.Module, sources: Sources, batches: dict[str
         for task, index in step_batches:
             batch = {key: value.to(device) for key, value in batches[task][index].items()}
             logits = functional_call(model, params, args=(), kwargs=batch).logits
-            losses.append(group_kl(logits.float(), targets[task][index].to(device), groups[task]))
+            group = groups[task]
+            losses.append(logit_kl(logits.float()[:, group.offset:group.stop],
+                                   targets[task][index], None, group.multi_label))
         return torch.stack(losses).mean()
 
     probe = [(task, 0) for task in tasks]
