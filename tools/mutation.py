@@ -39,6 +39,8 @@ from pathlib import Path
 
 from mutmut.stats import status_by_exit_code
 
+from hm3.checkpoint import write_json_atomic
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "mutation_score.json"
 
@@ -235,7 +237,7 @@ def main() -> int:
             return 1
         results[group] = entry
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+        write_json_atomic(RESULTS, results)  # an interrupted write keeps the old file whole
         print(f"{group}: {entry['killed']} of {entry['run']} mutants run killed "
               f"(score {entry['score']:.1%}; {entry['mutants']} mutants in all); "
               f"{len(entry['surviving'])} not killed")
