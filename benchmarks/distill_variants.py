@@ -158,13 +158,13 @@ def main() -> None:
 
 def augment(calibration: dict, copies: int, drop: float, work: Path) -> None:
     """Rewrite the recipe's calibration files (one per task, or one shared) with `copies` of
-    every text after its originals, each word dropped with chance `drop` (see `dropped`);
-    the limit grows to keep them all."""
+    every text within the limit after those texts, each word dropped with chance `drop` (see
+    `dropped`); the limit grows to keep them all."""
     files = calibration["texts"]
     named = files if isinstance(files, dict) else {"shared": files}
     out = {}
     for name, path in named.items():
-        texts = [" ".join(text.split()) for text in read_texts(path)]
+        texts = [" ".join(text.split()) for text in read_texts(path)][:calibration["limit"]]
         rng = random.Random(f"{name} {copies} {drop}")
         extra = [dropped(text, drop, rng) for _ in range(copies) for text in texts]
         out[name] = work / f"augmented-{name}.txt"
