@@ -14,7 +14,8 @@ With `teach: all` every expert teaches on every task's calibration texts, not on
 experts run once more over the other tasks' texts, and each step's batch of a task's texts is
 matched to every expert's logits on it. A merge should reproduce each expert on any text, and
 the other tasks' texts multiply what each expert teaches on; on the MiniLM zoo, though, it
-scored 0.3 points under `own` on validation (RESULTS.md §10), so `own` is the default.
+scored 0.3 points under `own` on validation, on the MPNet zoo about 0.3 over it (RESULTS.md
+§10): a tie, so `own`, the cheaper, is the default.
 
 Training many weights on a few hundred texts per task can fit those texts rather than the task,
 so the defaults are small steps (lr 1e-5) for few steps (48), picked on validation
