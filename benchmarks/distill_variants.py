@@ -43,7 +43,7 @@ from hm3.recipe import parse_recipe
 from hm3.zoo import build_mpnet_zoo, build_zoo
 
 from common import datasets
-from mpnet_zoo import HEAD_STEPS, recipe
+from mpnet_zoo import HEAD_STEPS, recipe, write_texts
 
 RESULTS = Path(__file__).resolve().parent / "results" / "distill_variants.json"
 VARIANTS = {
@@ -164,11 +164,10 @@ def augment(calibration: dict, copies: int, drop: float, work: Path) -> None:
     named = files if isinstance(files, dict) else {"shared": files}
     out = {}
     for name, path in named.items():
-        texts = [" ".join(text.split()) for text in read_texts(path)][:calibration["limit"]]
+        texts = read_texts(path)[:calibration["limit"]]
         rng = random.Random(f"{name} {copies} {drop}")
         extra = [dropped(text, drop, rng) for _ in range(copies) for text in texts]
-        out[name] = work / f"augmented-{name}.txt"
-        out[name].write_text("\n".join(texts + extra) + "\n")
+        out[name] = write_texts(work / f"augmented-{name}.txt", texts + extra)
     calibration["texts"] = ({k: str(v) for k, v in out.items()} if isinstance(files, dict)
                             else str(out["shared"]))
     calibration["limit"] = calibration["limit"] * (copies + 1)
