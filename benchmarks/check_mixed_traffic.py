@@ -27,8 +27,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from sklearn.metrics import f1_score
 
-from hm3.check import compare_task, domain_texts, typical_texts
+from hm3.check import compare_task, domain_texts, label_agreement, typical_texts
 from hm3.checkpoint import write_json_atomic
 from hm3.evaluate import score_task
 from hm3.model import embed_texts, group_probabilities, load
@@ -44,7 +45,15 @@ COUNTED = {"agreement": "all", "confident_agreement": "confident",
            "weighted_agreement": "weighted", "surest_agreement": "surest",
            "typical_agreement": "typical", "base_typical_agreement": "typical, base space",
            "domain_agreement": "domain",
-           "own_agreement": "own (ceiling)"}
+           "own_agreement": "own (ceiling)",
+           # per label (`hm3.check.label_agreement`): each label the expert gives weighs the
+           # same; and macro-F1 of the merged decisions against the expert's (study only)
+           "balanced_agreement": "all, per label", "typical_balanced_agreement":
+           "typical, per label", "domain_balanced_agreement": "domain, per label",
+           "own_balanced_agreement": "own, per label (ceiling)",
+           "expert_f1": "all, F1 against the expert", "domain_expert_f1":
+           "domain, F1 against the expert", "own_expert_f1": "own, F1 against the expert "
+           "(ceiling)"}
 
 
 def main() -> None:
@@ -100,6 +109,9 @@ def main() -> None:
                           "base_typical_agreement": _round(by_base["typical_agreement"]),
                           "domain_agreement": _round(by_domain["domain_agreement"]),
                           "own_agreement": round(mine["agreement"], 4),
+                          **per_label(group, probs, merged["probs"][task],
+                                      {"": None, "typical_": typical,
+                                       "domain_": domains[task], "own_": own}),
                           "confident_n": entry["confident_n"], "surest_n": entry["surest_n"],
                           "typical_n": entry["typical_n"],
                           "typical_own": int((typical & own).sum()),
@@ -191,6 +203,30 @@ def merged_outputs(folder: str, name: str, texts: list[str], max_length: int,
     probs = group_probabilities(np.load(cache), merged.groups)
     return {"probs": probs, "f1": {g.name: _f1(g, probs[g.name], owner == g.name, labels)
                                    for g in merged.groups}}
+
+
+def per_label(group, expert: np.ndarray, merged: np.ndarray, masks: dict) -> dict:
+    """For each mask of counted texts (prefix -> mask, None for all): the per-label agreement
+    (`label_agreement`) and the macro-F1 of the merged model's decisions taking the expert's
+    as the truth (over the labels the expert gives there; a multi-label task's labels as
+    on/off columns)."""
+    out = {}
+    for prefix, mask in masks.items():
+        rows = np.ones(len(expert), bool) if mask is None else mask
+        found = label_agreement(group, expert, merged, rows)
+        out[f"{prefix}balanced_agreement"] = _round(found["balanced_agreement"])
+        if not rows.any():
+            out[f"{prefix}expert_f1"] = None
+        elif group.multi_label:
+            out[f"{prefix}expert_f1"] = round(float(f1_score(
+                expert[rows] > group.threshold, merged[rows] > group.threshold,
+                average="macro", zero_division=1.0)), 4)
+        else:
+            given = expert[rows].argmax(1)
+            out[f"{prefix}expert_f1"] = round(float(f1_score(
+                given, merged[rows].argmax(1), labels=np.unique(given), average="macro",
+                zero_division=0.0)), 4)
+    return {key: value for key, value in out.items() if key in COUNTED}
 
 
 def _f1(group, probs: np.ndarray, own: np.ndarray, labels: list) -> float:

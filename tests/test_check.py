@@ -441,6 +441,52 @@ def test_surest_agreement_of_a_multi_label_task_is_its_worst_label():
     assert entry["surest_n"] == 1 and entry["surest_agreement"] == 0.0
 
 
+def test_label_agreement_weighs_each_label_the_expert_gives_the_same():
+    """Eight hams kept and one of two spams lost: 90% of the texts agree, but the spam label
+    keeps only half, so the per-label agreement is (1 + 0.5) / 2."""
+    from hm3.check import label_agreement
+
+    group = TaskGroup("spam", ("ham", "spam"), 0)
+    expert = np.array([[0.9, 0.1]] * 8 + [[0.2, 0.8]] * 2)
+    merged = np.array([[0.8, 0.2]] * 8 + [[0.3, 0.7], [0.6, 0.4]])
+    assert compare_task(group, expert, merged)["agreement"] == pytest.approx(0.9)
+    found = label_agreement(group, expert, merged)
+    assert found == {"balanced_agreement": pytest.approx(0.75), "balanced_labels": 2}
+    # counted texts only: without the lost spam every label the expert gives agrees
+    counted = np.ones(10, bool)
+    counted[9] = False
+    assert label_agreement(group, expert, merged, counted, "domain_balanced") == {
+        "domain_balanced_agreement": 1.0, "domain_balanced_labels": 2}
+    # a label the expert never gives is not averaged in (film, below)
+    topic = TaskGroup("topic", ("news", "sport", "film"), 0)
+    expert3 = np.array([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.1, 0.8, 0.1]])
+    merged3 = np.array([[0.1, 0.1, 0.8], [0.1, 0.8, 0.1], [0.1, 0.8, 0.1]])
+    assert label_agreement(group=topic, expert=expert3, merged=merged3) == {
+        "balanced_agreement": 0.5, "balanced_labels": 2}
+    assert label_agreement(group, expert, merged, np.zeros(10, bool)) == {
+        "balanced_agreement": None, "balanced_labels": 0}
+    with pytest.raises(Hm3Error, match="one entry per text \\(10\\), got shape \\(9,\\)"):
+        label_agreement(group, expert, merged, np.ones(9, bool))
+
+
+def test_label_agreement_of_a_multi_label_task_is_its_worst_labels_on_off_mean():
+    from hm3.check import label_agreement
+
+    group = TaskGroup("tags", ("x", "y"), 0, multi_label=True, threshold=0.3)
+    # x: on for texts 0-1 (merged keeps 1 of 2), off for 2-5 (merged keeps all): (0.5 + 1) / 2;
+    # y: on for text 0 only, kept; off texts 1-5, one turned on: (1 + 0.8) / 2
+    expert = np.array([[0.9, 0.4], [0.5, 0.1], [0.1, 0.1], [0.2, 0.2], [0.1, 0.1], [0.1, 0.1]])
+    merged = np.array([[0.8, 0.5], [0.2, 0.1], [0.1, 0.1], [0.2, 0.35], [0.1, 0.1], [0.1, 0.1]])
+    assert label_agreement(group, expert, merged) == {
+        "balanced_agreement": pytest.approx(0.75), "balanced_labels": 2}
+    # a label the expert leaves off everywhere counts by its plain agreement
+    expert[:, 1] = 0.0
+    merged[:, 1] = [0.0, 0.0, 0.0, 0.9, 0.0, 0.0]
+    found = label_agreement(group, expert, merged)
+    assert found["balanced_agreement"] == pytest.approx(min(0.75, 5 / 6))
+    assert found["balanced_labels"] == 1
+
+
 def test_a_multi_label_task_is_compared_at_its_own_threshold():
     """A label is on above the task's threshold (0.3 here), not above 0.5: probabilities of
     0.4 and 0.45 are both "on", so the merged model agrees with its expert on every text."""

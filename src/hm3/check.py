@@ -254,6 +254,41 @@ def typical_agreement(group: TaskGroup, expert: np.ndarray, merged: np.ndarray,
     return {f"{name}_n": int(typical.sum()), f"{name}_agreement": float(share)}
 
 
+def label_agreement(group: TaskGroup, expert: np.ndarray, merged: np.ndarray,
+                    counted: np.ndarray | None = None, name: str = "balanced") -> dict:
+    """The agreement per label the expert gives, then averaged over those labels: each label
+    weighs the same however rarely the expert gives it, so a merge that stops giving a rare
+    label (the few spam messages among many hams) loses as much as that label is worth to
+    macro-F1, not as little as its share of the texts. For a multi-label task, per label the
+    mean of the agreement on the texts the expert turns it on and on those it leaves off, then
+    the worst label's.
+
+    - `counted`: optional boolean mask of the texts to count (e.g. `domain_texts`'s), default
+    every text.
+
+    Returns `{name}_agreement` (None when no text is counted) and `{name}_labels` (how many
+    labels the expert gave on the counted texts: for a multi-label task, the labels seen both
+    on and off)."""
+    counted = np.ones(len(expert), bool) if counted is None else np.asarray(counted, bool)
+    if counted.shape != (len(expert),):
+        raise Hm3Error(f"task {group.name!r}: the mask of counted texts must have one entry "
+                       f"per text ({len(expert)}), got shape {counted.shape}")
+    same = _same_decision(group, expert, merged)[counted]
+    expert = expert[counted]
+    if not len(expert):
+        return {f"{name}_agreement": None, f"{name}_labels": 0}
+    if group.multi_label:
+        on = expert > group.threshold
+        per_label = [np.mean([same[on[:, k], k].mean(), same[~on[:, k], k].mean()])
+                     if 0 < on[:, k].sum() < len(on) else same[:, k].mean()
+                     for k in range(expert.shape[1])]
+        both = int(((on.sum(0) > 0) & (on.sum(0) < len(on))).sum())
+        return {f"{name}_agreement": float(min(per_label)), f"{name}_labels": both}
+    given = expert.argmax(1)
+    per_label = [same[given == c].mean() for c in np.unique(given)]
+    return {f"{name}_agreement": float(np.mean(per_label)), f"{name}_labels": len(per_label)}
+
+
 def _same_decision(group: TaskGroup, expert: np.ndarray, merged: np.ndarray) -> np.ndarray:
     """Where the merged model decides as the expert: per text, the same top label; for a
     multi-label task per text and label, the same side of the task's threshold."""
