@@ -125,10 +125,37 @@ def config_section(group: str, tests: list[str] | None = None) -> str:
             'pytest_add_cli_args = ["-q", "-p", "no:cacheprovider", "-x"]\n')
 
 
+# Appended to the scratch copy's tests/conftest.py. mutmut hands pytest each mutant's tests as
+# a list made from a set, so without this they run in an order that changes from mutant to
+# mutant and a slow test often runs before the fast one that would have failed first.
+ORDER_HOOK = """
+
+# --- added by tools/mutation.py to the scratch copy only ---
+_MUTATION_TEST_ORDER = {order!r}
+
+
+def _mutation_rank(nodeid):
+    nodeid = nodeid.removeprefix("mutants/")
+    for rank, entry in enumerate(_MUTATION_TEST_ORDER):
+        if nodeid == entry or nodeid.startswith((entry + "::", entry + "[")):
+            return rank
+    return len(_MUTATION_TEST_ORDER)
+
+
+def pytest_collection_modifyitems(items):
+    \"\"\"The group's test files in the order listed (fast unit tests first), each file's tests in
+    the order they are written: with -x a mutant stops at the first test that fails.\"\"\"
+    items.sort(key=lambda item: (_mutation_rank(item.nodeid), item.location[0],
+                                 item.location[1] or 0))
+"""
+
+
 def scratch_copy(group: str, folder: Path, tests: list[str] | None = None) -> None:
     shutil.copytree(ROOT / "src", folder / "src", ignore=shutil.ignore_patterns("__pycache__",
                                                                              "*.egg-info"))
     shutil.copytree(ROOT / "tests", folder / "tests", ignore=shutil.ignore_patterns("__pycache__"))
+    with open(folder / "tests" / "conftest.py", "a") as conftest:
+        conftest.write(ORDER_HOOK.format(order=tests or GROUPS[group][1]))
     text = (ROOT / "pyproject.toml").read_text()
     text = re.sub(r"\n\[tool\.mutmut\][^\[]*", "\n", text)
     (folder / "pyproject.toml").write_text(text + "\n" + config_section(group, tests))
