@@ -1,13 +1,16 @@
 """Export pieces on their own, in seconds: the runtimes of `hm3.onnx_model` on a hand-built ONNX
 graph whose logits are sums of the token ids and of the attention mask (so every answer is known
-by hand), the precision rules, and `hm3.export`'s checks, wrapper, metadata, int8 node choice and
-difference measure with stand-ins for the model."""
+by hand), the precision rules, and `hm3.export`'s checks, wrapper, metadata, int8 node choice,
+difference measure and conversion steps with stand-ins for the model and the converters; last,
+real exports of conftest's tiny merged model (built once per run, then a fraction of a second
+each): the folder, its layout, the graph's shapes, the warning past the fp32 tolerance."""
 
 from __future__ import annotations
 
 import json
 import shutil
 import threading
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,7 +24,7 @@ pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper  # noqa: E402
 
 from hm3 import export, onnx_model  # noqa: E402
-from hm3.errors import Hm3Error  # noqa: E402
+from hm3.errors import Hm3Error, Hm3Warning  # noqa: E402
 from hm3.heads import TaskGroup  # noqa: E402
 from hm3.onnx_model import (  # noqa: E402
     OnnxSequenceClassifier,
@@ -446,3 +449,159 @@ def test_nncf_is_given_every_calibration_text_in_batches_of_16(monkeypatch):
     scope = seen["ignored_scope"]
     assert scope.patterns == [".*(?:classifier).*", ".*(?:ffn/lin2).*"]
     assert scope.validate is False
+
+
+def record_export(monkeypatch) -> list[tuple]:
+    """`_export` stood in for: each call's arguments, in the order `_export` takes them."""
+    calls = []
+    monkeypatch.setattr(export, "_export", lambda *args: calls.append(args) or "report")
+    return calls
+
+
+def test_onnx_export_moves_or_quantises_the_traced_graph_into_the_folder(tmp_path, monkeypatch):
+    calls = record_export(monkeypatch)
+    quantised = []
+    monkeypatch.setattr(export, "quantize_int8", lambda *args: quantised.append(args))
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    fp32 = tmp_path / "fp32.onnx"
+    fp32.write_bytes(b"traced graph")
+
+    assert export.export_onnx("m", "out") == "report"
+    model, output, overwrite, file, convert, max_length, allow_pickle, layout = calls[-1]
+    assert (model, output, overwrite, file, max_length, allow_pickle) == (
+        "m", "out", False, "model.onnx", None, False)
+    convert(fp32, staging, "classifier")
+    assert (staging / "model.onnx").read_bytes() == b"traced graph" and not fp32.exists()
+    assert quantised == []
+
+    export.export_onnx("m", "out2", quantize="int8", overwrite=True, exclude=("head",),
+                       per_channel=False, max_length=7, allow_pickle=True)
+    model, output, overwrite, file, convert, max_length, allow_pickle, layout = calls[-1]
+    assert (model, output, overwrite, file, max_length, allow_pickle) == (
+        "m", "out2", True, "model.onnx", 7, True)
+    assert layout == {"format": "onnx", "quantized": "int8", "per_channel": False,
+                      "fp32_nodes": ["head"]}
+    convert(tmp_path / "other.onnx", staging, "classifier")
+    assert quantised == [(tmp_path / "other.onnx", staging / "model.onnx", ("head",), False)]
+
+
+def test_openvino_export_converts_then_quantises_with_the_nonblank_texts(tmp_path, monkeypatch):
+    ov = pytest.importorskip("openvino")
+    calls = record_export(monkeypatch)
+    steps = []
+    monkeypatch.setattr(ov, "convert_model", lambda path: steps.append(("convert", path))
+                        or "graph")
+    monkeypatch.setattr(ov, "save_model", lambda graph, path, **kwargs: steps.append(
+        ("save", graph, path, kwargs)))
+    monkeypatch.setattr(export, "_nncf_int8", lambda graph, classifier, texts, exclude:
+                        steps.append(("int8", graph, classifier, texts, exclude)) or "int8 graph")
+    staging, fp32 = tmp_path / "staging", tmp_path / "fp32.onnx"
+
+    export.export_openvino("m", "out")
+    model, output, overwrite, file, convert, max_length, allow_pickle, layout = calls[-1]
+    assert (model, output, overwrite, file, max_length, allow_pickle) == (
+        "m", "out", False, "openvino_model.xml", None, False)
+    convert(fp32, staging, "classifier")
+    assert steps == [("convert", str(fp32)),
+                     ("save", "graph", str(staging / "openvino_model.xml"),
+                      {"compress_to_fp16": False})]
+
+    steps.clear()
+    texts = [f"text {i}" for i in range(16)]  # exactly the minimum, once the blank ones are out
+    export.export_openvino("m", "out2", quantize="int8", calibration=[" ", *texts, ""],
+                           overwrite=True, exclude=("head",), max_length=7, allow_pickle=True,
+                           precision="bf16")
+    model, output, overwrite, file, convert, max_length, allow_pickle, layout = calls[-1]
+    assert (model, output, overwrite, file, max_length, allow_pickle) == (
+        "m", "out2", True, "openvino_model.xml", 7, True)
+    assert layout == {"format": "openvino", "quantized": "int8", "precision": "bf16",
+                      "calibration_texts": 16, "fp32_nodes": ["head"]}
+    convert(fp32, staging, "classifier")
+    assert steps == [("convert", str(fp32)), ("int8", "graph", "classifier", texts, ("head",)),
+                     ("save", "int8 graph", str(staging / "openvino_model.xml"),
+                      {"compress_to_fp16": False})]
+
+
+# --- real exports of the tiny merged model (conftest's served_model, built once) -------------
+
+SERVED_GROUPS = [{"name": "sentiment", "labels": ["negative", "positive"], "offset": 0,
+                  "multi_label": False, "threshold": 0.5},
+                 {"name": "topic", "labels": ["news", "sport", "film"], "offset": 2,
+                  "multi_label": False, "threshold": 0.5},
+                 {"name": "tox", "labels": ["insult", "threat"], "offset": 5,
+                  "multi_label": True, "threshold": 0.5}]
+
+
+def test_an_onnx_export_folder_holds_the_graph_its_layout_the_config_and_the_tokenizer(
+        served_model, tmp_path, monkeypatch):
+    resolved = []
+    real_resolve = export.resolve
+    monkeypatch.setattr(export, "resolve", lambda reference, allow_pickle=False: resolved.append(
+        (reference, allow_pickle)) or real_resolve(reference, allow_pickle=allow_pickle))
+    out = tmp_path / "onnx"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = export.export_onnx(served_model, out, max_length=20, allow_pickle=True)
+    assert not [w for w in caught if issubclass(w.category, Hm3Warning)]
+    assert resolved == [(str(served_model), True)]
+    graph_bytes = (out / "model.onnx").stat().st_size
+    assert report == {"path": str(out.resolve()), "file": "model.onnx",
+                      "megabytes": graph_bytes / 1048576, "max_abs_diff": report["max_abs_diff"],
+                      "quantized": None, "precision": "f32"}
+    assert isinstance(report["max_abs_diff"], float) and 0 <= report["max_abs_diff"] < 1e-3
+    inputs = ["input_ids", "token_type_ids", "attention_mask"]  # the BERT tokenizer's
+    outputs = ["logits", "probabilities.sentiment", "probabilities.topic", "probabilities.tox"]
+    assert json.loads((out / "hm3_onnx.json").read_text()) == {
+        "source": str(served_model), "file": "model.onnx", "inputs": inputs, "outputs": outputs,
+        "opset": 17, "format": "onnx", "quantized": None, "per_channel": None, "fp32_nodes": None,
+        "max_length": 20, "tasks": SERVED_GROUPS}
+    # a merged model's config already holds the task layout: copied as it is
+    assert json.loads((out / "config.json").read_text()) == json.loads(
+        (served_model / "config.json").read_text())
+    # the tokenizer beside the graph, and nothing left of the traced fp32 graph
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json", "hm3_onnx.json", "model.onnx", "tokenizer.json", "tokenizer_config.json"]
+    proto = onnx.load(str(out / "model.onnx"))
+    assert [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")] == [17]
+    dims = lambda value: [d.dim_param or d.dim_value  # noqa: E731
+                          for d in value.type.tensor_type.shape.dim]
+    assert [(i.name, dims(i)) for i in proto.graph.input] == [
+        (name, ["batch", "sequence"]) for name in inputs]
+    assert [(o.name, dims(o)) for o in proto.graph.output] == [
+        ("logits", ["batch", 7]), ("probabilities.sentiment", ["batch", 2]),
+        ("probabilities.topic", ["batch", 3]), ("probabilities.tox", ["batch", 2])]
+    # an existing folder is replaced when asked to
+    again = export.export_onnx(served_model, out, overwrite=True)
+    assert again["path"] == str(out.resolve())
+    assert json.loads((out / "hm3_onnx.json").read_text())["max_length"] == 32  # the tokenizer's
+
+
+@pytest.mark.parametrize("quantize, diff, warned", [(None, 0.0011, True), (None, 0.001, False),
+                                                    ("int8", 0.05, False)])
+def test_an_fp32_export_further_than_the_tolerance_from_pytorch_warns(
+        served_model, tmp_path, monkeypatch, quantize, diff, warned):
+    measured = []
+    monkeypatch.setattr(export, "_max_difference", lambda classifier, exported, groups:
+                        measured.append((classifier.tasks, exported.backend,
+                                         [g.name for g in groups])) or diff)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = export.export_onnx(served_model, tmp_path / "out", quantize=quantize)
+    assert measured == [(["sentiment", "topic", "tox"], "onnx", ["sentiment", "topic", "tox"])]
+    assert report["max_abs_diff"] == diff and report["quantized"] == quantize
+    shown = [str(w.message) for w in caught if issubclass(w.category, Hm3Warning)]
+    assert shown == ([f"the export's probabilities differ from PyTorch's by up to {diff} on "
+                      "sample texts; check it on your own texts before you deploy it"]
+                     if warned else [])
+
+
+def test_a_plain_classifier_exports_with_the_task_layout_it_was_loaded_with(tmp_path):
+    from conftest import build_family
+
+    _, experts = build_family(tmp_path, {"sentiment": ["negative", "positive"]})
+    assert "hm3" not in json.loads((experts["sentiment"] / "config.json").read_text())
+    export.export_onnx(experts["sentiment"], tmp_path / "onnx")
+    config = json.loads((tmp_path / "onnx" / "config.json").read_text())
+    assert config["hm3"] == {"tasks": [SERVED_GROUPS[0]]}
+    assert config["id2label"] == {"0": "negative", "1": "positive"}  # the rest as it was
