@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -354,12 +355,25 @@ def test_export_options_are_checked_before_the_model_is_read(tmp_path):
     with pytest.raises(Hm3Error, match=r"^precision must be one of auto, f32, bf16"):
         export.export_openvino(missing, tmp_path / "out", precision="f16")
     texts = [f"text {i}" for i in range(15)] + ["  ", ""]
-    with pytest.raises(Hm3Error, match=r"give at least 16 \(got 15\)"):
+    with pytest.raises(Hm3Error) as error:
         export.export_openvino(missing, tmp_path / "out", quantize="int8", calibration=texts)
+    assert str(error.value) == (
+        "an OpenVINO int8 export measures activation ranges on unlabelled texts: give at least "
+        "16 (got 15), e.g. `--calibration traffic.txt` with a few hundred texts like your "
+        "traffic")
     with pytest.raises(Hm3Error, match=r"give at least 16 \(got 0\)"):
         export.export_openvino(missing, tmp_path / "out", quantize="int8")
     with pytest.raises(Hm3Error, match="^calibration texts are for --quantize int8 only$"):
         export.export_openvino(missing, tmp_path / "out", calibration=["a"])
+
+
+def test_an_openvino_export_without_openvino_says_which_extra_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "openvino", None)  # `import openvino` raises ImportError
+    with pytest.raises(Hm3Error) as error:
+        export.export_openvino(tmp_path / "no-model", tmp_path / "out")
+    assert str(error.value) == ("the OpenVINO export needs the openvino extra: "
+                                "pip install 'hm3[openvino]'")
+    assert error.value.__cause__ is None and error.value.__suppress_context__
 
 
 def fake_load(monkeypatch, backend="torch", groups=GROUPS):
@@ -414,6 +428,25 @@ def test_an_exporter_failure_names_it(tmp_path):
     with pytest.raises(Hm3Error, match="^torch.onnx could not export this model: .*cannot trace"):
         export._torch_export(Fails(), (torch.ones(1, 2),), tmp_path / "x.onnx", ["x"], ["y"],
                              {"x": {0: "batch"}})
+
+
+def test_the_exporter_silences_only_the_tracers_general_warnings(tmp_path):
+    class Warns(torch.nn.Module):
+        def forward(self, x):
+            warnings.warn("Converting a tensor to a Python boolean might cause the trace to be "
+                          "incorrect", torch.jit.TracerWarning)
+            warnings.warn("Exporting aten::index operator of advanced indexing in opset 17",
+                          UserWarning)
+            warnings.warn("something else about this model", UserWarning)
+            return x * 2
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export._torch_export(Warns(), (torch.ones(1, 2),), tmp_path / "x.onnx", ["x"], ["y"],
+                             {"x": {0: "batch"}})
+    shown = {str(w.message) for w in caught if not issubclass(w.category, DeprecationWarning)}
+    assert shown == {"something else about this model"}
+    assert [o.name for o in onnx.load(str(tmp_path / "x.onnx")).graph.output] == ["y"]
 
 
 def test_nncf_is_given_every_calibration_text_in_batches_of_16(monkeypatch):
