@@ -392,8 +392,10 @@ def test_an_export_or_a_task_named_logits_is_refused(tmp_path, monkeypatch):
         export.export_onnx("m", tmp_path / "out", max_length=9, allow_pickle=True)
     assert calls == [(("m",), {"device": "cpu", "max_length": 9, "allow_pickle": True})]
     fake_load(monkeypatch, groups=[TaskGroup("logits", ("a", "b"), 0)])
-    with pytest.raises(Hm3Error, match="^a task named 'logits' would clash"):
+    with pytest.raises(Hm3Error) as error:
         export.export_onnx("m", tmp_path / "out")
+    assert str(error.value) == ("a task named 'logits' would clash with the graph's logits "
+                                "output; rename the task in the recipe")
     fake_load(monkeypatch)
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
@@ -608,6 +610,23 @@ def test_an_onnx_export_folder_holds_the_graph_its_layout_the_config_and_the_tok
     again = export.export_onnx(served_model, out, overwrite=True)
     assert again["path"] == str(out.resolve())
     assert json.loads((out / "hm3_onnx.json").read_text())["max_length"] == 32  # the tokenizer's
+
+
+def test_the_traced_graph_is_written_inside_the_folder_being_made(served_model, tmp_path):
+    """So the conversion moves it on the output's own filesystem (a rename, where a temporary
+    folder elsewhere could be another filesystem), and it goes with the folder on failure."""
+    seen = []
+
+    def convert(fp32, staging, classifier):
+        seen.append((fp32, staging, fp32.is_file(), classifier.tasks))
+        fp32.replace(staging / "model.onnx")
+
+    out = tmp_path / "out"
+    export._export(served_model, out, False, "model.onnx", convert, None, False,
+                   {"format": "onnx", "quantized": None})
+    (fp32, staging, written, tasks), = seen
+    assert written and staging in fp32.parents and staging.parent == out.parent
+    assert tasks == ["sentiment", "topic", "tox"] and (out / "model.onnx").is_file()
 
 
 @pytest.mark.parametrize("quantize, diff, warned", [(None, 0.0011, True), (None, 0.001, False),
