@@ -8,6 +8,7 @@ each): the folder, its layout, the graph's shapes, the warning past the fp32 tol
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import threading
@@ -646,6 +647,18 @@ def test_an_fp32_export_further_than_the_tolerance_from_pytorch_warns(
     assert shown == ([f"the export's probabilities differ from PyTorch's by up to {diff} on "
                       "sample texts; check it on your own texts before you deploy it"]
                      if warned else [])
+
+
+@pytest.mark.skipif("MUTANT_UNDER_TEST" in os.environ,
+                    reason="mutmut's trampoline adds a frame to every call under it")
+def test_the_fp32_tolerance_warning_points_at_the_callers_line(served_model, tmp_path,
+                                                               monkeypatch):
+    monkeypatch.setattr(export, "_max_difference", lambda *_: 0.5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export.export_onnx(served_model, tmp_path / "out")
+    shown = [w for w in caught if issubclass(w.category, Hm3Warning)]
+    assert [Path(w.filename).name for w in shown] == [Path(__file__).name]
 
 
 def test_a_plain_classifier_exports_with_the_task_layout_it_was_loaded_with(tmp_path):

@@ -208,7 +208,7 @@ def _export(model, output, overwrite: bool, file: str, convert, max_length: int 
         if not layout["quantized"] and exported.precision == "f32" and diff > FP32_TOLERANCE:
             warnings.warn(Hm3Warning(
                 f"the export's probabilities differ from PyTorch's by up to {diff:.2g} on sample "
-                "texts; check it on your own texts before you deploy it"), stacklevel=2)
+                "texts; check it on your own texts before you deploy it"), stacklevel=3)
         size = sum(path.stat().st_size for path in staging.glob(Path(file).stem + ".*"))
     return {"path": str(Path(output).resolve()), "file": file, "megabytes": size / 2**20,
             "max_abs_diff": diff, "quantized": layout["quantized"],
