@@ -694,17 +694,14 @@ def test_domain_texts_go_to_the_task_holding_most_of_their_nearest_known_texts()
         domain_texts(at(2), {"a": known["a"]})
 
 
-def test_check_counts_the_texts_in_each_tasks_domain_by_the_base_models_space(fam, tmp_path,
-                                                                            capsys):
-    """`--count domain`: each check text placed by its 10 nearest calibration texts of every
-    task, in the base model's space (computed here with plain transformers), and each task's
-    verdict on the texts of its domain."""
+def base_domains(root, base, texts) -> dict:
+    """Each task's domain among `texts`: `domain_texts` on the base model's mean last hidden
+    states (computed here with plain transformers) of the texts and of the 40 calibration
+    texts each task's merge records."""
     from transformers import AutoModel
 
     from hm3.check import domain_texts
 
-    root, base, experts, texts = fam
-    report, out = counted_report(root, "domain", tmp_path, capsys)
     known = {task: (root / f"{task}.txt").read_text().splitlines() for task in TASKS}
     every = texts + [t for task in TASKS for t in known[task]]
     model, tokenizer = AutoModel.from_pretrained(base).eval(), AutoTokenizer.from_pretrained(base)
@@ -717,7 +714,17 @@ def test_check_counts_the_texts_in_each_tasks_domain_by_the_base_models_space(fa
     for task in TASKS:
         references[task] = embedded[start:start + 40]
         start += 40
-    domains = domain_texts(embedded[:len(texts)], references)
+    return domain_texts(embedded[:len(texts)], references)
+
+
+def test_check_counts_the_texts_in_each_tasks_domain_by_the_base_models_space(fam, tmp_path,
+                                                                            capsys):
+    """`--count domain`: each check text placed by its 10 nearest calibration texts of every
+    task, in the base model's space (computed here with plain transformers), and each task's
+    verdict on the texts of its domain."""
+    root, base, experts, texts = fam
+    report, out = counted_report(root, "domain", tmp_path, capsys)
+    domains = base_domains(root, base, texts)
     merged = plain_logits(root / "merged", texts)
     offset = 0
     for task, labels in TASKS.items():
@@ -733,6 +740,58 @@ def test_check_counts_the_texts_in_each_tasks_domain_by_the_base_models_space(fa
         offset += len(labels)
     assert sum(d.sum() for d in domains.values()) > 0
     assert "verdict (on the texts in each task's domain, by their nearest known texts)" in out
+
+def per_label_agreement(task: str, ours: np.ndarray, theirs: np.ndarray) -> float:
+    """By hand from logits: single-label, per label the expert gives the share the merged
+    model gives too, averaged; multi-label (logit > 0 is on), per label the mean of the on and
+    off texts' agreement (the plain agreement where the expert never changes it), the worst."""
+    if task == "tags":
+        on, same = theirs > 0, (ours > 0) == (theirs > 0)
+        return min(np.mean([same[on[:, k], k].mean(), same[~on[:, k], k].mean()])
+                   if 0 < on[:, k].sum() < len(on) else same[:, k].mean()
+                   for k in range(on.shape[1]))
+    given, same = theirs.argmax(1), ours.argmax(1) == theirs.argmax(1)
+    return float(np.mean([same[given == c].mean() for c in np.unique(given)]))
+
+
+def test_check_per_label_averages_the_domain_agreement_over_the_experts_labels(fam, tmp_path,
+                                                                             capsys):
+    """`--count domain --per-label`: per task, the agreement on the texts of its domain taken
+    per label its expert gives there, then averaged (a multi-label task: per label the mean of
+    the on and off texts' agreement, then the worst label's), recomputed here from plain
+    logits and the domains of the base model's space."""
+    root, base, experts, texts = fam
+    domains = base_domains(root, base, texts)
+    code, out, err = run_check([str(root / "merged"), "--texts", str(root / "check.txt"),
+                                "--count", "domain", "--per-label", "--min-agreement", "0",
+                                "--json", str(tmp_path / "per-label.json")], capsys)
+    assert code == 0, err
+    report = json.loads((tmp_path / "per-label.json").read_text())
+    assert report["per_label"] is True and report["counted"] == "domain"
+    merged = plain_logits(root / "merged", texts)
+    offset, checked = 0, 0
+    for task, labels in TASKS.items():
+        entry, mine = report["tasks"][task], domains[task]
+        assert entry["domain_n"] == mine.sum()
+        ours = merged[:, offset:offset + len(labels)]
+        theirs = plain_logits(experts[task], texts)
+        offset += len(labels)
+        assert entry["balanced_agreement"] == pytest.approx(
+            per_label_agreement(task, ours, theirs), abs=1e-9)
+        if not mine.any():
+            continue
+        assert entry["verdict_agreement"] == pytest.approx(
+            per_label_agreement(task, ours[mine], theirs[mine]), abs=1e-9)
+        assert entry["verdict_counted"] == (f"per label on the {entry['domain_n']} texts in "
+                                            "the task's domain")
+        checked += 1
+    assert checked
+    assert "verdict (per label the expert gives, on the texts in each task's domain" in out
+    code, _, err = run_check([str(root / "merged"), "--texts", str(root / "check.txt"),
+                              "--count", "confident", "--per-label"], capsys)
+    assert code == 2 and "--per-label works with --count all, typical, domain, not --count " \
+        "confident" in err
+
 
 def test_check_model_from_python_with_its_defaults(fam):
     """`hm3.check.check_model` as a library call: every text counted, each recorded expert

@@ -72,6 +72,33 @@ def test_confident_weighted_and_surest_counts_fall_back_to_all_where_there_is_no
     assert sure["passed"] is False and sure["counted"] == "confident"
 
 
+def test_per_label_verdicts_take_the_per_label_agreement_of_the_texts_counted():
+    report = _report()
+    report["tasks"]["a"].update(balanced_agreement=0.7, domain_n=5, domain_agreement=1.0,
+                                domain_balanced_agreement=0.85)
+    report["tasks"]["b"].update(balanced_agreement=0.92, domain_n=0, domain_agreement=None,
+                                domain_balanced_agreement=None)
+    every = verdicts(report, {"a": 0.75, "b": 0.9}, per_label=True)
+    assert every["per_label"] is True and every["counted"] == "all"
+    assert every["tasks"]["a"]["reasons"] == ["agreement per label 70.0% < 75.0%"]
+    assert every["tasks"]["a"]["verdict_counted"] == "per label on all 12 texts"
+    assert every["tasks"]["b"]["verdict_agreement"] == 0.92 and every["tasks"]["b"]["passed"]
+    out = format_check(every)
+    assert "a: the verdict counted per label on all 12 texts" in out
+    assert "verdict (per label the expert gives, on every text): FAIL (a)" in out
+    domain = verdicts(report, {"a": 0.9, "b": 0.95}, count="domain", per_label=True)
+    a, b = domain["tasks"]["a"], domain["tasks"]["b"]
+    assert a["reasons"] == ["agreement per label on the 5 texts in the task's domain 85.0% "
+                            "< 90.0%"]
+    assert a["verdict_counted"] == "per label on the 5 texts in the task's domain"
+    # no text in b's domain: the per-label agreement of every text
+    assert b["verdict_agreement"] == 0.92 and b["reasons"] == ["agreement per label 92.0% < 95.0%"]
+    assert verdicts(report, {"a": 0.9, "b": 0.9}, count="domain")["tasks"]["a"]["passed"]
+    with pytest.raises(Hm3Error, match="^per label: counts all, typical, domain only, got "
+                                       "'surest'"):
+        verdicts(report, {"a": 0.9, "b": 0.9}, count="surest", per_label=True)
+
+
 def test_all_tasks_passing_pass_the_report():
     assert verdicts(_report(), {"a": 0.8, "b": 0.0})["passed"] is True
 

@@ -46,6 +46,7 @@ TYPICAL_REFERENCES = 512  # of a task's recorded calibration texts, the first th
 # of domains, which unlike `typical` also knows what the other tasks' texts look like.
 DOMAIN_K = 10
 COUNTS = ("all", "confident", "weighted", "surest", "typical", "domain")  # texts a verdict counts
+PER_LABEL_COUNTS = ("all", "typical", "domain")  # those a verdict can also take per label
 
 
 # --- the figures ---------------------------------------------------------------------------------
@@ -58,7 +59,8 @@ def compare_task(group: TaskGroup, expert: np.ndarray, merged: np.ndarray,
     sigmoid per label for a multi-label task).
     - `typical`, `domain`: optional boolean masks of the texts typical of the task
     (`typical_texts`) and of those in its domain (`domain_texts`); add `typical_n` and
-    `typical_agreement`, `domain_n` and `domain_agreement`.
+    `typical_agreement`, `domain_n` and `domain_agreement` (and each one's per-label agreement,
+    `typical_balanced_agreement` / `domain_balanced_agreement`).
 
     Returns a JSON-able dict:
 
@@ -66,7 +68,8 @@ def compare_task(group: TaskGroup, expert: np.ndarray, merged: np.ndarray,
       variation distance between the two predicted-label histograms, 0..1), `expert_shares`
       / `merged_shares` (the histograms), `flips` ({from, to, count}: expert label -> merged
       label, most frequent first), `mean_abs_dp` (mean |p_merged - p_expert| over texts and
-      labels);
+      labels), `balanced_agreement` (per label the expert gives, then averaged:
+      `label_agreement`);
     - multi-label: the same per label on the thresholded on/off decisions (`label_agreement`,
       shares = the share of texts where the label is on); `agreement` is the worst label's, so
       a task passes only when every label does; `mean_label_agreement` and
@@ -84,11 +87,14 @@ def compare_task(group: TaskGroup, expert: np.ndarray, merged: np.ndarray,
                  "mean_abs_dp": float(np.abs(merged - expert).mean()),
                  **confident_agreement(group, expert, merged),
                  "weighted_agreement": weighted_agreement(group, expert, merged),
-                 **surest_agreement(group, expert, merged)}
+                 **surest_agreement(group, expert, merged),
+                 **label_agreement(group, expert, merged)}
     if typical is not None:
         out.update(typical_agreement(group, expert, merged, typical))
+        out.update(label_agreement(group, expert, merged, typical, "typical_balanced"))
     if domain is not None:
         out.update(typical_agreement(group, expert, merged, domain, "domain"))
+        out.update(label_agreement(group, expert, merged, domain, "domain_balanced"))
     if group.multi_label:
         on_e, on_m = expert > group.threshold, merged > group.threshold
         per_label = (on_e == on_m).mean(0)
@@ -399,7 +405,8 @@ def check_model(model: str | Path, texts: Sequence[str], experts: Sequence[str] 
                 min_agreement: Sequence[str] = (), max_drift: float | None = None,
                 count: str = "all", batch_size: int = 32, device: str | None = None,
                 max_length: int | None = None, allow_pickle: bool = False,
-                task_texts: Mapping[str, Sequence[str]] | None = None) -> dict:
+                task_texts: Mapping[str, Sequence[str]] | None = None,
+                per_label: bool = False) -> dict:
     """The whole check of a merged model folder (`hm3 check`): its experts found and their
     labels compared with the merged tasks' before any forward pass, `check`, `verdicts`, and
     what the merge records of its calibration (a warning when `texts` were calibration texts).
@@ -408,7 +415,7 @@ def check_model(model: str | Path, texts: Sequence[str], experts: Sequence[str] 
     - `texts`: unlabelled texts NOT used for calibration.
     - `experts`: `[TASK=]PATH` items (see `expert_paths`); default: the sources the model records.
     - `min_agreement`: `SHARE` / `TASK=SHARE` items (see `parse_thresholds`).
-    - `max_drift`, `count`: as for `verdicts`.
+    - `max_drift`, `count`, `per_label`: as for `verdicts`.
     - `batch_size`, `device`, `max_length`, `allow_pickle`: how the models are loaded and run
     (`hm3.load`).
     - `task_texts`: task -> texts known to be from the task, for `count="typical"` (see
@@ -423,6 +430,9 @@ def check_model(model: str | Path, texts: Sequence[str], experts: Sequence[str] 
     """
     if max_drift is not None and not 0 <= max_drift <= 1:
         raise Hm3Error(f"--max-drift: expected a distance in [0, 1], got {max_drift}")
+    if per_label and count not in PER_LABEL_COUNTS:
+        raise Hm3Error(f"--per-label works with --count {', '.join(PER_LABEL_COUNTS)}, not "
+                       f"--count {count}")
     folder = resolve(str(model), allow_pickle=allow_pickle)
     block = read_config(folder).get("hm3") or {}
     if not block:
@@ -451,7 +461,7 @@ def check_model(model: str | Path, texts: Sequence[str], experts: Sequence[str] 
                            "least 2 of them; with one expert use --count typical")
         embed = functools.partial(embed_texts, block["base"], batch_size=batch_size, **options)
     report = verdicts(check(merged, loaders, texts, batch_size, known, embed), thresholds,
-                      max_drift, count)
+                      max_drift, count, per_label)
     report["model"], report["experts"] = str(model), paths
     if known:
         report["task_texts"] = {task: {"texts": len(known[task]), "from": sources[task]}
@@ -577,7 +587,8 @@ def parse_thresholds(values: Sequence[str], tasks: Sequence[str],
 
 
 def verdicts(report: dict, min_agreement: Mapping[str, float],
-             max_drift: float | None = None, count: str = "all") -> dict:
+             max_drift: float | None = None, count: str = "all",
+             per_label: bool = False) -> dict:
     """Mark each checked task passed or failed against its minimum agreement (and, if given,
     the largest label-share drift allowed); sets `passed` for the whole report. `count`: the
     agreement on every text (`all`), on the texts the expert is confident on (`confident`),
@@ -586,15 +597,23 @@ def verdicts(report: dict, min_agreement: Mapping[str, float],
     the task (`typical`, which needs `check`'s `task_texts`), or on the texts in the task's
     domain (`domain`, which needs `task_texts` and `embed`): the last five for mixed traffic,
     where other tasks' texts get arbitrary labels from an expert (a task with no such text
-    falls back to all). The report says which (`counted`), and each task which texts
-    (`verdict_counted`)."""
+    falls back to all). `per_label`: the agreement of `all`, `typical` or `domain` taken per
+    label the expert gives, then averaged (`label_agreement`), so that a merge that stops
+    giving a rare label fails. The report says which (`counted`, `per_label`), and each task
+    which texts (`verdict_counted`)."""
     if count not in COUNTS:
         raise Hm3Error(f"count: expected one of {', '.join(COUNTS)}, got {count!r}")
-    report["counted"] = count
+    if per_label and count not in PER_LABEL_COUNTS:
+        raise Hm3Error(f"per label: counts {', '.join(PER_LABEL_COUNTS)} only, got {count!r} "
+                       "(whose texts are chosen by the expert's confidence, which picks its "
+                       "labels unevenly)")
+    report["counted"], report["per_label"] = count, per_label
     for task, entry in report["tasks"].items():
         reasons = []
         entry["min_agreement"] = min_agreement[task]
         agreement, which = entry["agreement"], "agreement"
+        if per_label:
+            agreement, which = entry["balanced_agreement"], "agreement per label"
         if count == "confident" and entry.get("confident_agreement") is not None:
             agreement = entry["confident_agreement"]
             which = f"agreement on the {entry['confident_n']} texts the expert is sure of"
@@ -605,19 +624,21 @@ def verdicts(report: dict, min_agreement: Mapping[str, float],
             agreement = entry["surest_agreement"]
             which = f"agreement on the {entry['surest_n']} texts the expert is surest of"
         elif count == "typical" and entry.get("typical_agreement") is not None:
-            agreement = entry["typical_agreement"]
+            agreement = entry["typical_balanced_agreement" if per_label else "typical_agreement"]
             refs = entry.get("typical_references")
-            which = (f"agreement on the {entry['typical_n']} texts typical of the task"
+            which = (f"{which} on the {entry['typical_n']} texts typical of the task"
                      + (f"'s {refs} texts" if refs else ""))
         elif count == "domain" and entry.get("domain_agreement") is not None:
-            agreement = entry["domain_agreement"]
-            which = (f"agreement on the {entry['domain_n']} texts in the task's domain")
+            agreement = entry["domain_balanced_agreement" if per_label else "domain_agreement"]
+            which = f"{which} on the {entry['domain_n']} texts in the task's domain"
         if count in ("typical", "domain") and f"{count}_n" not in entry:
             raise Hm3Error(f"count {count}: task {task!r} has no texts known to be from it; "
                            "give them (--task-texts TASK=FILE) or count another way")
         entry["verdict_agreement"] = agreement
-        entry["verdict_counted"] = (which.removeprefix("agreement ") if which != "agreement"
-                                    else f"on all {entry['n']} texts")
+        entry["verdict_counted"] = (which.removeprefix("agreement ")
+                                    if which not in ("agreement", "agreement per label")
+                                    else f"{which.removeprefix('agreement')} on all "
+                                    f"{entry['n']} texts".lstrip())
         if agreement < min_agreement[task]:
             reasons.append(f"{which} {agreement:.1%} < {min_agreement[task]:.1%}")
         if max_drift is not None:
@@ -678,7 +699,8 @@ def format_check(report: dict) -> str:
                            for lab in e["expert_shares"])
         lines.append(f"{task}: flips {'; '.join(parts) or 'none'}; shares expert->merged "
                      f"{shares}")
-        if report.get("counted", "all") != "all" and "verdict_counted" in e:
+        if (report.get("counted", "all") != "all" or report.get("per_label")) \
+                and "verdict_counted" in e:
             lines.append(f"{task}: the verdict counted {e['verdict_counted']}")
         for reason in e.get("reasons", []):
             lines.append(f"{task}: FAIL: {reason}")
@@ -694,6 +716,8 @@ def format_check(report: dict) -> str:
                "typical": "on the texts typical of each task's known texts",
                "domain": "on the texts in each task's domain, by their nearest known texts",
                "all": "on every text"}.get(report.get("counted", "all"))
+    if report.get("per_label"):
+        counted = f"per label the expert gives, {counted}"
     lines.append(f"verdict ({counted}): "
                  f"{'FAIL (' + ', '.join(failed) + ')' if failed else 'pass'}: "
                  f"{len(report['tasks']) - len(failed)} of {len(report['tasks'])} tasks keep "

@@ -45,6 +45,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "The last five are for mixed traffic, where other tasks' texts get "
                         "arbitrary labels from an expert; typical and domain need --task-texts "
                         "or the merge's recorded calibration texts")
+    parser.add_argument("--per-label", action="store_true",
+                        help="take the agreement per label the expert gives, then average "
+                        "(each label weighs the same, however rare): a merge that stops giving "
+                        "a rare label (the few spams) fails; with --count all, typical or "
+                        "domain")
     parser.add_argument("--task-texts", nargs="+", default=[], metavar="TASK=FILE",
                         help="texts known to be from a task (e.g. a sample of its traffic), "
                         "for --count typical / domain; default: the per-task calibration texts "
@@ -77,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     options = ModelOptions.from_args(args)
     report = check_model(args.model, texts, args.experts, args.min_agreement, args.max_drift,
                          args.count, batch_size=options.batch_size, **options.load_options(),
-                         task_texts=known)
+                         task_texts=known, per_label=args.per_label)
     print(format_check(report))
     write_json_report(args.json_out, report)
     return 0 if report["passed"] else 1
