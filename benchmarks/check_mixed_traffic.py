@@ -10,6 +10,9 @@ change (merged minus expert, on the task's own test split) and, as the study's c
 agreement on the task's own test texts (`own`: what a perfect typicality would count). A
 verdict should fail a task 3 or more points under its expert and pass one within 1 point.
 
+`--split validation` pools the validation splits instead (recorded as `ZOO-validation NAME`),
+to choose a minimum agreement on them before looking at the test splits' figures.
+
   .venv/bin/python benchmarks/check_mixed_traffic.py --zoo minilm NAME=FOLDER ...
 Results: benchmarks/results/check_mixed_traffic.json (one entry per zoo and model). The experts'
 and each merge's probabilities and embeddings are cached under the system's temporary folder
@@ -59,6 +62,10 @@ COUNTED = {"agreement": "all", "confident_agreement": "confident",
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--zoo", choices=("minilm", "mpnet"), default="minilm")
+    parser.add_argument("--split", choices=("test", "validation"), default="test",
+                        help="the splits pooled into the traffic (and the F1 changes'); "
+                        "validation results are recorded as ZOO-validation, for choosing a "
+                        "minimum agreement before looking at test")
     parser.add_argument("--max-length", type=int)
     parser.add_argument("--per-task", type=int, metavar="N",
                         help="check on the first N texts of each task in the shuffled sample "
@@ -68,7 +75,8 @@ def main() -> None:
     args = parser.parse_args()
     zoo = build_mpnet_zoo(progress=False) if args.zoo == "mpnet" else build_zoo(progress=False)
     max_length = args.max_length or (32 if args.zoo == "mpnet" else 128)
-    test = datasets(zoo, "test")
+    test = datasets(zoo, args.split)
+    key = args.zoo if args.split == "test" else f"{args.zoo}-validation"
     traffic = [(text, data.task, label) for data in test
                for text, label in zip(data.texts, data.labels)]
     random.Random(0).shuffle(traffic)
@@ -89,7 +97,7 @@ def main() -> None:
     for item in args.models:
         name, _, folder = item.partition("=")
         merged = merged_outputs(folder, args.zoo, texts, max_length, owner, labels)
-        full = results.get(f"{args.zoo} {name}", {}).get("tasks", {})
+        full = results.get(f"{key} {name}", {}).get("tasks", {})
         rows = {}
         for task, (group, probs, embedded, refs, f1) in experts.items():
             typical = typical_texts(embedded, refs)
@@ -120,7 +128,7 @@ def main() -> None:
                           "domain_n": by_domain["domain_n"],
                           "domain_own": int((domains[task] & own).sum()), "own_n": int(own.sum())}
             print(name, task, rows[task], flush=True)
-        results[f"{args.zoo} {name}"] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        results[f"{key} {name}"] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                                          "texts": len(texts), "model": folder, "tasks": rows,
                                          **({"texts_per_task": args.per_task,
                                              "f1_change": "from the full-sample run"}
