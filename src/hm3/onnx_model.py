@@ -35,7 +35,9 @@ OPENVINO_FILE = "openvino_model.xml"  # and its weights, openvino_model.bin
 LAYOUT_FILE = "hm3_onnx.json"  # inputs, outputs, tasks and how the graph was made
 THREADS_ENV = "HM3_ONNX_THREADS"  # intra-op threads of either runtime (default: its own choice)
 PRECISIONS = ("auto", "f32", "bf16")
-DEFAULT_PRECISION = "f32"  # bf16 cost a zoo task 0.41-0.58 points (benchmarks/RESULTS.md §6.7)
+# f32 by default: all-bf16 cost a zoo task 0.41-0.58 points; with the head at f32 every task held
+# within 0.2 points on one merge, but any bf16 can flip a near-tie text (benchmarks/RESULTS.md §6.7)
+DEFAULT_PRECISION = "f32"
 # At bf16, these nodes (regular expressions searched in the graph's node names: the head modules
 # of the architectures hm3 exports) and every node computed from them run at f32: a third less
 # logit error than all-bf16 on the zoo's MiniLM at 98% of its speed (benchmarks/RESULTS.md §6.7).
