@@ -40,7 +40,8 @@ PRECISIONS = ("auto", "f32", "bf16")
 DEFAULT_PRECISION = "f32"
 # At bf16, these nodes (regular expressions searched in the graph's node names: the head modules
 # of the architectures hm3 exports) and every node computed from them run at f32: a third less
-# logit error than all-bf16 on the zoo's MiniLM at 98% of its speed (benchmarks/RESULTS.md §6.7).
+# logit error than all-bf16 on the zoo's MiniLM at 97-100% of its speed (benchmarks/RESULTS.md
+# §6.7).
 BF16_F32_NODES = (r"/(pooler|pre_classifier|head|classifier|score)/",)
 
 
@@ -178,7 +179,7 @@ class OpenVinoSequenceClassifier(ExportedClassifier):
     export recorded (`hm3 export --precision`), else f32. `self.precision` is the one used.
     - `f32_nodes`: at bf16, the nodes (regular expressions searched in node names) from which on
     the graph runs at f32 (default `BF16_F32_NODES`, the head; () for all-bf16).
-    `self.f32_node_count` says how many nodes that kept at f32.
+    `self.f32_node_count`: how many of the graph's computing nodes that puts at f32.
     """
 
     backend = "openvino"
