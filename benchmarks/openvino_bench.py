@@ -2,14 +2,15 @@
 
 The demo's merged model exported by `hm3 export` as ONNX (fp32, and `--quantize int8`: ONNX
 Runtime's dynamic int8) and as OpenVINO (`--format openvino`: f32, and `--quantize int8`: NNCF's
-static int8, activation ranges from 256 of the zoo's calibration texts, the texts the merge
-itself calibrates on, never validation or test), each loaded by `hm3.load` as `hm3 serve` loads
-it; also the OpenVINO f32 export computed at bf16 inference precision (CPUs with AVX-512 BF16 or
-AMX), and a variant int8 with only the head kept fp32. Speed: 256 mixed zoo test texts in
-batches of 32, padded to the batch's longest text and in length-sorted sub-batches (as the server
-runs a batch), tokenisation included, one thread each, A B C ... rounds, medians; run it pinned
-to one core. Accuracy: macro-F1 per task on the zoo's validation and test splits, and the largest
-logit difference from PyTorch. Writes benchmarks/results/openvino.json.
+static int8, activation ranges from 256 of the zoo's calibration texts, the texts the merge itself
+calibrates on, never validation or test), each loaded by `hm3.load` as `hm3 serve` loads it; also
+the OpenVINO f32 export computed at bf16 inference precision (CPUs with AVX-512 BF16 or AMX; the
+head at f32, as `hm3.load` runs bf16 since RESULTS §6.7's bf16 study), and a variant int8 with only
+the head kept fp32. Speed: 256 mixed zoo test texts in batches of 32, padded to the batch's longest
+text and in length-sorted sub-batches (as the server runs a batch), tokenisation included, one
+thread each, A B C ... rounds, medians; run it pinned to one core. Accuracy: macro-F1 per task on
+the zoo's validation and test splits, and the largest logit difference from PyTorch. Writes
+benchmarks/results/openvino.json.
 
 `--precision-only`: PyTorch, the OpenVINO f32 export at f32 and at bf16, and what
 `--precision auto` resolves to on this CPU (`hm3.onnx_model.choose_precision`), test splits only;

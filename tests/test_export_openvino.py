@@ -18,7 +18,13 @@ from hm3.bench import SAMPLE_TEXTS  # noqa: E402
 from hm3.cli import main  # noqa: E402
 from hm3.errors import Hm3Error  # noqa: E402
 from hm3.export import export_onnx, export_openvino  # noqa: E402
-from hm3.onnx_model import choose_precision, cpu_capabilities, describe_precision  # noqa: E402
+from hm3.onnx_model import (  # noqa: E402
+    BF16_F32_NODES,
+    choose_precision,
+    cpu_capabilities,
+    describe_precision,
+    split_graph,
+)
 
 from conftest import (  # noqa: E402
     SERVED_TASKS as TASKS,
@@ -191,6 +197,11 @@ def test_every_architecture_exports_to_both_runtimes(tmp_path, model_type):
         assert model.model.backend == runtime
         np.testing.assert_allclose(model.logits(TEXTS), want, rtol=0, atol=tolerance,
                                    err_msg=runtime)
+    # at bf16 the architecture's head is found and kept f32 (a second, f32 model)
+    bf16 = load(tmp_path / "openvino", precision="bf16")
+    assert bf16.model.f32_node_count > 0 and len(bf16.model.stages) == 2
+    np.testing.assert_allclose(bf16.logits(TEXTS), want, rtol=0,
+                               atol=tolerance + BF16_STEPS * np.abs(want).max())
 
 
 def test_choose_precision_follows_the_cpu_capabilities():
@@ -216,6 +227,63 @@ def test_auto_precision_is_what_the_cpu_reports_and_stays_near_f32(exported):
     assert bf16.model.precision == "bf16" and bf16.model.detected is None
     np.testing.assert_allclose(bf16.logits(TEXTS), want, rtol=0,
                                atol=BF16_STEPS * np.abs(want).max())
+
+
+def _runtime_precisions(compiled) -> dict[str, str]:
+    """Each matrix product of a compiled model: its name and the precision it computes at."""
+    return {node.get_friendly_name(): node.get_rt_info()["runtimePrecision"].astype(str)
+            for node in compiled.get_runtime_model().get_ops()
+            if node.get_rt_info()["layerType"].astype(str) in ("FullyConnected", "MatMul")}
+
+
+@pytest.mark.numeric
+def test_bf16_keeps_the_head_at_f32(exported):
+    folder, _ = exported
+    f32 = load(folder)
+    bf16, all_bf16 = load(folder, precision="bf16"), load(folder, precision="bf16")
+    all_bf16.model = type(bf16.model)(folder, precision="bf16", f32_nodes=())
+    assert len(all_bf16.model.stages) == 1 and all_bf16.model.f32_node_count == 0
+    encoder, head = bf16.model.stages
+    assert describe_precision(bf16.model) == "bf16 (head f32)"
+    # the head (pooler and classifier, then the logits' bias and the per-task softmaxes) is the
+    # second model, compiled at f32: its matrix products compute in f32 on any CPU
+    kept = _runtime_precisions(head)
+    assert kept and all(precision == "f32" for precision in kept.values())
+    assert any("classifier" in name or name == "logits" for name in kept)
+    assert any("pooler" in name for name in kept)
+    if "BF16" in cpu_capabilities():  # the encoder's matrix products do run in bf16 here
+        assert set(_runtime_precisions(encoder).values()) == {"bf16"}
+    # the head at f32 adds no error of its own: bf16's bound holds (see BF16_STEPS)
+    want = f32.logits(TEXTS)
+    for model in (bf16, all_bf16):
+        np.testing.assert_allclose(model.logits(TEXTS), want, rtol=0,
+                                   atol=BF16_STEPS * np.abs(want).max())
+    outputs = bf16.model.run(**bf16.encode(TEXTS))  # every output comes back, by name
+    assert sorted(outputs) == sorted(["logits", *(f"probabilities.{t}" for t in TASKS)])
+
+
+@pytest.mark.numeric
+def test_the_split_graph_at_f32_is_the_graph(exported):
+    """Both parts compiled at f32 and run one after the other give the unsplit graph's outputs:
+    the cut feeds the head the encoder's tensors and the inputs it reads itself."""
+    folder, _ = exported
+    core = ov.Core()
+    whole = core.compile_model(str(folder / "openvino_model.xml"), "CPU",
+                               {"INFERENCE_PRECISION_HINT": "f32"})
+    (first, second), sources = split_graph(core.read_model(str(folder / "openvino_model.xml")),
+                                           BF16_F32_NODES)
+    assert split_graph(core.read_model(str(folder / "openvino_model.xml")),
+                       (r"no such node",))[1] == []
+    first, second = (core.compile_model(part, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+                     for part in (first, second))
+    model = load(folder)
+    feed = {name: np.asarray(value, dtype=np.int64)
+            for name, value in model.encode(TEXTS).items()}
+    want = whole(feed)
+    early = [first(feed)[port] for port in first.outputs]
+    got = second([feed[s] if isinstance(s, str) else early[s] for s in sources])
+    for port in second.outputs:
+        np.testing.assert_allclose(got[port], want[port.get_any_name()], rtol=0, atol=1e-5)
 
 
 def test_export_records_the_precision_and_says_what_it_ran_at(served_model, tmp_path, capsys):

@@ -9,15 +9,19 @@ reads its logits and applies the same group softmax / sigmoid as for a PyTorch m
 Precision: ONNX Runtime and PyTorch compute in f32. OpenVINO computes at the precision it is
 given: "f32" (hm3's default), "bf16" (faster on CPUs with AVX-512 BF16 or AMX; scores move), or
 "auto", resolved at load by `choose_precision` from the capabilities OpenVINO reports for the CPU
-it runs on. int8 is not chosen here: it needs a quantised export (`--quantize int8`), whose int8
-layers run as int8 at either precision.
+it runs on. At bf16 the classification head (`BF16_F32_NODES`: pooler, classifier and what is
+computed from them) still runs at f32, as a second compiled model (`split_graph`). int8 is not
+chosen here: it needs a quantised export (`--quantize int8`), whose int8 layers run as int8 at
+either precision.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -31,7 +35,14 @@ OPENVINO_FILE = "openvino_model.xml"  # and its weights, openvino_model.bin
 LAYOUT_FILE = "hm3_onnx.json"  # inputs, outputs, tasks and how the graph was made
 THREADS_ENV = "HM3_ONNX_THREADS"  # intra-op threads of either runtime (default: its own choice)
 PRECISIONS = ("auto", "f32", "bf16")
-DEFAULT_PRECISION = "f32"  # bf16 cost a zoo task 0.41-0.58 points (benchmarks/RESULTS.md §6.7)
+# f32 by default: all-bf16 cost a zoo task 0.41-0.58 points; with the head at f32 every task held
+# within 0.2 points on one merge, but any bf16 can flip a near-tie text (benchmarks/RESULTS.md §6.7)
+DEFAULT_PRECISION = "f32"
+# At bf16, these nodes (regular expressions searched in the graph's node names: the head modules
+# of the architectures hm3 exports) and every node computed from them run at f32: a third less
+# logit error than all-bf16 on the zoo's MiniLM at 97-100% of its speed (benchmarks/RESULTS.md
+# §6.7).
+BF16_F32_NODES = (r"/(pooler|pre_classifier|head|classifier|score)/",)
 
 
 def is_onnx_folder(folder: Path) -> bool:
@@ -156,7 +167,9 @@ class OpenVinoSequenceClassifier(ExportedClassifier):
 
     Compiled for latency (one stream) at the inference precision asked for, f32 by default: on
     CPUs with bf16 units OpenVINO would otherwise compute in bf16 and the scores would drift
-    from the model's. An int8 export (`--quantize int8`) runs its int8 layers as such.
+    from the model's. At bf16 the head (`f32_nodes`) still runs at f32: the graph is cut in two
+    models (`split_graph`), the encoder compiled at bf16 and the head at f32, run one after the
+    other. An int8 export (`--quantize int8`) runs its int8 layers as such.
 
     - `folder`: an `hm3 export --format openvino` folder (openvino_model.xml/.bin, hm3_onnx.json,
     config.json, tokenizer files).
@@ -164,13 +177,16 @@ class OpenVinoSequenceClassifier(ExportedClassifier):
     - `precision`: "f32", "bf16" (faster on CPUs with bf16 units; scores move) or "auto" (bf16
     where OpenVINO lists BF16 for this CPU, else f32: `choose_precision`); default: the one the
     export recorded (`hm3 export --precision`), else f32. `self.precision` is the one used.
+    - `f32_nodes`: at bf16, the nodes (regular expressions searched in node names) from which on
+    the graph runs at f32 (default `BF16_F32_NODES`, the head; () for all-bf16).
+    `self.f32_node_count`: how many of the graph's computing nodes that puts at f32.
     """
 
     backend = "openvino"
     kind = "OpenVINO"
 
     def __init__(self, folder: str | Path, threads: int | None = None,
-                 precision: str | None = None):
+                 precision: str | None = None, f32_nodes: Sequence[str] | None = None):
         check_precision(precision)
         try:
             import openvino as ov
@@ -189,31 +205,99 @@ class OpenVinoSequenceClassifier(ExportedClassifier):
         threads = threads or _threads()
         if threads:
             settings["INFERENCE_NUM_THREADS"] = threads
+        f32_nodes = BF16_F32_NODES if f32_nodes is None else tuple(f32_nodes)
         path = Path(folder) / OPENVINO_FILE
+        core = ov.Core()
         try:
-            self.compiled = ov.Core().compile_model(str(path), "CPU", settings)
+            graph = core.read_model(str(path))
+            self.input_names = [i.get_any_name() for i in graph.inputs]
+            self.output_names = [o.get_any_name() for o in graph.outputs]
+            parts, self.sources = [graph], []
+            if precision != "f32" and f32_nodes:
+                parts, self.sources = split_graph(graph, f32_nodes)
+            self.f32_node_count = 0 if len(parts) == 1 else sum(
+                node.get_type_name() not in ("Parameter", "Constant", "Result")
+                for node in parts[1].get_ordered_ops())
+            # the first part at the precision asked for, the rest (the f32 nodes on) at f32
+            self.stages = [core.compile_model(part, "CPU", {
+                **settings, "INFERENCE_PRECISION_HINT": precision if i == 0 else "f32"})
+                for i, part in enumerate(parts)]
         except Exception as exc:  # noqa: BLE001 - OpenVINO raises its own untyped errors
             raise Hm3Error(f"cannot load {path} with OpenVINO: {exc}") from None
-        self.input_names = [i.get_any_name() for i in self.compiled.inputs]
-        self.output_ports = {o.get_any_name(): o for o in self.compiled.outputs}
+        self.compiled = self.stages[0]
         self._requests = threading.local()  # an infer request serves one thread at a time
 
     def outputs(self, feed, names):
-        request = getattr(self._requests, "request", None)
-        if request is None:
-            request = self._requests.request = self.compiled.create_infer_request()
-        result = request.infer(feed)
-        return {name: result[self.output_ports[name]] for name in names or self.output_ports}
+        requests = getattr(self._requests, "requests", None)
+        if requests is None:
+            requests = self._requests.requests = [s.create_infer_request() for s in self.stages]
+        result = requests[0].infer(feed)
+        first = [result[port] for port in self.stages[0].outputs]
+        values = {port.get_any_name(): value for port, value in zip(self.stages[0].outputs, first)
+                  if port.get_names()}
+        if len(self.stages) > 1:
+            result = requests[1].infer([feed[source] if isinstance(source, str) else first[source]
+                                        for source in self.sources])
+            values.update((port.get_any_name(), result[port]) for port in self.stages[1].outputs)
+        return {name: values[name] for name in names or self.output_names}
+
+
+def split_graph(graph, f32_nodes: Sequence[str]) -> tuple[list, list[str | int]]:
+    """`graph` (an OpenVINO model, modified) cut in two: the nodes whose name matches a regular
+    expression of `f32_nodes` and every node computed from them, as a second model fed by the
+    graph's inputs and the first's outputs, so that it can be compiled at f32 while the first runs
+    at bf16. (Marking nodes to keep their precision inside one compiled model does not hold on
+    OpenVINO 2026's CPU plugin: a matrix product fused with its bias loses the mark.)
+
+    Returns the models and, for each input of the second, where its value comes from: an input's
+    name, or the index of one of the first model's outputs; ([graph], []) when no node matches."""
+    from openvino import Model, opset13 as ops
+
+    late = set()
+    for node in graph.get_ordered_ops():  # topological: a node's producers come first
+        if node.get_type_name() in ("Parameter", "Constant", "Result"):
+            continue
+        if any(re.search(p, node.get_friendly_name()) for p in f32_nodes) or any(
+                i.get_source_output().get_node().get_instance_id() in late
+                for i in node.inputs()):
+            late.add(node.get_instance_id())
+    if not late:
+        return [graph], []
+    results = graph.get_results()
+    early_results = [r for r in results
+                     if r.input_value(0).get_node().get_instance_id() not in late]
+    late_results = [r for r in results if r not in early_results]
+    parameters, sources, boundary, made = [], [], [], {}
+    for node in [n for n in graph.get_ordered_ops() if n.get_instance_id() in late]:
+        for index, port in enumerate(i.get_source_output() for i in node.inputs()):
+            producer = port.get_node()
+            if producer.get_instance_id() in late or producer.get_type_name() == "Constant":
+                continue
+            key = (producer.get_instance_id(), port.get_index())
+            if key not in made:
+                made[key] = ops.parameter(port.get_partial_shape(), port.get_element_type())
+                parameters.append(made[key])
+                if producer.get_type_name() == "Parameter":
+                    sources.append(port.get_any_name())
+                else:
+                    sources.append(len(early_results) + len(boundary))
+                    boundary.append(port)
+            node.input(index).replace_source_output(made[key].output(0))
+    first = Model(early_results + [ops.result(port) for port in boundary],
+                  graph.get_parameters())
+    return [first, Model(late_results, parameters)], sources
 
 
 def describe_precision(model) -> str:
     """What `model` (a transformers model or an export) computes at, for a log line or summary:
-    "bf16 (auto: this CPU lists BF16)", "f32"."""
+    "bf16 (auto: this CPU lists BF16; head f32)", "bf16 (head f32)", "f32"."""
     precision = getattr(model, "precision", "f32")
     detected = getattr(model, "detected", None)
-    if detected is None:
-        return precision
-    return f"{precision} (auto: this CPU {'lists' if 'BF16' in detected else 'lacks'} BF16)"
+    notes = [] if detected is None else [
+        f"auto: this CPU {'lists' if 'BF16' in detected else 'lacks'} BF16"]
+    if getattr(model, "f32_node_count", 0):
+        notes.append("head f32")
+    return f"{precision} ({'; '.join(notes)})" if notes else precision
 
 
 def _threads() -> int:

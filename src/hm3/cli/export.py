@@ -23,8 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "table's --text-column); a few hundred are enough")
     add_text_column(parser, help="the column of --calibration's table (default: text)")
     add_precision(parser, "with --format openvino: the inference precision the folder runs at, "
-                  "recorded in it (hm3 serve --precision overrides): f32 (default), bf16, or "
-                  "auto (bf16 where the serving CPU has bf16 units, else f32; resolved at load)")
+                  "recorded in it (hm3 serve --precision overrides): f32 (default), bf16 (the "
+                  "head kept f32), or auto (bf16 where the serving CPU has bf16 units, else "
+                  "f32; resolved at load)")
     add_overwrite(parser)
     # the export is traced and checked on the CPU, a whole batch at once
     add_model_options(parser, batch_size=None, device=None, max_length="cut texts to this many "
