@@ -84,7 +84,7 @@ def test_per_label_verdicts_take_the_per_label_agreement_of_the_texts_counted():
     assert every["tasks"]["a"]["verdict_counted"] == "per label on all 12 texts"
     assert every["tasks"]["b"]["verdict_agreement"] == 0.92 and every["tasks"]["b"]["passed"]
     out = format_check(every)
-    assert "a: the verdict counted per label on all 12 texts" in out
+    assert "a: the verdict counted per label on all 12 texts: 70.0%\n" in out
     assert "verdict (per label the expert gives, on every text): FAIL (a)" in out
     domain = verdicts(report, {"a": 0.9, "b": 0.95}, count="domain", per_label=True)
     a, b = domain["tasks"]["a"], domain["tasks"]["b"]

@@ -701,7 +701,8 @@ def format_check(report: dict) -> str:
                      f"{shares}")
         if (report.get("counted", "all") != "all" or report.get("per_label")) \
                 and "verdict_counted" in e:
-            lines.append(f"{task}: the verdict counted {e['verdict_counted']}")
+            lines.append(f"{task}: the verdict counted {e['verdict_counted']}: "
+                         f"{e['verdict_agreement']:.1%}")
         for reason in e.get("reasons", []):
             lines.append(f"{task}: FAIL: {reason}")
     for task, known in (report.get("task_texts") or {}).items():
