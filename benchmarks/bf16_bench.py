@@ -33,10 +33,9 @@ from hm3.evaluate import score_task
 from hm3.export import export_openvino
 from hm3.model import group_probabilities, load
 from hm3.onnx_model import BF16_F32_NODES, OPENVINO_FILE, OpenVinoSequenceClassifier
-from hm3.serve.buckets import predict_by_length
 from hm3.zoo import build_zoo
 
-from common import datasets, machine, mixed_texts
+from common import batch_speeds, datasets, machine, mixed_texts
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "openvino_bf16.json"
@@ -95,20 +94,7 @@ def main() -> None:
         models[name].model = OpenVinoSequenceClassifier(folder, precision="bf16", f32_nodes=split)
         split_counts[name] = models[name].model.f32_node_count
     texts = mixed_texts(zoo)
-    batches = [texts[i:i + 32] for i in range(0, len(texts), 32)]
-    speed = {name: {"padded": [], "sub-batches": []} for name in models}
-    for round_ in range(args.rounds + 1):  # round 0 warms up
-        for name, model in models.items():
-            started = time.perf_counter()
-            for batch in batches:
-                model.logits(batch, batch_size=32)
-            padded = len(texts) / (time.perf_counter() - started)
-            started = time.perf_counter()
-            for batch in batches:
-                predict_by_length(model, batch)
-            if round_:
-                speed[name]["padded"].append(padded)
-                speed[name]["sub-batches"].append(len(texts) / (time.perf_counter() - started))
+    speed = batch_speeds(models, texts, args.rounds)
     f32_rate = {way: statistics.median(runs) for way, runs in speed["openvino f32"].items()}
     rows = {}
     reference = {}

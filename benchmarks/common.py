@@ -22,6 +22,7 @@ import numpy as np
 from scipy.stats import pearsonr, spearmanr
 
 from hm3.evaluate import Dataset
+from hm3.serve.buckets import predict_by_length
 from hm3.zoo import read_split
 
 CALIBRATION_TEXTS = 256  # the traffic sample of `calibration_texts`
@@ -78,6 +79,29 @@ def machine() -> dict:
 
 
 # --- servers -------------------------------------------------------------------------------------
+
+def batch_speeds(models: dict, texts: list[str], rounds: int) -> dict[str, dict[str, list]]:
+    """Texts per second of each model on `texts` in batches of 32, padded to the batch's longest
+    text (`padded`) and in length-sorted sub-batches as `hm3 serve` runs a batch
+    (`sub-batches`), tokenisation included: one warm-up round, then `rounds` rounds of A B C ...
+    (drift on a shared machine hits every model alike). Returns name -> way -> one rate a
+    round."""
+    batches = [texts[i:i + 32] for i in range(0, len(texts), 32)]
+    speed = {name: {"padded": [], "sub-batches": []} for name in models}
+    for round_ in range(rounds + 1):  # round 0 warms up
+        for name, model in models.items():
+            started = time.perf_counter()
+            for batch in batches:
+                model.logits(batch, batch_size=32)
+            padded = len(texts) / (time.perf_counter() - started)
+            started = time.perf_counter()
+            for batch in batches:
+                predict_by_length(model, batch)
+            if round_:
+                speed[name]["padded"].append(padded)
+                speed[name]["sub-batches"].append(len(texts) / (time.perf_counter() - started))
+    return speed
+
 
 def free_port() -> int:
     with socket.socket() as sock:

@@ -36,10 +36,9 @@ from hm3.evaluate import evaluate
 from hm3.export import HEAD_ONLY, export_onnx, export_openvino
 from hm3.model import load
 from hm3.onnx_model import choose_precision, cpu_capabilities
-from hm3.serve.buckets import predict_by_length
 from hm3.zoo import build_zoo
 
-from common import calibration_texts, datasets, machine, mixed_texts
+from common import batch_speeds, calibration_texts, datasets, machine, mixed_texts
 
 HERE = Path(__file__).resolve().parent
 
@@ -97,20 +96,7 @@ def main() -> None:
               "threads": 1, "calibration_texts": len(calibration), "export_seconds": export_seconds,
               "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
     reference = torch_model.logits(texts[:64])
-    batches = [texts[i:i + 32] for i in range(0, len(texts), 32)]
-    speed = {name: {"padded": [], "sub-batches": []} for name in models}
-    for round_ in range(args.rounds + 1):  # round 0 warms up
-        for name, model in models.items():
-            started = time.perf_counter()
-            for batch in batches:
-                model.logits(batch, batch_size=32)
-            padded = len(texts) / (time.perf_counter() - started)
-            started = time.perf_counter()
-            for batch in batches:
-                predict_by_length(model, batch)
-            if round_:
-                speed[name]["padded"].append(padded)
-                speed[name]["sub-batches"].append(len(texts) / (time.perf_counter() - started))
+    speed = batch_speeds(models, texts, args.rounds)
     torch_rate = {way: statistics.median(runs) for way, runs in speed["torch"].items()}
     splits = ("test",) if args.precision_only else ("validation", "test")
     scored = {split: datasets(zoo, split) for split in splits}  # read once
