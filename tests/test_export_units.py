@@ -226,6 +226,26 @@ def test_an_openvino_folder_opened_directly_checks_the_precision_too(tmp_path):
         onnx_model.OpenVinoSequenceClassifier(folder, precision="fp16")
 
 
+def test_every_missing_input_is_named(tmp_path):
+    model = open_export(write_folder(tmp_path / "onnx"))
+    with pytest.raises(Hm3Error) as error:
+        model.run(token_type_ids=np.zeros((2, 3)))
+    assert str(error.value) == "the exported model needs inputs input_ids, attention_mask"
+
+
+def test_an_openvino_folder_without_openvino_says_which_extra_to_install(tmp_path, monkeypatch):
+    folder = tmp_path / "ov"
+    folder.mkdir()
+    (folder / "openvino_model.xml").write_text("<net/>")
+    (folder / "hm3_onnx.json").write_text("{}")
+    monkeypatch.setitem(sys.modules, "openvino", None)  # `import openvino` raises ImportError
+    with pytest.raises(Hm3Error) as error:
+        open_export(folder)
+    assert str(error.value) == (f"{folder} is an OpenVINO export; install the openvino extra "
+                                "(pip install 'hm3[openvino]') to run it")
+    assert error.value.__cause__ is None and error.value.__suppress_context__
+
+
 def test_each_thread_has_its_own_openvino_request(tmp_path):
     model = open_export(to_openvino(write_folder(tmp_path / "onnx")))
     requests = []

@@ -4,10 +4,12 @@ of `hm3 eval --recipe`, and the label-free steps' lookup."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import yaml
 
-from hm3.errors import Hm3Error
+from hm3.errors import Hm3Error, Hm3Warning
 from hm3.label_free import get_step
 from hm3.recipe import (
     LabelFree,
@@ -340,3 +342,80 @@ def test_model_without_base_says_base_is_the_field():
         parse_recipe({"model": "org/base", "experts": EXPERTS})
     with pytest.raises(Hm3Error, match="^base: missing; give the model"):
         parse_recipe({"base": None, "experts": EXPERTS})
+
+
+def test_seed_allow_pickle_dtype_and_the_data_root_default_or_as_given():
+    recipe = parse_recipe(_recipe())
+    assert (recipe.seed, recipe.allow_pickle, recipe.dtype, recipe.data_root) == \
+        (0, False, None, None)
+    recipe = parse_recipe(_recipe(seed=7, allow_pickle=True, dtype="bfloat16"))
+    assert (recipe.seed, recipe.allow_pickle, recipe.dtype) == (7, True, "bfloat16")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"seed": -1}, "seed: expected a non-negative integer, got -1"),
+    ({"seed": True}, "seed: expected a non-negative integer, got True"),
+    ({"seed": "3"}, "seed: expected a non-negative integer, got '3'"),
+    ({"allow_pickle": "yes"}, "allow_pickle: expected true or false, got 'yes'"),
+    ({"dtype": "float64"}, "dtype: expected one of float32, float16, bfloat16, got 'float64'"),
+    ({"overrides": "x"}, "overrides: expected a list of {pattern: GLOB, density: ..., weight: "
+                         "...}, got 'x'; write it as `overrides: [{pattern: ...}]`"),
+    ({"overrides": {"pattern": "*"}}, "overrides: expected a list of {pattern: GLOB, density: "
+                                      "..., weight: ...}, got a mapping; write it as "
+                                      "`overrides: [{pattern: ...}]`"),
+    ({"recentre": True}, "recentre: needs unlabelled texts: add a `calibration:` block, e.g. "
+                         "`calibration: {texts: traffic.txt}` (the same texts for every task) or "
+                         "`{texts: {TASK: texts.txt, ...}}` (a file per task)"),
+    ({"preset": "label-free"}, "preset label-free runs label-free steps that read unlabelled "
+                               "texts: add a `calibration:` block, e.g. `calibration: {texts: "
+                               "{TASK: texts.txt, ...}}` (texts of each task's domain) or "
+                               "`{texts: traffic.txt}` (one sample)"),
+])
+def test_a_bad_top_level_value_gets_its_whole_message(change, message):
+    with pytest.raises(Hm3Error) as error:
+        parse_recipe(_recipe(**change))
+    assert str(error.value) == message
+
+
+def test_a_model_field_beside_base_is_an_unknown_field():
+    with pytest.raises(Hm3Error, match=r"^recipe: unknown field\(s\) model; allowed: "):
+        parse_recipe(_recipe(model="org/x"))
+
+
+def test_duplicate_tasks_are_refused_each_named_once():
+    raw = _recipe()
+    raw["experts"][1]["task"] = "tone"
+    with pytest.raises(Hm3Error) as error:
+        parse_recipe(raw)
+    assert str(error.value) == ("experts: duplicate task name(s) tone; give every expert its "
+                                "own `task`")
+    raw["experts"] += [{"model": "org/a", "task": "tags"}, {"model": "org/b", "task": "tags"}]
+    with pytest.raises(Hm3Error) as error:
+        parse_recipe(raw)
+    assert str(error.value).startswith("experts: duplicate task name(s) tags, tone; ")
+
+
+def test_only_an_expert_listed_twice_under_two_tasks_warns():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # experts of their own: no warning
+        parse_recipe(_recipe())
+        raw = _recipe()
+        raw["experts"][1]["revision"] = "v2"
+        raw["experts"][1]["model"] = "org/tone"  # another revision is another expert
+        parse_recipe(raw)
+    raw = _recipe()
+    raw["experts"][1]["model"] = "org/tone"
+    with pytest.warns(Hm3Warning) as caught:
+        parse_recipe(raw)
+    assert [str(w.message) for w in caught] == [
+        "experts: org/tone is listed twice, as tasks tone and tags; the merged model will answer "
+        "both with the same head rows (list each expert once unless that is what you want)"]
+
+
+def test_a_mergekit_models_error_names_it_by_its_models_index():
+    raw = {"merge_method": "ties", "base_model": "org/base",
+           "models": [{"model": "org/tone", "parameters": {"density": 0.5}},
+                      {"model": "org/tags", "task": "a/b", "parameters": {"density": 0.5}}]}
+    with pytest.raises(Hm3Error) as error:
+        parse_recipe(raw)
+    assert str(error.value) == "models[1].task: expected a non-empty name without '/', got 'a/b'"

@@ -801,6 +801,19 @@ def test_read_body_holds_at_most_its_budget():
     assert refused.status == 503 and guard.held == 4
     assert refused.json == {"error": "the server holds too many request bodies; retry shortly"}
     assert refused.headers[b"retry-after"] == b"1"
+    assert refused.headers[b"connection"] == b"close"
+
+
+def test_read_body_takes_a_message_without_body_or_more_body_as_empty_and_last():
+    # ASGI lets a server leave out "body" (default b"") and "more_body" (default False)
+    seen, sent = [], Sent()
+    guard = ReadBody(echo_app(seen), limit=10, timeout=5, budget=100)
+    asyncio.run(guard(HTTP, events({"type": "http.request", "more_body": True},
+                                   {"type": "http.request", "body": b"12"},
+                                   {"type": "http.request", "body": b"never read"}), sent))
+    assert seen == [{"type": "http.request", "body": b"12", "more_body": False},
+                    {"type": "http.request", "body": b"never read"}]
+    assert sent.status == 200 and guard.held == 0
 
 
 def test_guards_pass_other_scopes_through():
