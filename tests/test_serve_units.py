@@ -4,6 +4,7 @@ policy's "at or above", the request limit on the number of texts."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -32,6 +33,53 @@ def test_stop_finishes_the_batch_it_was_collecting():
         return await asyncio.wait_for(waiting, 5)
 
     assert asyncio.run(scenario()) == ["A", "B"]
+
+
+def test_a_batch_the_worker_cannot_hand_to_the_model_fails_its_callers_with_that_error():
+    """The model's thread refusing the batch (its executor shut down) is not a text's failure:
+    every caller of the batch gets the error at once, rather than waiting for ever, and the
+    worker goes on."""
+
+    async def scenario():
+        batcher = MicroBatcher(lambda texts: [t.upper() for t in texts], max_batch_size=8)
+        await batcher.start()
+        batcher._executor.shutdown(wait=True)
+        try:
+            with pytest.raises(RuntimeError, match="shutdown"):
+                await asyncio.wait_for(batcher.submit(["a", "b"]), 5)
+            assert not batcher._worker.done()
+        finally:
+            batcher._executor = None
+            batcher._stopping = True
+            batcher._arrived.set()
+            await asyncio.wait_for(batcher._worker, 5)
+
+    asyncio.run(scenario())
+
+
+def test_each_batch_reports_its_size_and_how_long_the_model_took():
+    seen = []
+
+    async def scenario():
+        batcher = MicroBatcher(lambda texts: [t.upper() for t in texts], max_batch_size=8,
+                               on_batch=lambda size, seconds: seen.append((size, seconds)))
+        await batcher.start()
+        started = time.perf_counter()  # the clock the batcher times with
+        result = await asyncio.wait_for(batcher.submit(["a", "b", "c"]), 5)
+        elapsed = time.perf_counter() - started
+        await asyncio.wait_for(batcher.stop(), 5)
+        return result, elapsed
+
+    result, elapsed = asyncio.run(scenario())
+    assert result == ["A", "B", "C"]
+    (size, seconds), = seen
+    assert size == 3 and 0 <= seconds <= elapsed
+
+
+def test_the_batchers_wait_is_given_in_milliseconds_and_none_by_default():
+    run = lambda texts: texts  # noqa: E731
+    assert MicroBatcher(run).max_wait == 0
+    assert MicroBatcher(run, max_wait_ms=5).max_wait == pytest.approx(0.005, rel=1e-12)
 
 
 def test_a_rule_fires_at_its_threshold_not_only_above():
