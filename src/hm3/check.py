@@ -635,10 +635,9 @@ def verdicts(report: dict, min_agreement: Mapping[str, float],
             raise Hm3Error(f"count {count}: task {task!r} has no texts known to be from it; "
                            "give them (--task-texts TASK=FILE) or count another way")
         entry["verdict_agreement"] = agreement
-        entry["verdict_counted"] = (which.removeprefix("agreement ")
-                                    if which not in ("agreement", "agreement per label")
-                                    else f"{which.removeprefix('agreement')} on all "
-                                    f"{entry['n']} texts".lstrip())
+        every = which in ("agreement", "agreement per label")  # no subset was counted
+        entry["verdict_counted"] = (("per label " if per_label else "") + f"on all {entry['n']} "
+                                    "texts" if every else which.removeprefix("agreement "))
         if agreement < min_agreement[task]:
             reasons.append(f"{which} {agreement:.1%} < {min_agreement[task]:.1%}")
         if max_drift is not None:
