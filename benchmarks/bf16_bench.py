@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from hm3.checkpoint import write_json_atomic
-from hm3.evaluate import score_task
+from hm3.evaluate import predictions, score_task
 from hm3.export import export_openvino
 from hm3.model import group_probabilities, load
 from hm3.onnx_model import BF16_F32_NODES, OPENVINO_FILE, OpenVinoSequenceClassifier
@@ -97,10 +97,9 @@ def main() -> None:
     speed = batch_speeds(models, texts, args.rounds)
     f32_rate = {way: statistics.median(runs) for way, runs in speed["openvino f32"].items()}
     rows = {}
-    reference = {}
-    for split in args.splits:
-        data = datasets(zoo, split)
-        reference[split] = {d.task: torch_model.logits(d.texts, batch_size=32) for d in data}
+    scored = {split: datasets(zoo, split) for split in args.splits}  # read once
+    reference = {split: {d.task: torch_model.logits(d.texts, batch_size=32) for d in data}
+                 for split, data in scored.items()}
     for name, model in models.items():
         row = rows[name] = {
             **{f"{way}_texts_per_s": round(statistics.median(runs), 2)
@@ -111,7 +110,7 @@ def main() -> None:
             "marked_f32": len(marked.get(name, [])), "split_f32": split_counts.get(name, 0)}
         for split in args.splits:
             row[split], row[f"{split}_changed"], diffs = {}, {}, []
-            for d in datasets(zoo, split):
+            for d in scored[split]:
                 logits = model.logits(d.texts, batch_size=32)
                 want = reference[split][d.task]
                 diffs.append(logits - want)
@@ -119,8 +118,11 @@ def main() -> None:
                 probabilities = group_probabilities(logits, [group])[d.task]
                 scores = score_task(group, d.labels, probabilities)
                 row[split][d.task] = round(scores["macro_f1"], 4)
+                # texts whose decision (a label, or each label's on/off) differs from PyTorch's
+                ours = predictions(group, probabilities)
+                theirs = predictions(group, group_probabilities(want, [group])[d.task])
                 row[f"{split}_changed"][d.task] = int(
-                    (_decisions(logits, group) != _decisions(want, group)).any(axis=1).sum())
+                    (ours != theirs).reshape(len(ours), -1).any(axis=1).sum())
             row[split]["mean"] = round(float(np.mean(list(row[split].values()))), 4)
             diffs = np.concatenate([d.ravel() for d in diffs])
             row[f"{split}_max_abs_logit_diff"] = float(np.abs(diffs).max())
@@ -167,14 +169,6 @@ def _all_but_matmuls(xml: Path) -> list[str]:
     return ["^" + re.escape(layer.get("name")) + "$"
             for layer in ElementTree.parse(xml).getroot().iter("layer")
             if layer.get("type") != "MatMul"]
-
-
-def _decisions(logits: np.ndarray, group) -> np.ndarray:
-    """One row per text: its label (single-label) or each label's on/off (multi-label)."""
-    z = logits[:, group.offset:group.stop]
-    if group.multi_label:
-        return z > group.logit_threshold
-    return z.argmax(axis=1)[:, None]
 
 
 if __name__ == "__main__":
