@@ -76,6 +76,56 @@ def test_each_batch_reports_its_size_and_how_long_the_model_took():
     assert size == 3 and 0 <= seconds <= elapsed
 
 
+def _recording_batcher(max_batch_size: int, max_wait_ms: float):
+    batches = []
+
+    def run(texts):
+        batches.append(list(texts))
+        return [t.upper() for t in texts]
+
+    return MicroBatcher(run, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms), batches
+
+
+def test_a_full_second_batch_leaves_without_waiting_for_company():
+    """The batcher counts the texts still queued after a batch is taken: a request of four texts
+    at batch size 2 is two full batches, the second run as soon as the first is done, not after
+    the (here 60 s) wait for company that only a batch short of texts takes."""
+
+    async def scenario():
+        batcher, batches = _recording_batcher(max_batch_size=2, max_wait_ms=60_000)
+        await batcher.start()
+        try:
+            result = await asyncio.wait_for(batcher.submit(["a", "b", "c", "d"]), 20)
+        finally:
+            await asyncio.wait_for(batcher.stop(), 5)
+        return result, batches
+
+    result, batches = asyncio.run(scenario())
+    assert result == ["A", "B", "C", "D"]
+    assert batches == [["a", "b"], ["c", "d"]]
+
+
+def test_a_lone_text_after_a_full_batch_waits_for_company():
+    """Once a full batch has left, the count of queued texts is back to 0: the next lone text
+    waits (up to max_wait) for another to join it, and the two run as one batch."""
+
+    async def scenario():
+        batcher, batches = _recording_batcher(max_batch_size=2, max_wait_ms=60_000)
+        await batcher.start()
+        try:
+            first = await asyncio.wait_for(batcher.submit(["a", "b"]), 20)
+            lone = asyncio.ensure_future(batcher.submit(["c"]))
+            await asyncio.sleep(0.05)  # "c" is queued; the worker waits for company
+            company = await asyncio.wait_for(batcher.submit(["d"]), 20)
+            return first, await asyncio.wait_for(lone, 20), company, batches
+        finally:
+            await asyncio.wait_for(batcher.stop(), 5)
+
+    first, lone, company, batches = asyncio.run(scenario())
+    assert (first, lone, company) == (["A", "B"], ["C"], ["D"])
+    assert batches == [["a", "b"], ["c", "d"]]
+
+
 def test_the_batchers_wait_is_given_in_milliseconds_and_none_by_default():
     run = lambda texts: texts  # noqa: E731
     assert MicroBatcher(run).max_wait == 0
