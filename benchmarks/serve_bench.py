@@ -103,7 +103,8 @@ def main() -> None:
         if name in OPENVINO:
             report = export_openvino(args.model, folder, quantize=OPENVINO[name],
                                      calibration=calibration_texts(zoo) if OPENVINO[name] else None,
-                                     overwrite=True, max_length=128)  # as it is served
+                                     overwrite=True, max_length=128,  # as it is served
+                                     precision="f32")  # the rows' precision (default: auto)
         else:
             report = export_onnx(args.model, folder, quantize="int8" if name in INT8 else None,
                                  overwrite=True, **INT8.get(name, {}))

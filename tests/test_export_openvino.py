@@ -48,7 +48,7 @@ TEXTS = ["good film", "bad news today", "free money win call phone now", "hello"
 @pytest.fixture(scope="module")
 def exported(served_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("openvino") / "f32"
-    return out, export_openvino(served_model, out)
+    return out, export_openvino(served_model, out, precision="f32")  # PyTorch's scores
 
 
 @pytest.mark.numeric
@@ -193,7 +193,7 @@ def test_every_architecture_exports_to_both_runtimes(tmp_path, model_type):
     export_onnx(tmp_path / "merged", tmp_path / "onnx")
     export_openvino(tmp_path / "merged", tmp_path / "openvino")
     for runtime in ("onnx", "openvino"):
-        model = load(tmp_path / runtime)
+        model = load(tmp_path / runtime, precision="f32")  # the OpenVINO default is auto
         assert model.model.backend == runtime
         np.testing.assert_allclose(model.logits(TEXTS), want, rtol=0, atol=tolerance,
                                    err_msg=runtime)
@@ -288,12 +288,18 @@ def test_the_split_graph_at_f32_is_the_graph(exported):
 
 def test_export_records_the_precision_and_says_what_it_ran_at(served_model, tmp_path, capsys):
     out = tmp_path / "auto"
-    assert main(["export", str(served_model), "-o", str(out), "--format", "openvino",
-                 "--precision", "auto"]) == 0
+    assert main(["export", str(served_model), "-o", str(out), "--format", "openvino"]) == 0
     chosen = choose_precision(cpu_capabilities())
-    summary = capsys.readouterr().out
+    summary = capsys.readouterr().out  # auto, the default: what this CPU does best
     assert f"runs at {chosen} (auto: this CPU" in summary and "resolved again" in summary
     assert json.loads((out / "hm3_onnx.json").read_text())["precision"] == "auto"
+    f32 = tmp_path / "f32"
+    assert main(["export", str(served_model), "-o", str(f32), "--format", "openvino",
+                 "--precision", "f32"]) == 0
+    summary = capsys.readouterr().out
+    assert "runs at f32 precision here\n" in summary and "resolved again" not in summary
+    assert json.loads((f32 / "hm3_onnx.json").read_text())["precision"] == "f32"
+    assert load(f32).model.precision == "f32"
     assert load(out).model.precision == chosen  # the recorded default, resolved at load
     assert load(out, precision="f32").model.precision == "f32"  # overridden
     assert main(["export", str(served_model), "-o", str(tmp_path / "onnx"),

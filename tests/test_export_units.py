@@ -190,9 +190,12 @@ def test_describe_precision_says_where_auto_came_from():
 
 def test_an_openvino_folder_runs_at_the_precision_asked_or_recorded(tmp_path, monkeypatch):
     ov_folder = to_openvino(write_folder(tmp_path / "onnx"))
+    # a folder that records no precision runs at auto: here on a CPU without bf16 units
+    monkeypatch.setattr(onnx_model, "cpu_capabilities", lambda: ["FP32", "INT8"])
     model = open_export(ov_folder)
     assert (model.backend, model.kind, model.precision, model.detected) == \
-        ("openvino", "OpenVINO", "f32", None)
+        ("openvino", "OpenVINO", "f32", ["FP32", "INT8"])
+    assert open_export(ov_folder, precision="f32").detected is None  # asked for: not detected
     assert sorted(model.input_names) == ["attention_mask", "input_ids"]
     np.testing.assert_array_equal(model(input_ids=IDS, attention_mask=MASK).logits.numpy(),
                                   LOGITS)
@@ -209,6 +212,7 @@ def test_an_openvino_folder_runs_at_the_precision_asked_or_recorded(tmp_path, mo
     monkeypatch.setattr(onnx_model, "cpu_capabilities", lambda: ["FP32", "BF16"])
     auto = open_export(ov_folder, precision="auto")
     assert (auto.precision, auto.detected) == ("bf16", ["FP32", "BF16"])
+    assert open_export(ov_folder).precision == "bf16"  # the default, on a CPU with bf16 units
     monkeypatch.setattr(onnx_model, "cpu_capabilities", lambda: ["FP32", "INT8"])
     assert open_export(ov_folder, precision="auto").precision == "f32"
     (ov_folder / "hm3_onnx.json").write_text(json.dumps({"precision": "auto"}))
@@ -439,8 +443,8 @@ def test_the_layout_records_how_the_graph_was_made(tmp_path, monkeypatch):
         (False, "model.onnx", {"format": "onnx", "quantized": "int8", "per_channel": True,
                                "fp32_nodes": list(export.FP32_NODES)}),
         (False, "openvino_model.xml", {"format": "openvino", "quantized": None,
-                                       "precision": "f32", "calibration_texts": None,
-                                       "fp32_nodes": None})]
+                                       "precision": "auto", "calibration_texts": None,
+                                       "fp32_nodes": None})]  # auto: resolved where it loads
 
 
 def test_an_exporter_failure_names_it(tmp_path):
@@ -665,7 +669,45 @@ def test_an_fp32_export_further_than_the_tolerance_from_pytorch_warns(
     assert report["max_abs_diff"] == diff and report["quantized"] == quantize
     shown = [str(w.message) for w in caught if issubclass(w.category, Hm3Warning)]
     assert shown == ([f"the export's probabilities differ from PyTorch's by up to {diff} on "
-                      "sample texts; check it on your own texts before you deploy it"]
+                      "sample texts at f32; check it on your own texts before you deploy it"]
+                     if warned else [])
+
+
+@pytest.mark.parametrize("f32_diff, warned", [(0.5, True), (1e-6, False)])
+def test_an_export_run_at_bf16_here_is_checked_at_f32_as_well(
+        served_model, tmp_path, monkeypatch, f32_diff, warned):
+    """With `auto` the default, an export checked on a CPU with bf16 units runs at bf16, where
+    the probabilities move by ~1e-2 and the f32 tolerance means nothing: the graph is opened
+    again at f32 and that difference decides the warning (a wrong graph warns on every CPU); the
+    report keeps what it runs at here."""
+    opened, measured = [], []
+
+    class Runtime:
+        def __init__(self, precision):
+            self.precision, self.backend = precision, "openvino"
+
+    def open_export(folder, precision=None):
+        opened.append(precision)
+        return Runtime(precision or "bf16")  # what `auto` resolves to on a CPU with BF16
+
+    monkeypatch.setattr(export, "open_export", open_export)
+    monkeypatch.setattr(export, "describe_precision", lambda model: model.precision)
+    monkeypatch.setattr(export, "_max_difference", lambda classifier, exported, groups:
+                        measured.append(exported.precision) or
+                        (0.02 if exported.precision == "bf16" else f32_diff))
+
+    def convert(fp32, staging, classifier):
+        fp32.replace(staging / "model.onnx")
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = export._export(served_model, tmp_path / "out", False, "model.onnx", convert,
+                                None, False, {"format": "openvino", "quantized": None})
+    assert opened == [None, "f32"] and measured == ["bf16", "f32"]
+    assert report["max_abs_diff"] == 0.02 and report["precision"] == "bf16"
+    shown = [str(w.message) for w in caught if issubclass(w.category, Hm3Warning)]
+    assert shown == ([f"the export's probabilities differ from PyTorch's by up to {f32_diff} on "
+                      "sample texts at f32; check it on your own texts before you deploy it"]
                      if warned else [])
 
 

@@ -288,7 +288,7 @@ def load(path: str | Path, task: str | None = None, device: str | None = None,
     - `allow_pickle`: load a model whose weights exist only as pickle `.bin` files (pickle can run
     arbitrary code, so this is refused by default, as in `hm3.merge`).
     - `precision`: for an OpenVINO export, "f32", "bf16" or "auto" (bf16 where the CPU has bf16
-    units; `hm3.onnx_model.choose_precision`); default: what the export recorded, else f32.
+    units; `hm3.onnx_model.choose_precision`); default: what the export recorded, else auto.
     PyTorch models and ONNX exports compute in f32: "f32" and "auto" leave them so, "bf16" is
     refused.
     """

@@ -7,12 +7,12 @@ unchanged. The graph's own per-task probability outputs are for other consumers 
 reads its logits and applies the same group softmax / sigmoid as for a PyTorch model.
 
 Precision: ONNX Runtime and PyTorch compute in f32. OpenVINO computes at the precision it is
-given: "f32" (hm3's default), "bf16" (faster on CPUs with AVX-512 BF16 or AMX; scores move), or
-"auto", resolved at load by `choose_precision` from the capabilities OpenVINO reports for the CPU
-it runs on. At bf16 the classification head (`BF16_F32_NODES`: pooler, classifier and what is
-computed from them) still runs at f32, as a second compiled model (`split_graph`). int8 is not
-chosen here: it needs a quantised export (`--quantize int8`), whose int8 layers run as int8 at
-either precision.
+given: "auto" (hm3's default), resolved at load by `choose_precision` from the capabilities
+OpenVINO reports for the CPU it runs on (bf16 where it lists BF16, else f32), "f32" (PyTorch's
+scores, always), or "bf16" (faster on CPUs with AVX-512 BF16 or AMX; scores move a little).
+At bf16 the classification head (`BF16_F32_NODES`: pooler, classifier and what is computed from
+them) still runs at f32, as a second compiled model (`split_graph`). int8 is not chosen here: it
+needs a quantised export (`--quantize int8`), whose int8 layers run as int8 at either precision.
 """
 
 from __future__ import annotations
@@ -35,9 +35,11 @@ OPENVINO_FILE = "openvino_model.xml"  # and its weights, openvino_model.bin
 LAYOUT_FILE = "hm3_onnx.json"  # inputs, outputs, tasks and how the graph was made
 THREADS_ENV = "HM3_ONNX_THREADS"  # intra-op threads of either runtime (default: its own choice)
 PRECISIONS = ("auto", "f32", "bf16")
-# f32 by default: all-bf16 cost a zoo task 0.41-0.58 points; with the head at f32 every task held
-# within 0.2 points on one merge, but any bf16 can flip a near-tie text (benchmarks/RESULTS.md §6.7)
-DEFAULT_PRECISION = "f32"
+# auto by default: bf16 with the head at f32 kept every task within 0.2 macro-F1 points of PyTorch
+# on validation and test over three merges of two zoos (MiniLM, MPNet-base), at 1.7-2.0x OpenVINO
+# f32's speed (benchmarks/RESULTS.md §6.7); all-bf16 cost a task 0.41-0.58 points. A near-tie text
+# can still flip, so "f32" is there for scores equal to PyTorch's.
+DEFAULT_PRECISION = "auto"
 # At bf16, these nodes (regular expressions searched in the graph's node names: the head modules
 # of the architectures hm3 exports) and every node computed from them run at f32: a third less
 # logit error than all-bf16 on the zoo's MiniLM at 97-100% of its speed (benchmarks/RESULTS.md
@@ -165,18 +167,20 @@ class OnnxSequenceClassifier(ExportedClassifier):
 class OpenVinoSequenceClassifier(ExportedClassifier):
     """An OpenVINO compiled model with the call interface of a transformers sequence classifier.
 
-    Compiled for latency (one stream) at the inference precision asked for, f32 by default: on
-    CPUs with bf16 units OpenVINO would otherwise compute in bf16 and the scores would drift
-    from the model's. At bf16 the head (`f32_nodes`) still runs at f32: the graph is cut in two
-    models (`split_graph`), the encoder compiled at bf16 and the head at f32, run one after the
-    other. An int8 export (`--quantize int8`) runs its int8 layers as such.
+    Compiled for latency (one stream) at the inference precision asked for, "auto" by default
+    (bf16 on CPUs OpenVINO lists BF16 for, else f32; always set, never OpenVINO's own default,
+    which would run all of the graph, head included, at bf16 on such CPUs). At bf16 the head
+    (`f32_nodes`) still runs at f32: the graph is cut in two models (`split_graph`), the encoder
+    compiled at bf16 and the head at f32, run one after the other. An int8 export (`--quantize
+    int8`) runs its int8 layers as such.
 
     - `folder`: an `hm3 export --format openvino` folder (openvino_model.xml/.bin, hm3_onnx.json,
     config.json, tokenizer files).
     - `threads`: inference threads (default: $HM3_ONNX_THREADS, else OpenVINO's own choice).
-    - `precision`: "f32", "bf16" (faster on CPUs with bf16 units; scores move) or "auto" (bf16
-    where OpenVINO lists BF16 for this CPU, else f32: `choose_precision`); default: the one the
-    export recorded (`hm3 export --precision`), else f32. `self.precision` is the one used.
+    - `precision`: "auto" (bf16 where OpenVINO lists BF16 for this CPU, else f32:
+    `choose_precision`), "f32" (PyTorch's scores) or "bf16" (scores move a little); default: the
+    one the export recorded (`hm3 export --precision`), else auto. `self.precision` is the one
+    used.
     - `f32_nodes`: at bf16, the nodes (regular expressions searched in node names) from which on
     the graph runs at f32 (default `BF16_F32_NODES`, the head; () for all-bf16).
     `self.f32_node_count`: how many of the graph's computing nodes that puts at f32.

@@ -23,9 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "table's --text-column); a few hundred are enough")
     add_text_column(parser, help="the column of --calibration's table (default: text)")
     add_precision(parser, "with --format openvino: the inference precision the folder runs at, "
-                  "recorded in it (hm3 serve --precision overrides): f32 (default), bf16 (the "
-                  "head kept f32), or auto (bf16 where the serving CPU has bf16 units, else "
-                  "f32; resolved at load)")
+                  "recorded in it (hm3 serve --precision overrides): auto (default: bf16 with the "
+                  "head kept f32 where the serving CPU has bf16 units, else f32; resolved at "
+                  "load), f32 (PyTorch's scores) or bf16")
     add_overwrite(parser)
     # the export is traced and checked on the CPU, a whole batch at once
     add_model_options(parser, batch_size=None, device=None, max_length="cut texts to this many "
@@ -37,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
     from hm3.data import read_texts
     from hm3.errors import Hm3Error
     from hm3.export import export_onnx, export_openvino
+    from hm3.onnx_model import DEFAULT_PRECISION
 
     options = {"overwrite": args.overwrite, "max_length": args.max_length,
                "allow_pickle": args.allow_pickle}
@@ -55,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
           f"{report['megabytes']:.1f} MB{', int8' if args.quantize else ''}); "
           f"largest difference from PyTorch on sample texts: {report['max_abs_diff']:.2g}")
     if args.format == "openvino":
-        again = "; auto is resolved again where it is loaded" if args.precision == "auto" else ""
+        again = ("; auto is resolved again where it is loaded"
+                 if (args.precision or DEFAULT_PRECISION) == "auto" else "")
         print(f"runs at {report['precision']} precision here{again}")
     return 0

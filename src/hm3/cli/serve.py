@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_precision(parser, "an OpenVINO export's inference precision: f32, bf16 (faster on CPUs "
                   "with bf16 units, the head kept f32; scores move), or auto (bf16 where "
                   "OpenVINO lists BF16 for this CPU, else f32); default: what `hm3 export "
-                  "--precision` recorded, else f32")
+                  "--precision` recorded, else auto")
 
 
 def run(args: argparse.Namespace) -> int:
