@@ -339,14 +339,12 @@ def _is_json(content_type: str) -> bool:
 
 
 def _problems(errors: list[dict]) -> tuple[str, list[dict]]:
-    """A one-line message and the short detail of pydantic validation errors."""
+    """A one-line message and the short detail of pydantic validation errors. (A body that is
+    not JSON never gets here: `read` parses every body itself and says so.)"""
     problems = []
     for item in errors:
         loc = [str(part) for part in item.get("loc", ()) if part != "body"]
-        if item.get("type") == "json_invalid":
-            problems.append(f"the body is not valid JSON ({item.get('ctx', {}).get('error', '')})")
-        else:
-            problems.append(f"{'.'.join(loc) or 'body'}: {item.get('msg')}")
+        problems.append(f"{'.'.join(loc) or 'body'}: {item.get('msg')}")
     detail = [{k: v for k, v in item.items() if k in ("loc", "msg", "type")} for item in errors]
     return "; ".join(problems[:10]), detail[:10]
 
