@@ -1310,6 +1310,7 @@ def test_the_guarded_protocol_closes_late_headers_and_answers_bad_http_with_json
         bad, _ = exchange(b"NOT HTTP AT ALL\r\n\r\n")
         head, _, body = bad.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 400") and b"content-type: application/json" in head
+        assert b"\r\nconnection: close" in head.lower()  # the client is told, then it closes
         assert json.loads(body)["error"].endswith("(malformed HTTP, or headers over the size "
                                                   "limit)")
         good, _ = exchange(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 0.5)
