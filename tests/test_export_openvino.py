@@ -313,3 +313,30 @@ def test_bf16_is_refused_where_hm3_computes_in_f32(served_model):
     with pytest.raises(Hm3Error, match="precision must be one of auto, f32, bf16, got 'fp16'"):
         load(served_model, precision="fp16")
     assert load(served_model, device="cpu", precision="auto").tasks == list(TASKS)
+
+
+def test_eval_predict_and_bench_take_the_exports_precision(served_model, exported, tmp_path,
+                                                           capsys):
+    """Scoring an export: `--precision` picks what it runs at (f32 gives PyTorch's scores on any
+    CPU); without it, what the export recorded; `hm3 eval` says which on standard error."""
+    folder, _ = exported  # recorded f32
+    data = tmp_path / "sentiment.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "label": ["negative", "positive"][i % 2]}) + "\n"
+                            for i, t in enumerate(texts_for(3, 12))))
+    assert main(["eval", str(folder), "--data", f"sentiment={data}"]) == 0
+    assert f"scoring {folder} on openvino at f32 precision" in capsys.readouterr().err
+    assert main(["eval", str(folder), "--data", f"sentiment={data}", "--precision", "auto"]) == 0
+    chosen = choose_precision(cpu_capabilities())
+    assert f"on openvino at {chosen} (auto: this CPU" in capsys.readouterr().err
+    out = tmp_path / "predictions.jsonl"
+    assert main(["predict", str(folder), *TEXTS, "--precision", "f32", "--logits",
+                 "--output", str(out)]) == 0
+    got = np.array([json.loads(line)["logits"] for line in out.read_text().splitlines()])
+    want = load(served_model, device="cpu")
+    np.testing.assert_allclose(got, want.logits(TEXTS), rtol=0,
+                               atol=classifier_tolerance(want, TEXTS))
+    # bf16 is for OpenVINO exports: a PyTorch model refuses it, saying so
+    assert main(["predict", str(served_model), "good film", "--precision", "bf16"]) == 2
+    assert "runs in f32; bf16 is for OpenVINO" in capsys.readouterr().err
+    assert main(["bench", str(folder), "--experts", str(served_model), "--precision", "bf16",
+                 "--batch-sizes", "2", "--repeats", "1", "--warmup", "0", "--no-progress"]) == 0

@@ -9,6 +9,7 @@ from hm3.cli.options import (
     add_input,
     add_json_report,
     add_model_options,
+    add_precision,
     add_progress,
     write_json_report,
 )
@@ -29,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_json_report(parser, "result")
     add_progress(parser)
     add_model_options(parser, batch_size=None)  # --batch-sizes: the sizes it times
+    add_precision(parser, "the merged model's, if it is an OpenVINO export (the experts run as "
+                  "they are): auto, f32 or bf16; default: what `hm3 export --precision` "
+                  "recorded, else auto")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,8 +49,9 @@ def run(args: argparse.Namespace) -> int:
         raise Hm3Error(f"--batch-sizes expects numbers like 1,8,32, got "
                        f"{args.batch_sizes!r}") from None
     texts = read_texts(Path(args.input), args.text_column) if args.input else list(SAMPLE_TEXTS)
-    options = ModelOptions.from_args(args).load_options()
-    merged = load(args.model, **options)
+    model_options = ModelOptions.from_args(args)
+    options = model_options.load_options()
+    merged = load(args.model, precision=model_options.precision, **options)
     experts = [load(path, **options) for path in args.experts]
     result = benchmark(merged, experts, texts, batch_sizes=sizes, repeats=args.repeats,
                        warmup=args.warmup, threads=args.threads, progress=not args.no_progress)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from hm3.cli.options import (
     ModelOptions,
@@ -10,6 +11,7 @@ from hm3.cli.options import (
     add_label_column,
     add_limit,
     add_model_options,
+    add_precision,
     add_text_column,
     write_json_report,
 )
@@ -31,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_limit(parser, help="score only the first N examples per task")
     add_json_report(parser)
     add_model_options(parser)
+    add_precision(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -41,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from hm3.errors import Hm3Error
     from hm3.evaluate import check_expected_label, evaluate, format_report, own_datasets
     from hm3.model import load
+    from hm3.onnx_model import describe_precision
     from hm3.recipe import load_data_recipe
 
     data = data_block(args.data, args.expect, args.text_column, args.label_column,
@@ -49,7 +53,12 @@ def run(args: argparse.Namespace) -> int:
     if not data:
         raise Hm3Error("nothing to score: give --data TASK=FILE or --recipe with a `data:` block")
     options = ModelOptions.from_args(args)
-    model = load(args.model, task=args.task, **options.load_options())
+    model = load(args.model, task=args.task, precision=options.precision,
+                 **options.load_options())
+    backend = getattr(model.model, "backend", "torch")
+    if backend != "torch":  # an export: say what its scores were computed at
+        print(f"scoring {args.model} on {backend} at {describe_precision(model.model)} precision",
+              file=sys.stderr)
     check_expected_heads(args.expect, model.tasks)
     for item in args.expect:
         other, label = parse_expectation(item)[1:]

@@ -14,6 +14,9 @@ DEVICE_HELP = "cpu, cuda, ... (default: CUDA when available)"
 MAX_LENGTH_HELP = "truncate texts to this many tokens (default: the tokenizer's maximum)"
 ALLOW_PICKLE_HELP = "allow pickle .bin checkpoints (they can run arbitrary code)"
 STDIO = "-"  # as --input: standard input; as predict's --output: standard output
+PRECISION_HELP = ("an OpenVINO export's inference precision: auto (bf16 where OpenVINO lists BF16 "
+                  "for this CPU, else f32), f32 (PyTorch's scores) or bf16; default: what "
+                  "`hm3 export --precision` recorded, else auto")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,8 +35,8 @@ class ModelOptions:
         return cls(**{f.name: getattr(args, f.name, f.default) for f in dataclasses.fields(cls)})
 
     def load_options(self) -> dict:
-        """The keyword arguments of `hm3.model.load` these options set (`precision`, which only
-        `hm3 serve` and `hm3 export` take, apart)."""
+        """The keyword arguments of `hm3.model.load` these options set (`precision` apart: it is
+        for the model a command runs, not for experts it compares it with)."""
         return {"device": self.device, "max_length": self.max_length,
                 "allow_pickle": self.allow_pickle}
 
@@ -53,9 +56,11 @@ def add_model_options(parser: argparse.ArgumentParser, *, batch_size: int | None
     parser.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP)
 
 
-def add_precision(parser: argparse.ArgumentParser, help: str) -> None:
-    """`--precision {auto,f32,bf16}`: an OpenVINO export's inference precision."""
-    parser.add_argument("--precision", choices=["auto", "f32", "bf16"], help=help)
+def add_precision(parser: argparse.ArgumentParser, help: str = "") -> None:
+    """`--precision {auto,f32,bf16}`: an OpenVINO export's inference precision (`help`: what
+    the command says of it; default `PRECISION_HELP`)."""
+    parser.add_argument("--precision", choices=["auto", "f32", "bf16"],
+                        help=help or PRECISION_HELP)
 
 
 def add_text_column(parser: argparse.ArgumentParser,

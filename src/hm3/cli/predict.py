@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from hm3.cli.options import STDIO, ModelOptions, add_input, add_model_options, write_output
+from hm3.cli.options import (
+    STDIO,
+    ModelOptions,
+    add_input,
+    add_model_options,
+    add_precision,
+    write_output,
+)
 
 HELP = "classify texts with every task of a model"
 
@@ -19,6 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "missing folders created; - or none: JSONL on standard output")
     parser.add_argument("--logits", action="store_true", help="include the raw logits")
     add_model_options(parser)
+    add_precision(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -36,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     if not texts:
         raise Hm3Error("nothing to classify: give texts as arguments or --input FILE")
     options = ModelOptions.from_args(args)
-    model = load(args.model, **options.load_options())
+    model = load(args.model, precision=options.precision, **options.load_options())
     results = model.predict(texts, batch_size=options.batch_size, return_logits=args.logits)
     if to_file:
         write_output(args.output, format_predictions(args.output, model.groups, texts, results),
