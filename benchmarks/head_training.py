@@ -5,8 +5,11 @@ training the head by gradient steps on the KL divergence to each expert's probab
 final projection alone, or with the shared hidden layer; pulled toward the rows as merged),
 every variant scored on the validation and test splits with its agreement with the experts.
 
-  .venv/bin/python benchmarks/head_training.py /tmp/hm3-head-features.pt [quick]
-(`quick`: the ridge rows only). Prints one line per variant; RESULTS.md section 10 quotes them.
+  .venv/bin/python benchmarks/head_training.py /tmp/hm3-head-features.pt [quick | all]
+(`quick`: the ridge rows only; `all`: the ridge rows, then each head fitted on every task's
+calibration texts, its own at weight 1 and the others' at a smaller one, from features cached
+with `head_training_features.py ... all`). Prints one line per variant; RESULTS.md section 10
+quotes them.
 """
 
 import json
@@ -107,6 +110,28 @@ def align(W1, b1, W2, b2, ridge):
     return W2, b2
 
 
+def align_all(W1, b1, W2, b2, ridge, weight):
+    """`align`, each task's head fitted on every task's calibration texts: its own texts at
+    weight 1, the other tasks' at `weight`, the targets its expert's logits on them all."""
+    W2, b2 = W2.clone(), b2.clone()
+    order = d["tasks"]
+    starts = np.cumsum([0] + [len(X["calibration"][u]) for u in order])
+    for t in tasks:
+        parts, targets, weights = [], [], []
+        for i, u in enumerate(order):
+            parts.append(X["calibration"][u].double())
+            targets.append(E["all"][t][starts[i]:starts[i + 1]].double())
+            weights.append(torch.full((len(parts[-1]), 1), 1.0 if u == t else weight,
+                                      dtype=torch.float64))
+        h = torch.tanh(torch.cat(parts) @ W1.T + b1)
+        root = torch.cat(weights).sqrt()
+        x = torch.cat([h, torch.ones(len(h), 1, dtype=h.dtype)], 1) * root
+        start = torch.cat([W2[rows[t]], b2[rows[t], None]], 1)
+        fitted = fit_rows(x, torch.cat(targets) * root, start, ridge)
+        W2[rows[t]], b2[rows[t]] = fitted[:, :-1], fitted[:, -1]
+    return W2, b2
+
+
 def kl_train(W1, b1, W2, b2, steps, lr, pull, train_dense=True, temperature=1.0):
     p = [torch.nn.Parameter(v.clone().float()) for v in (W1, b1, W2, b2)]
     start = [v.detach().clone() for v in p]
@@ -146,6 +171,12 @@ for ridge in (0.1, 0.2, 0.3, 0.5, 1.0, "auto"):
     A2, a2 = align(W1, b1, W2, b2, ridge)
     score(W1, b1, A2, a2, f"align {ridge} (no recentre)")
     score(W1, b1, A2, do_recentre(W1, b1, A2, a2), f"align {ridge} + recentre")
+if "all" in sys.argv[2:]:
+    for weight in (1.0, 0.3, 0.1, 0.03):
+        for ridge in (0.1, 1.0):
+            A2, a2 = align_all(W1, b1, W2, b2, ridge, weight)
+            score(W1, b1, A2, do_recentre(W1, b1, A2, a2),
+                  f"align all texts, others x{weight}, ridge {ridge} + recentre")
 for train_dense in () if len(sys.argv) > 2 else (True, False):
     for lr, steps in ((1e-3, 200), (3e-3, 300)):
         for pull in (0.0, 0.1, 1.0):

@@ -1,11 +1,13 @@
 """What a merge's head reads, cached for `head_training.py`: the body merged once (TIES 0.2,
 heads whole; with `distill`, the `distill` step's default on it), then the input of the head's
 hidden layer (MPNet `classifier.dense`, BERT `pooler.dense`) on every task's calibration,
-validation and test texts, with each expert's logits on the same texts.
+validation and test texts, with each expert's logits on the same texts; with `all`, also each
+expert's logits on every task's calibration texts (`E_all`, task -> expert logits on the tasks'
+calibration texts in the order of `tasks`), for heads fitted on more texts than their own.
 
-  .venv/bin/python benchmarks/head_training_features.py [minilm] [distill]
-Writes /tmp/hm3-head-features[-minilm][-distill].pt (MPNet zoo, 171-640 unseen texts per task;
-`minilm`: the MiniLM zoo with the demo's calibration).
+  .venv/bin/python benchmarks/head_training_features.py [minilm] [distill] [all]
+Writes /tmp/hm3-head-features[-minilm][-distill][-all].pt (MPNet zoo, 171-640 unseen texts per
+task; `minilm`: the MiniLM zoo with the demo's calibration).
 """
 
 import sys
@@ -28,6 +30,7 @@ from mpnet_zoo import HEAD_STEPS, recipe
 
 DISTILL = "distill" in sys.argv
 MINILM = "minilm" in sys.argv
+ALL = "all" in sys.argv
 work = Path(tempfile.mkdtemp())
 if MINILM:
     from hm3.demo import demo_recipe
@@ -78,6 +81,9 @@ for spec, ck in zip(sources.recipe.experts, sources.experts):
     ec = MultiTaskClassifier(expert_classifier(ck), cal.tokenizer, g, max_length)
     for s in texts:
         E[s][spec.task] = torch.tensor(ec.logits(texts[s][spec.task]))
+    if ALL:
+        every = [text for t in zoo.experts for text in texts["calibration"][t]]
+        E.setdefault("all", {})[spec.task] = torch.tensor(ec.logits(every))
 state = {
     k: v.clone() for k, v in model.state_dict().items() if k.startswith(("classifier.", DENSE))
 }
@@ -88,7 +94,9 @@ torch.save(
         "labels": labels,
         "head": state,
         "groups": [g.to_dict() for g in sources.groups],
+        "tasks": list(zoo.experts),
     },
-    f"/tmp/hm3-head-features{'-minilm' if MINILM else ''}{'-distill' if DISTILL else ''}.pt",
+    f"/tmp/hm3-head-features{'-minilm' if MINILM else ''}{'-distill' if DISTILL else ''}"
+    f"{'-all' if ALL else ''}.pt",
 )
 print("saved")
