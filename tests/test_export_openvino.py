@@ -340,3 +340,19 @@ def test_eval_predict_and_bench_take_the_exports_precision(served_model, exporte
     assert "runs in f32; bf16 is for OpenVINO" in capsys.readouterr().err
     assert main(["bench", str(folder), "--experts", str(served_model), "--precision", "bf16",
                  "--batch-sizes", "2", "--repeats", "1", "--warmup", "0", "--no-progress"]) == 0
+
+
+def test_check_takes_the_exports_precision_and_runs_the_experts_as_they_are(
+        served_model, exported, tmp_path, capsys):
+    """`hm3 check EXPORT --precision bf16`: the export runs at bf16, the recorded PyTorch experts
+    as they are (bf16 would be refused for them); the same flag on a PyTorch merge is refused."""
+    folder, _ = exported
+    texts = tmp_path / "traffic.txt"
+    texts.write_text("\n".join(texts_for(5, 40)) + "\n")
+    report = tmp_path / "check.json"
+    assert main(["check", str(folder), "--texts", str(texts), "--precision", "bf16",
+                 "--json", str(report)]) in (0, 1)  # a verdict, not a refusal
+    assert sorted(json.loads(report.read_text())["experts"]) == sorted(TASKS)
+    capsys.readouterr()
+    assert main(["check", str(served_model), "--texts", str(texts), "--precision", "bf16"]) == 2
+    assert "runs in f32; bf16 is for OpenVINO" in capsys.readouterr().err

@@ -406,7 +406,7 @@ def check_model(model: str | Path, texts: Sequence[str], experts: Sequence[str] 
                 count: str = "all", batch_size: int = 32, device: str | None = None,
                 max_length: int | None = None, allow_pickle: bool = False,
                 task_texts: Mapping[str, Sequence[str]] | None = None,
-                per_label: bool = False) -> dict:
+                per_label: bool = False, precision: str | None = None) -> dict:
     """The whole check of a merged model folder (`hm3 check`): its experts found and their
     labels compared with the merged tasks' before any forward pass, `check`, `verdicts`, and
     what the merge records of its calibration (a warning when `texts` were calibration texts).
@@ -417,7 +417,7 @@ def check_model(model: str | Path, texts: Sequence[str], experts: Sequence[str] 
     - `min_agreement`: `SHARE` / `TASK=SHARE` items (see `parse_thresholds`).
     - `max_drift`, `count`, `per_label`: as for `verdicts`.
     - `batch_size`, `device`, `max_length`, `allow_pickle`: how the models are loaded and run
-    (`hm3.load`).
+    (`hm3.load`); `precision`: the merged model's, if it is an OpenVINO export (`hm3.load`'s).
     - `task_texts`: task -> texts known to be from the task, for `count="typical"` (see
     `check`) and `count="domain"` (then the texts are placed in the merge's base model's
     embedding space, `domain_texts`); tasks not given read the per-task calibration texts the
@@ -446,7 +446,7 @@ def check_model(model: str | Path, texts: Sequence[str], experts: Sequence[str] 
         check_expert_groups(merged_groups[task], task_groups(
             read_config(resolve(path, allow_pickle=allow_pickle)), task, path))
     options = {"device": device, "max_length": max_length, "allow_pickle": allow_pickle}
-    merged = load(folder, **options)
+    merged = load(folder, precision=precision, **options)
     loaders = {task: functools.partial(load, path, task=task, **options)
                for task, path in paths.items()}
     texts = list(texts)

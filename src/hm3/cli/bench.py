@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from hm3.cli.options import (
+    MERGED_PRECISION_HELP,
     ModelOptions,
     add_input,
     add_json_report,
@@ -30,9 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_json_report(parser, "result")
     add_progress(parser)
     add_model_options(parser, batch_size=None)  # --batch-sizes: the sizes it times
-    add_precision(parser, "the merged model's, if it is an OpenVINO export (the experts run as "
-                  "they are): auto, f32 or bf16; default: what `hm3 export --precision` "
-                  "recorded, else auto")
+    add_precision(parser, MERGED_PRECISION_HELP)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 
 from hm3.cli.options import (
+    MERGED_PRECISION_HELP,
     ModelOptions,
     add_json_report,
     add_limit,
     add_model_options,
+    add_precision,
     add_text_column,
     write_json_report,
 )
@@ -59,6 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "variation distance, 0..1)")
     add_json_report(parser)
     add_model_options(parser)
+    add_precision(parser, MERGED_PRECISION_HELP)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -82,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
     options = ModelOptions.from_args(args)
     report = check_model(args.model, texts, args.experts, args.min_agreement, args.max_drift,
                          args.count, batch_size=options.batch_size, **options.load_options(),
-                         task_texts=known, per_label=args.per_label)
+                         task_texts=known, per_label=args.per_label,
+                         precision=options.precision)
     print(format_check(report))
     write_json_report(args.json_out, report)
     return 0 if report["passed"] else 1

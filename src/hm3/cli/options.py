@@ -17,6 +17,9 @@ STDIO = "-"  # as --input: standard input; as predict's --output: standard outpu
 PRECISION_HELP = ("an OpenVINO export's inference precision: auto (bf16 where OpenVINO lists BF16 "
                   "for this CPU, else f32), f32 (PyTorch's scores) or bf16; default: what "
                   "`hm3 export --precision` recorded, else auto")
+MERGED_PRECISION_HELP = ("the merged model's, if it is an OpenVINO export (the experts run as "
+                         "they are): auto, f32 or bf16; default: what `hm3 export --precision` "
+                         "recorded, else auto")
 
 
 @dataclasses.dataclass(frozen=True)
