@@ -437,6 +437,9 @@ def test_the_layout_records_how_the_graph_was_made(tmp_path, monkeypatch):
     export.export_onnx("m", tmp_path / "b", quantize="int8")
     pytest.importorskip("openvino")
     export.export_openvino("m", tmp_path / "c")
+    export.export_openvino("m", tmp_path / "d", quantize="int8", calibration=["t"] * 16)
+    export.export_openvino("m", tmp_path / "e", quantize="int8", calibration=["t"] * 16,
+                           precision="bf16")
     assert recorded == [
         (False, "model.onnx", {"format": "onnx", "quantized": None, "per_channel": None,
                                "fp32_nodes": None}),
@@ -444,7 +447,14 @@ def test_the_layout_records_how_the_graph_was_made(tmp_path, monkeypatch):
                                "fp32_nodes": list(export.FP32_NODES)}),
         (False, "openvino_model.xml", {"format": "openvino", "quantized": None,
                                        "precision": "auto", "calibration_texts": None,
-                                       "fp32_nodes": None})]  # auto: resolved where it loads
+                                       "fp32_nodes": None}),  # auto: resolved where it loads
+        # int8: f32 unless asked (the nodes it keeps fp32 for accuracy stay so)
+        (False, "openvino_model.xml", {"format": "openvino", "quantized": "int8",
+                                       "precision": "f32", "calibration_texts": 16,
+                                       "fp32_nodes": list(export.FP32_NODES)}),
+        (False, "openvino_model.xml", {"format": "openvino", "quantized": "int8",
+                                       "precision": "bf16", "calibration_texts": 16,
+                                       "fp32_nodes": list(export.FP32_NODES)})]
 
 
 def test_an_exporter_failure_names_it(tmp_path):

@@ -133,8 +133,10 @@ def export_openvino(model: str | Path, output: str | Path, quantize: str | None 
     (benchmarks/RESULTS.md §6.7). `allow_pickle`: as for `export_onnx`.
     `precision`: the inference precision the folder runs at when loaded ("f32", "bf16" or
     "auto", resolved on the machine that loads it; `hm3.load` and `hm3 serve` can override it);
-    default: auto. The check against PyTorch runs at it, and, where that is not f32, once more
-    at f32 (the graph's own check: a wrong graph warns whatever the precision).
+    default: auto, and f32 for an int8 export (its int8 layers run as int8 at any precision; the
+    nodes `exclude` keeps fp32 for accuracy would run at bf16 under auto: not measured). The
+    check against PyTorch runs at it, and, where that is not f32, once more at f32 (the graph's
+    own check: a wrong graph warns whatever the precision).
 
     Returns the same dict as `export_onnx`, "precision" being what the check ran at here.
     """
@@ -161,7 +163,8 @@ def export_openvino(model: str | Path, output: str | Path, quantize: str | None 
         ov.save_model(graph, str(staging / OPENVINO_FILE), compress_to_fp16=False)
 
     return _export(model, output, overwrite, OPENVINO_FILE, convert, max_length, allow_pickle, {
-        "format": "openvino", "quantized": quantize, "precision": precision or DEFAULT_PRECISION,
+        "format": "openvino", "quantized": quantize,
+        "precision": precision or (DEFAULT_PRECISION if quantize is None else "f32"),
         "calibration_texts": len(texts) if quantize else None,
         "fp32_nodes": list(exclude) if quantize else None})
 

@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_precision(parser, "with --format openvino: the inference precision the folder runs at, "
                   "recorded in it (hm3 serve --precision overrides): auto (default: bf16 with the "
                   "head kept f32 where the serving CPU has bf16 units, else f32; resolved at "
-                  "load), f32 (PyTorch's scores) or bf16")
+                  "load), f32 (PyTorch's scores; the default with --quantize int8) or bf16")
     add_overwrite(parser)
     # the export is traced and checked on the CPU, a whole batch at once
     add_model_options(parser, batch_size=None, device=None, max_length="cut texts to this many "
@@ -57,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
           f"largest difference from PyTorch on sample texts: {report['max_abs_diff']:.2g}")
     if args.format == "openvino":
         again = ("; auto is resolved again where it is loaded"
-                 if (args.precision or DEFAULT_PRECISION) == "auto" else "")
+                 if (args.precision or (None if args.quantize else DEFAULT_PRECISION)) == "auto"
+                 else "")
         print(f"runs at {report['precision']} precision here{again}")
     return 0
