@@ -38,7 +38,7 @@ from hm3.model import group_probabilities, load
 from hm3.onnx_model import BF16_F32_NODES, OPENVINO_FILE, OpenVinoSequenceClassifier
 from hm3.zoo import build_mpnet_zoo, build_zoo
 
-from common import batch_speeds, datasets, machine, mixed_texts
+from common import batch_speeds, datasets, machine, mixed_texts, speed_row
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "openvino_bf16.json"
@@ -113,11 +113,7 @@ def main() -> None:
                  for split, data in scored.items()}
     for name, model in models.items():
         row = rows[name] = {
-            **{f"{way}_texts_per_s": round(statistics.median(runs), 2)
-               for way, runs in speed[name].items()},
-            **{f"{way}_x_openvino_f32": round(statistics.median(runs) / f32_rate[way], 3)
-               for way, runs in speed[name].items()},
-            "runs": {way: [round(r, 2) for r in runs] for way, runs in speed[name].items()},
+            **speed_row(speed[name], f32_rate, "openvino_f32"),
             "marked_f32": len(marked.get(name, [])), "split_f32": split_counts.get(name, 0)}
         for split in args.splits:
             row[split], row[f"{split}_changed"], diffs = {}, {}, []

@@ -12,6 +12,7 @@ import os
 import platform
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -101,6 +102,16 @@ def batch_speeds(models: dict, texts: list[str], rounds: int) -> dict[str, dict[
                 speed[name]["padded"].append(padded)
                 speed[name]["sub-batches"].append(len(texts) / (time.perf_counter() - started))
     return speed
+
+
+def speed_row(runs: dict[str, list], baseline: dict[str, float], against: str) -> dict:
+    """One model's `batch_speeds` entry as a results row: per way the median rate
+    (`WAY_texts_per_s`), its ratio to `baseline` (way -> median rate of the model it is
+    compared with; `WAY_x_AGAINST`) and every round's rate (`runs`)."""
+    return {**{f"{way}_texts_per_s": round(statistics.median(r), 2) for way, r in runs.items()},
+            **{f"{way}_x_{against}": round(statistics.median(r) / baseline[way], 3)
+               for way, r in runs.items()},
+            "runs": {way: [round(rate, 2) for rate in r] for way, r in runs.items()}}
 
 
 def free_port() -> int:

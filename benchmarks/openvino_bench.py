@@ -38,7 +38,7 @@ from hm3.model import load
 from hm3.onnx_model import choose_precision, cpu_capabilities
 from hm3.zoo import build_zoo
 
-from common import batch_speeds, calibration_texts, datasets, machine, mixed_texts
+from common import batch_speeds, calibration_texts, datasets, machine, mixed_texts, speed_row
 
 HERE = Path(__file__).resolve().parent
 
@@ -105,12 +105,7 @@ def main() -> None:
     scored = {split: datasets(zoo, split) for split in splits}  # read once
     rows = {}
     for name, model in models.items():
-        rows[name] = {**{f"{way}_texts_per_s": round(statistics.median(runs), 2)
-                         for way, runs in speed[name].items()},
-                      **{f"{way}_x_torch": round(statistics.median(runs) / torch_rate[way], 3)
-                         for way, runs in speed[name].items()},
-                      "runs": {way: [round(r, 2) for r in runs]
-                               for way, runs in speed[name].items()},
+        rows[name] = {**speed_row(speed[name], torch_rate, "torch"),
                       "max_abs_logit_diff": float(
                           np.abs(model.logits(texts[:64]) - reference).max())}
         for split, data in scored.items():

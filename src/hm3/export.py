@@ -164,9 +164,15 @@ def export_openvino(model: str | Path, output: str | Path, quantize: str | None 
 
     return _export(model, output, overwrite, OPENVINO_FILE, convert, max_length, allow_pickle, {
         "format": "openvino", "quantized": quantize,
-        "precision": precision or (DEFAULT_PRECISION if quantize is None else "f32"),
+        "precision": recorded_precision(precision, quantize),
         "calibration_texts": len(texts) if quantize else None,
         "fp32_nodes": list(exclude) if quantize else None})
+
+
+def recorded_precision(precision: str | None, quantize: str | None) -> str:
+    """The precision an OpenVINO export records: the one asked for, else auto, else (an int8
+    export) f32, so that the nodes it keeps fp32 for accuracy stay so (not measured at bf16)."""
+    return precision or (DEFAULT_PRECISION if quantize is None else "f32")
 
 
 def _export(model, output, overwrite: bool, file: str, convert, max_length: int | None,

@@ -36,8 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from hm3.data import read_texts
     from hm3.errors import Hm3Error
-    from hm3.export import export_onnx, export_openvino
-    from hm3.onnx_model import DEFAULT_PRECISION
+    from hm3.export import export_onnx, export_openvino, recorded_precision
 
     options = {"overwrite": args.overwrite, "max_length": args.max_length,
                "allow_pickle": args.allow_pickle}
@@ -57,7 +56,6 @@ def run(args: argparse.Namespace) -> int:
           f"largest difference from PyTorch on sample texts: {report['max_abs_diff']:.2g}")
     if args.format == "openvino":
         again = ("; auto is resolved again where it is loaded"
-                 if (args.precision or (None if args.quantize else DEFAULT_PRECISION)) == "auto"
-                 else "")
+                 if recorded_precision(args.precision, args.quantize) == "auto" else "")
         print(f"runs at {report['precision']} precision here{again}")
     return 0

@@ -14,9 +14,9 @@ DEVICE_HELP = "cpu, cuda, ... (default: CUDA when available)"
 MAX_LENGTH_HELP = "truncate texts to this many tokens (default: the tokenizer's maximum)"
 ALLOW_PICKLE_HELP = "allow pickle .bin checkpoints (they can run arbitrary code)"
 STDIO = "-"  # as --input: standard input; as predict's --output: standard output
-PRECISION_HELP = ("an OpenVINO export's inference precision: auto (bf16 where OpenVINO lists BF16 "
-                  "for this CPU, else f32), f32 (PyTorch's scores) or bf16; default: what "
-                  "`hm3 export --precision` recorded, else auto")
+PRECISION_HELP = ("an OpenVINO export's inference precision: auto (bf16, the head kept f32, where "
+                  "OpenVINO lists BF16 for this CPU, else f32), f32 (PyTorch's scores) or bf16; "
+                  "default: what `hm3 export --precision` recorded, else auto")
 MERGED_PRECISION_HELP = ("the merged model's, if it is an OpenVINO export (the experts run as "
                          "they are): auto, f32 or bf16; default: what `hm3 export --precision` "
                          "recorded, else auto")

@@ -20,10 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "export)")
     add_serve_arguments(parser)
     add_model_options(parser, batch_size=None)  # --max-batch-size: the server batches requests
-    add_precision(parser, "an OpenVINO export's inference precision: f32, bf16 (faster on CPUs "
-                  "with bf16 units, the head kept f32; scores move), or auto (bf16 where "
-                  "OpenVINO lists BF16 for this CPU, else f32); default: what `hm3 export "
-                  "--precision` recorded, else auto")
+    add_precision(parser)
 
 
 def run(args: argparse.Namespace) -> int:
