@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import platform
+import random
 import signal
 import socket
 import statistics
@@ -22,6 +23,7 @@ import httpx
 import numpy as np
 from scipy.stats import pearsonr, spearmanr
 
+from hm3.data.calibration import text_key
 from hm3.evaluate import Dataset
 from hm3.serve.buckets import predict_by_length
 from hm3.zoo import read_split
@@ -38,6 +40,30 @@ def datasets(zoo, split: str) -> list[Dataset]:
         rows = read_split(files[split])
         out.append(Dataset(task, [t for t, _ in rows], [lab for _, lab in rows],
                            source=str(files[split])))
+    return out
+
+
+DEV_PER_TASK = 1000  # texts per task of `dev_datasets`
+
+
+def dev_datasets(zoo, examples, exclude=lambda task: (), per_task: int = DEV_PER_TASK
+                 ) -> list[Dataset]:
+    """A second, larger validation set ("dev"): up to `per_task` labelled texts of each task's
+    source (`examples(task)`, the zoo spec's reader) in none of the zoo's splits and not in
+    `exclude(task)` (texts a benchmark calibrates on); a fixed random sample (seed 0). The zoos'
+    validation splits (100 texts per MPNet task) cannot rank choices half a point apart; where
+    a source holds more texts than the zoo split off, this adds them (a task with none left is
+    left out). Never the test split's texts: for choosing, like validation."""
+    out = []
+    for task, files in zoo.splits.items():
+        used = {text_key(text) for split in files.values() for text, _ in read_split(split)}
+        used |= {text_key(text) for text in exclude(task)}
+        pool = sorted({text_key(text): (text, label) for text, label in examples(task)
+                       if text_key(text) not in used}.values(), key=lambda row: row[0])
+        rows = random.Random(0).sample(pool, min(per_task, len(pool)))
+        if rows:  # a small source may have none left
+            out.append(Dataset(task, [t for t, _ in rows], [lab for _, lab in rows],
+                               source=f"{task}: source texts outside the zoo's splits"))
     return out
 
 

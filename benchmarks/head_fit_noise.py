@@ -1,10 +1,11 @@
 """How far apart two head fits must score before 100 validation texts per task can tell them
 apart: the paired bootstrap of the difference in mean macro-F1 (single-label tasks) between the
 ridge refit at two strengths (each + `recentre`), on the features `head_training_features.py`
-cached, on the validation and the test splits. Texts are resampled within each task, 1000 times.
+cached, on the validation and the test splits (and on validation with the `dev` texts, where
+cached). Texts are resampled within each task, 1000 times.
 
   .venv/bin/python benchmarks/head_fit_noise.py /tmp/hm3-head-features-distill-all.pt [A B]
-(A, B: the two ridges, default 0.1 and 1.0.) Prints one line per split.
+(A, B: the two ridges, numbers or `auto`; default 0.1 and 1.0.) Prints one line per split.
 """
 
 import contextlib
@@ -17,7 +18,8 @@ import numpy as np
 from sklearn.metrics import f1_score
 
 features = sys.argv[1]
-first, second = (float(r) for r in sys.argv[2:4]) if len(sys.argv) > 3 else (0.1, 1.0)
+first, second = ((r if r == "auto" else float(r) for r in sys.argv[2:4]) if len(sys.argv) > 3
+                 else (0.1, 1.0))
 sys.argv = ["head_training.py", features, "quick"]
 with contextlib.redirect_stdout(io.StringIO()):  # its ridge rows, not needed here
     fits = runpy.run_path(str(Path(__file__).with_name("head_training.py")))
@@ -31,7 +33,7 @@ def fitted(ridge):
 
 heads = {first: fitted(first), second: fitted(second)}
 rng = np.random.default_rng(0)
-for split in ("validation", "test"):
+for split in fits["SPLITS"]:
     tasks = []
     for t in fits["tasks"]:
         group = fits["local"][t]

@@ -5,9 +5,11 @@ validation and test texts, with each expert's logits on the same texts; with `al
 expert's logits on every task's calibration texts (`E_all`, task -> expert logits on the tasks'
 calibration texts in the order of `tasks`), for heads fitted on more texts than their own.
 
-  .venv/bin/python benchmarks/head_training_features.py [minilm] [distill] [all]
-Writes /tmp/hm3-head-features[-minilm][-distill][-all].pt (MPNet zoo, 171-640 unseen texts per
-task; `minilm`: the MiniLM zoo with the demo's calibration).
+  .venv/bin/python benchmarks/head_training_features.py [minilm] [distill] [all] [64 | shared]
+Writes /tmp/hm3-head-features[-minilm][-distill][-all][-64 | -shared]-dev.pt (MPNet zoo, 171-640
+unseen texts per task; `64`: each task's calibration split cut to 64 texts; `shared`: 1024 of the
+unseen texts pooled into one sample every task reads; `minilm`: the MiniLM zoo with the demo's
+calibration).
 """
 
 import sys
@@ -25,22 +27,30 @@ from hm3.pipeline import calibrate
 from hm3.recipe import parse_recipe
 from hm3.zoo import build_mpnet_zoo
 
-from common import datasets
-from mpnet_zoo import HEAD_STEPS, recipe
+from common import datasets, dev_datasets
+from mpnet_zoo import HEAD_STEPS, recipe, unseen_texts
 
 DISTILL = "distill" in sys.argv
 MINILM = "minilm" in sys.argv
 ALL = "all" in sys.argv
+SETTING = next((a for a in sys.argv[1:] if a in ("64", "shared")), None)
 work = Path(tempfile.mkdtemp())
 if MINILM:
     from hm3.demo import demo_recipe
-    from hm3.zoo import build_zoo
+    from hm3.zoo import build_zoo, load_examples
 
     zoo = build_zoo(progress=False)
     raw = {**demo_recipe(zoo), "coefficients": None}
+    dev = dev_datasets(zoo, load_examples)
 else:
+    from hm3.zoo.mpnet import MPNET_ZOO
+
     zoo = build_mpnet_zoo(progress=False)
-    raw = recipe(zoo, list(zoo.experts), HEAD_STEPS, "per-task+unseen", work)
+    mode = {"64": "per-task", "shared": "shared+unseen"}.get(SETTING, "per-task+unseen")
+    raw = recipe(zoo, list(zoo.experts), HEAD_STEPS, mode, work)
+    if SETTING:
+        raw["calibration"]["limit"] = int(SETTING) if SETTING == "64" else 1024
+    dev = dev_datasets(zoo, MPNET_ZOO.examples, lambda task: unseen_texts(zoo, task))
 held = held_out_texts(zoo)
 sources = open_sources(parse_recipe(raw))
 cal = calibrate(sources, held, progress=True)
@@ -51,6 +61,7 @@ if DISTILL:
 max_length = raw["calibration"]["max_length"]
 clf = MultiTaskClassifier(model, cal.tokenizer, sources.groups, max_length)
 splits = {s: {d.task: d for d in datasets(zoo, s)} for s in ("validation", "test")}
+splits["dev"] = {d.task: d for d in dev}  # none left for some guard tasks
 DENSE = "bert.pooler.dense" if MINILM else "classifier.dense"
 dense = model.get_submodule(DENSE)
 
@@ -68,9 +79,9 @@ def inputs_on(texts):
 
 
 texts = {"calibration": {t: cal.calibration.texts[t] for t in zoo.experts}}
-texts.update({s: {t: splits[s][t].texts for t in zoo.experts} for s in splits})
-labels = {s: {t: splits[s][t].labels for t in zoo.experts} for s in splits}
-X = {s: {t: inputs_on(texts[s][t]) for t in zoo.experts} for s in texts}
+texts.update({s: {t: splits[s][t].texts for t in splits[s]} for s in splits})
+labels = {s: {t: splits[s][t].labels for t in splits[s]} for s in splits}
+X = {s: {t: inputs_on(texts[s][t]) for t in texts[s]} for s in texts}
 E = {s: {} for s in texts}
 for spec, ck in zip(sources.recipe.experts, sources.experts):
     g = [
@@ -80,7 +91,8 @@ for spec, ck in zip(sources.recipe.experts, sources.experts):
     ]
     ec = MultiTaskClassifier(expert_classifier(ck), cal.tokenizer, g, max_length)
     for s in texts:
-        E[s][spec.task] = torch.tensor(ec.logits(texts[s][spec.task]))
+        if spec.task in texts[s]:
+            E[s][spec.task] = torch.tensor(ec.logits(texts[s][spec.task]))
     if ALL:
         every = [text for t in zoo.experts for text in texts["calibration"][t]]
         E.setdefault("all", {})[spec.task] = torch.tensor(ec.logits(every))
@@ -97,6 +109,6 @@ torch.save(
         "tasks": list(zoo.experts),
     },
     f"/tmp/hm3-head-features{'-minilm' if MINILM else ''}{'-distill' if DISTILL else ''}"
-    f"{'-all' if ALL else ''}.pt",
+    f"{'-all' if ALL else ''}{'-' + SETTING if SETTING else ''}-dev.pt",
 )
 print("saved")
