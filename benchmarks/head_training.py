@@ -5,8 +5,9 @@ training the head by gradient steps on the KL divergence to each expert's probab
 final projection alone, or with the shared hidden layer; pulled toward the rows as merged),
 every variant scored on the validation and test splits with its agreement with the experts.
 
-  .venv/bin/python benchmarks/head_training.py /tmp/hm3-head-features.pt [quick | all]
-(`quick`: the ridge rows only; `all`: the ridge rows, then each head fitted on every task's
+  .venv/bin/python benchmarks/head_training.py /tmp/hm3-head-features.pt [quick | all | centred]
+(`centred`: the ridge refit on logits less their mean over the labels, alone; `quick`: the
+ridge rows only; `all`: the ridge rows, then each head fitted on every task's
 calibration texts, its own at weight 1 and the others' at a smaller one, from features cached
 with `head_training_features.py ... all`). Prints one line per variant; RESULTS.md section 10
 quotes them.
@@ -123,6 +124,24 @@ def align(W1, b1, W2, b2, ridge):
     return W2, b2
 
 
+def align_centred(W1, b1, W2, b2, ridge):
+    """`align` on what a softmax reads: for a single-label task each text's logits less their
+    mean over the labels (the part a softmax ignores), the start rows centred the same way, so
+    the pull toward the merged rows spends nothing on the common part. Multi-label tasks as
+    `align`."""
+    W2, b2 = W2.clone(), b2.clone()
+    for t in tasks:
+        h = torch.tanh(X["calibration"][t].double() @ W1.T + b1)
+        x = torch.cat([h, torch.ones(len(h), 1, dtype=h.dtype)], 1)
+        start = torch.cat([W2[rows[t]], b2[rows[t], None]], 1)
+        target = E["calibration"][t].double()
+        if not local[t].multi_label:
+            start, target = start - start.mean(0), target - target.mean(1, keepdim=True)
+        fitted = fit_rows(x, target, start, ridge)
+        W2[rows[t]], b2[rows[t]] = fitted[:, :-1], fitted[:, -1]
+    return W2, b2
+
+
 def align_all(W1, b1, W2, b2, ridge, weight):
     """`align`, each task's head fitted on every task's calibration texts: its own texts at
     weight 1, the other tasks' at `weight`, the targets its expert's logits on them all."""
@@ -177,6 +196,11 @@ def kl_train(W1, b1, W2, b2, steps, lr, pull, train_dense=True, temperature=1.0)
 
 
 experts()
+if "centred" in sys.argv[2:]:
+    for ridge in (0.1, 0.3, 1.0):
+        A2, a2 = align_centred(W1, b1, W2, b2, ridge)
+        score(W1, b1, A2, do_recentre(W1, b1, A2, a2), f"align centred {ridge} + recentre")
+    sys.exit()
 score(W1, b1, W2, b2, "heads as merged")
 b = do_recentre(W1, b1, W2, b2)
 score(W1, b1, W2, b, "recentre only")
