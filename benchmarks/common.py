@@ -67,6 +67,15 @@ def dev_datasets(zoo, examples, exclude=lambda task: (), per_task: int = DEV_PER
     return out
 
 
+def with_dev(validation: list[Dataset], dev: list[Dataset]) -> list[Dataset]:
+    """Each task's validation split and its `dev_datasets` texts as one set ("val+dev"; a task
+    with no dev texts keeps its validation split)."""
+    extra = {d.task: d for d in dev}
+    return [Dataset(v.task, v.texts + extra[v.task].texts, v.labels + extra[v.task].labels,
+                    source=f"{v.source} + {extra[v.task].source}") if v.task in extra else v
+            for v in validation]
+
+
 def mixed_texts(zoo, split: str = "test", count: int = 256, seed: int = 0) -> list[str]:
     """`count` texts of every zoo task's `split`, shuffled together (seed 0: the benchmarks'
     load and speed texts)."""

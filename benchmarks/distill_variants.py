@@ -14,6 +14,9 @@ baseline) is scored on the test split too, so test figures choose nothing.
 `--augment K`: every calibration file gets K copies of each of its texts with words dropped at
 random (`--drop`, the chance per word; seeded): more texts on which the experts teach, near
 their task's own, at no cost in labels.
+`--dev`: choose on `val+dev` instead (each task's validation split with up to 1000 more
+labelled source texts outside the zoo's splits and the calibration texts, `common.dev_datasets`;
+RESULTS.md §10: the 100-text validation splits cannot rank half-point choices).
 Results: benchmarks/results/distill_variants.json (one entry per zoo and calibration).
 """
 
@@ -40,10 +43,10 @@ from hm3.label_free.distill import DistillOptions, distill_body
 from hm3.model import MultiTaskClassifier
 from hm3.pipeline import calibrate, head_steps
 from hm3.recipe import parse_recipe
-from hm3.zoo import build_mpnet_zoo, build_zoo
+from hm3.zoo import build_mpnet_zoo, build_zoo, load_examples
 
-from common import datasets
-from mpnet_zoo import HEAD_STEPS, recipe, write_texts
+from common import datasets, dev_datasets, with_dev
+from mpnet_zoo import HEAD_STEPS, mpnet_dev, recipe, write_texts
 
 RESULTS = Path(__file__).resolve().parent / "results" / "distill_variants.json"
 VARIANTS = {
@@ -85,6 +88,8 @@ def main() -> None:
     parser.add_argument("--augment", type=int, default=0,
                         help="copies of every calibration text with words dropped")
     parser.add_argument("--drop", type=float, default=0.15, help="each word's chance to go")
+    parser.add_argument("--dev", action="store_true",
+                        help="choose on val+dev (validation with the larger dev set)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="hm3-distill-"))
     if args.zoo == "mpnet":
@@ -104,6 +109,9 @@ def main() -> None:
         key += f" augment {args.augment} drop {args.drop}"
     if args.label:
         key += f" {args.label}"
+    choose = "val+dev" if args.dev else "validation"
+    if args.dev:
+        key += " dev"
     max_length = raw["calibration"]["max_length"]
     sources = open_sources(parse_recipe(raw))
     started = time.perf_counter()
@@ -115,6 +123,9 @@ def main() -> None:
     tasks = list(zoo.experts)
     classifier = MultiTaskClassifier(model, calibrated.tokenizer, sources.groups, max_length)
     splits = {split: datasets(zoo, split) for split in ("validation", "test")}
+    if args.dev:
+        dev = mpnet_dev(zoo) if args.zoo == "mpnet" else dev_datasets(zoo, load_examples)
+        splits["val+dev"] = with_dev(splits["validation"], dev)
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     entry = results.setdefault(key, {"rows": {}})
     entry.update({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -136,10 +147,9 @@ def main() -> None:
             row["distill_seconds"] = report.seconds
         head_steps(model, sources, calibrated)
         row["seconds"] = round(time.perf_counter() - started, 1)
-        best = max((r["mean"]["validation"] for r in entry["rows"].values()), default=-1.0)
-        row["scores"] = {"validation": f1s(classifier, splits["validation"])}
-        validation = sum(row["scores"]["validation"].values()) / len(tasks)
-        if validation > best or VARIANTS[name] is None:
+        best = max((r["mean"][choose] for r in entry["rows"].values()), default=-1.0)
+        row["scores"] = {s: f1s(classifier, splits[s]) for s in ("validation", choose)}
+        if sum(row["scores"][choose].values()) / len(tasks) > best or VARIANTS[name] is None:
             row["scores"]["test"] = f1s(classifier, splits["test"])
         row["mean"] = {s: round(sum(v.values()) / len(v), 4) for s, v in row["scores"].items()}
         row["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
@@ -148,12 +158,12 @@ def main() -> None:
         print(f"{name}: {json.dumps(row['mean'])} ({row['seconds']:.0f}s) "
               f"{json.dumps(row['scores'])}", flush=True)
     rows = entry["rows"]
-    picked = max(rows, key=lambda n: rows[n]["mean"]["validation"])
+    picked = max(rows, key=lambda n: rows[n]["mean"][choose])
     expert_mean = {s: round(sum(v.values()) / len(v), 4) for s, v in entry["experts"].items()}
-    entry["picked_on_validation"] = picked
+    entry[f"picked_on_{choose}"] = picked
     entry["experts_mean"] = expert_mean
     save(key, entry)
-    print(f"experts: {expert_mean}; picked on validation: {picked} {rows[picked]['mean']}")
+    print(f"experts: {expert_mean}; picked on {choose}: {picked} {rows[picked]['mean']}")
 
 
 def augment(calibration: dict, copies: int, drop: float, work: Path) -> None:

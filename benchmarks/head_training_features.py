@@ -28,7 +28,7 @@ from hm3.recipe import parse_recipe
 from hm3.zoo import build_mpnet_zoo
 
 from common import datasets, dev_datasets
-from mpnet_zoo import HEAD_STEPS, recipe, unseen_texts
+from mpnet_zoo import HEAD_STEPS, mpnet_dev, recipe
 
 DISTILL = "distill" in sys.argv
 MINILM = "minilm" in sys.argv
@@ -43,14 +43,12 @@ if MINILM:
     raw = {**demo_recipe(zoo), "coefficients": None}
     dev = dev_datasets(zoo, load_examples)
 else:
-    from hm3.zoo.mpnet import MPNET_ZOO
-
     zoo = build_mpnet_zoo(progress=False)
     mode = {"64": "per-task", "shared": "shared+unseen"}.get(SETTING, "per-task+unseen")
     raw = recipe(zoo, list(zoo.experts), HEAD_STEPS, mode, work)
     if SETTING:
         raw["calibration"]["limit"] = int(SETTING) if SETTING == "64" else 1024
-    dev = dev_datasets(zoo, MPNET_ZOO.examples, lambda task: unseen_texts(zoo, task))
+    dev = mpnet_dev(zoo)
 held = held_out_texts(zoo)
 sources = open_sources(parse_recipe(raw))
 cal = calibrate(sources, held, progress=True)

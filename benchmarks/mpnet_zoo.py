@@ -62,7 +62,7 @@ from hm3.recipe import PRESETS
 from hm3.zoo import build_mpnet_zoo, read_split
 from hm3.zoo.mpnet import MPNET_RECIPES, MPNET_TRAINING, MPNET_ZOO
 
-from common import agreement_correlations, datasets, plot_agreement
+from common import agreement_correlations, datasets, dev_datasets, plot_agreement
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "mpnet_zoo.json"
@@ -175,6 +175,12 @@ def unseen_texts(zoo, task: str, limit: int = UNSEEN_LIMIT) -> list[str]:
     used = {text_key(text) for split in zoo.splits[task].values() for text, _ in read_split(split)}
     pool = sorted({text for text, _ in MPNET_ZOO.examples(task) if text_key(text) not in used})
     return random.Random(0).sample(pool, min(limit, len(pool)))
+
+
+def mpnet_dev(zoo) -> list:
+    """The MPNet zoo's larger validation set (`common.dev_datasets`): source texts in none of
+    its splits and none of `unseen_texts`, which the unseen calibration modes read."""
+    return dev_datasets(zoo, MPNET_ZOO.examples, lambda task: unseen_texts(zoo, task))
 
 
 def write_texts(path: Path, texts: list[str]) -> Path:
