@@ -37,7 +37,7 @@ W2, b2 = head[f"{OUT}.weight"].double(), head[f"{OUT}.bias"].double()
 local = {g.name: TaskGroup(g.name, g.labels, 0, g.multi_label, g.threshold) for g in groups}
 rows = {g.name: slice(g.offset, g.stop) for g in groups}
 # `val+dev`: each task's validation split and its `dev` texts (features cached since the larger
-# validation set was added) scored as one set: up to 1100 texts per task instead of 100.
+# validation set was added) scored as one set: up to 1000 more texts per task.
 SPLITS = ("validation", "val+dev", "test") if "dev" in X else ("validation", "test")
 if "dev" in X:
     for store in (X, E, labels):
