@@ -3,7 +3,8 @@ preset merge (TIES, distill, head steps) built in memory, then the `tune` step
 (`hm3.label_free.tune`: the last `--blocks` blocks, 0 for all, and everything after them trained
 by Adam so that each task's logits match its expert's on that task's calibration texts), the
 head steps rerun, every variant scored on validation (test only for a new best). `--teach all`:
-every expert teaches on every task's calibration texts, not only its own.
+every expert teaches on every task's calibration texts, not only its own. `--dev`: choose on
+val+dev (validation with up to 1000 more labelled texts per task, `common.dev_datasets`).
 
   .venv/bin/python benchmarks/tune_logits.py --zoo minilm --blocks 2 --steps 30 --lr 1e-5
 """
@@ -25,10 +26,10 @@ from hm3.label_free.tune import TuneOptions, tune_model
 from hm3.model import MultiTaskClassifier
 from hm3.pipeline import calibrate, head_steps, merge_in_memory
 from hm3.recipe import PRESETS, parse_recipe
-from hm3.zoo import build_mpnet_zoo, build_zoo
+from hm3.zoo import build_mpnet_zoo, build_zoo, load_examples
 
-from common import datasets
-from mpnet_zoo import recipe
+from common import datasets, dev_datasets, with_dev
+from mpnet_zoo import mpnet_dev, recipe
 
 
 def main() -> None:
@@ -39,6 +40,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, nargs="+", default=[1e-5])
     parser.add_argument("--teach", nargs="+", default=["own"], choices=("own", "all"))
     parser.add_argument("--best", type=float, default=None)
+    parser.add_argument("--dev", action="store_true",
+                        help="choose on val+dev (validation with the larger dev set)")
     args = parser.parse_args()
     if args.zoo == "mpnet":
         zoo = build_mpnet_zoo(progress=True)
@@ -62,14 +65,18 @@ def main() -> None:
     clf = MultiTaskClassifier(model, calibrated.tokenizer, sources.groups,
                               raw["calibration"]["max_length"])
     splits = {s: datasets(zoo, s) for s in ("validation", "test")}
+    choose = "validation"
+    if args.dev:
+        dev = mpnet_dev(zoo) if args.zoo == "mpnet" else dev_datasets(zoo, load_examples)
+        splits["val+dev"], choose = with_dev(splits["validation"], dev), "val+dev"
 
     def score(split):
         report = evaluate(clf, splits[split])["tasks"]
         return {t: round(r["macro_f1"], 4) for t, r in report.items()}
 
-    val = score("validation")
+    val = score(choose)
     best = args.best if args.best is not None else sum(val.values()) / len(val)
-    print(f"preset: validation {sum(val.values()) / len(val):.4f} {json.dumps(val)}", flush=True)
+    print(f"preset: {choose} {sum(val.values()) / len(val):.4f} {json.dumps(val)}", flush=True)
     for blocks in args.blocks:
         for steps in args.steps:
             for lr, teach in ((lr, teach) for lr in args.lr for teach in args.teach):
@@ -77,16 +84,16 @@ def main() -> None:
                 started = time.perf_counter()
                 tune_model(model, sources, calibrated,
                            TuneOptions(steps=steps, lr=lr, blocks=blocks, teach=teach))
-                tuned = score("validation")
+                tuned = score(choose)
                 head_steps(model, sources, calibrated)
-                refit = score("validation")
+                refit = score(choose)
                 row = {"tuned": tuned, "tuned+head steps": refit}
                 mean = sum(refit.values()) / len(refit)
                 if mean > best:  # the model as it stands now: the refitted one
                     best = mean
                     row["tuned+head steps test"] = score("test")
                 means = {k: round(sum(v.values()) / len(v), 4) for k, v in row.items()}
-                print(f"blocks {blocks} steps {steps} lr {lr} teach {teach} "
+                print(f"blocks {blocks} steps {steps} lr {lr} teach {teach}, on {choose} "
                       f"({time.perf_counter() - started:.0f}s): {json.dumps(means)} "
                       f"{json.dumps(row)}", flush=True)
 
