@@ -43,10 +43,10 @@ from hm3.label_free.distill import DistillOptions, distill_body
 from hm3.model import MultiTaskClassifier
 from hm3.pipeline import calibrate, head_steps
 from hm3.recipe import parse_recipe
-from hm3.zoo import build_mpnet_zoo, build_zoo, load_examples
+from hm3.zoo import build_mpnet_zoo, build_zoo
 
-from common import datasets, dev_datasets, with_dev
-from mpnet_zoo import HEAD_STEPS, mpnet_dev, recipe, write_texts
+from common import datasets, with_dev
+from mpnet_zoo import HEAD_STEPS, recipe, write_texts, zoo_dev
 
 RESULTS = Path(__file__).resolve().parent / "results" / "distill_variants.json"
 VARIANTS = {
@@ -124,8 +124,7 @@ def main() -> None:
     classifier = MultiTaskClassifier(model, calibrated.tokenizer, sources.groups, max_length)
     splits = {split: datasets(zoo, split) for split in ("validation", "test")}
     if args.dev:
-        dev = mpnet_dev(zoo) if args.zoo == "mpnet" else dev_datasets(zoo, load_examples)
-        splits["val+dev"] = with_dev(splits["validation"], dev)
+        splits["val+dev"] = with_dev(splits["validation"], zoo_dev(zoo, args.zoo))
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     entry = results.setdefault(key, {"rows": {}})
     entry.update({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -148,7 +147,8 @@ def main() -> None:
         head_steps(model, sources, calibrated)
         row["seconds"] = round(time.perf_counter() - started, 1)
         best = max((r["mean"][choose] for r in entry["rows"].values()), default=-1.0)
-        row["scores"] = {s: f1s(classifier, splits[s]) for s in ("validation", choose)}
+        row["scores"] = {s: f1s(classifier, splits[s])
+                         for s in dict.fromkeys(("validation", choose))}  # each split once
         if sum(row["scores"][choose].values()) / len(tasks) > best or VARIANTS[name] is None:
             row["scores"]["test"] = f1s(classifier, splits["test"])
         row["mean"] = {s: round(sum(v.values()) / len(v), 4) for s, v in row["scores"].items()}

@@ -8,8 +8,6 @@ cached). Texts are resampled within each task, 1000 times.
 (A, B: the two ridges, numbers or `auto`; default 0.1 and 1.0.) Prints one line per split.
 """
 
-import contextlib
-import io
 import runpy
 import sys
 from pathlib import Path
@@ -20,9 +18,8 @@ from sklearn.metrics import f1_score
 features = sys.argv[1]
 first, second = ((r if r == "auto" else float(r) for r in sys.argv[2:4]) if len(sys.argv) > 3
                  else (0.1, 1.0))
-sys.argv = ["head_training.py", features, "quick"]
-with contextlib.redirect_stdout(io.StringIO()):  # its ridge rows, not needed here
-    fits = runpy.run_path(str(Path(__file__).with_name("head_training.py")))
+sys.argv = ["head_training.py", features]
+fits = runpy.run_path(str(Path(__file__).with_name("head_training.py")))  # the fits, not the rows
 W1, b1, W2, b2 = fits["W1"], fits["b1"], fits["W2"], fits["b2"]
 
 

@@ -195,33 +195,40 @@ def kl_train(W1, b1, W2, b2, steps, lr, pull, train_dense=True, temperature=1.0)
     return [v.detach().double() for v in p]
 
 
-experts()
-if "centred" in sys.argv[2:]:
-    for ridge in (0.1, 0.3, 1.0):
-        A2, a2 = align_centred(W1, b1, W2, b2, ridge)
-        score(W1, b1, A2, do_recentre(W1, b1, A2, a2), f"align centred {ridge} + recentre")
-    sys.exit()
-score(W1, b1, W2, b2, "heads as merged")
-b = do_recentre(W1, b1, W2, b2)
-score(W1, b1, W2, b, "recentre only")
-for ridge in (0.1, 0.2, 0.3, 0.5, 1.0, "auto"):
-    A2, a2 = align(W1, b1, W2, b2, ridge)
-    score(W1, b1, A2, a2, f"align {ridge} (no recentre)")
-    score(W1, b1, A2, do_recentre(W1, b1, A2, a2), f"align {ridge} + recentre")
-if "all" in sys.argv[2:]:
-    for weight in (1.0, 0.3, 0.1, 0.03):
-        for ridge in (0.1, 1.0):
-            A2, a2 = align_all(W1, b1, W2, b2, ridge, weight)
-            score(W1, b1, A2, do_recentre(W1, b1, A2, a2),
-                  f"align all texts, others x{weight}, ridge {ridge} + recentre")
-for train_dense in () if len(sys.argv) > 2 else (True, False):
-    for lr, steps in ((1e-3, 200), (3e-3, 300)):
-        for pull in (0.0, 0.1, 1.0):
-            V = kl_train(W1, b1, W2, b2, steps, lr, pull, train_dense)
-            score(
-                V[0],
-                V[1],
-                V[2],
-                do_recentre(*V),
-                f"KL {'dense+out' if train_dense else 'out'} lr{lr} s{steps} pull{pull} +rc",
-            )
+def main():
+    """The variants' rows (run as a script; `head_fit_noise.py` reads the fits above without
+    them)."""
+    experts()
+    if "centred" in sys.argv[2:]:
+        for ridge in (0.1, 0.3, 1.0):
+            A2, a2 = align_centred(W1, b1, W2, b2, ridge)
+            score(W1, b1, A2, do_recentre(W1, b1, A2, a2), f"align centred {ridge} + recentre")
+        return
+    score(W1, b1, W2, b2, "heads as merged")
+    b = do_recentre(W1, b1, W2, b2)
+    score(W1, b1, W2, b, "recentre only")
+    for ridge in (0.1, 0.2, 0.3, 0.5, 1.0, "auto"):
+        A2, a2 = align(W1, b1, W2, b2, ridge)
+        score(W1, b1, A2, a2, f"align {ridge} (no recentre)")
+        score(W1, b1, A2, do_recentre(W1, b1, A2, a2), f"align {ridge} + recentre")
+    if "all" in sys.argv[2:]:
+        for weight in (1.0, 0.3, 0.1, 0.03):
+            for ridge in (0.1, 1.0):
+                A2, a2 = align_all(W1, b1, W2, b2, ridge, weight)
+                score(W1, b1, A2, do_recentre(W1, b1, A2, a2),
+                      f"align all texts, others x{weight}, ridge {ridge} + recentre")
+    for train_dense in () if len(sys.argv) > 2 else (True, False):
+        for lr, steps in ((1e-3, 200), (3e-3, 300)):
+            for pull in (0.0, 0.1, 1.0):
+                V = kl_train(W1, b1, W2, b2, steps, lr, pull, train_dense)
+                score(
+                    V[0],
+                    V[1],
+                    V[2],
+                    do_recentre(*V),
+                    f"KL {'dense+out' if train_dense else 'out'} lr{lr} s{steps} pull{pull} +rc",
+                )
+
+
+if __name__ == "__main__":
+    main()

@@ -27,8 +27,8 @@ from hm3.pipeline import calibrate
 from hm3.recipe import parse_recipe
 from hm3.zoo import build_mpnet_zoo
 
-from common import datasets, dev_datasets
-from mpnet_zoo import HEAD_STEPS, mpnet_dev, recipe
+from common import datasets
+from mpnet_zoo import HEAD_STEPS, recipe, zoo_dev
 
 DISTILL = "distill" in sys.argv
 MINILM = "minilm" in sys.argv
@@ -37,18 +37,17 @@ SETTING = next((a for a in sys.argv[1:] if a in ("64", "shared")), None)
 work = Path(tempfile.mkdtemp())
 if MINILM:
     from hm3.demo import demo_recipe
-    from hm3.zoo import build_zoo, load_examples
+    from hm3.zoo import build_zoo
 
     zoo = build_zoo(progress=False)
     raw = {**demo_recipe(zoo), "coefficients": None}
-    dev = dev_datasets(zoo, load_examples)
 else:
     zoo = build_mpnet_zoo(progress=False)
     mode = {"64": "per-task", "shared": "shared+unseen"}.get(SETTING, "per-task+unseen")
     raw = recipe(zoo, list(zoo.experts), HEAD_STEPS, mode, work)
     if SETTING:
         raw["calibration"]["limit"] = int(SETTING) if SETTING == "64" else 1024
-    dev = mpnet_dev(zoo)
+dev = zoo_dev(zoo, "minilm" if MINILM else "mpnet")
 held = held_out_texts(zoo)
 sources = open_sources(parse_recipe(raw))
 cal = calibrate(sources, held, progress=True)

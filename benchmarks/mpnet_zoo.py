@@ -59,7 +59,7 @@ from hm3.evaluate import evaluate, label_indices, predictions
 from hm3.label_free.registry import saved_report
 from hm3.model import load
 from hm3.recipe import PRESETS
-from hm3.zoo import build_mpnet_zoo, read_split
+from hm3.zoo import build_mpnet_zoo, load_examples, read_split
 from hm3.zoo.mpnet import MPNET_RECIPES, MPNET_TRAINING, MPNET_ZOO
 
 from common import agreement_correlations, datasets, dev_datasets, plot_agreement
@@ -177,10 +177,13 @@ def unseen_texts(zoo, task: str, limit: int = UNSEEN_LIMIT) -> list[str]:
     return random.Random(0).sample(pool, min(limit, len(pool)))
 
 
-def mpnet_dev(zoo) -> list:
-    """The MPNet zoo's larger validation set (`common.dev_datasets`): source texts in none of
-    its splits and none of `unseen_texts`, which the unseen calibration modes read."""
-    return dev_datasets(zoo, MPNET_ZOO.examples, lambda task: unseen_texts(zoo, task))
+def zoo_dev(zoo, name: str) -> list:
+    """The larger validation set (`common.dev_datasets`) of the zoo `name` ("mpnet" or
+    "minilm"): source texts in none of its splits; the MPNet zoo's also in none of
+    `unseen_texts`, which its unseen calibration modes read."""
+    if name == "mpnet":
+        return dev_datasets(zoo, MPNET_ZOO.examples, lambda task: unseen_texts(zoo, task))
+    return dev_datasets(zoo, load_examples)
 
 
 def write_texts(path: Path, texts: list[str]) -> Path:

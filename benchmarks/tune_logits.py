@@ -26,10 +26,10 @@ from hm3.label_free.tune import TuneOptions, tune_model
 from hm3.model import MultiTaskClassifier
 from hm3.pipeline import calibrate, head_steps, merge_in_memory
 from hm3.recipe import PRESETS, parse_recipe
-from hm3.zoo import build_mpnet_zoo, build_zoo, load_examples
+from hm3.zoo import build_mpnet_zoo, build_zoo
 
-from common import datasets, dev_datasets, with_dev
-from mpnet_zoo import mpnet_dev, recipe
+from common import datasets, with_dev
+from mpnet_zoo import recipe, zoo_dev
 
 
 def main() -> None:
@@ -67,8 +67,8 @@ def main() -> None:
     splits = {s: datasets(zoo, s) for s in ("validation", "test")}
     choose = "validation"
     if args.dev:
-        dev = mpnet_dev(zoo) if args.zoo == "mpnet" else dev_datasets(zoo, load_examples)
-        splits["val+dev"], choose = with_dev(splits["validation"], dev), "val+dev"
+        splits["val+dev"] = with_dev(splits["validation"], zoo_dev(zoo, args.zoo))
+        choose = "val+dev"
 
     def score(split):
         report = evaluate(clf, splits[split])["tasks"]
