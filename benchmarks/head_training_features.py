@@ -18,94 +18,105 @@ from pathlib import Path
 
 import torch
 
-from hm3.demo import held_out_texts
+from hm3.demo import demo_recipe, held_out_texts
 from hm3.engine import build_model, merge_into, open_sources
 from hm3.label_free.calibration import expert_classifier
 from hm3.label_free.distill import DistillOptions, distill_body
 from hm3.model import MultiTaskClassifier
 from hm3.pipeline import calibrate
 from hm3.recipe import parse_recipe
-from hm3.zoo import build_mpnet_zoo
+from hm3.zoo import build_mpnet_zoo, build_zoo
 
 from common import datasets
 from mpnet_zoo import HEAD_STEPS, recipe, zoo_dev
 
-DISTILL = "distill" in sys.argv
-MINILM = "minilm" in sys.argv
-ALL = "all" in sys.argv
-SETTING = next((a for a in sys.argv[1:] if a in ("64", "shared")), None)
-work = Path(tempfile.mkdtemp())
-if MINILM:
-    from hm3.demo import demo_recipe
-    from hm3.zoo import build_zoo
-
-    zoo = build_zoo(progress=False)
-    raw = {**demo_recipe(zoo), "coefficients": None}
-else:
-    zoo = build_mpnet_zoo(progress=False)
-    mode = {"64": "per-task", "shared": "shared+unseen"}.get(SETTING, "per-task+unseen")
-    raw = recipe(zoo, list(zoo.experts), HEAD_STEPS, mode, work)
-    if SETTING:
-        raw["calibration"]["limit"] = int(SETTING) if SETTING == "64" else 1024
-dev = zoo_dev(zoo, "minilm" if MINILM else "mpnet")
-held = held_out_texts(zoo)
-sources = open_sources(parse_recipe(raw))
-cal = calibrate(sources, held, progress=True)
-model = build_model(sources)
-merge_into(model, sources, progress=True)
-if DISTILL:
-    distill_body(model, sources, cal, DistillOptions(train="weights", lr=0.02), progress=True)
-max_length = raw["calibration"]["max_length"]
-clf = MultiTaskClassifier(model, cal.tokenizer, sources.groups, max_length)
-splits = {s: {d.task: d for d in datasets(zoo, s)} for s in ("validation", "test")}
-splits["dev"] = {d.task: d for d in dev}  # none left for some guard tasks
-DENSE = "bert.pooler.dense" if MINILM else "classifier.dense"
-dense = model.get_submodule(DENSE)
+WORDS = ("minilm", "distill", "all", "64", "shared")
 
 
-def inputs_on(texts):
-    seen = []
-    h = dense.register_forward_hook(lambda m, i, o: seen.append(i[0].detach()))
-    clf.logits(texts)
-    h.remove()
-    # the classifier runs the texts sorted by length: put the rows back in input order
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    out = torch.empty(len(texts), seen[0].shape[1])
-    out[order] = torch.cat(seen).float()
-    return out
+def main(words: list[str]) -> None:
+    unknown = [w for w in words if w not in WORDS]
+    if unknown:
+        sys.exit(f"unknown argument(s) {' '.join(unknown)}: give any of {' '.join(WORDS)}")
+    minilm, distill, every_text = ("minilm" in words, "distill" in words, "all" in words)
+    setting = next((w for w in words if w in ("64", "shared")), None)
+    if minilm and setting:
+        sys.exit(f"`{setting}` is an MPNet setting: the MiniLM zoo has only the demo's "
+                 "calibration; drop one of the two")
+    path = (f"/tmp/hm3-head-features{'-minilm' if minilm else ''}"
+            f"{'-distill' if distill else ''}{'-all' if every_text else ''}"
+            f"{'-' + setting if setting else ''}-dev.pt")
+    torch.save(features(minilm, distill, every_text, setting), path)
+    print(f"saved {path}")
 
 
-texts = {"calibration": {t: cal.calibration.texts[t] for t in zoo.experts}}
-texts.update({s: {t: splits[s][t].texts for t in splits[s]} for s in splits})
-labels = {s: {t: splits[s][t].labels for t in splits[s]} for s in splits}
-X = {s: {t: inputs_on(texts[s][t]) for t in texts[s]} for s in texts}
-E = {s: {} for s in texts}
-for spec, ck in zip(sources.recipe.experts, sources.experts):
-    g = [
-        type(g)(g.name, g.labels, 0, g.multi_label, g.threshold)
-        for g in sources.groups
-        if g.name == spec.task
-    ]
-    ec = MultiTaskClassifier(expert_classifier(ck), cal.tokenizer, g, max_length)
-    for s in texts:
-        if spec.task in texts[s]:
-            E[s][spec.task] = torch.tensor(ec.logits(texts[s][spec.task]))
-    if ALL:
-        every = [text for t in zoo.experts for text in texts["calibration"][t]]
-        E.setdefault("all", {})[spec.task] = torch.tensor(ec.logits(every))
-state = {
-    k: v.clone() for k, v in model.state_dict().items() if k.startswith(("classifier.", DENSE))
-}
-torch.save(
-    {
+def features(minilm: bool, distill: bool, every_text: bool, setting: str | None) -> dict:
+    work = Path(tempfile.mkdtemp())
+    if minilm:
+        zoo = build_zoo(progress=False)
+        raw = {**demo_recipe(zoo), "coefficients": None}
+    else:
+        zoo = build_mpnet_zoo(progress=False)
+        mode = {"64": "per-task", "shared": "shared+unseen"}.get(setting, "per-task+unseen")
+        raw = recipe(zoo, list(zoo.experts), HEAD_STEPS, mode, work)
+        if setting:
+            raw["calibration"]["limit"] = int(setting) if setting == "64" else 1024
+    dev = zoo_dev(zoo, "minilm" if minilm else "mpnet")
+    held = held_out_texts(zoo)
+    sources = open_sources(parse_recipe(raw))
+    cal = calibrate(sources, held, progress=True)
+    model = build_model(sources)
+    merge_into(model, sources, progress=True)
+    if distill:
+        distill_body(model, sources, cal, DistillOptions(train="weights", lr=0.02), progress=True)
+    max_length = raw["calibration"]["max_length"]
+    clf = MultiTaskClassifier(model, cal.tokenizer, sources.groups, max_length)
+    splits = {s: {d.task: d for d in datasets(zoo, s)} for s in ("validation", "test")}
+    splits["dev"] = {d.task: d for d in dev}  # none left for some guard tasks
+    dense_name = "bert.pooler.dense" if minilm else "classifier.dense"
+    dense = model.get_submodule(dense_name)
+
+    def inputs_on(texts):
+        seen = []
+        h = dense.register_forward_hook(lambda m, i, o: seen.append(i[0].detach()))
+        clf.logits(texts)
+        h.remove()
+        # the classifier runs the texts sorted by length: put the rows back in input order
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        out = torch.empty(len(texts), seen[0].shape[1])
+        out[order] = torch.cat(seen).float()
+        return out
+
+    texts = {"calibration": {t: cal.calibration.texts[t] for t in zoo.experts}}
+    texts.update({s: {t: splits[s][t].texts for t in splits[s]} for s in splits})
+    labels = {s: {t: splits[s][t].labels for t in splits[s]} for s in splits}
+    X = {s: {t: inputs_on(texts[s][t]) for t in texts[s]} for s in texts}
+    E = {s: {} for s in texts}
+    for spec, ck in zip(sources.recipe.experts, sources.experts):
+        g = [
+            type(g)(g.name, g.labels, 0, g.multi_label, g.threshold)
+            for g in sources.groups
+            if g.name == spec.task
+        ]
+        ec = MultiTaskClassifier(expert_classifier(ck), cal.tokenizer, g, max_length)
+        for s in texts:
+            if spec.task in texts[s]:
+                E[s][spec.task] = torch.tensor(ec.logits(texts[s][spec.task]))
+        if every_text:
+            every = [text for t in zoo.experts for text in texts["calibration"][t]]
+            E.setdefault("all", {})[spec.task] = torch.tensor(ec.logits(every))
+    state = {
+        k: v.clone() for k, v in model.state_dict().items()
+        if k.startswith(("classifier.", dense_name))
+    }
+    return {
         "X": X,
         "E": E,
         "labels": labels,
         "head": state,
         "groups": [g.to_dict() for g in sources.groups],
         "tasks": list(zoo.experts),
-    },
-    f"/tmp/hm3-head-features{'-minilm' if MINILM else ''}{'-distill' if DISTILL else ''}"
-    f"{'-all' if ALL else ''}{'-' + SETTING if SETTING else ''}-dev.pt",
-)
-print("saved")
+    }
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

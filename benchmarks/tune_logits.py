@@ -2,7 +2,8 @@
 preset merge (TIES, distill, head steps) built in memory, then the `tune` step
 (`hm3.label_free.tune`: the last `--blocks` blocks, 0 for all, and everything after them trained
 by Adam so that each task's logits match its expert's on that task's calibration texts), the
-head steps rerun, every variant scored on validation (test only for a new best). `--teach all`:
+head steps rerun, every variant scored on validation (test only for a new best, and only of the
+variant that won: tuned alone, or tuned with the head steps rerun). `--teach all`:
 every expert teaches on every task's calibration texts, not only its own. `--dev`: choose on
 val+dev (validation with up to 1000 more labelled texts per task, `common.dev_datasets`).
 
@@ -85,13 +86,18 @@ def main() -> None:
                 tune_model(model, sources, calibrated,
                            TuneOptions(steps=steps, lr=lr, blocks=blocks, teach=teach))
                 tuned = score(choose)
+                before_rerun = {k: v.clone() for k, v in model.state_dict().items()}
                 head_steps(model, sources, calibrated)
                 refit = score(choose)
                 row = {"tuned": tuned, "tuned+head steps": refit}
-                mean = sum(refit.values()) / len(refit)
-                if mean > best:  # the model as it stands now: the refitted one
+                # test only for a new best, of whichever of the two won on `choose`
+                variant, scores = max(row.items(), key=lambda kv: sum(kv[1].values()))
+                mean = sum(scores.values()) / len(scores)
+                if mean > best:
                     best = mean
-                    row["tuned+head steps test"] = score("test")
+                    if variant == "tuned":
+                        model.load_state_dict(before_rerun)
+                    row[f"{variant} test"] = score("test")
                 means = {k: round(sum(v.values()) / len(v), 4) for k, v in row.items()}
                 print(f"blocks {blocks} steps {steps} lr {lr} teach {teach}, on {choose} "
                       f"({time.perf_counter() - started:.0f}s): {json.dumps(means)} "

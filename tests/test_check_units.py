@@ -15,6 +15,7 @@ from hm3.check import (
     calibration_overlap,
     check,
     check_expert_groups,
+    check_model,
     compare_logits,
     compare_task,
     expert_paths,
@@ -94,8 +95,8 @@ def test_per_label_verdicts_take_the_per_label_agreement_of_the_texts_counted():
     # no text in b's domain: the per-label agreement of every text
     assert b["verdict_agreement"] == 0.92 and b["reasons"] == ["agreement per label 92.0% < 95.0%"]
     assert verdicts(report, {"a": 0.9, "b": 0.9}, count="domain")["tasks"]["a"]["passed"]
-    with pytest.raises(Hm3Error, match="^per label: counts all, typical, domain only, got "
-                                       "'surest'"):
+    with pytest.raises(Hm3Error, match="^--per-label works with --count all, typical, domain, "
+                                       "not --count surest "):
         verdicts(report, {"a": 0.9, "b": 0.9}, count="surest", per_label=True)
 
 
@@ -113,9 +114,17 @@ def test_drift_fails_a_task_only_above_the_largest_allowed():
 
 
 def test_an_unknown_count_is_refused():
-    with pytest.raises(Hm3Error, match="^count: expected one of all, confident, weighted, "
+    with pytest.raises(Hm3Error, match="^--count: expected one of all, confident, weighted, "
                                        "surest, typical, domain, got 'most'$"):
         verdicts(_report(), {"a": 0.9, "b": 0.9}, count="most")
+
+
+def test_check_model_refuses_a_bad_count_before_it_reads_any_model(tmp_path):
+    missing = tmp_path / "no-model-here"  # reading it would fail with another error
+    with pytest.raises(Hm3Error, match="^--count: expected one of"):
+        check_model(missing, ["a text"], count="most")
+    with pytest.raises(Hm3Error, match="^--per-label works with .* not --count weighted "):
+        check_model(missing, ["a text"], count="weighted", per_label=True)
 
 
 def test_the_printed_check_has_a_row_per_task_its_flips_shares_and_the_verdict():

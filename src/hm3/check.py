@@ -430,9 +430,7 @@ def check_model(model: str | Path, texts: Sequence[str], experts: Sequence[str] 
     """
     if max_drift is not None and not 0 <= max_drift <= 1:
         raise Hm3Error(f"--max-drift: expected a distance in [0, 1], got {max_drift}")
-    if per_label and count not in PER_LABEL_COUNTS:
-        raise Hm3Error(f"--per-label works with --count {', '.join(PER_LABEL_COUNTS)}, not "
-                       f"--count {count}")
+    check_count(count, per_label)  # before any model is read
     folder = resolve(str(model), allow_pickle=allow_pickle)
     block = read_config(folder).get("hm3") or {}
     if not block:
@@ -586,6 +584,17 @@ def parse_thresholds(values: Sequence[str], tasks: Sequence[str],
     return out
 
 
+def check_count(count: str, per_label: bool) -> None:
+    """Fail when a verdict cannot count `count`'s texts (`--count`), or not per label
+    (`--per-label`)."""
+    if count not in COUNTS:
+        raise Hm3Error(f"--count: expected one of {', '.join(COUNTS)}, got {count!r}")
+    if per_label and count not in PER_LABEL_COUNTS:
+        raise Hm3Error(f"--per-label works with --count {', '.join(PER_LABEL_COUNTS)}, not "
+                       f"--count {count} (whose texts are chosen by the expert's confidence, "
+                       "which picks its labels unevenly)")
+
+
 def verdicts(report: dict, min_agreement: Mapping[str, float],
              max_drift: float | None = None, count: str = "all",
              per_label: bool = False) -> dict:
@@ -601,12 +610,7 @@ def verdicts(report: dict, min_agreement: Mapping[str, float],
     label the expert gives, then averaged (`label_agreement`), so that a merge that stops
     giving a rare label fails. The report says which (`counted`, `per_label`), and each task
     which texts (`verdict_counted`)."""
-    if count not in COUNTS:
-        raise Hm3Error(f"count: expected one of {', '.join(COUNTS)}, got {count!r}")
-    if per_label and count not in PER_LABEL_COUNTS:
-        raise Hm3Error(f"per label: counts {', '.join(PER_LABEL_COUNTS)} only, got {count!r} "
-                       "(whose texts are chosen by the expert's confidence, which picks its "
-                       "labels unevenly)")
+    check_count(count, per_label)
     report["counted"], report["per_label"] = count, per_label
     for task, entry in report["tasks"].items():
         reasons = []
