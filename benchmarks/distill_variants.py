@@ -65,6 +65,7 @@ VARIANTS = {
     "distill weights, lr 0.02, route all": {"train": "weights", "lr": 0.02, "route": "all"},
     # More texts at the same number of steps: each text seen about once, not three times.
     "distill weights, lr 0.02, 256 texts": {"train": "weights", "lr": 0.02, "texts": 256},
+    "distill weights, lr 0.02, 128 texts": {"train": "weights", "lr": 0.02, "texts": 128},
     # the last block matched on what the heads make of it (the experts' logits), or on both
     "distill weights, lr 0.02, last logits": {"train": "weights", "lr": 0.02, "last": "logits"},
     "distill weights, lr 0.02, last both": {"train": "weights", "lr": 0.02, "last": "both"},
