@@ -135,13 +135,15 @@ def test_the_printed_check_has_a_row_per_task_its_flips_shares_and_the_verdict()
     lines = format_check(report).splitlines()
     assert re.split(r"\s{2,}", lines[0]) == [
         "task", "texts", "agreement", "where expert >= 90% (texts)", "weighted by confidence",
-        "surest 25% (texts)", "typical of the task (texts)", "in its domain (texts)", "minimum",
-        "verdict", "drift", "mean |dp|",
-        "on calibration (optimistic)", "held out (k-fold)"]
+        "surest 25% (texts)", "minimum", "verdict", "drift", "mean |dp|",
+        "on calibration (optimistic)", "held out (k-fold)"]  # no typical or domain figures
     assert lines[1].split() == ["a", "12", "80.0%", "95.0%", "(10)", "-", "70.0%", "(3)",
-                                "-", "-", "90.0%", "FAIL", "0.200", "0.050", "99.0%", "-"]
-    assert lines[2].split() == ["b", "12", "90.0%", "-", "96.0%", "-", "-", "-", "90.0%", "pass",
+                                "90.0%", "FAIL", "0.200", "0.050", "99.0%", "-"]
+    assert lines[2].split() == ["b", "12", "90.0%", "-", "96.0%", "-", "90.0%", "pass",
                                 "0.100", "0.125", "-", "87.5%"]
+    report["tasks"]["b"].update(typical_agreement=0.5, typical_n=4)  # one task's figure: shown
+    header = re.split(r"\s{2,}", format_check(report).splitlines()[0])
+    assert header[6] == "typical of the task (texts)" and "in its domain (texts)" not in header
     assert lines[3:] == [
         "a: flips y->x 3; shares expert->merged x 50%->75%, y 50%->25%",
         "a: FAIL: agreement 80.0% < 90.0%",

@@ -688,7 +688,9 @@ def format_check(report: dict) -> str:
               "weighted by confidence", f"surest {SUREST:.0%} (texts)",
               "typical of the task (texts)", "in its domain (texts)", "minimum", "verdict",
               "drift", "mean |dp|", "on calibration (optimistic)", "held out (k-fold)"]
-    lines = [format_table(header, rows)]
+    # a column with no figure for any task (e.g. typicality not counted) is left out
+    kept = [i for i in range(len(header)) if any(row[i] != "-" for row in rows)]
+    lines = [format_table([header[i] for i in kept], [[row[i] for i in kept] for row in rows])]
     for task, e in report["tasks"].items():
         if e["multi_label"]:
             parts = [f"{f['label']} on->off {f['on_to_off']}, off->on {f['off_to_on']}"
