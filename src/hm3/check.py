@@ -689,7 +689,7 @@ def format_check(report: dict) -> str:
               "typical of the task (texts)", "in its domain (texts)", "minimum", "verdict",
               "drift", "mean |dp|", "on calibration (optimistic)", "held out (k-fold)"]
     # a column with no figure for any task (e.g. typicality not counted) is left out
-    kept = [i for i in range(len(header)) if any(row[i] != "-" for row in rows)]
+    kept = [i for i in range(len(header)) if not rows or any(row[i] != "-" for row in rows)]
     lines = [format_table([header[i] for i in kept], [[row[i] for i in kept] for row in rows])]
     for task, e in report["tasks"].items():
         if e["multi_label"]:

@@ -11,7 +11,7 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[object]], indent
     Floats are shown with 4 decimals and None as "-"; pass strings for any other format.
     """
     cells = [[_cell(value) for value in row] for row in rows]
-    widths = [max(len(str(h)), *(len(row[i]) for row in cells)) for i, h in enumerate(header)]
+    widths = [max([len(str(h)), *(len(row[i]) for row in cells)]) for i, h in enumerate(header)]
     numeric = [bool(cells) and all(_looks_numeric(row[i]) for row in cells)
                for i in range(len(header))]
 
