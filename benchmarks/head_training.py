@@ -110,34 +110,21 @@ def experts():
     )
 
 
-def align(W1, b1, W2, b2, ridge):
-    W2, b2 = W2.clone(), b2.clone()
-    for t in tasks:
-        h = torch.tanh(X["calibration"][t].double() @ W1.T + b1)
-        x = torch.cat([h, torch.ones(len(h), 1, dtype=h.dtype)], 1)
-        start = torch.cat([W2[rows[t]], b2[rows[t], None]], 1)
-        chosen = (
-            choose_ridge(x, E["calibration"][t].double(), start)[0] if ridge == "auto" else ridge
-        )
-        fitted = fit_rows(x, E["calibration"][t].double(), start, chosen)
-        W2[rows[t]], b2[rows[t]] = fitted[:, :-1], fitted[:, -1]
-    return W2, b2
-
-
-def align_centred(W1, b1, W2, b2, ridge):
-    """`align` on what a softmax reads: for a single-label task each text's logits less their
+def align(W1, b1, W2, b2, ridge, centred=False):
+    """The ridge refit of every task's final projection to its expert's logits (`align_heads`).
+    `centred`: on what a softmax reads, for a single-label task each text's logits less their
     mean over the labels (the part a softmax ignores), the start rows centred the same way, so
-    the pull toward the merged rows spends nothing on the common part. Multi-label tasks as
-    `align`."""
+    the pull toward the merged rows spends nothing on the common part."""
     W2, b2 = W2.clone(), b2.clone()
     for t in tasks:
         h = torch.tanh(X["calibration"][t].double() @ W1.T + b1)
         x = torch.cat([h, torch.ones(len(h), 1, dtype=h.dtype)], 1)
         start = torch.cat([W2[rows[t]], b2[rows[t], None]], 1)
         target = E["calibration"][t].double()
-        if not local[t].multi_label:
+        if centred and not local[t].multi_label:
             start, target = start - start.mean(0), target - target.mean(1, keepdim=True)
-        fitted = fit_rows(x, target, start, ridge)
+        chosen = choose_ridge(x, target, start)[0] if ridge == "auto" else ridge
+        fitted = fit_rows(x, target, start, chosen)
         W2[rows[t]], b2[rows[t]] = fitted[:, :-1], fitted[:, -1]
     return W2, b2
 
@@ -201,7 +188,7 @@ def main():
     experts()
     if "centred" in sys.argv[2:]:
         for ridge in (0.1, 0.3, 1.0):
-            A2, a2 = align_centred(W1, b1, W2, b2, ridge)
+            A2, a2 = align(W1, b1, W2, b2, ridge, centred=True)
             score(W1, b1, A2, do_recentre(W1, b1, A2, a2), f"align centred {ridge} + recentre")
         return
     score(W1, b1, W2, b2, "heads as merged")
