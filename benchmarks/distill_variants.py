@@ -11,6 +11,8 @@ baseline) is scored on the test split too, so test figures choose nothing.
       --limit 1024
   .venv/bin/python benchmarks/distill_variants.py --zoo minilm
   .venv/bin/python benchmarks/distill_variants.py --zoo minilm --augment 2 --drop 0.15
+  .venv/bin/python benchmarks/distill_variants.py --zoo minilm --body tsv --dev
+`--body METHOD`: the body merged by another method (its defaults; `--lambda`), heads whole.
 `--augment K`: every calibration file gets K copies of each of its texts with words dropped at
 random (`--drop`, the chance per word; seeded): more texts on which the experts teach, near
 their task's own, at no cost in labels.
@@ -91,6 +93,9 @@ def main() -> None:
     parser.add_argument("--drop", type=float, default=0.15, help="each word's chance to go")
     parser.add_argument("--dev", action="store_true",
                         help="choose on val+dev (validation with the larger dev set)")
+    parser.add_argument("--body", help="merge the body with this method instead of the "
+                        "preset's TIES 0.2 (its defaults, `--lambda`)")
+    parser.add_argument("--lambda", dest="scale", type=float, help="the body method's lambda")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="hm3-distill-"))
     if args.zoo == "mpnet":
@@ -108,6 +113,10 @@ def main() -> None:
     if args.augment:
         augment(raw["calibration"], args.augment, args.drop, work)
         key += f" augment {args.augment} drop {args.drop}"
+    if args.body:
+        raw["method"] = args.body
+        raw["parameters"] = {} if args.scale is None else {"lambda": args.scale}
+        key += f" body {args.body}" + ("" if args.scale is None else f" lambda {args.scale}")
     if args.label:
         key += f" {args.label}"
     choose = "val+dev" if args.dev else "validation"

@@ -599,6 +599,35 @@ def test_iso_c_takes_no_normalize_setting():
         shared("iso_c", normalize=True)
 
 
+def test_tsv_gives_task_vectors_in_orthogonal_subspaces_back_as_their_weighted_sum():
+    """Rank-1 task vectors along different axes do not interfere: nothing to decorrelate (and
+    the directions each keeps beyond its rank, singular value 0, are left out)."""
+    eye = torch.eye(6)
+    base = torch.full((6, 6), 0.5)
+    deltas = [3.0 * torch.outer(eye[0], eye[4]), -2.0 * torch.outer(eye[1], eye[2])]
+    out = get_method("tsv").combine(base, deltas, [1.0, 0.5], shared("tsv"), role="matrix")
+    close(out, base + 3.0 * torch.outer(eye[0], eye[4]) - 1.0 * torch.outer(eye[1], eye[2]))
+
+
+def test_tsv_keeps_each_task_vectors_top_share_of_directions_with_its_singular_values():
+    """Two experts of a 4 x 4 matrix: each keeps its top 2 directions (4 // 2), values as they
+    were; the first's 3 and 1 are cut."""
+    rotation, _ = torch.linalg.qr(torch.arange(16.0).reshape(4, 4).cos())
+    first = rotation @ torch.diag(torch.tensor([5.0, 4.0, 3.0, 1.0])) @ rotation.T
+    second = torch.diag(torch.tensor([0.0, 0.0, 2.0, 0.5]))
+    out = get_method("tsv").combine(torch.zeros(4, 4), [first, second], [1.0, 1.0],
+                                    shared("tsv", **{"lambda": 1.0}), role="matrix")
+    close(torch.linalg.svdvals(out), [5.0, 4.0, 2.0, 0.5])
+
+
+def test_tsv_takes_the_weighted_mean_of_tensors_that_are_not_matrices_and_keeps_head_rows():
+    base = tensor(1.0, 1.0)
+    deltas = [tensor(2.0, 0.0), tensor(0.0, 4.0)]
+    method, params = get_method("tsv"), shared("tsv", **{"lambda": 0.5})
+    close(method.combine(base, deltas, [1.0, 3.0], params), [1.0 + 0.5 * 0.5, 1.0 + 0.5 * 3.0])
+    close(method.combine(base, deltas, [1.0, 3.0], params, role="head"), [3.0, 13.0])
+
+
 def test_every_method_names_its_paper():
     """Title and arXiv id, so a reader can check the kernel against the paper."""
     for name, method in METHODS.items():

@@ -359,7 +359,7 @@ def test_label_free_merges_record_task_vector_norms_like_a_plain_merge(fam, tmp_
 
 
 @pytest.mark.parametrize("normalize", [True, False])
-@pytest.mark.parametrize("name", sorted(n for n, m in METHODS.items() if not m.isotropic))
+@pytest.mark.parametrize("name", sorted(n for n, m in METHODS.items() if not m.spectral))
 @pytest.mark.parametrize("weights", [[0.7, 1.3, 0.5], [1.0, -1.0, 0.0]])
 def test_contributions_add_up_to_the_combined_merge(name, normalize, weights):
     method = METHODS[name]

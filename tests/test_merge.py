@@ -116,7 +116,7 @@ def test_tokenizer_is_copied(family, tmp_path):
 
 # iso_c flattens even one expert's spectrum (by design): not an identity on one expert
 @pytest.mark.numeric
-@pytest.mark.parametrize("method", sorted(n for n, m in METHODS.items() if not m.isotropic))
+@pytest.mark.parametrize("method", sorted(n for n, m in METHODS.items() if not m.spectral))
 def test_single_expert_at_density_one_comes_back_unchanged(family, tmp_path, method):
     base, experts = family
     one = {"topic": experts["topic"]}

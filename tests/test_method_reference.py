@@ -104,14 +104,37 @@ def ref_isotropic(matrix: np.ndarray) -> np.ndarray:
     return s.mean() * u @ vh
 
 
+def ref_polar(matrix: np.ndarray) -> np.ndarray:
+    """The orthonormal polar factor M (M^T M)^(-1/2), from the eigendecomposition of M^T M (the
+    code takes it from an SVD); `matrix` is tall and of full column rank here."""
+    values, vectors = np.linalg.eigh(matrix.T @ matrix)
+    return matrix @ (vectors / np.sqrt(values)) @ vectors.T
+
+
+def ref_task_singular(matrices: list[np.ndarray]) -> np.ndarray:
+    """TSV-Merge: every task vector cut to its top min(shape) // N singular directions; the
+    stacked left and right singular vectors orthogonalised; each task's singular values kept."""
+    keep = min(matrices[0].shape) // len(matrices)
+    parts = [np.linalg.svd(m, full_matrices=False) for m in matrices]
+    assert all(p[1][keep - 1] > 1e-6 * p[1][0] for p in parts)  # no direction at rounding level
+    u = ref_polar(np.hstack([p[0][:, :keep] for p in parts]))
+    v = ref_polar(np.hstack([p[2][:keep].T for p in parts]))
+    s = np.concatenate([p[1][:keep] for p in parts])
+    return u @ np.diag(s) @ v.T
+
+
 def ref_combine(method: str, base: np.ndarray, deltas: list[np.ndarray], weights: list[float],
                 consensus: str = "sum", role: str = "other") -> np.ndarray:
     w = np.array(weights, dtype=np.float64)
-    if method == "iso_c":  # Iso-C: flat spectrum per weight matrix, mean elsewhere, heads kept
+    if method in ("iso_c", "tsv"):  # per weight matrix by its spectrum, mean elsewhere, heads kept
         summed = sum(wi * d for wi, d in zip(w, deltas))
         if role == "head":
             return base + summed
-        return base + LAMBDA * (ref_isotropic(summed) if role == "matrix" else summed / w.sum())
+        if role != "matrix":
+            return base + LAMBDA * summed / w.sum()
+        if method == "iso_c":
+            return base + LAMBDA * ref_isotropic(summed)
+        return base + LAMBDA * ref_task_singular([wi * d for wi, d in zip(w, deltas)])
     if method == "linear":  # Model Soup: the weighted mean of the models
         return sum(wi * (base + d) for wi, d in zip(w, deltas)) / w.sum()
     weighted = [wi * d for wi, d in zip(w, deltas)]
@@ -202,7 +225,7 @@ def assert_matches(got: dict, want: dict) -> None:
 def test_the_reference_covers_every_registered_method():
     assert set(METHODS) == {"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties",
                             "breadcrumbs", "breadcrumbs_ties", "della", "della_linear",
-                            "magnitude", "iso_c"}
+                            "magnitude", "iso_c", "tsv"}
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))

@@ -163,7 +163,7 @@ GOOD = {"merge_method": "ties", "base_model": "base",
      r"\(layer ranges, stacking\) is not supported: list the experts under `models:`$"),
     ({"merge_method": "slerp"},
      r"^merge_method: hm3 does not do mergekit's `slerp`; hm3's methods are linear, "
-     r"task_arithmetic, ties, .*iso_c$"),
+     r"task_arithmetic, ties, .*iso_c, tsv$"),
     ({"merge_method": None}, r"^merge_method: missing; name one of hm3's methods: linear, "),
     ({"base_model": None},
      r"^base_model: missing; hm3 needs the model the experts were fine-tuned from \(also for "

@@ -179,7 +179,7 @@ def test_label_free_steps_show_progress_from_their_first_step(fam, tmp_path, cap
     ({"base": "b", "experts": ["a"]},
      r"^experts\[0\]: expected a mapping such as `\{model: a, task: NAME\}`, got 'a'$"),
     ({"base": "b", "experts": [{"model": "a", "task": "spam"}], "method": "TIES"},
-     r"^method: unknown merge method 'TIES'; choose one of linear, .*iso_c \(did you mean "
+     r"^method: unknown merge method 'TIES'; choose one of linear, .*iso_c, tsv \(did you mean "
      r"'ties'\?\)$"),
     ({"base": "b", "experts": [{"model": "a", "task": "spam"}], "method": "dare-ties"},
      r"^method: unknown merge method 'dare-ties'; .* \(did you mean 'dare_ties'\?\)$"),

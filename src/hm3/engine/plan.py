@@ -95,8 +95,9 @@ def check_parameters(recipe: Recipe, jobs: list[TensorJob]) -> None:
             raise Hm3Error(f"overrides[{i}].pattern {override.pattern!r} matches no tensor of "
                            f"the experts (their names look like {names[len(names) // 2]}); fix "
                            "the pattern or remove the override")
-    # iso_c takes the weighted mean of every tensor that is not a weight matrix
-    sums_weights = (recipe.parameters.get("normalize") and not method.consensus) or method.isotropic
+    # iso_c and tsv take the weighted mean of every tensor that is not a weight matrix
+    sums_weights = ((recipe.parameters.get("normalize") and not method.consensus)
+                    or method.spectral is not None)
     for job in jobs:
         if job.floating:
             for i, spec in enumerate(recipe.experts):
@@ -105,7 +106,7 @@ def check_parameters(recipe: Recipe, jobs: list[TensorJob]) -> None:
             if sums_weights:
                 weights = [recipe.model_parameters(job.name, e)["weight"] for e in recipe.experts]
                 if abs(sum(weights)) < 1e-8:
-                    way_out = ("" if method.isotropic
+                    way_out = ("" if method.spectral
                                else ", or set `parameters: {normalize: false}`")
                     raise Hm3Error(f"{recipe.method} divides by the sum of the experts' weights, "
                                    f"which is 0 at {job.name} ({weights}); give weights that do "
@@ -113,7 +114,7 @@ def check_parameters(recipe: Recipe, jobs: list[TensorJob]) -> None:
 
 
 def tensor_role(job: TensorJob) -> str:
-    """What a spectral method (iso_c) sees in a tensor: `head`, the final projection's
+    """What a spectral method (iso_c, tsv) sees in a tensor: `head`, the final projection's
     task-disjoint rows; `matrix`, a layer's weight matrix, merged as a whole (2-D, not an
     embedding table, whose rows of tokens no expert saw stay untouched); else `other`."""
     if job.head_role is not None:

@@ -86,7 +86,7 @@ def merge_job(sources: Sources, job: TensorJob,
     if job.head_role is not None and sources.recipe.label_free.heads == "whole":
         return whole_head(sources, job)
     method = get_method(sources.recipe.method)
-    if (method.sparsifier is None and not method.consensus and not method.isotropic
+    if (method.sparsifier is None and not method.consensus and not method.spectral
             and job.head_role is None):
         return weighted_sum(sources, job, method, squares)
     base, deltas, weights = job_inputs(sources, job, squares)

@@ -78,10 +78,11 @@ class Coefficients(Step):
         return options
 
     def check(self, sources: Sources, options: CoefficientsOptions) -> None:
-        if get_method(sources.recipe.method).isotropic:
+        if get_method(sources.recipe.method).spectral:
             raise Hm3Error(f"coefficients scale each expert's share of the merge, and "
-                           f"{sources.recipe.method} has none (it flattens the summed task "
-                           "vector's spectrum); use another method or drop `coefficients`")
+                           f"{sources.recipe.method} has none (it merges a weight matrix's task "
+                           "vectors by their spectrum); use another method or drop "
+                           "`coefficients`")
 
     def apply(self, run: StepRun, options: CoefficientsOptions) -> CoefficientsReport:
         sources, calibrated = run.sources, run.calibrated

@@ -38,7 +38,7 @@ from hm3.errors import Hm3Error
 from hm3.methods import sparsify as sp
 from hm3.methods.consensus import agrees, elect_sign
 from hm3.methods.packed import Packed
-from hm3.methods.spectrum import isotropic
+from hm3.methods.spectrum import flat_spectrum, task_singular
 
 RESCALE_RULES = ("density", *sp.RESCALE_NORMS)
 CHUNK = 1 << 16  # entries TIES's consensus works on at once (256 KiB of float32 per temporary)
@@ -78,9 +78,10 @@ class MergeMethod:
     default_normalize: bool = False
     default_rescale: bool = False
     mean_of_models: bool = False  # linear: the weighted mean of the models, not base + deltas
-    # iso_c: a weight matrix's summed task vector with its singular values flattened to their
-    # mean; head rows are kept; other tensors take the weighted mean of the task vectors
-    isotropic: bool = False
+    # iso_c, tsv: a weight matrix's weighted task vectors merged by their spectrum (this
+    # function, `hm3.methods.spectrum`); head rows are kept; other tensors take the weighted
+    # mean of the task vectors
+    spectral: Callable[[list[torch.Tensor]], torch.Tensor] | None = None
     extra_model_parameters: tuple[Parameter, ...] = field(default_factory=tuple)
     reference: str = ""  # the method's paper: authors, year, title, arXiv id
 
@@ -93,7 +94,7 @@ class MergeMethod:
         return (WEIGHT, *sparse, *self.extra_model_parameters)
 
     def shared_parameter_specs(self) -> tuple[Parameter, ...]:
-        specs = [] if self.isotropic else [  # Iso-C sets its own scale
+        specs = [] if self.spectral else [  # Iso-C and TSV set their own scale
             Parameter("normalize", self.default_normalize, lambda v: isinstance(v, bool),
                       "true or false")]
         if not self.mean_of_models:
@@ -168,12 +169,15 @@ class MergeMethod:
         weighted delta is added to one running sum as it comes, so memory holds one of them;
         TIES consensus needs them all: it keeps each one's non-zero entries, never a weighted
         copy, and works on CHUNK entries at a time (`_disjoint_sum`). `role` (read by
-        `isotropic` methods only): `matrix`, a layer's weight matrix (merged as one, spectrum
-        flattened); `head`, task-disjoint head rows (each kept as weighted, no lambda); `other`.
+        `spectral` methods only): `matrix`, a layer's weight matrix (merged as one, by its
+        spectrum); `head`, task-disjoint head rows (each kept as weighted, no lambda); `other`.
         """
         w = torch.tensor(weights, dtype=base.dtype)
         if self.consensus:
             return _disjoint_sum(base, deltas, w.tolist(), shared)
+        if self.spectral and role == "matrix":  # every weighted task vector at once
+            weighted = [delta * w[i] for i, delta in enumerate(deltas)]
+            return base + shared["lambda"] * self.spectral(weighted).to(base.dtype)
         total_weight = w.sum()
         mixed = torch.zeros_like(base)
         for i, delta in enumerate(deltas):
@@ -181,11 +185,10 @@ class MergeMethod:
         divisor = total_weight
         if divisor.abs() < 1e-8:
             divisor = torch.ones((), dtype=base.dtype)
-        if self.isotropic:  # the weighted sum, then per role (no consensus, no normalize setting)
+        if self.spectral:  # heads and other tensors (no consensus, no normalize setting)
             if role == "head":
                 return base + mixed
-            mixed = isotropic(mixed) if role == "matrix" else mixed.div_(divisor)
-            return base + shared["lambda"] * mixed
+            return base + shared["lambda"] * mixed.div_(divisor)
         if self.mean_of_models:  # sum w_i theta_i = base * sum w_i + sum w_i delta_i
             if shared["normalize"] and total_weight.abs() > 1e-8:
                 return base + mixed.div_(total_weight)
@@ -198,9 +201,9 @@ class MergeMethod:
                       weights: list[float], shared: dict[str, Any]) -> list[torch.Tensor]:
         """Each model's share c_i of the merge, so that `combine` == base + sum(c_i): what
         learned coefficients scale. Holds N tensors at once (unlike `combine`)."""
-        if self.isotropic:
-            raise ValueError(f"{self.name} flattens the summed task vector's spectrum: its merge "
-                             "is not a sum of per-expert shares")
+        if self.spectral:
+            raise ValueError(f"{self.name} merges a weight matrix's task vectors by their "
+                             "spectrum: its merge is not a sum of per-expert shares")
         deltas = list(deltas)
         n = len(deltas)
         w = torch.tensor(weights, dtype=base.dtype)
@@ -288,6 +291,8 @@ DELLA = ("Deep et al. 2024, DELLA-Merging: Reducing Interference in Model Mergin
          "Magnitude-Based Sampling, arXiv:2406.11617")
 ISO_C = ("Marczak et al. 2025, No Task Left Behind: Isotropic Model Merging with Common and "
          "Task-Specific Subspaces, arXiv:2502.04959")
+TSV = ("Gargiulo et al. 2025, Task Singular Vectors: Reducing Task Interference in Model "
+       "Merging, arXiv:2412.00081")
 
 METHODS = _registry(
     MergeMethod("linear", "Model Soup: weighted mean of the models", default_normalize=True,
@@ -318,7 +323,9 @@ METHODS = _registry(
     MergeMethod("magnitude", "magnitude pruning of each task vector, then sum",
                 sparsifier=sp.magnitude, reference=TIES),
     MergeMethod("iso_c", "Iso-C: summed task vectors with a flat spectrum per weight matrix",
-                isotropic=True, reference=ISO_C),
+                spectral=flat_spectrum, reference=ISO_C),
+    MergeMethod("tsv", "TSV-Merge: each task vector's top singular directions, decorrelated",
+                spectral=task_singular, reference=TSV),
 )
 
 
