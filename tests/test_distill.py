@@ -382,11 +382,13 @@ def test_what_earlier_versions_saved_under_guided_is_still_read():
 def test_the_label_free_preset_expands_and_the_recipes_own_keys_win(small):
     from hm3.recipe import PRESETS
 
-    recipe = parse_recipe({"preset": "label-free",
-                           **recipe_with(small, parameters={"density": 0.5})})
+    own = recipe_with(small, parameters={"lambda": 0.5})
+    del own["method"]  # the preset's
+    recipe = parse_recipe({"preset": "label-free", **own})
     preset = PRESETS["label-free"]
-    assert recipe.method == preset["method"]
-    assert all(e.parameters["density"] == 0.5 for e in recipe.experts)
+    assert recipe.method == preset["method"] == "tsv"
+    assert recipe.parameters["lambda"] == 0.5 and preset["parameters"] == {"lambda": 1.0}
+    assert parse_recipe({"preset": "label-free", **recipe_with(small)}).method == "ties"
     assert recipe.label_free.heads == preset["heads"]
     assert recipe.label_free.step("recentre") is not None
     assert recipe.label_free.step("align_heads") is not None
