@@ -88,6 +88,11 @@ LABEL_FREE_CONFIGS = {
     "preset label-free + distill": (PRESET["method"], PRESET["parameters"],
                                     {**{k: v for k, v in PRESET.items()
                                         if k not in ("method", "parameters")}, "distill": {}}),
+    # the preset's steps on a TSV-Merge body (the preset since 2026-12-07; spelled out so that
+    # the rows above keep the TIES-bodied preset they measured)
+    "tsv + distill + head steps": ("tsv", {"lambda": 1.0},
+                                   {k: v for k, v in PRESET.items()
+                                    if k not in ("method", "parameters")}),
     # the sweep: other body merges under the same head steps
     "ties 0.1 + head steps": ("ties", {"density": 0.1}, HEAD_STEPS),
     "regmean + head steps": (DEFAULT_METHOD, DEFAULT_PARAMETERS, {**HEAD_STEPS, "regmean": {}}),
