@@ -260,13 +260,22 @@ def test_head_names_for_every_expert_or_one_and_their_bias_checked():
 
 def test_a_preset_fills_in_what_the_recipe_leaves_out():
     recipe = parse_recipe(_recipe(preset="label-free", calibration={"texts": "t.txt"},
-                                  parameters={"density": 0.5}))
-    assert recipe.method == "ties" and recipe.label_free.heads == "whole"
-    assert recipe.experts[0].parameters["density"] == 0.5  # the recipe's own key wins
+                                  parameters={"lambda": 0.5}))
+    assert recipe.method == "tsv" and recipe.label_free.heads == "whole"
+    assert recipe.parameters["lambda"] == 0.5  # the recipe's own key wins
     assert [name for name, _ in recipe.label_free.steps] == ["distill", "align_heads",
                                                              "recentre"]
     assert parse_recipe(_recipe(preset="label-free", calibration={"texts": "t.txt"})
-                        ).experts[0].parameters["density"] == 0.2
+                        ).parameters["lambda"] == 1.0
+    ties = parse_recipe(_recipe(preset="label-free", calibration={"texts": "t.txt"},
+                                method="ties", parameters={"density": 0.2}))
+    assert ties.method == "ties" and ties.experts[0].parameters["density"] == 0.2
+    assert ties.label_free == recipe.label_free
+    with pytest.raises(Hm3Error, match=r"^parameters\.density: preset label-free merges the "
+                                       r"body with `method: tsv`, which takes no `density` "
+                                       r"\(its parameters: lambda, weight\); .* `method: ties`"):
+        parse_recipe(_recipe(preset="label-free", calibration={"texts": "t.txt"},
+                             parameters={"density": 0.2}))
     assert "preset" not in recipe.to_dict()  # the expansion is recorded, not the name
     with pytest.raises(Hm3Error, match="^preset: expected one of label-free, got 'fast'$"):
         parse_recipe(_recipe(preset="fast", calibration={"texts": "t.txt"}))

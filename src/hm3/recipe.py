@@ -367,6 +367,18 @@ def expand_preset(raw: dict) -> dict:
         raise Hm3Error(f"preset {name} runs label-free steps that read unlabelled texts: add a "
                        "`calibration:` block, e.g. `calibration: {texts: {TASK: texts.txt, ...}}` "
                        "(texts of each task's domain) or `{texts: traffic.txt}` (one sample)")
+    if "method" not in own and isinstance(own.get("parameters"), dict):
+        method = get_method(PRESETS[name]["method"])
+        allowed = [p.name for p in (*method.shared_parameter_specs(),
+                                    *method.model_parameter_specs())]
+        for key in own["parameters"]:
+            if key not in allowed:
+                raise Hm3Error(f"parameters.{key}: preset {name} merges the body with `method: "
+                               f"{method.name}`, which takes no `{key}` (its parameters: "
+                               f"{', '.join(allowed)}); to give another method's parameters, "
+                               "name that method beside the preset, e.g. `method: ties` with "
+                               "`parameters: {density: 0.2}` (the preset's body in earlier "
+                               "versions)")
     return {**PRESETS[name], **own}
 
 
