@@ -6,7 +6,7 @@ from safetensors import safe_open
 from transformers import AutoModelForSequenceClassification
 
 from hm3 import merge, parse_recipe
-from hm3.engine import open_sources
+from hm3.engine import is_embedding, open_sources
 
 from conftest import TINY, build_family, logits_tolerance, recipe_dict
 
@@ -79,3 +79,27 @@ def test_architecture_merges(tmp_path, model_type):
 def tensor(folder, name):
     with safe_open(str(folder / "model.safetensors"), framework="pt") as handle:
         return handle.get_tensor(name)
+
+
+@pytest.mark.parametrize("model_type", sorted(TINY))
+def test_tsv_merges_every_architecture_with_embedding_tables_averaged(tmp_path, model_type):
+    """TSV-Merge (the preset's body) cuts weight matrices to their top directions; an embedding
+    table (GPT-2's `wte` too) takes the mean of the task vectors, and the heads stay whole."""
+    base, experts = build_family(tmp_path, TASKS, model_type=model_type, tokenizer=False)
+    out = tmp_path / "tsv"
+    merge(parse_recipe(recipe_dict(base, experts, "tsv")), out, progress=False)
+    _, merged_logits = logits(out)
+    assert merged_logits.shape == (2, 5) and torch.isfinite(merged_logits).all()
+    sources = open_sources(parse_recipe(recipe_dict(base, experts, "tsv")))
+    tables = [job.name for job in sources.jobs if is_embedding(job.name) and len(job.shape) == 2]
+    assert tables
+    for name in tables:
+        mean = (tensor(experts["sentiment"], name) + tensor(experts["topic"], name)) / 2
+        torch.testing.assert_close(tensor(out, name), mean)
+    matrix = next(job.name for job in sources.jobs
+                  if len(job.shape) == 2 and not is_embedding(job.name) and job.head_role is None
+                  and job.base_name is not None)
+    mean = (tensor(experts["sentiment"], matrix) + tensor(experts["topic"], matrix)) / 2
+    assert not torch.allclose(tensor(out, matrix), mean)  # a matrix is not averaged
+    weight, _ = HEADS[model_type]
+    assert torch.equal(tensor(out, weight)[:2], tensor(experts["sentiment"], weight))

@@ -5,6 +5,7 @@ import re
 import pytest
 import torch
 
+from hm3.engine.plan import TensorJob, tensor_role
 from hm3.errors import Hm3Error
 from hm3.methods import METHODS, MergeMethod, get_method, sparsify as sp
 from hm3.methods.consensus import agreement_mask, elect_sign
@@ -634,3 +635,17 @@ def test_every_method_names_its_paper():
         assert re.search(r"\b(19|20)\d\d, .+, arXiv:\d{4}\.\d{4,5}", method.reference), name
     assert "arXiv:2306.01708" in get_method("ties").reference
     assert "arXiv:2306.01708" in get_method("dare_ties").reference  # DARE's drop, TIES's election
+
+
+@pytest.mark.parametrize("name, shape, role", [
+    ("bert.encoder.layer.0.attention.self.query.weight", (8, 8), "matrix"),
+    ("transformer.h.0.attn.c_attn.weight", (8, 24), "matrix"),  # GPT-2's Conv1D, (in, out)
+    ("bert.encoder.layer.0.attention.self.query.bias", (8,), "other"),
+    ("bert.embeddings.word_embeddings.weight", (50, 8), "other"),
+    ("model.embed_tokens.weight", (50, 8), "other"),
+    ("transformer.wte.weight", (50, 8), "other"),  # GPT-2's tables do not say `embed`
+    ("transformer.wpe.weight", (16, 8), "other"),
+])
+def test_spectral_methods_merge_weight_matrices_as_a_whole_but_not_embedding_tables(
+        name, shape, role):
+    assert tensor_role(TensorJob(name, shape, name)) == role

@@ -43,6 +43,8 @@ from conftest import build_family, recipe_dict, write_tokenizer
     ("bert.embeddings.word_embeddings.weight", "embeddings"),
     ("wte.weight", "embeddings"),
     ("transformer.wte.weight", "embeddings"),
+    ("transformer.wpe.weight", "embeddings"),
+    ("model.embed_tokens.weight", "embeddings"),
     ("bert.pooler.dense.weight", "other"),
     ("classifier.weight", "other"),
     ("bert.encoder.layernorm.weight", "other"),

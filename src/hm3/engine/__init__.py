@@ -9,7 +9,7 @@
 It knows nothing of calibration texts: the label-free steps and `hm3.pipeline` build on it.
 The public `hm3.merge` (a function, `hm3.pipeline.merge`) runs a whole recipe through it."""
 
-from hm3.engine.plan import TensorJob
+from hm3.engine.plan import TensorJob, is_embedding
 from hm3.engine.sources import Sources, open_sources, with_recipe
 from hm3.engine.stream import (
                                TaskVectorSquares,
@@ -22,6 +22,6 @@ from hm3.engine.stream import (
 )
 from hm3.engine.write import build_model, warn_implausible, write_model
 
-__all__ = ["Sources", "TaskVectorSquares", "TensorJob", "build_model", "job_inputs", "merge_into",
-           "merge_job", "merged_tensors", "open_sources", "state_tensors", "task_vector_norms",
-           "warn_implausible", "with_recipe", "write_model"]
+__all__ = ["Sources", "TaskVectorSquares", "TensorJob", "build_model", "is_embedding", "job_inputs",
+           "merge_into", "merge_job", "merged_tensors", "open_sources", "state_tensors",
+           "task_vector_norms", "warn_implausible", "with_recipe", "write_model"]

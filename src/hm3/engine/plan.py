@@ -4,6 +4,7 @@ those tensors. Reads shapes and dtypes only, never tensor data."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from hm3.checkpoint import Checkpoint
@@ -119,4 +120,13 @@ def tensor_role(job: TensorJob) -> str:
     embedding table, whose rows of tokens no expert saw stay untouched); else `other`."""
     if job.head_role is not None:
         return "head"
-    return "matrix" if len(job.shape) == 2 and "embed" not in job.name else "other"
+    return "matrix" if len(job.shape) == 2 and not is_embedding(job.name) else "other"
+
+
+def is_embedding(name: str) -> bool:
+    """A token, position or type embedding (table or its norm): `embed` in the name (BERT's
+    `embeddings.*`, Llama's `embed_tokens`) or GPT-2's `wte` / `wpe`."""
+    return "embed" in name or _GPT2_EMBEDDING.search(f".{name}") is not None
+
+
+_GPT2_EMBEDDING = re.compile(r"\.(?:wte|wpe)\.")

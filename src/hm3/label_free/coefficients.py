@@ -20,7 +20,7 @@ import torch
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from hm3.engine import Sources, TaskVectorSquares, job_inputs, merge_job
+from hm3.engine import Sources, TaskVectorSquares, is_embedding, job_inputs, merge_job
 from hm3.errors import Hm3Error
 from hm3.label_free.calibration import tokenize
 from hm3.label_free.registry import Step, StepRun, finite, option, positive, positive_int
@@ -105,7 +105,7 @@ def block_of(name: str) -> str:
     match = _BLOCK.search(f".{name}")
     if match:
         return f"layer.{int(match.group(1))}"
-    return "embeddings" if "embed" in name or name.startswith("wte") or ".wte" in name else "other"
+    return "embeddings" if is_embedding(name) else "other"
 
 
 class CoefficientMerge:
