@@ -1,5 +1,5 @@
 """Does training the merged model end to end on the experts' logits help after the preset? The
-preset merge (TIES, distill, head steps) built in memory, then the `tune` step
+preset merge (its body method, distill, head steps) built in memory, then the `tune` step
 (`hm3.label_free.tune`: the last `--blocks` blocks, 0 for all, and everything after them trained
 by Adam so that each task's logits match its expert's on that task's calibration texts), the
 head steps rerun, every variant scored on validation (test only for a new best, and only of the
@@ -46,17 +46,17 @@ def main() -> None:
     args = parser.parse_args()
     if args.zoo == "mpnet":
         zoo = build_mpnet_zoo(progress=True)
-        preset = {k: v for k, v in PRESETS["label-free"].items()
-                  if k not in ("method", "parameters")}
-        raw = recipe(zoo, list(zoo.experts), preset, "per-task+unseen",
-                     Path(tempfile.mkdtemp()))
+        preset = PRESETS["label-free"]
+        steps = {k: v for k, v in preset.items() if k not in ("method", "parameters")}
+        raw = recipe(zoo, list(zoo.experts), steps, "per-task+unseen", Path(tempfile.mkdtemp()),
+                     method=preset["method"], parameters=preset["parameters"])
     else:
         zoo = build_zoo(progress=True)
         raw = demo_recipe(zoo)
     sources = open_sources(parse_recipe(raw))
     calibrated = calibrate(sources, held_out_texts(zoo), progress=True)
     model = build_model(sources)
-    cache = Path(tempfile.gettempdir()) / f"hm3-tune-logits-{args.zoo}.pt"
+    cache = Path(tempfile.gettempdir()) / f"hm3-tune-logits-{args.zoo}-{raw['method']}.pt"
     if cache.is_file():  # the preset merge of an earlier run (delete the file to redo it)
         model.load_state_dict(torch.load(cache))
     else:
