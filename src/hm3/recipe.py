@@ -33,8 +33,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Validation picked distill on the MiniLM zoo, the MPNet zoo with 64 texts per task and
     # with one shared sample, and the head steps alone with 171-640 texts per task; summed over
     # the four, distill gains 1.4 points of validation mean. The body: TSV-Merge over TIES at
-    # density 0.2 on val+dev of both zoos (+0.17 MiniLM, +0.25 MPNet), lambda 1 as its paper
-    # (0.7 and 1.4 lower on MiniLM) (benchmarks/RESULTS.md §10).
+    # density 0.2 on val+dev (+0.17 MiniLM; MPNet +0.25, +0.46 with 64 texts per task), lambda 1
+    # as its paper (0.7 and 1.4 lower on MiniLM) (benchmarks/RESULTS.md §10).
     "label-free": {"method": "tsv", "parameters": {"lambda": 1.0}, "heads": "whole",
                    "distill": {"train": "weights"}, "align_heads": {"ridge": 0.1},
                    "recentre": True},
