@@ -81,7 +81,7 @@ class MergeMethod:
     # iso_c, tsv: a weight matrix's weighted task vectors merged by their spectrum (this
     # function, `hm3.methods.spectrum`); head rows are kept; other tensors take the weighted
     # mean of the task vectors
-    spectral: Callable[[list[torch.Tensor]], torch.Tensor] | None = None
+    spectral: Callable[[Iterable[torch.Tensor]], torch.Tensor] | None = None
     extra_model_parameters: tuple[Parameter, ...] = field(default_factory=tuple)
     reference: str = ""  # the method's paper: authors, year, title, arXiv id
 
@@ -175,8 +175,8 @@ class MergeMethod:
         w = torch.tensor(weights, dtype=base.dtype)
         if self.consensus:
             return _disjoint_sum(base, deltas, w.tolist(), shared)
-        if self.spectral and role == "matrix":  # every weighted task vector at once
-            weighted = [delta * w[i] for i, delta in enumerate(deltas)]
+        if self.spectral and role == "matrix":  # the weighted task vectors, lazily
+            weighted = (delta * w[i] for i, delta in enumerate(deltas))
             return base + shared["lambda"] * self.spectral(weighted).to(base.dtype)
         total_weight = w.sum()
         mixed = torch.zeros_like(base)

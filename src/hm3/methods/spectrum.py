@@ -14,7 +14,7 @@ Both work in float64 and return the input's dtype."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable
 
 import torch
 
@@ -25,12 +25,16 @@ def isotropic(matrix: torch.Tensor) -> torch.Tensor:
     return (s.mean() * (u @ vh)).to(matrix.dtype)
 
 
-def flat_spectrum(deltas: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Iso-C on (weighted) task vectors of one weight matrix: their sum, spectrum flattened."""
-    return isotropic(torch.stack(list(deltas)).sum(0))
+def flat_spectrum(deltas: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Iso-C on (weighted) task vectors of one weight matrix: their sum (one at a time),
+    spectrum flattened."""
+    total = None
+    for delta in deltas:
+        total = delta.clone() if total is None else total.add_(delta)
+    return isotropic(total)
 
 
-def task_singular(deltas: Sequence[torch.Tensor]) -> torch.Tensor:
+def task_singular(deltas: Iterable[torch.Tensor]) -> torch.Tensor:
     """TSV-Merge on (weighted) task vectors of one weight matrix (out, in): with each
     tau_i ~ U_i diag(s_i) V_i^T cut to its top k = max(1, min(out, in) // N) directions,
     [U_1 .. U_N] and [V_1 .. V_N] are orthogonalised (polar factor: P Q^T of their SVD P S Q^T)
@@ -38,7 +42,8 @@ def task_singular(deltas: Sequence[torch.Tensor]) -> torch.Tensor:
     rounding level (a task vector of rank under k, an expert that left the matrix alone) carry
     nothing and are left out: their singular vectors are arbitrary and would only bend the
     others'. So task vectors with mutually orthogonal row and column spaces come back as their
-    sum."""
+    sum. Holds the N task vectors at once (a few tens of MB at base size)."""
+    deltas = list(deltas)
     keep = max(1, min(deltas[0].shape) // len(deltas))
     parts = [_top_directions(delta.double(), keep) for delta in deltas]
     largest = max(float(s[0]) if len(s) else 0.0 for _, s, _ in parts)
