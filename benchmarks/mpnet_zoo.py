@@ -75,24 +75,21 @@ HEAD_STEPS = {"heads": "whole", "align_heads": {"ridge": 0.1}, "recentre": True}
 # the demo's steps until 2026-12-04: learned coefficients before the head steps
 LABEL_FREE = {**HEAD_STEPS, "coefficients": {"steps": 40}}
 PRESET = PRESETS["label-free"]
+PRESET_STEPS = {k: v for k, v in PRESET.items() if k not in ("method", "parameters")}
 # name -> (method, parameters, label-free steps); every one uses per-task calibration unless
 # --calibration says otherwise
 LABEL_FREE_CONFIGS = {
     "label-free": (DEFAULT_METHOD, DEFAULT_PARAMETERS, LABEL_FREE),
     "heads-only": (DEFAULT_METHOD, DEFAULT_PARAMETERS, HEAD_STEPS),
     # the recommended recipe (`preset: label-free`) as its expansion
-    "preset label-free": (PRESET["method"], PRESET["parameters"],
-                          {k: v for k, v in PRESET.items() if k not in ("method", "parameters")}),
+    "preset label-free": (PRESET["method"], PRESET["parameters"], PRESET_STEPS),
     # the preset with distill spelled out (the row measured before distill joined the preset;
     # since then it is the same merge as "preset label-free")
     "preset label-free + distill": (PRESET["method"], PRESET["parameters"],
-                                    {**{k: v for k, v in PRESET.items()
-                                        if k not in ("method", "parameters")}, "distill": {}}),
+                                    {**PRESET_STEPS, "distill": {}}),
     # the preset's steps on a TSV-Merge body (the preset since 2026-12-07; spelled out so that
     # the rows above keep the TIES-bodied preset they measured)
-    "tsv + distill + head steps": ("tsv", {"lambda": 1.0},
-                                   {k: v for k, v in PRESET.items()
-                                    if k not in ("method", "parameters")}),
+    "tsv + distill + head steps": ("tsv", {"lambda": 1.0}, PRESET_STEPS),
     # the sweep: other body merges under the same head steps
     "ties 0.1 + head steps": ("ties", {"density": 0.1}, HEAD_STEPS),
     "regmean + head steps": (DEFAULT_METHOD, DEFAULT_PARAMETERS, {**HEAD_STEPS, "regmean": {}}),

@@ -26,11 +26,11 @@ from hm3.evaluate import evaluate
 from hm3.label_free.tune import TuneOptions, tune_model
 from hm3.model import MultiTaskClassifier
 from hm3.pipeline import calibrate, head_steps, merge_in_memory
-from hm3.recipe import PRESETS, parse_recipe
+from hm3.recipe import parse_recipe
 from hm3.zoo import build_mpnet_zoo, build_zoo
 
 from common import datasets, with_dev
-from mpnet_zoo import recipe, zoo_dev
+from mpnet_zoo import PRESET, PRESET_STEPS, recipe, zoo_dev
 
 
 def main() -> None:
@@ -46,10 +46,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.zoo == "mpnet":
         zoo = build_mpnet_zoo(progress=True)
-        preset = PRESETS["label-free"]
-        steps = {k: v for k, v in preset.items() if k not in ("method", "parameters")}
-        raw = recipe(zoo, list(zoo.experts), steps, "per-task+unseen", Path(tempfile.mkdtemp()),
-                     method=preset["method"], parameters=preset["parameters"])
+        raw = recipe(zoo, list(zoo.experts), PRESET_STEPS, "per-task+unseen",
+                     Path(tempfile.mkdtemp()), method=PRESET["method"],
+                     parameters=PRESET["parameters"])
     else:
         zoo = build_zoo(progress=True)
         raw = demo_recipe(zoo)

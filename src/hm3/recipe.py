@@ -369,8 +369,7 @@ def expand_preset(raw: dict) -> dict:
                        "(texts of each task's domain) or `{texts: traffic.txt}` (one sample)")
     if "method" not in own and isinstance(own.get("parameters"), dict):
         method = get_method(PRESETS[name]["method"])
-        allowed = [p.name for p in (*method.shared_parameter_specs(),
-                                    *method.model_parameter_specs())]
+        allowed = method.parameter_names()
         for key in own["parameters"]:
             if key not in allowed:
                 raise Hm3Error(f"parameters.{key}: preset {name} merges the body with `method: "

@@ -107,6 +107,10 @@ class MergeMethod:
             specs.append(CONSENSUS)
         return tuple(specs)
 
+    def parameter_names(self) -> list[str]:
+        """Every parameter a recipe may give this method: method-wide, then per model."""
+        return [p.name for p in (*self.shared_parameter_specs(), *self.model_parameter_specs())]
+
     def model_defaults(self) -> dict[str, float]:
         return {p.name: p.default for p in self.model_parameter_specs()}
 
@@ -130,15 +134,14 @@ class MergeMethod:
     def validate_shared(self, params: dict[str, Any], where: str) -> dict[str, Any]:
         """Check method-wide parameters and fill in their defaults."""
         specs = {p.name: p for p in self.shared_parameter_specs()}
-        per_model = {p.name for p in self.model_parameter_specs()}
+        allowed = self.parameter_names()
         out = {name: spec.default for name, spec in specs.items()}
         for name, value in params.items():
-            if name in per_model:
+            if name not in specs and name in allowed:  # a per-model parameter
                 continue
             if name not in specs:
-                allowed = ", ".join([*specs, *per_model])
                 raise Hm3Error(f"{where}.{name}: method {self.name} takes no `{name}`; "
-                               f"allowed: {allowed}")
+                               f"allowed: {', '.join(allowed)}")
             if not specs[name].check(value):
                 raise Hm3Error(f"{where}.{name}: expected {specs[name].expected}, got {value!r}")
             out[name] = value

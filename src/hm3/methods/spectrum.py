@@ -46,7 +46,7 @@ def task_singular(deltas: Iterable[torch.Tensor]) -> torch.Tensor:
     deltas = list(deltas)
     keep = max(1, min(deltas[0].shape) // len(deltas))
     parts = [_top_directions(delta.double(), keep) for delta in deltas]
-    largest = max(float(s[0]) if len(s) else 0.0 for _, s, _ in parts)
+    largest = max(float(s[0]) for _, s, _ in parts)
     # the Gram matrix's rounding, sqrt(size * eps) of the largest singular value
     floor = largest * math.sqrt(max(deltas[0].shape) * torch.finfo(torch.float64).eps)
     us, ss, vhs = [], [], []
