@@ -3,7 +3,9 @@
 several strengths or chosen per task (`auto`), each with and without `recentre`, against
 training the head by gradient steps on the KL divergence to each expert's probabilities (the
 final projection alone, or with the shared hidden layer; pulled toward the rows as merged),
-every variant scored on the validation and test splits with its agreement with the experts.
+every variant scored on the validation and test splits with its agreement with the experts
+(with features cached by `... all`, also each head's agreement with its expert on the other
+tasks' validation and test texts: mixed traffic).
 
   .venv/bin/python benchmarks/head_training.py /tmp/hm3-head-features.pt [quick | all | centred]
 (`centred`: the ridge refit on logits less their mean over the labels, alone; `quick`: the
@@ -50,8 +52,9 @@ if "dev" in X:
         }
 
 
-def logits(W1, b1, W2, b2, split, t):
-    h = torch.tanh(X[split][t].double() @ W1.T + b1)
+def logits(W1, b1, W2, b2, split, t, texts_of=None):
+    """Task t's logits on the `split` texts of task `texts_of` (its own by default)."""
+    h = torch.tanh(X[split][texts_of or t].double() @ W1.T + b1)
     return h @ W2[rows[t]].T + b2[rows[t]]
 
 
@@ -65,6 +68,37 @@ def do_recentre(W1, b1, W2, b2):
     return b2
 
 
+def agreement(p, pe, group) -> float:
+    """Share of texts given the expert's label (each label's on/off decision if multi-label)."""
+    if group.multi_label:
+        return float(((p > group.threshold) == (pe > group.threshold)).mean())
+    return float((p.argmax(1) == pe.argmax(1)).mean())
+
+
+def off_domain(W1, b1, W2, b2) -> dict:
+    """Per split of `E["cross"]` (features cached with `all`), each head's agreement with its
+    expert on the other tasks' texts of that split (what a deployment's mixed traffic shows),
+    and their mean over the heads as "mean"."""
+    if "cross" not in E:
+        return {}
+    order = d["tasks"]
+    out = {}
+    for s, by_expert in E["cross"].items():
+        starts = np.cumsum([0] + [len(X[s][u]) for u in order])
+        per_head = {}
+        for t in tasks:
+            z, ze = [], []
+            for i, u in enumerate(order):
+                if u != t:
+                    z.append(logits(W1, b1, W2, b2, s, t, texts_of=u).detach())
+                    ze.append(by_expert[t][starts[i]:starts[i + 1]].double())
+            p = group_probabilities(torch.cat(z).numpy(), [local[t]])[t]
+            pe = group_probabilities(torch.cat(ze).numpy(), [local[t]])[t]
+            per_head[t] = round(agreement(p, pe, local[t]), 3)
+        out[s] = {"mean": round(float(np.mean(list(per_head.values()))), 4), **per_head}
+    return out
+
+
 def score(W1, b1, W2, b2, name):
     out, agree = {}, {}
     for s in SPLITS:
@@ -73,17 +107,15 @@ def score(W1, b1, W2, b2, name):
             p = group_probabilities(z, [local[t]])[t]
             pe = group_probabilities(E[s][t].double().numpy(), [local[t]])[t]
             out.setdefault(s, {})[t] = round(score_task(local[t], labels[s][t], p)["macro_f1"], 4)
-            if local[t].multi_label:
-                a = ((p > local[t].threshold) == (pe > local[t].threshold)).mean()
-            else:
-                a = (p.argmax(1) == pe.argmax(1)).mean()
-            agree.setdefault(s, {})[t] = round(float(a), 3)
+            agree.setdefault(s, {})[t] = round(agreement(p, pe, local[t]), 3)
     mean = {s: round(float(np.mean(list(v.values()))), 4) for s, v in out.items()}
     am = {s: round(float(np.mean(list(v.values()))), 3) for s, v in agree.items()}
     wide = f"val+dev {mean['val+dev']:.4f} " if "val+dev" in mean else ""
+    cross = off_domain(W1, b1, W2, b2)
+    others = (f" other tasks' texts {json.dumps(cross)}" if cross else "")
     print(
         f"{name:45s} val {mean['validation']:.4f} {wide}test {mean['test']:.4f} agree {am} "
-        f"test {json.dumps(out['test'])}",
+        f"test {json.dumps(out['test'])}{others}",
         flush=True,
     )
     return mean

@@ -3,13 +3,18 @@ heads whole; with `distill`, the `distill` step's default on it), then the input
 hidden layer (MPNet `classifier.dense`, BERT `pooler.dense`) on every task's calibration,
 validation and test texts, with each expert's logits on the same texts; with `all`, also each
 expert's logits on every task's calibration texts (`E_all`, task -> expert logits on the tasks'
-calibration texts in the order of `tasks`), for heads fitted on more texts than their own.
+calibration texts in the order of `tasks`), for heads fitted on more texts than their own, and
+each expert's logits on every task's validation and test texts (`E_cross`, split -> task ->
+logits on the split's texts of every task in the order of `tasks`), for what each head says on
+the other tasks' texts (mixed traffic).
 
-  .venv/bin/python benchmarks/head_training_features.py [minilm] [distill] [all] [64 | shared]
-Writes /tmp/hm3-head-features[-minilm][-distill][-all][-64 | -shared]-dev.pt (MPNet zoo, 171-640
-unseen texts per task; `64`: each task's calibration split cut to 64 texts; `shared`: 1024 of the
-unseen texts pooled into one sample every task reads; `minilm`: the MiniLM zoo with the demo's
-calibration).
+  .venv/bin/python benchmarks/head_training_features.py [minilm] [tsv] [distill] [all] [64 | shared]
+Writes /tmp/hm3-head-features[-minilm][-tsv][-distill][-all][-64 | -shared]-dev.pt (MPNet zoo,
+171-640 unseen texts per task; `64`: each task's calibration split cut to 64 texts; `shared`:
+1024 of the unseen texts pooled into one sample every task reads; `minilm`: the MiniLM zoo with
+the demo's calibration; `tsv`: the body merged by TSV-Merge, lambda 1, as `preset: label-free`
+does, instead of TIES 0.2). The experts' logits do not depend on the body: they are kept in
+/tmp/hm3-expert-logits[-minilm][-64 | -shared].pt and read from there by later runs.
 """
 
 import sys
@@ -30,7 +35,8 @@ from hm3.zoo import build_mpnet_zoo, build_zoo
 from common import datasets
 from mpnet_zoo import HEAD_STEPS, recipe, zoo_dev
 
-WORDS = ("minilm", "distill", "all", "64", "shared")
+WORDS = ("minilm", "tsv", "distill", "all", "64", "shared")
+CROSS_SPLITS = ("validation", "test")
 
 
 def main(words: list[str]) -> None:
@@ -38,18 +44,20 @@ def main(words: list[str]) -> None:
     if unknown:
         sys.exit(f"unknown argument(s) {' '.join(unknown)}: give any of {' '.join(WORDS)}")
     minilm, distill, every_text = ("minilm" in words, "distill" in words, "all" in words)
+    tsv = "tsv" in words
     setting = next((w for w in words if w in ("64", "shared")), None)
     if minilm and setting:
         sys.exit(f"`{setting}` is an MPNet setting: the MiniLM zoo has only the demo's "
                  "calibration; drop one of the two")
-    path = (f"/tmp/hm3-head-features{'-minilm' if minilm else ''}"
+    path = (f"/tmp/hm3-head-features{'-minilm' if minilm else ''}{'-tsv' if tsv else ''}"
             f"{'-distill' if distill else ''}{'-all' if every_text else ''}"
             f"{'-' + setting if setting else ''}-dev.pt")
-    torch.save(features(minilm, distill, every_text, setting), path)
+    torch.save(features(minilm, tsv, distill, every_text, setting), path)
     print(f"saved {path}")
 
 
-def features(minilm: bool, distill: bool, every_text: bool, setting: str | None) -> dict:
+def features(minilm: bool, tsv: bool, distill: bool, every_text: bool, setting: str | None
+             ) -> dict:
     work = Path(tempfile.mkdtemp())
     if minilm:
         zoo = build_zoo(progress=False)
@@ -60,6 +68,9 @@ def features(minilm: bool, distill: bool, every_text: bool, setting: str | None)
         raw = recipe(zoo, list(zoo.experts), HEAD_STEPS, mode, work)
         if setting:
             raw["calibration"]["limit"] = int(setting) if setting == "64" else 1024
+    # the body method said outright: the demo's recipe is the preset, whose body has changed
+    raw["method"], raw["parameters"] = (("tsv", {"lambda": 1.0}) if tsv
+                                        else ("ties", {"density": 0.2}))
     dev = zoo_dev(zoo, "minilm" if minilm else "mpnet")
     held = held_out_texts(zoo)
     sources = open_sources(parse_recipe(raw))
@@ -90,20 +101,11 @@ def features(minilm: bool, distill: bool, every_text: bool, setting: str | None)
     texts.update({s: {t: splits[s][t].texts for t in splits[s]} for s in splits})
     labels = {s: {t: splits[s][t].labels for t in splits[s]} for s in splits}
     X = {s: {t: inputs_on(texts[s][t]) for t in texts[s]} for s in texts}
-    E = {s: {} for s in texts}
-    for spec, ck in zip(sources.recipe.experts, sources.experts):
-        g = [
-            type(g)(g.name, g.labels, 0, g.multi_label, g.threshold)
-            for g in sources.groups
-            if g.name == spec.task
-        ]
-        ec = MultiTaskClassifier(expert_classifier(ck), cal.tokenizer, g, max_length)
-        for s in texts:
-            if spec.task in texts[s]:
-                E[s][spec.task] = torch.tensor(ec.logits(texts[s][spec.task]))
-        if every_text:
-            every = [text for t in zoo.experts for text in texts["calibration"][t]]
-            E.setdefault("all", {})[spec.task] = torch.tensor(ec.logits(every))
+    store = Path(f"/tmp/hm3-expert-logits{'-minilm' if minilm else ''}"
+                 f"{'-' + setting if setting else ''}.pt")
+    E = torch.load(store, weights_only=False) if store.exists() else {}
+    E = expert_logits(E, sources, cal.tokenizer, max_length, texts, zoo.experts, every_text)
+    torch.save(E, store)
     state = {
         k: v.clone() for k, v in model.state_dict().items()
         if k.startswith(("classifier.", dense_name))
@@ -116,6 +118,33 @@ def features(minilm: bool, distill: bool, every_text: bool, setting: str | None)
         "groups": [g.to_dict() for g in sources.groups],
         "tasks": list(zoo.experts),
     }
+
+
+def expert_logits(E: dict, sources, tokenizer, max_length: int, texts: dict, tasks,
+                  every_text: bool) -> dict:
+    """`E` with what is missing computed: each expert's logits on its task's texts of every
+    split; with `every_text`, on every task's calibration texts (`all`) and every task's
+    validation and test texts (`cross`)."""
+    for spec, ck in zip(sources.recipe.experts, sources.experts):
+        task = spec.task
+        g = [type(g)(g.name, g.labels, 0, g.multi_label, g.threshold)
+             for g in sources.groups if g.name == task]
+        ec = MultiTaskClassifier(expert_classifier(ck), tokenizer, g, max_length)
+
+        def run(where: dict, key: str, batch: list[str]) -> None:
+            if key not in where:
+                where[key] = torch.tensor(ec.logits(batch))
+
+        for s in texts:
+            if task in texts[s]:
+                run(E.setdefault(s, {}), task, texts[s][task])
+        if every_text:
+            run(E.setdefault("all", {}), task,
+                [text for t in tasks for text in texts["calibration"][t]])
+            for s in CROSS_SPLITS:
+                run(E.setdefault("cross", {}).setdefault(s, {}), task,
+                    [text for t in tasks for text in texts[s][t]])
+    return E
 
 
 if __name__ == "__main__":

@@ -16,8 +16,10 @@ import hm3
 from hm3 import Hm3Error, Hm3Warning, merge, parse_recipe
 from hm3.cli import main
 from hm3.data import CalibrationSpec, load_calibration
-from hm3.label_free import align_heads, lewis, recentre, regmean
+from hm3.engine import build_model, open_sources
+from hm3.label_free import align_heads, calibration as calibration_module, lewis, recentre, regmean
 from hm3.methods import METHODS
+from hm3.pipeline import calibrate, merge_in_memory
 
 from conftest import build_family, random_texts, recipe_dict, spread_head
 
@@ -619,3 +621,87 @@ def test_ridge_auto_records_each_tasks_choice(fam, tmp_path, capsys):
                       align_heads={"ridge": block["tasks"]["topic"]["ridge"]})
     torch.testing.assert_close(tensors(report.path)["classifier.weight"][2:],
                                tensors(fixed.path)["classifier.weight"][2:], rtol=0, atol=1e-6)
+
+
+# --- each head fitted on the other tasks' texts too (`align_heads: {others: w}`) -------------
+
+def gaps_on_other_tasks_texts(fam, folder: Path, tasks) -> dict[str, float]:
+    """Per task, the mean squared gap between the merged model's logits and its expert's (run
+    by plain transformers) on the other tasks' calibration texts."""
+    model = hm3.load(folder, device="cpu")
+    out = {}
+    for task in tasks:
+        group = model.group(task)
+        texts = [text for other in tasks if other != task for text in fam.texts[other]]
+        got = torch.from_numpy(model.logits(texts)[:, group.offset:group.stop])
+        out[task] = float((got - expert_logits(fam.experts[task], texts)).pow(2).mean())
+    return out
+
+
+def test_heads_fitted_on_the_other_tasks_texts_follow_their_experts_there(fam, tmp_path, capsys):
+    own = run_merge(fam, tmp_path / "own", align_heads={"ridge": 0.01})
+    both = run_merge(fam, tmp_path / "both", align_heads={"ridge": 0.01, "others": 1.0})
+    gap_own = gaps_on_other_tasks_texts(fam, own.path, list(fam.experts))
+    gap_both = gaps_on_other_tasks_texts(fam, both.path, list(fam.experts))
+    for task in fam.experts:
+        assert gap_both[task] < gap_own[task], task
+    block = both.label_free.to_dict()["align_heads"]
+    assert block["others"] == 1.0 and "extra" not in block
+    for task, entry in block["tasks"].items():
+        others = sum(len(fam.texts[t]) for t in fam.experts if t != task)
+        assert entry["other_texts"] == others
+        assert 0 <= entry["others_agreement_before"] <= 1
+        assert 0 <= entry["others_agreement_after"] <= 1
+    assert "on the other tasks' texts" in block["summary"]
+    assert "other_texts" not in json.dumps(own.label_free.to_dict()["align_heads"])
+    first, second = tensors(own.path), tensors(both.path)
+    assert {name for name in first if not torch.equal(first[name], second[name])} == set(HEAD)
+    written = yaml.safe_load((both.path / "hm3_recipe.yaml").read_text())
+    assert written["align_heads"] == {"ridge": 0.01, "others": 1.0}
+
+
+def test_heads_on_one_shared_sample_have_no_other_texts_to_add(fam, tmp_path, monkeypatch):
+    pooled = tmp_path / "shared.txt"
+    pooled.write_text("\n".join(t for task in fam.experts for t in fam.texts[task]) + "\n")
+    runs = []
+    real = calibration_module.expert_classifier
+    monkeypatch.setattr(calibration_module, "expert_classifier",
+                        lambda *a, **k: runs.append(1) or real(*a, **k))
+
+    def shared_merge(out: Path, **align):
+        recipe = recipe_dict(fam.base, fam.experts, "ties", align_heads={"ridge": 0.01, **align},
+                             calibration={"texts": str(pooled), "batch_size": 8})
+        return merge(parse_recipe(recipe), out, progress=False)
+
+    plain = shared_merge(tmp_path / "plain")
+    expert_runs = len(runs)
+    others = shared_merge(tmp_path / "others", others=1.0)
+    assert len(runs) == 2 * expert_runs == 2 * len(fam.experts)  # no expert ran once more
+    first, second = tensors(plain.path), tensors(others.path)
+    assert all(torch.equal(first[name], second[name]) for name in first)
+
+
+def test_other_tasks_logits_are_computed_once_for_every_trial(fam, monkeypatch):
+    sources = open_sources(parse_recipe(recipe_dict(
+        fam.base, fam.experts, "ties", calibration=fam.calibration,
+        align_heads={"ridge": 0.01, "others": 0.5})))
+    calibrated = calibrate(sources)
+    runs = []
+    real = calibration_module.expert_classifier
+    monkeypatch.setattr(calibration_module, "expert_classifier",
+                        lambda *a, **k: runs.append(1) or real(*a, **k))
+    heads = []
+    for _ in range(2):  # as a search runs the head steps on every trial
+        model = build_model(sources)
+        merge_in_memory(model, sources, calibrated)
+        heads.append(model.state_dict()["classifier.weight"].clone())
+    assert len(runs) == len(fam.experts)
+    assert set(calibrated.other_logits) == set(fam.experts)
+    torch.testing.assert_close(heads[0], heads[1], rtol=0, atol=0)
+
+
+def test_align_heads_others_must_be_a_weight_of_at_least_zero(fam, tmp_path):
+    for bad in (-0.5, "all", True):
+        with pytest.raises(Hm3Error, match="align_heads.others: expected a number of at least 0"):
+            run_merge(fam, tmp_path / "out", align_heads={"others": bad})
+    assert not (tmp_path / "out").exists()

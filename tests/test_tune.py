@@ -190,7 +190,7 @@ def test_teach_all_on_a_shared_sample_runs_no_expert_again(tmp_path, monkeypatch
     fam = family_with_texts(tmp_path, multi_label=(), shared=True)
     sources, calibrated = calibrated_family(fam)
     own = _streams(sources.groups, calibrated.batches, calibrated.expert_logits)
-    monkeypatch.setattr("hm3.label_free.tune.expert_classifier",
+    monkeypatch.setattr("hm3.label_free.calibration.expert_classifier",
                         lambda *a: pytest.fail("an expert was run again"))
     assert _taught_by_all(own, sources, "cpu", progress=False) is own
 

@@ -8,6 +8,10 @@ and W0 the head rows as merged, the rows become the ridge regression toward W0
     W = argmin |X W^T - Z|^2 + ridge * s * |W - W0|^2,   s = trace(X^T X) / columns,
 
 solved exactly (no gradient steps). With few texts the ridge keeps the rows near the expert's.
+With `others: w` > 0 each head is also fitted on the other tasks' calibration texts, at weight w
+per text against 1 for its own, the targets its expert's logits on them (every expert runs
+over the other tasks' texts once more): a deployment runs every head on all of its traffic,
+and fitted on its own task's texts alone a head follows its expert less well on the others.
 `ridge: auto` picks it per task from RIDGES by k-fold cross-validation on the task's own
 calibration texts: the ridge whose rows, fitted without a fold, best predict the expert's logits
 on that fold (no labels; texts with more features than texts need a stronger pull). Heads stage,
@@ -16,14 +20,15 @@ before recentre.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
 
 from hm3.errors import Hm3Error
+from hm3.label_free.calibration import experts_on_other_batches
 from hm3.label_free.heads_stage import head_rows
-from hm3.label_free.registry import HeadFit, Step, StepRun, option, positive
+from hm3.label_free.registry import HeadFit, Step, StepRun, non_negative, option, positive
 from hm3.label_free.regmean import ridge_toward
 
 RIDGES = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)  # what `ridge: auto` chooses from
@@ -45,24 +50,35 @@ class AlignHeadsOptions:
     ridge: float | str = option(0.1, ridge_or_auto, "pull toward the rows as merged (0.1 "
                                 "measured better than 1.0 on the zoo), or `auto`: per task by "
                                 "cross-validation on the calibration texts")
+    others: float = option(0.0, non_negative, "weight of each of the other tasks' calibration "
+                           "texts in a head's fit, its own texts weighing 1 (0: its own texts "
+                           "alone); above 0 every expert also runs over the other tasks' texts")
 
 
 @dataclass
 class AlignHeadsReport:
     """What `align_heads` did: the ridge asked for and, per task, the mean squared error and
     argmax agreement of the merged logits with the expert's before and after (with `ridge:
-    auto`, also the ridge chosen and each ridge's cross-validated error)."""
+    auto`, also the ridge chosen and each ridge's cross-validated error; with `others`, the
+    agreement on the other tasks' texts before and after). `extra` (not written): per task,
+    the other tasks' texts as fitted (weighted head inputs, weighted targets), for the
+    held-out refits."""
 
     ridge: float | str
     tasks: dict[str, dict]
+    others: float = 0.0
+    extra: dict = field(default_factory=dict, repr=False, compare=False)
 
     def summary(self) -> str:
         lines = []
         for task, entry in self.tasks.items():
             chosen = f" (ridge {entry['ridge']} by cross-validation)" if "ridge" in entry else ""
+            other = (f"; on the other tasks' texts {entry['others_agreement_before']:.1%} -> "
+                     f"{entry['others_agreement_after']:.1%}"
+                     if "others_agreement_after" in entry else "")
             lines.append(f"align_heads {task}: agreement with the expert "
                          f"{entry['agreement_before']:.1%} -> {entry['agreement_after']:.1%}"
-                         f"{chosen}")
+                         f"{chosen}{other}")
         return "\n".join(lines)
 
 
@@ -77,31 +93,49 @@ class AlignHeads(Step):
     per_trial = True
 
     def apply(self, run: StepRun, options: AlignHeadsOptions) -> AlignHeadsReport:
-        return AlignHeadsReport(**align_heads(run.model, run.sources, run.head_inputs,
-                                              run.calibrated.expert_logits, options.ridge))
+        calibrated = run.calibrated
+        if options.others > 0 and calibrated.other_logits is None:  # kept for a search's trials
+            calibrated.other_logits = experts_on_other_batches(
+                run.sources, calibrated.batches, run.progress, calibrated.device,
+                "align_heads: experts on the other tasks' texts")
+        return AlignHeadsReport(**align_heads(
+            run.model, run.sources, run.head_inputs, calibrated.expert_logits, options.ridge,
+            options.others, calibrated.other_logits if options.others > 0 else None))
+
+    def report_dict(self, report: AlignHeadsReport) -> dict[str, Any]:
+        entry = {f.name: getattr(report, f.name) for f in fields(report) if f.name != "extra"}
+        return {**entry, "summary": report.summary()}
 
     def refit_fold(self, options: AlignHeadsOptions, report: AlignHeadsReport, group,
                    inputs: torch.Tensor, targets: torch.Tensor, train: torch.Tensor,
                    fit: HeadFit) -> None:
         ridge = report.tasks[group.name].get("ridge", report.ridge)  # `auto`: the one chosen
-        fit.rows = fit_rows(inputs[train], targets[train], fit.rows, ridge)
+        fit.rows = fit_rows(inputs[train], targets[train], fit.rows, ridge,
+                            report.extra.get(group.name))
 
 
 def fit_rows(features: torch.Tensor, targets: torch.Tensor, start: torch.Tensor,
-             ridge: float) -> torch.Tensor:
+             ridge: float, extra: tuple[torch.Tensor, torch.Tensor] | None = None
+             ) -> torch.Tensor:
     """The ridge solution (rows x columns) for features (n, columns), targets (n, rows) and the
-    rows it shrinks toward `start` (rows, columns)."""
+    rows it shrinks toward `start` (rows, columns); `extra`, more (features, targets) rows
+    fitted beside them (already weighted)."""
+    if extra is not None:
+        features, targets = torch.cat([features, extra[0]]), torch.cat([targets, extra[1]])
     x = features.double()
     return ridge_toward(x.T @ x, x.T @ targets.double(), start, ridge)
 
 
 @torch.no_grad()
 def choose_ridge(features: torch.Tensor, targets: torch.Tensor, start: torch.Tensor,
-                 ridges=RIDGES, folds: int = FOLDS) -> tuple[float, dict[float, float]]:
+                 ridges=RIDGES, folds: int = FOLDS,
+                 extra: tuple[torch.Tensor, torch.Tensor] | None = None
+                 ) -> tuple[float, dict[float, float]]:
     """The ridge (of `ridges`) with the lowest k-fold cross-validated mean squared error of the
     refitted logits against `targets`, and each ridge's error. Fold j holds every k-th text from
     the j-th, so each fold spans the texts' order (calibration batches come sorted by length).
-    Among equal errors the stronger ridge wins (closer to the rows as merged)."""
+    Among equal errors the stronger ridge wins (closer to the rows as merged). `extra` (as
+    `fit_rows`) is fitted in every fold and held out of none."""
     x, z = features.double(), targets.double()
     n = len(x)
     folds = max(2, min(folds, n))
@@ -111,7 +145,7 @@ def choose_ridge(features: torch.Tensor, targets: torch.Tensor, start: torch.Ten
         for j in range(folds):
             held = torch.zeros(n, dtype=torch.bool)
             held[j::folds] = True
-            rows = fit_rows(x[~held], z[~held], start, ridge)
+            rows = fit_rows(x[~held], z[~held], start, ridge, extra)
             total += float((x[held] @ rows.T - z[held]).pow(2).sum())
         errors[ridge] = total / z.numel()
     best = min(errors.values())
@@ -120,35 +154,50 @@ def choose_ridge(features: torch.Tensor, targets: torch.Tensor, start: torch.Ten
 
 @torch.no_grad()
 def align_heads(model: torch.nn.Module, sources, inputs: dict[str, torch.Tensor],
-                expert_logits: dict[str, torch.Tensor], ridge: float | str) -> dict:
+                expert_logits: dict[str, torch.Tensor], ridge: float | str,
+                others: float = 0.0,
+                other_logits: dict[str, dict[str, torch.Tensor]] | None = None) -> dict:
     """Refit every task's head rows (weight and bias) on its texts' head inputs; returns, per
     task, how well the merged logits match the expert's before and after (mean squared error,
-    argmax agreement)."""
+    argmax agreement). With `others` > 0, each head is also fitted on the other tasks' texts:
+    `other_logits` (`experts_on_other_batches`) holds its expert's logits on them."""
     state = model.state_dict()
     weight = state[sources.heads[0].weight]
     bias = state[sources.heads[0].bias] if sources.heads[0].bias else None
-    report = {}
+    report, extras = {}, {}
     for group in sources.groups:
         x, target = inputs[group.name], expert_logits[group.name].double()
         start = head_rows(model, sources, group)
+        extra = None
+        if others > 0 and other_logits and other_logits[group.name]:
+            texts_of = list(other_logits[group.name])
+            other_x = torch.cat([inputs[task] for task in texts_of]).double()
+            other_z = torch.cat([other_logits[group.name][task] for task in texts_of]).double()
+            extra = extras[group.name] = (other_x * others ** 0.5, other_z * others ** 0.5)
         before = x @ start.T
-        chosen, errors = (choose_ridge(x, target, start) if ridge == "auto"
+        chosen, errors = (choose_ridge(x, target, start, extra=extra) if ridge == "auto"
                           else (ridge, None))
-        fitted = fit_rows(x, target, start, chosen)
+        fitted = fit_rows(x, target, start, chosen, extra)
         after = x @ fitted.T
         rows = slice(group.offset, group.stop)
         weight[rows] = fitted[:, :weight.shape[1]].to(weight)
         if bias is not None:
             bias[rows] = fitted[:, -1].to(bias)
-        report[group.name] = {
+        entry = report[group.name] = {
             "mse_before": round(float((before - target).pow(2).mean()), 5),
             "mse_after": round(float((after - target).pow(2).mean()), 5),
             "agreement_before": round(_agreement(before, target, group), 4),
             "agreement_after": round(_agreement(after, target, group), 4)}
+        if extra is not None:
+            entry["other_texts"] = len(other_x)
+            entry["others_agreement_before"] = round(_agreement(other_x @ start.T, other_z,
+                                                                group), 4)
+            entry["others_agreement_after"] = round(_agreement(other_x @ fitted.T, other_z,
+                                                               group), 4)
         if errors is not None:
-            report[group.name]["ridge"] = chosen
-            report[group.name]["cv_mse"] = {str(r): round(e, 5) for r, e in errors.items()}
-    return {"ridge": ridge, "tasks": report}
+            entry["ridge"] = chosen
+            entry["cv_mse"] = {str(r): round(e, 5) for r, e in errors.items()}
+    return {"ridge": ridge, "tasks": report, "others": others, "extra": extras}
 
 
 def _agreement(logits: torch.Tensor, target: torch.Tensor, group) -> float:

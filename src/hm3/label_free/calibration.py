@@ -141,6 +141,31 @@ def experts_logits(sources: Sources, batches: dict[str, list[dict]], progress: b
     return out
 
 
+def experts_on_other_batches(sources: Sources, batches: dict[str, list[dict]],
+                             progress: bool = False, device: str = "cpu", desc: str = ""
+                             ) -> dict[str, dict[str, torch.Tensor]]:
+    """Each expert's logits on the texts its task does not read: expert's task -> the first task
+    of each other list of batches -> logits, in the batches' order (one expert in memory at a
+    time, run on `device`). Tasks that share one list of batches appear once; an expert whose
+    task reads every list (one shared sample) is not run."""
+    firsts: dict[int, str] = {}
+    for task, task_batches in batches.items():
+        firsts.setdefault(id(task_batches), task)
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    pairs = list(zip(sources.recipe.experts, sources.experts))
+    for spec, checkpoint in tqdm(pairs, desc=desc or "experts on the other tasks' texts",
+                                 unit="expert", disable=not progress):
+        others = [task for key, task in firsts.items() if key != id(batches[spec.task])]
+        out[spec.task] = {}
+        if not others:
+            continue
+        model = expert_classifier(checkpoint, device)
+        for task in others:
+            out[spec.task][task] = run_batches(model, batches[task])
+        del model
+    return out
+
+
 def head_modules(sources: Sources) -> list[str]:
     """Module names of the final projection (left out of LEWIS and RegMean)."""
     return [sources.heads[0].weight.rsplit(".", 1)[0]]

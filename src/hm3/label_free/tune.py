@@ -31,7 +31,7 @@ from itertools import accumulate
 import torch
 from tqdm.auto import tqdm
 
-from hm3.label_free.calibration import expert_classifier, run_batches
+from hm3.label_free.calibration import experts_on_other_batches
 from hm3.label_free.registry import (
     Step,
     StepRun,
@@ -188,18 +188,16 @@ def _taught_by_all(streams: list[_Stream], sources, device: str, progress: bool
                    ) -> list[_Stream]:
     """The streams with every task taught on each: each expert run (one in memory at a time)
     over the streams its task does not read."""
-    pairs = list(zip(sources.recipe.experts, sources.experts))
-    if all(spec.task in s.targets for s in streams for spec, _ in pairs):
+    names = [g.name for g in sources.groups]
+    if all(name in s.targets for s in streams for name in names):
         return streams
+    batches = {g.name: s.batches for s in streams for g in s.tasks}
+    others = experts_on_other_batches(sources, batches, progress, device,
+                                      "tune: experts on the other tasks' texts")
     out = [_Stream(list(sources.groups), s.batches, s.offsets, dict(s.targets)) for s in streams]
-    for spec, checkpoint in tqdm(pairs, desc="tune: experts on the other tasks' texts",
-                                 unit="expert", disable=not progress):
-        others = [s for s in out if spec.task not in s.targets]
-        if not others:
-            continue
-        expert = expert_classifier(checkpoint, device)
-        with torch.no_grad():
-            for stream in others:
-                stream.targets[spec.task] = run_batches(expert, stream.batches)
-        del expert
+    for stream in out:
+        first = next(name for name in names if batches[name] is stream.batches)
+        for name in names:
+            if name not in stream.targets:
+                stream.targets[name] = others[name][first]
     return out
