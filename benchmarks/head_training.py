@@ -7,11 +7,12 @@ every variant scored on the validation and test splits with its agreement with t
 (with features cached by `... all`, also each head's agreement with its expert on the other
 tasks' validation and test texts: mixed traffic).
 
-  .venv/bin/python benchmarks/head_training.py /tmp/hm3-head-features.pt [quick | all | centred]
+  .venv/bin/python benchmarks/head_training.py FEATURES.pt [quick | all | capped | centred]
 (`centred`: the ridge refit on logits less their mean over the labels, alone; `quick`: the
 ridge rows only; `all`: the ridge rows, then each head fitted on every task's
 calibration texts, its own at weight 1 and the others' at a smaller one, from features cached
-with `head_training_features.py ... all`). Prints one line per variant; RESULTS.md section 10
+with `head_training_features.py ... all`; `capped`: at most 16-128 of each other task's texts
+per head). Prints one line per variant; RESULTS.md section 10
 quotes them.
 """
 
@@ -161,17 +162,21 @@ def align(W1, b1, W2, b2, ridge, centred=False):
     return W2, b2
 
 
-def align_all(W1, b1, W2, b2, ridge, weight):
+def align_all(W1, b1, W2, b2, ridge, weight, per_task=None):
     """`align`, each task's head fitted on every task's calibration texts: its own texts at
-    weight 1, the other tasks' at `weight`, the targets its expert's logits on them all."""
+    weight 1, the other tasks' at `weight`, the targets its expert's logits on them all; with
+    `per_task`, at most that many of each other task's texts (every k-th)."""
     W2, b2 = W2.clone(), b2.clone()
     order = d["tasks"]
     starts = np.cumsum([0] + [len(X["calibration"][u]) for u in order])
     for t in tasks:
         parts, targets, weights = [], [], []
         for i, u in enumerate(order):
-            parts.append(X["calibration"][u].double())
-            targets.append(E["all"][t][starts[i]:starts[i + 1]].double())
+            n = len(X["calibration"][u])
+            keep = (slice(None) if u == t or per_task is None or n <= per_task
+                    else slice(0, None, -(-n // per_task)))
+            parts.append(X["calibration"][u].double()[keep])
+            targets.append(E["all"][t][starts[i]:starts[i + 1]].double()[keep])
             weights.append(torch.full((len(parts[-1]), 1), 1.0 if u == t else weight,
                                       dtype=torch.float64))
         h = torch.tanh(torch.cat(parts) @ W1.T + b1)
@@ -236,6 +241,12 @@ def main():
                 A2, a2 = align_all(W1, b1, W2, b2, ridge, weight)
                 score(W1, b1, A2, do_recentre(W1, b1, A2, a2),
                       f"align all texts, others x{weight}, ridge {ridge} + recentre")
+    if "capped" in sys.argv[2:]:  # each head on at most N texts of every other task
+        for per_task in (16, 32, 64, 128):
+            for weight in (0.3, 1.0, 3.0):
+                A2, a2 = align_all(W1, b1, W2, b2, 0.1, weight, per_task)
+                score(W1, b1, A2, do_recentre(W1, b1, A2, a2),
+                      f"align all texts, {per_task} per other task x{weight}, ridge 0.1 + rc")
     for train_dense in () if len(sys.argv) > 2 else (True, False):
         for lr, steps in ((1e-3, 200), (3e-3, 300)):
             for pull in (0.0, 0.1, 1.0):

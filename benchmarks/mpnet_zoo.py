@@ -90,6 +90,11 @@ LABEL_FREE_CONFIGS = {
     # the preset's steps on a TSV-Merge body (the preset since 2026-12-07; spelled out so that
     # the rows above keep the TIES-bodied preset they measured)
     "tsv + distill + head steps": ("tsv", {"lambda": 1.0}, PRESET_STEPS),
+    # each head also fitted on 64 of every other task's texts (mixed traffic)
+    "tsv + distill + head steps, others 1": ("tsv", {"lambda": 1.0},
+                                             {**PRESET_STEPS, "align_heads": {
+                                                 "ridge": 0.1, "others": 1.0,
+                                                 "other_texts": 64}}),
     # the sweep: other body merges under the same head steps
     "ties 0.1 + head steps": ("ties", {"density": 0.1}, HEAD_STEPS),
     "regmean + head steps": (DEFAULT_METHOD, DEFAULT_PARAMETERS, {**HEAD_STEPS, "regmean": {}}),

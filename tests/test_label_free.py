@@ -652,12 +652,39 @@ def test_heads_fitted_on_the_other_tasks_texts_follow_their_experts_there(fam, t
         assert entry["other_texts"] == others
         assert 0 <= entry["others_agreement_before"] <= 1
         assert 0 <= entry["others_agreement_after"] <= 1
-    assert "on the other tasks' texts" in block["summary"]
+    fitted = f"on {entry['other_texts']} texts of the other tasks (fitted on them)"
+    assert fitted in block["summary"]
     assert "other_texts" not in json.dumps(own.label_free.to_dict()["align_heads"])
     first, second = tensors(own.path), tensors(both.path)
     assert {name for name in first if not torch.equal(first[name], second[name])} == set(HEAD)
     written = yaml.safe_load((both.path / "hm3_recipe.yaml").read_text())
-    assert written["align_heads"] == {"ridge": 0.01, "others": 1.0}
+    assert written["align_heads"] == {"ridge": 0.01, "others": 1.0, "other_texts": 64}
+    few = run_merge(fam, tmp_path / "few", align_heads={"ridge": 0.01, "others": 1.0,
+                                                         "other_texts": 8})
+    for task, entry in few.label_free.to_dict()["align_heads"]["tasks"].items():
+        assert entry["other_texts"] == 8 * (len(fam.experts) - 1), task
+
+
+def test_a_sample_of_a_tasks_texts_is_the_texts_at_those_rows(fam):
+    """The sampled batches hold exactly the texts of the full batches at the sampled rows (the
+    rows a head's inputs are cut to), whatever the batch boundaries."""
+    sources = open_sources(parse_recipe(recipe_dict(
+        fam.base, fam.experts, "ties", calibration={**fam.calibration, "batch_size": 3},
+        align_heads=True)))
+    calibrated = calibrate(sources, expert_logits=False)
+    spec = sources.recipe.label_free.calibration
+
+    def token_rows(batches):
+        return [ids[mask.bool()].tolist() for batch in batches
+                for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
+
+    for task in fam.experts:
+        full = token_rows(calibrated.batches[task])
+        rows = calibration_module.spread_rows(len(full), 7)
+        assert len(rows) <= 7 and rows[0] == 0 and rows == sorted(set(rows))
+        sample = token_rows(calibration_module.sample_batches(calibrated, task, rows, spec))
+        assert sample == [full[r] for r in rows]
+    assert calibration_module.spread_rows(5, 64) == [0, 1, 2, 3, 4]
 
 
 def test_heads_on_one_shared_sample_have_no_other_texts_to_add(fam, tmp_path, monkeypatch):
@@ -696,7 +723,7 @@ def test_other_tasks_logits_are_computed_once_for_every_trial(fam, monkeypatch):
         merge_in_memory(model, sources, calibrated)
         heads.append(model.state_dict()["classifier.weight"].clone())
     assert len(runs) == len(fam.experts)
-    assert set(calibrated.other_logits) == set(fam.experts)
+    assert set(calibrated.other_logits[64]) == set(fam.experts)
     torch.testing.assert_close(heads[0], heads[1], rtol=0, atol=0)
 
 
@@ -704,4 +731,7 @@ def test_align_heads_others_must_be_a_weight_of_at_least_zero(fam, tmp_path):
     for bad in (-0.5, "all", True):
         with pytest.raises(Hm3Error, match="align_heads.others: expected a number of at least 0"):
             run_merge(fam, tmp_path / "out", align_heads={"others": bad})
+    for bad in (0, 2.5):
+        with pytest.raises(Hm3Error, match="align_heads.other_texts: expected a positive"):
+            run_merge(fam, tmp_path / "out", align_heads={"others": 1, "other_texts": bad})
     assert not (tmp_path / "out").exists()

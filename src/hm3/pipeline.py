@@ -188,7 +188,7 @@ class Calibrated:
     """What the label-free steps read, computed once for a set of sources: the calibration
     texts tokenised, and (when a step needs them) the experts' logits on them and the LEWIS
     importances. A search reuses it for every trial. `other_logits`: each expert's logits on
-    the other tasks' texts (`experts_on_other_batches`), left to the first step that reads
+    a sample of the other tasks' texts, by sample size, left to the first step that reads
     them (`align_heads` with `others`), which keeps them here for later trials."""
 
     calibration: Calibration
@@ -197,7 +197,7 @@ class Calibrated:
     expert_logits: dict[str, torch.Tensor] | None = None
     lewis: LewisScores | None = None
     device: str = "cpu"  # where the models run (statistics and logits come back on the CPU)
-    other_logits: dict[str, dict[str, torch.Tensor]] | None = None
+    other_logits: dict[int, dict] | None = None
 
 
 def step_device(device: str | None) -> str:

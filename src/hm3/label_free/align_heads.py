@@ -26,9 +26,17 @@ from typing import Any
 import torch
 
 from hm3.errors import Hm3Error
-from hm3.label_free.calibration import experts_on_other_batches
+from hm3.label_free.calibration import experts_on_other_batches, sample_batches, spread_rows
 from hm3.label_free.heads_stage import head_rows
-from hm3.label_free.registry import HeadFit, Step, StepRun, non_negative, option, positive
+from hm3.label_free.registry import (
+    HeadFit,
+    Step,
+    StepRun,
+    non_negative,
+    option,
+    positive,
+    positive_int,
+)
 from hm3.label_free.regmean import ridge_toward
 
 RIDGES = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)  # what `ridge: auto` chooses from
@@ -53,6 +61,8 @@ class AlignHeadsOptions:
     others: float = option(0.0, non_negative, "weight of each of the other tasks' calibration "
                            "texts in a head's fit, its own texts weighing 1 (0: its own texts "
                            "alone); above 0 every expert also runs over the other tasks' texts")
+    other_texts: int = option(64, positive_int, "texts of each other task a head is fitted on "
+                              "(at most; spread over the texts' lengths)")
 
 
 @dataclass
@@ -73,7 +83,8 @@ class AlignHeadsReport:
         lines = []
         for task, entry in self.tasks.items():
             chosen = f" (ridge {entry['ridge']} by cross-validation)" if "ridge" in entry else ""
-            other = (f"; on the other tasks' texts {entry['others_agreement_before']:.1%} -> "
+            other = (f"; on {entry['other_texts']} texts of the other tasks (fitted on them) "
+                     f"{entry['others_agreement_before']:.1%} -> "
                      f"{entry['others_agreement_after']:.1%}"
                      if "others_agreement_after" in entry else "")
             lines.append(f"align_heads {task}: agreement with the expert "
@@ -93,14 +104,10 @@ class AlignHeads(Step):
     per_trial = True
 
     def apply(self, run: StepRun, options: AlignHeadsOptions) -> AlignHeadsReport:
-        calibrated = run.calibrated
-        if options.others > 0 and calibrated.other_logits is None:  # kept for a search's trials
-            calibrated.other_logits = experts_on_other_batches(
-                run.sources, calibrated.batches, run.progress, calibrated.device,
-                "align_heads: experts on the other tasks' texts")
+        others = other_texts(run, options.other_texts) if options.others > 0 else None
         return AlignHeadsReport(**align_heads(
-            run.model, run.sources, run.head_inputs, calibrated.expert_logits, options.ridge,
-            options.others, calibrated.other_logits if options.others > 0 else None))
+            run.model, run.sources, run.head_inputs, run.calibrated.expert_logits,
+            options.ridge, options.others, others))
 
     def report_dict(self, report: AlignHeadsReport) -> dict[str, Any]:
         entry = {f.name: getattr(report, f.name) for f in fields(report) if f.name != "extra"}
@@ -112,6 +119,28 @@ class AlignHeads(Step):
         ridge = report.tasks[group.name].get("ridge", report.ridge)  # `auto`: the one chosen
         fit.rows = fit_rows(inputs[train], targets[train], fit.rows, ridge,
                             report.extra.get(group.name))
+
+
+def other_texts(run: StepRun, limit: int) -> dict[str, dict[str, tuple[list[int], torch.Tensor]]]:
+    """Per expert's task, per other task (the first of each other list of batches): the rows of
+    that task's head inputs sampled (at most `limit`, `spread_rows`) and the expert's logits on
+    them. The experts run once per limit; the calibration keeps their logits for a search's
+    later trials."""
+    calibrated = run.calibrated
+    kept = calibrated.other_logits = calibrated.other_logits or {}
+    if limit not in kept:
+        spec = run.sources.recipe.label_free.calibration
+        rows = {task: spread_rows(len(run.head_inputs[task]), limit)
+                for task in calibrated.batches}
+        sampled = {task: sample_batches(calibrated, task, rows[task], spec)
+                   for task in calibrated.batches}
+        logits = experts_on_other_batches(run.sources, calibrated.batches, run.progress,
+                                          calibrated.device,
+                                          "align_heads: experts on the other tasks' texts",
+                                          run=sampled)
+        kept[limit] = {expert: {task: (rows[task], z) for task, z in by_task.items()}
+                       for expert, by_task in logits.items()}
+    return kept[limit]
 
 
 def fit_rows(features: torch.Tensor, targets: torch.Tensor, start: torch.Tensor,
@@ -156,11 +185,13 @@ def choose_ridge(features: torch.Tensor, targets: torch.Tensor, start: torch.Ten
 def align_heads(model: torch.nn.Module, sources, inputs: dict[str, torch.Tensor],
                 expert_logits: dict[str, torch.Tensor], ridge: float | str,
                 others: float = 0.0,
-                other_logits: dict[str, dict[str, torch.Tensor]] | None = None) -> dict:
+                other_logits: dict[str, dict[str, tuple[list[int], torch.Tensor]]] | None = None
+                ) -> dict:
     """Refit every task's head rows (weight and bias) on its texts' head inputs; returns, per
     task, how well the merged logits match the expert's before and after (mean squared error,
     argmax agreement). With `others` > 0, each head is also fitted on the other tasks' texts:
-    `other_logits` (`experts_on_other_batches`) holds its expert's logits on them."""
+    `other_logits` (`other_texts`) holds, per other task, the rows of its head inputs and the
+    expert's logits on them."""
     state = model.state_dict()
     weight = state[sources.heads[0].weight]
     bias = state[sources.heads[0].bias] if sources.heads[0].bias else None
@@ -170,9 +201,9 @@ def align_heads(model: torch.nn.Module, sources, inputs: dict[str, torch.Tensor]
         start = head_rows(model, sources, group)
         extra = None
         if others > 0 and other_logits and other_logits[group.name]:
-            texts_of = list(other_logits[group.name])
-            other_x = torch.cat([inputs[task] for task in texts_of]).double()
-            other_z = torch.cat([other_logits[group.name][task] for task in texts_of]).double()
+            sampled = other_logits[group.name]
+            other_x = torch.cat([inputs[task][rows] for task, (rows, _) in sampled.items()])
+            other_z = torch.cat([z for _, z in sampled.values()]).double()
             extra = extras[group.name] = (other_x * others ** 0.5, other_z * others ** 0.5)
         before = x @ start.T
         chosen, errors = (choose_ridge(x, target, start, extra=extra) if ridge == "auto"

@@ -142,12 +142,14 @@ def experts_logits(sources: Sources, batches: dict[str, list[dict]], progress: b
 
 
 def experts_on_other_batches(sources: Sources, batches: dict[str, list[dict]],
-                             progress: bool = False, device: str = "cpu", desc: str = ""
+                             progress: bool = False, device: str = "cpu", desc: str = "",
+                             run: dict[str, list[dict]] | None = None
                              ) -> dict[str, dict[str, torch.Tensor]]:
     """Each expert's logits on the texts its task does not read: expert's task -> the first task
     of each other list of batches -> logits, in the batches' order (one expert in memory at a
     time, run on `device`). Tasks that share one list of batches appear once; an expert whose
-    task reads every list (one shared sample) is not run."""
+    task reads every list (one shared sample) is not run. `run`: per task, the batches run in
+    place of its own (a sample of its texts, `sample_batches`)."""
     firsts: dict[int, str] = {}
     for task, task_batches in batches.items():
         firsts.setdefault(id(task_batches), task)
@@ -161,9 +163,24 @@ def experts_on_other_batches(sources: Sources, batches: dict[str, list[dict]],
             continue
         model = expert_classifier(checkpoint, device)
         for task in others:
-            out[spec.task][task] = run_batches(model, batches[task])
+            out[spec.task][task] = run_batches(model, (run or batches)[task])
         del model
     return out
+
+
+def spread_rows(count: int, limit: int) -> list[int]:
+    """At most `limit` of `count` rows, every k-th from the first: rows in batch order (texts
+    sorted by length), so the sample spans the texts' lengths."""
+    return list(range(0, count, -(-count // limit))) if count > limit else list(range(count))
+
+
+def sample_batches(calibrated, task: str, rows: list[int], spec) -> list[dict]:
+    """Batches of the task's calibration texts at `rows` (positions in its batches' order),
+    tokenised as `spec` (the recipe's calibration block) says."""
+    texts = calibrated.calibration.texts[task]
+    by_length = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # as `tokenize` orders
+    return tokenize(calibrated.tokenizer, [texts[by_length[r]] for r in rows], spec.max_length,
+                    spec.batch_size)
 
 
 def head_modules(sources: Sources) -> list[str]:
