@@ -391,7 +391,7 @@ def test_the_label_free_preset_expands_and_the_recipes_own_keys_win(small):
     assert parse_recipe({"preset": "label-free", **recipe_with(small)}).method == "ties"
     assert recipe.label_free.heads == preset["heads"]
     assert recipe.label_free.step("recentre") is not None
-    assert recipe.label_free.step("align_heads") is not None
+    assert recipe.label_free.step("align_heads").others == preset["align_heads"]["others"] > 0
     assert recipe.label_free.step("distill") == DistillOptions()
     without = parse_recipe({"preset": "label-free", **recipe_with(small, distill=False)})
     assert without.label_free.step("distill") is None

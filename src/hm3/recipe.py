@@ -34,9 +34,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     # with one shared sample, and the head steps alone with 171-640 texts per task; summed over
     # the four, distill gains 1.4 points of validation mean. The body: TSV-Merge over TIES at
     # density 0.2 on val+dev (+0.17 MiniLM; MPNet +0.25, +0.46 with 64 texts per task), lambda 1
-    # as its paper (0.7 and 1.4 lower on MiniLM) (benchmarks/RESULTS.md §10).
+    # as its paper (0.7 and 1.4 lower on MiniLM). Each head also fitted on 64 texts of every
+    # other task at weight 1: val+dev +0.5 on MPNet, +2.0 with 64 texts per task, -0.3 on
+    # MiniLM, and each head follows its expert on the other tasks' texts (mixed traffic) 9-18
+    # points more often (benchmarks/RESULTS.md §10).
     "label-free": {"method": "tsv", "parameters": {"lambda": 1.0}, "heads": "whole",
-                   "distill": {"train": "weights"}, "align_heads": {"ridge": 0.1},
+                   "distill": {"train": "weights"},
+                   "align_heads": {"ridge": 0.1, "others": 1.0, "other_texts": 64},
                    "recentre": True},
 }
 _EXPERT_KEYS = {"model", "task", "weight", "density", "gamma", "epsilon", "revision", "head"}
