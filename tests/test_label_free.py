@@ -646,7 +646,8 @@ def test_heads_fitted_on_the_other_tasks_texts_follow_their_experts_there(fam, t
     for task in fam.experts:
         assert gap_both[task] < gap_own[task], task
     block = both.label_free.to_dict()["align_heads"]
-    assert block["others"] == 1.0 and "extra" not in block
+    assert block["others"] == 1.0 and "extra" not in block and block["others_seconds"] > 0
+    assert own.label_free.to_dict()["align_heads"]["others_seconds"] is None
     for task, entry in block["tasks"].items():
         others = sum(len(fam.texts[t]) for t in fam.experts if t != task)
         assert entry["other_texts"] == others

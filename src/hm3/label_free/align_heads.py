@@ -20,6 +20,7 @@ before recentre.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -70,13 +71,15 @@ class AlignHeadsReport:
     """What `align_heads` did: the ridge asked for and, per task, the mean squared error and
     argmax agreement of the merged logits with the expert's before and after (with `ridge:
     auto`, also the ridge chosen and each ridge's cross-validated error; with `others`, the
-    agreement on the other tasks' texts before and after). `extra` (not written): per task,
+    agreement on the other tasks' texts before and after, and the seconds the experts took
+    over those texts, 0 when a search's earlier trial ran them). `extra` (not written): per task,
     the other tasks' texts as fitted (weighted head inputs, weighted targets), for the
     held-out refits."""
 
     ridge: float | str
     tasks: dict[str, dict]
     others: float = 0.0
+    others_seconds: float | None = None  # the experts' pass over the other tasks' texts
     extra: dict = field(default_factory=dict, repr=False, compare=False)
 
     def summary(self) -> str:
@@ -104,10 +107,12 @@ class AlignHeads(Step):
     per_trial = True
 
     def apply(self, run: StepRun, options: AlignHeadsOptions) -> AlignHeadsReport:
+        started = time.perf_counter()
         others = other_texts(run, options.other_texts) if options.others > 0 else None
-        return AlignHeadsReport(**align_heads(
-            run.model, run.sources, run.head_inputs, run.calibrated.expert_logits,
-            options.ridge, options.others, others))
+        waited = round(time.perf_counter() - started, 1)
+        report = align_heads(run.model, run.sources, run.head_inputs,
+                             run.calibrated.expert_logits, options.ridge, options.others, others)
+        return AlignHeadsReport(**report, others_seconds=waited if others is not None else None)
 
     def report_dict(self, report: AlignHeadsReport) -> dict[str, Any]:
         entry = {f.name: getattr(report, f.name) for f in fields(report) if f.name != "extra"}
