@@ -736,3 +736,20 @@ def test_align_heads_others_must_be_a_weight_of_at_least_zero(fam, tmp_path):
         with pytest.raises(Hm3Error, match="align_heads.other_texts: expected a positive"):
             run_merge(fam, tmp_path / "out", align_heads={"others": 1, "other_texts": bad})
     assert not (tmp_path / "out").exists()
+
+
+def test_ridge_auto_with_other_texts_keeps_them_in_every_fold(fam, tmp_path):
+    """`ridge: auto` cross-validates on the task's own texts, the other tasks' texts fitted in
+    every fold: with them the chosen ridge's error is the least of its errors, and those errors
+    differ from the own-texts-only ones (the other texts are in the fits)."""
+    two = {t: fam.experts[t] for t in ("sentiment", "topic")}
+    alone = run_merge(fam, tmp_path / "alone", experts=two, align_heads={"ridge": "auto"})
+    both = run_merge(fam, tmp_path / "both", experts=two,
+                     align_heads={"ridge": "auto", "others": 1.0})
+    first = alone.label_free.to_dict()["align_heads"]["tasks"]
+    for task, entry in both.label_free.to_dict()["align_heads"]["tasks"].items():
+        errors = {float(r): e for r, e in entry["cv_mse"].items()}
+        assert errors[entry["ridge"]] == min(errors.values()), task
+        assert entry["cv_mse"] != first[task]["cv_mse"], task
+        other = "topic" if task == "sentiment" else "sentiment"
+        assert entry["other_texts"] == len(fam.texts[other])
