@@ -7,12 +7,13 @@ every variant scored on the validation and test splits with its agreement with t
 (with features cached by `... all`, also each head's agreement with its expert on the other
 tasks' validation and test texts: mixed traffic).
 
-  .venv/bin/python benchmarks/head_training.py FEATURES.pt [quick | all | capped | centred]
+  .venv/bin/python benchmarks/head_training.py FEATURES.pt [quick|all|capped|confident|centred]
 (`centred`: the ridge refit on logits less their mean over the labels, alone; `quick`: the
 ridge rows only; `all`: the ridge rows, then each head fitted on every task's
 calibration texts, its own at weight 1 and the others' at a smaller one, from features cached
 with `head_training_features.py ... all`; `capped`: at most 16-128 of each other task's texts
-per head). Prints one line per variant; RESULTS.md section 10
+per head; `confident`: each text weighted by its expert's confidence, for one shared sample).
+Prints one line per variant; RESULTS.md section 10
 quotes them.
 """
 
@@ -188,6 +189,29 @@ def align_all(W1, b1, W2, b2, ridge, weight, per_task=None):
     return W2, b2
 
 
+def align_confident(W1, b1, W2, b2, ridge, power=None, floor=None):
+    """`align`, each text weighted by its expert's confidence on it: the top probability (for a
+    multi-label task each label's max(p, 1 - p), averaged) to `power`, or, with `floor`, 1 where
+    it is at least 0.9 and `floor` elsewhere (for one shared sample, where a task's own texts
+    are not known and its expert's confidence stands in for them)."""
+    W2, b2 = W2.clone(), b2.clone()
+    for t in tasks:
+        z = E["calibration"][t].double()
+        if local[t].multi_label:
+            q = torch.sigmoid(z)
+            sure = torch.maximum(q, 1 - q).mean(1)
+        else:
+            sure = torch.softmax(z, 1).max(1).values
+        w = torch.where(sure >= 0.9, 1.0, floor) if floor is not None else sure ** power
+        root = w.double().sqrt()[:, None]
+        h = torch.tanh(X["calibration"][t].double() @ W1.T + b1)
+        x = torch.cat([h, torch.ones(len(h), 1, dtype=h.dtype)], 1) * root
+        start = torch.cat([W2[rows[t]], b2[rows[t], None]], 1)
+        fitted = fit_rows(x, z * root, start, ridge)
+        W2[rows[t]], b2[rows[t]] = fitted[:, :-1], fitted[:, -1]
+    return W2, b2
+
+
 def kl_train(W1, b1, W2, b2, steps, lr, pull, train_dense=True, temperature=1.0):
     p = [torch.nn.Parameter(v.clone().float()) for v in (W1, b1, W2, b2)]
     start = [v.detach().clone() for v in p]
@@ -241,6 +265,14 @@ def main():
                 A2, a2 = align_all(W1, b1, W2, b2, ridge, weight)
                 score(W1, b1, A2, do_recentre(W1, b1, A2, a2),
                       f"align all texts, others x{weight}, ridge {ridge} + recentre")
+    if "confident" in sys.argv[2:]:  # texts weighted by the expert's confidence
+        for power in (1, 2, 4, 8):
+            A2, a2 = align_confident(W1, b1, W2, b2, 0.1, power=power)
+            score(W1, b1, A2, do_recentre(W1, b1, A2, a2), f"align confidence^{power}, 0.1 + rc")
+        for floor in (0.1, 0.3):
+            A2, a2 = align_confident(W1, b1, W2, b2, 0.1, floor=floor)
+            score(W1, b1, A2, do_recentre(W1, b1, A2, a2),
+                  f"align sure>=0.9 else {floor}, 0.1 + rc")
     if "capped" in sys.argv[2:]:  # each head on at most N texts of every other task
         for per_task in (16, 32, 64, 128):
             for weight in (0.3, 1.0, 3.0):
