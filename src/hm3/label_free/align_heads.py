@@ -137,12 +137,10 @@ def other_texts(run: StepRun, limit: int) -> dict[str, dict[str, tuple[list[int]
         spec = run.sources.recipe.label_free.calibration
         rows = {task: spread_rows(len(run.head_inputs[task]), limit)
                 for task in calibrated.batches}
-        sampled = {task: sample_batches(calibrated, task, rows[task], spec)
-                   for task in calibrated.batches}
-        logits = experts_on_other_batches(run.sources, calibrated.batches, run.progress,
-                                          calibrated.device,
-                                          "align_heads: experts on the other tasks' texts",
-                                          run=sampled)
+        logits = experts_on_other_batches(
+            run.sources, calibrated.batches, run.progress, calibrated.device,
+            "align_heads: experts on the other tasks' texts",
+            sample=lambda task: sample_batches(calibrated, task, rows[task], spec))
         kept[limit] = {expert: {task: (rows[task], z) for task, z in by_task.items()}
                        for expert, by_task in logits.items()}
     return kept[limit]

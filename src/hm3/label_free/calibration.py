@@ -143,16 +143,24 @@ def experts_logits(sources: Sources, batches: dict[str, list[dict]], progress: b
 
 def experts_on_other_batches(sources: Sources, batches: dict[str, list[dict]],
                              progress: bool = False, device: str = "cpu", desc: str = "",
-                             run: dict[str, list[dict]] | None = None
+                             sample: Callable[[str], list[dict]] | None = None
                              ) -> dict[str, dict[str, torch.Tensor]]:
     """Each expert's logits on the texts its task does not read: expert's task -> the first task
     of each other list of batches -> logits, in the batches' order (one expert in memory at a
     time, run on `device`). Tasks that share one list of batches appear once; an expert whose
-    task reads every list (one shared sample) is not run. `run`: per task, the batches run in
-    place of its own (a sample of its texts, `sample_batches`)."""
+    task reads every list (one shared sample) is not run. `sample(task)`: the batches run in
+    place of the task's own (a sample of its texts, `sample_batches`), asked once per task and
+    only for a task some expert runs on."""
     firsts: dict[int, str] = {}
     for task, task_batches in batches.items():
         firsts.setdefault(id(task_batches), task)
+    runs: dict[str, list[dict]] = {}
+
+    def batches_of(task: str) -> list[dict]:
+        if task not in runs:
+            runs[task] = batches[task] if sample is None else sample(task)
+        return runs[task]
+
     out: dict[str, dict[str, torch.Tensor]] = {}
     pairs = list(zip(sources.recipe.experts, sources.experts))
     for spec, checkpoint in tqdm(pairs, desc=desc or "experts on the other tasks' texts",
@@ -163,7 +171,7 @@ def experts_on_other_batches(sources: Sources, batches: dict[str, list[dict]],
             continue
         model = expert_classifier(checkpoint, device)
         for task in others:
-            out[spec.task][task] = run_batches(model, (run or batches)[task])
+            out[spec.task][task] = run_batches(model, batches_of(task))
         del model
     return out
 
