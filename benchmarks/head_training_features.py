@@ -14,7 +14,8 @@ Writes /tmp/hm3-head-features[-minilm][-tsv][-distill][-all][-64 | -shared]-dev.
 1024 of the unseen texts pooled into one sample every task reads; `minilm`: the MiniLM zoo with
 the demo's calibration; `tsv`: the body merged by TSV-Merge, lambda 1, as `preset: label-free`
 does, instead of TIES 0.2). The experts' logits do not depend on the body: they are kept in
-/tmp/hm3-expert-logits[-minilm][-64 | -shared].pt and read from there by later runs.
+/tmp/hm3-expert-logits-ZOO[-64 | -shared].pt (ZOO: the zoo build's folder name) and read from
+there by later runs.
 """
 
 import sys
@@ -101,8 +102,10 @@ def features(minilm: bool, tsv: bool, distill: bool, every_text: bool, setting: 
     texts.update({s: {t: splits[s][t].texts for t in splits[s]} for s in splits})
     labels = {s: {t: splits[s][t].labels for t in splits[s]} for s in splits}
     X = {s: {t: inputs_on(texts[s][t]) for t in texts[s]} for s in texts}
-    store = Path(f"/tmp/hm3-expert-logits{'-minilm' if minilm else ''}"
-                 f"{'-' + setting if setting else ''}.pt")
+    # keyed by the zoo's build (its folder, named by a hash): a zoo built afresh elsewhere has
+    # other experts
+    build = Path(next(iter(zoo.experts.values()))).parent.parent.name
+    store = Path(f"/tmp/hm3-expert-logits-{build}{'-' + setting if setting else ''}.pt")
     E = torch.load(store, weights_only=False) if store.exists() else {}
     E = expert_logits(E, sources, cal.tokenizer, max_length, texts, zoo.experts, every_text)
     torch.save(E, store)
